@@ -1,0 +1,110 @@
+//! The error type of `sd-core`.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// Result alias for `sd-core`.
+pub type Result<T, E = CoreError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `sd-core`: each variant names the file, key or shape at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A safetensors file is malformed (truncated, bad header, offsets out of range).
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Safetensors { path: PathBuf, reason: String },
+    /// A weight tensor has a dtype the models cannot compute with.
+    #[error("{path}: tensor `{key}` has dtype {dtype}; only F64, F32, F16 and BF16 weights are supported")]
+    UnsupportedDtype {
+        path: PathBuf,
+        key: String,
+        dtype: String,
+    },
+    /// The weights in a file do not fit the module: every problem found, listed once.
+    #[error("{path}: {} weight problem(s):{}", problems.len(), ProblemList(problems))]
+    Weights {
+        path: PathBuf,
+        problems: Vec<WeightProblem>,
+    },
+    /// A configuration file is missing a field, has a wrong value, or is not JSON.
+    #[error("{path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+    /// An image file could not be decoded or encoded.
+    #[error("{path}: {reason}")]
+    Image { path: PathBuf, reason: String },
+    /// A tensor handed to a model has the wrong shape or size.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+}
+
+/// One way in which a weight file does not fit a module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightProblem {
+    /// The module has a parameter the file lacks.
+    Missing { key: String, expected: Vec<usize> },
+    /// The file has a tensor the module has no parameter for.
+    Unexpected { key: String, found: Vec<usize> },
+    /// Both have the key, with different shapes.
+    ShapeMismatch {
+        key: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    /// Anything else burn-store reported while applying the tensor.
+    Other { key: String, message: String },
+}
+
+impl fmt::Display for WeightProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Missing { key, expected } => {
+                write!(f, "missing key `{key}` (expected shape {expected:?})")
+            }
+            Self::Unexpected { key, found } => {
+                write!(f, "unexpected key `{key}` (shape {found:?})")
+            }
+            Self::ShapeMismatch {
+                key,
+                expected,
+                found,
+            } => write!(
+                f,
+                "shape mismatch for `{key}`: expected {expected:?}, found {found:?}"
+            ),
+            Self::Other { key, message } => write!(f, "`{key}`: {message}"),
+        }
+    }
+}
+
+struct ProblemList<'a>(&'a [WeightProblem]);
+
+impl fmt::Display for ProblemList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for problem in self.0 {
+            write!(f, "\n  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl CoreError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn config(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Self::Config {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}

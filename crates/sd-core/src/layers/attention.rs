@@ -1,0 +1,84 @@
+use burn::module::Module;
+use burn::nn::{GroupNorm, Linear, LinearConfig};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::Tensor;
+
+use super::group_norm;
+
+/// Scaled dot-product attention, `softmax(q kᵀ / sqrt(d)) v` (Vaswani et al. 2017, eq. 1).
+///
+/// `q`: `[batch, heads, len_q, d]`, `k`/`v`: `[batch, heads, len_k, d]`. Goes through Burn's
+/// `attention` op, which backends with a fused kernel (Flex's tiled online-softmax kernel, the
+/// CubeCL flash kernels on CUDA and WGPU) accelerate, and which autodiff differentiates through
+/// its reference decomposition.
+pub fn scaled_dot_product_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    attention(q, k, v, None, None, AttentionModuleOptions::default())
+}
+
+/// Configuration of an [`AttentionBlock2d`].
+#[derive(Debug, Clone)]
+pub struct AttentionBlock2dConfig {
+    pub channels: usize,
+    /// Channels per head; the VAE uses one head as wide as the block.
+    pub head_dim: usize,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl AttentionBlock2dConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> AttentionBlock2d<B> {
+        let c = self.channels;
+        let linear = || LinearConfig::new(c, c).init(device);
+        AttentionBlock2d {
+            group_norm: group_norm(self.groups, c, self.eps, device),
+            to_q: linear(),
+            to_k: linear(),
+            to_v: linear(),
+            to_out: vec![linear()],
+            heads: (c / self.head_dim.max(1)).max(1),
+        }
+    }
+}
+
+/// Self-attention over the pixels of a feature map, with a GroupNorm in front and a residual
+/// connection around it: the VAE's mid-block attention (diffusers `Attention` with
+/// `residual_connection=True`). `to_out` is a list, as in diffusers (`to_out.0`).
+#[derive(Module, Debug)]
+pub struct AttentionBlock2d<B: Backend> {
+    pub group_norm: GroupNorm<B>,
+    pub to_q: Linear<B>,
+    pub to_k: Linear<B>,
+    pub to_v: Linear<B>,
+    pub to_out: Vec<Linear<B>>,
+    pub heads: usize,
+}
+
+impl<B: Backend> AttentionBlock2d<B> {
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, c, h, w] = x.dims();
+        let heads = self.heads;
+        let tokens = self
+            .group_norm
+            .forward(x.clone())
+            .reshape([b, c, h * w])
+            .swap_dims(1, 2);
+        let split = |t: Tensor<B, 3>| t.reshape([b, h * w, heads, c / heads]).swap_dims(1, 2);
+        let q = split(self.to_q.forward(tokens.clone()));
+        let k = split(self.to_k.forward(tokens.clone()));
+        let v = split(self.to_v.forward(tokens));
+        let attended = scaled_dot_product_attention(q, k, v)
+            .swap_dims(1, 2)
+            .reshape([b, h * w, c]);
+        let out = self
+            .to_out
+            .iter()
+            .fold(attended, |t, linear| linear.forward(t));
+        out.swap_dims(1, 2).reshape([b, c, h, w]) + x
+    }
+}

@@ -1,0 +1,34 @@
+//! Layers shared by the VAE halves and the U-Net. Field names follow diffusers' module names so
+//! that a diffusers state dict maps onto them key for key.
+
+mod attention;
+mod mid_block;
+mod norm;
+mod resnet;
+mod sampling;
+
+pub use attention::{AttentionBlock2d, AttentionBlock2dConfig, scaled_dot_product_attention};
+pub use mid_block::{MidBlock2d, MidBlock2dConfig};
+pub use norm::group_norm;
+pub use resnet::{ResnetBlock2d, ResnetBlock2dConfig};
+pub use sampling::{Downsample2d, Downsample2dConfig, Upsample2d, Upsample2dConfig, upsample_nearest2x};
+
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::tensor::backend::Backend;
+
+/// A `k`×`k` convolution with symmetric zero padding `padding` and stride `stride`, as
+/// `torch.nn.Conv2d(in, out, k, stride, padding)`.
+pub fn conv2d<B: Backend>(
+    channels_in: usize,
+    channels_out: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    device: &B::Device,
+) -> Conv2d<B> {
+    Conv2dConfig::new([channels_in, channels_out], [kernel, kernel])
+        .with_stride([stride, stride])
+        .with_padding(PaddingConfig2d::Explicit(padding, padding, padding, padding))
+        .init(device)
+}

@@ -1,0 +1,92 @@
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, Linear, LinearConfig};
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+use super::{conv2d, group_norm};
+
+/// Configuration of a [`ResnetBlock2d`] (diffusers `ResnetBlock2D`, `time_embedding_norm`
+/// "default", SiLU).
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2dConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Width of the time embedding added after the first convolution; `None` in the VAE.
+    pub temb_channels: Option<usize>,
+    pub groups: usize,
+    pub eps: f64,
+    /// The output is divided by this (1.0 in Stable Diffusion).
+    pub output_scale_factor: f64,
+}
+
+impl ResnetBlock2dConfig {
+    pub fn new(in_channels: usize, out_channels: usize, groups: usize, eps: f64) -> Self {
+        Self {
+            in_channels,
+            out_channels,
+            temb_channels: None,
+            groups,
+            eps,
+            output_scale_factor: 1.0,
+        }
+    }
+
+    pub fn with_temb_channels(mut self, temb_channels: Option<usize>) -> Self {
+        self.temb_channels = temb_channels;
+        self
+    }
+
+    pub fn init<B: Backend>(&self, device: &B::Device) -> ResnetBlock2d<B> {
+        let (cin, cout) = (self.in_channels, self.out_channels);
+        ResnetBlock2d {
+            norm1: group_norm(self.groups, cin, self.eps, device),
+            conv1: conv2d(cin, cout, 3, 1, 1, device),
+            time_emb_proj: self
+                .temb_channels
+                .map(|t| LinearConfig::new(t, cout).init(device)),
+            norm2: group_norm(self.groups, cout, self.eps, device),
+            conv2: conv2d(cout, cout, 3, 1, 1, device),
+            // A 1×1 projection only where the residual changes width.
+            conv_shortcut: (cin != cout).then(|| conv2d(cin, cout, 1, 1, 0, device)),
+            output_scale_factor: self.output_scale_factor,
+        }
+    }
+}
+
+/// Two GroupNorm–SiLU–conv stages with a residual connection (He et al. 2016), optionally
+/// conditioned on a time embedding (Ho et al. 2020).
+#[derive(Module, Debug)]
+pub struct ResnetBlock2d<B: Backend> {
+    pub norm1: GroupNorm<B>,
+    pub conv1: Conv2d<B>,
+    pub time_emb_proj: Option<Linear<B>>,
+    pub norm2: GroupNorm<B>,
+    pub conv2: Conv2d<B>,
+    pub conv_shortcut: Option<Conv2d<B>>,
+    pub output_scale_factor: f64,
+}
+
+impl<B: Backend> ResnetBlock2d<B> {
+    /// `x`: `[batch, in_channels, h, w]`; `temb`: `[batch, temb_channels]` when the block has a
+    /// time-embedding projection (ignored otherwise).
+    pub fn forward(&self, x: Tensor<B, 4>, temb: Option<Tensor<B, 2>>) -> Tensor<B, 4> {
+        let mut h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            let t: Tensor<B, 2> = proj.forward(silu(temb));
+            h = h + t.unsqueeze_dims::<4>(&[2, 3]);
+        }
+        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x),
+            None => x,
+        };
+        let out = shortcut + h;
+        if self.output_scale_factor == 1.0 {
+            out
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}

@@ -1,0 +1,89 @@
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::PadMode;
+use burn::tensor::Tensor;
+
+use super::conv2d;
+
+/// Configuration of a [`Downsample2d`] (diffusers `Downsample2D` with `use_conv=True`).
+#[derive(Debug, Clone)]
+pub struct Downsample2dConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// 0: the VAE's asymmetric `(0, 1, 0, 1)` zero pad before an unpadded stride-2 conv;
+    /// 1: the U-Net's stride-2 conv with padding 1.
+    pub padding: usize,
+}
+
+impl Downsample2dConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Downsample2d<B> {
+        Downsample2d {
+            conv: conv2d(
+                self.in_channels,
+                self.out_channels,
+                3,
+                2,
+                self.padding,
+                device,
+            ),
+            pad_right_bottom: self.padding == 0,
+        }
+    }
+}
+
+/// Halves the resolution with a 3×3 stride-2 convolution.
+#[derive(Module, Debug)]
+pub struct Downsample2d<B: Backend> {
+    pub conv: Conv2d<B>,
+    pub pad_right_bottom: bool,
+}
+
+impl<B: Backend> Downsample2d<B> {
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let x = if self.pad_right_bottom {
+            // (left, right, top, bottom), as torch.nn.functional.pad(x, (0, 1, 0, 1)).
+            x.pad((0, 1, 0, 1), PadMode::Constant(0.0))
+        } else {
+            x
+        };
+        self.conv.forward(x)
+    }
+}
+
+/// Configuration of an [`Upsample2d`] (diffusers `Upsample2D` with `use_conv=True`).
+#[derive(Debug, Clone)]
+pub struct Upsample2dConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+}
+
+impl Upsample2dConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Upsample2d<B> {
+        Upsample2d {
+            conv: conv2d(self.in_channels, self.out_channels, 3, 1, 1, device),
+        }
+    }
+}
+
+/// Doubles the resolution: nearest-neighbour ×2, then a 3×3 convolution.
+#[derive(Module, Debug)]
+pub struct Upsample2d<B: Backend> {
+    pub conv: Conv2d<B>,
+}
+
+impl<B: Backend> Upsample2d<B> {
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.conv.forward(upsample_nearest2x(x))
+    }
+}
+
+/// Nearest-neighbour ×2 upsampling (`F.interpolate(x, scale_factor=2, mode="nearest")`),
+/// written as a broadcast and a reshape: plain tensor ops, so it runs and differentiates the
+/// same way on every backend.
+pub fn upsample_nearest2x<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, c, h, w] = x.dims();
+    x.reshape([b, c, h, 1, w, 1])
+        .expand([b, c, h, 2, w, 2])
+        .reshape([b, c, 2 * h, 2 * w])
+}

@@ -1,0 +1,19 @@
+//! Shared foundation of the `sd` workspace.
+//!
+//! - [`backend`]: the Burn backends compiled in (cargo features `flex`, `ndarray`, `wgpu`, `cuda`).
+//! - [`layers`]: building blocks shared by the VAE halves and the U-Net.
+//! - [`weights`]: strict safetensors loading with diffusers key names.
+//! - [`image_io`]: images to and from tensors in `[-1, 1]`.
+//! - [`vae_config`]: the `AutoencoderKL` configuration both VAE halves are built from.
+//!
+//! Every model is generic over `B: Backend` so that it also trains on `Autodiff<B>`.
+
+pub mod backend;
+pub mod error;
+pub mod image_io;
+pub mod layers;
+pub mod vae_config;
+pub mod weights;
+
+pub use error::{CoreError, Result};
+pub use vae_config::AutoencoderKlConfig;

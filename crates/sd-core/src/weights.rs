@@ -1,0 +1,271 @@
+//! Strict safetensors loading with diffusers key names.
+//!
+//! The file is parsed and checked here (header, offsets, dtypes, every key and shape) before
+//! burn-store applies it, so that a bad file comes back as one [`CoreError`] listing every
+//! problem instead of a panic deep inside a backend. burn-store's [`PyTorchToBurnAdapter`]
+//! turns PyTorch's `[out, in]` linear weights and `weight`/`bias` norm names into Burn's.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use burn::module::{Module, ParamId};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, TensorData};
+use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, TensorSnapshot};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{CoreError, Result, WeightProblem};
+
+/// How a file's keys become module paths: `None` leaves a key out (it belongs to another
+/// component), `Some(path)` names the parameter it fills, in PyTorch naming
+/// (`norm.weight`, not `norm.gamma`).
+pub type KeyMap<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// Options for [`load_safetensors`].
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// The dtype every floating-point weight is cast to (F16 and BF16 files upcast to F32).
+    pub dtype: DType,
+    /// Reject tensors in the file that the module has no parameter for (after the key map).
+    pub reject_unexpected: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            reject_unexpected: true,
+        }
+    }
+}
+
+/// A tensor's entry in a safetensors file, as checked by [`read_safetensors`].
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub key: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+/// A safetensors file read into memory and validated.
+pub struct SafetensorsFile {
+    path: std::path::PathBuf,
+    bytes: Arc<Vec<u8>>,
+    entries: Vec<TensorEntry>,
+}
+
+impl SafetensorsFile {
+    /// Reads and validates a file: header length, JSON, offsets and supported dtypes.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| CoreError::io(path, e))?;
+        Self::from_bytes(path, bytes)
+    }
+
+    /// Validates bytes already in memory; `path` only names them in errors.
+    pub fn from_bytes(path: impl AsRef<Path>, bytes: Vec<u8>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let entries = {
+            let parsed =
+                SafeTensors::deserialize(&bytes).map_err(|e| CoreError::Safetensors {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            let mut entries = Vec::new();
+            for (key, view) in parsed.tensors() {
+                let dtype = float_dtype(view.dtype()).ok_or_else(|| CoreError::UnsupportedDtype {
+                    path: path.clone(),
+                    key: key.clone(),
+                    dtype: format!("{:?}", view.dtype()),
+                })?;
+                entries.push(TensorEntry {
+                    key,
+                    dtype,
+                    shape: view.shape().to_vec(),
+                });
+            }
+            entries.sort_by(|a, b| a.key.cmp(&b.key));
+            entries
+        };
+        Ok(Self {
+            path,
+            bytes: Arc::new(bytes),
+            entries,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every tensor in the file, sorted by key.
+    pub fn entries(&self) -> &[TensorEntry] {
+        &self.entries
+    }
+
+    /// Reads one tensor, cast to `dtype`.
+    pub fn tensor_data(&self, key: &str, dtype: DType) -> Result<TensorData> {
+        read_tensor(&self.bytes, key, dtype).map_err(|reason| CoreError::Safetensors {
+            path: self.path.clone(),
+            reason,
+        })
+    }
+}
+
+fn float_dtype(dtype: Dtype) -> Option<DType> {
+    match dtype {
+        Dtype::F64 => Some(DType::F64),
+        Dtype::F32 => Some(DType::F32),
+        Dtype::F16 => Some(DType::F16),
+        Dtype::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+fn read_tensor(bytes: &[u8], key: &str, dtype: DType) -> std::result::Result<TensorData, String> {
+    let parsed = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    let view = parsed.tensor(key).map_err(|e| e.to_string())?;
+    let source = float_dtype(view.dtype()).ok_or_else(|| format!("`{key}` is not a float tensor"))?;
+    let data = TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), source);
+    Ok(if source == dtype {
+        data
+    } else {
+        data.convert_dtype(dtype)
+    })
+}
+
+/// Loads `file` into `module`, strictly: every parameter of the module must be in the file with
+/// its shape, and (with [`LoadOptions::reject_unexpected`]) every mapped key of the file must
+/// name a parameter. All problems come back together in one [`CoreError::Weights`].
+pub fn load_safetensors<B: Backend, M: Module<B>>(
+    mut module: M,
+    file: &SafetensorsFile,
+    key_map: KeyMap<'_>,
+    options: LoadOptions,
+) -> Result<M> {
+    // What the module expects, in PyTorch naming and layout.
+    let expected: BTreeMap<String, Vec<usize>> = module
+        .collect(None, Some(Box::new(BurnToPyTorchAdapter)), false)
+        .into_iter()
+        .map(|s| (s.full_path(), s.shape.to_vec()))
+        .collect();
+
+    let mut problems = Vec::new();
+    let mut snapshots = Vec::new();
+    let mut present = BTreeSet::new();
+    for entry in &file.entries {
+        let Some(path) = key_map(&entry.key) else {
+            continue;
+        };
+        if expected.contains_key(&path) {
+            present.insert(path.clone());
+        }
+        match expected.get(&path) {
+            None => {
+                if options.reject_unexpected {
+                    problems.push(WeightProblem::Unexpected {
+                        key: entry.key.clone(),
+                        found: entry.shape.clone(),
+                    });
+                }
+            }
+            Some(shape) if *shape != entry.shape => problems.push(WeightProblem::ShapeMismatch {
+                key: entry.key.clone(),
+                expected: shape.clone(),
+                found: entry.shape.clone(),
+            }),
+            Some(_) => {
+                let bytes = Arc::clone(&file.bytes);
+                let key = entry.key.clone();
+                let dtype = options.dtype;
+                let data_fn = Rc::new(move || {
+                    read_tensor(&bytes, &key, dtype)
+                        .map_err(burn_store::TensorSnapshotError::DataError)
+                });
+                snapshots.push(TensorSnapshot::from_closure(
+                    data_fn,
+                    options.dtype,
+                    entry.shape.clone().into(),
+                    path.split('.').map(str::to_string).collect(),
+                    Vec::new(),
+                    ParamId::new(),
+                ));
+            }
+        }
+    }
+    for (path, shape) in &expected {
+        if !present.contains(path) {
+            problems.push(WeightProblem::Missing {
+                key: path.clone(),
+                expected: shape.clone(),
+            });
+        }
+    }
+    if !problems.is_empty() {
+        return Err(CoreError::Weights {
+            path: file.path.clone(),
+            problems,
+        });
+    }
+
+    let result = module.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), false);
+    // Everything was checked above; anything burn-store still reports is a mapping bug, and is
+    // returned as an error rather than leaving a parameter at its random initial value.
+    let mut problems: Vec<WeightProblem> = result
+        .errors
+        .iter()
+        .map(|e| WeightProblem::Other {
+            key: String::new(),
+            message: e.to_string(),
+        })
+        .collect();
+    problems.extend(result.missing.iter().map(|(path, _)| WeightProblem::Other {
+        key: path.clone(),
+        message: "not applied by burn-store".into(),
+    }));
+    if problems.is_empty() {
+        Ok(module)
+    } else {
+        Err(CoreError::Weights {
+            path: file.path.clone(),
+            problems,
+        })
+    }
+}
+
+/// The weights file of a diffusers component folder (`vae/`, `unet/`, ...):
+/// `diffusion_pytorch_model.safetensors`, or `diffusion_pytorch_model.{variant}.safetensors`
+/// when a variant such as `fp16` is asked for.
+pub fn diffusers_weights_path(
+    dir: impl AsRef<Path>,
+    variant: Option<&str>,
+) -> Result<std::path::PathBuf> {
+    let dir = dir.as_ref();
+    let name = match variant {
+        Some(v) => format!("diffusion_pytorch_model.{v}.safetensors"),
+        None => "diffusion_pytorch_model.safetensors".to_string(),
+    };
+    let path = dir.join(&name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(CoreError::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("no {name} in this folder")),
+        ))
+    }
+}
+
+/// A key map that keeps the keys under any of `prefixes` unchanged and leaves the rest out:
+/// how one component takes its part of a shared file (the encoder's half of a VAE file).
+pub fn keep_prefixes<'a>(prefixes: &'a [&'a str]) -> impl Fn(&str) -> Option<String> + 'a {
+    move |key| {
+        prefixes
+            .iter()
+            .any(|p| key.starts_with(p))
+            .then(|| key.to_string())
+    }
+}

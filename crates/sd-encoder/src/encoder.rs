@@ -1,0 +1,191 @@
+use std::path::Path;
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::GroupNorm;
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use sd_core::layers::{
+    Downsample2d, Downsample2dConfig, MidBlock2d, MidBlock2dConfig, ResnetBlock2d,
+    ResnetBlock2dConfig, conv2d, group_norm,
+};
+use sd_core::weights::{LoadOptions, SafetensorsFile, diffusers_weights_path, keep_prefixes, load_safetensors};
+use sd_core::{AutoencoderKlConfig, CoreError, Result};
+
+use crate::DiagonalGaussian;
+
+/// The VAE's GroupNorm epsilon, fixed in diffusers' `Encoder`/`Decoder`.
+const EPS: f64 = 1e-6;
+
+/// ResNet blocks at one resolution, then a stride-2 downsample (diffusers `DownEncoderBlock2D`).
+#[derive(Module, Debug)]
+pub struct DownEncoderBlock2d<B: Backend> {
+    pub resnets: Vec<ResnetBlock2d<B>>,
+    /// Empty in the last block.
+    pub downsamplers: Vec<Downsample2d<B>>,
+}
+
+impl<B: Backend> DownEncoderBlock2d<B> {
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let x = self.resnets.iter().fold(x, |x, r| r.forward(x, None));
+        self.downsamplers.iter().fold(x, |x, d| d.forward(x))
+    }
+}
+
+/// diffusers `Encoder`: `conv_in`, down blocks, mid block, GroupNorm–SiLU–`conv_out`.
+#[derive(Module, Debug)]
+pub struct Encoder<B: Backend> {
+    pub conv_in: Conv2d<B>,
+    pub down_blocks: Vec<DownEncoderBlock2d<B>>,
+    pub mid_block: MidBlock2d<B>,
+    pub conv_norm_out: GroupNorm<B>,
+    pub conv_out: Conv2d<B>,
+}
+
+impl<B: Backend> Encoder<B> {
+    fn new(config: &AutoencoderKlConfig, device: &B::Device) -> Self {
+        let channels = &config.block_out_channels;
+        let groups = config.norm_num_groups;
+        let last = *channels.last().unwrap_or(&config.in_channels);
+        let mut input = channels[0];
+        let down_blocks = channels
+            .iter()
+            .enumerate()
+            .map(|(i, &output)| {
+                let resnets = (0..config.layers_per_block)
+                    .map(|j| {
+                        let cin = if j == 0 { input } else { output };
+                        ResnetBlock2dConfig::new(cin, output, groups, EPS).init(device)
+                    })
+                    .collect();
+                let downsamplers = if i + 1 < channels.len() {
+                    vec![
+                        Downsample2dConfig {
+                            in_channels: output,
+                            out_channels: output,
+                            padding: 0,
+                        }
+                        .init(device),
+                    ]
+                } else {
+                    Vec::new()
+                };
+                input = output;
+                DownEncoderBlock2d {
+                    resnets,
+                    downsamplers,
+                }
+            })
+            .collect();
+        Self {
+            conv_in: conv2d(config.in_channels, channels[0], 3, 1, 1, device),
+            down_blocks,
+            mid_block: MidBlock2dConfig {
+                channels: last,
+                groups,
+                eps: EPS,
+                add_attention: config.mid_block_add_attention,
+                temb_channels: None,
+            }
+            .init(device),
+            conv_norm_out: group_norm(groups, last, EPS, device),
+            // `double_z`: mean and log-variance.
+            conv_out: conv2d(last, 2 * config.latent_channels, 3, 1, 1, device),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let x = self.conv_in.forward(x);
+        let x = self.down_blocks.iter().fold(x, |x, block| block.forward(x));
+        let x = self.mid_block.forward(x, None);
+        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+    }
+}
+
+/// The encoder half of `AutoencoderKL`: [`Encoder`] then the 1×1 `quant_conv`. Its parameter
+/// names are those of the diffusers state dict (`encoder.*`, `quant_conv.*`).
+#[derive(Module, Debug)]
+pub struct VaeEncoder<B: Backend> {
+    pub encoder: Encoder<B>,
+    pub quant_conv: Option<Conv2d<B>>,
+    in_channels: usize,
+    downsample_factor: usize,
+    scaling_factor: f64,
+    shift_factor: f64,
+}
+
+impl<B: Backend> VaeEncoder<B> {
+    /// An encoder with random weights, shaped by `config`.
+    pub fn new(config: &AutoencoderKlConfig, device: &B::Device) -> Result<Self> {
+        config
+            .validate()
+            .map_err(|reason| CoreError::Config {
+                path: "<AutoencoderKlConfig>".into(),
+                reason,
+            })?;
+        let latent2 = 2 * config.latent_channels;
+        Ok(Self {
+            encoder: Encoder::new(config, device),
+            quant_conv: config
+                .use_quant_conv
+                .then(|| conv2d(latent2, latent2, 1, 1, 0, device)),
+            in_channels: config.in_channels,
+            downsample_factor: config.downsample_factor(),
+            scaling_factor: config.scaling_factor,
+            shift_factor: config.shift_factor.unwrap_or(0.0),
+        })
+    }
+
+    /// Loads a diffusers `vae/` folder: `config.json` and `diffusion_pytorch_model.safetensors`
+    /// (or its `variant`, e.g. `fp16`), taking the `encoder.*` and `quant_conv.*` tensors.
+    pub fn from_pretrained(
+        vae_dir: impl AsRef<Path>,
+        variant: Option<&str>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let dir = vae_dir.as_ref();
+        let config = AutoencoderKlConfig::from_file(dir.join("config.json"))?;
+        let file = SafetensorsFile::open(diffusers_weights_path(dir, variant)?)?;
+        Self::new(&config, device)?.load_weights(&file, LoadOptions::default())
+    }
+
+    /// Fills the weights from a file in the diffusers layout; other components' keys are ignored.
+    pub fn load_weights(self, file: &SafetensorsFile, options: LoadOptions) -> Result<Self> {
+        load_safetensors(self, file, &keep_prefixes(&["encoder.", "quant_conv."]), options)
+    }
+
+    /// `images`: `[batch, in_channels, h, w]` in `[-1, 1]`, `h` and `w` multiples of the
+    /// down-sampling factor. Returns the posterior over latents (unscaled).
+    pub fn encode(&self, images: Tensor<B, 4>) -> Result<DiagonalGaussian<B>> {
+        let [_, c, h, w] = images.dims();
+        if c != self.in_channels {
+            return Err(CoreError::InvalidInput(format!(
+                "the VAE encoder takes {} channels, got {c}",
+                self.in_channels
+            )));
+        }
+        sd_core::image_io::check_image_size(w, h, self.downsample_factor)?;
+        Ok(DiagonalGaussian::from_moments(self.forward(images)))
+    }
+
+    /// The raw moments `[batch, 2·latent, h/f, w/f]`, without input checks (for training loops
+    /// that have already checked their batches).
+    pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 4> {
+        let moments = self.encoder.forward(images);
+        match &self.quant_conv {
+            Some(conv) => conv.forward(moments),
+            None => moments,
+        }
+    }
+
+    /// Latent → the diffusion model's space: `(z − shift_factor) · scaling_factor`.
+    pub fn scale_latents(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
+        (z - self.shift_factor) * self.scaling_factor
+    }
+
+    /// How many pixels one latent covers along each side (8 for Stable Diffusion).
+    pub fn downsample_factor(&self) -> usize {
+        self.downsample_factor
+    }
+}

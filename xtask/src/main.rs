@@ -1,0 +1,126 @@
+//! `cargo xtask <command>`: chores that need more than cargo.
+//!
+//! - `fixtures`: make a Python venv (pinned reference packages) and regenerate `tests/fixtures/`.
+//! - `bench-vae [--config sd15|tiny] [--runs N]`: time the same VAE decode in Rust (release,
+//!   flex) and in PyTorch (diffusers) on this machine, one after the other, and print the ratio
+//!   and each side's peak memory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("fixtures") => fixtures(),
+        Some("bench-vae") => bench_vae(&args[1..]),
+        _ => Err(format!(
+            "usage: cargo xtask fixtures | bench-vae [--config sd15|tiny] [--runs N]\n\
+             got: {args:?}"
+        )),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let status = cmd.status().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed: {status}"))
+    }
+}
+
+fn output(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The venv with the pinned reference packages, made or brought up to date on first use.
+fn venv() -> Result<PathBuf, String> {
+    let root = root();
+    let venv = root.join(".fixtures-venv");
+    let python = venv.join("bin/python");
+    let requirements = root.join("xtask/python/requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements).map_err(|e| format!("{e}"))?;
+    let stamp = venv.join("requirements.installed");
+    if !python.exists() {
+        eprintln!("xtask: creating {}", venv.display());
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+        eprintln!("xtask: installing the reference packages (torch pulls ~3 GB of CUDA wheels)");
+        run(Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "-r"])
+            .arg(&requirements))?;
+        std::fs::write(&stamp, wanted).map_err(|e| format!("{e}"))?;
+    }
+    Ok(python)
+}
+
+fn fixtures() -> Result<(), String> {
+    let python = venv()?;
+    let root = root();
+    run(Command::new(python)
+        .arg(root.join("xtask/python/make_fixtures.py"))
+        .arg("--out")
+        .arg(root.join("tests/fixtures")))
+}
+
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+fn bench_vae(args: &[String]) -> Result<(), String> {
+    let config = flag(args, "--config").unwrap_or("sd15");
+    let runs = flag(args, "--runs").unwrap_or("3");
+    let python = venv()?;
+    let root = root();
+    run(Command::new(env!("CARGO"))
+        .current_dir(&root)
+        .args(["build", "--quiet", "--release", "-p", "sd-benches", "--bin", "vae-decode-timing"]))?;
+    let rust_bin = root.join("target/release/vae-decode-timing");
+    let common = ["--config", config, "--runs", runs];
+    let rust = output(Command::new(rust_bin).current_dir(&root).args(common))?;
+    let torch = output(
+        Command::new(python)
+            .current_dir(&root)
+            .arg(root.join("xtask/python/bench_vae.py"))
+            .args(common),
+    )?;
+    let parse = |s: &str| -> Result<serde_json::Value, String> {
+        let line = s.lines().last().unwrap_or_default();
+        serde_json::from_str(line).map_err(|e| format!("bad timing output {s:?}: {e}"))
+    };
+    let (rust, torch) = (parse(&rust)?, parse(&torch)?);
+    let secs = |v: &serde_json::Value| v["median_s"].as_f64().unwrap_or(f64::NAN);
+    let mib = |v: &serde_json::Value| v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
+    println!("VAE decode, config {config}, {} → {} , median of {runs}", rust["latent"], rust["image"]);
+    println!("  rust (flex)      {:8.3} s   peak RSS {:8.0} MiB", secs(&rust), mib(&rust));
+    println!("  pytorch (cpu)    {:8.3} s   peak RSS {:8.0} MiB", secs(&torch), mib(&torch));
+    println!("  time ratio rust/pytorch: {:.2}×", secs(&rust) / secs(&torch));
+    println!("  memory ratio rust/pytorch: {:.2}×", mib(&rust) / mib(&torch));
+    Ok(())
+}
