@@ -33,7 +33,12 @@ fn tiny(c: &mut Criterion) {
 }
 
 fn sd15(c: &mut Criterion) {
-    bench_decode(c, "vae_decode_sd15_64x64_to_512x512", AutoencoderKlConfig::sd15(), 64);
+    bench_decode(
+        c,
+        "vae_decode_sd15_64x64_to_512x512",
+        AutoencoderKlConfig::sd15(),
+        64,
+    );
 }
 
 criterion_group!(small, tiny);

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use burn::tensor::{Distribution, Tensor};
 use sd_core::AutoencoderKlConfig;
-use sd_core::backend::{Backend, DefaultBackend as B};
+use sd_core::backend::DefaultBackend as B;
 use sd_decoder::VaeDecoder;
 
 fn config(name: &str) -> Option<(AutoencoderKlConfig, usize)> {
@@ -66,7 +66,7 @@ fn main() -> Result<(), String> {
     println!(
         "{}",
         serde_json::json!({
-            "backend": std::any::type_name::<<B as Backend>::Device>(),
+            "backend": std::any::type_name::<B>(),
             "latent": z.dims(),
             "image": image.dims(),
             "median_s": times[times.len() / 2],

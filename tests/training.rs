@@ -55,13 +55,23 @@ fn gradients_reach_every_vae_parameter() {
         &device,
     );
     let posterior = encoder.encode(images.clone()).unwrap();
-    let noise = Tensor::random(posterior.mean.dims(), burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+    let noise = Tensor::random(
+        posterior.mean.dims(),
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
     let reconstruction = decoder.decode(posterior.sample(noise)).unwrap();
     let loss = (reconstruction - images).powi_scalar(2).mean() + posterior.kl().mean() * 1e-6;
     let grads = loss.backward();
 
     let (with, total) = grad_norm(&encoder, &grads);
-    assert_eq!(with, total, "encoder: {with} of {total} parameters got a gradient");
+    assert_eq!(
+        with, total,
+        "encoder: {with} of {total} parameters got a gradient"
+    );
     let (with, total) = grad_norm(&decoder, &grads);
-    assert_eq!(with, total, "decoder: {with} of {total} parameters got a gradient");
+    assert_eq!(
+        with, total,
+        "decoder: {with} of {total} parameters got a gradient"
+    );
 }

@@ -29,26 +29,71 @@ fn check_case<B: Backend>(case: &Path, device: &B::Device, report: &mut Report) 
     let image = reference.tensor::<B, 4>("image", device);
     let posterior = encoder.encode(image.clone()).expect("encode");
     let t = |n: &str| reference.tensor::<B, 4>(n, device);
-    report.check(&format!("{name} posterior mean"), posterior.mean.clone(), t("posterior_mean"), tol);
-    report.check(&format!("{name} posterior logvar"), posterior.logvar.clone(), t("posterior_logvar"), tol);
-    report.check(&format!("{name} posterior std"), posterior.std.clone(), t("posterior_std"), tol);
-    report.check(&format!("{name} posterior sample"), posterior.sample(t("noise")), t("posterior_sample"), tol);
+    report.check(
+        &format!("{name} posterior mean"),
+        posterior.mean.clone(),
+        t("posterior_mean"),
+        tol,
+    );
+    report.check(
+        &format!("{name} posterior logvar"),
+        posterior.logvar.clone(),
+        t("posterior_logvar"),
+        tol,
+    );
+    report.check(
+        &format!("{name} posterior std"),
+        posterior.std.clone(),
+        t("posterior_std"),
+        tol,
+    );
+    report.check(
+        &format!("{name} posterior sample"),
+        posterior.sample(t("noise")),
+        t("posterior_sample"),
+        tol,
+    );
 
     let decoded = decoder.decode(t("latents")).expect("decode");
     report.check(&format!("{name} decode"), decoded, t("decoded"), tol);
 
     let forward = decoder.decode(posterior.mode()).expect("decode");
-    report.check(&format!("{name} forward (encode, mode, decode)"), forward, t("forward"), tol);
+    report.check(
+        &format!("{name} forward (encode, mode, decode)"),
+        forward,
+        t("forward"),
+        tol,
+    );
 
     let tiling = &manifest["tiling"];
     let geometry = decoder.tiling();
-    assert_eq!(geometry.latent_tile as u64, tiling["tile_latent_min_size"].as_u64().unwrap());
-    assert_eq!(geometry.sample_tile as u64, tiling["tile_sample_min_size"].as_u64().unwrap());
-    let tiled = decoder.decode_tiled(t("tiled_latents")).expect("tiled decode");
-    report.check(&format!("{name} tiled decode"), tiled, t("tiled_decoded"), tol);
+    assert_eq!(
+        geometry.latent_tile as u64,
+        tiling["tile_latent_min_size"].as_u64().unwrap()
+    );
+    assert_eq!(
+        geometry.sample_tile as u64,
+        tiling["tile_sample_min_size"].as_u64().unwrap()
+    );
+    let tiled = decoder
+        .decode_tiled(t("tiled_latents"))
+        .expect("tiled decode");
+    report.check(
+        &format!("{name} tiled decode"),
+        tiled,
+        t("tiled_decoded"),
+        tol,
+    );
     let decoder = decoder.with_tiling(true);
-    let auto = decoder.decode(t("tiled_latents")).expect("decode with tiling on");
-    report.check(&format!("{name} decode with tiling on"), auto, t("tiled_decoded"), tol);
+    let auto = decoder
+        .decode(t("tiled_latents"))
+        .expect("decode with tiling on");
+    report.check(
+        &format!("{name} decode with tiling on"),
+        auto,
+        t("tiled_decoded"),
+        tol,
+    );
 }
 
 fn check_all<B: Backend>(device: &B::Device) {
@@ -130,9 +175,14 @@ fn a_drifted_weight_fails_the_comparison() {
     .unwrap();
 
     let decoder = VaeDecoder::<B>::from_pretrained(&drifted_dir, None, &device).unwrap();
-    let decoded = decoder.decode(reference.tensor::<B, 4>("latents", &device)).unwrap();
+    let decoded = decoder
+        .decode(reference.tensor::<B, 4>("latents", &device))
+        .unwrap();
     let err = common::max_abs_diff(decoded, reference.tensor::<B, 4>("decoded", &device));
     std::fs::remove_dir_all(&drifted_dir).ok();
     let tol = manifest(&case)["tolerance"].as_f64().unwrap() as f32;
-    assert!(err > tol, "a drifted weight went unnoticed: max abs error {err:e}");
+    assert!(
+        err > tol,
+        "a drifted weight went unnoticed: max abs error {err:e}"
+    );
 }

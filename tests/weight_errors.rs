@@ -49,8 +49,12 @@ impl Scratch {
             .iter()
             .map(|(k, d, s, b)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
             .collect();
-        safetensors::serialize_to_file(views, None, &dir.join("diffusion_pytorch_model.safetensors"))
-            .unwrap();
+        safetensors::serialize_to_file(
+            views,
+            None,
+            &dir.join("diffusion_pytorch_model.safetensors"),
+        )
+        .unwrap();
         Scratch(dir)
     }
 
@@ -83,7 +87,10 @@ fn missing_folder_names_the_file() {
     let err = VaeDecoder::<B>::from_pretrained("/nonexistent/vae", None, &Default::default())
         .unwrap_err();
     assert!(matches!(err, CoreError::Io { .. }), "{err}");
-    assert!(err.to_string().contains("/nonexistent/vae/config.json"), "{err}");
+    assert!(
+        err.to_string().contains("/nonexistent/vae/config.json"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -91,10 +98,18 @@ fn missing_weights_file_names_the_file() {
     let scratch = Scratch::new("noweights", |_| {});
     std::fs::remove_file(scratch.0.join("diffusion_pytorch_model.safetensors")).unwrap();
     let err = scratch.load_decoder().unwrap_err();
-    assert!(err.to_string().contains("diffusion_pytorch_model.safetensors"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("diffusion_pytorch_model.safetensors"),
+        "{err}"
+    );
     let err = VaeDecoder::<B>::from_pretrained(first_case(), Some("fp16"), &Default::default())
         .unwrap_err();
-    assert!(err.to_string().contains("diffusion_pytorch_model.fp16.safetensors"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("diffusion_pytorch_model.fp16.safetensors"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -103,8 +118,14 @@ fn truncated_file_is_an_error() {
     for cut in [0, 4, 9, 100, bytes.len() / 2, bytes.len() - 1] {
         let scratch = Scratch::raw("truncated", &bytes[..cut]);
         let err = scratch.load_decoder().unwrap_err();
-        assert!(matches!(err, CoreError::Safetensors { .. }), "cut at {cut}: {err}");
-        assert!(err.to_string().contains("not a valid safetensors file"), "{err}");
+        assert!(
+            matches!(err, CoreError::Safetensors { .. }),
+            "cut at {cut}: {err}"
+        );
+        assert!(
+            err.to_string().contains("not a valid safetensors file"),
+            "{err}"
+        );
     }
 }
 
@@ -129,7 +150,10 @@ fn garbage_header_is_an_error() {
 #[test]
 fn wrong_shape_names_key_and_both_shapes() {
     let scratch = Scratch::new("shape", |entries| {
-        let e = entries.iter_mut().find(|e| e.0 == "decoder.conv_in.bias").unwrap();
+        let e = entries
+            .iter_mut()
+            .find(|e| e.0 == "decoder.conv_in.bias")
+            .unwrap();
         e.2 = vec![e.2[0] / 2];
         e.3.truncate(e.3.len() / 2);
     });
@@ -138,19 +162,32 @@ fn wrong_shape_names_key_and_both_shapes() {
         panic!("{err}")
     };
     assert_eq!(problems.len(), 1, "{err}");
-    assert!(matches!(&problems[0], WeightProblem::ShapeMismatch { key, expected, found }
-        if key == "decoder.conv_in.bias" && expected == &vec![64] && found == &vec![32]));
-    assert!(err.to_string().contains("expected [64], found [32]"), "{err}");
+    assert!(
+        matches!(&problems[0], WeightProblem::ShapeMismatch { key, expected, found }
+        if key == "decoder.conv_in.bias" && expected == &vec![64] && found == &vec![32])
+    );
+    assert!(
+        err.to_string().contains("expected [64], found [32]"),
+        "{err}"
+    );
 }
 
 #[test]
 fn every_problem_comes_back_in_one_error() {
     let scratch = Scratch::new("many", |entries| {
         entries.retain(|e| e.0 != "decoder.conv_out.weight" && e.0 != "post_quant_conv.bias");
-        let e = entries.iter_mut().find(|e| e.0 == "decoder.conv_in.bias").unwrap();
+        let e = entries
+            .iter_mut()
+            .find(|e| e.0 == "decoder.conv_in.bias")
+            .unwrap();
         e.2 = vec![e.2[0] / 2];
         e.3.truncate(e.3.len() / 2);
-        entries.push(("decoder.extra.weight".into(), Dtype::F16, vec![2], vec![0; 4]));
+        entries.push((
+            "decoder.extra.weight".into(),
+            Dtype::F16,
+            vec![2],
+            vec![0; 4],
+        ));
     });
     let err = scratch.load_decoder().unwrap_err();
     let text = err.to_string();
@@ -173,7 +210,10 @@ fn every_problem_comes_back_in_one_error() {
 #[test]
 fn integer_weight_is_an_unsupported_dtype() {
     let scratch = Scratch::new("dtype", |entries| {
-        let e = entries.iter_mut().find(|e| e.0 == "decoder.conv_in.bias").unwrap();
+        let e = entries
+            .iter_mut()
+            .find(|e| e.0 == "decoder.conv_in.bias")
+            .unwrap();
         e.1 = Dtype::I16;
     });
     let err = scratch.load_decoder().unwrap_err();
@@ -193,7 +233,11 @@ fn the_encoder_ignores_decoder_keys_and_the_decoder_encoder_keys() {
     });
     VaeEncoder::<B>::from_pretrained(&scratch.0, None, &Default::default()).unwrap();
     let err = scratch.load_decoder().unwrap_err();
-    assert!(err.to_string().contains("missing key `decoder.conv_in.weight`"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("missing key `decoder.conv_in.weight`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -202,10 +246,26 @@ fn bad_configs_are_errors() {
     let config = scratch.0.join("config.json");
     let original = std::fs::read_to_string(&config).unwrap();
     let cases = [
-        ("\"norm_num_groups\": 8", "\"norm_num_groups\": 7", "not a positive multiple of norm_num_groups 7"),
-        ("\"DownEncoderBlock2D\",", "\"CrossAttnDownBlock2D\",", "unsupported down block type `CrossAttnDownBlock2D`"),
-        ("\"layers_per_block\": 1", "\"layers_per_block\": \"one\"", "invalid AutoencoderKL config"),
-        ("\"act_fn\": \"silu\"", "\"act_fn\": \"relu\"", "unsupported act_fn `relu`"),
+        (
+            "\"norm_num_groups\": 8",
+            "\"norm_num_groups\": 7",
+            "not a positive multiple of norm_num_groups 7",
+        ),
+        (
+            "\"DownEncoderBlock2D\",",
+            "\"CrossAttnDownBlock2D\",",
+            "unsupported down block type `CrossAttnDownBlock2D`",
+        ),
+        (
+            "\"layers_per_block\": 1",
+            "\"layers_per_block\": \"one\"",
+            "invalid AutoencoderKL config",
+        ),
+        (
+            "\"act_fn\": \"silu\"",
+            "\"act_fn\": \"relu\"",
+            "unsupported act_fn `relu`",
+        ),
     ];
     for (from, to, needle) in cases {
         assert!(original.contains(from), "fixture config lacks {from}");
@@ -224,13 +284,23 @@ fn wrong_input_shapes_are_errors() {
     let encoder = VaeEncoder::<B>::from_pretrained(&dir, None, &device).unwrap();
     let decoder = VaeDecoder::<B>::from_pretrained(&dir, None, &device).unwrap();
 
-    let err = encoder.encode(Tensor::zeros([1, 3, 33, 32], &device)).unwrap_err();
+    let err = encoder
+        .encode(Tensor::zeros([1, 3, 33, 32], &device))
+        .unwrap_err();
     assert!(err.to_string().contains("32×33"), "{err}");
     assert!(err.to_string().contains("multiples of 2"), "{err}");
-    let err = encoder.encode(Tensor::zeros([1, 4, 32, 32], &device)).unwrap_err();
+    let err = encoder
+        .encode(Tensor::zeros([1, 4, 32, 32], &device))
+        .unwrap_err();
     assert!(err.to_string().contains("takes 3 channels, got 4"), "{err}");
-    let err = decoder.decode(Tensor::zeros([1, 3, 8, 8], &device)).unwrap_err();
-    assert!(err.to_string().contains("[batch, 4, h, w], got [1, 3, 8, 8]"), "{err}");
+    let err = decoder
+        .decode(Tensor::zeros([1, 3, 8, 8], &device))
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("[batch, 4, h, w], got [1, 3, 8, 8]"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -22,7 +22,11 @@ pub fn cases(kind: &str) -> Vec<PathBuf> {
         .filter(|p| p.join("manifest.json").is_file())
         .collect();
     cases.sort();
-    assert!(!cases.is_empty(), "no fixture cases under {}", dir.display());
+    assert!(
+        !cases.is_empty(),
+        "no fixture cases under {}",
+        dir.display()
+    );
     cases
 }
 
@@ -44,7 +48,11 @@ impl Reference {
         Self { file }
     }
 
-    pub fn tensor<B: Backend, const D: usize>(&self, name: &str, device: &B::Device) -> Tensor<B, D> {
+    pub fn tensor<B: Backend, const D: usize>(
+        &self,
+        name: &str,
+        device: &B::Device,
+    ) -> Tensor<B, D> {
         let data = self
             .file
             .tensor_data(name, DType::F32)
@@ -55,7 +63,10 @@ impl Reference {
 
 /// Largest absolute difference between two tensors of equal shape; infinite when the shapes
 /// differ or either holds a NaN, so that no such result ever passes a tolerance.
-pub fn max_abs_diff<B: Backend, const D: usize>(actual: Tensor<B, D>, expected: Tensor<B, D>) -> f32 {
+pub fn max_abs_diff<B: Backend, const D: usize>(
+    actual: Tensor<B, D>,
+    expected: Tensor<B, D>,
+) -> f32 {
     if actual.dims() != expected.dims() {
         return f32::INFINITY;
     }

@@ -98,9 +98,15 @@ fn bench_vae(args: &[String]) -> Result<(), String> {
     let runs = flag(args, "--runs").unwrap_or("3");
     let python = venv()?;
     let root = root();
-    run(Command::new(env!("CARGO"))
-        .current_dir(&root)
-        .args(["build", "--quiet", "--release", "-p", "sd-benches", "--bin", "vae-decode-timing"]))?;
+    run(Command::new(env!("CARGO")).current_dir(&root).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "sd-benches",
+        "--bin",
+        "vae-decode-timing",
+    ]))?;
     let rust_bin = root.join("target/release/vae-decode-timing");
     let common = ["--config", config, "--runs", runs];
     let rust = output(Command::new(rust_bin).current_dir(&root).args(common))?;
@@ -117,10 +123,27 @@ fn bench_vae(args: &[String]) -> Result<(), String> {
     let (rust, torch) = (parse(&rust)?, parse(&torch)?);
     let secs = |v: &serde_json::Value| v["median_s"].as_f64().unwrap_or(f64::NAN);
     let mib = |v: &serde_json::Value| v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
-    println!("VAE decode, config {config}, {} → {} , median of {runs}", rust["latent"], rust["image"]);
-    println!("  rust (flex)      {:8.3} s   peak RSS {:8.0} MiB", secs(&rust), mib(&rust));
-    println!("  pytorch (cpu)    {:8.3} s   peak RSS {:8.0} MiB", secs(&torch), mib(&torch));
-    println!("  time ratio rust/pytorch: {:.2}×", secs(&rust) / secs(&torch));
-    println!("  memory ratio rust/pytorch: {:.2}×", mib(&rust) / mib(&torch));
+    println!(
+        "VAE decode, config {config}, {} → {} , median of {runs}",
+        rust["latent"], rust["image"]
+    );
+    println!(
+        "  rust (flex)      {:8.3} s   peak RSS {:8.0} MiB",
+        secs(&rust),
+        mib(&rust)
+    );
+    println!(
+        "  pytorch (cpu)    {:8.3} s   peak RSS {:8.0} MiB",
+        secs(&torch),
+        mib(&torch)
+    );
+    println!(
+        "  time ratio rust/pytorch: {:.2}×",
+        secs(&rust) / secs(&torch)
+    );
+    println!(
+        "  memory ratio rust/pytorch: {:.2}×",
+        mib(&rust) / mib(&torch)
+    );
     Ok(())
 }

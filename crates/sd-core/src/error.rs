@@ -20,7 +20,9 @@ pub enum CoreError {
     #[error("{path}: not a valid safetensors file: {reason}")]
     Safetensors { path: PathBuf, reason: String },
     /// A weight tensor has a dtype the models cannot compute with.
-    #[error("{path}: tensor `{key}` has dtype {dtype}; only F64, F32, F16 and BF16 weights are supported")]
+    #[error(
+        "{path}: tensor `{key}` has dtype {dtype}; only F64, F32, F16 and BF16 weights are supported"
+    )]
     UnsupportedDtype {
         path: PathBuf,
         key: String,

@@ -5,6 +5,10 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::{CoreError, Result};
+use crate::weights::{SafetensorsFile, diffusers_weights_path};
+
+/// The GroupNorm epsilon of every norm in the VAE, fixed in diffusers' `Encoder`/`Decoder`.
+pub const VAE_NORM_EPS: f64 = 1e-6;
 
 /// diffusers' `AutoencoderKL` configuration, read from `vae/config.json` with the same field
 /// names and defaults. Both VAE halves are built from it.
@@ -108,6 +112,24 @@ impl AutoencoderKlConfig {
         Ok(config)
     }
 
+    /// Reads a diffusers `vae/` folder: its `config.json` and its weights file
+    /// (`diffusion_pytorch_model[.{variant}].safetensors`), both validated.
+    pub fn load_folder(
+        dir: impl AsRef<Path>,
+        variant: Option<&str>,
+    ) -> Result<(Self, SafetensorsFile)> {
+        let dir = dir.as_ref();
+        let config = Self::from_file(dir.join("config.json"))?;
+        let file = SafetensorsFile::open(diffusers_weights_path(dir, variant)?)?;
+        Ok((config, file))
+    }
+
+    /// [`AutoencoderKlConfig::validate`] as a [`CoreError`], for configs built in code.
+    pub fn check(&self) -> Result<()> {
+        self.validate()
+            .map_err(|reason| CoreError::config("<AutoencoderKlConfig>", reason))
+    }
+
     /// Checks what the layers would otherwise assert on; returns the first problem found.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let n = self.block_out_channels.len();
@@ -121,20 +143,39 @@ impl AutoencoderKlConfig {
                 self.up_block_types.len()
             ));
         }
-        if let Some(t) = self.down_block_types.iter().find(|t| *t != "DownEncoderBlock2D") {
-            return Err(format!("unsupported down block type `{t}` (expected DownEncoderBlock2D)"));
+        if let Some(t) = self
+            .down_block_types
+            .iter()
+            .find(|t| *t != "DownEncoderBlock2D")
+        {
+            return Err(format!(
+                "unsupported down block type `{t}` (expected DownEncoderBlock2D)"
+            ));
         }
-        if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
-            return Err(format!("unsupported up block type `{t}` (expected UpDecoderBlock2D)"));
+        if let Some(t) = self
+            .up_block_types
+            .iter()
+            .find(|t| *t != "UpDecoderBlock2D")
+        {
+            return Err(format!(
+                "unsupported up block type `{t}` (expected UpDecoderBlock2D)"
+            ));
         }
         if self.act_fn != "silu" {
-            return Err(format!("unsupported act_fn `{}` (expected silu)", self.act_fn));
+            return Err(format!(
+                "unsupported act_fn `{}` (expected silu)",
+                self.act_fn
+            ));
         }
         let g = self.norm_num_groups;
         if g == 0 {
             return Err("norm_num_groups is 0".into());
         }
-        if let Some(c) = self.block_out_channels.iter().find(|c| **c == 0 || **c % g != 0) {
+        if let Some(c) = self
+            .block_out_channels
+            .iter()
+            .find(|c| **c == 0 || **c % g != 0)
+        {
             return Err(format!(
                 "block_out_channels entry {c} is not a positive multiple of norm_num_groups {g}"
             ));
@@ -146,7 +187,10 @@ impl AutoencoderKlConfig {
             return Err("layers_per_block is 0".into());
         }
         if self.scaling_factor == 0.0 || !self.scaling_factor.is_finite() {
-            return Err(format!("scaling_factor {} is not usable", self.scaling_factor));
+            return Err(format!(
+                "scaling_factor {} is not usable",
+                self.scaling_factor
+            ));
         }
         Ok(())
     }

@@ -68,18 +68,18 @@ impl SafetensorsFile {
     pub fn from_bytes(path: impl AsRef<Path>, bytes: Vec<u8>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let entries = {
-            let parsed =
-                SafeTensors::deserialize(&bytes).map_err(|e| CoreError::Safetensors {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
+            let parsed = SafeTensors::deserialize(&bytes).map_err(|e| CoreError::Safetensors {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
             let mut entries = Vec::new();
             for (key, view) in parsed.tensors() {
-                let dtype = float_dtype(view.dtype()).ok_or_else(|| CoreError::UnsupportedDtype {
-                    path: path.clone(),
-                    key: key.clone(),
-                    dtype: format!("{:?}", view.dtype()),
-                })?;
+                let dtype =
+                    float_dtype(view.dtype()).ok_or_else(|| CoreError::UnsupportedDtype {
+                        path: path.clone(),
+                        key: key.clone(),
+                        dtype: format!("{:?}", view.dtype()),
+                    })?;
                 entries.push(TensorEntry {
                     key,
                     dtype,
@@ -128,7 +128,8 @@ fn float_dtype(dtype: Dtype) -> Option<DType> {
 fn read_tensor(bytes: &[u8], key: &str, dtype: DType) -> std::result::Result<TensorData, String> {
     let parsed = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
     let view = parsed.tensor(key).map_err(|e| e.to_string())?;
-    let source = float_dtype(view.dtype()).ok_or_else(|| format!("`{key}` is not a float tensor"))?;
+    let source =
+        float_dtype(view.dtype()).ok_or_else(|| format!("`{key}` is not a float tensor"))?;
     let data = TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), source);
     Ok(if source == dtype {
         data
@@ -254,7 +255,10 @@ pub fn diffusers_weights_path(
     } else {
         Err(CoreError::io(
             path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, format!("no {name} in this folder")),
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no {name} in this folder"),
+            ),
         ))
     }
 }

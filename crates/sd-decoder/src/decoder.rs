@@ -1,22 +1,19 @@
 use std::path::Path;
 
 use burn::module::Module;
-use burn::nn::conv::Conv2d;
 use burn::nn::GroupNorm;
-use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
+use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
 use sd_core::layers::{
-    MidBlock2d, MidBlock2dConfig, ResnetBlock2d, ResnetBlock2dConfig, Upsample2d,
-    Upsample2dConfig, conv2d, group_norm,
+    MidBlock2d, MidBlock2dConfig, ResnetBlock2d, ResnetBlock2dConfig, Upsample2d, Upsample2dConfig,
+    conv2d, group_norm, silu,
 };
-use sd_core::weights::{LoadOptions, SafetensorsFile, diffusers_weights_path, keep_prefixes, load_safetensors};
+use sd_core::vae_config::VAE_NORM_EPS as EPS;
+use sd_core::weights::{LoadOptions, SafetensorsFile, keep_prefixes, load_safetensors};
 use sd_core::{AutoencoderKlConfig, CoreError, Result};
 
 use crate::Tiling;
-
-/// The VAE's GroupNorm epsilon, fixed in diffusers' `Encoder`/`Decoder`.
-const EPS: f64 = 1e-6;
 
 /// ResNet blocks at one resolution, then a ×2 upsample (diffusers `UpDecoderBlock2D`).
 #[derive(Module, Debug)]
@@ -54,12 +51,8 @@ impl<B: Backend> Decoder<B> {
             .enumerate()
             .map(|(i, &output)| {
                 // One more resnet per block than the encoder has.
-                let resnets = (0..=config.layers_per_block)
-                    .map(|j| {
-                        let cin = if j == 0 { input } else { output };
-                        ResnetBlock2dConfig::new(cin, output, groups, EPS).init(device)
-                    })
-                    .collect();
+                let resnets = ResnetBlock2dConfig::new(input, output, groups, EPS)
+                    .init_stack(config.layers_per_block + 1, device);
                 let upsamplers = if i + 1 < reversed.len() {
                     vec![
                         Upsample2dConfig {
@@ -122,10 +115,7 @@ pub struct VaeDecoder<B: Backend> {
 impl<B: Backend> VaeDecoder<B> {
     /// A decoder with random weights, shaped by `config`.
     pub fn new(config: &AutoencoderKlConfig, device: &B::Device) -> Result<Self> {
-        config.validate().map_err(|reason| CoreError::Config {
-            path: "<AutoencoderKlConfig>".into(),
-            reason,
-        })?;
+        config.check()?;
         let latent = config.latent_channels;
         Ok(Self {
             post_quant_conv: config
@@ -148,9 +138,7 @@ impl<B: Backend> VaeDecoder<B> {
         variant: Option<&str>,
         device: &B::Device,
     ) -> Result<Self> {
-        let dir = vae_dir.as_ref();
-        let config = AutoencoderKlConfig::from_file(dir.join("config.json"))?;
-        let file = SafetensorsFile::open(diffusers_weights_path(dir, variant)?)?;
+        let (config, file) = AutoencoderKlConfig::load_folder(vae_dir, variant)?;
         Self::new(&config, device)?.load_weights(&file, LoadOptions::default())
     }
 

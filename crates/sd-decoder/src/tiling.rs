@@ -75,7 +75,9 @@ fn crop<B: Backend>(t: Tensor<B, 4>, keep: usize) -> Tensor<B, 4> {
 
 /// Linear ramp `y / extent` for `y` in `0..extent`, shaped to broadcast along `axis`.
 fn ramp<B: Backend>(extent: usize, axis: usize, device: &B::Device) -> Tensor<B, 4> {
-    let weights: Vec<f32> = (0..extent).map(|y| (y as f64 / extent as f64) as f32).collect();
+    let weights: Vec<f32> = (0..extent)
+        .map(|y| (y as f64 / extent as f64) as f32)
+        .collect();
     let mut shape = [1, 1, 1, 1];
     shape[axis] = extent;
     Tensor::from_data(TensorData::new(weights, shape), device)
@@ -91,7 +93,12 @@ fn blend_columns<B: Backend>(a: &Tensor<B, 4>, b: Tensor<B, 4>, extent: usize) -
     blend(a, b, extent, 3)
 }
 
-fn blend<B: Backend>(a: &Tensor<B, 4>, b: Tensor<B, 4>, extent: usize, axis: usize) -> Tensor<B, 4> {
+fn blend<B: Backend>(
+    a: &Tensor<B, 4>,
+    b: Tensor<B, 4>,
+    extent: usize,
+    axis: usize,
+) -> Tensor<B, 4> {
     let extent = extent.min(a.dims()[axis]).min(b.dims()[axis]);
     if extent == 0 {
         return b;

@@ -1,22 +1,19 @@
 use std::path::Path;
 
 use burn::module::Module;
-use burn::nn::conv::Conv2d;
 use burn::nn::GroupNorm;
-use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
+use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
 use sd_core::layers::{
     Downsample2d, Downsample2dConfig, MidBlock2d, MidBlock2dConfig, ResnetBlock2d,
-    ResnetBlock2dConfig, conv2d, group_norm,
+    ResnetBlock2dConfig, conv2d, group_norm, silu,
 };
-use sd_core::weights::{LoadOptions, SafetensorsFile, diffusers_weights_path, keep_prefixes, load_safetensors};
+use sd_core::vae_config::VAE_NORM_EPS as EPS;
+use sd_core::weights::{LoadOptions, SafetensorsFile, keep_prefixes, load_safetensors};
 use sd_core::{AutoencoderKlConfig, CoreError, Result};
 
 use crate::DiagonalGaussian;
-
-/// The VAE's GroupNorm epsilon, fixed in diffusers' `Encoder`/`Decoder`.
-const EPS: f64 = 1e-6;
 
 /// ResNet blocks at one resolution, then a stride-2 downsample (diffusers `DownEncoderBlock2D`).
 #[derive(Module, Debug)]
@@ -53,12 +50,8 @@ impl<B: Backend> Encoder<B> {
             .iter()
             .enumerate()
             .map(|(i, &output)| {
-                let resnets = (0..config.layers_per_block)
-                    .map(|j| {
-                        let cin = if j == 0 { input } else { output };
-                        ResnetBlock2dConfig::new(cin, output, groups, EPS).init(device)
-                    })
-                    .collect();
+                let resnets = ResnetBlock2dConfig::new(input, output, groups, EPS)
+                    .init_stack(config.layers_per_block, device);
                 let downsamplers = if i + 1 < channels.len() {
                     vec![
                         Downsample2dConfig {
@@ -118,12 +111,7 @@ pub struct VaeEncoder<B: Backend> {
 impl<B: Backend> VaeEncoder<B> {
     /// An encoder with random weights, shaped by `config`.
     pub fn new(config: &AutoencoderKlConfig, device: &B::Device) -> Result<Self> {
-        config
-            .validate()
-            .map_err(|reason| CoreError::Config {
-                path: "<AutoencoderKlConfig>".into(),
-                reason,
-            })?;
+        config.check()?;
         let latent2 = 2 * config.latent_channels;
         Ok(Self {
             encoder: Encoder::new(config, device),
@@ -144,15 +132,18 @@ impl<B: Backend> VaeEncoder<B> {
         variant: Option<&str>,
         device: &B::Device,
     ) -> Result<Self> {
-        let dir = vae_dir.as_ref();
-        let config = AutoencoderKlConfig::from_file(dir.join("config.json"))?;
-        let file = SafetensorsFile::open(diffusers_weights_path(dir, variant)?)?;
+        let (config, file) = AutoencoderKlConfig::load_folder(vae_dir, variant)?;
         Self::new(&config, device)?.load_weights(&file, LoadOptions::default())
     }
 
     /// Fills the weights from a file in the diffusers layout; other components' keys are ignored.
     pub fn load_weights(self, file: &SafetensorsFile, options: LoadOptions) -> Result<Self> {
-        load_safetensors(self, file, &keep_prefixes(&["encoder.", "quant_conv."]), options)
+        load_safetensors(
+            self,
+            file,
+            &keep_prefixes(&["encoder.", "quant_conv."]),
+            options,
+        )
     }
 
     /// `images`: `[batch, in_channels, h, w]` in `[-1, 1]`, `h` and `w` multiples of the

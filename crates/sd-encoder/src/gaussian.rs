@@ -1,5 +1,5 @@
-use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
 
 /// The posterior `q(z | x) = N(mean, exp(logvar))` the encoder predicts, per latent element.
 #[derive(Debug, Clone)]
@@ -17,7 +17,9 @@ impl<B: Backend> DiagonalGaussian<B> {
         let [b, c, h, w] = moments.dims();
         let half = c / 2;
         let mean = moments.clone().slice([0..b, 0..half, 0..h, 0..w]);
-        let logvar = moments.slice([0..b, half..c, 0..h, 0..w]).clamp(-30.0, 20.0);
+        let logvar = moments
+            .slice([0..b, half..c, 0..h, 0..w])
+            .clamp(-30.0, 20.0);
         let std = (logvar.clone() * 0.5).exp();
         Self { mean, logvar, std }
     }

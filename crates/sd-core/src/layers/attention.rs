@@ -1,9 +1,9 @@
 use burn::module::Module;
 use burn::nn::{GroupNorm, Linear, LinearConfig};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::Tensor;
 
 use super::group_norm;
 

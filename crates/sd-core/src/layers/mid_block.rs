@@ -1,6 +1,6 @@
 use burn::module::Module;
-use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
 
 use super::{AttentionBlock2d, AttentionBlock2dConfig, ResnetBlock2d, ResnetBlock2dConfig};
 

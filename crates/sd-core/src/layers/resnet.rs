@@ -1,11 +1,10 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear, LinearConfig};
-use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
 
-use super::{conv2d, group_norm};
+use super::{conv2d, group_norm, silu};
 
 /// Configuration of a [`ResnetBlock2d`] (diffusers `ResnetBlock2D`, `time_embedding_norm`
 /// "default", SiLU).
@@ -36,6 +35,29 @@ impl ResnetBlock2dConfig {
     pub fn with_temb_channels(mut self, temb_channels: Option<usize>) -> Self {
         self.temb_channels = temb_channels;
         self
+    }
+
+    /// `count` blocks in a row at one resolution: the first goes from `in_channels` to
+    /// `out_channels`, the others keep `out_channels` (how every diffusers block stacks them).
+    pub fn init_stack<B: Backend>(
+        &self,
+        count: usize,
+        device: &B::Device,
+    ) -> Vec<ResnetBlock2d<B>> {
+        (0..count)
+            .map(|i| {
+                let in_channels = if i == 0 {
+                    self.in_channels
+                } else {
+                    self.out_channels
+                };
+                Self {
+                    in_channels,
+                    ..self.clone()
+                }
+                .init(device)
+            })
+            .collect()
     }
 
     pub fn init<B: Backend>(&self, device: &B::Device) -> ResnetBlock2d<B> {

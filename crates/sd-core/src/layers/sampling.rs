@@ -1,8 +1,9 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
-use burn::tensor::backend::Backend;
-use burn::tensor::ops::PadMode;
 use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions, PadMode};
 
 use super::conv2d;
 
@@ -78,12 +79,12 @@ impl<B: Backend> Upsample2d<B> {
     }
 }
 
-/// Nearest-neighbour ×2 upsampling (`F.interpolate(x, scale_factor=2, mode="nearest")`),
-/// written as a broadcast and a reshape: plain tensor ops, so it runs and differentiates the
-/// same way on every backend.
+/// Nearest-neighbour ×2 upsampling (`F.interpolate(x, scale_factor=2, mode="nearest")`).
 pub fn upsample_nearest2x<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [b, c, h, w] = x.dims();
-    x.reshape([b, c, h, 1, w, 1])
-        .expand([b, c, h, 2, w, 2])
-        .reshape([b, c, 2 * h, 2 * w])
+    let [_, _, h, w] = x.dims();
+    interpolate(
+        x,
+        [2 * h, 2 * w],
+        InterpolateOptions::new(InterpolateMode::Nearest),
+    )
 }
