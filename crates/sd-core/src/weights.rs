@@ -273,3 +273,113 @@ pub fn keep_prefixes<'a>(prefixes: &'a [&'a str]) -> impl Fn(&str) -> Option<Str
             .then(|| key.to_string())
     }
 }
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use burn::module::Module;
+    use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig};
+    use burn::tensor::Tensor;
+    use safetensors::tensor::TensorView;
+
+    use super::*;
+    use crate::backend::Flex;
+
+    #[derive(Module, Debug)]
+    struct Tiny<B: Backend> {
+        proj: Linear<B>,
+        norm: GroupNorm<B>,
+    }
+
+    fn tiny() -> Tiny<Flex> {
+        let device = Default::default();
+        Tiny {
+            proj: LinearConfig::new(3, 2).init(&device),
+            norm: GroupNormConfig::new(1, 2).init(&device),
+        }
+    }
+
+    /// A safetensors file in memory whose tensors are `values` in `dtype`.
+    fn file(dtype: Dtype, tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> SafetensorsFile {
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, _, values)| match dtype {
+                Dtype::BF16 => values
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+                Dtype::F16 => values
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+                _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            })
+            .collect();
+        let views: Vec<(&str, TensorView<'_>)> = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((k, shape, _), b)| (*k, TensorView::new(dtype, shape.clone(), b).unwrap()))
+            .collect();
+        let data = safetensors::serialize(views, None).unwrap();
+        SafetensorsFile::from_bytes("memory.safetensors", data).unwrap()
+    }
+
+    fn values<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
+        t.into_data().to_vec::<f32>().unwrap()
+    }
+
+    fn tiny_tensors() -> Vec<(&'static str, Vec<usize>, Vec<f32>)> {
+        vec![
+            // PyTorch's [out, in] layout.
+            ("proj.weight", vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+            ("proj.bias", vec![2], vec![0.5, -0.5]),
+            ("norm.weight", vec![2], vec![2.0, 3.0]),
+            ("norm.bias", vec![2], vec![-1.0, 1.0]),
+        ]
+    }
+
+    #[test]
+    fn bf16_and_f16_files_load_as_f32_with_torch_layout_converted() {
+        for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+            let file = file(dtype, &tiny_tensors());
+            let model = load_safetensors(tiny(), &file, &|k| Some(k.to_string()), LoadOptions::default())
+                .unwrap();
+            let weight = model.proj.weight.val();
+            assert_eq!(weight.dtype(), DType::F32);
+            // Burn keeps linear weights as [in, out]: the transpose of PyTorch's.
+            assert_eq!(weight.dims(), [3, 2]);
+            assert_eq!(values(weight), vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+            assert_eq!(values(model.norm.gamma.unwrap().val()), vec![2.0, 3.0]);
+            assert_eq!(values(model.norm.beta.unwrap().val()), vec![-1.0, 1.0]);
+        }
+    }
+
+    #[test]
+    fn key_maps_select_and_rename() {
+        let mut tensors = tiny_tensors();
+        tensors.push(("other.weight", vec![1], vec![0.0]));
+        let renamed: Vec<(String, Vec<usize>, Vec<f32>)> = tensors
+            .iter()
+            .map(|(k, s, v)| (format!("model.{k}"), s.clone(), v.clone()))
+            .collect();
+        let named: Vec<(&str, Vec<usize>, Vec<f32>)> = renamed
+            .iter()
+            .map(|(k, s, v)| (k.as_str(), s.clone(), v.clone()))
+            .collect();
+        let file = file(Dtype::F32, &named);
+        let strip = |k: &str| {
+            k.strip_prefix("model.")
+                .filter(|k| !k.starts_with("other."))
+                .map(str::to_string)
+        };
+        load_safetensors(tiny(), &file, &strip, LoadOptions::default()).unwrap();
+        // Without the filter, `other.weight` is unexpected unless the options allow it.
+        let all = |k: &str| k.strip_prefix("model.").map(str::to_string);
+        let err = load_safetensors(tiny(), &file, &all, LoadOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("unexpected key `model.other.weight`"), "{err}");
+        let lenient = LoadOptions {
+            reject_unexpected: false,
+            ..LoadOptions::default()
+        };
+        load_safetensors(tiny(), &file, &all, lenient).unwrap();
+    }
+}
