@@ -114,11 +114,12 @@ fn vae_matches_diffusers_on_ndarray() {
     check_all::<sd_core::backend::NdArray>(&Default::default());
 }
 
-/// One small case on WGPU (`cargo test -p sd-tests --features wgpu`): slow on a software GL.
+/// One small case on WGPU (`SD_WGPU_API=gl cargo test -p sd-tests --features wgpu` on a machine
+/// without a GPU: Mesa's software OpenGL, slow).
 #[cfg(feature = "wgpu")]
 #[test]
 fn vae_matches_diffusers_on_wgpu() {
-    let device = Default::default();
+    let device = sd_core::backend::wgpu_device();
     let mut report = Report::default();
     let case = cases("vae").into_iter().next().unwrap();
     check_case::<sd_core::backend::Wgpu>(&case, &device, &mut report);

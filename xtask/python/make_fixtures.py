@@ -13,7 +13,8 @@ import shutil
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers.training_utils import compute_snr
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import save_file
 
@@ -140,6 +141,55 @@ def write_vae_case(root: pathlib.Path, name: str, spec: dict, seed: int) -> None
     print(f"wrote {case}")
 
 
+# Training noise schedules: each beta schedule, and zero-terminal-SNR rescaling.
+DIFFUSION_CASES = {
+    "linear_default": dict(),
+    "scaled_linear_sd": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
+    "squaredcos_cap_v2": dict(beta_schedule="squaredcos_cap_v2"),
+    "scaled_linear_zero_snr": dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", rescale_betas_zero_snr=True
+    ),
+    "linear_short_500": dict(num_train_timesteps=500, beta_start=0.0002, beta_end=0.03),
+}
+
+
+def write_diffusion_case(root: pathlib.Path, name: str, config: dict, seed: int) -> None:
+    case = root / "diffusion" / name
+    case.mkdir(parents=True, exist_ok=True)
+    scheduler = DDPMScheduler(**config)
+    n = scheduler.config.num_train_timesteps
+    generator = torch.Generator().manual_seed(seed)
+    timesteps = torch.tensor([0, 1, n // 2, n - 1, 137, n - 2], dtype=torch.long)
+    x0 = torch.randn(len(timesteps), 4, 8, 8, generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    snr = compute_snr(scheduler, timesteps)
+    gamma = 5.0
+    clipped = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    tensors = {
+        "betas": scheduler.betas,
+        "alphas_cumprod": scheduler.alphas_cumprod,
+        "x0": x0,
+        "noise": noise,
+        "noisy": scheduler.add_noise(x0, noise, timesteps),
+        "velocity": scheduler.get_velocity(x0, noise, timesteps),
+        "snr": snr,
+        "min_snr_epsilon": clipped / snr,
+        "min_snr_v_prediction": clipped / (snr + 1),
+        "min_snr_sample": clipped,
+    }
+    save_file({k: v.contiguous().float() for k, v in tensors.items()}, case / "reference.safetensors")
+    manifest = {
+        "kind": "diffusion",
+        "reference": f"diffusers {diffusers.__version__} DDPMScheduler and training_utils.compute_snr",
+        "config": dict(scheduler.config),
+        "timesteps": timesteps.tolist(),
+        "min_snr_gamma": gamma,
+        "tolerance": 1e-5,
+    }
+    (case / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    print(f"wrote {case}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=pathlib.Path, required=True)
@@ -147,6 +197,8 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     for i, (name, spec) in enumerate(sorted(VAE_CASES.items())):
         write_vae_case(args.out, name, spec, seed=1000 + i)
+    for i, (name, config) in enumerate(sorted(DIFFUSION_CASES.items())):
+        write_diffusion_case(args.out, name, config, seed=2000 + i)
 
 
 if __name__ == "__main__":

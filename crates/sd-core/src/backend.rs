@@ -46,3 +46,26 @@ pub fn compiled_backends() -> &'static [&'static str] {
         "ndarray",
     ]
 }
+
+/// The WGPU device with its graphics API chosen by the `SD_WGPU_API` environment variable
+/// (`vulkan`, `gl`, `metal`, `dx12`; unset: wgpu's own choice, Vulkan on Linux). A machine
+/// without a GPU has no Vulkan driver but can run on Mesa's software OpenGL with `gl`.
+/// Set up once per process; later calls return the same device.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_device() -> burn::backend::wgpu::WgpuDevice {
+    use burn::backend::wgpu::graphics::{Dx12, Metal, OpenGl, Vulkan};
+    use burn::backend::wgpu::{RuntimeOptions, WgpuDevice, init_setup};
+    static SETUP: std::sync::Once = std::sync::Once::new();
+    let device = WgpuDevice::default();
+    SETUP.call_once(|| {
+        let options = RuntimeOptions::default();
+        match std::env::var("SD_WGPU_API").as_deref() {
+            Ok("gl") | Ok("opengl") => drop(init_setup::<OpenGl>(&device, options)),
+            Ok("vulkan") => drop(init_setup::<Vulkan>(&device, options)),
+            Ok("metal") => drop(init_setup::<Metal>(&device, options)),
+            Ok("dx12") => drop(init_setup::<Dx12>(&device, options)),
+            _ => {}
+        }
+    });
+    device
+}

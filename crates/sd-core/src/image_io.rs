@@ -11,7 +11,11 @@ use crate::error::{CoreError, Result};
 /// Checks that an image of `width`×`height` can go through a model that halves the resolution
 /// `log2(multiple)` times.
 pub fn check_image_size(width: usize, height: usize, multiple: usize) -> Result<()> {
-    if width == 0 || height == 0 || !width.is_multiple_of(multiple) || !height.is_multiple_of(multiple) {
+    if width == 0
+        || height == 0
+        || !width.is_multiple_of(multiple)
+        || !height.is_multiple_of(multiple)
+    {
         return Err(CoreError::InvalidInput(format!(
             "image size {width}×{height}: width and height must be positive multiples of {multiple}"
         )));

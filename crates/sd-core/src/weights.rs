@@ -330,7 +330,11 @@ mod tests {
     fn tiny_tensors() -> Vec<(&'static str, Vec<usize>, Vec<f32>)> {
         vec![
             // PyTorch's [out, in] layout.
-            ("proj.weight", vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+            (
+                "proj.weight",
+                vec![2, 3],
+                vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            ),
             ("proj.bias", vec![2], vec![0.5, -0.5]),
             ("norm.weight", vec![2], vec![2.0, 3.0]),
             ("norm.bias", vec![2], vec![-1.0, 1.0]),
@@ -341,8 +345,13 @@ mod tests {
     fn bf16_and_f16_files_load_as_f32_with_torch_layout_converted() {
         for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
             let file = file(dtype, &tiny_tensors());
-            let model = load_safetensors(tiny(), &file, &|k| Some(k.to_string()), LoadOptions::default())
-                .unwrap();
+            let model = load_safetensors(
+                tiny(),
+                &file,
+                &|k| Some(k.to_string()),
+                LoadOptions::default(),
+            )
+            .unwrap();
             let weight = model.proj.weight.val();
             assert_eq!(weight.dtype(), DType::F32);
             // Burn keeps linear weights as [in, out]: the transpose of PyTorch's.
@@ -375,7 +384,11 @@ mod tests {
         // Without the filter, `other.weight` is unexpected unless the options allow it.
         let all = |k: &str| k.strip_prefix("model.").map(str::to_string);
         let err = load_safetensors(tiny(), &file, &all, LoadOptions::default()).unwrap_err();
-        assert!(err.to_string().contains("unexpected key `model.other.weight`"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("unexpected key `model.other.weight`"),
+            "{err}"
+        );
         let lenient = LoadOptions {
             reject_unexpected: false,
             ..LoadOptions::default()

@@ -1,0 +1,83 @@
+//! What a training loop needs from the forward process: random timesteps and noise, the
+//! regression target for each prediction type, and Min-SNR-γ loss weights.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use rand::{Rng, RngExt};
+use rand_distr::StandardNormal;
+
+use crate::error::{DiffusionError, Result};
+use crate::{NoiseSchedule, PredictionType};
+
+/// What the denoiser is trained to output for `x_t` made from `x0` and `noise` at `timesteps`.
+pub fn target<B: Backend>(
+    schedule: &NoiseSchedule,
+    prediction: PredictionType,
+    x0: Tensor<B, 4>,
+    noise: Tensor<B, 4>,
+    timesteps: &[usize],
+) -> Result<Tensor<B, 4>> {
+    match prediction {
+        PredictionType::Epsilon => Ok(noise),
+        PredictionType::VPrediction => schedule.velocity(x0, noise, timesteps),
+        PredictionType::Sample => Ok(x0),
+    }
+}
+
+/// Min-SNR-γ loss weights (Hang et al. 2023, eq. 12), as diffusers' training scripts compute
+/// them: `min(SNR, γ) / SNR` for ε-prediction, `min(SNR, γ) / (SNR + 1)` for v-prediction and
+/// `min(SNR, γ)` for x₀-prediction.
+pub fn min_snr_weights(
+    schedule: &NoiseSchedule,
+    prediction: PredictionType,
+    timesteps: &[usize],
+    gamma: f64,
+) -> Result<Vec<f64>> {
+    if gamma.is_nan() || gamma <= 0.0 {
+        return Err(DiffusionError::InvalidSchedule(format!(
+            "Min-SNR gamma must be positive, got {gamma}"
+        )));
+    }
+    timesteps
+        .iter()
+        .map(|&t| {
+            let snr = schedule.snr(t)?;
+            let clipped = snr.min(gamma);
+            Ok(match prediction {
+                PredictionType::Epsilon => clipped / snr,
+                PredictionType::VPrediction => clipped / (snr + 1.0),
+                PredictionType::Sample => clipped,
+            })
+        })
+        .collect()
+}
+
+/// `batch` training timesteps drawn uniformly from `0..num_train_timesteps`.
+pub fn sample_timesteps(schedule: &NoiseSchedule, batch: usize, rng: &mut impl Rng) -> Vec<usize> {
+    let n = schedule.num_train_timesteps();
+    (0..batch).map(|_| rng.random_range(0..n)).collect()
+}
+
+/// Standard normal noise of `shape` from a host generator: the same seed gives the same noise on
+/// every backend.
+pub fn host_noise<B: Backend, const D: usize>(
+    shape: [usize; D],
+    rng: &mut impl Rng,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    let n = shape.iter().product();
+    let values: Vec<f32> = (0..n).map(|_| rng.sample(StandardNormal)).collect();
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// Offset noise (Guttenberg 2023): `noise + offset · n` with `n ~ N(0, 1)` per sample and
+/// channel, constant over the image, so that the model learns to change overall brightness.
+pub fn offset_noise<B: Backend>(
+    noise: Tensor<B, 4>,
+    offset: f64,
+    rng: &mut impl Rng,
+) -> Tensor<B, 4> {
+    let [b, c, _, _] = noise.dims();
+    let shift = host_noise::<B, 4>([b, c, 1, 1], rng, &noise.device());
+    noise + shift * offset
+}
