@@ -94,9 +94,7 @@ fn forward_process_matches_diffusers() {
             .iter()
             .map(|t| schedule.snr(*t).unwrap())
             .collect();
-        // SNR spans many orders of magnitude: compare relative to the reference. diffusers'
-        // alphas_cumprod is a float32 product of up to 1000 factors, whose relative rounding
-        // error reaches a few 1e-4 where ᾱ is tiny; ours is f64, hence 1e-3.
+        // SNR spans many orders of magnitude: compare relative to the reference.
         let (a, e) = nan_aware(&snr, reference.tensor("snr", &device));
         let rel = (a - e.clone()).abs() / (e.abs() + 1e-12);
         report.check(

@@ -163,10 +163,7 @@ impl NoiseSchedule {
                     .map(|b| f64::from(b * b))
                     .collect()
             }
-            (None, BetaSchedule::SquaredcosCapV2) => cosine_betas(n)
-                .into_iter()
-                .map(|b| f64::from(b as f32))
-                .collect(),
+            (None, BetaSchedule::SquaredcosCapV2) => cosine_betas(n),
         };
         if let Some(b) = betas
             .iter()
@@ -179,11 +176,17 @@ impl NoiseSchedule {
         if config.rescale_betas_zero_snr {
             betas = rescale_zero_terminal_snr(&betas);
         }
-        let mut cumprod = 1.0;
+        // diffusers keeps betas and `1 − β` in float32 and accumulates the product in double
+        // (PyTorch's `cumprod` accumulator): the same here, so that both schedules agree to
+        // float32 rounding, while ᾱ itself stays in f64.
+        for b in &mut betas {
+            *b = f64::from(*b as f32);
+        }
+        let mut cumprod = 1.0f64;
         let alphas_cumprod = betas
             .iter()
             .map(|b| {
-                cumprod *= 1.0 - b;
+                cumprod *= f64::from(1.0f32 - *b as f32);
                 cumprod
             })
             .collect();
