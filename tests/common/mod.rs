@@ -48,6 +48,10 @@ impl Reference {
         Self { file }
     }
 
+    pub fn has(&self, name: &str) -> bool {
+        self.file.entries().iter().any(|e| e.key == name)
+    }
+
     pub fn tensor<B: Backend, const D: usize>(
         &self,
         name: &str,

@@ -8,12 +8,20 @@ reference implementation from the f16 weights upcast to f32) and `manifest.json`
 
 import argparse
 import json
+import math
 import pathlib
 import shutil
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
 from diffusers.training_utils import compute_snr
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import save_file
@@ -181,13 +189,159 @@ def write_diffusion_case(root: pathlib.Path, name: str, config: dict, seed: int)
     manifest = {
         "kind": "diffusion",
         "reference": f"diffusers {diffusers.__version__} DDPMScheduler and training_utils.compute_snr",
-        "config": dict(scheduler.config),
+        "config": finite_json(dict(scheduler.config)),
         "timesteps": timesteps.tolist(),
         "min_snr_gamma": gamma,
         "tolerance": 1e-5,
     }
     (case / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     print(f"wrote {case}")
+
+
+# Samplers, stepped on a stand-in model so that no U-Net is needed (see stand_in_model).
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+SAMPLERS = {
+    "ddim": (DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=False), {}),
+    "ddim_eta": (DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=False), dict(eta=0.7)),
+    "euler": (EulerDiscreteScheduler, {}, {}),
+    "euler_karras": (EulerDiscreteScheduler, dict(use_karras_sigmas=True), {}),
+    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {}, {}),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True), {}),
+    "dpmpp_2m_sde_karras": (
+        DPMSolverMultistepScheduler,
+        dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
+        {},
+    ),
+}
+SPACINGS = {
+    # Stable Diffusion 1.x's scheduler_config: leading spacing with steps_offset 1.
+    "leading": dict(timestep_spacing="leading", steps_offset=1),
+    "linspace": dict(timestep_spacing="linspace"),
+    "trailing": dict(timestep_spacing="trailing"),
+}
+STEP_COUNTS = [1, 4, 20, 50]
+
+
+def stand_in_model(x: torch.Tensor, t: float, num_train_timesteps: int) -> torch.Tensor:
+    """A deterministic, nonlinear denoiser the Rust tests compute the same way. Close to the
+    identity, so that as an ε- or v-prediction it keeps x̂₀ and the samples of order one, where
+    float32 resolves 1e-5."""
+    return x * (0.9 + 0.1 * torch.tanh(x)) * (0.9 + 0.1 * float(t) / num_train_timesteps)
+
+
+def run_sampler(cls, config: dict, steps: int, step_kwargs: dict, latents: torch.Tensor, seed: int):
+    scheduler = cls(**config)
+    scheduler.set_timesteps(steps)
+    sample = latents * scheduler.init_noise_sigma
+    generator = torch.Generator().manual_seed(seed)
+    trace, inputs, noises = [], [], []
+    stochastic = cls is EulerAncestralDiscreteScheduler or step_kwargs.get("eta", 0) > 0 or (
+        config.get("algorithm_type", "").startswith("sde")
+    )
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(sample, t)
+        output = stand_in_model(model_input, t, scheduler.config.num_train_timesteps)
+        kwargs = dict(step_kwargs)
+        if stochastic:
+            # Record the draw the step will make, then let it make the same one.
+            state = generator.get_state()
+            noise = torch.randn(sample.shape, generator=generator)
+            generator.set_state(state)
+            noises.append(noise)
+            if cls is DDIMScheduler:
+                kwargs["variance_noise"] = noise
+            elif cls is DPMSolverMultistepScheduler:
+                kwargs["variance_noise"] = noise
+            else:
+                kwargs["generator"] = generator
+        sample = scheduler.step(output, t, sample, **kwargs).prev_sample
+        inputs.append(model_input)
+        trace.append(sample)
+    sigmas = getattr(scheduler, "sigmas", None)
+    info = {
+        "timesteps": [float(t) for t in scheduler.timesteps],
+        "init_noise_sigma": float(scheduler.init_noise_sigma),
+        "sigmas": [float(s) for s in sigmas] if sigmas is not None and cls is not DDIMScheduler else None,
+    }
+    tensors = {
+        f"steps_{steps}_trace": torch.stack(trace),
+        f"steps_{steps}_model_inputs": torch.stack(inputs),
+    }
+    if noises:
+        tensors[f"steps_{steps}_noise"] = torch.stack(noises)
+    return info, tensors
+
+
+def finite_json(value):
+    """Non-finite floats as null: manifests stay standard JSON (diffusers writes -Infinity).
+    diffusers' `_use_default_values` is a set in no fixed order: left out."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items() if k != "_use_default_values"}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+# With zero terminal SNR diffusers' k-diffusion samplers put ᾱ = 2⁻²⁴ last, so σ_max = √(2²⁴ − 1),
+# which lies a hair below a float32 rounding midpoint: IEEE sqrt rounds it to 4095.99976, PyTorch's
+# vectorised sqrt to 4096. Euler's first step then cancels terms of 10⁴, so that one ulp moves the
+# samples by about 3e-5. A known, documented difference, not drift.
+TOLERANCE_OVERRIDES = {
+    "euler_v_prediction_zero_snr": (1e-4, "sigma_max 4096 is a float32 rounding tie (see make_fixtures.py)"),
+}
+
+
+def write_scheduler_case(root: pathlib.Path, name: str, cls, config: dict, step_kwargs: dict, seed: int) -> None:
+    case = root / "schedulers" / name
+    case.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    tensors = {"latents": latents}
+    runs = {}
+    for steps in STEP_COUNTS:
+        info, t = run_sampler(cls, config, steps, step_kwargs, latents, seed + steps)
+        runs[str(steps)] = info
+        tensors.update(t)
+    save_file({k: v.contiguous().float() for k, v in tensors.items()}, case / "reference.safetensors")
+    saved = cls(**config).config
+    manifest = {
+        "kind": "scheduler",
+        "reference": f"diffusers {diffusers.__version__} {cls.__name__}",
+        "scheduler_config": {**dict(saved), "_class_name": cls.__name__},
+        "step_kwargs": step_kwargs,
+        "model": "x * (0.9 + 0.1 * tanh(x)) * (0.9 + 0.1 * t / num_train_timesteps)",
+        "runs": runs,
+        "tolerance": TOLERANCE_OVERRIDES.get(name, (1e-5,))[0],
+    }
+    if name in TOLERANCE_OVERRIDES:
+        manifest["tolerance_reason"] = TOLERANCE_OVERRIDES[name][1]
+    manifest = finite_json(manifest)
+    (case / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str, allow_nan=False) + "\n")
+    print(f"wrote {case}")
+
+
+def scheduler_cases():
+    cases = {}
+    for sampler, (cls, extra, step_kwargs) in SAMPLERS.items():
+        for prediction in ["epsilon", "v_prediction"]:
+            for spacing, spacing_config in SPACINGS.items():
+                config = {**SD_BETAS, **extra, **spacing_config, "prediction_type": prediction}
+                cases[f"{sampler}_{prediction}_{spacing}"] = (cls, config, step_kwargs)
+    # SD 2.x-style zero terminal SNR with trailing spacing and v-prediction.
+    for sampler in ["ddim", "euler", "dpmpp_2m"]:
+        cls, extra, step_kwargs = SAMPLERS[sampler]
+        config = {
+            **SD_BETAS,
+            **extra,
+            "timestep_spacing": "trailing",
+            "prediction_type": "v_prediction",
+            "rescale_betas_zero_snr": True,
+        }
+        cases[f"{sampler}_v_prediction_zero_snr"] = (cls, config, step_kwargs)
+    return cases
 
 
 def main() -> None:
@@ -199,6 +353,8 @@ def main() -> None:
         write_vae_case(args.out, name, spec, seed=1000 + i)
     for i, (name, config) in enumerate(sorted(DIFFUSION_CASES.items())):
         write_diffusion_case(args.out, name, config, seed=2000 + i)
+    for i, (name, (cls, config, step_kwargs)) in enumerate(sorted(scheduler_cases().items())):
+        write_scheduler_case(args.out, name, cls, config, step_kwargs, seed=3000 + 100 * i)
 
 
 if __name__ == "__main__":

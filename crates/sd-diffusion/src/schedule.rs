@@ -107,23 +107,26 @@ fn cosine_betas(n: usize) -> Vec<f64> {
 
 /// Rescales betas so that the last timestep has zero SNR (Lin et al. 2023, Algorithm 1): shift
 /// `√ᾱ` so its last value is 0, scale it so its first value is unchanged, and convert back.
+/// Computed in float32 with a double-precision product, as diffusers' tensor code does it, so
+/// that the schedules agree to the last bit where the samplers are most sensitive (σ near ᾱ = 0).
 pub fn rescale_zero_terminal_snr(betas: &[f64]) -> Vec<f64> {
-    let mut cumprod = 1.0;
-    let mut sqrt_bar: Vec<f64> = betas
+    let mut cumprod = 1.0f64;
+    let mut sqrt_bar: Vec<f32> = betas
         .iter()
         .map(|b| {
-            cumprod *= 1.0 - b;
-            cumprod.sqrt()
+            cumprod *= f64::from(1.0f32 - *b as f32);
+            (cumprod as f32).sqrt()
         })
         .collect();
     let (first, last) = (sqrt_bar[0], sqrt_bar[sqrt_bar.len() - 1]);
+    let scale = first / (first - last);
     for s in &mut sqrt_bar {
-        *s = (*s - last) * first / (first - last);
+        *s = (*s - last) * scale;
     }
-    let bar: Vec<f64> = sqrt_bar.iter().map(|s| s * s).collect();
+    let bar: Vec<f32> = sqrt_bar.iter().map(|s| s * s).collect();
     let mut out = Vec::with_capacity(bar.len());
-    out.push(1.0 - bar[0]);
-    out.extend(bar.windows(2).map(|w| 1.0 - w[1] / w[0]));
+    out.push(f64::from(1.0f32 - bar[0]));
+    out.extend(bar.windows(2).map(|w| f64::from(1.0f32 - w[1] / w[0])));
     out
 }
 

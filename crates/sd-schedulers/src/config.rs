@@ -1,0 +1,259 @@
+//! `scheduler_config.json`: diffusers' scheduler configuration, with its field names and
+//! defaults. One struct serves every sampler; each reads the fields it uses.
+
+use std::path::Path;
+
+use sd_diffusion::{BetaSchedule, NoiseScheduleConfig, PredictionType};
+use serde::Deserialize;
+
+use crate::error::{Result, SchedulerError};
+
+/// How inference timesteps are spread over the training timesteps (Lin et al. 2023, table 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestepSpacing {
+    /// Evenly from `T − 1` down to 0.
+    Linspace,
+    /// Multiples of `T / n` from 0, plus `steps_offset` (Stable Diffusion 1.x's choice).
+    Leading,
+    /// Multiples of `T / n` down from `T`, minus one: always starts at `T − 1`.
+    Trailing,
+}
+
+/// What the last sigma of a k-diffusion style schedule is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalSigmasType {
+    Zero,
+    SigmaMin,
+}
+
+/// diffusers' scheduler configuration. Unknown fields are ignored, as diffusers ignores them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct SchedulerConfig {
+    /// The diffusers class the file was written for, e.g. `PNDMScheduler`.
+    #[serde(rename = "_class_name")]
+    pub class_name: Option<String>,
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: BetaSchedule,
+    pub trained_betas: Option<Vec<f64>>,
+    pub prediction_type: PredictionType,
+    pub timestep_spacing: Option<TimestepSpacing>,
+    pub steps_offset: usize,
+    pub rescale_betas_zero_snr: bool,
+    pub clip_sample: bool,
+    pub clip_sample_range: f64,
+    pub set_alpha_to_one: bool,
+    pub thresholding: bool,
+    pub use_karras_sigmas: bool,
+    pub use_exponential_sigmas: bool,
+    pub use_beta_sigmas: bool,
+    pub final_sigmas_type: Option<FinalSigmasType>,
+    pub interpolation_type: Option<String>,
+    pub timestep_type: Option<String>,
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    pub solver_order: usize,
+    pub algorithm_type: Option<String>,
+    pub solver_type: Option<String>,
+    pub lower_order_final: bool,
+    pub euler_at_final: bool,
+    pub lambda_min_clipped: Option<f64>,
+    pub variance_type: Option<String>,
+    /// DDIM's η (not a diffusers config field: a `step` argument there).
+    #[serde(skip)]
+    pub eta: f64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            class_name: None,
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: BetaSchedule::Linear,
+            trained_betas: None,
+            prediction_type: PredictionType::Epsilon,
+            timestep_spacing: None,
+            steps_offset: 0,
+            rescale_betas_zero_snr: false,
+            clip_sample: true,
+            clip_sample_range: 1.0,
+            set_alpha_to_one: true,
+            thresholding: false,
+            use_karras_sigmas: false,
+            use_exponential_sigmas: false,
+            use_beta_sigmas: false,
+            final_sigmas_type: None,
+            interpolation_type: None,
+            timestep_type: None,
+            sigma_min: None,
+            sigma_max: None,
+            solver_order: 2,
+            algorithm_type: None,
+            solver_type: None,
+            lower_order_final: true,
+            euler_at_final: false,
+            lambda_min_clipped: None,
+            variance_type: None,
+            eta: 0.0,
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// Reads a `scheduler_config.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| SchedulerError::Config {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::from_json(&text).map_err(|e| match e {
+            SchedulerError::Config { reason, .. } => SchedulerError::Config {
+                path: path.display().to_string(),
+                reason,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses the JSON text of a `scheduler_config.json`. diffusers writes Python's non-finite
+    /// floats (`"lambda_min_clipped": -Infinity`), which are not JSON; they are read as absent,
+    /// which for every field that takes them means the same default.
+    pub fn from_json(text: &str) -> Result<Self> {
+        serde_json::from_str(&without_non_finite(text)).map_err(|e| SchedulerError::Config {
+            path: "<json>".into(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The training noise schedule these fields describe.
+    pub fn noise_schedule(&self) -> NoiseScheduleConfig {
+        NoiseScheduleConfig {
+            num_train_timesteps: self.num_train_timesteps,
+            beta_start: self.beta_start,
+            beta_end: self.beta_end,
+            beta_schedule: self.beta_schedule,
+            trained_betas: self.trained_betas.clone(),
+            rescale_betas_zero_snr: self.rescale_betas_zero_snr,
+        }
+    }
+
+    /// The spacing, or the sampler's own default when the file names none.
+    pub(crate) fn spacing_or(&self, default: TimestepSpacing) -> TimestepSpacing {
+        self.timestep_spacing.unwrap_or(default)
+    }
+
+    /// Rejects fields whose behaviour this port does not implement, rather than ignoring them.
+    pub(crate) fn reject_unsupported(&self, scheduler: &'static str) -> Result<()> {
+        let unsupported = |field: &'static str, value: String| SchedulerError::Unsupported {
+            scheduler,
+            field,
+            value,
+        };
+        if self.thresholding {
+            return Err(unsupported("thresholding", "true".into()));
+        }
+        if self.use_exponential_sigmas {
+            return Err(unsupported("use_exponential_sigmas", "true".into()));
+        }
+        if self.use_beta_sigmas {
+            return Err(unsupported("use_beta_sigmas", "true".into()));
+        }
+        if let Some(t) = self.timestep_type.as_deref().filter(|t| *t != "discrete") {
+            return Err(unsupported("timestep_type", t.into()));
+        }
+        if let Some(t) = self
+            .interpolation_type
+            .as_deref()
+            .filter(|t| *t != "linear")
+        {
+            return Err(unsupported("interpolation_type", t.into()));
+        }
+        if let Some(v) = self
+            .variance_type
+            .as_deref()
+            .filter(|v| v.starts_with("learned"))
+        {
+            return Err(unsupported("variance_type", v.into()));
+        }
+        Ok(())
+    }
+}
+
+/// Replaces the bare tokens `NaN`, `Infinity` and `-Infinity` outside strings with `null`.
+fn without_non_finite(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            out.push(c);
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        }
+        if let Some(token) = ["-Infinity", "Infinity", "NaN"]
+            .into_iter()
+            .find(|t| rest.starts_with(t))
+        {
+            out.push_str("null");
+            rest = &rest[token.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_what_diffusers_writes() {
+        let text = r#"{
+            "_class_name": "DPMSolverMultistepScheduler",
+            "_diffusers_version": "0.42.1",
+            "beta_schedule": "scaled_linear",
+            "lambda_min_clipped": -Infinity,
+            "note": "a \"NaN\" in a string stays",
+            "sigma_max": NaN,
+            "timestep_spacing": "leading",
+            "steps_offset": 1
+        }"#;
+        let config = SchedulerConfig::from_json(text).unwrap();
+        assert_eq!(
+            config.class_name.as_deref(),
+            Some("DPMSolverMultistepScheduler")
+        );
+        assert_eq!(config.lambda_min_clipped, None);
+        assert_eq!(config.sigma_max, None);
+        assert_eq!(config.timestep_spacing, Some(TimestepSpacing::Leading));
+        assert_eq!(config.steps_offset, 1);
+        assert!(without_non_finite(text).contains(r#""a \"NaN\" in a string stays""#));
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let err = SchedulerConfig::from_json(r#"{"timestep_spacing": "sideways"}"#).unwrap_err();
+        assert!(err.to_string().contains("sideways"), "{err}");
+        let err = SchedulerConfig::from_json(r#"{"prediction_type": "noise"}"#).unwrap_err();
+        assert!(err.to_string().contains("noise"), "{err}");
+    }
+}

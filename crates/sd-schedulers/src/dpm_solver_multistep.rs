@@ -1,0 +1,288 @@
+//! DPM-Solver++ multistep (Lu et al. 2022, "DPM-Solver++", Algorithm 2), in its ODE form
+//! ("DPM++ 2M") and its SDE form ("DPM++ 2M SDE"), first or second order, with optional Karras
+//! sigmas. Works in `λ = log(α/σ)`, on data predictions `x̂_0`.
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use sd_diffusion::PredictionType;
+
+use crate::config::{FinalSigmasType, SchedulerConfig, TimestepSpacing};
+use crate::error::{Result, SchedulerError};
+use crate::sigmas::{
+    alphas_cumprod, check_steps, interp, karras, linspace, sigma_to_t, to_f32, train_sigmas,
+};
+use crate::{NoiseSource, Progress, Scheduler, StepOutput};
+
+const NAME: &str = "DPMSolverMultistepScheduler";
+
+/// Which DPM-Solver++ variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Algorithm {
+    /// `dpmsolver++`: the probability-flow ODE.
+    Ode,
+    /// `sde-dpmsolver++`: the SDE, with fresh noise each step.
+    Sde,
+}
+
+/// diffusers' `DPMSolverMultistepScheduler` with `algorithm_type` `dpmsolver++` or
+/// `sde-dpmsolver++` and `solver_order` 1 or 2.
+#[derive(Debug, Clone)]
+pub struct DpmSolverMultistepScheduler<B: Backend> {
+    config: SchedulerConfig,
+    algorithm: Algorithm,
+    heun: bool,
+    alphas_cumprod: Vec<f64>,
+    train_sigmas: Vec<f64>,
+    timesteps: Vec<f64>,
+    sigmas: Vec<f64>,
+    /// The data predictions of the previous step and of this one.
+    previous: Option<Tensor<B, 4>>,
+    lower_order_nums: usize,
+    progress: Progress,
+}
+
+/// `(α_t, σ_t)` of the VP process for a k-diffusion σ: `α = 1/√(σ² + 1)`, `σ_t = σ α`.
+fn alpha_sigma(sigma: f64) -> (f64, f64) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha, sigma * alpha)
+}
+
+impl<B: Backend> DpmSolverMultistepScheduler<B> {
+    pub fn new(config: SchedulerConfig) -> Result<Self> {
+        config.reject_unsupported(NAME)?;
+        let unsupported = |field, value: &str| SchedulerError::Unsupported {
+            scheduler: NAME,
+            field,
+            value: value.into(),
+        };
+        let algorithm = match config.algorithm_type.as_deref().unwrap_or("dpmsolver++") {
+            "dpmsolver++" => Algorithm::Ode,
+            "sde-dpmsolver++" => Algorithm::Sde,
+            other => return Err(unsupported("algorithm_type", other)),
+        };
+        let heun = match config.solver_type.as_deref().unwrap_or("midpoint") {
+            "midpoint" => false,
+            "heun" => true,
+            other => return Err(unsupported("solver_type", other)),
+        };
+        if !(1..=2).contains(&config.solver_order) {
+            return Err(unsupported(
+                "solver_order",
+                &config.solver_order.to_string(),
+            ));
+        }
+        let alphas_cumprod = alphas_cumprod(&config, true)?;
+        Ok(Self {
+            train_sigmas: train_sigmas(&alphas_cumprod),
+            alphas_cumprod,
+            config,
+            algorithm,
+            heun,
+            timesteps: Vec::new(),
+            sigmas: Vec::new(),
+            previous: None,
+            lower_order_nums: 0,
+            progress: Progress::default(),
+        })
+    }
+
+    /// The σ at each timestep, then the final σ.
+    pub fn sigmas(&self) -> &[f64] {
+        &self.sigmas
+    }
+
+    /// The last training timestep whose λ is above `lambda_min_clipped`, plus one.
+    fn last_timestep(&self) -> usize {
+        let train = self.config.num_train_timesteps;
+        let Some(min) = self.config.lambda_min_clipped.filter(|m| m.is_finite()) else {
+            return train;
+        };
+        // λ_t = log √ᾱ − log √(1 − ᾱ), in float32 as diffusers computes it; `searchsorted` on
+        // the ascending (flipped) table counts the λ below the clip.
+        let clipped = self
+            .alphas_cumprod
+            .iter()
+            .filter(|&&a| {
+                let a = a as f32;
+                f64::from(a.sqrt().ln() - (1.0 - a).sqrt().ln()) < min
+            })
+            .count();
+        train - clipped
+    }
+}
+
+impl<B: Backend> Scheduler<B> for DpmSolverMultistepScheduler<B> {
+    fn set_timesteps(&mut self, steps: usize) -> Result<()> {
+        let c = &self.config;
+        let train = c.num_train_timesteps;
+        check_steps(steps, train)?;
+        let last = self.last_timestep();
+        let mut timesteps: Vec<f64> = match c.spacing_or(TimestepSpacing::Linspace) {
+            TimestepSpacing::Linspace => {
+                let mut t: Vec<f64> = linspace(0.0, (last - 1) as f64, steps + 1)
+                    .into_iter()
+                    .map(f64::round_ties_even)
+                    .collect();
+                t.reverse();
+                t.pop();
+                t
+            }
+            TimestepSpacing::Leading => {
+                let ratio = last / (steps + 1);
+                (1..=steps)
+                    .rev()
+                    .map(|i| (i * ratio + c.steps_offset) as f64)
+                    .collect()
+            }
+            TimestepSpacing::Trailing => {
+                let step = train as f64 / steps as f64;
+                let len = (last as f64 / step).ceil() as usize;
+                (0..len)
+                    .map(|i| (last as f64 - i as f64 * step).round_ties_even() - 1.0)
+                    .collect()
+            }
+        };
+        let mut sigmas: Vec<f64> = if c.use_karras_sigmas {
+            // diffusers' DPM-Solver has no sigma_min/sigma_max fields: the training range.
+            let ks = karras(
+                self.train_sigmas[0],
+                self.train_sigmas[self.train_sigmas.len() - 1],
+                steps,
+            );
+            timesteps = ks
+                .iter()
+                .map(|&s| {
+                    let t = sigma_to_t(s, &self.train_sigmas);
+                    if c.beta_schedule == sd_diffusion::BetaSchedule::SquaredcosCapV2 {
+                        t
+                    } else {
+                        t.round_ties_even()
+                    }
+                })
+                .collect();
+            ks
+        } else {
+            timesteps
+                .iter()
+                .map(|&t| interp(t, &self.train_sigmas))
+                .collect()
+        };
+        let final_sigma = match c.final_sigmas_type.unwrap_or(FinalSigmasType::Zero) {
+            FinalSigmasType::Zero => 0.0,
+            FinalSigmasType::SigmaMin => self.train_sigmas[0],
+        };
+        sigmas.push(final_sigma);
+        self.sigmas = to_f32(sigmas);
+        // diffusers stores these timesteps as int64 (truncating the Karras ones it did not
+        // round).
+        self.timesteps = timesteps.into_iter().map(f64::trunc).collect();
+        self.previous = None;
+        self.lower_order_nums = 0;
+        self.progress.reset(self.timesteps.len());
+        Ok(())
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn set_begin_index(&mut self, index: usize) -> Result<()> {
+        self.progress.begin_at(index)
+    }
+
+    fn step_index(&self) -> usize {
+        self.progress.index
+    }
+
+    fn scale_model_input(&self, sample: Tensor<B, 4>) -> Tensor<B, 4> {
+        sample
+    }
+
+    fn step(
+        &mut self,
+        model_output: Tensor<B, 4>,
+        sample: Tensor<B, 4>,
+        noise: &mut dyn NoiseSource<B>,
+    ) -> Result<StepOutput<B>> {
+        let i = self.progress.current()?;
+        let n = self.timesteps.len();
+        let c = &self.config;
+        let final_zero =
+            c.final_sigmas_type.unwrap_or(FinalSigmasType::Zero) == FinalSigmasType::Zero;
+        let lower_order_final =
+            i == n - 1 && (c.euler_at_final || (c.lower_order_final && n < 15) || final_zero);
+
+        // The data prediction x̂_0 at σ_s0 (the model output converted, eq. 9 of DPM-Solver++).
+        let sigma_s0 = self.sigmas[i];
+        let (alpha_s0, sigma_t_s0) = alpha_sigma(sigma_s0);
+        let x0 = match c.prediction_type {
+            PredictionType::Epsilon => (sample.clone() - model_output * sigma_t_s0) / alpha_s0,
+            PredictionType::Sample => model_output,
+            PredictionType::VPrediction => sample.clone() * alpha_s0 - model_output * sigma_t_s0,
+        };
+
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
+        let lambda = |alpha: f64, sigma: f64| alpha.ln() - sigma.ln();
+        let lambda_t = lambda(alpha_t, sigma_t);
+        let lambda_s0 = lambda(alpha_s0, sigma_t_s0);
+        let h = lambda_t - lambda_s0;
+
+        let z = match self.algorithm {
+            Algorithm::Sde => Some(noise.standard_normal(sample.dims(), &sample.device())),
+            Algorithm::Ode => None,
+        };
+        let first_order = c.solver_order == 1 || self.lower_order_nums < 1 || lower_order_final;
+        // D1 = (x̂_0 − x̂_0_prev) / r0 for the second-order update.
+        let d1 = match (&self.previous, first_order) {
+            (Some(prev), false) => {
+                let (alpha_s1, sigma_t_s1) = alpha_sigma(self.sigmas[i - 1]);
+                let r0 = (lambda_s0 - lambda(alpha_s1, sigma_t_s1)) / h;
+                Some((x0.clone() - prev.clone()) / r0)
+            }
+            _ => None,
+        };
+        // sigma_t / sigma_s0 computed as the VP σ ratio; 0 at the final σ = 0.
+        let ratio = sigma_t / sigma_t_s0;
+        let prev_sample = match self.algorithm {
+            Algorithm::Ode => {
+                let em1 = (-h).exp() - 1.0;
+                let mut x = sample * ratio - x0.clone() * (alpha_t * em1);
+                if let Some(d1) = d1 {
+                    let k = if self.heun {
+                        alpha_t * (em1 / h + 1.0)
+                    } else {
+                        -0.5 * alpha_t * em1
+                    };
+                    x = x + d1 * k;
+                }
+                x
+            }
+            Algorithm::Sde => {
+                let e2 = 1.0 - (-2.0 * h).exp();
+                let mut x = sample * (ratio * (-h).exp()) + x0.clone() * (alpha_t * e2);
+                if let Some(d1) = d1 {
+                    let k = if self.heun {
+                        alpha_t * (e2 / (-2.0 * h) + 1.0)
+                    } else {
+                        0.5 * alpha_t * e2
+                    };
+                    x = x + d1 * k;
+                }
+                x + z.expect("drawn for the SDE") * (sigma_t * e2.sqrt())
+            }
+        };
+        if self.lower_order_nums < c.solver_order {
+            self.lower_order_nums += 1;
+        }
+        self.previous = Some(x0.clone());
+        self.progress.index += 1;
+        Ok(StepOutput {
+            prev_sample,
+            pred_original_sample: x0,
+        })
+    }
+}

@@ -1,0 +1,29 @@
+/// Result alias for `sd-schedulers`.
+pub type Result<T, E = SchedulerError> = std::result::Result<T, E>;
+
+/// What can go wrong in `sd-schedulers`.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// A `scheduler_config.json` that cannot be read or parsed.
+    #[error("{path}: {reason}")]
+    Config { path: String, reason: String },
+    /// A sampler name that is neither a diffusers class nor a known alias.
+    #[error("unknown scheduler `{name}`; known: {known}")]
+    UnknownScheduler { name: String, known: String },
+    /// A configuration value this sampler does not support.
+    #[error("{scheduler}: unsupported {field} `{value}`")]
+    Unsupported {
+        scheduler: &'static str,
+        field: &'static str,
+        value: String,
+    },
+    /// A step count or strength that cannot be used.
+    #[error("{0}")]
+    InvalidSteps(String),
+    /// `step` called before `set_timesteps`, or after the last step.
+    #[error("{0}")]
+    State(String),
+    /// The training noise schedule is invalid.
+    #[error(transparent)]
+    Schedule(#[from] sd_diffusion::DiffusionError),
+}

@@ -1,0 +1,144 @@
+//! Diffusion samplers behind one trait, following diffusers' contract: configure from
+//! `scheduler_config.json`, [`Scheduler::set_timesteps`], then for each timestep scale the
+//! model input, call the model, and [`Scheduler::step`].
+//!
+//! ```ignore
+//! let mut scheduler = sd_schedulers::from_name::<B>("DPM++ 2M Karras", config)?;
+//! scheduler.set_timesteps(20)?;
+//! let mut latents = noise * scheduler.init_noise_sigma();
+//! for &t in scheduler.timesteps().to_vec().iter() {
+//!     let eps = unet.forward(scheduler.scale_model_input(latents.clone()), t, &context);
+//!     latents = scheduler.step(eps, latents, &mut noise_source)?.prev_sample;
+//! }
+//! ```
+//!
+//! Each sampler's arithmetic is host math on a few scalars plus one tensor update per step.
+
+mod config;
+mod ddim;
+mod dpm_solver_multistep;
+mod error;
+mod euler;
+mod euler_ancestral;
+mod names;
+mod noise;
+mod sigmas;
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+
+pub use config::{FinalSigmasType, SchedulerConfig, TimestepSpacing};
+pub use ddim::DdimScheduler;
+pub use dpm_solver_multistep::DpmSolverMultistepScheduler;
+pub use error::{Result, SchedulerError};
+pub use euler::EulerDiscreteScheduler;
+pub use euler_ancestral::EulerAncestralDiscreteScheduler;
+pub use names::{SamplerKind, from_config, from_name, known_names};
+pub use noise::{HostNoise, NoiseSource, ReplayNoise};
+pub use sd_diffusion::PredictionType;
+
+/// What one sampler step returns.
+#[derive(Debug, Clone)]
+pub struct StepOutput<B: Backend> {
+    /// The sample at the next timestep.
+    pub prev_sample: Tensor<B, 4>,
+    /// The model's estimate of the clean sample at this step (for previews).
+    pub pred_original_sample: Tensor<B, 4>,
+}
+
+/// A diffusion sampler (diffusers' `SchedulerMixin` contract).
+pub trait Scheduler<B: Backend> {
+    /// Lays out `steps` inference steps and resets the sampler's state.
+    fn set_timesteps(&mut self, steps: usize) -> Result<()>;
+
+    /// The timesteps to call the model at, in order (fractional for Karras sigmas).
+    fn timesteps(&self) -> &[f64];
+
+    /// How many entries of [`Scheduler::timesteps`] one inference step takes (2 for Heun).
+    fn order(&self) -> usize {
+        1
+    }
+
+    /// The standard deviation to scale the initial noise by.
+    fn init_noise_sigma(&self) -> f64;
+
+    /// Starts at entry `index` of the timesteps instead of the first (img2img, see
+    /// [`img2img_start`]).
+    fn set_begin_index(&mut self, index: usize) -> Result<()>;
+
+    /// The index of the timestep the next [`Scheduler::step`] is for.
+    fn step_index(&self) -> usize;
+
+    /// Scales the sample for the model at the current timestep (identity for DDIM and DPM).
+    fn scale_model_input(&self, sample: Tensor<B, 4>) -> Tensor<B, 4>;
+
+    /// One step back in time from the model output at the current timestep.
+    fn step(
+        &mut self,
+        model_output: Tensor<B, 4>,
+        sample: Tensor<B, 4>,
+        noise: &mut dyn NoiseSource<B>,
+    ) -> Result<StepOutput<B>>;
+}
+
+/// Where an img2img run of `steps` steps starts for `strength` in `[0, 1]`, as diffusers'
+/// pipelines compute it: the index into the timesteps (multiply by the sampler's order).
+pub fn img2img_start(steps: usize, strength: f64) -> Result<usize> {
+    if !(0.0..=1.0).contains(&strength) {
+        return Err(SchedulerError::InvalidSteps(format!(
+            "strength {strength} is outside [0, 1]"
+        )));
+    }
+    let init = ((steps as f64 * strength) as usize).min(steps);
+    Ok(steps - init)
+}
+
+/// The shared step counter: where the next step is, with the checks every sampler needs.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Progress {
+    pub index: usize,
+    pub len: usize,
+    pub ready: bool,
+}
+
+impl Progress {
+    pub fn reset(&mut self, len: usize) {
+        *self = Self {
+            index: 0,
+            len,
+            ready: true,
+        };
+    }
+
+    pub fn begin_at(&mut self, index: usize) -> Result<()> {
+        if !self.ready {
+            return Err(SchedulerError::State(
+                "set_timesteps must be called before set_begin_index".into(),
+            ));
+        }
+        if index > self.len {
+            return Err(SchedulerError::InvalidSteps(format!(
+                "begin index {index} is past the {} timesteps",
+                self.len
+            )));
+        }
+        self.index = index;
+        Ok(())
+    }
+
+    /// The index of the step about to run; an error before `set_timesteps` or past the end.
+    pub fn current(&self) -> Result<usize> {
+        if !self.ready {
+            return Err(SchedulerError::State(
+                "step called before set_timesteps".into(),
+            ));
+        }
+        if self.index >= self.len {
+            return Err(SchedulerError::State(format!(
+                "step called after the last of {} timesteps",
+                self.len
+            )));
+        }
+        Ok(self.index)
+    }
+}

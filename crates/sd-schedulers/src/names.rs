@@ -1,0 +1,107 @@
+//! Sampler names: diffusers class names and the A1111 names people know them by.
+
+use burn::tensor::backend::Backend;
+
+use crate::config::SchedulerConfig;
+use crate::error::{Result, SchedulerError};
+use crate::{
+    DdimScheduler, DpmSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler, Scheduler,
+};
+
+/// The samplers this crate implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SamplerKind {
+    Ddim,
+    Euler,
+    EulerAncestral,
+    DpmSolverMultistep,
+}
+
+/// Every accepted name: (name, sampler, config changes it implies). Matching ignores case.
+const NAMES: &[(&str, SamplerKind, &[Tweak])] = &[
+    ("DDIMScheduler", SamplerKind::Ddim, &[]),
+    ("DDIM", SamplerKind::Ddim, &[]),
+    ("EulerDiscreteScheduler", SamplerKind::Euler, &[]),
+    ("Euler", SamplerKind::Euler, &[]),
+    ("Euler Karras", SamplerKind::Euler, &[Tweak::Karras]),
+    (
+        "EulerAncestralDiscreteScheduler",
+        SamplerKind::EulerAncestral,
+        &[],
+    ),
+    ("Euler a", SamplerKind::EulerAncestral, &[]),
+    ("Euler Ancestral", SamplerKind::EulerAncestral, &[]),
+    (
+        "DPMSolverMultistepScheduler",
+        SamplerKind::DpmSolverMultistep,
+        &[],
+    ),
+    ("DPM++ 2M", SamplerKind::DpmSolverMultistep, &[Tweak::Ode]),
+    (
+        "DPM++ 2M Karras",
+        SamplerKind::DpmSolverMultistep,
+        &[Tweak::Ode, Tweak::Karras],
+    ),
+    (
+        "DPM++ 2M SDE",
+        SamplerKind::DpmSolverMultistep,
+        &[Tweak::Sde],
+    ),
+    (
+        "DPM++ 2M SDE Karras",
+        SamplerKind::DpmSolverMultistep,
+        &[Tweak::Sde, Tweak::Karras],
+    ),
+];
+
+#[derive(Debug, Clone, Copy)]
+enum Tweak {
+    Karras,
+    Ode,
+    Sde,
+}
+
+/// Every name [`from_name`] accepts.
+pub fn known_names() -> Vec<&'static str> {
+    NAMES.iter().map(|(n, ..)| *n).collect()
+}
+
+/// A sampler by diffusers class name or A1111 name ("DPM++ 2M Karras", "Euler a", ...), from a
+/// model's scheduler config; the name's implied settings (Karras sigmas, SDE) override it, as
+/// `SchedulerClass.from_config(pipe.scheduler.config, use_karras_sigmas=True)` does.
+pub fn from_name<B: Backend>(
+    name: &str,
+    mut config: SchedulerConfig,
+) -> Result<Box<dyn Scheduler<B>>> {
+    let (_, kind, tweaks) = NAMES
+        .iter()
+        .find(|(n, ..)| n.eq_ignore_ascii_case(name.trim()))
+        .ok_or_else(|| SchedulerError::UnknownScheduler {
+            name: name.to_string(),
+            known: known_names().join(", "),
+        })?;
+    for tweak in *tweaks {
+        match tweak {
+            Tweak::Karras => config.use_karras_sigmas = true,
+            Tweak::Ode => config.algorithm_type = Some("dpmsolver++".into()),
+            Tweak::Sde => config.algorithm_type = Some("sde-dpmsolver++".into()),
+        }
+    }
+    build(*kind, config)
+}
+
+/// The sampler a config's `_class_name` names.
+pub fn from_config<B: Backend>(config: SchedulerConfig) -> Result<Box<dyn Scheduler<B>>> {
+    let name = config.class_name.clone().unwrap_or_default();
+    from_name(&name, config)
+}
+
+fn build<B: Backend>(kind: SamplerKind, config: SchedulerConfig) -> Result<Box<dyn Scheduler<B>>> {
+    Ok(match kind {
+        SamplerKind::Ddim => Box::new(DdimScheduler::new(config)?),
+        SamplerKind::Euler => Box::new(EulerDiscreteScheduler::new(config)?),
+        SamplerKind::EulerAncestral => Box::new(EulerAncestralDiscreteScheduler::new(config)?),
+        SamplerKind::DpmSolverMultistep => Box::new(DpmSolverMultistepScheduler::<B>::new(config)?),
+    })
+}
