@@ -149,7 +149,7 @@ fn bad_input_is_an_error() {
             "{name}: {err}"
         );
 
-        scheduler.set_timesteps(2).unwrap();
+        scheduler.set_timesteps(4).unwrap();
         for _ in 0..scheduler.timesteps().len() {
             scheduler.step(x.clone(), x.clone(), &mut noise).unwrap();
         }

@@ -19,6 +19,7 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    PNDMScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
 )
@@ -201,6 +202,10 @@ def write_diffusion_case(root: pathlib.Path, name: str, config: dict, seed: int)
 # Samplers, stepped on a stand-in model so that no U-Net is needed (see stand_in_model).
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SAMPLERS = {
+    "ddpm": (DDPMScheduler, dict(clip_sample=False), {}),
+    # Stable Diffusion 1.x's own scheduler: PLMS without the Runge-Kutta warm-up.
+    "pndm_plms": (PNDMScheduler, dict(skip_prk_steps=True), {}),
+    "pndm_prk": (PNDMScheduler, {}, {}),
     "ddim": (DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=False), {}),
     "ddim_eta": (DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=False), dict(eta=0.7)),
     "euler": (EulerDiscreteScheduler, {}, {}),
@@ -236,7 +241,7 @@ def run_sampler(cls, config: dict, steps: int, step_kwargs: dict, latents: torch
     sample = latents * scheduler.init_noise_sigma
     generator = torch.Generator().manual_seed(seed)
     trace, inputs, noises = [], [], []
-    stochastic = cls is EulerAncestralDiscreteScheduler or step_kwargs.get("eta", 0) > 0 or (
+    stochastic = cls in (EulerAncestralDiscreteScheduler, DDPMScheduler) or step_kwargs.get("eta", 0) > 0 or (
         config.get("algorithm_type", "").startswith("sde")
     )
     for t in scheduler.timesteps:
@@ -301,7 +306,9 @@ def write_scheduler_case(root: pathlib.Path, name: str, cls, config: dict, step_
     latents = torch.randn(1, 4, 8, 8, generator=generator)
     tensors = {"latents": latents}
     runs = {}
-    for steps in STEP_COUNTS:
+    # diffusers' PRK warm-up needs four steps (it fails on fewer).
+    counts = [n for n in STEP_COUNTS if n >= 4] if name.startswith("pndm_prk") else STEP_COUNTS
+    for steps in counts:
         info, t = run_sampler(cls, config, steps, step_kwargs, latents, seed + steps)
         runs[str(steps)] = info
         tensors.update(t)

@@ -46,7 +46,10 @@ pub struct SchedulerConfig {
     pub rescale_betas_zero_snr: bool,
     pub clip_sample: bool,
     pub clip_sample_range: f64,
-    pub set_alpha_to_one: bool,
+    /// DDIM's default is true, PNDM's false: each sampler applies its own when absent.
+    pub set_alpha_to_one: Option<bool>,
+    /// PNDM: go straight to PLMS without the Runge–Kutta warm-up (Stable Diffusion 1.x).
+    pub skip_prk_steps: bool,
     pub thresholding: bool,
     pub use_karras_sigmas: bool,
     pub use_exponential_sigmas: bool,
@@ -83,7 +86,8 @@ impl Default for SchedulerConfig {
             rescale_betas_zero_snr: false,
             clip_sample: true,
             clip_sample_range: 1.0,
-            set_alpha_to_one: true,
+            set_alpha_to_one: None,
+            skip_prk_steps: false,
             thresholding: false,
             use_karras_sigmas: false,
             use_exponential_sigmas: false,

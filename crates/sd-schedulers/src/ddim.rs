@@ -25,7 +25,7 @@ impl DdimScheduler {
     pub fn new(config: SchedulerConfig) -> Result<Self> {
         config.reject_unsupported("DDIMScheduler")?;
         let alphas_cumprod = alphas_cumprod(&config, false)?;
-        let final_alpha_cumprod = if config.set_alpha_to_one {
+        let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(true) {
             1.0
         } else {
             alphas_cumprod[0]

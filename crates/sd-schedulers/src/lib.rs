@@ -16,12 +16,14 @@
 
 mod config;
 mod ddim;
+mod ddpm;
 mod dpm_solver_multistep;
 mod error;
 mod euler;
 mod euler_ancestral;
 mod names;
 mod noise;
+mod pndm;
 mod sigmas;
 
 use burn::tensor::Tensor;
@@ -29,12 +31,14 @@ use burn::tensor::backend::Backend;
 
 pub use config::{FinalSigmasType, SchedulerConfig, TimestepSpacing};
 pub use ddim::DdimScheduler;
+pub use ddpm::DdpmScheduler;
 pub use dpm_solver_multistep::DpmSolverMultistepScheduler;
 pub use error::{Result, SchedulerError};
 pub use euler::EulerDiscreteScheduler;
 pub use euler_ancestral::EulerAncestralDiscreteScheduler;
 pub use names::{SamplerKind, from_config, from_name, known_names};
 pub use noise::{HostNoise, NoiseSource, ReplayNoise};
+pub use pndm::PndmScheduler;
 pub use sd_diffusion::PredictionType;
 
 /// What one sampler step returns.

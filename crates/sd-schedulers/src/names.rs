@@ -5,14 +5,16 @@ use burn::tensor::backend::Backend;
 use crate::config::SchedulerConfig;
 use crate::error::{Result, SchedulerError};
 use crate::{
-    DdimScheduler, DpmSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler, Scheduler,
+    DdimScheduler, DdpmScheduler, DpmSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler, PndmScheduler, Scheduler,
 };
 
 /// The samplers this crate implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SamplerKind {
+    Ddpm,
     Ddim,
+    Pndm,
     Euler,
     EulerAncestral,
     DpmSolverMultistep,
@@ -20,8 +22,13 @@ pub enum SamplerKind {
 
 /// Every accepted name: (name, sampler, config changes it implies). Matching ignores case.
 const NAMES: &[(&str, SamplerKind, &[Tweak])] = &[
+    ("DDPMScheduler", SamplerKind::Ddpm, &[]),
+    ("DDPM", SamplerKind::Ddpm, &[]),
     ("DDIMScheduler", SamplerKind::Ddim, &[]),
     ("DDIM", SamplerKind::Ddim, &[]),
+    ("PNDMScheduler", SamplerKind::Pndm, &[]),
+    ("PNDM", SamplerKind::Pndm, &[]),
+    ("PLMS", SamplerKind::Pndm, &[Tweak::SkipPrk]),
     ("EulerDiscreteScheduler", SamplerKind::Euler, &[]),
     ("Euler", SamplerKind::Euler, &[]),
     ("Euler Karras", SamplerKind::Euler, &[Tweak::Karras]),
@@ -58,6 +65,7 @@ const NAMES: &[(&str, SamplerKind, &[Tweak])] = &[
 #[derive(Debug, Clone, Copy)]
 enum Tweak {
     Karras,
+    SkipPrk,
     Ode,
     Sde,
 }
@@ -84,6 +92,7 @@ pub fn from_name<B: Backend>(
     for tweak in *tweaks {
         match tweak {
             Tweak::Karras => config.use_karras_sigmas = true,
+            Tweak::SkipPrk => config.skip_prk_steps = true,
             Tweak::Ode => config.algorithm_type = Some("dpmsolver++".into()),
             Tweak::Sde => config.algorithm_type = Some("sde-dpmsolver++".into()),
         }
@@ -99,7 +108,9 @@ pub fn from_config<B: Backend>(config: SchedulerConfig) -> Result<Box<dyn Schedu
 
 fn build<B: Backend>(kind: SamplerKind, config: SchedulerConfig) -> Result<Box<dyn Scheduler<B>>> {
     Ok(match kind {
+        SamplerKind::Ddpm => Box::new(DdpmScheduler::new(config)?),
         SamplerKind::Ddim => Box::new(DdimScheduler::new(config)?),
+        SamplerKind::Pndm => Box::new(PndmScheduler::<B>::new(config)?),
         SamplerKind::Euler => Box::new(EulerDiscreteScheduler::new(config)?),
         SamplerKind::EulerAncestral => Box::new(EulerAncestralDiscreteScheduler::new(config)?),
         SamplerKind::DpmSolverMultistep => Box::new(DpmSolverMultistepScheduler::<B>::new(config)?),
