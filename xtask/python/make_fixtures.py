@@ -22,6 +22,7 @@ from diffusers import (
     PNDMScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
 )
 from diffusers.training_utils import compute_snr
 from diffusers.utils.torch_utils import randn_tensor
@@ -211,6 +212,8 @@ SAMPLERS = {
     "euler": (EulerDiscreteScheduler, {}, {}),
     "euler_karras": (EulerDiscreteScheduler, dict(use_karras_sigmas=True), {}),
     "euler_ancestral": (EulerAncestralDiscreteScheduler, {}, {}),
+    "heun": (HeunDiscreteScheduler, {}, {}),
+    "heun_karras": (HeunDiscreteScheduler, dict(use_karras_sigmas=True), {}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {}, {}),
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True), {}),
     "dpmpp_2m_sde_karras": (

@@ -44,7 +44,8 @@ pub struct SchedulerConfig {
     pub timestep_spacing: Option<TimestepSpacing>,
     pub steps_offset: usize,
     pub rescale_betas_zero_snr: bool,
-    pub clip_sample: bool,
+    /// Clamp x̂₀ to `±clip_sample_range`. DDIM and DDPM default to true, the others to false.
+    pub clip_sample: Option<bool>,
     pub clip_sample_range: f64,
     /// DDIM's default is true, PNDM's false: each sampler applies its own when absent.
     pub set_alpha_to_one: Option<bool>,
@@ -84,7 +85,7 @@ impl Default for SchedulerConfig {
             timestep_spacing: None,
             steps_offset: 0,
             rescale_betas_zero_snr: false,
-            clip_sample: true,
+            clip_sample: None,
             clip_sample_range: 1.0,
             set_alpha_to_one: None,
             skip_prk_steps: false,

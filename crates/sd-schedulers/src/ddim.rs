@@ -103,7 +103,7 @@ impl<B: Backend> Scheduler<B> for DdimScheduler {
                 model_output * alpha_t.sqrt() + sample * beta_t.sqrt(),
             ),
         };
-        let x0 = if self.config.clip_sample {
+        let x0 = if self.config.clip_sample.unwrap_or(true) {
             let r = self.config.clip_sample_range;
             x0.clamp(-r, r)
         } else {

@@ -104,7 +104,7 @@ impl<B: Backend> Scheduler<B> for DdpmScheduler {
             PredictionType::Sample => model_output,
             PredictionType::VPrediction => sample.clone() * a_t.sqrt() - model_output * b_t.sqrt(),
         };
-        let x0 = if self.config.clip_sample {
+        let x0 = if self.config.clip_sample.unwrap_or(true) {
             let r = self.config.clip_sample_range;
             x0.clamp(-r, r)
         } else {

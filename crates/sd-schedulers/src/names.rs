@@ -6,7 +6,7 @@ use crate::config::SchedulerConfig;
 use crate::error::{Result, SchedulerError};
 use crate::{
     DdimScheduler, DdpmScheduler, DpmSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler, PndmScheduler, Scheduler,
+    EulerDiscreteScheduler, HeunDiscreteScheduler, PndmScheduler, Scheduler,
 };
 
 /// The samplers this crate implements.
@@ -17,6 +17,7 @@ pub enum SamplerKind {
     Pndm,
     Euler,
     EulerAncestral,
+    Heun,
     DpmSolverMultistep,
 }
 
@@ -39,6 +40,9 @@ const NAMES: &[(&str, SamplerKind, &[Tweak])] = &[
     ),
     ("Euler a", SamplerKind::EulerAncestral, &[]),
     ("Euler Ancestral", SamplerKind::EulerAncestral, &[]),
+    ("HeunDiscreteScheduler", SamplerKind::Heun, &[]),
+    ("Heun", SamplerKind::Heun, &[]),
+    ("Heun Karras", SamplerKind::Heun, &[Tweak::Karras]),
     (
         "DPMSolverMultistepScheduler",
         SamplerKind::DpmSolverMultistep,
@@ -113,6 +117,7 @@ fn build<B: Backend>(kind: SamplerKind, config: SchedulerConfig) -> Result<Box<d
         SamplerKind::Pndm => Box::new(PndmScheduler::<B>::new(config)?),
         SamplerKind::Euler => Box::new(EulerDiscreteScheduler::new(config)?),
         SamplerKind::EulerAncestral => Box::new(EulerAncestralDiscreteScheduler::new(config)?),
+        SamplerKind::Heun => Box::new(HeunDiscreteScheduler::<B>::new(config)?),
         SamplerKind::DpmSolverMultistep => Box::new(DpmSolverMultistepScheduler::<B>::new(config)?),
     })
 }
