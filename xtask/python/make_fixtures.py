@@ -23,6 +23,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
 )
 from diffusers.training_utils import compute_snr
 from diffusers.utils.torch_utils import randn_tensor
@@ -214,6 +215,8 @@ SAMPLERS = {
     "euler_ancestral": (EulerAncestralDiscreteScheduler, {}, {}),
     "heun": (HeunDiscreteScheduler, {}, {}),
     "heun_karras": (HeunDiscreteScheduler, dict(use_karras_sigmas=True), {}),
+    "lms": (LMSDiscreteScheduler, {}, {}),
+    "lms_karras": (LMSDiscreteScheduler, dict(use_karras_sigmas=True), {}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {}, {}),
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True), {}),
     "dpmpp_2m_sde_karras": (

@@ -6,7 +6,7 @@ use crate::config::SchedulerConfig;
 use crate::error::{Result, SchedulerError};
 use crate::{
     DdimScheduler, DdpmScheduler, DpmSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler, HeunDiscreteScheduler, PndmScheduler, Scheduler,
+    EulerDiscreteScheduler, HeunDiscreteScheduler, LmsDiscreteScheduler, PndmScheduler, Scheduler,
 };
 
 /// The samplers this crate implements.
@@ -18,6 +18,7 @@ pub enum SamplerKind {
     Euler,
     EulerAncestral,
     Heun,
+    Lms,
     DpmSolverMultistep,
 }
 
@@ -43,6 +44,9 @@ const NAMES: &[(&str, SamplerKind, &[Tweak])] = &[
     ("HeunDiscreteScheduler", SamplerKind::Heun, &[]),
     ("Heun", SamplerKind::Heun, &[]),
     ("Heun Karras", SamplerKind::Heun, &[Tweak::Karras]),
+    ("LMSDiscreteScheduler", SamplerKind::Lms, &[]),
+    ("LMS", SamplerKind::Lms, &[]),
+    ("LMS Karras", SamplerKind::Lms, &[Tweak::Karras]),
     (
         "DPMSolverMultistepScheduler",
         SamplerKind::DpmSolverMultistep,
@@ -117,6 +121,7 @@ fn build<B: Backend>(kind: SamplerKind, config: SchedulerConfig) -> Result<Box<d
         SamplerKind::Pndm => Box::new(PndmScheduler::<B>::new(config)?),
         SamplerKind::Euler => Box::new(EulerDiscreteScheduler::new(config)?),
         SamplerKind::EulerAncestral => Box::new(EulerAncestralDiscreteScheduler::new(config)?),
+        SamplerKind::Lms => Box::new(LmsDiscreteScheduler::<B>::new(config)?),
         SamplerKind::Heun => Box::new(HeunDiscreteScheduler::<B>::new(config)?),
         SamplerKind::DpmSolverMultistep => Box::new(DpmSolverMultistepScheduler::<B>::new(config)?),
     })
