@@ -23,6 +23,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
 )
 from diffusers.training_utils import compute_snr
@@ -215,6 +216,7 @@ SAMPLERS = {
     "euler_ancestral": (EulerAncestralDiscreteScheduler, {}, {}),
     "heun": (HeunDiscreteScheduler, {}, {}),
     "heun_karras": (HeunDiscreteScheduler, dict(use_karras_sigmas=True), {}),
+    "lcm": (LCMScheduler, {}, {}),
     "lms": (LMSDiscreteScheduler, {}, {}),
     "lms_karras": (LMSDiscreteScheduler, dict(use_karras_sigmas=True), {}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {}, {}),
@@ -247,7 +249,7 @@ def run_sampler(cls, config: dict, steps: int, step_kwargs: dict, latents: torch
     sample = latents * scheduler.init_noise_sigma
     generator = torch.Generator().manual_seed(seed)
     trace, inputs, noises = [], [], []
-    stochastic = cls in (EulerAncestralDiscreteScheduler, DDPMScheduler) or step_kwargs.get("eta", 0) > 0 or (
+    stochastic = cls in (EulerAncestralDiscreteScheduler, DDPMScheduler, LCMScheduler) or step_kwargs.get("eta", 0) > 0 or (
         config.get("algorithm_type", "").startswith("sde")
     )
     for t in scheduler.timesteps:
@@ -309,7 +311,7 @@ def write_scheduler_case(root: pathlib.Path, name: str, cls, config: dict, step_
     case = root / "schedulers" / name
     case.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    latents = torch.randn(1, 4, 4, 4, generator=generator)
     tensors = {"latents": latents}
     runs = {}
     # diffusers' PRK warm-up needs four steps (it fails on fewer).

@@ -67,6 +67,10 @@ pub struct SchedulerConfig {
     pub euler_at_final: bool,
     pub lambda_min_clipped: Option<f64>,
     pub variance_type: Option<String>,
+    /// LCM: the teacher's step count the consistency model was distilled on.
+    pub original_inference_steps: usize,
+    /// LCM: scales the timestep in the boundary-condition scalings.
+    pub timestep_scaling: f64,
     /// DDIM's η (not a diffusers config field: a `step` argument there).
     #[serde(skip)]
     pub eta: f64,
@@ -105,6 +109,8 @@ impl Default for SchedulerConfig {
             euler_at_final: false,
             lambda_min_clipped: None,
             variance_type: None,
+            original_inference_steps: 50,
+            timestep_scaling: 10.0,
             eta: 0.0,
         }
     }

@@ -6,7 +6,8 @@ use crate::config::SchedulerConfig;
 use crate::error::{Result, SchedulerError};
 use crate::{
     DdimScheduler, DdpmScheduler, DpmSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler, HeunDiscreteScheduler, LmsDiscreteScheduler, PndmScheduler, Scheduler,
+    EulerDiscreteScheduler, HeunDiscreteScheduler, LcmScheduler, LmsDiscreteScheduler,
+    PndmScheduler, Scheduler,
 };
 
 /// The samplers this crate implements.
@@ -19,6 +20,7 @@ pub enum SamplerKind {
     EulerAncestral,
     Heun,
     Lms,
+    Lcm,
     DpmSolverMultistep,
 }
 
@@ -44,6 +46,8 @@ const NAMES: &[(&str, SamplerKind, &[Tweak])] = &[
     ("HeunDiscreteScheduler", SamplerKind::Heun, &[]),
     ("Heun", SamplerKind::Heun, &[]),
     ("Heun Karras", SamplerKind::Heun, &[Tweak::Karras]),
+    ("LCMScheduler", SamplerKind::Lcm, &[]),
+    ("LCM", SamplerKind::Lcm, &[]),
     ("LMSDiscreteScheduler", SamplerKind::Lms, &[]),
     ("LMS", SamplerKind::Lms, &[]),
     ("LMS Karras", SamplerKind::Lms, &[Tweak::Karras]),
@@ -121,6 +125,7 @@ fn build<B: Backend>(kind: SamplerKind, config: SchedulerConfig) -> Result<Box<d
         SamplerKind::Pndm => Box::new(PndmScheduler::<B>::new(config)?),
         SamplerKind::Euler => Box::new(EulerDiscreteScheduler::new(config)?),
         SamplerKind::EulerAncestral => Box::new(EulerAncestralDiscreteScheduler::new(config)?),
+        SamplerKind::Lcm => Box::new(LcmScheduler::new(config)?),
         SamplerKind::Lms => Box::new(LmsDiscreteScheduler::<B>::new(config)?),
         SamplerKind::Heun => Box::new(HeunDiscreteScheduler::<B>::new(config)?),
         SamplerKind::DpmSolverMultistep => Box::new(DpmSolverMultistepScheduler::<B>::new(config)?),
