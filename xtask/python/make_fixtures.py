@@ -7,6 +7,8 @@ reference implementation from the f16 weights upcast to f32) and `manifest.json`
 """
 
 import argparse
+import importlib
+import inspect
 import json
 import math
 import pathlib
@@ -23,6 +25,8 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
     LCMScheduler,
     LMSDiscreteScheduler,
 )
@@ -216,6 +220,9 @@ SAMPLERS = {
     "euler_ancestral": (EulerAncestralDiscreteScheduler, {}, {}),
     "heun": (HeunDiscreteScheduler, {}, {}),
     "heun_karras": (HeunDiscreteScheduler, dict(use_karras_sigmas=True), {}),
+    "kdpm2": (KDPM2DiscreteScheduler, {}, {}),
+    "kdpm2_karras": (KDPM2DiscreteScheduler, dict(use_karras_sigmas=True), {}),
+    "kdpm2_ancestral": (KDPM2AncestralDiscreteScheduler, {}, {}),
     "lcm": (LCMScheduler, {}, {}),
     "lms": (LMSDiscreteScheduler, {}, {}),
     "lms_karras": (LMSDiscreteScheduler, dict(use_karras_sigmas=True), {}),
@@ -248,29 +255,32 @@ def run_sampler(cls, config: dict, steps: int, step_kwargs: dict, latents: torch
     scheduler.set_timesteps(steps)
     sample = latents * scheduler.init_noise_sigma
     generator = torch.Generator().manual_seed(seed)
-    trace, inputs, noises = [], [], []
-    stochastic = cls in (EulerAncestralDiscreteScheduler, DDPMScheduler, LCMScheduler) or step_kwargs.get("eta", 0) > 0 or (
-        config.get("algorithm_type", "").startswith("sde")
-    )
-    for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(sample, t)
-        output = stand_in_model(model_input, t, scheduler.config.num_train_timesteps)
-        kwargs = dict(step_kwargs)
-        if stochastic:
-            # Record the draw the step will make, then let it make the same one.
-            state = generator.get_state()
-            noise = torch.randn(sample.shape, generator=generator)
-            generator.set_state(state)
-            noises.append(noise)
-            if cls is DDIMScheduler:
-                kwargs["variance_noise"] = noise
-            elif cls is DPMSolverMultistepScheduler:
-                kwargs["variance_noise"] = noise
-            else:
-                kwargs["generator"] = generator
-        sample = scheduler.step(output, t, sample, **kwargs).prev_sample
-        inputs.append(model_input)
-        trace.append(sample)
+    trace, inputs = [], []
+    # Record every draw the sampler makes, in order, so that the Rust side can replay them.
+    module = importlib.import_module(cls.__module__)
+    original_randn = getattr(module, "randn_tensor", None)
+    noises = []
+    kwargs = dict(step_kwargs)
+    if "generator" in inspect.signature(cls.step).parameters:
+        kwargs["generator"] = generator
+
+    def recording_randn(*args, **kwargs):
+        noise = original_randn(*args, **kwargs)
+        noises.append(noise.clone())
+        return noise
+
+    if original_randn is not None:
+        module.randn_tensor = recording_randn
+    try:
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(sample, t)
+            output = stand_in_model(model_input, t, scheduler.config.num_train_timesteps)
+            sample = scheduler.step(output, t, sample, **kwargs).prev_sample
+            inputs.append(model_input)
+            trace.append(sample)
+    finally:
+        if original_randn is not None:
+            module.randn_tensor = original_randn
     sigmas = getattr(scheduler, "sigmas", None)
     info = {
         "timesteps": [float(t) for t in scheduler.timesteps],

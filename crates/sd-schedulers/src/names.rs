@@ -6,8 +6,8 @@ use crate::config::SchedulerConfig;
 use crate::error::{Result, SchedulerError};
 use crate::{
     DdimScheduler, DdpmScheduler, DpmSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler, HeunDiscreteScheduler, LcmScheduler, LmsDiscreteScheduler,
-    PndmScheduler, Scheduler,
+    EulerDiscreteScheduler, HeunDiscreteScheduler, Kdpm2Scheduler, LcmScheduler,
+    LmsDiscreteScheduler, PndmScheduler, Scheduler,
 };
 
 /// The samplers this crate implements.
@@ -21,6 +21,8 @@ pub enum SamplerKind {
     Heun,
     Lms,
     Lcm,
+    Kdpm2,
+    Kdpm2Ancestral,
     DpmSolverMultistep,
 }
 
@@ -46,6 +48,20 @@ const NAMES: &[(&str, SamplerKind, &[Tweak])] = &[
     ("HeunDiscreteScheduler", SamplerKind::Heun, &[]),
     ("Heun", SamplerKind::Heun, &[]),
     ("Heun Karras", SamplerKind::Heun, &[Tweak::Karras]),
+    ("KDPM2DiscreteScheduler", SamplerKind::Kdpm2, &[]),
+    ("DPM2", SamplerKind::Kdpm2, &[]),
+    ("DPM2 Karras", SamplerKind::Kdpm2, &[Tweak::Karras]),
+    (
+        "KDPM2AncestralDiscreteScheduler",
+        SamplerKind::Kdpm2Ancestral,
+        &[],
+    ),
+    ("DPM2 a", SamplerKind::Kdpm2Ancestral, &[]),
+    (
+        "DPM2 a Karras",
+        SamplerKind::Kdpm2Ancestral,
+        &[Tweak::Karras],
+    ),
     ("LCMScheduler", SamplerKind::Lcm, &[]),
     ("LCM", SamplerKind::Lcm, &[]),
     ("LMSDiscreteScheduler", SamplerKind::Lms, &[]),
@@ -125,6 +141,8 @@ fn build<B: Backend>(kind: SamplerKind, config: SchedulerConfig) -> Result<Box<d
         SamplerKind::Pndm => Box::new(PndmScheduler::<B>::new(config)?),
         SamplerKind::Euler => Box::new(EulerDiscreteScheduler::new(config)?),
         SamplerKind::EulerAncestral => Box::new(EulerAncestralDiscreteScheduler::new(config)?),
+        SamplerKind::Kdpm2 => Box::new(Kdpm2Scheduler::<B>::new(config, false)?),
+        SamplerKind::Kdpm2Ancestral => Box::new(Kdpm2Scheduler::<B>::new(config, true)?),
         SamplerKind::Lcm => Box::new(LcmScheduler::new(config)?),
         SamplerKind::Lms => Box::new(LmsDiscreteScheduler::<B>::new(config)?),
         SamplerKind::Heun => Box::new(HeunDiscreteScheduler::<B>::new(config)?),
