@@ -217,6 +217,7 @@ SAMPLERS = {
     "ddim_eta": (DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=False), dict(eta=0.7)),
     "euler": (EulerDiscreteScheduler, {}, {}),
     "euler_karras": (EulerDiscreteScheduler, dict(use_karras_sigmas=True), {}),
+    "euler_exponential": (EulerDiscreteScheduler, dict(use_exponential_sigmas=True), {}),
     "euler_ancestral": (EulerAncestralDiscreteScheduler, {}, {}),
     "heun": (HeunDiscreteScheduler, {}, {}),
     "heun_karras": (HeunDiscreteScheduler, dict(use_karras_sigmas=True), {}),
@@ -228,6 +229,7 @@ SAMPLERS = {
     "lms_karras": (LMSDiscreteScheduler, dict(use_karras_sigmas=True), {}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {}, {}),
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True), {}),
+    "dpmpp_2m_exponential": (DPMSolverMultistepScheduler, dict(use_exponential_sigmas=True), {}),
     "dpmpp_2m_sde_karras": (
         DPMSolverMultistepScheduler,
         dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),

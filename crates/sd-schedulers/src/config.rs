@@ -170,8 +170,11 @@ impl SchedulerConfig {
         if self.thresholding {
             return Err(unsupported("thresholding", "true".into()));
         }
-        if self.use_exponential_sigmas {
-            return Err(unsupported("use_exponential_sigmas", "true".into()));
+        if self.use_exponential_sigmas && self.use_karras_sigmas {
+            return Err(unsupported(
+                "sigma schedule",
+                "both use_karras_sigmas and use_exponential_sigmas".into(),
+            ));
         }
         if self.use_beta_sigmas {
             return Err(unsupported("use_beta_sigmas", "true".into()));

@@ -9,7 +9,8 @@ use sd_diffusion::PredictionType;
 use crate::config::{FinalSigmasType, SchedulerConfig, TimestepSpacing};
 use crate::error::{Result, SchedulerError};
 use crate::sigmas::{
-    alphas_cumprod, check_steps, interp, karras, linspace, sigma_to_t, to_f32, train_sigmas,
+    alphas_cumprod, check_steps, exponential, interp, karras, linspace, sigma_to_t, to_f32,
+    train_sigmas,
 };
 use crate::{NoiseSource, Progress, Scheduler, StepOutput};
 
@@ -161,6 +162,17 @@ impl<B: Backend> Scheduler<B> for DpmSolverMultistepScheduler<B> {
                 })
                 .collect();
             ks
+        } else if c.use_exponential_sigmas {
+            let es = exponential(
+                self.train_sigmas[0],
+                self.train_sigmas[self.train_sigmas.len() - 1],
+                steps,
+            );
+            timesteps = es
+                .iter()
+                .map(|&s| sigma_to_t(s, &self.train_sigmas))
+                .collect();
+            es
         } else {
             timesteps
                 .iter()

@@ -7,7 +7,8 @@ use burn::tensor::backend::Backend;
 use crate::config::{FinalSigmasType, SchedulerConfig, TimestepSpacing};
 use crate::error::Result;
 use crate::sigmas::{
-    alphas_cumprod, check_steps, interp, karras, sigma_to_t, spaced_timesteps, to_f32, train_sigmas,
+    alphas_cumprod, check_steps, exponential, interp, karras, sigma_to_t, spaced_timesteps, to_f32,
+    train_sigmas,
 };
 use crate::{NoiseSource, Progress, Scheduler, StepOutput};
 
@@ -50,10 +51,14 @@ impl SigmaSchedule {
             .iter()
             .map(|&t| interp(t, &self.train_sigmas))
             .collect();
-        if karras_allowed && c.use_karras_sigmas {
+        if karras_allowed && (c.use_karras_sigmas || c.use_exponential_sigmas) {
             let min = c.sigma_min.unwrap_or(sigmas[sigmas.len() - 1]);
             let max = c.sigma_max.unwrap_or(sigmas[0]);
-            sigmas = karras(min, max, steps);
+            sigmas = if c.use_karras_sigmas {
+                karras(min, max, steps)
+            } else {
+                exponential(min, max, steps)
+            };
             timesteps = sigmas
                 .iter()
                 .map(|&s| sigma_to_t(s, &self.train_sigmas))

@@ -136,6 +136,15 @@ pub(crate) fn karras(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
         .collect()
 }
 
+/// σ evenly spaced in log σ from `sigma_max` down to `sigma_min` (diffusers'
+/// `use_exponential_sigmas`).
+pub(crate) fn exponential(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
+    linspace(sigma_max.ln(), sigma_min.ln(), steps)
+        .into_iter()
+        .map(f64::exp)
+        .collect()
+}
+
 /// The fractional training timestep whose σ is `sigma`, interpolating `log σ` linearly between
 /// the two neighbouring training timesteps (diffusers' `_sigma_to_t`).
 pub(crate) fn sigma_to_t(sigma: f64, train_sigmas: &[f64]) -> f64 {
