@@ -22,6 +22,7 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     PNDMScheduler,
+    UniPCMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
@@ -224,6 +225,14 @@ SAMPLERS = {
     "kdpm2": (KDPM2DiscreteScheduler, {}, {}),
     "kdpm2_karras": (KDPM2DiscreteScheduler, dict(use_karras_sigmas=True), {}),
     "kdpm2_ancestral": (KDPM2AncestralDiscreteScheduler, {}, {}),
+    "unipc": (UniPCMultistepScheduler, {}, {}),
+    # bh1 with a final σ of 0 gives NaN in diffusers (B(h) = h = −∞ times a zero residual),
+    # so this case ends at σ_min.
+    "unipc_bh1_order3_karras": (
+        UniPCMultistepScheduler,
+        dict(solver_type="bh1", solver_order=3, use_karras_sigmas=True, final_sigmas_type="sigma_min"),
+        {},
+    ),
     "lcm": (LCMScheduler, {}, {}),
     "lms": (LMSDiscreteScheduler, {}, {}),
     "lms_karras": (LMSDiscreteScheduler, dict(use_karras_sigmas=True), {}),

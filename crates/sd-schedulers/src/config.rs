@@ -67,6 +67,10 @@ pub struct SchedulerConfig {
     pub euler_at_final: bool,
     pub lambda_min_clipped: Option<f64>,
     pub variance_type: Option<String>,
+    /// UniPC: solve on data predictions (x̂₀, the default) rather than noise predictions.
+    pub predict_x0: Option<bool>,
+    /// UniPC: the step indices after which no corrector runs.
+    pub disable_corrector: Vec<usize>,
     /// LCM: the teacher's step count the consistency model was distilled on.
     pub original_inference_steps: usize,
     /// LCM: scales the timestep in the boundary-condition scalings.
@@ -109,6 +113,8 @@ impl Default for SchedulerConfig {
             euler_at_final: false,
             lambda_min_clipped: None,
             variance_type: None,
+            predict_x0: None,
+            disable_corrector: Vec::new(),
             original_inference_steps: 50,
             timestep_scaling: 10.0,
             eta: 0.0,

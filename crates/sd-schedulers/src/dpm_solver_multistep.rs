@@ -42,12 +42,6 @@ pub struct DpmSolverMultistepScheduler<B: Backend> {
     progress: Progress,
 }
 
-/// `(α_t, σ_t)` of the VP process for a k-diffusion σ: `α = 1/√(σ² + 1)`, `σ_t = σ α`.
-fn alpha_sigma(sigma: f64) -> (f64, f64) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (alpha, sigma * alpha)
-}
-
 impl<B: Backend> DpmSolverMultistepScheduler<B> {
     pub fn new(config: SchedulerConfig) -> Result<Self> {
         config.reject_unsupported(NAME)?;
@@ -112,82 +106,110 @@ impl<B: Backend> DpmSolverMultistepScheduler<B> {
     }
 }
 
+/// What `final_sigmas_type = "sigma_min"` means: DPM-Solver takes the smallest training σ,
+/// UniPC the last σ of its (Karras or exponential) schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FinalSigmaMin {
+    TrainingMinimum,
+    ScheduleLast,
+}
+
+/// The timesteps (integers, largest first) and σ (one more, the final one) of the multistep
+/// solvers, DPM-Solver++ and UniPC, as diffusers lays them out up to `last` (the training
+/// timesteps not clipped away).
+pub(crate) fn multistep_schedule(
+    c: &SchedulerConfig,
+    train_sigmas: &[f64],
+    steps: usize,
+    last: usize,
+    final_sigma_min: FinalSigmaMin,
+) -> (Vec<f64>, Vec<f64>) {
+    let train = c.num_train_timesteps;
+    let mut timesteps: Vec<f64> = match c.spacing_or(TimestepSpacing::Linspace) {
+        TimestepSpacing::Linspace => {
+            let mut t: Vec<f64> = linspace(0.0, (last - 1) as f64, steps + 1)
+                .into_iter()
+                .map(f64::round_ties_even)
+                .collect();
+            t.reverse();
+            t.pop();
+            t
+        }
+        TimestepSpacing::Leading => {
+            let ratio = last / (steps + 1);
+            (1..=steps)
+                .rev()
+                .map(|i| (i * ratio + c.steps_offset) as f64)
+                .collect()
+        }
+        TimestepSpacing::Trailing => {
+            let step = train as f64 / steps as f64;
+            let len = (last as f64 / step).ceil() as usize;
+            (0..len)
+                .map(|i| (last as f64 - i as f64 * step).round_ties_even() - 1.0)
+                .collect()
+        }
+    };
+    let (min, max) = (train_sigmas[0], train_sigmas[train_sigmas.len() - 1]);
+    let mut sigmas: Vec<f64> = if c.use_karras_sigmas {
+        // These solvers have no sigma_min/sigma_max fields: the training range.
+        let ks = karras(min, max, steps);
+        timesteps = ks
+            .iter()
+            .map(|&s| {
+                let t = sigma_to_t(s, train_sigmas);
+                if c.beta_schedule == sd_diffusion::BetaSchedule::SquaredcosCapV2 {
+                    t
+                } else {
+                    t.round_ties_even()
+                }
+            })
+            .collect();
+        ks
+    } else if c.use_exponential_sigmas {
+        let es = exponential(min, max, steps);
+        timesteps = es.iter().map(|&s| sigma_to_t(s, train_sigmas)).collect();
+        es
+    } else {
+        timesteps.iter().map(|&t| interp(t, train_sigmas)).collect()
+    };
+    let final_sigma = match c.final_sigmas_type.unwrap_or(FinalSigmasType::Zero) {
+        FinalSigmasType::Zero => 0.0,
+        FinalSigmasType::SigmaMin => match final_sigma_min {
+            FinalSigmaMin::TrainingMinimum => min,
+            FinalSigmaMin::ScheduleLast if c.use_karras_sigmas || c.use_exponential_sigmas => {
+                sigmas[sigmas.len() - 1]
+            }
+            FinalSigmaMin::ScheduleLast => min,
+        },
+    };
+    sigmas.push(final_sigma);
+    // diffusers stores these timesteps as int64 (truncating any it did not round).
+    (
+        timesteps.into_iter().map(f64::trunc).collect(),
+        to_f32(sigmas),
+    )
+}
+
+/// `(α_t, σ_t)` of the VP process for a k-diffusion σ: `α = 1/√(σ² + 1)`, `σ_t = σ α`.
+pub(crate) fn alpha_sigma(sigma: f64) -> (f64, f64) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha, sigma * alpha)
+}
+
 impl<B: Backend> Scheduler<B> for DpmSolverMultistepScheduler<B> {
     fn set_timesteps(&mut self, steps: usize) -> Result<()> {
-        let c = &self.config;
-        let train = c.num_train_timesteps;
-        check_steps(steps, train)?;
+        check_steps(steps, self.config.num_train_timesteps)?;
         let last = self.last_timestep();
-        let mut timesteps: Vec<f64> = match c.spacing_or(TimestepSpacing::Linspace) {
-            TimestepSpacing::Linspace => {
-                let mut t: Vec<f64> = linspace(0.0, (last - 1) as f64, steps + 1)
-                    .into_iter()
-                    .map(f64::round_ties_even)
-                    .collect();
-                t.reverse();
-                t.pop();
-                t
-            }
-            TimestepSpacing::Leading => {
-                let ratio = last / (steps + 1);
-                (1..=steps)
-                    .rev()
-                    .map(|i| (i * ratio + c.steps_offset) as f64)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => {
-                let step = train as f64 / steps as f64;
-                let len = (last as f64 / step).ceil() as usize;
-                (0..len)
-                    .map(|i| (last as f64 - i as f64 * step).round_ties_even() - 1.0)
-                    .collect()
-            }
-        };
-        let mut sigmas: Vec<f64> = if c.use_karras_sigmas {
-            // diffusers' DPM-Solver has no sigma_min/sigma_max fields: the training range.
-            let ks = karras(
-                self.train_sigmas[0],
-                self.train_sigmas[self.train_sigmas.len() - 1],
-                steps,
-            );
-            timesteps = ks
-                .iter()
-                .map(|&s| {
-                    let t = sigma_to_t(s, &self.train_sigmas);
-                    if c.beta_schedule == sd_diffusion::BetaSchedule::SquaredcosCapV2 {
-                        t
-                    } else {
-                        t.round_ties_even()
-                    }
-                })
-                .collect();
-            ks
-        } else if c.use_exponential_sigmas {
-            let es = exponential(
-                self.train_sigmas[0],
-                self.train_sigmas[self.train_sigmas.len() - 1],
-                steps,
-            );
-            timesteps = es
-                .iter()
-                .map(|&s| sigma_to_t(s, &self.train_sigmas))
-                .collect();
-            es
-        } else {
-            timesteps
-                .iter()
-                .map(|&t| interp(t, &self.train_sigmas))
-                .collect()
-        };
-        let final_sigma = match c.final_sigmas_type.unwrap_or(FinalSigmasType::Zero) {
-            FinalSigmasType::Zero => 0.0,
-            FinalSigmasType::SigmaMin => self.train_sigmas[0],
-        };
-        sigmas.push(final_sigma);
-        self.sigmas = to_f32(sigmas);
-        // diffusers stores these timesteps as int64 (truncating the Karras ones it did not
-        // round).
-        self.timesteps = timesteps.into_iter().map(f64::trunc).collect();
+        let (timesteps, sigmas) = multistep_schedule(
+            &self.config,
+            &self.train_sigmas,
+            steps,
+            last,
+            FinalSigmaMin::TrainingMinimum,
+        );
+        self.timesteps = timesteps;
+        self.sigmas = sigmas;
         self.previous = None;
         self.lower_order_nums = 0;
         self.progress.reset(self.timesteps.len());

@@ -29,6 +29,7 @@ mod names;
 mod noise;
 mod pndm;
 mod sigmas;
+mod unipc;
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
@@ -48,6 +49,7 @@ pub use names::{SamplerKind, from_config, from_name, known_names};
 pub use noise::{HostNoise, NoiseSource, ReplayNoise};
 pub use pndm::PndmScheduler;
 pub use sd_diffusion::PredictionType;
+pub use unipc::UniPcMultistepScheduler;
 
 /// What one sampler step returns.
 #[derive(Debug, Clone)]

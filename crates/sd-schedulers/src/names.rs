@@ -7,7 +7,7 @@ use crate::error::{Result, SchedulerError};
 use crate::{
     DdimScheduler, DdpmScheduler, DpmSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler, HeunDiscreteScheduler, Kdpm2Scheduler, LcmScheduler,
-    LmsDiscreteScheduler, PndmScheduler, Scheduler,
+    LmsDiscreteScheduler, PndmScheduler, Scheduler, UniPcMultistepScheduler,
 };
 
 /// The samplers this crate implements.
@@ -24,6 +24,7 @@ pub enum SamplerKind {
     Kdpm2,
     Kdpm2Ancestral,
     DpmSolverMultistep,
+    UniPc,
 }
 
 /// Every accepted name: (name, sampler, config changes it implies). Matching ignores case.
@@ -62,6 +63,9 @@ const NAMES: &[(&str, SamplerKind, &[Tweak])] = &[
         SamplerKind::Kdpm2Ancestral,
         &[Tweak::Karras],
     ),
+    ("UniPCMultistepScheduler", SamplerKind::UniPc, &[]),
+    ("UniPC", SamplerKind::UniPc, &[]),
+    ("UniPC Karras", SamplerKind::UniPc, &[Tweak::Karras]),
     ("LCMScheduler", SamplerKind::Lcm, &[]),
     ("LCM", SamplerKind::Lcm, &[]),
     ("LMSDiscreteScheduler", SamplerKind::Lms, &[]),
@@ -143,6 +147,7 @@ fn build<B: Backend>(kind: SamplerKind, config: SchedulerConfig) -> Result<Box<d
         SamplerKind::EulerAncestral => Box::new(EulerAncestralDiscreteScheduler::new(config)?),
         SamplerKind::Kdpm2 => Box::new(Kdpm2Scheduler::<B>::new(config, false)?),
         SamplerKind::Kdpm2Ancestral => Box::new(Kdpm2Scheduler::<B>::new(config, true)?),
+        SamplerKind::UniPc => Box::new(UniPcMultistepScheduler::<B>::new(config)?),
         SamplerKind::Lcm => Box::new(LcmScheduler::new(config)?),
         SamplerKind::Lms => Box::new(LmsDiscreteScheduler::<B>::new(config)?),
         SamplerKind::Heun => Box::new(HeunDiscreteScheduler::<B>::new(config)?),
