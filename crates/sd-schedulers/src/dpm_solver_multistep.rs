@@ -18,7 +18,7 @@ const NAME: &str = "DPMSolverMultistepScheduler";
 
 /// Which DPM-Solver++ variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Algorithm {
+pub(crate) enum Algorithm {
     /// `dpmsolver++`: the probability-flow ODE.
     Ode,
     /// `sde-dpmsolver++`: the SDE, with fresh noise each step.
@@ -85,25 +85,80 @@ impl<B: Backend> DpmSolverMultistepScheduler<B> {
     pub fn sigmas(&self) -> &[f64] {
         &self.sigmas
     }
+}
 
-    /// The last training timestep whose λ is above `lambda_min_clipped`, plus one.
-    fn last_timestep(&self) -> usize {
-        let train = self.config.num_train_timesteps;
-        let Some(min) = self.config.lambda_min_clipped.filter(|m| m.is_finite()) else {
-            return train;
-        };
-        // λ_t = log √ᾱ − log √(1 − ᾱ), in float32 as diffusers computes it; `searchsorted` on
-        // the ascending (flipped) table counts the λ below the clip.
-        let clipped = self
-            .alphas_cumprod
-            .iter()
-            .filter(|&&a| {
-                let a = a as f32;
-                f64::from(a.sqrt().ln() - (1.0 - a).sqrt().ln()) < min
-            })
-            .count();
-        train - clipped
+/// The inputs of one DPM-Solver++ update from σ_s to σ_t (VP α and σ, `h = λ_t − λ_s`).
+pub(crate) struct Update<B: Backend> {
+    pub sample: Tensor<B, 4>,
+    /// The data prediction the step is based on.
+    pub d0: Tensor<B, 4>,
+    /// The scaled difference to an earlier prediction, for second order.
+    pub d1: Option<Tensor<B, 4>>,
+    pub alpha_t: f64,
+    pub sigma_t: f64,
+    pub sigma_s: f64,
+    pub h: f64,
+    /// Fresh noise, for the SDE variant.
+    pub noise: Option<Tensor<B, 4>>,
+}
+
+/// DPM-Solver++ (Lu et al. 2022, eqs. 8–10 and Algorithm 2) and its SDE form, first order, or
+/// second order with `d1` (midpoint or Heun-type coefficient).
+pub(crate) fn dpm_solver_pp_update<B: Backend>(
+    algorithm: Algorithm,
+    heun: bool,
+    u: Update<B>,
+) -> Tensor<B, 4> {
+    // σ_t / σ_s is 0 at the final σ = 0, where h is infinite.
+    let ratio = u.sigma_t / u.sigma_s;
+    let h = u.h;
+    match algorithm {
+        Algorithm::Ode => {
+            let em1 = (-h).exp() - 1.0;
+            let mut x = u.sample * ratio - u.d0 * (u.alpha_t * em1);
+            if let Some(d1) = u.d1 {
+                let k = if heun {
+                    u.alpha_t * (em1 / h + 1.0)
+                } else {
+                    -0.5 * u.alpha_t * em1
+                };
+                x = x + d1 * k;
+            }
+            x
+        }
+        Algorithm::Sde => {
+            let e2 = 1.0 - (-2.0 * h).exp();
+            let mut x = u.sample * (ratio * (-h).exp()) + u.d0 * (u.alpha_t * e2);
+            if let Some(d1) = u.d1 {
+                let k = if heun {
+                    u.alpha_t * (e2 / (-2.0 * h) + 1.0)
+                } else {
+                    0.5 * u.alpha_t * e2
+                };
+                x = x + d1 * k;
+            }
+            x + u.noise.expect("drawn for the SDE") * (u.sigma_t * e2.sqrt())
+        }
     }
+}
+
+/// How many training timesteps are left when those whose λ falls below `lambda_min_clipped` are
+/// clipped away (all of them by default).
+pub(crate) fn unclipped_timesteps(config: &SchedulerConfig, alphas_cumprod: &[f64]) -> usize {
+    let train = config.num_train_timesteps;
+    let Some(min) = config.lambda_min_clipped.filter(|m| m.is_finite()) else {
+        return train;
+    };
+    // λ_t = log √ᾱ − log √(1 − ᾱ), in float32 as diffusers computes it; `searchsorted` on the
+    // ascending (flipped) table counts the λ below the clip.
+    let clipped = alphas_cumprod
+        .iter()
+        .filter(|&&a| {
+            let a = a as f32;
+            f64::from(a.sqrt().ln() - (1.0 - a).sqrt().ln()) < min
+        })
+        .count();
+    train - clipped
 }
 
 /// What `final_sigmas_type = "sigma_min"` means: DPM-Solver takes the smallest training σ,
@@ -200,7 +255,7 @@ pub(crate) fn alpha_sigma(sigma: f64) -> (f64, f64) {
 impl<B: Backend> Scheduler<B> for DpmSolverMultistepScheduler<B> {
     fn set_timesteps(&mut self, steps: usize) -> Result<()> {
         check_steps(steps, self.config.num_train_timesteps)?;
-        let last = self.last_timestep();
+        let last = unclipped_timesteps(&self.config, &self.alphas_cumprod);
         let (timesteps, sigmas) = multistep_schedule(
             &self.config,
             &self.train_sigmas,
@@ -279,36 +334,20 @@ impl<B: Backend> Scheduler<B> for DpmSolverMultistepScheduler<B> {
             }
             _ => None,
         };
-        // sigma_t / sigma_s0 computed as the VP σ ratio; 0 at the final σ = 0.
-        let ratio = sigma_t / sigma_t_s0;
-        let prev_sample = match self.algorithm {
-            Algorithm::Ode => {
-                let em1 = (-h).exp() - 1.0;
-                let mut x = sample * ratio - x0.clone() * (alpha_t * em1);
-                if let Some(d1) = d1 {
-                    let k = if self.heun {
-                        alpha_t * (em1 / h + 1.0)
-                    } else {
-                        -0.5 * alpha_t * em1
-                    };
-                    x = x + d1 * k;
-                }
-                x
-            }
-            Algorithm::Sde => {
-                let e2 = 1.0 - (-2.0 * h).exp();
-                let mut x = sample * (ratio * (-h).exp()) + x0.clone() * (alpha_t * e2);
-                if let Some(d1) = d1 {
-                    let k = if self.heun {
-                        alpha_t * (e2 / (-2.0 * h) + 1.0)
-                    } else {
-                        0.5 * alpha_t * e2
-                    };
-                    x = x + d1 * k;
-                }
-                x + z.expect("drawn for the SDE") * (sigma_t * e2.sqrt())
-            }
-        };
+        let prev_sample = dpm_solver_pp_update(
+            self.algorithm,
+            self.heun,
+            Update {
+                sample,
+                d0: x0.clone(),
+                d1,
+                alpha_t,
+                sigma_t,
+                sigma_s: sigma_t_s0,
+                h,
+                noise: z,
+            },
+        );
         if self.lower_order_nums < c.solver_order {
             self.lower_order_nums += 1;
         }

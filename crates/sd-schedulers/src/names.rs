@@ -5,9 +5,9 @@ use burn::tensor::backend::Backend;
 use crate::config::SchedulerConfig;
 use crate::error::{Result, SchedulerError};
 use crate::{
-    DdimScheduler, DdpmScheduler, DpmSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler, HeunDiscreteScheduler, Kdpm2Scheduler, LcmScheduler,
-    LmsDiscreteScheduler, PndmScheduler, Scheduler, UniPcMultistepScheduler,
+    DdimScheduler, DdpmScheduler, DpmSolverMultistepScheduler, DpmSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler, Kdpm2Scheduler,
+    LcmScheduler, LmsDiscreteScheduler, PndmScheduler, Scheduler, UniPcMultistepScheduler,
 };
 
 /// The samplers this crate implements.
@@ -24,6 +24,7 @@ pub enum SamplerKind {
     Kdpm2,
     Kdpm2Ancestral,
     DpmSolverMultistep,
+    DpmSolverSinglestep,
     UniPc,
 }
 
@@ -62,6 +63,17 @@ const NAMES: &[(&str, SamplerKind, &[Tweak])] = &[
         "DPM2 a Karras",
         SamplerKind::Kdpm2Ancestral,
         &[Tweak::Karras],
+    ),
+    (
+        "DPMSolverSinglestepScheduler",
+        SamplerKind::DpmSolverSinglestep,
+        &[],
+    ),
+    ("DPM++ 2S", SamplerKind::DpmSolverSinglestep, &[Tweak::Ode]),
+    (
+        "DPM++ 2S Karras",
+        SamplerKind::DpmSolverSinglestep,
+        &[Tweak::Ode, Tweak::Karras],
     ),
     ("UniPCMultistepScheduler", SamplerKind::UniPc, &[]),
     ("UniPC", SamplerKind::UniPc, &[]),
@@ -147,6 +159,9 @@ fn build<B: Backend>(kind: SamplerKind, config: SchedulerConfig) -> Result<Box<d
         SamplerKind::EulerAncestral => Box::new(EulerAncestralDiscreteScheduler::new(config)?),
         SamplerKind::Kdpm2 => Box::new(Kdpm2Scheduler::<B>::new(config, false)?),
         SamplerKind::Kdpm2Ancestral => Box::new(Kdpm2Scheduler::<B>::new(config, true)?),
+        SamplerKind::DpmSolverSinglestep => {
+            Box::new(DpmSolverSinglestepScheduler::<B>::new(config)?)
+        }
         SamplerKind::UniPc => Box::new(UniPcMultistepScheduler::<B>::new(config)?),
         SamplerKind::Lcm => Box::new(LcmScheduler::new(config)?),
         SamplerKind::Lms => Box::new(LmsDiscreteScheduler::<B>::new(config)?),
