@@ -84,10 +84,11 @@ impl<B: Backend> DpmSolverSinglestepScheduler<B> {
             c.final_sigmas_type.unwrap_or(FinalSigmasType::Zero) == FinalSigmasType::Zero;
         // diffusers turns lower_order_final on when the steps do not divide into groups, or the
         // last σ is 0.
-        let lower_order_final = c.lower_order_final || steps % c.solver_order != 0 || final_zero;
+        let lower_order_final =
+            c.lower_order_final || !steps.is_multiple_of(c.solver_order) || final_zero;
         let mut orders: Vec<usize> = match (c.solver_order, lower_order_final) {
             (1, _) => vec![1; steps],
-            (_, true) if steps % 2 == 0 => [1, 2]
+            (_, true) if steps.is_multiple_of(2) => [1, 2]
                 .repeat(steps / 2 - 1)
                 .into_iter()
                 .chain([1, 1])
