@@ -19,6 +19,7 @@ import diffusers
 import torch
 from diffusers import (
     AutoencoderKL,
+    UNet2DConditionModel,
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
@@ -390,6 +391,117 @@ def scheduler_cases():
     return cases
 
 
+# Tiny UNet2DConditionModel shapes like SD 1.x (conv projections, one head count), SD 2.x
+# (linear projections, per-block heads, upcast attention), SDXL (two transformer layers, text_time
+# add-embeddings, wide context) and inpainting (9 input channels).
+UNET_CASES = {
+    "sd1_like": dict(
+        config=dict(
+            block_out_channels=[32, 64],
+            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+            layers_per_block=2,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+            sample_size=16,
+        ),
+        latent=(16, 16),
+        context=(7, 32),
+    ),
+    "sd2_like_odd_size": dict(
+        config=dict(
+            block_out_channels=[32, 64, 64],
+            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            layers_per_block=1,
+            cross_attention_dim=48,
+            attention_head_dim=[2, 4, 4],
+            use_linear_projection=True,
+            upcast_attention=True,
+            norm_num_groups=16,
+            sample_size=16,
+        ),
+        latent=(12, 10),
+        context=(9, 48),
+    ),
+    "sdxl_like": dict(
+        config=dict(
+            block_out_channels=[32, 64, 64],
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            layers_per_block=1,
+            transformer_layers_per_block=[1, 2, 2],
+            cross_attention_dim=64,
+            attention_head_dim=[2, 4, 4],
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=16 + 6 * 8,
+            norm_num_groups=8,
+            sample_size=16,
+        ),
+        latent=(16, 16),
+        context=(11, 64),
+        pooled=16,
+    ),
+    "inpainting_like": dict(
+        config=dict(
+            in_channels=9,
+            block_out_channels=[32, 64],
+            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=8,
+            sample_size=16,
+        ),
+        latent=(16, 16),
+        context=(7, 32),
+    ),
+}
+UNET_TIMESTEPS = [[0.0, 1.0], [500.0, 999.0], [377.5, 999.0]]
+
+
+def write_unet_case(root: pathlib.Path, name: str, spec: dict, seed: int) -> None:
+    case = root / "unet" / name
+    if case.exists():
+        shutil.rmtree(case)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec["config"])
+    randomise_norms(unet, generator)
+    unet = unet.half()
+    unet.save_pretrained(case / "unet", safe_serialization=True)
+    unet = unet.float().eval()
+    h, w = spec["latent"]
+    latents = torch.randn(2, unet.config.in_channels, h, w, generator=generator)
+    tokens, width = spec["context"]
+    context = torch.randn(2, tokens, width, generator=generator)
+    tensors = {"latents": latents, "context": context}
+    kwargs = {}
+    if "pooled" in spec:
+        text_embeds = torch.randn(2, spec["pooled"], generator=generator)
+        time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0], [48.0, 40.0, 4.0, 2.0, 64.0, 64.0]])
+        tensors.update(text_embeds=text_embeds, time_ids=time_ids)
+        kwargs["added_cond_kwargs"] = dict(text_embeds=text_embeds, time_ids=time_ids)
+    with torch.no_grad():
+        for i, t in enumerate(UNET_TIMESTEPS):
+            out = unet(latents, torch.tensor(t), encoder_hidden_states=context, **kwargs).sample
+            tensors[f"output_{i}"] = out
+    save_file({k: v.contiguous().float() for k, v in tensors.items()}, case / "reference.safetensors")
+    manifest = {
+        "kind": "unet",
+        "reference": f"diffusers {diffusers.__version__} UNet2DConditionModel, torch {torch.__version__}",
+        "timesteps": UNET_TIMESTEPS,
+        "parameters": sum(p.numel() for p in unet.parameters()),
+        "tolerance": 1e-4,
+    }
+    (case / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"wrote {case}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=pathlib.Path, required=True)
@@ -399,6 +511,8 @@ def main() -> None:
         write_vae_case(args.out, name, spec, seed=1000 + i)
     for i, (name, config) in enumerate(sorted(DIFFUSION_CASES.items())):
         write_diffusion_case(args.out, name, config, seed=2000 + i)
+    for name, spec in sorted(UNET_CASES.items()):
+        write_unet_case(args.out, name, spec, seed=zlib.crc32(name.encode()) % 100_000)
     for name, (cls, config, step_kwargs) in sorted(scheduler_cases().items()):
         # A seed from the name alone: adding a case leaves the others' data unchanged.
         write_scheduler_case(args.out, name, cls, config, step_kwargs, seed=zlib.crc32(name.encode()) % 100_000)

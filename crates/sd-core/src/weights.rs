@@ -138,6 +138,13 @@ fn read_tensor(bytes: &[u8], key: &str, dtype: DType) -> std::result::Result<Ten
     })
 }
 
+/// `found` is `expected` with trailing unit dimensions (`[o, i, 1, 1]` for `[o, i]`).
+fn squeezes_to(found: &[usize], expected: &[usize]) -> bool {
+    found.len() > expected.len()
+        && found[..expected.len()] == *expected
+        && found[expected.len()..].iter().all(|d| *d == 1)
+}
+
 /// Loads `file` into `module`, strictly: every parameter of the module must be in the file with
 /// its shape, and (with [`LoadOptions::reject_unexpected`]) every mapped key of the file must
 /// name a parameter. All problems come back together in one [`CoreError::Weights`].
@@ -164,6 +171,13 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
         if expected.contains_key(&path) {
             present.insert(path.clone());
         }
+        // A 1×1 convolution's [out, in, 1, 1] weight loads into a linear layer's [out, in]:
+        // on tokens the two are the same map (SD 1.x's transformer projections, the
+        // original-layout VAE attention).
+        let shape = match expected.get(&path) {
+            Some(e) if squeezes_to(&entry.shape, e) => e.clone(),
+            _ => entry.shape.clone(),
+        };
         match expected.get(&path) {
             None => {
                 if options.reject_unexpected {
@@ -173,23 +187,28 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
                     });
                 }
             }
-            Some(shape) if *shape != entry.shape => problems.push(WeightProblem::ShapeMismatch {
-                key: entry.key.clone(),
-                expected: shape.clone(),
-                found: entry.shape.clone(),
-            }),
+            Some(expected_shape) if *expected_shape != shape => {
+                problems.push(WeightProblem::ShapeMismatch {
+                    key: entry.key.clone(),
+                    expected: expected_shape.clone(),
+                    found: entry.shape.clone(),
+                })
+            }
             Some(_) => {
                 let bytes = Arc::clone(&file.bytes);
                 let key = entry.key.clone();
                 let dtype = options.dtype;
+                let target_shape = shape.clone();
                 let data_fn = Rc::new(move || {
-                    read_tensor(&bytes, &key, dtype)
-                        .map_err(burn_store::TensorSnapshotError::DataError)
+                    let mut data = read_tensor(&bytes, &key, dtype)
+                        .map_err(burn_store::TensorSnapshotError::DataError)?;
+                    data.shape = target_shape.clone().into();
+                    Ok(data)
                 });
                 snapshots.push(TensorSnapshot::from_closure(
                     data_fn,
                     options.dtype,
-                    entry.shape.clone().into(),
+                    shape.clone().into(),
                     path.split('.').map(str::to_string).collect(),
                     Vec::new(),
                     ParamId::new(),

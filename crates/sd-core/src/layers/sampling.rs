@@ -77,6 +77,12 @@ impl<B: Backend> Upsample2d<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         self.conv.forward(upsample_nearest2x(x))
     }
+
+    /// Nearest-neighbour to an explicit size (the U-Net's skip size when a side was odd).
+    pub fn forward_to(&self, x: Tensor<B, 4>, size: [usize; 2]) -> Tensor<B, 4> {
+        let x = interpolate(x, size, InterpolateOptions::new(InterpolateMode::Nearest));
+        self.conv.forward(x)
+    }
 }
 
 /// Nearest-neighbour ×2 upsampling (`F.interpolate(x, scale_factor=2, mode="nearest")`).

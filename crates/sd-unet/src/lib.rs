@@ -1,0 +1,15 @@
+//! The conditional U-Net of Stable Diffusion (Ronneberger et al. 2015; Rombach et al. 2022,
+//! sec. 3.3): diffusers' `UNet2DConditionModel` for SD 1.x, 2.x, XL and inpainting configs,
+//! built from `sd-core`'s layers.
+
+mod blocks;
+mod config;
+mod embeddings;
+mod transformer;
+mod unet;
+
+pub use blocks::{DownBlock, MidBlock, UpBlock};
+pub use config::{BlockKind, PerBlock, UNet2DConditionConfig};
+pub use embeddings::{TimestepEmbedding, timestep_embedding};
+pub use transformer::{Attention, BasicTransformerBlock, FeedForward, Transformer2d};
+pub use unet::{TextTimeConditioning, UNet2DConditionModel};

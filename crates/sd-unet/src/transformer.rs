@@ -1,0 +1,166 @@
+//! The U-Net's spatial transformer (diffusers `Transformer2DModel` with `BasicTransformerBlock`):
+//! self-attention over the pixels, cross-attention to the text context, and a GEGLU feed-forward
+//! (Rombach et al. 2022, sec. 3.3; Shazeer 2020 for GEGLU).
+
+use burn::module::Module;
+use burn::nn::{GroupNorm, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::Tensor;
+use burn::tensor::activation::gelu;
+use burn::tensor::backend::Backend;
+use sd_core::layers::{group_norm, scaled_dot_product_attention};
+
+/// Multi-head attention with separate query/key/value projections (diffusers `Attention`):
+/// self-attention when no context is given, cross-attention otherwise.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub to_q: Linear<B>,
+    pub to_k: Linear<B>,
+    pub to_v: Linear<B>,
+    /// A list, as diffusers' `to_out` (`to_out.0`).
+    pub to_out: Vec<Linear<B>>,
+    pub heads: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    pub fn new(query_dim: usize, context_dim: usize, heads: usize, device: &B::Device) -> Self {
+        let projection = |from| {
+            LinearConfig::new(from, query_dim)
+                .with_bias(false)
+                .init(device)
+        };
+        Self {
+            to_q: projection(query_dim),
+            to_k: projection(context_dim),
+            to_v: projection(context_dim),
+            to_out: vec![LinearConfig::new(query_dim, query_dim).init(device)],
+            heads,
+        }
+    }
+
+    /// `x`: `[batch, tokens, dim]`; `context`: `[batch, context tokens, context dim]`.
+    pub fn forward(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
+        let [b, n, dim] = x.dims();
+        let context = context.unwrap_or_else(|| x.clone());
+        let heads = self.heads;
+        let split = |t: Tensor<B, 3>| {
+            let [_, len, _] = t.dims();
+            t.reshape([b, len, heads, dim / heads]).swap_dims(1, 2)
+        };
+        let q = split(self.to_q.forward(x));
+        let k = split(self.to_k.forward(context.clone()));
+        let v = split(self.to_v.forward(context));
+        let out = scaled_dot_product_attention(q, k, v)
+            .swap_dims(1, 2)
+            .reshape([b, n, dim]);
+        self.to_out.iter().fold(out, |t, linear| linear.forward(t))
+    }
+}
+
+/// GEGLU feed-forward: `W₂ (h ⊙ GELU(g))` with `[h, g] = W₁ x`, 4× wide.
+#[derive(Module, Debug)]
+pub struct FeedForward<B: Backend> {
+    /// diffusers' `ff.net.0.proj`.
+    pub geglu: Linear<B>,
+    /// diffusers' `ff.net.2`.
+    pub proj_out: Linear<B>,
+}
+
+impl<B: Backend> FeedForward<B> {
+    pub fn new(dim: usize, device: &B::Device) -> Self {
+        let inner = 4 * dim;
+        Self {
+            geglu: LinearConfig::new(dim, 2 * inner).init(device),
+            proj_out: LinearConfig::new(inner, dim).init(device),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let projected = self.geglu.forward(x);
+        let [b, n, two_inner] = projected.dims();
+        let inner = two_inner / 2;
+        let hidden = projected.clone().slice([0..b, 0..n, 0..inner]);
+        let gate = projected.slice([0..b, 0..n, inner..two_inner]);
+        self.proj_out.forward(hidden * gelu(gate))
+    }
+}
+
+/// Pre-norm self-attention, cross-attention and feed-forward, each with a residual.
+#[derive(Module, Debug)]
+pub struct BasicTransformerBlock<B: Backend> {
+    pub norm1: LayerNorm<B>,
+    pub attn1: Attention<B>,
+    pub norm2: LayerNorm<B>,
+    pub attn2: Attention<B>,
+    pub norm3: LayerNorm<B>,
+    pub ff: FeedForward<B>,
+}
+
+impl<B: Backend> BasicTransformerBlock<B> {
+    pub fn new(dim: usize, heads: usize, context_dim: usize, device: &B::Device) -> Self {
+        let norm = || LayerNormConfig::new(dim).with_epsilon(1e-5).init(device);
+        Self {
+            norm1: norm(),
+            attn1: Attention::new(dim, dim, heads, device),
+            norm2: norm(),
+            attn2: Attention::new(dim, context_dim, heads, device),
+            norm3: norm(),
+            ff: FeedForward::new(dim, device),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>, context: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
+        let x = self
+            .attn2
+            .forward(self.norm2.forward(x.clone()), Some(context))
+            + x;
+        self.ff.forward(self.norm3.forward(x.clone())) + x
+    }
+}
+
+/// GroupNorm, a projection to tokens, transformer blocks, a projection back, and a residual
+/// (diffusers `Transformer2DModel`). `proj_in`/`proj_out` are linear layers: the 1×1
+/// convolutions of SD 1.x checkpoints load into them, since on tokens they are the same map.
+#[derive(Module, Debug)]
+pub struct Transformer2d<B: Backend> {
+    pub norm: GroupNorm<B>,
+    pub proj_in: Linear<B>,
+    pub transformer_blocks: Vec<BasicTransformerBlock<B>>,
+    pub proj_out: Linear<B>,
+}
+
+impl<B: Backend> Transformer2d<B> {
+    pub fn new(
+        channels: usize,
+        heads: usize,
+        layers: usize,
+        context_dim: usize,
+        groups: usize,
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            norm: group_norm(groups, channels, 1e-6, device),
+            proj_in: LinearConfig::new(channels, channels).init(device),
+            transformer_blocks: (0..layers)
+                .map(|_| BasicTransformerBlock::new(channels, heads, context_dim, device))
+                .collect(),
+            proj_out: LinearConfig::new(channels, channels).init(device),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 4>, context: Tensor<B, 3>) -> Tensor<B, 4> {
+        let [b, c, h, w] = x.dims();
+        let tokens = self
+            .norm
+            .forward(x.clone())
+            .reshape([b, c, h * w])
+            .swap_dims(1, 2);
+        let tokens = self.proj_in.forward(tokens);
+        let tokens = self
+            .transformer_blocks
+            .iter()
+            .fold(tokens, |t, block| block.forward(t, context.clone()));
+        let out = self.proj_out.forward(tokens);
+        out.swap_dims(1, 2).reshape([b, c, h, w]) + x
+    }
+}

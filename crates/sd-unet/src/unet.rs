@@ -1,0 +1,281 @@
+use std::path::Path;
+
+use burn::module::Module;
+use burn::nn::GroupNorm;
+use burn::nn::conv::Conv2d;
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use sd_core::layers::{conv2d, group_norm, silu};
+use sd_core::weights::{LoadOptions, SafetensorsFile, diffusers_weights_path, load_safetensors};
+use sd_core::{CoreError, Result};
+
+use crate::blocks::{BlockSettings, DownBlock, MidBlock, UpBlock};
+use crate::config::{BlockKind, UNet2DConditionConfig};
+use crate::embeddings::{TimestepEmbedding, timestep_embedding};
+
+/// SDXL's extra conditioning: the pooled text embedding and the six size/crop time ids
+/// (original height, width, crop top, left, target height, width).
+#[derive(Debug, Clone)]
+pub struct TextTimeConditioning<B: Backend> {
+    /// `[batch, pooled dim]`.
+    pub text_embeds: Tensor<B, 2>,
+    /// `[batch, 6]` as numbers (pixels).
+    pub time_ids: Vec<[f64; 6]>,
+}
+
+/// diffusers' `UNet2DConditionModel`: predicts the noise (or v) in a latent at a timestep,
+/// attending to a text context.
+#[derive(Module, Debug)]
+pub struct UNet2DConditionModel<B: Backend> {
+    pub conv_in: Conv2d<B>,
+    pub time_embedding: TimestepEmbedding<B>,
+    /// SDXL's `add_embedding`, present with `addition_embed_type: "text_time"`.
+    pub add_embedding: Option<TimestepEmbedding<B>>,
+    pub down_blocks: Vec<DownBlock<B>>,
+    pub mid_block: Option<MidBlock<B>>,
+    pub up_blocks: Vec<UpBlock<B>>,
+    pub conv_norm_out: GroupNorm<B>,
+    pub conv_out: Conv2d<B>,
+    in_channels: usize,
+    context_dim: usize,
+    time_proj_dim: usize,
+    add_time_dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+    /// How many times the latent is halved: its sides must divide by `2^downsamples` unless
+    /// the up path is told the skip sizes (it is, as diffusers does).
+    downsamples: usize,
+}
+
+impl<B: Backend> UNet2DConditionModel<B> {
+    /// A U-Net with random weights, shaped by `config`.
+    pub fn new(config: &UNet2DConditionConfig, device: &B::Device) -> Result<Self> {
+        let r = config.resolve().map_err(|reason| CoreError::Config {
+            path: "<UNet2DConditionConfig>".into(),
+            reason,
+        })?;
+        let ch = &config.block_out_channels;
+        let n = ch.len();
+        let temb = config.time_embed_dim();
+        let settings = |i: usize, kind: BlockKind| BlockSettings {
+            temb,
+            groups: config.norm_num_groups,
+            eps: config.norm_eps,
+            attention: (kind == BlockKind::CrossAttention)
+                .then(|| (r.heads[i], r.transformer_layers[i], r.cross_dims[i])),
+        };
+        let mut cin = ch[0];
+        let down_blocks = (0..n)
+            .map(|i| {
+                let last = i + 1 == n;
+                let block = DownBlock::new(
+                    settings(i, r.down[i]),
+                    cin,
+                    ch[i],
+                    r.layers[i],
+                    (!last).then_some(config.downsample_padding),
+                    device,
+                );
+                cin = ch[i];
+                block
+            })
+            .collect();
+        let mid_block = config.mid_block_type.as_ref().map(|_| {
+            let kind = if r.mid_attention {
+                BlockKind::CrossAttention
+            } else {
+                BlockKind::Plain
+            };
+            MidBlock::new(
+                settings(n - 1, kind),
+                ch[n - 1],
+                config.mid_block_scale_factor,
+                device,
+            )
+        });
+        let mut prev = ch[n - 1];
+        let up_blocks = (0..n)
+            .map(|i| {
+                // Up block i mirrors down block n−1−i.
+                let d = n - 1 - i;
+                let skip_in = ch[d.saturating_sub(1)];
+                let block = UpBlock::new(
+                    settings(d, r.up[i]),
+                    prev,
+                    ch[d],
+                    skip_in,
+                    r.layers[d] + 1,
+                    i + 1 < n,
+                    device,
+                );
+                prev = ch[d];
+                block
+            })
+            .collect();
+        let add_embedding = config.needs_text_time().then(|| {
+            TimestepEmbedding::new(
+                config.projection_class_embeddings_input_dim.unwrap_or(0),
+                temb,
+                device,
+            )
+        });
+        let (kin, kout) = (config.conv_in_kernel, config.conv_out_kernel);
+        Ok(Self {
+            conv_in: conv2d(config.in_channels, ch[0], kin, 1, kin / 2, device),
+            time_embedding: TimestepEmbedding::new(ch[0], temb, device),
+            add_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: group_norm(config.norm_num_groups, ch[0], config.norm_eps, device),
+            conv_out: conv2d(ch[0], config.out_channels, kout, 1, kout / 2, device),
+            in_channels: config.in_channels,
+            context_dim: r.cross_dims[0],
+            time_proj_dim: ch[0],
+            add_time_dim: config.addition_time_embed_dim.unwrap_or(0),
+            flip_sin_to_cos: config.flip_sin_to_cos,
+            freq_shift: config.freq_shift,
+            downsamples: n - 1,
+        })
+    }
+
+    /// Loads a diffusers `unet/` folder: `config.json` and `diffusion_pytorch_model.safetensors`
+    /// (or its `variant`, e.g. `fp16`).
+    pub fn from_pretrained(
+        unet_dir: impl AsRef<Path>,
+        variant: Option<&str>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let dir = unet_dir.as_ref();
+        let config = UNet2DConditionConfig::from_file(dir.join("config.json"))?;
+        let file = SafetensorsFile::open(diffusers_weights_path(dir, variant)?)?;
+        Self::new(&config, device)?.load_weights(&file, LoadOptions::default())
+    }
+
+    /// Fills the weights from a file in the diffusers layout.
+    pub fn load_weights(self, file: &SafetensorsFile, options: LoadOptions) -> Result<Self> {
+        load_safetensors(self, file, &diffusers_key, options)
+    }
+
+    /// The number of parameters (weights and biases).
+    pub fn parameter_count(&self) -> usize {
+        self.num_params()
+    }
+
+    /// `latents`: `[batch, in_channels, h, w]`; `timesteps`: one per sample (fractional allowed);
+    /// `context`: `[batch, tokens, cross_attention_dim]`; `text_time`: SDXL's extra
+    /// conditioning, required exactly when the config has `addition_embed_type: "text_time"`.
+    pub fn forward(
+        &self,
+        latents: Tensor<B, 4>,
+        timesteps: &[f64],
+        context: Tensor<B, 3>,
+        text_time: Option<&TextTimeConditioning<B>>,
+    ) -> Result<Tensor<B, 4>> {
+        let [b, c, h, w] = latents.dims();
+        let [cb, _, cdim] = context.dims();
+        let invalid = |m: String| Err(CoreError::InvalidInput(m));
+        if c != self.in_channels {
+            return invalid(format!(
+                "the U-Net takes {} latent channels, got {c}",
+                self.in_channels
+            ));
+        }
+        if cb != b || cdim != self.context_dim {
+            return invalid(format!(
+                "context [{cb}, _, {cdim}] does not fit latents of batch {b} and a U-Net with \
+                 cross_attention_dim {}",
+                self.context_dim
+            ));
+        }
+        if timesteps.len() != b && timesteps.len() != 1 {
+            return invalid(format!("{} timesteps for a batch of {b}", timesteps.len()));
+        }
+        if h == 0 || w == 0 {
+            return invalid("empty latent".into());
+        }
+        let device = latents.device();
+        let t: Vec<f64> = if timesteps.len() == 1 {
+            vec![timesteps[0]; b]
+        } else {
+            timesteps.to_vec()
+        };
+        let t_emb = timestep_embedding::<B>(
+            &t,
+            self.time_proj_dim,
+            self.flip_sin_to_cos,
+            self.freq_shift,
+            &device,
+        );
+        let mut emb = self.time_embedding.forward(t_emb);
+        match (&self.add_embedding, text_time) {
+            (Some(add), Some(tt)) => {
+                if tt.time_ids.len() != b || tt.text_embeds.dims()[0] != b {
+                    return invalid(format!("SDXL conditioning is not for a batch of {b}"));
+                }
+                let flat: Vec<f64> = tt.time_ids.iter().flatten().copied().collect();
+                let time_embeds = timestep_embedding::<B>(
+                    &flat,
+                    self.add_time_dim,
+                    self.flip_sin_to_cos,
+                    self.freq_shift,
+                    &device,
+                )
+                .reshape([b as i32, -1]);
+                let add_in = Tensor::cat(vec![tt.text_embeds.clone(), time_embeds], 1);
+                let expected = add.linear_1.weight.dims()[0];
+                if add_in.dims()[1] != expected {
+                    return invalid(format!(
+                        "SDXL add-embedding input is {} wide (pooled text + 6 time ids), the U-Net expects {expected}",
+                        add_in.dims()[1]
+                    ));
+                }
+                emb = emb + add.forward(add_in);
+            }
+            (Some(_), None) => {
+                return invalid(
+                    "this is an SDXL U-Net: it needs the pooled text embedding and the time ids"
+                        .into(),
+                );
+            }
+            (None, Some(_)) => {
+                return invalid("this U-Net takes no SDXL text/time conditioning".into());
+            }
+            (None, None) => {}
+        }
+
+        let mut x = self.conv_in.forward(latents);
+        let mut skips = vec![x.clone()];
+        for block in &self.down_blocks {
+            x = block.forward(x, &emb, &context, &mut skips);
+        }
+        if let Some(mid) = &self.mid_block {
+            x = mid.forward(x, &emb, &context);
+        }
+        // diffusers passes the skip's size to the upsamplers when a side does not divide.
+        let uneven = [h, w].iter().any(|s| s % (1 << self.downsamples) != 0);
+        for block in &self.up_blocks {
+            let take = block.resnets.len();
+            if skips.len() < take {
+                return invalid("internal: skip connections exhausted".into());
+            }
+            let size = if uneven && !block.upsamplers.is_empty() {
+                let next = &skips[skips.len() - take - 1];
+                let [.., sh, sw] = next.dims();
+                Some([sh, sw])
+            } else {
+                None
+            };
+            x = block.forward(x, &emb, &context, &mut skips, size);
+        }
+        Ok(self.conv_out.forward(silu(self.conv_norm_out.forward(x))))
+    }
+}
+
+/// diffusers' feed-forward keys (`ff.net.0.proj`, `ff.net.2`) onto [`crate::FeedForward`]'s.
+fn diffusers_key(key: &str) -> Option<String> {
+    Some(
+        key.replace(".ff.net.0.proj.", ".ff.geglu.")
+            .replace(".ff.net.2.", ".ff.proj_out."),
+    )
+}
