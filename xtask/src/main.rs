@@ -4,6 +4,8 @@
 //! - `bench-vae [--config sd15|tiny] [--runs N]`: time the same VAE decode in Rust (release,
 //!   flex) and in PyTorch (diffusers) on this machine, one after the other, and print the ratio
 //!   and each side's peak memory.
+//! - `bench-unet [--config sd15|sd21] [--runs N]`: the same for one classifier-free-guidance
+//!   U-Net step (batch 2, 64×64 latent, 77 tokens).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -12,9 +14,25 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("fixtures") => fixtures(),
-        Some("bench-vae") => bench_vae(&args[1..]),
+        Some("bench-vae") => compare(
+            "VAE decode",
+            "vae-decode-timing",
+            "bench_vae.py",
+            &args[1..],
+            "sd15",
+            "3",
+        ),
+        Some("bench-unet") => compare(
+            "U-Net CFG step",
+            "unet-step-timing",
+            "bench_unet.py",
+            &args[1..],
+            "sd15",
+            "2",
+        ),
         _ => Err(format!(
-            "usage: cargo xtask fixtures | bench-vae [--config sd15|tiny] [--runs N]\n\
+            "usage: cargo xtask fixtures | bench-vae [--config sd15|tiny] [--runs N] \
+             | bench-unet [--config sd15|sd21] [--runs N]\n\
              got: {args:?}"
         )),
     };
@@ -93,9 +111,18 @@ fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
-fn bench_vae(args: &[String]) -> Result<(), String> {
-    let config = flag(args, "--config").unwrap_or("sd15");
-    let runs = flag(args, "--runs").unwrap_or("3");
+/// Runs a Rust timing binary (release, default backend) and its PyTorch counterpart one after
+/// the other on this machine with the same arguments, and prints both and the ratios.
+fn compare(
+    what: &str,
+    bin: &str,
+    script: &str,
+    args: &[String],
+    default_config: &str,
+    default_runs: &str,
+) -> Result<(), String> {
+    let config = flag(args, "--config").unwrap_or(default_config);
+    let runs = flag(args, "--runs").unwrap_or(default_runs);
     let python = venv()?;
     let root = root();
     run(Command::new(env!("CARGO")).current_dir(&root).args([
@@ -105,15 +132,18 @@ fn bench_vae(args: &[String]) -> Result<(), String> {
         "-p",
         "sd-benches",
         "--bin",
-        "vae-decode-timing",
+        bin,
     ]))?;
-    let rust_bin = root.join("target/release/vae-decode-timing");
     let common = ["--config", config, "--runs", runs];
-    let rust = output(Command::new(rust_bin).current_dir(&root).args(common))?;
+    let rust = output(
+        Command::new(root.join("target/release").join(bin))
+            .current_dir(&root)
+            .args(common),
+    )?;
     let torch = output(
         Command::new(python)
             .current_dir(&root)
-            .arg(root.join("xtask/python/bench_vae.py"))
+            .arg(root.join("xtask/python").join(script))
             .args(common),
     )?;
     let parse = |s: &str| -> Result<serde_json::Value, String> {
@@ -124,16 +154,18 @@ fn bench_vae(args: &[String]) -> Result<(), String> {
     let secs = |v: &serde_json::Value| v["median_s"].as_f64().unwrap_or(f64::NAN);
     let mib = |v: &serde_json::Value| v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
     println!(
-        "VAE decode, config {config}, {} → {} , median of {runs}",
-        rust["latent"], rust["image"]
+        "{what}, config {config}, input {}, median of {runs}",
+        rust["latent"]
     );
     println!(
-        "  rust (flex)      {:8.3} s   peak RSS {:8.0} MiB",
+        "  rust ({})  {:8.3} s   peak RSS {:8.0} MiB",
+        rust["backend"],
         secs(&rust),
         mib(&rust)
     );
     println!(
-        "  pytorch (cpu)    {:8.3} s   peak RSS {:8.0} MiB",
+        "  pytorch ({})  {:8.3} s   peak RSS {:8.0} MiB",
+        torch["backend"],
         secs(&torch),
         mib(&torch)
     );

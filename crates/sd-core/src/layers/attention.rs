@@ -13,12 +13,53 @@ use super::group_norm;
 /// `attention` op, which backends with a fused kernel (Flex's tiled online-softmax kernel, the
 /// CubeCL flash kernels on CUDA and WGPU) accelerate, and which autodiff differentiates through
 /// its reference decomposition.
+///
+/// Backends without a fused kernel (and autodiff, which differentiates the reference form)
+/// materialise the `[batch, heads, len_q, len_k]` score matrix: for a 512² image's 4096-token
+/// self-attention that is 8 × 4096² floats per image. Queries are therefore processed in chunks
+/// that keep each score block under [`MAX_SCORES`] elements; every chunk attends to all keys, so
+/// the result is the same.
 pub fn scaled_dot_product_attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
 ) -> Tensor<B, 4> {
-    attention(q, k, v, None, None, AttentionModuleOptions::default())
+    chunked_attention(q, k, v, MAX_SCORES)
+}
+
+/// The largest score block one attention call materialises: 2²⁵ floats, 128 MiB in f32.
+pub const MAX_SCORES: usize = 1 << 25;
+
+/// [`scaled_dot_product_attention`] with queries split so that no chunk's score block exceeds
+/// `max_scores` elements.
+pub fn chunked_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    max_scores: usize,
+) -> Tensor<B, 4> {
+    let [b, h, lq, _] = q.dims();
+    let lk = k.dims()[2];
+    let per_query = (b * h * lk).max(1);
+    let chunk = (max_scores / per_query).max(1);
+    if chunk >= lq {
+        return attention(q, k, v, None, None, AttentionModuleOptions::default());
+    }
+    let parts = (0..lq)
+        .step_by(chunk)
+        .map(|start| {
+            let len = chunk.min(lq - start);
+            attention(
+                q.clone().narrow(2, start, len),
+                k.clone(),
+                v.clone(),
+                None,
+                None,
+                AttentionModuleOptions::default(),
+            )
+        })
+        .collect();
+    Tensor::cat(parts, 2)
 }
 
 /// Configuration of an [`AttentionBlock2d`].
@@ -80,5 +121,26 @@ impl<B: Backend> AttentionBlock2d<B> {
             .iter()
             .fold(attended, |t, linear| linear.forward(t));
         out.swap_dims(1, 2).reshape([b, c, h, w]) + x
+    }
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use burn::tensor::{Distribution, Tensor};
+
+    use super::*;
+    use crate::backend::Flex;
+
+    #[test]
+    fn chunked_queries_give_the_same_attention() {
+        let device = Default::default();
+        let q = Tensor::<Flex, 4>::random([2, 3, 37, 8], Distribution::Normal(0.0, 1.0), &device);
+        let k = Tensor::<Flex, 4>::random([2, 3, 21, 8], Distribution::Normal(0.0, 1.0), &device);
+        let v = Tensor::<Flex, 4>::random([2, 3, 21, 8], Distribution::Normal(0.0, 1.0), &device);
+        let whole = chunked_attention(q.clone(), k.clone(), v.clone(), usize::MAX);
+        // 2·3·21 scores per query: chunks of 5 queries.
+        let chunked = chunked_attention(q, k, v, 2 * 3 * 21 * 5);
+        let diff: f32 = (whole - chunked).abs().max().into_scalar();
+        assert!(diff < 1e-6, "{diff}");
     }
 }

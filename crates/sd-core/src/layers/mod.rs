@@ -7,7 +7,10 @@ mod norm;
 mod resnet;
 mod sampling;
 
-pub use attention::{AttentionBlock2d, AttentionBlock2dConfig, scaled_dot_product_attention};
+pub use attention::{
+    AttentionBlock2d, AttentionBlock2dConfig, MAX_SCORES, chunked_attention,
+    scaled_dot_product_attention,
+};
 pub use mid_block::{MidBlock2d, MidBlock2dConfig};
 pub use norm::group_norm;
 pub use resnet::{ResnetBlock2d, ResnetBlock2dConfig};
