@@ -34,6 +34,7 @@ from diffusers import (
     LCMScheduler,
     LMSDiscreteScheduler,
 )
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.training_utils import compute_snr
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import save_file
@@ -411,28 +412,28 @@ UNET_CASES = {
     ),
     "sd2_like_odd_size": dict(
         config=dict(
-            block_out_channels=[32, 64, 64],
+            block_out_channels=[16, 32, 32],
             down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
             layers_per_block=1,
-            cross_attention_dim=48,
+            cross_attention_dim=24,
             attention_head_dim=[2, 4, 4],
             use_linear_projection=True,
             upcast_attention=True,
-            norm_num_groups=16,
+            norm_num_groups=8,
             sample_size=16,
         ),
         latent=(12, 10),
-        context=(9, 48),
+        context=(9, 24),
     ),
     "sdxl_like": dict(
         config=dict(
-            block_out_channels=[32, 64, 64],
+            block_out_channels=[16, 32, 32],
             down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
             up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
             layers_per_block=1,
             transformer_layers_per_block=[1, 2, 2],
-            cross_attention_dim=64,
+            cross_attention_dim=32,
             attention_head_dim=[2, 4, 4],
             use_linear_projection=True,
             addition_embed_type="text_time",
@@ -442,7 +443,7 @@ UNET_CASES = {
             sample_size=16,
         ),
         latent=(16, 16),
-        context=(11, 64),
+        context=(11, 32),
         pooled=16,
     ),
     "inpainting_like": dict(
@@ -464,6 +465,62 @@ UNET_CASES = {
 UNET_TIMESTEPS = [[0.0, 1.0], [500.0, 999.0], [377.5, 999.0]]
 
 
+def diffusers_to_ldm_unet(state: dict, config) -> dict:
+    """The original single-file layout (`model.diffusion_model.*`) of a diffusers U-Net state
+    dict. Proven below by diffusers' own converter mapping it back."""
+    per = config["layers_per_block"] + 1
+    has_attention = {i: "CrossAttn" in t for i, t in enumerate(config["up_block_types"])}
+    fixed = {
+        "time_embedding.linear_1.": "time_embed.0.",
+        "time_embedding.linear_2.": "time_embed.2.",
+        "add_embedding.linear_1.": "label_emb.0.0.",
+        "add_embedding.linear_2.": "label_emb.0.2.",
+        "conv_in.": "input_blocks.0.0.",
+        "conv_norm_out.": "out.0.",
+        "conv_out.": "out.2.",
+    }
+
+    def resnet(rest: str) -> str:
+        for new, old in [
+            ("norm1", "in_layers.0"),
+            ("conv1", "in_layers.2"),
+            ("norm2", "out_layers.0"),
+            ("conv2", "out_layers.3"),
+            ("time_emb_proj", "emb_layers.1"),
+            ("conv_shortcut", "skip_connection"),
+        ]:
+            rest = rest.replace(new, old)
+        return rest
+
+    out = {}
+    for key, value in state.items():
+        prefix = next((p for p in fixed if key.startswith(p)), None)
+        parts = key.split(".")
+        if prefix is not None:
+            ldm = fixed[prefix] + key[len(prefix):]
+        elif parts[0] == "down_blocks":
+            b, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+            if kind == "resnets":
+                ldm = f"input_blocks.{1 + b * per + j}.0.{resnet(rest)}"
+            elif kind == "attentions":
+                ldm = f"input_blocks.{1 + b * per + j}.1.{rest}"
+            else:
+                ldm = f"input_blocks.{1 + b * per + per - 1}.0.op.{rest.removeprefix('conv.')}"
+        elif parts[0] == "mid_block":
+            kind, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+            ldm = f"middle_block.{2 * j}.{resnet(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
+        else:
+            b, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+            if kind == "resnets":
+                ldm = f"output_blocks.{b * per + j}.0.{resnet(rest)}"
+            elif kind == "attentions":
+                ldm = f"output_blocks.{b * per + j}.1.{rest}"
+            else:
+                ldm = f"output_blocks.{b * per + per - 1}.{2 if has_attention[b] else 1}.{rest}"
+        out["model.diffusion_model." + ldm] = value
+    return out
+
+
 def write_unet_case(root: pathlib.Path, name: str, spec: dict, seed: int) -> None:
     case = root / "unet" / name
     if case.exists():
@@ -474,6 +531,12 @@ def write_unet_case(root: pathlib.Path, name: str, spec: dict, seed: int) -> Non
     randomise_norms(unet, generator)
     unet = unet.half()
     unet.save_pretrained(case / "unet", safe_serialization=True)
+    state = {k: v.contiguous() for k, v in unet.state_dict().items()}
+    ldm = diffusers_to_ldm_unet(state, unet.config)
+    back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+    assert back.keys() == state.keys(), set(back) ^ set(state)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    save_file(ldm, case / "unet_single_file.safetensors")
     unet = unet.float().eval()
     h, w = spec["latent"]
     latents = torch.randn(2, unet.config.in_channels, h, w, generator=generator)

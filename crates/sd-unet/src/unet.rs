@@ -157,6 +157,26 @@ impl<B: Backend> UNet2DConditionModel<B> {
         load_safetensors(self, file, &diffusers_key, options)
     }
 
+    /// Fills the weights from a single-file checkpoint in the original layout
+    /// (`model.diffusion_model.*`); the file's other components are ignored.
+    pub fn load_single_file(
+        self,
+        file: &SafetensorsFile,
+        config: &UNet2DConditionConfig,
+        options: LoadOptions,
+    ) -> Result<Self> {
+        let crate::PerBlock::One(layers) = config.layers_per_block else {
+            return Err(CoreError::Config {
+                path: file.path().into(),
+                reason: "single-file checkpoints need one layers_per_block for every block".into(),
+            });
+        };
+        let map = |key: &str| {
+            crate::single_file::ldm_to_diffusers_key(key, layers).and_then(|k| diffusers_key(&k))
+        };
+        load_safetensors(self, file, &map, options)
+    }
+
     /// The number of parameters (weights and biases).
     pub fn parameter_count(&self) -> usize {
         self.num_params()

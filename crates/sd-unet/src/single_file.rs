@@ -1,0 +1,130 @@
+//! The original (CompVis/LDM) single-file layout: `model.diffusion_model.input_blocks.N.M…`
+//! keys mapped onto diffusers' names, as diffusers' `convert_ldm_unet_checkpoint` maps them.
+
+/// The prefix of the U-Net's tensors in a single-file checkpoint.
+pub const LDM_UNET_PREFIX: &str = "model.diffusion_model.";
+
+/// ResNet sub-layer names: LDM's sequential indices onto diffusers' names.
+fn resnet(rest: &str) -> String {
+    rest.replace("in_layers.0", "norm1")
+        .replace("in_layers.2", "conv1")
+        .replace("out_layers.0", "norm2")
+        .replace("out_layers.3", "conv2")
+        .replace("emb_layers.1", "time_emb_proj")
+        .replace("skip_connection", "conv_shortcut")
+}
+
+/// The diffusers key of a single-file U-Net key, for a U-Net with `layers_per_block` ResNets per
+/// down block; `None` for tensors that are not the U-Net's (the VAE's, the text encoder's).
+pub fn ldm_to_diffusers_key(key: &str, layers_per_block: usize) -> Option<String> {
+    let key = key.strip_prefix(LDM_UNET_PREFIX)?;
+    let fixed = [
+        ("time_embed.0.", "time_embedding.linear_1."),
+        ("time_embed.2.", "time_embedding.linear_2."),
+        ("label_emb.0.0.", "add_embedding.linear_1."),
+        ("label_emb.0.2.", "add_embedding.linear_2."),
+        ("input_blocks.0.0.", "conv_in."),
+        ("out.0.", "conv_norm_out."),
+        ("out.2.", "conv_out."),
+    ];
+    for (from, to) in fixed {
+        if let Some(rest) = key.strip_prefix(from) {
+            return Some(format!("{to}{rest}"));
+        }
+    }
+    let mut parts = key.splitn(4, '.');
+    let (group, index, sub, rest) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let index: usize = index.parse().ok()?;
+    let per = layers_per_block + 1;
+    Some(match (group, sub) {
+        ("input_blocks", "0") if index >= 1 => {
+            let (b, j) = ((index - 1) / per, (index - 1) % per);
+            match rest.strip_prefix("op.") {
+                Some(param) => format!("down_blocks.{b}.downsamplers.0.conv.{param}"),
+                None => format!("down_blocks.{b}.resnets.{j}.{}", resnet(rest)),
+            }
+        }
+        ("input_blocks", "1") if index >= 1 => {
+            let (b, j) = ((index - 1) / per, (index - 1) % per);
+            format!("down_blocks.{b}.attentions.{j}.{rest}")
+        }
+        // `middle_block.N.<layer>…`: the third part is already the layer's name.
+        ("middle_block", _) => {
+            let inner = format!("{sub}.{rest}");
+            match index {
+                0 => format!("mid_block.resnets.0.{}", resnet(&inner)),
+                1 => format!("mid_block.attentions.0.{inner}"),
+                2 => format!("mid_block.resnets.1.{}", resnet(&inner)),
+                _ => return None,
+            }
+        }
+        ("output_blocks", "0") => {
+            let (b, j) = (index / per, index % per);
+            format!("up_blocks.{b}.resnets.{j}.{}", resnet(rest))
+        }
+        ("output_blocks", "1") if rest.starts_with("conv.") => {
+            format!("up_blocks.{}.upsamplers.0.{rest}", index / per)
+        }
+        ("output_blocks", "1") => {
+            let (b, j) = (index / per, index % per);
+            format!("up_blocks.{b}.attentions.{j}.{rest}")
+        }
+        ("output_blocks", "2") => format!("up_blocks.{}.upsamplers.0.{rest}", index / per),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ldm_to_diffusers_key as map;
+
+    #[test]
+    fn maps_the_sd15_layout() {
+        let p = |k: &str| format!("model.diffusion_model.{k}");
+        let cases = [
+            ("time_embed.2.bias", "time_embedding.linear_2.bias"),
+            ("input_blocks.0.0.weight", "conv_in.weight"),
+            (
+                "input_blocks.1.0.in_layers.0.weight",
+                "down_blocks.0.resnets.0.norm1.weight",
+            ),
+            (
+                "input_blocks.2.1.proj_in.weight",
+                "down_blocks.0.attentions.1.proj_in.weight",
+            ),
+            (
+                "input_blocks.3.0.op.bias",
+                "down_blocks.0.downsamplers.0.conv.bias",
+            ),
+            (
+                "input_blocks.4.0.skip_connection.weight",
+                "down_blocks.1.resnets.0.conv_shortcut.weight",
+            ),
+            (
+                "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+                "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+            ),
+            (
+                "middle_block.2.emb_layers.1.weight",
+                "mid_block.resnets.1.time_emb_proj.weight",
+            ),
+            (
+                "output_blocks.2.1.conv.weight",
+                "up_blocks.0.upsamplers.0.conv.weight",
+            ),
+            (
+                "output_blocks.5.2.conv.bias",
+                "up_blocks.1.upsamplers.0.conv.bias",
+            ),
+            (
+                "output_blocks.5.1.norm.weight",
+                "up_blocks.1.attentions.2.norm.weight",
+            ),
+            ("out.2.weight", "conv_out.weight"),
+        ];
+        for (ldm, diffusers) in cases {
+            assert_eq!(map(&p(ldm), 2).as_deref(), Some(diffusers), "{ldm}");
+        }
+        assert_eq!(map("first_stage_model.decoder.conv_in.weight", 2), None);
+    }
+}
