@@ -16,6 +16,7 @@ import pathlib
 import shutil
 
 import diffusers
+import transformers
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -34,6 +35,7 @@ from diffusers import (
     LCMScheduler,
     LMSDiscreteScheduler,
 )
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.training_utils import compute_snr
 from diffusers.utils.torch_utils import randn_tensor
@@ -565,6 +567,68 @@ def write_unet_case(root: pathlib.Path, name: str, spec: dict, seed: int) -> Non
     print(f"wrote {case}")
 
 
+# Tiny CLIP text towers: OpenAI-style (quick_gelu), OpenCLIP-style with a projection (gelu),
+# and an old config whose eos_token_id is 2 (pooled at the largest id).
+CLIP_CASES = {
+    "clip_quick_gelu": dict(hidden_act="quick_gelu", eos_token_id=999, projection=False),
+    "openclip_gelu_projection": dict(hidden_act="gelu", eos_token_id=999, projection=True),
+    "legacy_eos_2": dict(hidden_act="quick_gelu", eos_token_id=2, projection=False),
+}
+
+
+def write_clip_case(root: pathlib.Path, name: str, spec: dict, seed: int) -> None:
+    case = root / "clip" / name
+    if case.exists():
+        shutil.rmtree(case)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        projection_dim=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act=spec["hidden_act"],
+        bos_token_id=998,
+        eos_token_id=spec["eos_token_id"],
+        pad_token_id=999,
+    )
+    model = (CLIPTextModelWithProjection if spec["projection"] else CLIPTextModel)(config)
+    randomise_norms(model, generator)
+    model = model.half()
+    model.save_pretrained(case / "text_encoder", safe_serialization=True)
+    model = model.float().eval()
+    # Two prompts of different lengths, padded with end-of-text to 77 as SD 1.x does.
+    ids = torch.full((2, 77), 999, dtype=torch.long)
+    for row, length in enumerate([12, 40]):
+        ids[row, 0] = 998
+        ids[row, 1 : length + 1] = torch.randint(3, 990, (length,), generator=generator)
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    tensors = {
+        "input_ids": ids.float(),
+        "last_hidden_state": out.last_hidden_state,
+        "pooled": out.text_embeds if spec["projection"] else out.pooler_output,
+    }
+    if spec["projection"]:
+        # CLIPTextModelWithProjection returns text_embeds; the pooled state itself is the EOS row.
+        tensors["text_embeds"] = out.text_embeds
+        del tensors["pooled"]
+    for i, h in enumerate(out.hidden_states):
+        tensors[f"hidden_state_{i}"] = h
+    save_file({k: v.contiguous().float() for k, v in tensors.items()}, case / "reference.safetensors")
+    manifest = {
+        "kind": "clip",
+        "reference": f"transformers {transformers.__version__} {type(model).__name__}",
+        "hidden_states": len(out.hidden_states),
+        "tolerance": 1e-4,
+    }
+    (case / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"wrote {case}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=pathlib.Path, required=True)
@@ -574,6 +638,8 @@ def main() -> None:
         write_vae_case(args.out, name, spec, seed=1000 + i)
     for i, (name, config) in enumerate(sorted(DIFFUSION_CASES.items())):
         write_diffusion_case(args.out, name, config, seed=2000 + i)
+    for name, spec in sorted(CLIP_CASES.items()):
+        write_clip_case(args.out, name, spec, seed=zlib.crc32(name.encode()) % 100_000)
     for name, spec in sorted(UNET_CASES.items()):
         write_unet_case(args.out, name, spec, seed=zlib.crc32(name.encode()) % 100_000)
     for name, (cls, config, step_kwargs) in sorted(scheduler_cases().items()):

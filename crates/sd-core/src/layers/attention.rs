@@ -27,6 +27,20 @@ pub fn scaled_dot_product_attention<B: Backend>(
     chunked_attention(q, k, v, MAX_SCORES)
 }
 
+/// Causal self-attention (each position attends to itself and earlier ones), for text
+/// encoders' short sequences: Burn's `attention` with `is_causal`.
+pub fn causal_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let options = AttentionModuleOptions {
+        is_causal: true,
+        ..AttentionModuleOptions::default()
+    };
+    attention(q, k, v, None, None, options)
+}
+
 /// The largest score block one attention call materialises: 2²⁵ floats, 128 MiB in f32.
 pub const MAX_SCORES: usize = 1 << 25;
 

@@ -8,7 +8,7 @@ mod resnet;
 mod sampling;
 
 pub use attention::{
-    AttentionBlock2d, AttentionBlock2dConfig, MAX_SCORES, chunked_attention,
+    AttentionBlock2d, AttentionBlock2dConfig, MAX_SCORES, causal_attention, chunked_attention,
     scaled_dot_product_attention,
 };
 pub use mid_block::{MidBlock2d, MidBlock2dConfig};

@@ -1,0 +1,358 @@
+use std::path::Path;
+
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use sd_core::layers::causal_attention;
+use sd_core::weights::{LoadOptions, SafetensorsFile, load_safetensors};
+use sd_core::{CoreError, Result};
+use serde::Deserialize;
+
+/// The MLP activation of a CLIP text tower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HiddenAct {
+    /// `x · σ(1.702 x)`: OpenAI's CLIP (SD 1.x, SDXL's first encoder).
+    QuickGelu,
+    /// The exact GELU: OpenCLIP (SD 2.x, SDXL's second encoder).
+    Gelu,
+}
+
+/// transformers' `CLIPTextConfig` (`text_encoder/config.json`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub projection_dim: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_act: HiddenAct,
+    pub layer_norm_eps: f64,
+    /// 2 in configs from before transformers' fix: the pooled position is then the largest id.
+    pub eos_token_id: u32,
+}
+
+impl Default for ClipTextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            projection_dim: 512,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: HiddenAct::QuickGelu,
+            layer_norm_eps: 1e-5,
+            eos_token_id: 49407,
+        }
+    }
+}
+
+impl ClipTextConfig {
+    /// Reads and checks a `config.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| CoreError::Io {
+            path: path.into(),
+            source: e,
+        })?;
+        let config: Self = serde_json::from_str(&text).map_err(|e| CoreError::Config {
+            path: path.into(),
+            reason: format!("invalid CLIPTextConfig: {e}"),
+        })?;
+        config.check().map_err(|reason| CoreError::Config {
+            path: path.into(),
+            reason,
+        })?;
+        Ok(config)
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        let heads = self.num_attention_heads;
+        if heads == 0 || !self.hidden_size.is_multiple_of(heads) {
+            return Err(format!(
+                "hidden_size {} does not split into {heads} heads",
+                self.hidden_size
+            ));
+        }
+        if self.vocab_size == 0 || self.max_position_embeddings == 0 {
+            return Err("vocab_size and max_position_embeddings must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// One pre-LayerNorm transformer layer of a CLIP tower (shared by the text and vision towers):
+/// `x + attn(LN(x))`, then `x + MLP(LN(x))`.
+#[derive(Module, Debug)]
+pub struct ClipEncoderLayer<B: Backend> {
+    pub layer_norm1: LayerNorm<B>,
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub out_proj: Linear<B>,
+    pub layer_norm2: LayerNorm<B>,
+    pub fc1: Linear<B>,
+    pub fc2: Linear<B>,
+    heads: usize,
+    quick_gelu: bool,
+    causal: bool,
+}
+
+impl<B: Backend> ClipEncoderLayer<B> {
+    fn new(c: &ClipTextConfig, causal: bool, device: &B::Device) -> Self {
+        let d = c.hidden_size;
+        let norm = || {
+            LayerNormConfig::new(d)
+                .with_epsilon(c.layer_norm_eps)
+                .init(device)
+        };
+        let linear = |i, o| LinearConfig::new(i, o).init(device);
+        Self {
+            layer_norm1: norm(),
+            q_proj: linear(d, d),
+            k_proj: linear(d, d),
+            v_proj: linear(d, d),
+            out_proj: linear(d, d),
+            layer_norm2: norm(),
+            fc1: linear(d, c.intermediate_size),
+            fc2: linear(c.intermediate_size, d),
+            heads: c.num_attention_heads,
+            quick_gelu: c.hidden_act == HiddenAct::QuickGelu,
+            causal,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, n, d] = x.dims();
+        let h = self.layer_norm1.forward(x.clone());
+        let split = |t: Tensor<B, 3>| {
+            t.reshape([b, n, self.heads, d / self.heads])
+                .swap_dims(1, 2)
+        };
+        let (q, k, v) = (
+            split(self.q_proj.forward(h.clone())),
+            split(self.k_proj.forward(h.clone())),
+            split(self.v_proj.forward(h)),
+        );
+        let attended = if self.causal {
+            causal_attention(q, k, v)
+        } else {
+            sd_core::layers::scaled_dot_product_attention(q, k, v)
+        };
+        let x = x + self
+            .out_proj
+            .forward(attended.swap_dims(1, 2).reshape([b, n, d]));
+        let h = self.fc1.forward(self.layer_norm2.forward(x.clone()));
+        let h = if self.quick_gelu {
+            h.clone() * sigmoid(h * 1.702)
+        } else {
+            gelu(h)
+        };
+        x + self.fc2.forward(h)
+    }
+}
+
+/// Token and position embeddings (transformers' `CLIPTextEmbeddings`).
+#[derive(Module, Debug)]
+pub struct ClipTextEmbeddings<B: Backend> {
+    pub token_embedding: Embedding<B>,
+    pub position_embedding: Embedding<B>,
+}
+
+/// transformers' `CLIPTextTransformer`.
+#[derive(Module, Debug)]
+pub struct ClipTextTransformer<B: Backend> {
+    pub embeddings: ClipTextEmbeddings<B>,
+    pub encoder: ClipEncoder<B>,
+    pub final_layer_norm: LayerNorm<B>,
+}
+
+/// The stack of encoder layers.
+#[derive(Module, Debug)]
+pub struct ClipEncoder<B: Backend> {
+    pub layers: Vec<ClipEncoderLayer<B>>,
+}
+
+/// What the text encoder returns.
+#[derive(Debug, Clone)]
+pub struct ClipTextOutput<B: Backend> {
+    /// The last layer's output after the final LayerNorm: `[batch, tokens, hidden]`.
+    pub last_hidden_state: Tensor<B, 3>,
+    /// The embeddings, then every layer's output (before the final LayerNorm), as transformers'
+    /// `hidden_states`: `hidden_states[len − 2]` is SDXL's penultimate layer; clip-skip `n` is
+    /// `hidden_states[len − 1 − n]`.
+    pub hidden_states: Vec<Tensor<B, 3>>,
+    /// The final hidden state at each sequence's end-of-text token: `[batch, hidden]`.
+    pub pooled: Tensor<B, 2>,
+    /// `text_projection(pooled)` for `CLIPTextModelWithProjection` checkpoints.
+    pub text_embeds: Option<Tensor<B, 2>>,
+}
+
+/// transformers' `CLIPTextModel`, or `CLIPTextModelWithProjection` when the checkpoint has a
+/// `text_projection`.
+#[derive(Module, Debug)]
+pub struct ClipTextModel<B: Backend> {
+    pub text_model: ClipTextTransformer<B>,
+    pub text_projection: Option<Linear<B>>,
+    vocab_size: usize,
+    max_positions: usize,
+    eos_token_id: u32,
+}
+
+impl<B: Backend> ClipTextModel<B> {
+    /// A text encoder with random weights; `with_projection` adds `text_projection`.
+    pub fn new(config: &ClipTextConfig, with_projection: bool, device: &B::Device) -> Result<Self> {
+        config.check().map_err(|reason| CoreError::Config {
+            path: "<ClipTextConfig>".into(),
+            reason,
+        })?;
+        let d = config.hidden_size;
+        Ok(Self {
+            text_model: ClipTextTransformer {
+                embeddings: ClipTextEmbeddings {
+                    token_embedding: EmbeddingConfig::new(config.vocab_size, d).init(device),
+                    position_embedding: EmbeddingConfig::new(config.max_position_embeddings, d)
+                        .init(device),
+                },
+                encoder: ClipEncoder {
+                    layers: (0..config.num_hidden_layers)
+                        .map(|_| ClipEncoderLayer::new(config, true, device))
+                        .collect(),
+                },
+                final_layer_norm: LayerNormConfig::new(d)
+                    .with_epsilon(config.layer_norm_eps)
+                    .init(device),
+            },
+            text_projection: with_projection.then(|| {
+                LinearConfig::new(d, config.projection_dim)
+                    .with_bias(false)
+                    .init(device)
+            }),
+            vocab_size: config.vocab_size,
+            max_positions: config.max_position_embeddings,
+            eos_token_id: config.eos_token_id,
+        })
+    }
+
+    /// Loads a `text_encoder/` folder (`config.json`, `model.safetensors`); a projection is
+    /// built when the file has `text_projection.weight`. Keys load with or without the
+    /// `text_model.` prefix.
+    pub fn from_pretrained(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = ClipTextConfig::from_file(dir.join("config.json"))?;
+        let file = SafetensorsFile::open(dir.join("model.safetensors"))?;
+        let with_projection = file
+            .entries()
+            .iter()
+            .any(|e| e.key == "text_projection.weight");
+        Self::new(&config, with_projection, device)?.load_weights(&file, LoadOptions::default())
+    }
+
+    /// Fills the weights from a transformers state dict.
+    pub fn load_weights(self, file: &SafetensorsFile, options: LoadOptions) -> Result<Self> {
+        load_safetensors(self, file, &transformers_key, options)
+    }
+
+    /// Encodes `[batch, tokens]` token ids.
+    pub fn forward(&self, ids: &[Vec<u32>]) -> Result<ClipTextOutput<B>> {
+        let b = ids.len();
+        let n = ids.first().map_or(0, Vec::len);
+        if b == 0 || n == 0 || ids.iter().any(|r| r.len() != n) {
+            return Err(CoreError::InvalidInput(
+                "token ids must be a non-empty batch of equal-length sequences".into(),
+            ));
+        }
+        if n > self.max_positions {
+            return Err(CoreError::InvalidInput(format!(
+                "{n} tokens is more than the text encoder's {} positions",
+                self.max_positions
+            )));
+        }
+        if let Some(bad) = ids
+            .iter()
+            .flatten()
+            .find(|&&t| t as usize >= self.vocab_size)
+        {
+            return Err(CoreError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.vocab_size
+            )));
+        }
+        let device = self.text_model.final_layer_norm.gamma.device();
+        let flat: Vec<i64> = ids.iter().flatten().map(|&t| t as i64).collect();
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [b, n]), &device);
+        let positions = Tensor::<B, 1, Int>::arange(0..n as i64, &device)
+            .unsqueeze::<2>()
+            .repeat_dim(0, b);
+        let emb = &self.text_model.embeddings;
+        let mut x = emb.token_embedding.forward(tokens) + emb.position_embedding.forward(positions);
+        let mut hidden_states = vec![x.clone()];
+        for layer in &self.text_model.encoder.layers {
+            x = layer.forward(x);
+            hidden_states.push(x.clone());
+        }
+        let last = self.text_model.final_layer_norm.forward(x);
+        // The pooled position: the first end-of-text token (the largest id for old configs whose
+        // eos_token_id is 2), as transformers picks it.
+        let pool_at: Vec<usize> = ids
+            .iter()
+            .map(|row| {
+                if self.eos_token_id == 2 {
+                    row.iter()
+                        .enumerate()
+                        .max_by_key(|&(i, t)| (*t, std::cmp::Reverse(i)))
+                        .map_or(0, |(i, _)| i)
+                } else {
+                    row.iter()
+                        .position(|&t| t == self.eos_token_id)
+                        .unwrap_or(0)
+                }
+            })
+            .collect();
+        let d = last.dims()[2];
+        let pooled = Tensor::cat(
+            pool_at
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| {
+                    last.clone()
+                        .slice([i..i + 1, p..p + 1, 0..d])
+                        .reshape([1, d])
+                })
+                .collect(),
+            0,
+        );
+        let text_embeds = self
+            .text_projection
+            .as_ref()
+            .map(|proj| proj.forward(pooled.clone()));
+        Ok(ClipTextOutput {
+            last_hidden_state: last,
+            hidden_states,
+            pooled,
+            text_embeds,
+        })
+    }
+}
+
+/// transformers' key names onto the module: the attention projections live under `self_attn.`
+/// and the MLP under `mlp.` there; the `text_model.` prefix may be missing; the `position_ids`
+/// buffer some files carry is not a weight.
+fn transformers_key(key: &str) -> Option<String> {
+    if key.ends_with("position_ids") {
+        return None;
+    }
+    let key = if key.starts_with("text_model.") || key.starts_with("text_projection.") {
+        key.to_string()
+    } else {
+        format!("text_model.{key}")
+    };
+    Some(key.replace(".self_attn.", ".").replace(".mlp.", "."))
+}

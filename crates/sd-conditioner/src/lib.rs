@@ -1,0 +1,7 @@
+//! Conditioning: the CLIP text encoders that turn token ids into the U-Net's cross-attention
+//! context (Radford et al. 2021), as transformers' `CLIPTextModel` and
+//! `CLIPTextModelWithProjection` compute them.
+
+mod clip;
+
+pub use clip::{ClipEncoderLayer, ClipTextConfig, ClipTextModel, ClipTextOutput, HiddenAct};
