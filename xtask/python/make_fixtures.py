@@ -7,7 +7,9 @@ reference implementation from the f16 weights upcast to f32) and `manifest.json`
 """
 
 import argparse
+import gzip
 import importlib
+import importlib.util
 import inspect
 import json
 import zlib
@@ -629,6 +631,95 @@ def write_clip_case(root: pathlib.Path, name: str, spec: dict, seed: int) -> Non
     print(f"wrote {case}")
 
 
+def bytes_to_unicode() -> dict:
+    """GPT-2's reversible byte ↔ printable-character table, which CLIP's BPE works over."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_clip_vocabulary(crate_dir: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """`vocab.json` and `merges.txt` of CLIP's tokenizer (the same for SD 1.x, 2.x and XL), built
+    from the BPE file that open_clip_torch ships (MIT): 256 byte tokens, the same with `</w>`, the
+    first 48,894 merges, and the two special tokens: 49,408 entries."""
+    spec = importlib.util.find_spec("open_clip")
+    bpe = pathlib.Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    byte_chars = list(bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(tokens) == 49408
+    crate_dir.mkdir(parents=True, exist_ok=True)
+    vocab = crate_dir / "vocab.json"
+    merges_file = crate_dir / "merges.txt"
+    vocab.write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return vocab, merges_file
+
+
+BASE_PROMPTS = [
+    "",
+    "a photograph of an astronaut riding a horse",
+    "A Photograph of an ASTRONAUT riding a horse!!!",
+    "masterpiece, best quality, 1girl, solo, (long hair:1.2), [blue eyes]",
+    "it's a dog's life, isn't it? they're here; we've seen; I'm sure; you'll see; he'd go",
+    "café crème brûlée naïve résumé Ångström",
+    "東京の夜景, 4k, 超高精細",
+    "a cat 🐱 with sunglasses 😎 on a 🚀",
+    "tabs\tand\nnewlines   and    runs     of   spaces",
+    "numbers 1234567890 3.14159 1e-5 50% $100 #1",
+    "<|endoftext|> literal special tokens <|startoftext|>",
+    "punctuation... !?!? --- ___ *** @@@ ((( ))) [[[ ]]] {{{ }}} \\ // ||",
+    "don't stop; won't stop — can't stop “quoted” ‘single’ «guillemets»",
+    "ALL CAPS PROMPT WITH MIXED case Words",
+    "   leading and trailing spaces   ",
+    "hyphen-ated words and under_scored_words and CamelCaseWords",
+    "emoji sequence 👨‍👩‍👧‍👦 and flags 🇯🇵 🇫🇷",
+    "mathematical ∑ ∫ √ ∞ ≠ ≤ ≥ symbols and arrows → ← ↑ ↓",
+    "Ελληνικά και Русский текст и العربية",
+    "한국어 프롬프트 그리고 中文提示词",
+]
+
+
+def prompt_set() -> list[str]:
+    prompts = list(BASE_PROMPTS)
+    words = "a portrait of an old man, dramatic lighting, oil painting, by rembrandt, highly detailed".split()
+    for i in range(1, 120):
+        prompts.append(" ".join(words[(i * k) % len(words)] for k in range(1, 2 + i % 13)))
+    # Long prompts: over 75 tokens, truncated by the padded encodings.
+    for n in [76, 77, 80, 150, 300]:
+        prompts.append(" ".join(f"word{i % 17}" for i in range(n)))
+    for i in range(60):
+        prompts.append(f"{BASE_PROMPTS[i % len(BASE_PROMPTS)]} , variant {i} ; {BASE_PROMPTS[(i * 7) % len(BASE_PROMPTS)]}")
+    return prompts
+
+
+def write_tokenizer_case(root: pathlib.Path, vocab: pathlib.Path, merges: pathlib.Path) -> None:
+    case = root / "tokenizer" / "clip"
+    case.mkdir(parents=True, exist_ok=True)
+    eos_pad = transformers.CLIPTokenizer(str(vocab), str(merges))
+    bang_pad = transformers.CLIPTokenizer(str(vocab), str(merges), pad_token="!")
+    prompts = prompt_set()
+    padded = lambda tok: tok(prompts, padding="max_length", max_length=77, truncation=True)["input_ids"]
+    manifest = {
+        "kind": "tokenizer",
+        "reference": f"transformers {transformers.__version__} {type(eos_pad).__name__}",
+        "prompts": prompts,
+        "tokens": [eos_pad(p, add_special_tokens=False)["input_ids"] for p in prompts],
+        "padded_eos": padded(eos_pad),
+        "padded_bang": padded(bang_pad),
+    }
+    (case / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=1) + "\n")
+    print(f"wrote {case} ({len(prompts)} prompts)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=pathlib.Path, required=True)
@@ -638,6 +729,8 @@ def main() -> None:
         write_vae_case(args.out, name, spec, seed=1000 + i)
     for i, (name, config) in enumerate(sorted(DIFFUSION_CASES.items())):
         write_diffusion_case(args.out, name, config, seed=2000 + i)
+    vocab, merges = write_clip_vocabulary(pathlib.Path(__file__).resolve().parents[2] / "crates/sd-conditioner/vocab")
+    write_tokenizer_case(args.out, vocab, merges)
     for name, spec in sorted(CLIP_CASES.items()):
         write_clip_case(args.out, name, spec, seed=zlib.crc32(name.encode()) % 100_000)
     for name, spec in sorted(UNET_CASES.items()):

@@ -3,5 +3,7 @@
 //! `CLIPTextModelWithProjection` compute them.
 
 mod clip;
+mod tokenizer;
 
 pub use clip::{ClipEncoderLayer, ClipTextConfig, ClipTextModel, ClipTextOutput, HiddenAct};
+pub use tokenizer::{ClipTokenizer, MAX_LENGTH, Padding};
