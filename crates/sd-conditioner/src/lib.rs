@@ -3,7 +3,9 @@
 //! `CLIPTextModelWithProjection` compute them.
 
 mod clip;
+mod prompt;
 mod tokenizer;
 
 pub use clip::{ClipEncoderLayer, ClipTextConfig, ClipTextModel, ClipTextOutput, HiddenAct};
+pub use prompt::{CHUNK_TOKENS, PromptTokens, Weighted, parse_weights, tokenize_prompt};
 pub use tokenizer::{ClipTokenizer, MAX_LENGTH, Padding};
