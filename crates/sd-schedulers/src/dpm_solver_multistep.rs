@@ -9,8 +9,8 @@ use sd_diffusion::PredictionType;
 use crate::config::{FinalSigmasType, SchedulerConfig, TimestepSpacing};
 use crate::error::{Result, SchedulerError};
 use crate::sigmas::{
-    alphas_cumprod, check_steps, exponential, interp, karras, linspace, sigma_to_t, to_f32,
-    train_sigmas,
+    alphas_cumprod, check_steps, exponential, interp, karras, linspace, log_sigmas, sigma_to_t,
+    to_f32, train_sigmas,
 };
 use crate::{NoiseSource, Progress, Scheduler, StepOutput};
 
@@ -206,13 +206,14 @@ pub(crate) fn multistep_schedule(
         }
     };
     let (min, max) = (train_sigmas[0], train_sigmas[train_sigmas.len() - 1]);
+    let logs = log_sigmas(train_sigmas);
     let mut sigmas: Vec<f64> = if c.use_karras_sigmas {
         // These solvers have no sigma_min/sigma_max fields: the training range.
         let ks = karras(min, max, steps);
         timesteps = ks
             .iter()
             .map(|&s| {
-                let t = sigma_to_t(s, train_sigmas);
+                let t = sigma_to_t(s, &logs);
                 if c.beta_schedule == sd_diffusion::BetaSchedule::SquaredcosCapV2 {
                     t
                 } else {
@@ -223,7 +224,7 @@ pub(crate) fn multistep_schedule(
         ks
     } else if c.use_exponential_sigmas {
         let es = exponential(min, max, steps);
-        timesteps = es.iter().map(|&s| sigma_to_t(s, train_sigmas)).collect();
+        timesteps = es.iter().map(|&s| sigma_to_t(s, &logs)).collect();
         es
     } else {
         timesteps.iter().map(|&t| interp(t, train_sigmas)).collect()

@@ -7,8 +7,8 @@ use burn::tensor::backend::Backend;
 use crate::config::{FinalSigmasType, SchedulerConfig, TimestepSpacing};
 use crate::error::Result;
 use crate::sigmas::{
-    alphas_cumprod, check_steps, exponential, interp, karras, sigma_to_t, spaced_timesteps, to_f32,
-    train_sigmas,
+    alphas_cumprod, check_steps, exponential, interp, karras, log_sigmas, sigma_to_t,
+    spaced_timesteps, to_f32, train_sigmas,
 };
 use crate::{NoiseSource, Progress, Scheduler, StepOutput};
 
@@ -52,6 +52,7 @@ impl SigmaSchedule {
             .map(|&t| interp(t, &self.train_sigmas))
             .collect();
         if karras_allowed && (c.use_karras_sigmas || c.use_exponential_sigmas) {
+            let logs = log_sigmas(&self.train_sigmas);
             let min = c.sigma_min.unwrap_or(sigmas[sigmas.len() - 1]);
             let max = c.sigma_max.unwrap_or(sigmas[0]);
             sigmas = if c.use_karras_sigmas {
@@ -59,10 +60,7 @@ impl SigmaSchedule {
             } else {
                 exponential(min, max, steps)
             };
-            timesteps = sigmas
-                .iter()
-                .map(|&s| sigma_to_t(s, &self.train_sigmas))
-                .collect();
+            timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &logs)).collect();
         }
         let last = match final_sigma.unwrap_or(FinalSigmasType::Zero) {
             FinalSigmasType::Zero => 0.0,

@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 use crate::config::{FinalSigmasType, SchedulerConfig};
 use crate::error::Result;
 use crate::euler::SigmaSchedule;
-use crate::sigmas::{sigma_to_t, to_f32};
+use crate::sigmas::{log_sigmas, sigma_to_t, to_f32};
 use crate::{NoiseSource, Progress, Scheduler, StepOutput};
 
 /// diffusers' `KDPM2DiscreteScheduler` (`ancestral: false`) and
@@ -86,7 +86,8 @@ impl<B: Backend> Scheduler<B> for Kdpm2Scheduler<B> {
         // σ_0 … σ_{n−1}, 0.
         let base = self.schedule.sigmas.clone();
         let n = base.len() - 1;
-        let mid_t = |s: f64| f64::from(sigma_to_t(s, &self.schedule.train_sigmas) as f32);
+        let logs = log_sigmas(&self.schedule.train_sigmas);
+        let mid_t = |s: f64| f64::from(sigma_to_t(s, &logs) as f32);
         let t = &self.schedule.timesteps;
         let mut timesteps = vec![t[0]];
         let (mut ups, mut downs) = (vec![0.0; n + 1], vec![0.0; n + 1]);

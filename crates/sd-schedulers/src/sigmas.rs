@@ -145,14 +145,18 @@ pub(crate) fn exponential(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f
         .collect()
 }
 
-/// The fractional training timestep whose σ is `sigma`, interpolating `log σ` linearly between
-/// the two neighbouring training timesteps (diffusers' `_sigma_to_t`).
-pub(crate) fn sigma_to_t(sigma: f64, train_sigmas: &[f64]) -> f64 {
-    // diffusers takes the logs of the float32 sigma table in float32.
-    let log_sigmas: Vec<f64> = train_sigmas
+/// `log σ` of the training table, in float32 as diffusers takes it, for [`sigma_to_t`].
+pub(crate) fn log_sigmas(train_sigmas: &[f64]) -> Vec<f64> {
+    train_sigmas
         .iter()
         .map(|s| f64::from((*s as f32).ln()))
-        .collect();
+        .collect()
+}
+
+/// The fractional training timestep whose σ is `sigma`, interpolating `log σ` linearly between
+/// the two neighbouring training timesteps (diffusers' `_sigma_to_t`); `log_sigmas` from
+/// [`log_sigmas`].
+pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
     let below = log_sigmas.iter().filter(|l| log_sigma - **l >= 0.0).count();
     let low_idx = below.saturating_sub(1).min(log_sigmas.len() - 2);
