@@ -44,28 +44,7 @@ pub struct DpmSolverMultistepScheduler<B: Backend> {
 
 impl<B: Backend> DpmSolverMultistepScheduler<B> {
     pub fn new(config: SchedulerConfig) -> Result<Self> {
-        config.reject_unsupported(NAME)?;
-        let unsupported = |field, value: &str| SchedulerError::Unsupported {
-            scheduler: NAME,
-            field,
-            value: value.into(),
-        };
-        let algorithm = match config.algorithm_type.as_deref().unwrap_or("dpmsolver++") {
-            "dpmsolver++" => Algorithm::Ode,
-            "sde-dpmsolver++" => Algorithm::Sde,
-            other => return Err(unsupported("algorithm_type", other)),
-        };
-        let heun = match config.solver_type.as_deref().unwrap_or("midpoint") {
-            "midpoint" => false,
-            "heun" => true,
-            other => return Err(unsupported("solver_type", other)),
-        };
-        if !(1..=2).contains(&config.solver_order) {
-            return Err(unsupported(
-                "solver_order",
-                &config.solver_order.to_string(),
-            ));
-        }
+        let (algorithm, heun) = solver_variant(&config, NAME)?;
         let alphas_cumprod = alphas_cumprod(&config, true)?;
         Ok(Self {
             train_sigmas: train_sigmas(&alphas_cumprod),
@@ -85,6 +64,38 @@ impl<B: Backend> DpmSolverMultistepScheduler<B> {
     pub fn sigmas(&self) -> &[f64] {
         &self.sigmas
     }
+}
+
+/// The DPM-Solver++ variant a config asks for: `algorithm_type` `dpmsolver++` (ODE) or
+/// `sde-dpmsolver++`, `solver_type` midpoint or Heun (true), `solver_order` 1 or 2. Checks the
+/// config for `scheduler` on the way.
+pub(crate) fn solver_variant(
+    config: &SchedulerConfig,
+    scheduler: &'static str,
+) -> Result<(Algorithm, bool)> {
+    config.reject_unsupported(scheduler)?;
+    let unsupported = |field, value: &str| SchedulerError::Unsupported {
+        scheduler,
+        field,
+        value: value.into(),
+    };
+    let algorithm = match config.algorithm_type.as_deref().unwrap_or("dpmsolver++") {
+        "dpmsolver++" => Algorithm::Ode,
+        "sde-dpmsolver++" => Algorithm::Sde,
+        other => return Err(unsupported("algorithm_type", other)),
+    };
+    let heun = match config.solver_type.as_deref().unwrap_or("midpoint") {
+        "midpoint" => false,
+        "heun" => true,
+        other => return Err(unsupported("solver_type", other)),
+    };
+    if !(1..=2).contains(&config.solver_order) {
+        return Err(unsupported(
+            "solver_order",
+            &config.solver_order.to_string(),
+        ));
+    }
+    Ok((algorithm, heun))
 }
 
 /// The inputs of one DPM-Solver++ update from σ_s to σ_t (VP α and σ, `h = λ_t − λ_s`).

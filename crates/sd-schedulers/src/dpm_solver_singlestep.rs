@@ -9,9 +9,9 @@ use sd_diffusion::PredictionType;
 use crate::config::{FinalSigmasType, SchedulerConfig, TimestepSpacing};
 use crate::dpm_solver_multistep::{
     Algorithm, FinalSigmaMin, Update, alpha_sigma, dpm_solver_pp_update, multistep_schedule,
-    unclipped_timesteps,
+    solver_variant, unclipped_timesteps,
 };
-use crate::error::{Result, SchedulerError};
+use crate::error::Result;
 use crate::sigmas::{alphas_cumprod, check_steps, train_sigmas};
 use crate::{NoiseSource, Progress, Scheduler, StepOutput};
 
@@ -39,28 +39,7 @@ pub struct DpmSolverSinglestepScheduler<B: Backend> {
 
 impl<B: Backend> DpmSolverSinglestepScheduler<B> {
     pub fn new(config: SchedulerConfig) -> Result<Self> {
-        config.reject_unsupported(NAME)?;
-        let unsupported = |field, value: &str| SchedulerError::Unsupported {
-            scheduler: NAME,
-            field,
-            value: value.into(),
-        };
-        let algorithm = match config.algorithm_type.as_deref().unwrap_or("dpmsolver++") {
-            "dpmsolver++" => Algorithm::Ode,
-            "sde-dpmsolver++" => Algorithm::Sde,
-            other => return Err(unsupported("algorithm_type", other)),
-        };
-        let heun = match config.solver_type.as_deref().unwrap_or("midpoint") {
-            "midpoint" => false,
-            "heun" => true,
-            other => return Err(unsupported("solver_type", other)),
-        };
-        if !(1..=2).contains(&config.solver_order) {
-            return Err(unsupported(
-                "solver_order",
-                &config.solver_order.to_string(),
-            ));
-        }
+        let (algorithm, heun) = solver_variant(&config, NAME)?;
         let alphas_cumprod = alphas_cumprod(&config, true)?;
         Ok(Self {
             train_sigmas: train_sigmas(&alphas_cumprod),
