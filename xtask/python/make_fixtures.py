@@ -240,6 +240,10 @@ SAMPLERS = {
         {},
     ),
     "unipc": (UniPCMultistepScheduler, {}, {}),
+    # Dynamic thresholding (Saharia et al. 2022) on the samplers that have it.
+    "ddim_thresholding": (DDIMScheduler, dict(clip_sample=False, thresholding=True, sample_max_value=1.5), {}),
+    "dpmpp_2m_thresholding": (DPMSolverMultistepScheduler, dict(thresholding=True, sample_max_value=1.5), {}),
+    "unipc_thresholding": (UniPCMultistepScheduler, dict(thresholding=True, sample_max_value=1.5), {}),
     # bh1 with a final σ of 0 gives NaN in diffusers (B(h) = h = −∞ times a zero residual),
     # so this case ends at σ_min.
     "unipc_bh1_order3_karras": (

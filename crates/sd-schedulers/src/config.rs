@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
 use sd_diffusion::{BetaSchedule, NoiseScheduleConfig, PredictionType};
 use serde::Deserialize;
 
@@ -51,7 +53,12 @@ pub struct SchedulerConfig {
     pub set_alpha_to_one: Option<bool>,
     /// PNDM: go straight to PLMS without the Runge–Kutta warm-up (Stable Diffusion 1.x).
     pub skip_prk_steps: bool,
+    /// Dynamic thresholding of x̂₀ (Saharia et al. 2022, sec. 2.3): clamp to the
+    /// `dynamic_thresholding_ratio` quantile of |x̂₀| (at least 1, at most `sample_max_value`)
+    /// and rescale. DDPM, DDIM, DPM-Solver++, UniPC and LCM support it.
     pub thresholding: bool,
+    pub dynamic_thresholding_ratio: f64,
+    pub sample_max_value: f64,
     pub use_karras_sigmas: bool,
     pub use_exponential_sigmas: bool,
     pub use_beta_sigmas: bool,
@@ -98,6 +105,8 @@ impl Default for SchedulerConfig {
             set_alpha_to_one: None,
             skip_prk_steps: false,
             thresholding: false,
+            dynamic_thresholding_ratio: 0.995,
+            sample_max_value: 1.0,
             use_karras_sigmas: false,
             use_exponential_sigmas: false,
             use_beta_sigmas: false,
@@ -166,6 +175,53 @@ impl SchedulerConfig {
         self.timestep_spacing.unwrap_or(default)
     }
 
+    /// x̂₀ limited as the config says: dynamic thresholding when on, else clipping to
+    /// `±clip_sample_range` when `clip_sample` (or, when absent, the sampler's `clip_default`).
+    pub(crate) fn limit_x0<B: Backend>(
+        &self,
+        x0: Tensor<B, 4>,
+        clip_default: bool,
+    ) -> Tensor<B, 4> {
+        if self.thresholding {
+            self.threshold(x0)
+        } else if self.clip_sample.unwrap_or(clip_default) {
+            x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        } else {
+            x0
+        }
+    }
+
+    /// Dynamic thresholding when on (the multistep solvers apply it to their data predictions).
+    pub(crate) fn threshold<B: Backend>(&self, x0: Tensor<B, 4>) -> Tensor<B, 4> {
+        if !self.thresholding {
+            return x0;
+        }
+        let [b, c, h, w] = x0.dims();
+        let n = c * h * w;
+        let values = x0
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .unwrap_or_default();
+        // Per sample: the ratio-quantile of |x̂₀| with linear interpolation, as torch.quantile.
+        let limits: Vec<f32> = values
+            .chunks(n.max(1))
+            .map(|sample| {
+                let mut abs: Vec<f64> = sample.iter().map(|v| f64::from(v.abs())).collect();
+                abs.sort_by(f64::total_cmp);
+                let rank = self.dynamic_thresholding_ratio * (abs.len().max(1) - 1) as f64;
+                let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+                let q = abs.get(lo).copied().unwrap_or(1.0)
+                    + (abs.get(hi).copied().unwrap_or(1.0) - abs.get(lo).copied().unwrap_or(1.0))
+                        * (rank - lo as f64);
+                q.clamp(1.0, self.sample_max_value.max(1.0)) as f32
+            })
+            .collect();
+        let s = Tensor::<B, 4>::from_data(TensorData::new(limits, [b, 1, 1, 1]), &x0.device());
+        (x0 / s).clamp(-1.0, 1.0)
+    }
+
     /// Rejects fields whose behaviour this port does not implement, rather than ignoring them.
     pub(crate) fn reject_unsupported(&self, scheduler: &'static str) -> Result<()> {
         let unsupported = |field: &'static str, value: String| SchedulerError::Unsupported {
@@ -173,7 +229,15 @@ impl SchedulerConfig {
             field,
             value,
         };
-        if self.thresholding {
+        const THRESHOLDING: [&str; 6] = [
+            "DDPMScheduler",
+            "DDIMScheduler",
+            "DPMSolverMultistepScheduler",
+            "DPMSolverSinglestepScheduler",
+            "UniPCMultistepScheduler",
+            "LCMScheduler",
+        ];
+        if self.thresholding && !THRESHOLDING.contains(&scheduler) {
             return Err(unsupported("thresholding", "true".into()));
         }
         if self.use_exponential_sigmas && self.use_karras_sigmas {

@@ -103,12 +103,7 @@ impl<B: Backend> Scheduler<B> for DdimScheduler {
                 model_output * alpha_t.sqrt() + sample * beta_t.sqrt(),
             ),
         };
-        let x0 = if self.config.clip_sample.unwrap_or(true) {
-            let r = self.config.clip_sample_range;
-            x0.clamp(-r, r)
-        } else {
-            x0
-        };
+        let x0 = self.config.limit_x0(x0, true);
         // σ_t(η) of eq. 16.
         let variance = (1.0 - alpha_prev) / beta_t * (1.0 - alpha_t / alpha_prev);
         let std_dev = self.config.eta * variance.sqrt();

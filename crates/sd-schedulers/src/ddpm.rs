@@ -104,12 +104,7 @@ impl<B: Backend> Scheduler<B> for DdpmScheduler {
             PredictionType::Sample => model_output,
             PredictionType::VPrediction => sample.clone() * a_t.sqrt() - model_output * b_t.sqrt(),
         };
-        let x0 = if self.config.clip_sample.unwrap_or(true) {
-            let r = self.config.clip_sample_range;
-            x0.clamp(-r, r)
-        } else {
-            x0
-        };
+        let x0 = self.config.limit_x0(x0, true);
         // The mean of q(x_{t−1} | x_t, x̂_0) (eq. 7).
         let mut prev = x0.clone() * (a_prev.sqrt() * current_beta / b_t)
             + sample * (current_alpha.sqrt() * b_prev / b_t);

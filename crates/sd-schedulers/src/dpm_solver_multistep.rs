@@ -325,6 +325,7 @@ impl<B: Backend> Scheduler<B> for DpmSolverMultistepScheduler<B> {
             PredictionType::Sample => model_output,
             PredictionType::VPrediction => sample.clone() * alpha_s0 - model_output * sigma_t_s0,
         };
+        let x0 = c.threshold(x0);
 
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
         let lambda = |alpha: f64, sigma: f64| alpha.ln() - sigma.ln();

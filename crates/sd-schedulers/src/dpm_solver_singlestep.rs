@@ -140,6 +140,7 @@ impl<B: Backend> Scheduler<B> for DpmSolverSinglestepScheduler<B> {
             PredictionType::Sample => model_output,
             PredictionType::VPrediction => sample.clone() * alpha_s0 - model_output * sigma_s0,
         };
+        let x0 = self.config.threshold(x0);
         let z = match self.algorithm {
             Algorithm::Sde => Some(noise.standard_normal(sample.dims(), &sample.device())),
             Algorithm::Ode => None,

@@ -126,12 +126,7 @@ impl<B: Backend> Scheduler<B> for LcmScheduler {
                 sample.clone() * a_t.sqrt() - model_output * (1.0 - a_t).sqrt()
             }
         };
-        let x0 = if self.config.clip_sample.unwrap_or(false) {
-            let r = self.config.clip_sample_range;
-            x0.clamp(-r, r)
-        } else {
-            x0
-        };
+        let x0 = self.config.limit_x0(x0, false);
         let denoised = x0 * c_out + sample * c_skip;
         let prev_sample = if i + 1 < self.timesteps.len() {
             let z = noise.standard_normal(denoised.dims(), &denoised.device());

@@ -115,13 +115,23 @@ impl<B: Backend> UniPcMultistepScheduler<B> {
     /// The model output as the data (x̂₀) or noise prediction the solver works on.
     fn convert(&self, output: Tensor<B, 4>, sample: Tensor<B, 4>, sigma: f64) -> Tensor<B, 4> {
         let (alpha, sigma_t) = alpha_sigma(sigma);
-        match (self.predict_x0, self.config.prediction_type) {
-            (true, PredictionType::Epsilon) => (sample - output * sigma_t) / alpha,
+        let converted = match (self.predict_x0, self.config.prediction_type) {
+            (true, PredictionType::Epsilon) => (sample.clone() - output * sigma_t) / alpha,
             (true, PredictionType::Sample) => output,
-            (true, PredictionType::VPrediction) => sample * alpha - output * sigma_t,
+            (true, PredictionType::VPrediction) => sample.clone() * alpha - output * sigma_t,
             (false, PredictionType::Epsilon) => output,
-            (false, PredictionType::Sample) => (sample - output * alpha) / sigma_t,
-            (false, PredictionType::VPrediction) => output * alpha + sample * sigma_t,
+            (false, PredictionType::Sample) => (sample.clone() - output * alpha) / sigma_t,
+            (false, PredictionType::VPrediction) => output * alpha + sample.clone() * sigma_t,
+        };
+        match (self.config.thresholding, self.predict_x0) {
+            (false, _) => converted,
+            (true, true) => self.config.threshold(converted),
+            // Threshold the data prediction the noise prediction implies, and convert back.
+            (true, false) => {
+                let x0 = (sample.clone() - converted * sigma_t) / alpha;
+                let x0 = self.config.threshold(x0);
+                (sample - x0 * alpha) / sigma_t
+            }
         }
     }
 
