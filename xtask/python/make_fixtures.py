@@ -724,24 +724,56 @@ def write_tokenizer_case(root: pathlib.Path, vocab: pathlib.Path, merges: pathli
     print(f"wrote {case} ({len(prompts)} prompts)")
 
 
+KINDS = ["vae", "diffusion", "tokenizer", "clip", "unet", "schedulers", "pipeline"]
+
+
+def parse_kinds(values: list[str] | None) -> set[str]:
+    """`--only` values, repeatable or comma-separated; every kind when none is given."""
+    if not values:
+        return set(KINDS)
+    kinds = {v.strip() for value in values for v in value.split(",") if v.strip()}
+    unknown = kinds - set(KINDS)
+    if unknown:
+        raise SystemExit(f"unknown --only kind(s) {sorted(unknown)}; choose from {KINDS}")
+    return kinds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="KIND",
+        help=f"regenerate only these kinds (repeatable or comma-separated): {', '.join(KINDS)}; default all",
+    )
     args = parser.parse_args()
+    kinds = parse_kinds(args.only)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    for i, (name, spec) in enumerate(sorted(VAE_CASES.items())):
-        write_vae_case(args.out, name, spec, seed=1000 + i)
-    for i, (name, config) in enumerate(sorted(DIFFUSION_CASES.items())):
-        write_diffusion_case(args.out, name, config, seed=2000 + i)
-    vocab, merges = write_clip_vocabulary(pathlib.Path(__file__).resolve().parents[2] / "crates/sd-conditioner/vocab")
-    write_tokenizer_case(args.out, vocab, merges)
-    for name, spec in sorted(CLIP_CASES.items()):
-        write_clip_case(args.out, name, spec, seed=zlib.crc32(name.encode()) % 100_000)
-    for name, spec in sorted(UNET_CASES.items()):
-        write_unet_case(args.out, name, spec, seed=zlib.crc32(name.encode()) % 100_000)
-    for name, (cls, config, step_kwargs) in sorted(scheduler_cases().items()):
-        # A seed from the name alone: adding a case leaves the others' data unchanged.
-        write_scheduler_case(args.out, name, cls, config, step_kwargs, seed=zlib.crc32(name.encode()) % 100_000)
+    if "vae" in kinds:
+        for i, (name, spec) in enumerate(sorted(VAE_CASES.items())):
+            write_vae_case(args.out, name, spec, seed=1000 + i)
+    if "diffusion" in kinds:
+        for i, (name, config) in enumerate(sorted(DIFFUSION_CASES.items())):
+            write_diffusion_case(args.out, name, config, seed=2000 + i)
+    if "tokenizer" in kinds:
+        vocab, merges = write_clip_vocabulary(pathlib.Path(__file__).resolve().parents[2] / "crates/sd-conditioner/vocab")
+        write_tokenizer_case(args.out, vocab, merges)
+    if "clip" in kinds:
+        for name, spec in sorted(CLIP_CASES.items()):
+            write_clip_case(args.out, name, spec, seed=zlib.crc32(name.encode()) % 100_000)
+    if "unet" in kinds:
+        for name, spec in sorted(UNET_CASES.items()):
+            write_unet_case(args.out, name, spec, seed=zlib.crc32(name.encode()) % 100_000)
+    if "schedulers" in kinds:
+        for name, (cls, config, step_kwargs) in sorted(scheduler_cases().items()):
+            # A seed from the name alone: adding a case leaves the others' data unchanged.
+            write_scheduler_case(args.out, name, cls, config, step_kwargs, seed=zlib.crc32(name.encode()) % 100_000)
+    if "pipeline" in kinds:
+        # Imported here: pipeline_fixtures imports helpers from this module.
+        from pipeline_fixtures import write_pipeline_cases
+
+        write_pipeline_cases(args.out)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@
 //!   and each side's peak memory.
 //! - `bench-unet [--config sd15|sd21] [--runs N]`: the same for one classifier-free-guidance
 //!   U-Net step (batch 2, 64×64 latent, 77 tokens).
+//! - `bench-generate [--size 512] [--steps 2] [--tiling]`: peak memory (`/usr/bin/time -v`) and
+//!   wall time of a whole `sd generate` (release, flex) on a random-weight SD 1.5-size model,
+//!   written once under `target/bench-models/` by the fixture venv.
+//! - `fixtures [--only KIND]`: regenerate only one kind of fixture (e.g. `pipeline`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -13,7 +17,8 @@ use std::process::{Command, ExitCode};
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("fixtures") => fixtures(),
+        Some("fixtures") => fixtures(&args[1..]),
+        Some("bench-generate") => bench_generate(&args[1..]),
         Some("bench-vae") => compare(
             "VAE decode",
             "vae-decode-timing",
@@ -31,8 +36,9 @@ fn main() -> ExitCode {
             "2",
         ),
         _ => Err(format!(
-            "usage: cargo xtask fixtures | bench-vae [--config sd15|tiny] [--runs N] \
-             | bench-unet [--config sd15|sd21] [--runs N]\n\
+            "usage: cargo xtask fixtures [--only KIND] | bench-vae [--config sd15|tiny] [--runs N] \
+             | bench-unet [--config sd15|sd21] [--runs N] \
+             | bench-generate [--size 512] [--steps 2] [--tiling]\n\
              got: {args:?}"
         )),
     };
@@ -95,13 +101,76 @@ fn venv() -> Result<PathBuf, String> {
     Ok(python)
 }
 
-fn fixtures() -> Result<(), String> {
+fn fixtures(args: &[String]) -> Result<(), String> {
     let python = venv()?;
     let root = root();
-    run(Command::new(python)
-        .arg(root.join("xtask/python/make_fixtures.py"))
+    let mut cmd = Command::new(python);
+    cmd.arg(root.join("xtask/python/make_fixtures.py"))
         .arg("--out")
-        .arg(root.join("tests/fixtures")))
+        .arg(root.join("tests/fixtures"));
+    if let Some(only) = flag(args, "--only") {
+        cmd.args(["--only", only]);
+    }
+    run(&mut cmd)
+}
+
+/// Peak RSS and wall time of one whole generation on a random-weight SD 1.5-size model.
+fn bench_generate(args: &[String]) -> Result<(), String> {
+    let size = flag(args, "--size").unwrap_or("512");
+    let steps = flag(args, "--steps").unwrap_or("2");
+    let root = root();
+    let model = root.join("target/bench-models/sd15-random");
+    if !model.join("model_index.json").is_file() {
+        let python = venv()?;
+        run(Command::new(python)
+            .arg(root.join("xtask/python/make_random_model.py"))
+            .arg("--out")
+            .arg(&model))?;
+    }
+    run(Command::new(env!("CARGO")).current_dir(&root).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "sd-cli",
+    ]))?;
+    let out = root.join("target/bench-models/bench.png");
+    let mut cmd = Command::new("/usr/bin/time");
+    cmd.arg("-v")
+        .arg(root.join("target/release/sd"))
+        .args([
+            "generate",
+            "a photograph of an astronaut riding a horse",
+            "-q",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .args(["--width", size, "--height", size, "--steps", steps, "-o"])
+        .arg(&out);
+    if args.iter().any(|a| a == "--tiling") {
+        cmd.arg("--vae-tiling");
+    }
+    let result = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    if !result.status.success() {
+        return Err(format!("{cmd:?} failed:\n{stderr}"));
+    }
+    let field = |name: &str| {
+        stderr
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    };
+    let kib: f64 = field("Maximum resident set size (kbytes):")
+        .parse()
+        .unwrap_or(f64::NAN);
+    println!(
+        "sd generate {size}x{size}, {steps} steps, SD 1.5-size random weights (flex, f32): \
+         peak RSS {:.0} MiB, wall {}",
+        kib / 1024.0,
+        field("Elapsed (wall clock) time (h:mm:ss or m:ss):")
+    );
+    Ok(())
 }
 
 fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {

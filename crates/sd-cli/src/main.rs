@@ -1,5 +1,7 @@
 //! The `sd` command.
 
+mod generate;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -15,6 +17,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate images from a prompt and write them as PNGs (with the generation parameters in
+    /// an A1111-style `parameters` text chunk).
+    Generate(Box<generate::GenerateArgs>),
     /// Print a prompt's tokens as the text encoder sees them: the count, the 77-id chunks
     /// (75 tokens each, a new one at BREAK) and the A1111 attention weight of each id, as JSON.
     Tokenize {
@@ -37,6 +42,7 @@ enum PaddingArg {
 
 fn run(cli: Cli) -> Result<String, String> {
     match cli.command {
+        Command::Generate(args) => generate::run(*args),
         Command::Tokenize {
             tokenizer,
             padding,

@@ -260,6 +260,18 @@ impl<B: Backend> ClipTextModel<B> {
         load_safetensors(self, file, &transformers_key, options)
     }
 
+    /// Fills the weights from the keys under `prefix` of a combined file (a single-file
+    /// checkpoint's `cond_stage_model.transformer.`), ignoring every other key.
+    pub fn load_weights_under(
+        self,
+        file: &SafetensorsFile,
+        prefix: &str,
+        options: LoadOptions,
+    ) -> Result<Self> {
+        let map = |key: &str| key.strip_prefix(prefix).and_then(transformers_key);
+        load_safetensors(self, file, &map, options)
+    }
+
     /// Encodes `[batch, tokens]` token ids.
     pub fn forward(&self, ids: &[Vec<u32>]) -> Result<ClipTextOutput<B>> {
         let b = ids.len();

@@ -3,9 +3,14 @@
 //! `CLIPTextModelWithProjection` compute them.
 
 mod clip;
+mod conditioner;
 mod prompt;
 mod tokenizer;
 
 pub use clip::{ClipEncoderLayer, ClipTextConfig, ClipTextModel, ClipTextOutput, HiddenAct};
+pub use conditioner::{
+    ClipConditioner, ClipStage, Conditioner, Conditioning, LayerChoice, PromptSyntax, TextWiring,
+    padding_of,
+};
 pub use prompt::{CHUNK_TOKENS, PromptTokens, Weighted, parse_weights, tokenize_prompt};
 pub use tokenizer::{ClipTokenizer, MAX_LENGTH, Padding};

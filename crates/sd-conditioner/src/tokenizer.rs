@@ -56,14 +56,55 @@ impl ClipTokenizer {
         Self::from_vocab_and_merges(VOCAB_JSON, MERGES_TXT, padding)
     }
 
-    /// A `tokenizer/` folder with `vocab.json` and `merges.txt` (what SD repositories ship).
+    /// A `tokenizer/` folder with `vocab.json` and `merges.txt` (what SD repositories ship), or
+    /// with a `tokenizer.json` alone.
     pub fn from_folder(dir: impl AsRef<Path>, padding: Padding) -> Result<Self> {
         let dir = dir.as_ref();
         let read = |name: &str| {
             let path = dir.join(name);
             std::fs::read_to_string(&path).map_err(|e| CoreError::Io { path, source: e })
         };
+        if !dir.join("vocab.json").is_file() && dir.join("tokenizer.json").is_file() {
+            return Self::from_tokenizer_json(&read("tokenizer.json")?, padding).map_err(|e| {
+                CoreError::Config {
+                    path: dir.join("tokenizer.json"),
+                    reason: e.to_string(),
+                }
+            });
+        }
         Self::from_vocab_and_merges(&read("vocab.json")?, &read("merges.txt")?, padding)
+    }
+
+    /// From the text of a `tokenizer.json` (a BPE model): its vocabulary and merges, with
+    /// CLIP's normalisation and pre-tokenisation applied whatever the file says.
+    pub fn from_tokenizer_json(text: &str, padding: Padding) -> Result<Self> {
+        let json: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| error(format!("tokenizer.json: {e}")))?;
+        let model = &json["model"];
+        if model["type"].as_str().is_some_and(|t| t != "BPE") {
+            return Err(error("tokenizer.json: the model is not BPE"));
+        }
+        let vocab = serde_json::to_string(&model["vocab"]).map_err(error)?;
+        let merges = model["merges"]
+            .as_array()
+            .ok_or_else(|| error("tokenizer.json: no model.merges"))?
+            .iter()
+            .map(|m| match m {
+                // Older files write "a b", newer ones ["a", "b"].
+                serde_json::Value::String(s) => Ok(s.clone()),
+                serde_json::Value::Array(pair) => match (pair.first(), pair.get(1)) {
+                    (Some(a), Some(b)) => Ok(format!(
+                        "{} {}",
+                        a.as_str().unwrap_or_default(),
+                        b.as_str().unwrap_or_default()
+                    )),
+                    _ => Err(error("tokenizer.json: a merge is not a pair")),
+                },
+                _ => Err(error("tokenizer.json: a merge is neither text nor a pair")),
+            })
+            .collect::<Result<Vec<String>>>()?
+            .join("\n");
+        Self::from_vocab_and_merges(&vocab, &merges, padding)
     }
 
     /// From the texts of `vocab.json` and `merges.txt`.

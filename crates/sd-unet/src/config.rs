@@ -64,6 +64,9 @@ pub struct UNet2DConditionConfig {
     pub conv_out_kernel: usize,
     pub dual_cross_attention: bool,
     pub center_input_sample: bool,
+    /// The latent side the model was trained at (64 for SD 1.x, 96 for SD 2.x 768², 128 for
+    /// SDXL): pipelines default the image size to it times the VAE factor.
+    pub sample_size: usize,
 }
 
 impl Default for UNet2DConditionConfig {
@@ -116,6 +119,7 @@ impl Default for UNet2DConditionConfig {
             conv_out_kernel: 3,
             dual_cross_attention: false,
             center_input_sample: false,
+            sample_size: 64,
         }
     }
 }
@@ -155,6 +159,7 @@ impl UNet2DConditionConfig {
         Self {
             cross_attention_dim: PerBlock::One(1024),
             attention_head_dim: PerBlock::Each(vec![5, 10, 20, 20]),
+            sample_size: 96,
             use_linear_projection: true,
             upcast_attention: true,
             ..Self::default()
@@ -182,6 +187,7 @@ impl UNet2DConditionConfig {
             addition_embed_type: Some("text_time".into()),
             addition_time_embed_dim: Some(256),
             projection_class_embeddings_input_dim: Some(2816),
+            sample_size: 128,
             ..Self::default()
         }
     }

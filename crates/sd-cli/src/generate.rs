@@ -1,0 +1,257 @@
+//! `sd generate`: flags to [`sd::GenerateOptions`], a progress bar, numbered PNGs.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::DType;
+use burn::tensor::backend::Backend;
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use sd::conditioner::PromptSyntax;
+use sd::core::weights::SafetensorsFile;
+use sd::{GenerateOptions, Model, StepProgress};
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// What to draw (A1111 syntax: `(word:1.2)`, `[word]`, `BREAK`).
+    prompt: String,
+    /// A diffusers folder, a single-file .safetensors checkpoint, or a Hugging Face repo id
+    /// already in the local cache.
+    #[arg(long, short = 'm')]
+    model: String,
+    /// For a single-file checkpoint: a diffusers folder whose component configs to use.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long, short = 'n')]
+    negative_prompt: Option<String>,
+    /// Sampler: a diffusers class or an A1111 name ("Euler a", "DPM++ 2M Karras", ...).
+    /// Default: the model's own scheduler.
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Karras sigmas.
+    #[arg(long)]
+    karras: bool,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Classifier-free guidance scale (1 turns guidance off).
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// Guidance rescale φ (Lin et al. 2023); 0 is off.
+    #[arg(long, default_value_t = 0.0)]
+    guidance_rescale: f64,
+    /// Image i of a batch uses seed + i.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Width in pixels (default: the model's size).
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    /// A safetensors file with a `latents` tensor [N, C, H/f, W/f]: the initial latents
+    /// before the sampler's initial sigma scales them (diffusers' `latents=`).
+    #[arg(long)]
+    init_latents: Option<PathBuf>,
+    /// img2img: the starting image.
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    /// img2img: how much of the starting image to replace, in [0, 1].
+    #[arg(long)]
+    strength: Option<f64>,
+    /// Inpainting: white where to paint.
+    #[arg(long)]
+    mask: Option<PathBuf>,
+    /// Text encoder layers to skip at the end (A1111's "Clip skip" minus 1).
+    #[arg(long, default_value_t = 0)]
+    clip_skip: usize,
+    /// Read the prompt as diffusers does: no weights, truncated at 75 tokens.
+    #[arg(long)]
+    plain_prompt: bool,
+    /// Decode in tiles (large images in bounded memory).
+    #[arg(long)]
+    vae_tiling: bool,
+    /// Compute backend, among those compiled in (default: the most capable).
+    #[arg(long)]
+    backend: Option<String>,
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    dtype: DTypeArg,
+    /// Output PNG; with several images, numbered files (`out-0.png`, `out-1.png`, ...).
+    #[arg(long, short = 'o', default_value = "output.png")]
+    output: PathBuf,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+fn output_paths(output: &Path, n: usize) -> Vec<PathBuf> {
+    if n == 1 {
+        return vec![output.to_path_buf()];
+    }
+    let stem = output
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("output");
+    let ext = output.extension().and_then(|s| s.to_str()).unwrap_or("png");
+    (0..n)
+        .map(|i| output.with_file_name(format!("{stem}-{i}.{ext}")))
+        .collect()
+}
+
+fn read_latents(path: &Path) -> Result<burn::tensor::TensorData, String> {
+    let file = SafetensorsFile::open(path).map_err(|e| e.to_string())?;
+    if !file.entries().iter().any(|e| e.key == "latents") {
+        return Err(format!("{}: no tensor named `latents`", path.display()));
+    }
+    file.tensor_data("latents", DType::F32)
+        .map_err(|e| e.to_string())
+}
+
+pub fn run(args: GenerateArgs) -> Result<String, String> {
+    // Settings that need no model are checked first: a bad flag costs no loading time.
+    if args.steps == 0 {
+        return Err("--steps must be at least 1".into());
+    }
+    if let Some(s) = args.strength
+        && !(0.0..=1.0).contains(&s)
+    {
+        return Err(format!("--strength {s} is outside [0, 1]"));
+    }
+    if args.dtype != DTypeArg::F32 {
+        return Err(
+            "only --dtype f32 is supported in this version (f16 and bf16 are planned)".into(),
+        );
+    }
+    let compiled = sd::backend::compiled_backends();
+    let backend = args
+        .backend
+        .clone()
+        .unwrap_or_else(|| compiled.first().copied().unwrap_or("flex").to_string());
+    if !compiled.contains(&backend.as_str()) {
+        return Err(format!(
+            "unknown or not compiled-in backend `{backend}`; this build has: {}",
+            compiled.join(", ")
+        ));
+    }
+    if let Some(name) = &args.scheduler
+        && !sd::schedulers::known_names()
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name.trim()))
+    {
+        return Err(format!(
+            "unknown scheduler `{name}`; known: {}",
+            sd::schedulers::known_names().join(", ")
+        ));
+    }
+    if let Some(dir) = args.output.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.is_dir()
+    {
+        return Err(format!(
+            "{}: the output folder does not exist",
+            dir.display()
+        ));
+    }
+    let model = match &args.config {
+        Some(config) => Model::from_single_file(&args.model, Some(config)),
+        None => Model::open(&args.model),
+    }
+    .map_err(|e| e.to_string())?;
+    if args.init_image.is_some() || args.mask.is_some() || args.strength.is_some() {
+        return Err(
+            "img2img and inpainting (--init-image, --strength, --mask) are not in this version yet"
+                .into(),
+        );
+    }
+    let options = GenerateOptions {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        steps: args.steps,
+        guidance_scale: args.guidance,
+        guidance_rescale: args.guidance_rescale,
+        seed: args.seed,
+        width: args.width,
+        height: args.height,
+        num_images: args.num_images,
+        scheduler: args.scheduler.clone(),
+        karras: args.karras,
+        clip_skip: args.clip_skip,
+        prompt_syntax: if args.plain_prompt {
+            PromptSyntax::Plain
+        } else {
+            PromptSyntax::Weighted
+        },
+        init_latents: match &args.init_latents {
+            Some(path) => Some(read_latents(path)?),
+            None => None,
+        },
+        vae_tiling: args.vae_tiling,
+        ..GenerateOptions::default()
+    };
+    options.size(&model).map_err(|e| e.to_string())?;
+    match backend.as_str() {
+        #[cfg(feature = "cuda")]
+        "cuda" => generate::<sd::backend::Cuda>(&model, &options, &args, &Default::default()),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => {
+            generate::<sd::backend::Wgpu>(&model, &options, &args, &sd::backend::wgpu_device())
+        }
+        #[cfg(feature = "flex")]
+        "flex" => generate::<sd::backend::Flex>(&model, &options, &args, &Default::default()),
+        #[cfg(feature = "ndarray")]
+        "ndarray" => generate::<sd::backend::NdArray>(&model, &options, &args, &Default::default()),
+        other => Err(format!("backend `{other}` is not compiled in")),
+    }
+}
+
+fn generate<B: Backend>(
+    model: &Model,
+    options: &GenerateOptions,
+    args: &GenerateArgs,
+    device: &B::Device,
+) -> Result<String, String> {
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(options.steps as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, {per_sec}, eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message("loading");
+    let started = Instant::now();
+    let mut callback = |p: &StepProgress<'_, B>| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.step as u64);
+        bar.set_message("denoising");
+        true
+    };
+    let out = sd::generate::<B>(model, options, device, Some(&mut callback))
+        .map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    let images = sd::to_images(out.images).map_err(|e| e.to_string())?;
+    let paths = output_paths(&args.output, images.len());
+    for (i, (image, path)) in images.iter().zip(&paths).enumerate() {
+        let per_image = GenerateOptions {
+            seed: options.seed.wrapping_add(i as u64),
+            ..options.clone()
+        };
+        let text = sd::parameters_text(model, &per_image, &out.sampler);
+        sd::save_png(image, path, &text).map_err(|e| e.to_string())?;
+    }
+    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    Ok(format!(
+        "wrote {} in {:.1} s",
+        names.join(", "),
+        started.elapsed().as_secs_f64()
+    ))
+}

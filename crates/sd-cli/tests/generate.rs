@@ -1,0 +1,236 @@
+//! `sd generate` as a person runs it, on the tiny fixture model.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tiny_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pipeline/tiny_sd1/model")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sd-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn sd(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sd"))
+        .args(args)
+        .output()
+        .expect("runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The `parameters` text chunk of a PNG.
+fn parameters(path: &Path) -> String {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    let info = reader.info();
+    info.uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+        .map(|t| t.text.clone())
+        .expect("a parameters chunk")
+}
+
+#[test]
+fn generates_a_png_with_its_parameters_and_repeats_it_exactly() {
+    let dir = scratch("ok");
+    let model = tiny_model();
+    let model = model.to_str().unwrap();
+    let a = dir.join("a.png");
+    let b = dir.join("b.png");
+    for out in [&a, &b] {
+        let (ok, stdout, stderr) = sd(&[
+            "generate",
+            "a (red:1.2) cat",
+            "--model",
+            model,
+            "--steps",
+            "3",
+            "--seed",
+            "7",
+            "--scheduler",
+            "Euler a",
+            "-n",
+            "blurry",
+            "-q",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{stderr}");
+        assert!(stdout.contains("wrote"), "{stdout}");
+    }
+    let (x, y) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    assert_eq!(x, y, "same seed, same backend: the same bytes");
+    let image = image::open(&a).unwrap();
+    assert_eq!(
+        (image.width(), image.height()),
+        (32, 32),
+        "the model's own size"
+    );
+    let text = parameters(&a);
+    assert!(
+        text.starts_with("a (red:1.2) cat\nNegative prompt: blurry\n"),
+        "{text}"
+    );
+    for field in [
+        "Steps: 3",
+        "Sampler: Euler a",
+        "CFG scale: 7.5",
+        "Seed: 7",
+        "Size: 32x32",
+        "Model hash: ",
+    ] {
+        assert!(text.contains(field), "{field} in {text}");
+    }
+}
+
+#[test]
+fn several_images_are_numbered_and_image_i_is_seed_plus_i() {
+    let dir = scratch("batch");
+    let model = tiny_model();
+    let model = model.to_str().unwrap();
+    let common = [
+        "generate",
+        "cat",
+        "--model",
+        model,
+        "--steps",
+        "2",
+        "-q",
+        "--scheduler",
+        "DDIM",
+    ];
+    let batch = dir.join("batch.png");
+    let mut args = common.to_vec();
+    args.extend([
+        "--seed",
+        "3",
+        "--num-images",
+        "2",
+        "-o",
+        batch.to_str().unwrap(),
+    ]);
+    let (ok, _, stderr) = sd(&args);
+    assert!(ok, "{stderr}");
+    let single = dir.join("single.png");
+    let mut args = common.to_vec();
+    args.extend(["--seed", "4", "-o", single.to_str().unwrap()]);
+    let (ok, _, stderr) = sd(&args);
+    assert!(ok, "{stderr}");
+    let second = image::open(dir.join("batch-1.png")).unwrap().to_rgb8();
+    let alone = image::open(&single).unwrap().to_rgb8();
+    let worst = second
+        .as_raw()
+        .iter()
+        .zip(alone.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(
+        worst <= 1,
+        "image 1 of seed 3 is seed 4's image (off by {worst})"
+    );
+    assert!(parameters(&dir.join("batch-1.png")).contains("Seed: 4"));
+}
+
+#[test]
+fn bad_input_is_one_line_non_zero_and_writes_nothing() {
+    let dir = scratch("bad");
+    let model = tiny_model();
+    let model_str = model.to_str().unwrap().to_string();
+    // A copy of the model with its U-Net folder removed.
+    let broken = dir.join("broken");
+    copy_dir(&model, &broken);
+    std::fs::remove_dir_all(broken.join("unet")).unwrap();
+    let latents = dir.join("latents.safetensors");
+    let data: Vec<u8> = vec![0u8; 4 * 4 * 8 * 8];
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 4, 8, 8], &data)
+            .unwrap();
+    std::fs::write(
+        &latents,
+        safetensors::serialize([("latents", view)], None).unwrap(),
+    )
+    .unwrap();
+    let not_an_image = dir.join("not-an-image.png");
+    std::fs::write(&not_an_image, b"hello").unwrap();
+    let out = dir.join("out.png");
+    let out_str = out.to_str().unwrap().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--model", "/no/such/model"], "/no/such/model"),
+        (vec!["--model", broken.to_str().unwrap()], "unet"),
+        (vec!["--model", &model_str, "--width", "33"], "33"),
+        (vec!["--model", &model_str, "--steps", "0"], "steps"),
+        (vec!["--model", &model_str, "--strength", "1.5"], "strength"),
+        (
+            vec!["--model", &model_str, "--scheduler", "Nope"],
+            "unknown scheduler `Nope`",
+        ),
+        (
+            vec!["--model", &model_str, "--backend", "tpu"],
+            "backend `tpu`",
+        ),
+        (
+            vec![
+                "--model",
+                &model_str,
+                "--init-latents",
+                latents.to_str().unwrap(),
+            ],
+            "[1, 4, 8, 8]",
+        ),
+        (
+            vec![
+                "--model",
+                &model_str,
+                "--init-image",
+                not_an_image.to_str().unwrap(),
+            ],
+            "",
+        ),
+        (
+            vec![
+                "--model",
+                &model_str,
+                "--mask",
+                not_an_image.to_str().unwrap(),
+            ],
+            "",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["generate", "cat", "-q", "-o", &out_str];
+        args.extend(extra.iter().copied());
+        let (ok, _, stderr) = sd(&args);
+        assert!(!ok, "{extra:?} should fail");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{extra:?}: one line: {stderr}"
+        );
+        assert!(stderr.starts_with("sd: "), "{stderr}");
+        assert!(stderr.contains(needle), "{extra:?}: `{needle}` in {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!out.exists(), "{extra:?} left an output file");
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

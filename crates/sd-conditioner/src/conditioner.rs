@@ -1,0 +1,330 @@
+//! Prompts to the U-Net's cross-attention context, wired per model family the way diffusers'
+//! pipelines wire the text encoders: SD 1.x and 2.x take one encoder's last hidden state, SDXL
+//! concatenates two encoders' penultimate hidden states and adds the second one's projected
+//! pooled embedding.
+
+use std::path::Path;
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use sd_core::{CoreError, Result};
+
+use crate::clip::ClipTextModel;
+use crate::prompt::tokenize_prompt;
+use crate::tokenizer::{ClipTokenizer, MAX_LENGTH, Padding};
+
+/// What a conditioner gives the U-Net.
+#[derive(Debug, Clone)]
+pub struct Conditioning<B: Backend> {
+    /// The cross-attention context: `[batch, tokens, dim]`.
+    pub context: Tensor<B, 3>,
+    /// SDXL's pooled text embedding: `[batch, dim]`.
+    pub pooled: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Conditioning<B> {
+    /// The same shapes filled with zeros (SDXL's `force_zeros_for_empty_prompt`).
+    pub fn zeros_like(&self) -> Self {
+        Self {
+            context: self.context.zeros_like(),
+            pooled: self.pooled.as_ref().map(Tensor::zeros_like),
+        }
+    }
+
+    /// Stacks conditionings along the batch axis (e.g. `[unconditional; conditional]` for
+    /// classifier-free guidance). Their token counts must agree.
+    pub fn cat(parts: Vec<Self>) -> Result<Self> {
+        let tokens = parts.first().map(|p| p.context.dims()[1]);
+        if parts.iter().any(|p| Some(p.context.dims()[1]) != tokens) {
+            return Err(CoreError::InvalidInput(
+                "conditionings of different lengths cannot be batched".into(),
+            ));
+        }
+        let pooled: Option<Vec<_>> = parts.iter().map(|p| p.pooled.clone()).collect();
+        Ok(Self {
+            context: Tensor::cat(parts.into_iter().map(|p| p.context).collect(), 0),
+            pooled: pooled.map(|p| Tensor::cat(p, 0)),
+        })
+    }
+
+    /// Repeats every sample `n` times along the batch axis (several images per prompt).
+    pub fn repeat(self, n: usize) -> Self {
+        let repeat2 = |t: Tensor<B, 2>| {
+            let [b, d] = t.dims();
+            t.unsqueeze_dim::<3>(1).repeat_dim(1, n).reshape([b * n, d])
+        };
+        let [b, s, d] = self.context.dims();
+        Self {
+            context: self
+                .context
+                .unsqueeze_dim::<4>(1)
+                .repeat_dim(1, n)
+                .reshape([b * n, s, d]),
+            pooled: self.pooled.map(repeat2),
+        }
+    }
+}
+
+/// Turns prompts into conditioning. Every prompt of one call gets the same number of tokens, so
+/// a negative prompt batched with its prompt lines up with it.
+pub trait Conditioner<B: Backend> {
+    fn encode(&self, prompts: &[&str]) -> Result<Conditioning<B>>;
+}
+
+/// How prompt text is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PromptSyntax {
+    /// A1111's: `(word:1.2)` weights and `BREAK`, any length in 75-token chunks concatenated
+    /// along the sequence (what stable-diffusion-webui and stable-diffusion.cpp users expect).
+    #[default]
+    Weighted,
+    /// diffusers': the text as is, truncated to 75 tokens.
+    Plain,
+}
+
+/// Which hidden state of a CLIP text encoder becomes the context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerChoice {
+    /// Layers dropped from the end: 0 is the last layer.
+    pub skip: usize,
+    /// Apply the final LayerNorm to that layer's output (SD 1.x/2.x do; SDXL does not).
+    pub final_norm: bool,
+}
+
+/// One CLIP tokenizer and text encoder.
+pub struct ClipStage<B: Backend> {
+    pub tokenizer: ClipTokenizer,
+    pub model: ClipTextModel<B>,
+    pub layer: LayerChoice,
+}
+
+/// Which model family's wiring to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextWiring {
+    /// One encoder's (SD 1.x, 2.x); `clip_skip` n takes the output of the n-th layer from the
+    /// end, through the final LayerNorm (diffusers' `clip_skip`).
+    Single { clip_skip: usize },
+    /// SDXL's two encoders: penultimate hidden states (further back with `clip_skip`),
+    /// concatenated on the feature axis; pooled from the second encoder's projection.
+    Dual { clip_skip: usize },
+}
+
+/// One prompt's 77-token chunks of ids and their per-token weights.
+type ChunkedPrompt = (Vec<Vec<u32>>, Vec<Vec<f64>>);
+
+/// The CLIP text conditioner of Stable Diffusion 1.x, 2.x and XL.
+pub struct ClipConditioner<B: Backend> {
+    stages: Vec<ClipStage<B>>,
+    syntax: PromptSyntax,
+}
+
+/// The padding token a `tokenizer/` folder asks for (`pad_token` in `special_tokens_map.json`
+/// or `tokenizer_config.json`): `!` for SD 2.x and SDXL's second tokenizer, else end-of-text.
+pub fn padding_of(tokenizer_dir: &Path) -> Padding {
+    for name in ["special_tokens_map.json", "tokenizer_config.json"] {
+        let Ok(text) = std::fs::read_to_string(tokenizer_dir.join(name)) else {
+            continue;
+        };
+        let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        let pad = &json["pad_token"];
+        let pad = pad.as_str().or_else(|| pad["content"].as_str());
+        if let Some(pad) = pad {
+            return if pad == "!" {
+                Padding::Exclamation
+            } else {
+                Padding::EndOfText
+            };
+        }
+    }
+    Padding::EndOfText
+}
+
+impl<B: Backend> ClipConditioner<B> {
+    /// From loaded stages: one (SD 1.x/2.x) or two (SDXL, the projected one second).
+    pub fn new(stages: Vec<ClipStage<B>>, syntax: PromptSyntax) -> Result<Self> {
+        if stages.is_empty() || stages.len() > 2 {
+            return Err(CoreError::InvalidInput(format!(
+                "a CLIP conditioner has one or two text encoders, got {}",
+                stages.len()
+            )));
+        }
+        if stages.len() == 2 && stages[1].model.text_projection.is_none() {
+            return Err(CoreError::InvalidInput(
+                "SDXL's second text encoder needs its text_projection".into(),
+            ));
+        }
+        Ok(Self { stages, syntax })
+    }
+
+    /// Loads the text encoders of a diffusers folder (`tokenizer/`, `text_encoder/`, and for
+    /// [`TextWiring::Dual`] `tokenizer_2/`, `text_encoder_2/`). A missing tokenizer folder falls
+    /// back to the built-in CLIP vocabulary.
+    pub fn from_diffusers(
+        root: impl AsRef<Path>,
+        wiring: TextWiring,
+        syntax: PromptSyntax,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let root = root.as_ref();
+        let load = |suffix: &str, layer: LayerChoice| -> Result<ClipStage<B>> {
+            let tok_dir = root.join(format!("tokenizer{suffix}"));
+            let padding = padding_of(&tok_dir);
+            let tokenizer = if tok_dir.is_dir() {
+                ClipTokenizer::from_folder(&tok_dir, padding)?
+            } else {
+                ClipTokenizer::embedded(padding)?
+            };
+            let model =
+                ClipTextModel::from_pretrained(root.join(format!("text_encoder{suffix}")), device)?;
+            Ok(ClipStage {
+                tokenizer,
+                model,
+                layer,
+            })
+        };
+        let stages = match wiring {
+            TextWiring::Single { clip_skip } => vec![load(
+                "",
+                LayerChoice {
+                    skip: clip_skip,
+                    final_norm: true,
+                },
+            )?],
+            TextWiring::Dual { clip_skip } => {
+                let layer = LayerChoice {
+                    skip: 1 + clip_skip,
+                    final_norm: false,
+                };
+                vec![load("", layer)?, load("_2", layer)?]
+            }
+        };
+        Self::new(stages, syntax)
+    }
+
+    pub fn stages(&self) -> &[ClipStage<B>] {
+        &self.stages
+    }
+
+    /// Token ids and weights of each prompt through one tokenizer, all padded to the same
+    /// number of 77-token chunks.
+    fn tokenize(
+        &self,
+        tokenizer: &ClipTokenizer,
+        prompts: &[&str],
+    ) -> Result<Vec<ChunkedPrompt>> {
+        let mut out = Vec::with_capacity(prompts.len());
+        for prompt in prompts {
+            out.push(match self.syntax {
+                PromptSyntax::Plain => (
+                    vec![tokenizer.encode_padded(prompt)?],
+                    vec![vec![1.0; MAX_LENGTH]],
+                ),
+                PromptSyntax::Weighted => {
+                    let t = tokenize_prompt(tokenizer, prompt)?;
+                    (t.chunks, t.weights)
+                }
+            });
+        }
+        let chunks = out.iter().map(|(c, _)| c.len()).max().unwrap_or(1);
+        for (ids, weights) in &mut out {
+            while ids.len() < chunks {
+                ids.push(tokenizer.wrap(&[]));
+                weights.push(vec![1.0; MAX_LENGTH]);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One stage's context `[batch, 77·chunks, dim]` and, from the first chunk, its projected
+    /// pooled embedding.
+    fn encode_stage(
+        &self,
+        stage: &ClipStage<B>,
+        prompts: &[&str],
+    ) -> Result<(Tensor<B, 3>, Option<Tensor<B, 2>>)> {
+        let tokens = self.tokenize(&stage.tokenizer, prompts)?;
+        let chunks = tokens.first().map_or(0, |(c, _)| c.len());
+        let mut per_chunk = Vec::with_capacity(chunks);
+        let mut pooled = None;
+        for k in 0..chunks {
+            let ids: Vec<Vec<u32>> = tokens.iter().map(|(c, _)| c[k].clone()).collect();
+            let out = stage.model.forward(&ids)?;
+            let layers = out.hidden_states.len();
+            if stage.layer.skip + 1 >= layers {
+                return Err(CoreError::InvalidInput(format!(
+                    "clip skip {} leaves no layer of a {}-layer text encoder",
+                    stage.layer.skip,
+                    layers - 1
+                )));
+            }
+            let z = if stage.layer.skip == 0 && stage.layer.final_norm {
+                out.last_hidden_state
+            } else {
+                let h = out.hidden_states[layers - 1 - stage.layer.skip].clone();
+                if stage.layer.final_norm {
+                    stage.model.text_model.final_layer_norm.forward(h)
+                } else {
+                    h
+                }
+            };
+            let weights: Vec<&Vec<f64>> = tokens.iter().map(|(_, w)| &w[k]).collect();
+            per_chunk.push(apply_weights(z, &weights));
+            if k == 0 {
+                pooled = out.text_embeds;
+            }
+        }
+        Ok((Tensor::cat(per_chunk, 1), pooled))
+    }
+}
+
+/// A1111's emphasis: scale each token's embedding by its weight, then rescale the whole so its
+/// mean is what it was before. Rows whose weights are all 1 are left untouched.
+fn apply_weights<B: Backend>(z: Tensor<B, 3>, weights: &[&Vec<f64>]) -> Tensor<B, 3> {
+    if weights.iter().all(|w| w.iter().all(|&x| x == 1.0)) {
+        return z;
+    }
+    let [b, n, _] = z.dims();
+    let device = z.device();
+    let flat: Vec<f32> = weights
+        .iter()
+        .flat_map(|w| w.iter().map(|&x| x as f32))
+        .collect();
+    let multipliers = Tensor::<B, 1>::from_floats(flat.as_slice(), &device).reshape([b, n, 1]);
+    let original_mean = z.clone().mean_dim(2).mean_dim(1);
+    let weighted = z * multipliers;
+    let new_mean = weighted.clone().mean_dim(2).mean_dim(1);
+    weighted * (original_mean / new_mean)
+}
+
+impl<B: Backend> Conditioner<B> for ClipConditioner<B> {
+    fn encode(&self, prompts: &[&str]) -> Result<Conditioning<B>> {
+        if prompts.is_empty() {
+            return Err(CoreError::InvalidInput("no prompt to encode".into()));
+        }
+        let mut contexts = Vec::with_capacity(self.stages.len());
+        let mut pooled = None;
+        for stage in &self.stages {
+            let (context, p) = self.encode_stage(stage, prompts)?;
+            contexts.push(context);
+            pooled = p;
+        }
+        if contexts
+            .iter()
+            .any(|c| c.dims()[1] != contexts[0].dims()[1])
+        {
+            return Err(CoreError::InvalidInput(
+                "the two tokenizers split the prompt into different numbers of chunks".into(),
+            ));
+        }
+        if self.stages.len() == 1 {
+            // SD 1.x/2.x take no pooled embedding.
+            pooled = None;
+        }
+        Ok(Conditioning {
+            context: Tensor::cat(contexts, 2),
+            pooled,
+        })
+    }
+}

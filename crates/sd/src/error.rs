@@ -1,0 +1,30 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong between a model path and an image.
+#[derive(Debug, thiserror::Error)]
+pub enum SdError {
+    /// Reading weights, configs or images, or a model refusing its input.
+    #[error(transparent)]
+    Core(#[from] sd_core::CoreError),
+    /// A sampler name, configuration or step count that does not work.
+    #[error(transparent)]
+    Scheduler(#[from] sd_schedulers::SchedulerError),
+    /// A model that cannot be found or is not laid out as expected.
+    #[error("{path}: {reason}")]
+    Model { path: PathBuf, reason: String },
+    /// Generation settings that cannot be used together or are out of range.
+    #[error("{0}")]
+    InvalidOptions(String),
+    /// The step callback asked to stop.
+    #[error("cancelled at step {0}")]
+    Cancelled(usize),
+}
+
+pub type Result<T> = std::result::Result<T, SdError>;
+
+pub(crate) fn model_error(path: impl Into<PathBuf>, reason: impl Into<String>) -> SdError {
+    SdError::Model {
+        path: path.into(),
+        reason: reason.into(),
+    }
+}

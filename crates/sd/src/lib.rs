@@ -1,0 +1,48 @@
+//! Stable Diffusion in Rust: load a model a user has on disk (a diffusers folder, a single-file
+//! `.safetensors` checkpoint, or a Hugging Face repo id in the local cache) and generate images.
+//!
+//! ```no_run
+//! use sd::{GenerateOptions, Model, generate, save_png};
+//! use sd::backend::{Backend, DefaultBackend};
+//!
+//! # fn main() -> sd::Result<()> {
+//! let model = Model::open("stable-diffusion-v1-5")?;
+//! let options = GenerateOptions {
+//!     prompt: "a photograph of an astronaut riding a horse".into(),
+//!     seed: 42,
+//!     ..GenerateOptions::default()
+//! };
+//! let device = Default::default();
+//! let out = generate::<DefaultBackend>(&model, &options, &device, None)?;
+//! for image in sd::to_images(out.images)? {
+//!     save_png(&image, "astronaut.png", &sd::parameters_text(&model, &options, &out.sampler))?;
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The stage crates are re-exported for custom pipelines.
+
+mod error;
+mod model;
+mod output;
+mod pipeline;
+mod single_file;
+
+pub use error::{Result, SdError};
+pub use model::{Model, ModelFamily, hub_cache_snapshot};
+pub use output::{parameters_text, save_png, to_images};
+pub use pipeline::{
+    GenerateOptions, Generated, PromptConditioning, SeededNoise, StepCallback, StepProgress,
+    decode, denoise, encode_prompts, generate, generate_with_noise, initial_latents,
+};
+pub use single_file::{CheckpointLayout, TextPrefix, detect as detect_checkpoint, ldm_vae_key};
+
+pub use sd_conditioner as conditioner;
+pub use sd_core as core;
+pub use sd_core::backend;
+pub use sd_decoder as decoder;
+pub use sd_diffusion as diffusion;
+pub use sd_encoder as encoder;
+pub use sd_schedulers as schedulers;
+pub use sd_unet as unet;

@@ -1,0 +1,482 @@
+//! Finding a model on disk and loading its components one at a time: a diffusers folder
+//! (`model_index.json`), a single-file checkpoint in the original layout, or a Hugging Face repo
+//! id already in the local hub cache.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use sd_conditioner::{
+    ClipConditioner, ClipStage, ClipTextConfig, ClipTextModel, ClipTokenizer, HiddenAct,
+    LayerChoice, Padding, PromptSyntax, TextWiring,
+};
+use sd_core::AutoencoderKlConfig;
+use sd_core::weights::{LoadOptions, SafetensorsFile, diffusers_weights_path, load_safetensors};
+use sd_decoder::VaeDecoder;
+use sd_encoder::VaeEncoder;
+use sd_schedulers::SchedulerConfig;
+use sd_unet::{UNet2DConditionConfig, UNet2DConditionModel};
+
+use crate::error::{Result, model_error};
+use crate::single_file::{self, CheckpointLayout};
+
+/// The model families, which differ in how prompts are encoded and in their defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFamily {
+    /// Stable Diffusion 1.x: CLIP ViT-L/14 text encoder, 512².
+    Sd1,
+    /// Stable Diffusion 2.x: OpenCLIP ViT-H text encoder, `!` padding, 768² v-prediction or
+    /// 512² ε-prediction.
+    Sd2,
+    /// Stable Diffusion XL: two text encoders, size and crop conditioning, 1024².
+    Sdxl,
+}
+
+impl ModelFamily {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sd1 => "SD 1.x",
+            Self::Sd2 => "SD 2.x",
+            Self::Sdxl => "SDXL",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Source {
+    Folder(PathBuf),
+    SingleFile {
+        path: PathBuf,
+        layout: CheckpointLayout,
+        /// A diffusers folder whose component configs replace the built-in ones.
+        config_dir: Option<PathBuf>,
+    },
+}
+
+/// A model on disk: its configuration is read up front, its weights only when a component is
+/// loaded, so that a pipeline holds one large component at a time.
+#[derive(Debug, Clone)]
+pub struct Model {
+    source: Source,
+    family: ModelFamily,
+    variant: Option<String>,
+    unet_config: UNet2DConditionConfig,
+    vae_config: AutoencoderKlConfig,
+    scheduler_config: SchedulerConfig,
+    /// SDXL: an absent negative prompt conditions on zeros rather than on the empty prompt.
+    force_zeros_for_empty_prompt: bool,
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| model_error(path, e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| model_error(path, format!("not valid JSON: {e}")))
+}
+
+/// The snapshot folder of a Hugging Face repo id in the local hub cache
+/// (`$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`), if it is there.
+pub fn hub_cache_snapshot(repo_id: &str) -> Option<PathBuf> {
+    let (org, name) = repo_id.split_once('/')?;
+    if org.is_empty() || name.is_empty() || name.contains('/') {
+        return None;
+    }
+    let hub = std::env::var_os("HF_HUB_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+        })?;
+    let repo = hub.join(format!("models--{org}--{name}"));
+    let snapshots = repo.join("snapshots");
+    if let Ok(commit) = std::fs::read_to_string(repo.join("refs/main")) {
+        let dir = snapshots.join(commit.trim());
+        if dir.is_dir() {
+            return Some(dir);
+        }
+    }
+    // No `refs/main`: the most recently written snapshot.
+    std::fs::read_dir(&snapshots)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .map(|e| e.path())
+}
+
+impl Model {
+    /// Opens what a user names as the model: a diffusers folder, a `.safetensors` checkpoint,
+    /// or a Hugging Face repo id found in the local hub cache.
+    pub fn open(spec: &str) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.is_dir() {
+            return Self::from_folder(path, None);
+        }
+        if path.is_file() {
+            return Self::from_single_file(path, None);
+        }
+        if !path.exists()
+            && !spec.starts_with('.')
+            && !spec.starts_with('/')
+            && let Some(dir) = hub_cache_snapshot(spec)
+        {
+            return Self::from_folder(dir, None);
+        }
+        let hint = if spec.matches('/').count() == 1 && !spec.starts_with('/') {
+            " (not in the local Hugging Face cache either; this build does not download)"
+        } else {
+            ""
+        };
+        Err(model_error(spec, format!("no such file or folder{hint}")))
+    }
+
+    /// A diffusers folder: `model_index.json` and one folder per component. `variant` picks
+    /// weight files such as `diffusion_pytorch_model.fp16.safetensors`.
+    pub fn from_folder(dir: impl AsRef<Path>, variant: Option<&str>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let index_path = dir.join("model_index.json");
+        if !index_path.is_file() {
+            return Err(model_error(
+                &dir,
+                "not a diffusers model folder: no model_index.json",
+            ));
+        }
+        let index = read_json(&index_path)?;
+        let class = index["_class_name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        // Every component the index names (a [library, class] pair) must have its folder.
+        if let Some(map) = index.as_object() {
+            for (name, value) in map {
+                let named = value
+                    .as_array()
+                    .is_some_and(|pair| pair.len() == 2 && pair.iter().all(|v| !v.is_null()));
+                if named && !name.starts_with('_') && !dir.join(name).is_dir() {
+                    return Err(model_error(
+                        &index_path,
+                        format!("component `{name}` is listed but its folder is missing"),
+                    ));
+                }
+            }
+        }
+        for required in ["unet", "vae", "text_encoder", "scheduler"] {
+            if !dir.join(required).is_dir() {
+                return Err(model_error(
+                    &dir,
+                    format!("the `{required}` component folder is missing"),
+                ));
+            }
+        }
+        let unet_config = UNet2DConditionConfig::from_file(dir.join("unet/config.json"))?;
+        let vae_config = AutoencoderKlConfig::from_file(dir.join("vae/config.json"))?;
+        let scheduler_config =
+            SchedulerConfig::from_file(dir.join("scheduler/scheduler_config.json"))?;
+        let text_config = ClipTextConfig::from_file(dir.join("text_encoder/config.json"))?;
+        let family = if class.contains("XL") || dir.join("text_encoder_2").is_dir() {
+            ModelFamily::Sdxl
+        } else if text_config.hidden_act == HiddenAct::Gelu {
+            ModelFamily::Sd2
+        } else {
+            ModelFamily::Sd1
+        };
+        if family == ModelFamily::Sdxl && !dir.join("text_encoder_2").is_dir() {
+            return Err(model_error(
+                &dir,
+                "an SDXL model needs the `text_encoder_2` component folder",
+            ));
+        }
+        let force_zeros_for_empty_prompt = index["force_zeros_for_empty_prompt"]
+            .as_bool()
+            .unwrap_or(family == ModelFamily::Sdxl);
+        Ok(Self {
+            source: Source::Folder(dir),
+            family,
+            variant: variant.map(String::from),
+            unet_config,
+            vae_config,
+            scheduler_config,
+            force_zeros_for_empty_prompt,
+        })
+    }
+
+    /// A single-file checkpoint in the original (CompVis / Stability) layout. The family and
+    /// inpainting are detected from the keys and shapes; the component configs are the family's
+    /// published ones, or those of the diffusers folder `config_dir` (as diffusers'
+    /// `from_single_file(..., config=...)`).
+    pub fn from_single_file(path: impl AsRef<Path>, config_dir: Option<&Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if matches!(ext.as_str(), "ckpt" | "pt" | "pth" | "bin") {
+            return Err(model_error(
+                &path,
+                "pickled checkpoints are not loaded (unpickling can run code); convert it to \
+                 .safetensors first, e.g. with diffusers' or A1111's converters",
+            ));
+        }
+        let file = SafetensorsFile::open(&path)?;
+        let layout = single_file::detect(&file)?;
+        let (unet_config, vae_config, scheduler_config) = match config_dir {
+            Some(dir) => {
+                let folder = Self::from_folder(dir, None)?;
+                (
+                    folder.unet_config,
+                    folder.vae_config,
+                    folder.scheduler_config,
+                )
+            }
+            None => single_file::default_configs(&layout),
+        };
+        if unet_config.in_channels != layout.unet_in_channels {
+            return Err(model_error(
+                &path,
+                format!(
+                    "the U-Net takes {} input channels but the config says {}",
+                    layout.unet_in_channels, unet_config.in_channels
+                ),
+            ));
+        }
+        Ok(Self {
+            family: layout.family,
+            force_zeros_for_empty_prompt: layout.family == ModelFamily::Sdxl,
+            source: Source::SingleFile {
+                path,
+                layout,
+                config_dir: config_dir.map(Path::to_path_buf),
+            },
+            variant: None,
+            unet_config,
+            vae_config,
+            scheduler_config,
+        })
+    }
+
+    pub fn family(&self) -> ModelFamily {
+        self.family
+    }
+
+    /// Whether the U-Net takes the masked image and mask as extra channels (9 inputs).
+    pub fn is_inpainting(&self) -> bool {
+        self.unet_config.in_channels == 9
+    }
+
+    pub fn unet_config(&self) -> &UNet2DConditionConfig {
+        &self.unet_config
+    }
+
+    pub fn vae_config(&self) -> &AutoencoderKlConfig {
+        &self.vae_config
+    }
+
+    /// The model's own sampler configuration (`scheduler/scheduler_config.json`).
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
+    pub fn force_zeros_for_empty_prompt(&self) -> bool {
+        self.force_zeros_for_empty_prompt
+    }
+
+    /// Pixels per latent cell.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae_config.downsample_factor()
+    }
+
+    /// The image side the model was trained at: the U-Net's sample size times the VAE factor,
+    /// as diffusers' pipelines default it.
+    pub fn default_size(&self) -> usize {
+        self.unet_config.sample_size * self.vae_scale_factor()
+    }
+
+    /// The file or folder the model was opened from.
+    pub fn path(&self) -> &Path {
+        match &self.source {
+            Source::Folder(dir) => dir,
+            Source::SingleFile { path, .. } => path,
+        }
+    }
+
+    /// A short hash for the PNG's parameters, as A1111's legacy "Model hash": SHA-256 of the
+    /// 64 KiB at offset 1 MiB of the checkpoint (the U-Net's weights for a folder), 8 hex
+    /// digits. Cheap on multi-gigabyte files.
+    pub fn short_hash(&self) -> Option<String> {
+        use sha2::Digest;
+        use std::io::{Read, Seek, SeekFrom};
+        let path = match &self.source {
+            Source::Folder(dir) => {
+                diffusers_weights_path(dir.join("unet"), self.variant.as_deref()).ok()?
+            }
+            Source::SingleFile { path, .. } => path.clone(),
+        };
+        let mut file = std::fs::File::open(path).ok()?;
+        let mut buf = vec![0u8; 0x10000];
+        let start = if file.metadata().ok()?.len() > 0x100000 {
+            0x100000
+        } else {
+            0
+        };
+        file.seek(SeekFrom::Start(start)).ok()?;
+        let n = file.read(&mut buf).ok()?;
+        let digest = sha2::Sha256::digest(&buf[..n]);
+        Some(digest.iter().take(4).map(|b| format!("{b:02x}")).collect())
+    }
+
+    fn single_file(&self) -> Result<SafetensorsFile> {
+        match &self.source {
+            Source::SingleFile { path, .. } => Ok(SafetensorsFile::open(path)?),
+            Source::Folder(dir) => Err(model_error(dir, "not a single-file checkpoint")),
+        }
+    }
+
+    /// Loads the text conditioner. `clip_skip` takes the output of an earlier layer
+    /// (diffusers' `clip_skip`; 0 is the default layer of the family).
+    pub fn load_conditioner<B: Backend>(
+        &self,
+        syntax: PromptSyntax,
+        clip_skip: usize,
+        device: &B::Device,
+    ) -> Result<ClipConditioner<B>> {
+        let wiring = match self.family {
+            ModelFamily::Sdxl => TextWiring::Dual { clip_skip },
+            _ => TextWiring::Single { clip_skip },
+        };
+        match &self.source {
+            Source::Folder(dir) => Ok(ClipConditioner::from_diffusers(
+                dir, wiring, syntax, device,
+            )?),
+            Source::SingleFile {
+                layout, config_dir, ..
+            } => {
+                let file = self.single_file()?;
+                let configs = match config_dir {
+                    Some(dir) => {
+                        let mut configs = vec![ClipTextConfig::from_file(
+                            dir.join("text_encoder/config.json"),
+                        )?];
+                        if self.family == ModelFamily::Sdxl {
+                            configs.push(ClipTextConfig::from_file(
+                                dir.join("text_encoder_2/config.json"),
+                            )?);
+                        }
+                        configs
+                    }
+                    None => single_file::text_configs(self.family),
+                };
+                let (final_norm, base_skip) = match self.family {
+                    ModelFamily::Sdxl => (false, 1),
+                    _ => (true, 0),
+                };
+                let layer = LayerChoice {
+                    skip: base_skip + clip_skip,
+                    final_norm,
+                };
+                let mut stages = Vec::new();
+                for (i, (config, prefix)) in configs.iter().zip(&layout.text_prefixes).enumerate() {
+                    let padding = if config.hidden_act == HiddenAct::Gelu {
+                        Padding::Exclamation
+                    } else {
+                        Padding::EndOfText
+                    };
+                    let tokenizer = match config_dir {
+                        Some(dir) => {
+                            let suffix = if i == 0 { "" } else { "_2" };
+                            let tok = dir.join(format!("tokenizer{suffix}"));
+                            ClipTokenizer::from_folder(&tok, sd_conditioner::padding_of(&tok))?
+                        }
+                        None => ClipTokenizer::embedded(padding)?,
+                    };
+                    let projection = i == 1;
+                    let model = ClipTextModel::new(config, projection, device)?;
+                    let model = if prefix.open_clip {
+                        let converted = single_file::open_clip_to_transformers(
+                            &file,
+                            &prefix.prefix,
+                            config.num_hidden_layers,
+                        )?;
+                        model.load_weights(&converted, LoadOptions::default())?
+                    } else {
+                        model.load_weights_under(&file, &prefix.prefix, LoadOptions::default())?
+                    };
+                    stages.push(ClipStage {
+                        tokenizer,
+                        model,
+                        layer,
+                    });
+                }
+                Ok(ClipConditioner::new(stages, syntax)?)
+            }
+        }
+    }
+
+    /// Loads the U-Net.
+    pub fn load_unet<B: Backend>(&self, device: &B::Device) -> Result<UNet2DConditionModel<B>> {
+        let unet = UNet2DConditionModel::new(&self.unet_config, device)?;
+        Ok(match &self.source {
+            Source::Folder(dir) => {
+                let file = SafetensorsFile::open(diffusers_weights_path(
+                    dir.join("unet"),
+                    self.variant.as_deref(),
+                )?)?;
+                unet.load_weights(&file, LoadOptions::default())?
+            }
+            Source::SingleFile { .. } => {
+                let file = self.single_file()?;
+                unet.load_single_file(&file, &self.unet_config, LoadOptions::default())?
+            }
+        })
+    }
+
+    fn vae_file(&self) -> Result<(SafetensorsFile, bool)> {
+        Ok(match &self.source {
+            Source::Folder(dir) => (
+                SafetensorsFile::open(diffusers_weights_path(
+                    dir.join("vae"),
+                    self.variant.as_deref(),
+                )?)?,
+                false,
+            ),
+            Source::SingleFile { .. } => (self.single_file()?, true),
+        })
+    }
+
+    /// Loads the VAE's decoder half.
+    pub fn load_vae_decoder<B: Backend>(&self, device: &B::Device) -> Result<VaeDecoder<B>> {
+        let decoder = VaeDecoder::new(&self.vae_config, device)?;
+        let (file, ldm) = self.vae_file()?;
+        if !ldm {
+            return Ok(decoder.load_weights(&file, LoadOptions::default())?);
+        }
+        let blocks = self.vae_config.block_out_channels.len();
+        let map = |key: &str| {
+            single_file::ldm_vae_key(key, blocks)
+                .filter(|k| k.starts_with("decoder.") || k.starts_with("post_quant_conv."))
+        };
+        Ok(load_safetensors(
+            decoder,
+            &file,
+            &map,
+            LoadOptions::default(),
+        )?)
+    }
+
+    /// Loads the VAE's encoder half (img2img and inpainting).
+    pub fn load_vae_encoder<B: Backend>(&self, device: &B::Device) -> Result<VaeEncoder<B>> {
+        let encoder = VaeEncoder::new(&self.vae_config, device)?;
+        let (file, ldm) = self.vae_file()?;
+        if !ldm {
+            return Ok(encoder.load_weights(&file, LoadOptions::default())?);
+        }
+        let blocks = self.vae_config.block_out_channels.len();
+        let map = |key: &str| {
+            single_file::ldm_vae_key(key, blocks)
+                .filter(|k| k.starts_with("encoder.") || k.starts_with("quant_conv."))
+        };
+        Ok(load_safetensors(
+            encoder,
+            &file,
+            &map,
+            LoadOptions::default(),
+        )?)
+    }
+}

@@ -1,0 +1,97 @@
+//! Images out: PNG files that carry their generation parameters in an A1111-style
+//! `parameters` text chunk, which other Stable Diffusion tools read back.
+
+use std::io::BufWriter;
+use std::path::Path;
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use image::RgbImage;
+use sd_core::CoreError;
+
+use crate::error::Result;
+use crate::model::Model;
+use crate::pipeline::GenerateOptions;
+
+/// Decoded images in `[-1, 1]` as 8-bit RGB: `round(255 · clamp((x + 1) / 2))`, as diffusers'
+/// image processor does.
+pub fn to_images<B: Backend>(images: Tensor<B, 4>) -> Result<Vec<RgbImage>> {
+    Ok(sd_core::image_io::tensor_to_images(images)?)
+}
+
+/// The A1111 `parameters` text: the prompt, `Negative prompt: ...`, then one line of
+/// `Key: value` pairs.
+pub fn parameters_text(model: &Model, options: &GenerateOptions, sampler: &str) -> String {
+    let size = options.size(model).unwrap_or((0, 0));
+    let mut text = options.prompt.clone();
+    if let Some(negative) = &options.negative_prompt {
+        text.push_str(&format!("\nNegative prompt: {negative}"));
+    }
+    let mut fields = vec![
+        format!("Steps: {}", options.steps),
+        format!("Sampler: {sampler}"),
+    ];
+    if options.karras {
+        fields.push("Schedule type: Karras".into());
+    }
+    fields.push(format!("CFG scale: {}", options.guidance_scale));
+    fields.push(format!("Seed: {}", options.seed));
+    fields.push(format!("Size: {}x{}", size.0, size.1));
+    if let Some(hash) = model.short_hash() {
+        fields.push(format!("Model hash: {hash}"));
+    }
+    if let Some(name) = model.path().file_stem().and_then(|n| n.to_str()) {
+        fields.push(format!("Model: {name}"));
+    }
+    if options.clip_skip > 0 {
+        fields.push(format!("Clip skip: {}", options.clip_skip + 1));
+    }
+    fields.push(format!("Version: sd {}", env!("CARGO_PKG_VERSION")));
+    text.push('\n');
+    text.push_str(&fields.join(", "));
+    text
+}
+
+/// Writes `image` as a PNG with `parameters` in a `tEXt` chunk (an `iTXt` one when the text is
+/// not Latin-1). The file appears only when it is complete: it is written beside the target and
+/// renamed, so a failure leaves no half-written image.
+pub fn save_png(image: &RgbImage, path: impl AsRef<Path>, parameters: &str) -> Result<()> {
+    let path = path.as_ref();
+    let fail = |reason: String| CoreError::Image {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("image");
+    let partial = dir.join(format!(".{name}.partial"));
+    let write = || -> std::result::Result<(), String> {
+        let file = std::fs::File::create(&partial).map_err(|e| e.to_string())?;
+        let mut encoder = png::Encoder::new(BufWriter::new(file), image.width(), image.height());
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let latin1 = parameters.chars().all(|c| (c as u32) < 256);
+        if latin1 {
+            encoder
+                .add_text_chunk("parameters".into(), parameters.into())
+                .map_err(|e| e.to_string())?;
+        } else {
+            encoder
+                .add_itxt_chunk("parameters".into(), parameters.into())
+                .map_err(|e| e.to_string())?;
+        }
+        let mut writer = encoder.write_header().map_err(|e| e.to_string())?;
+        writer
+            .write_image_data(image.as_raw())
+            .map_err(|e| e.to_string())?;
+        writer.finish().map_err(|e| e.to_string())?;
+        std::fs::rename(&partial, path).map_err(|e| e.to_string())
+    };
+    write().map_err(|reason| {
+        let _ = std::fs::remove_file(&partial);
+        fail(reason)
+    })?;
+    Ok(())
+}

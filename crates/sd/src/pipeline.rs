@@ -1,0 +1,450 @@
+//! Text to image, as diffusers' `StableDiffusionPipeline` and `StableDiffusionXLPipeline` do
+//! it: encode the prompt and the negative prompt, draw the initial latents, denoise with
+//! classifier-free guidance (Ho & Salimans 2022), decode. Each component is loaded when its
+//! stage starts and dropped when it ends, so peak memory stays near the largest one.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use sd_conditioner::{Conditioner, Conditioning, PromptSyntax};
+use sd_core::image_io::check_image_size;
+use sd_diffusion::training::host_noise;
+use sd_schedulers::{NoiseSource, Scheduler, SchedulerConfig};
+use sd_unet::{TextTimeConditioning, UNet2DConditionModel};
+
+use crate::error::{Result, SdError};
+use crate::model::{Model, ModelFamily};
+
+/// Everything a generation takes besides the model.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub prompt: String,
+    /// `None`: the empty prompt (SDXL: zeros, when the model says `force_zeros_for_empty_prompt`).
+    pub negative_prompt: Option<String>,
+    pub steps: usize,
+    /// Classifier-free guidance scale; at most 1 skips the unconditional half.
+    pub guidance_scale: f64,
+    /// Rescales the guided prediction's deviation towards the conditional one's (Lin et al.
+    /// 2023, sec. 3.4); 0 is off.
+    pub guidance_rescale: f64,
+    pub seed: u64,
+    /// Image size in pixels; `None`: the model's own size.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub num_images: usize,
+    /// A sampler name ([`sd_schedulers::known_names`]); `None`: the model's own scheduler.
+    pub scheduler: Option<String>,
+    /// Karras sigmas on whatever sampler is chosen.
+    pub karras: bool,
+    /// Replaces the model's `scheduler_config.json` (e.g. with fields overridden).
+    pub scheduler_config: Option<SchedulerConfig>,
+    /// Layers skipped at the end of the text encoder (diffusers' `clip_skip`).
+    pub clip_skip: usize,
+    pub prompt_syntax: PromptSyntax,
+    /// Initial latents `[num_images, channels, h/f, w/f]`, as diffusers' `latents=`: before the
+    /// scheduler's initial sigma scales them.
+    pub init_latents: Option<TensorData>,
+    /// SDXL micro-conditioning; `None`: the output size, no crop.
+    pub original_size: Option<(usize, usize)>,
+    pub crops_coords_top_left: (usize, usize),
+    pub target_size: Option<(usize, usize)>,
+    /// Decode in overlapping tiles: bounded memory for large images.
+    pub vae_tiling: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: None,
+            steps: 20,
+            guidance_scale: 7.5,
+            guidance_rescale: 0.0,
+            seed: 0,
+            width: None,
+            height: None,
+            num_images: 1,
+            scheduler: None,
+            karras: false,
+            scheduler_config: None,
+            clip_skip: 0,
+            prompt_syntax: PromptSyntax::Weighted,
+            init_latents: None,
+            original_size: None,
+            crops_coords_top_left: (0, 0),
+            target_size: None,
+            vae_tiling: false,
+        }
+    }
+}
+
+/// What the step callback sees after each sampler step.
+pub struct StepProgress<'a, B: Backend> {
+    /// Steps done (1-based) and in all.
+    pub step: usize,
+    pub total: usize,
+    pub timestep: f64,
+    pub latents: &'a Tensor<B, 4>,
+    /// The sampler's estimate of the clean latents (for previews).
+    pub predicted_clean: &'a Tensor<B, 4>,
+}
+
+/// Called after each step; returning `false` cancels the generation.
+pub type StepCallback<'c, B> = dyn FnMut(&StepProgress<'_, B>) -> bool + 'c;
+
+/// The result: images in `[-1, 1]` (`[n, 3, H, W]`) and the final latents.
+pub struct Generated<B: Backend> {
+    pub images: Tensor<B, 4>,
+    pub latents: Tensor<B, 4>,
+    /// The sampler's name as used (for the PNG parameters).
+    pub sampler: String,
+}
+
+/// Noise from one seeded host generator per image: image `i` of a batch draws from the stream
+/// of `seed + i`, so it is the same image as a single generation with that seed.
+pub struct SeededNoise {
+    streams: Vec<StdRng>,
+}
+
+impl SeededNoise {
+    pub fn new(seed: u64, images: usize) -> Self {
+        Self {
+            streams: (0..images.max(1) as u64)
+                .map(|i| StdRng::seed_from_u64(seed.wrapping_add(i)))
+                .collect(),
+        }
+    }
+}
+
+impl<B: Backend> NoiseSource<B> for SeededNoise {
+    fn standard_normal(&mut self, shape: [usize; 4], device: &B::Device) -> Tensor<B, 4> {
+        let [b, c, h, w] = shape;
+        if b != self.streams.len() {
+            return host_noise(shape, &mut self.streams[0], device);
+        }
+        Tensor::cat(
+            self.streams
+                .iter_mut()
+                .map(|rng| host_noise([1, c, h, w], rng, device))
+                .collect(),
+            0,
+        )
+    }
+}
+
+/// The conditioning of one generation, batched `[unconditional; conditional]` when guided.
+pub struct PromptConditioning<B: Backend> {
+    pub conditioning: Conditioning<B>,
+    pub guided: bool,
+}
+
+impl GenerateOptions {
+    fn guided(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+
+    /// The output size, checked against the VAE's factor.
+    pub fn size(&self, model: &Model) -> Result<(usize, usize)> {
+        let side = model.default_size();
+        let (w, h) = (self.width.unwrap_or(side), self.height.unwrap_or(side));
+        check_image_size(w, h, model.vae_scale_factor())?;
+        Ok((w, h))
+    }
+
+    fn check(&self, model: &Model) -> Result<()> {
+        if self.steps == 0 {
+            return Err(SdError::InvalidOptions("steps must be at least 1".into()));
+        }
+        if self.num_images == 0 {
+            return Err(SdError::InvalidOptions(
+                "the number of images must be at least 1".into(),
+            ));
+        }
+        if !self.guidance_scale.is_finite() || !self.guidance_rescale.is_finite() {
+            return Err(SdError::InvalidOptions(
+                "guidance must be a finite number".into(),
+            ));
+        }
+        if model.is_inpainting() {
+            return Err(SdError::InvalidOptions(
+                "this is an inpainting model: text-to-image needs an ordinary one".into(),
+            ));
+        }
+        self.size(model)?;
+        Ok(())
+    }
+
+    /// The sampler: the model's own, or the named one configured from the model's
+    /// `scheduler_config.json` (as `SchedulerClass.from_config(pipe.scheduler.config)`).
+    pub fn scheduler<B: Backend>(&self, model: &Model) -> Result<(Box<dyn Scheduler<B>>, String)> {
+        let mut config: SchedulerConfig = self
+            .scheduler_config
+            .clone()
+            .unwrap_or_else(|| model.scheduler_config().clone());
+        if self.karras {
+            config.use_karras_sigmas = true;
+        }
+        let name = self
+            .scheduler
+            .clone()
+            .or_else(|| config.class_name.clone())
+            .unwrap_or_else(|| "PNDMScheduler".into());
+        let scheduler = sd_schedulers::from_name::<B>(&name, config)?;
+        Ok((scheduler, name))
+    }
+}
+
+/// Encodes the prompt (and, when guided, the negative prompt) with the model's text encoders,
+/// which are dropped on return.
+pub fn encode_prompts<B: Backend>(
+    model: &Model,
+    options: &GenerateOptions,
+    device: &B::Device,
+) -> Result<PromptConditioning<B>> {
+    let conditioner =
+        model.load_conditioner::<B>(options.prompt_syntax, options.clip_skip, device)?;
+    let guided = options.guided();
+    let conditioning = if !guided {
+        conditioner.encode(&[options.prompt.as_str()])?
+    } else {
+        let zero_negative =
+            options.negative_prompt.is_none() && model.force_zeros_for_empty_prompt();
+        let negative = options.negative_prompt.as_deref().unwrap_or("");
+        let both = conditioner.encode(&[negative, options.prompt.as_str()])?;
+        if zero_negative {
+            let positive = split_conditioning(&both, 1);
+            Conditioning::cat(vec![positive.zeros_like(), positive])?
+        } else {
+            both
+        }
+    };
+    Ok(PromptConditioning {
+        conditioning,
+        guided,
+    })
+}
+
+fn split_conditioning<B: Backend>(c: &Conditioning<B>, index: usize) -> Conditioning<B> {
+    let [_, s, d] = c.context.dims();
+    Conditioning {
+        context: c.context.clone().slice([index..index + 1, 0..s, 0..d]),
+        pooled: c.pooled.as_ref().map(|p| {
+            let d = p.dims()[1];
+            p.clone().slice([index..index + 1, 0..d])
+        }),
+    }
+}
+
+/// The initial latents `[n, c, h/f, w/f]`, before the scheduler's initial sigma: given by the
+/// caller, or drawn from `noise`.
+pub fn initial_latents<B: Backend>(
+    model: &Model,
+    options: &GenerateOptions,
+    noise: &mut dyn NoiseSource<B>,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>> {
+    let (w, h) = options.size(model)?;
+    let f = model.vae_scale_factor();
+    let shape = [
+        options.num_images,
+        model.unet_config().out_channels,
+        h / f,
+        w / f,
+    ];
+    match &options.init_latents {
+        Some(data) => {
+            if data.shape.as_slice() != shape.as_slice() {
+                return Err(SdError::InvalidOptions(format!(
+                    "initial latents have shape {:?}; {} image(s) of {w}×{h} need {shape:?}",
+                    data.shape, options.num_images
+                )));
+            }
+            Ok(Tensor::from_data(data.clone().convert::<f32>(), device))
+        }
+        None => Ok(noise.standard_normal(shape, device)),
+    }
+}
+
+/// SDXL's size and crop conditioning for a batch: `[unconditional; conditional]` when guided.
+fn text_time<B: Backend>(
+    options: &GenerateOptions,
+    size: (usize, usize),
+    cond: &PromptConditioning<B>,
+    images: usize,
+) -> Result<Option<TextTimeConditioning<B>>> {
+    let Some(pooled) = cond.conditioning.pooled.clone() else {
+        return Ok(None);
+    };
+    let (w, h) = size;
+    let (oh, ow) = options.original_size.unwrap_or((h, w));
+    let (ct, cl) = options.crops_coords_top_left;
+    let (th, tw) = options.target_size.unwrap_or((h, w));
+    let ids = [oh, ow, ct, cl, th, tw].map(|v| v as f64);
+    let pooled = expand_halves(pooled, cond.guided, images);
+    let batch = pooled.dims()[0];
+    Ok(Some(TextTimeConditioning {
+        text_embeds: pooled,
+        time_ids: vec![ids; batch],
+    }))
+}
+
+/// `[uncond; cond]` (or `[cond]`) of batch 1 each, to `[uncond × n; cond × n]`.
+fn expand_halves<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+    guided: bool,
+    n: usize,
+) -> Tensor<B, D> {
+    if n == 1 {
+        return t;
+    }
+    let halves = if guided { 2 } else { 1 };
+    let parts: Vec<Tensor<B, D>> = (0..halves)
+        .map(|i| {
+            let one = t.clone().narrow(0, i, 1);
+            Tensor::cat(vec![one; n], 0)
+        })
+        .collect();
+    Tensor::cat(parts, 0)
+}
+
+/// diffusers' `rescale_noise_cfg`: scale the guided prediction so its per-sample standard
+/// deviation matches the conditional prediction's, then mix by `phi`.
+fn rescale_guidance<B: Backend>(
+    guided: Tensor<B, 4>,
+    conditional: Tensor<B, 4>,
+    phi: f64,
+) -> Tensor<B, 4> {
+    let std = |t: &Tensor<B, 4>| {
+        let [b, c, h, w] = t.dims();
+        let flat = t.clone().reshape([b, c * h * w]);
+        let mean = flat.clone().mean_dim(1);
+        let var = (flat - mean).powi_scalar(2).sum_dim(1) / ((c * h * w) as f64 - 1.0);
+        var.sqrt().reshape([b, 1, 1, 1])
+    };
+    let rescaled = guided.clone() * (std(&conditional) / std(&guided));
+    rescaled * phi + guided * (1.0 - phi)
+}
+
+/// The denoising loop: `latents` are the initial ones before the initial-sigma scaling.
+#[allow(clippy::too_many_arguments)]
+pub fn denoise<B: Backend>(
+    unet: &UNet2DConditionModel<B>,
+    scheduler: &mut dyn Scheduler<B>,
+    latents: Tensor<B, 4>,
+    cond: &PromptConditioning<B>,
+    text_time: Option<&TextTimeConditioning<B>>,
+    options: &GenerateOptions,
+    noise: &mut dyn NoiseSource<B>,
+    mut callback: Option<&mut StepCallback<'_, B>>,
+) -> Result<Tensor<B, 4>> {
+    let n = latents.dims()[0];
+    let context = expand_halves(cond.conditioning.context.clone(), cond.guided, n);
+    let mut latents = latents * scheduler.init_noise_sigma();
+    let timesteps = scheduler.timesteps().to_vec();
+    let total = timesteps.len();
+    for (i, &t) in timesteps.iter().enumerate().skip(scheduler.step_index()) {
+        let input = if cond.guided {
+            Tensor::cat(vec![latents.clone(), latents.clone()], 0)
+        } else {
+            latents.clone()
+        };
+        let input = scheduler.scale_model_input(input);
+        let prediction = unet.forward(input, &[t], context.clone(), text_time)?;
+        let prediction = if cond.guided {
+            let uncond = prediction.clone().narrow(0, 0, n);
+            let text = prediction.narrow(0, n, n);
+            let guided = uncond.clone() + (text.clone() - uncond) * options.guidance_scale;
+            if options.guidance_rescale > 0.0 {
+                rescale_guidance(guided, text, options.guidance_rescale)
+            } else {
+                guided
+            }
+        } else {
+            prediction
+        };
+        let out = scheduler.step(prediction, latents, noise)?;
+        latents = out.prev_sample;
+        if let Some(cb) = callback.as_deref_mut() {
+            let progress = StepProgress {
+                step: i + 1,
+                total,
+                timestep: t,
+                latents: &latents,
+                predicted_clean: &out.pred_original_sample,
+            };
+            if !cb(&progress) {
+                return Err(SdError::Cancelled(i + 1));
+            }
+        }
+    }
+    Ok(latents)
+}
+
+/// Text to image with the seeded noise of `options.seed`.
+pub fn generate<B: Backend>(
+    model: &Model,
+    options: &GenerateOptions,
+    device: &B::Device,
+    callback: Option<&mut StepCallback<'_, B>>,
+) -> Result<Generated<B>> {
+    let mut noise = SeededNoise::new(options.seed, options.num_images);
+    generate_with_noise(model, options, device, &mut noise, callback)
+}
+
+/// Text to image drawing every random number (initial latents unless given, stochastic
+/// samplers' noise) from `noise`.
+pub fn generate_with_noise<B: Backend>(
+    model: &Model,
+    options: &GenerateOptions,
+    device: &B::Device,
+    noise: &mut dyn NoiseSource<B>,
+    callback: Option<&mut StepCallback<'_, B>>,
+) -> Result<Generated<B>> {
+    options.check(model)?;
+    let size = options.size(model)?;
+    // Everything that can fail on the options before any weights are read.
+    let (mut scheduler, sampler) = options.scheduler::<B>(model)?;
+    scheduler.set_timesteps(options.steps)?;
+    let latents = initial_latents(model, options, noise, device)?;
+
+    let cond = encode_prompts::<B>(model, options, device)?;
+    let text_time = text_time(options, size, &cond, options.num_images)?;
+    if model.family() == ModelFamily::Sdxl && text_time.is_none() {
+        return Err(SdError::InvalidOptions(
+            "an SDXL model needs a pooled text embedding".into(),
+        ));
+    }
+    let latents = {
+        let unet = model.load_unet::<B>(device)?;
+        denoise(
+            &unet,
+            scheduler.as_mut(),
+            latents,
+            &cond,
+            text_time.as_ref(),
+            options,
+            noise,
+            callback,
+        )?
+    };
+    drop(cond);
+    let images = decode(model, latents.clone(), options.vae_tiling, device)?;
+    Ok(Generated {
+        images,
+        latents,
+        sampler,
+    })
+}
+
+/// Latents (as the sampler leaves them) to images in `[-1, 1]`.
+pub fn decode<B: Backend>(
+    model: &Model,
+    latents: Tensor<B, 4>,
+    tiled: bool,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>> {
+    let vae = model.load_vae_decoder::<B>(device)?.with_tiling(tiled);
+    let z = vae.unscale_latents(latents);
+    Ok(vae.decode(z)?)
+}

@@ -1,0 +1,284 @@
+//! Whole pipelines against diffusers' `StableDiffusionPipeline` and
+//! `StableDiffusionXLPipeline` on the tiny fixture models: the same initial latents, every
+//! sampler (the stochastic ones replaying diffusers' noise), then the prompt embeddings, the
+//! final latents and the decoded image compared.
+
+mod common;
+
+use std::path::Path;
+
+use burn::backend::{Flex, NdArray};
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Tensor};
+use common::{Reference, Report, cases, manifest};
+use sd::conditioner::PromptSyntax;
+use sd::schedulers::{ReplayNoise, SchedulerConfig};
+use sd::{GenerateOptions, Model, encode_prompts, generate_with_noise};
+
+/// The model's scheduler config with a run's `from_config` overrides on top.
+fn scheduler_config(model_dir: &Path, overrides: &serde_json::Value) -> SchedulerConfig {
+    let path = model_dir.join("scheduler/scheduler_config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    if let Some(map) = overrides.as_object() {
+        for (k, v) in map {
+            json[k] = v.clone();
+        }
+    }
+    SchedulerConfig::from_json(&json.to_string()).unwrap()
+}
+
+fn pair(v: &serde_json::Value) -> Option<(usize, usize)> {
+    let a = v.as_array()?;
+    Some((a[0].as_u64()? as usize, a[1].as_u64()? as usize))
+}
+
+fn options_for(run: &serde_json::Value, model_dir: &Path) -> GenerateOptions {
+    GenerateOptions {
+        prompt: run["prompt"].as_str().unwrap().to_string(),
+        negative_prompt: run["negative_prompt"].as_str().map(String::from),
+        steps: run["steps"].as_u64().unwrap() as usize,
+        guidance_scale: run["guidance_scale"].as_f64().unwrap(),
+        guidance_rescale: run["guidance_rescale"].as_f64().unwrap_or(0.0),
+        scheduler: run["scheduler"].as_str().map(String::from),
+        scheduler_config: Some(scheduler_config(model_dir, &run["overrides"])),
+        clip_skip: run["clip_skip"].as_u64().unwrap_or(0) as usize,
+        prompt_syntax: PromptSyntax::Plain,
+        original_size: pair(&run["original_size"]),
+        crops_coords_top_left: pair(&run["crops_coords_top_left"]).unwrap_or((0, 0)),
+        target_size: pair(&run["target_size"]),
+        ..GenerateOptions::default()
+    }
+}
+
+fn unstack<B: Backend>(stacked: Tensor<B, 5>) -> Vec<Tensor<B, 4>> {
+    let n = stacked.dims()[0];
+    (0..n)
+        .map(|i| stacked.clone().narrow(0, i, 1).squeeze_dim::<4>(0))
+        .collect()
+}
+
+/// `every`: check every n-th run only (the slow `ndarray` backend takes a sample).
+fn check_case<B: Backend>(case: &Path, device: &B::Device, report: &mut Report, every: usize) {
+    let manifest = manifest(case);
+    let reference = Reference::open(case);
+    let model_dir = case.join("model");
+    let model = Model::from_folder(&model_dir, None).unwrap_or_else(|e| panic!("{e}"));
+    let name = case.file_name().unwrap().to_string_lossy().to_string();
+    for run in manifest["runs"].as_array().unwrap().iter().step_by(every) {
+        let run_name = run["name"].as_str().unwrap();
+        let what = format!("{name}/{run_name}");
+        let tolerance = run["tolerance"].as_f64().unwrap_or(1e-4) as f32;
+        let mut options = options_for(run, &model_dir);
+        let latents_in: Tensor<B, 4> = reference.tensor(&format!("{run_name}.latents_in"), device);
+        options.init_latents = Some(latents_in.into_data());
+
+        let cond = encode_prompts::<B>(&model, &options, device).unwrap();
+        // diffusers applies `clip_skip` to the prompt only: its negative prompt goes through
+        // the last layer (`text_encoder(...)[0]`). The library applies it to both, as A1111
+        // does, so for these runs the test builds diffusers' conditioning from the stages.
+        let cond = if options.clip_skip > 0 && cond.guided {
+            let plain = GenerateOptions {
+                clip_skip: 0,
+                ..options.clone()
+            };
+            let last_layer = encode_prompts::<B>(&model, &plain, device).unwrap();
+            let n = cond.conditioning.context.dims()[0];
+            let context = Tensor::cat(
+                vec![
+                    last_layer.conditioning.context.narrow(0, 0, 1),
+                    cond.conditioning.context.clone().narrow(0, n - 1, 1),
+                ],
+                0,
+            );
+            sd::PromptConditioning {
+                conditioning: sd::conditioner::Conditioning {
+                    context,
+                    pooled: None,
+                },
+                guided: true,
+            }
+        } else {
+            cond
+        };
+        let context = cond.conditioning.context.clone();
+        let n = context.dims()[0];
+        let conditional = context.clone().narrow(0, n - 1, 1);
+        report.check(
+            &format!("{what} prompt_embeds"),
+            conditional,
+            reference.tensor(&format!("{run_name}.prompt_embeds"), device),
+            tolerance,
+        );
+        if cond.guided {
+            report.check(
+                &format!("{what} negative_prompt_embeds"),
+                context.narrow(0, 0, 1),
+                reference.tensor(&format!("{run_name}.negative_prompt_embeds"), device),
+                tolerance,
+            );
+        }
+        if let Some(pooled) = &cond.conditioning.pooled {
+            report.check(
+                &format!("{what} pooled_prompt_embeds"),
+                pooled.clone().narrow(0, n - 1, 1),
+                reference.tensor(&format!("{run_name}.pooled_prompt_embeds"), device),
+                tolerance,
+            );
+        }
+
+        let noise_key = format!("{run_name}.noise");
+        let draws = if reference.has(&noise_key) {
+            unstack(reference.tensor::<B, 5>(&noise_key, device))
+        } else {
+            Vec::new()
+        };
+        let mut noise = ReplayNoise::new(draws);
+        let out = if options.clip_skip > 0 {
+            run_stages::<B>(&model, &options, cond, device, &mut noise)
+        } else {
+            generate_with_noise::<B>(&model, &options, device, &mut noise, None)
+                .unwrap_or_else(|e| panic!("{what}: {e}"))
+        };
+        if noise.remaining() != 0 {
+            report.fail(format!("{what}: {} noise draws unused", noise.remaining()));
+        }
+        // Latents of a Karras schedule start at σ ≈ 15: f32 resolves 1e-4 only relative to
+        // the values' size, so the bound scales with the largest reference value.
+        let expected: Tensor<B, 4> = reference.tensor(&format!("{run_name}.latents_out"), device);
+        let scale = expected
+            .clone()
+            .abs()
+            .max()
+            .into_scalar()
+            .elem::<f32>()
+            .max(1.0);
+        report.check(
+            &format!("{what} latents"),
+            out.latents,
+            expected,
+            tolerance * scale,
+        );
+        // diffusers' image is in [0, 1].
+        report.check(
+            &format!("{what} image"),
+            ((out.images + 1.0) / 2.0).clamp(0.0, 1.0),
+            reference.tensor(&format!("{run_name}.image"), device),
+            tolerance,
+        );
+    }
+}
+
+/// The pipeline from its public stages, with a conditioning built by the caller.
+fn run_stages<B: Backend>(
+    model: &Model,
+    options: &GenerateOptions,
+    cond: sd::PromptConditioning<B>,
+    device: &B::Device,
+    noise: &mut ReplayNoise<B>,
+) -> sd::Generated<B> {
+    let (mut scheduler, sampler) = options.scheduler::<B>(model).unwrap();
+    scheduler.set_timesteps(options.steps).unwrap();
+    let latents = sd::initial_latents(model, options, noise, device).unwrap();
+    let unet = model.load_unet::<B>(device).unwrap();
+    let latents = sd::denoise(
+        &unet,
+        scheduler.as_mut(),
+        latents,
+        &cond,
+        None,
+        options,
+        noise,
+        None,
+    )
+    .unwrap();
+    let images = sd::decode(model, latents.clone(), false, device).unwrap();
+    sd::Generated {
+        images,
+        latents,
+        sampler,
+    }
+}
+
+fn check_all<B: Backend>(device: &B::Device, every: usize) {
+    let mut report = Report::default();
+    for case in cases("pipeline") {
+        check_case::<B>(&case, device, &mut report, every);
+    }
+    report.finish();
+}
+
+#[test]
+fn pipelines_match_diffusers_on_flex() {
+    check_all::<Flex>(&Default::default(), 1);
+}
+
+#[test]
+fn pipelines_match_diffusers_on_ndarray() {
+    check_all::<NdArray>(&Default::default(), 5);
+}
+
+/// A1111's emphasis and long-prompt chunks against the fixture script's torch rendering of
+/// A1111's algorithm, on the tiny SD 1.x text encoder.
+fn check_weighted<B: Backend>(device: &B::Device) {
+    use sd::conditioner::Conditioner;
+    let case = common::fixtures_dir().join("pipeline/tiny_sd1");
+    let manifest = manifest(&case);
+    let reference = Reference::open(&case);
+    let model = Model::from_folder(case.join("model"), None).unwrap();
+    let conditioner = model
+        .load_conditioner::<B>(PromptSyntax::Weighted, 0, device)
+        .unwrap();
+    let mut report = Report::default();
+    for prompt in manifest["weighted_prompts"].as_array().unwrap() {
+        let text = prompt["prompt"].as_str().unwrap();
+        let index = prompt["index"].as_u64().unwrap();
+        let got = conditioner.encode(&[text]).unwrap().context;
+        report.check(
+            &format!("weighted {text:?}"),
+            got,
+            reference.tensor(&format!("weighted.{index}.context"), device),
+            1e-4,
+        );
+    }
+    report.finish();
+}
+
+#[test]
+fn weighted_prompts_match_a1111_on_flex() {
+    check_weighted::<Flex>(&Default::default());
+}
+
+/// The single-file copy of the tiny SD 1.x model (original layout: `model.diffusion_model.*`,
+/// `first_stage_model.*`, `cond_stage_model.transformer.*`) is detected as SD 1.x and gives
+/// diffusers' image, as the folder does.
+#[test]
+fn single_file_checkpoint_gives_the_folders_image() {
+    let case = common::fixtures_dir().join("pipeline/tiny_sd1");
+    let manifest = manifest(&case);
+    let reference = Reference::open(&case);
+    let model_dir = case.join("model");
+    let model = Model::from_single_file(case.join("tiny_sd1.safetensors"), Some(&model_dir))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(model.family(), sd::ModelFamily::Sd1);
+    let device = Default::default();
+    let run = manifest["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "ddim")
+        .unwrap();
+    let mut options = options_for(run, &model_dir);
+    let latents: Tensor<Flex, 4> = reference.tensor("ddim.latents_in", &device);
+    options.init_latents = Some(latents.into_data());
+    let mut noise = ReplayNoise::new(Vec::new());
+    let out = generate_with_noise::<Flex>(&model, &options, &device, &mut noise, None).unwrap();
+    let mut report = Report::default();
+    report.check(
+        "single file ddim image",
+        ((out.images + 1.0) / 2.0).clamp(0.0, 1.0),
+        reference.tensor("ddim.image", &device),
+        1e-4,
+    );
+    report.finish();
+}

@@ -1,0 +1,881 @@
+"""End-to-end pipeline references: tiny Stable Diffusion 1.x, 2.x (v-prediction) and XL pipelines
+run through diffusers with many samplers, and A1111-style weighted prompt encodings.
+
+Called by make_fixtures.py (`--only pipeline`). Every case is a folder
+tests/fixtures/pipeline/<case>/ holding the pipeline in diffusers layout at `model/` (f16 weights),
+`reference.safetensors` (f32, computed from those f16 weights upcast to f32) and `manifest.json`.
+"""
+
+import importlib
+import json
+import pathlib
+import re
+import shutil
+import tempfile
+import zlib
+
+import diffusers
+import torch
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LCMScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+HEIGHT = WIDTH = 32
+TOLERANCE = 1e-4
+VOCAB_DIR = pathlib.Path(__file__).resolve().parents[2] / "crates/sd-conditioner/vocab"
+BOS, EOS = 998, 999
+
+
+def seed_of(name: str) -> int:
+    return zlib.crc32(name.encode()) % 100_000
+
+
+# ---------------------------------------------------------------------------------------------
+# A. The tiny CLIP vocabulary.
+
+
+def write_tiny_vocabulary(folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """Like hf-internal-testing's tiny CLIP tokenizers: the full CLIP vocabulary cut to its first
+    998 ids (256 bytes, 256 bytes + `</w>`, the first 486 merges) plus the two special tokens at
+    998 and 999. merges.txt keeps the same 486 merges, so every merge result is in the vocabulary."""
+    full = json.loads((VOCAB_DIR / "vocab.json").read_text(encoding="utf-8"))
+    lines = (VOCAB_DIR / "merges.txt").read_text(encoding="utf-8").split("\n")
+    assert lines[0].startswith("#version"), lines[0]
+    merges = [line for line in lines[1:] if line]
+    by_id = {i: t for t, i in full.items()}
+    assert len(by_id) == 49408
+    n_merges = BOS - 512
+    for k in range(n_merges):
+        assert by_id[512 + k] == "".join(merges[k].split()), k
+    tiny = {by_id[i]: i for i in range(BOS)}
+    tiny["<|startoftext|>"] = BOS
+    tiny["<|endoftext|>"] = EOS
+    assert len(tiny) == 1000
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges_file = folder / "vocab.json", folder / "merges.txt"
+    vocab.write_text(json.dumps(tiny, ensure_ascii=False), encoding="utf-8")
+    merges_file.write_text("#version: 0.2\n" + "\n".join(merges[:n_merges]) + "\n", encoding="utf-8")
+    return vocab, merges_file
+
+
+def make_tokenizer(vocab: pathlib.Path, merges: pathlib.Path, pad_token: str) -> CLIPTokenizer:
+    tokenizer = CLIPTokenizer(str(vocab), str(merges), pad_token=pad_token, model_max_length=77)
+    for prompt in ["a photo of a cat", "blurry", "", "A Photograph of an ASTRONAUT riding a horse!!!", "東京 🐱"]:
+        ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        assert len(ids) == 77 and ids[0] == BOS and max(ids) < 1000, (prompt, ids)
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# B. The tiny pipelines.
+
+# Narrower than the brief's [32, 64] (1.3 MB a copy in f16, four copies with the single file): at
+# [16, 32] a copy is about 0.35 MB, which keeps tests/fixtures/pipeline near its size budget. The
+# [32, 64] shape itself is covered by tests/fixtures/vae/tiny_2block.
+VAE_CONFIG = dict(
+    block_out_channels=[16, 32],
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=32,
+    layers_per_block=1,
+)
+
+
+def clip_config(hidden_act: str, projection_dim: int = 32) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        projection_dim=projection_dim,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act=hidden_act,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+    )
+
+
+def build_tiny_sd1(tokenizers: dict, randomise_norms, generator):
+    unet = UNet2DConditionModel(
+        block_out_channels=[32, 64],
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        layers_per_block=2,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+    )
+    vae = AutoencoderKL(**VAE_CONFIG)
+    text_encoder = CLIPTextModel(clip_config("quick_gelu"))
+    for model in (unet, vae, text_encoder):
+        randomise_norms(model, generator)
+    # Stable Diffusion 1.5's scheduler_config.json.
+    # (from_config: PNDMScheduler's __init__ has no clip_sample, which that file carries.)
+    scheduler = PNDMScheduler.from_config(
+        dict(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            set_alpha_to_one=False,
+            skip_prk_steps=True,
+            steps_offset=1,
+            clip_sample=False,
+            trained_betas=None,
+        )
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizers["eos"],
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_sd2_vpred(tokenizers: dict, randomise_norms, generator):
+    unet = UNet2DConditionModel(
+        block_out_channels=[32, 64],
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=[2, 4],
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=8,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+    )
+    vae = AutoencoderKL(**VAE_CONFIG)
+    text_encoder = CLIPTextModel(clip_config("gelu"))
+    for model in (unet, vae, text_encoder):
+        randomise_norms(model, generator)
+    # Stable Diffusion 2.1's scheduler_config.json.
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+        timestep_spacing="leading",
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizers["bang"],
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_sdxl(tokenizers: dict, randomise_norms, generator):
+    unet = UNet2DConditionModel(
+        block_out_channels=[32, 64],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        layers_per_block=1,
+        transformer_layers_per_block=[1, 2],
+        cross_attention_dim=64,
+        attention_head_dim=[2, 4],
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+        norm_num_groups=8,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+    )
+    vae = AutoencoderKL(**VAE_CONFIG, scaling_factor=0.13025)
+    text_encoder = CLIPTextModel(clip_config("quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config("gelu", projection_dim=32))
+    for model in (unet, vae, text_encoder, text_encoder_2):
+        randomise_norms(model, generator)
+    # SDXL base 1.0's scheduler_config.json.
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+        prediction_type="epsilon",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizers["eos"],
+        tokenizer_2=tokenizers["bang"],
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def alias_text_model(pipe) -> None:
+    """transformers >= 5.6 flattened CLIPTextModel (no `.text_model` wrapper; CLIPTextModelWithProjection
+    keeps it), but diffusers' StableDiffusionPipeline.encode_prompt still calls
+    `text_encoder.text_model.final_layer_norm` when clip_skip is set. Point `text_model` at the model
+    itself (outside the module tree) so that call reaches the same final layer norm as before."""
+    for name in ["text_encoder", "text_encoder_2"]:
+        encoder = getattr(pipe, name, None)
+        if encoder is not None and not hasattr(encoder, "text_model"):
+            object.__setattr__(encoder, "text_model", encoder)
+
+
+def save_and_reload(pipe, folder: pathlib.Path, vocab: pathlib.Path, merges: pathlib.Path):
+    """Saves the pipeline with f16 weights and loads it back as f32: the references are computed
+    from exactly the stored values."""
+    pipe.to(torch.float16)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # transformers 5 writes tokenizer.json and tokenizer_config.json only; Stable Diffusion
+    # repositories ship vocab.json and merges.txt, so both are there.
+    for sub in ["tokenizer", "tokenizer_2"]:
+        if (folder / sub).is_dir():
+            shutil.copy(vocab, folder / sub / "vocab.json")
+            shutil.copy(merges, folder / sub / "merges.txt")
+    return load_pipeline(type(pipe), folder, torch.float32)
+
+
+def load_pipeline(cls, folder: pathlib.Path, dtype: torch.dtype):
+    extra = dict(add_watermarker=False) if cls is StableDiffusionXLPipeline else dict(
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe = cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    alias_text_model(pipe)
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+            assert all(p.dtype == dtype for p in module.parameters()), name
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------
+# C. The runs.
+
+SD1_PROMPT, SD1_NEGATIVE = "a photo of a cat", "blurry"
+LONG_PROMPT = " ".join(f"word{i}" for i in range(100))
+
+
+def run(name, scheduler=None, overrides=None, **kwargs):
+    spec = dict(
+        name=name,
+        scheduler=scheduler,
+        overrides=overrides or {},
+        prompt=SD1_PROMPT,
+        negative_prompt=SD1_NEGATIVE,
+        steps=4,
+        guidance_scale=7.5,
+        guidance_rescale=0.0,
+        clip_skip=None,
+        original_size=None,
+        crops_coords_top_left=None,
+        target_size=None,
+    )
+    unknown = set(kwargs) - set(spec)
+    assert not unknown, unknown
+    spec.update(kwargs)
+    return spec
+
+
+KARRAS = dict(use_karras_sigmas=True)
+SD1_RUNS = [
+    run("pndm"),
+    run("ddim", DDIMScheduler),
+    run("ddpm", DDPMScheduler),
+    run("euler", EulerDiscreteScheduler),
+    run("euler_ancestral", EulerAncestralDiscreteScheduler),
+    run("heun", HeunDiscreteScheduler),
+    run("lms", LMSDiscreteScheduler),
+    run("kdpm2", KDPM2DiscreteScheduler),
+    run("kdpm2_ancestral", KDPM2AncestralDiscreteScheduler),
+    run("dpmpp_2m", DPMSolverMultistepScheduler),
+    run("dpmpp_2m_karras", DPMSolverMultistepScheduler, KARRAS),
+    run("dpmpp_2m_sde_karras", DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++", **KARRAS)),
+    run("dpmpp_2s", DPMSolverSinglestepScheduler),
+    run("unipc", UniPCMultistepScheduler),
+    run("lcm", LCMScheduler, guidance_scale=1.0),
+    run("ddim_20_steps", DDIMScheduler, steps=20),
+    run("ddim_no_negative", DDIMScheduler, negative_prompt=None),
+    run("euler_guidance_1", EulerDiscreteScheduler, guidance_scale=1.0),
+    run("ddim_guidance_rescale", DDIMScheduler, guidance_rescale=0.7),
+    run("dpmpp_2m_clip_skip_1", DPMSolverMultistepScheduler, clip_skip=1),
+    run("long_prompt", DDIMScheduler, prompt=LONG_PROMPT),
+]
+SD2_RUNS = [
+    run("ddim"),
+    run("euler", EulerDiscreteScheduler),
+    run("dpmpp_2m_karras", DPMSolverMultistepScheduler, KARRAS),
+    run("euler_ancestral", EulerAncestralDiscreteScheduler),
+]
+SDXL_RUNS = [
+    run("euler"),
+    run("dpmpp_2m_karras", DPMSolverMultistepScheduler, KARRAS),
+    run("ddim", DDIMScheduler),
+    run("euler_no_negative", negative_prompt=None),
+    run(
+        "euler_micro_conditioning",
+        original_size=(64, 48),
+        crops_coords_top_left=(4, 2),
+        target_size=(32, 32),
+    ),
+]
+
+
+class RecordNoise:
+    """Records every `randn_tensor` draw a scheduler's module makes, in order (as run_sampler in
+    make_fixtures.py does for the bare samplers)."""
+
+    def __init__(self, scheduler_cls):
+        self.module = importlib.import_module(scheduler_cls.__module__)
+        self.draws = []
+
+    def __enter__(self):
+        self.original = getattr(self.module, "randn_tensor", None)
+        if self.original is not None:
+            def recording(*args, **kwargs):
+                noise = self.original(*args, **kwargs)
+                self.draws.append(noise.clone())
+                return noise
+
+            self.module.randn_tensor = recording
+        return self
+
+    def __exit__(self, *exc):
+        if self.original is not None:
+            self.module.randn_tensor = self.original
+        return False
+
+
+class ReplayNoise:
+    """Hands a scheduler's module the recorded draws again, in order (for the float64 replay)."""
+
+    def __init__(self, scheduler_cls, draws: list):
+        self.module = importlib.import_module(scheduler_cls.__module__)
+        self.draws = list(draws)
+        self.used = 0
+
+    def __enter__(self):
+        self.original = getattr(self.module, "randn_tensor", None)
+
+        def replay(shape, generator=None, device=None, dtype=None, layout=None):
+            noise = self.draws[self.used]
+            assert tuple(noise.shape) == tuple(shape), (noise.shape, shape)
+            self.used += 1
+            return noise.to(dtype=dtype or noise.dtype)
+
+        self.module.randn_tensor = replay
+        return self
+
+    def __exit__(self, *exc):
+        self.module.randn_tensor = self.original
+        return False
+
+
+def call_pipeline(
+    pipe, spec: dict, own_scheduler, latents: torch.Tensor, seed: int, output_type: str, replay: list | None = None
+):
+    cls = spec["scheduler"] or type(own_scheduler)
+    pipe.scheduler = cls.from_config(own_scheduler.config, **spec["overrides"])
+    kwargs = dict(
+        prompt=spec["prompt"],
+        negative_prompt=spec["negative_prompt"],
+        num_inference_steps=spec["steps"],
+        guidance_scale=spec["guidance_scale"],
+        guidance_rescale=spec["guidance_rescale"],
+        clip_skip=spec["clip_skip"],
+        height=HEIGHT,
+        width=WIDTH,
+        latents=latents.clone(),
+        generator=torch.Generator().manual_seed(seed),
+        output_type=output_type,
+    )
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        for key in ["original_size", "crops_coords_top_left", "target_size"]:
+            if spec[key] is not None:
+                kwargs[key] = spec[key]
+    final = {}
+
+    def on_step_end(pipeline, i, t, tensors):
+        final["latents"] = tensors["latents"].clone()
+        return tensors
+
+    if replay is not None:
+        with ReplayNoise(cls, replay) as replayer, torch.no_grad():
+            out = pipe(**kwargs, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
+        assert replayer.used == len(replay), (spec["name"], replayer.used, len(replay))
+        return out.images, final["latents"], replay, pipe.scheduler
+    with RecordNoise(cls) as recorder, torch.no_grad():
+        out = pipe(**kwargs, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
+    return out.images, final["latents"], recorder.draws, pipe.scheduler
+
+
+def write_runs(pipe, pipe64, case_name: str, runs: list, finite_json) -> tuple[dict, list]:
+    """pipe64: the same pipeline in float64, replaying the same noise: how far float32 rounding
+    alone moves each output (`f64_deviation` in the manifest), a floor for the tolerances."""
+    own_scheduler = pipe.scheduler
+    is_xl = isinstance(pipe, StableDiffusionXLPipeline)
+    tensors, manifest_runs = {}, []
+    for spec in runs:
+        name = spec["name"]
+        latent_seed = seed_of(f"{case_name}.{name}")
+        generator_seed = latent_seed + 1
+        latents = torch.randn(1, 4, HEIGHT // 2, WIDTH // 2, generator=torch.Generator().manual_seed(latent_seed))
+        latents_out, latents_cb, draws, scheduler = call_pipeline(
+            pipe, spec, own_scheduler, latents, generator_seed, "latent"
+        )
+        image, latents_cb2, draws2, scheduler2 = call_pipeline(pipe, spec, own_scheduler, latents, generator_seed, "np")
+        assert torch.equal(latents_out, latents_cb) and torch.equal(latents_out, latents_cb2), name
+        assert len(draws) == len(draws2) and all(torch.equal(a, b) for a, b in zip(draws, draws2)), name
+        assert torch.equal(scheduler.timesteps, scheduler2.timesteps)
+        image = torch.from_numpy(image).permute(0, 3, 1, 2)
+        assert image.shape == (1, 3, HEIGHT, WIDTH)
+        image64, latents64, _, _ = call_pipeline(
+            pipe64, spec, own_scheduler, latents.double(), generator_seed, "np", replay=[d.double() for d in draws]
+        )
+        image64 = torch.from_numpy(image64).permute(0, 3, 1, 2)
+
+        do_cfg = spec["guidance_scale"] > 1.0
+        with torch.no_grad():
+            if is_xl:
+                pe, npe, ppe, nppe = pipe.encode_prompt(
+                    spec["prompt"],
+                    device=torch.device("cpu"),
+                    num_images_per_prompt=1,
+                    do_classifier_free_guidance=do_cfg,
+                    negative_prompt=spec["negative_prompt"],
+                    clip_skip=spec["clip_skip"],
+                )
+                embeds = dict(
+                    prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=ppe,
+                    negative_pooled_prompt_embeds=nppe,
+                )
+            else:
+                pe, npe = pipe.encode_prompt(
+                    spec["prompt"],
+                    torch.device("cpu"),
+                    1,
+                    do_cfg,
+                    negative_prompt=spec["negative_prompt"],
+                    clip_skip=spec["clip_skip"],
+                )
+                embeds = dict(prompt_embeds=pe, negative_prompt_embeds=npe)
+        run_tensors = dict(latents_in=latents, latents_out=latents_out, image=image, **embeds)
+        if draws:
+            run_tensors["noise"] = torch.stack(draws)
+        run_tensors["timesteps"] = scheduler.timesteps.float()
+        entry = dict(
+            name=name,
+            scheduler=type(scheduler).__name__,
+            overrides=spec["overrides"],
+            prompt=spec["prompt"],
+            negative_prompt=spec["negative_prompt"],
+            steps=spec["steps"],
+            guidance_scale=spec["guidance_scale"],
+            guidance_rescale=spec["guidance_rescale"],
+            clip_skip=spec["clip_skip"],
+            noise_draws=len(draws),
+            latent_seed=latent_seed,
+            generator_seed=generator_seed,
+            original_size=None,
+            crops_coords_top_left=None,
+            target_size=None,
+            tolerance=TOLERANCE,
+            # The scheduler's whole config after the run: from_config carries keys the class does
+            # not take (clip_sample=False from SD 1.5's PNDM config reaches DDIM, DDPM and LCM, whose
+            # default is True), and some samplers rewrite theirs in set_timesteps.
+            scheduler_config=finite_json(dict(scheduler.config)),
+            latents_out_max_abs=float(latents_out.abs().max()),
+            f64_deviation=dict(
+                latents_out=float((latents64 - latents_out.double()).abs().max()),
+                image=float((image64 - image.double()).abs().max()),
+            ),
+        )
+        if is_xl:
+            # The values diffusers uses: (height, width), (0, 0), (height, width) by default.
+            entry["original_size"] = list(spec["original_size"] or (HEIGHT, WIDTH))
+            entry["crops_coords_top_left"] = list(spec["crops_coords_top_left"] or (0, 0))
+            entry["target_size"] = list(spec["target_size"] or (HEIGHT, WIDTH))
+            run_tensors["add_time_ids"] = torch.tensor(
+                [entry["original_size"] + entry["crops_coords_top_left"] + entry["target_size"]], dtype=torch.float32
+            )
+        if name == "long_prompt":
+            ids = pipe.tokenizer(spec["prompt"], add_special_tokens=False).input_ids
+            entry["note"] = (
+                f"the prompt is {len(ids)} tokens; diffusers truncates it to 75 (plus start and end of text), "
+                "with a warning, and encodes a single 77-token chunk"
+            )
+            entry["prompt_tokens"] = len(ids)
+        for key, value in run_tensors.items():
+            if value is not None:
+                tensors[f"{name}.{key}"] = value
+        manifest_runs.append(entry)
+        print(
+            f"  {case_name}.{name}: {type(scheduler).__name__} {len(scheduler.timesteps)} timesteps, {len(draws)} draws,"
+            f" max |latents| {entry['latents_out_max_abs']:.1f}, f64 deviation {entry['f64_deviation']}"
+        )
+    pipe.scheduler = own_scheduler
+    return tensors, manifest_runs
+
+
+# ---------------------------------------------------------------------------------------------
+# D. The original single-file layout.
+
+
+def diffusers_to_ldm_vae(state: dict, config) -> dict:
+    """The original LDM layout (`first_stage_model.*`) of a diffusers AutoencoderKL state dict: the
+    inverse of diffusers' `convert_ldm_vae_checkpoint`."""
+    n_up = len(config["up_block_types"])
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+    def resnet(rest: str) -> str:
+        return rest.replace("conv_shortcut", "nin_shortcut")
+
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] in ("quant_conv", "post_quant_conv"):
+            ldm = key
+        else:
+            side, kind = parts[0], parts[1]
+            assert side in ("encoder", "decoder"), key
+            if kind in ("conv_in", "conv_out"):
+                ldm = key
+            elif kind == "conv_norm_out":
+                ldm = f"{side}.norm_out.{parts[2]}"
+            elif kind in ("down_blocks", "up_blocks"):
+                i = int(parts[2]) if kind == "down_blocks" else n_up - 1 - int(parts[2])
+                level = "down" if kind == "down_blocks" else "up"
+                if parts[3] == "resnets":
+                    ldm = f"{side}.{level}.{i}.block.{parts[4]}.{resnet('.'.join(parts[5:]))}"
+                else:
+                    assert parts[3] in ("downsamplers", "upsamplers") and parts[4] == "0", key
+                    ldm = f"{side}.{level}.{i}.{'downsample' if level == 'down' else 'upsample'}.{'.'.join(parts[5:])}"
+            elif kind == "mid_block":
+                if parts[2] == "resnets":
+                    ldm = f"{side}.mid.block_{int(parts[3]) + 1}.{resnet('.'.join(parts[4:]))}"
+                else:
+                    assert parts[2] == "attentions" and parts[3] == "0", key
+                    layer, param = ".".join(parts[4:-1]), parts[-1]
+                    ldm = f"{side}.mid.attn_1.{attention[layer]}.{param}"
+                    if layer != "group_norm" and param == "weight":
+                        value = value[:, :, None, None]  # the original stores 1×1 convolutions
+            else:
+                raise KeyError(key)
+        out["first_stage_model." + ldm] = value.contiguous()
+    return out
+
+
+def write_single_file(pipe_f16, path: pathlib.Path, diffusers_to_ldm_unet) -> None:
+    unet_state = {k: v.contiguous() for k, v in pipe_f16.unet.state_dict().items()}
+    vae_state = {k: v.contiguous() for k, v in pipe_f16.vae.state_dict().items()}
+    te_state = {k: v.contiguous() for k, v in pipe_f16.text_encoder.state_dict().items()}
+    ldm_vae = diffusers_to_ldm_vae(vae_state, pipe_f16.vae.config)
+    back = convert_ldm_vae_checkpoint(ldm_vae, dict(pipe_f16.vae.config))
+    assert back.keys() == vae_state.keys(), set(back) ^ set(vae_state)
+    assert all(torch.equal(back[k], vae_state[k]) for k in vae_state)
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    ldm_unet = diffusers_to_ldm_unet(unet_state, pipe_f16.unet.config)
+    back = convert_ldm_unet_checkpoint(ldm_unet, dict(pipe_f16.unet.config))
+    assert back.keys() == unet_state.keys(), set(back) ^ set(unet_state)
+    assert all(torch.equal(back[k], unet_state[k]) for k in unet_state)
+    # SD 1.x checkpoints hold transformers 4's layout: `cond_stage_model.transformer.text_model.*`
+    # (transformers 5 dropped the `text_model.` level from CLIPTextModel).
+    ldm_te = {
+        "cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
+        for k, v in te_state.items()
+    }
+    single = {**ldm_unet, **ldm_vae, **ldm_te}
+    assert all(v.dtype == torch.float16 for v in single.values())
+    save_file(single, path)
+
+
+def check_single_file(path: pathlib.Path, model_dir: pathlib.Path, folder_pipe, spec: dict, case_name: str, reference):
+    """Loads the single file with diffusers (offline, config from the model folder) and compares
+    one run's image with the folder's. Returns (checked, note)."""
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path),
+            config=str(model_dir),
+            local_files_only=True,
+            torch_dtype=torch.float32,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except Exception as error:  # noqa: BLE001 - reported in the manifest
+        return False, f"from_single_file failed offline: {type(error).__name__}: {error}"
+    pipe.set_progress_bar_config(disable=True)
+    alias_text_model(pipe)
+    for name in ["unet", "vae", "text_encoder"]:
+        a, b = getattr(pipe, name).state_dict(), getattr(folder_pipe, name).state_dict()
+        assert a.keys() == b.keys(), (name, set(a) ^ set(b))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    latent_seed = seed_of(f"{case_name}.{spec['name']}")
+    latents = torch.randn(1, 4, HEIGHT // 2, WIDTH // 2, generator=torch.Generator().manual_seed(latent_seed))
+    image, _, _, _ = call_pipeline(pipe, spec, folder_pipe.scheduler, latents, latent_seed + 1, "np")
+    image = torch.from_numpy(image).permute(0, 3, 1, 2)
+    assert torch.equal(image, reference), (image - reference).abs().max()
+    return True, f"StableDiffusionPipeline.from_single_file(config=model/) gives run `{spec['name']}`'s image exactly"
+
+
+# ---------------------------------------------------------------------------------------------
+# E. A1111-style prompt weighting.
+
+ROUND, SQUARE = 1.1, 1 / 1.1
+# One lexeme at a time: an escaped character, a bracket, a `:weight)` closing, a run of plain text,
+# or a lone `:` (plain text too).
+LEXEME = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def parse_prompt_attention(text: str) -> list:
+    """[text, weight] pieces of a prompt, by the rules of AUTOMATIC1111's prompt_parser: `(x)`
+    ×1.1, `[x]` ÷1.1, `(x:w)` ×w, `\\(` etc. literal, brackets still open at the end apply to the
+    end, stray closing brackets are text, `BREAK` (a word of its own) gives a ["BREAK", -1]
+    piece, and neighbouring pieces of equal weight are merged."""
+    pieces, round_open, square_open = [], [], []
+
+    def scale(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            piece[1] *= factor
+
+    for match in LEXEME.finditer(text):
+        lexeme, weight = match.group(0), match.group(1)
+        if lexeme.startswith("\\"):
+            pieces.append([lexeme[1:], 1.0])
+        elif lexeme == "(":
+            round_open.append(len(pieces))
+        elif lexeme == "[":
+            square_open.append(len(pieces))
+        elif weight is not None and round_open:
+            scale(round_open.pop(), float(weight))
+        elif lexeme == ")" and round_open:
+            scale(round_open.pop(), ROUND)
+        elif lexeme == "]" and square_open:
+            scale(square_open.pop(), SQUARE)
+        else:
+            for i, part in enumerate(BREAK.split(lexeme)):
+                if i > 0:
+                    pieces.append(["BREAK", -1])
+                pieces.append([part, 1.0])
+    for start in round_open:
+        scale(start, ROUND)
+    for start in square_open:
+        scale(start, SQUARE)
+    if not pieces:
+        pieces = [["", 1.0]]
+    merged = [pieces[0]]
+    for piece in pieces[1:]:
+        if piece[1] == merged[-1][1]:
+            merged[-1][0] += piece[0]
+        else:
+            merged.append(piece)
+    return merged
+
+
+def weighted_chunks(pieces: list, tokenizer) -> list:
+    """75-token chunks of (tokens, multipliers), each wrapped as BOS + tokens + EOS and padded
+    with EOS to 77; a BREAK closes the chunk. (A1111 also moves the tail after the last comma
+    within 20 tokens of a full chunk into the next one: not done here.)"""
+    chunks, tokens, weights = [], [], []
+
+    def close():
+        pad = 75 - len(tokens)
+        chunks.append(([BOS] + tokens + [EOS] * pad + [EOS], [1.0] + weights + [1.0] * pad + [1.0]))
+        tokens.clear()
+        weights.clear()
+
+    ids = tokenizer([text for text, _ in pieces], truncation=False, add_special_tokens=False).input_ids
+    for piece_ids, (text, weight) in zip(ids, pieces):
+        if text == "BREAK" and weight == -1:
+            close()
+            continue
+        for token in piece_ids:
+            if len(tokens) == 75:
+                close()
+            tokens.append(token)
+            weights.append(weight)
+    if tokens or not chunks:
+        close()
+    return chunks
+
+
+def weighted_context(prompt: str, tokenizer, text_encoder):
+    pieces = parse_prompt_attention(prompt)
+    chunks = weighted_chunks(pieces, tokenizer)
+    outputs = []
+    with torch.no_grad():
+        for ids, weights in chunks:
+            z = text_encoder(torch.tensor([ids])).last_hidden_state
+            multipliers = torch.tensor([weights], dtype=torch.float32)
+            original_mean = z.mean()
+            z = z * multipliers[..., None]
+            new_mean = z.mean()
+            outputs.append(z * (original_mean / new_mean))
+    tokens = torch.tensor([ids for ids, _ in chunks], dtype=torch.float32)
+    multipliers = torch.tensor([w for _, w in chunks], dtype=torch.float32)
+    return pieces, torch.cat(outputs, dim=1), tokens, multipliers
+
+
+def weighted_prompts() -> list:
+    words = "the quick brown fox jumps over a lazy dog in the park".split()
+    plain = " ".join(words[i % len(words)] for i in range(80))
+    return [
+        "a (cat:1.5) on a [mat]",
+        "((masterpiece)), a dog BREAK a (red:0.8) ball",
+        plain,
+        "\\(literal\\) brackets (unbalanced",
+    ]
+
+
+def write_weighted(pipe, tensors: dict) -> list:
+    entries = []
+    for i, prompt in enumerate(weighted_prompts()):
+        pieces, context, tokens, multipliers = weighted_context(prompt, pipe.tokenizer, pipe.text_encoder)
+        tensors[f"weighted.{i}.context"] = context
+        tensors[f"weighted.{i}.tokens"] = tokens
+        tensors[f"weighted.{i}.multipliers"] = multipliers
+        entries.append(dict(prompt=prompt, index=i, parsed=pieces, chunks=len(tokens)))
+        print(f"  weighted.{i}: {len(tokens)} chunk(s), {pieces}")
+    expected_chunks = [1, 2, 2, 1]
+    assert [e["chunks"] for e in entries] == expected_chunks, [e["chunks"] for e in entries]
+    # Unweighted and within one chunk, the rule is the identity: the plain encoding.
+    with torch.no_grad():
+        plain = pipe.encode_prompt(weighted_prompts()[2], torch.device("cpu"), 1, False)[0]
+        first = weighted_context(weighted_prompts()[2], pipe.tokenizer, pipe.text_encoder)[1][:, :77]
+    assert torch.allclose(plain, first, atol=1e-6), (plain - first).abs().max()
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------
+
+CASES = {
+    "tiny_sd1": (build_tiny_sd1, SD1_RUNS),
+    "tiny_sd2_vpred": (build_tiny_sd2_vpred, SD2_RUNS),
+    "tiny_sdxl": (build_tiny_sdxl, SDXL_RUNS),
+}
+
+
+def write_pipeline_cases(out_root: pathlib.Path) -> None:
+    # Imported here: make_fixtures imports this module.
+    from make_fixtures import diffusers_to_ldm_unet, finite_json, randomise_norms
+
+    torch.set_grad_enabled(False)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges = write_tiny_vocabulary(pathlib.Path(tmp))
+        tokenizers = {"eos": make_tokenizer(vocab, merges, "<|endoftext|>"), "bang": make_tokenizer(vocab, merges, "!")}
+        assert tokenizers["bang"].pad_token_id == 0 and tokenizers["eos"].pad_token_id == EOS
+        for case_name, (build, runs) in CASES.items():
+            case = out_root / "pipeline" / case_name
+            if case.exists():
+                shutil.rmtree(case)
+            case.mkdir(parents=True)
+            seed = seed_of(case_name)
+            torch.manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)
+            pipe = build(tokenizers, randomise_norms, generator)
+            model_dir = case / "model"
+            pipe = save_and_reload(pipe, model_dir, vocab, merges)
+            pipe64 = load_pipeline(type(pipe), model_dir, torch.float64)
+            tensors, manifest_runs = write_runs(pipe, pipe64, case_name, runs, finite_json)
+            del pipe64
+            manifest = {
+                "kind": "pipeline",
+                "reference": f"diffusers {diffusers.__version__} {type(pipe).__name__}, torch {torch.__version__}, "
+                f"transformers {transformers.__version__}",
+                "pipeline": type(pipe).__name__,
+                "model": "model",
+                "height": HEIGHT,
+                "width": WIDTH,
+                "scheduler_config": finite_json(dict(pipe.scheduler.config)),
+                "runs": manifest_runs,
+                "notes": [
+                    "latents_in is the initial noise before init_noise_sigma scaling; the generator that the "
+                    "stochastic samplers draw from is torch.Generator().manual_seed(generator_seed), and every "
+                    "draw is stored in order in <run>.noise",
+                    "negative_prompt_embeds is absent when guidance_scale <= 1 (no classifier-free guidance)",
+                    "prompts over 75 tokens are truncated by diffusers (long_prompt)",
+                    "f64_deviation: the max abs difference between these float32 outputs and the same pipeline "
+                    "in float64 replaying the same noise, i.e. float32 rounding alone; the final latents reach "
+                    "|x| ~ 50 with the karras/DPM samplers, where that alone approaches 1e-4",
+                    "the tokenizer is a 1000-entry cut of CLIP's (ids 0..997 as in the full vocabulary, "
+                    "<|startoftext|> 998, <|endoftext|> 999); tokenizer/ holds vocab.json and merges.txt as well "
+                    "as the tokenizer.json and tokenizer_config.json that transformers 5 writes (pad_token there)",
+                    "clip_skip: transformers >= 5.6 flattened CLIPTextModel (no .text_model); diffusers' "
+                    "encode_prompt still calls text_encoder.text_model.final_layer_norm, so the generator "
+                    "aliases text_model to the model itself (the same final layer norm)",
+                ],
+            }
+            if case_name == "tiny_sd1":
+                single = case / f"{case_name}.safetensors"
+                f16 = StableDiffusionPipeline.from_pretrained(
+                    model_dir, torch_dtype=torch.float16, local_files_only=True,
+                    safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                )
+                write_single_file(f16, single, diffusers_to_ldm_unet)
+                spec = next(r for r in runs if r["name"] == "ddim")
+                checked, note = check_single_file(single, model_dir, pipe, spec, case_name, tensors["ddim.image"])
+                manifest["single_file"] = single.name
+                manifest["single_file_checked"] = checked
+                manifest["single_file_note"] = note
+                manifest["single_file_layout"] = {
+                    "model.diffusion_model.": "unet (original LDM names)",
+                    "first_stage_model.": "vae (original LDM names; attention q/k/v/proj_out as [c, c, 1, 1])",
+                    "cond_stage_model.transformer.text_model.": "text encoder (transformers 4 CLIPTextModel names)",
+                }
+                print(f"  single file: {note}")
+                manifest["weighted_prompts"] = write_weighted(pipe, tensors)
+                manifest["weighted_prompts_note"] = (
+                    "A1111 emphasis ('Original'): per 77-token chunk z = last_hidden_state; z *= multipliers; "
+                    "z *= mean_before / mean_after; chunks concatenated along tokens. A1111's comma back-tracking "
+                    "(moving the words after the last comma within 20 tokens of a full chunk into the next chunk) "
+                    "is NOT applied; textual-inversion embeddings are not looked up."
+                )
+            save_file({k: v.detach().contiguous().float() for k, v in sorted(tensors.items())}, case / "reference.safetensors")
+            (case / "manifest.json").write_text(json.dumps(finite_json(manifest), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+            print(f"wrote {case}")
