@@ -330,3 +330,36 @@ fn image_files_round_trip_and_bad_ones_are_errors() {
     assert!(err.to_string().contains("absent.jpg"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Large files are read tensor by tensor: the streaming reader gives the same tensors as the
+/// in-memory one, and rejects the same broken files.
+#[test]
+fn streamed_files_read_the_same_and_reject_the_same() {
+    use sd_core::weights::SafetensorsFile;
+    let path = first_case().join("diffusion_pytorch_model.safetensors");
+    let whole = SafetensorsFile::from_bytes(&path, original_bytes()).unwrap();
+    let streamed = SafetensorsFile::open_streaming(&path).unwrap();
+    assert_eq!(whole.entries().len(), streamed.entries().len());
+    for (a, b) in whole.entries().iter().zip(streamed.entries()) {
+        assert_eq!((&a.key, &a.shape), (&b.key, &b.shape));
+        let dtype = burn::tensor::DType::F32;
+        assert_eq!(
+            whole.tensor_data(&a.key, dtype).unwrap(),
+            streamed.tensor_data(&b.key, dtype).unwrap(),
+            "{}",
+            a.key
+        );
+    }
+    let bytes = original_bytes();
+    for cut in [0, 4, 9, 100, bytes.len() / 2, bytes.len() - 1] {
+        let scratch = Scratch::raw("streamed-truncated", &bytes[..cut]);
+        let file = scratch.0.join("diffusion_pytorch_model.safetensors");
+        let err = SafetensorsFile::open_streaming(&file)
+            .err()
+            .expect("an error");
+        assert!(
+            matches!(err, CoreError::Safetensors { .. }),
+            "cut at {cut}: {err}"
+        );
+    }
+}

@@ -209,11 +209,7 @@ impl<B: Backend> ClipConditioner<B> {
 
     /// Token ids and weights of each prompt through one tokenizer, all padded to the same
     /// number of 77-token chunks.
-    fn tokenize(
-        &self,
-        tokenizer: &ClipTokenizer,
-        prompts: &[&str],
-    ) -> Result<Vec<ChunkedPrompt>> {
+    fn tokenize(&self, tokenizer: &ClipTokenizer, prompts: &[&str]) -> Result<Vec<ChunkedPrompt>> {
         let mut out = Vec::with_capacity(prompts.len());
         for prompt in prompts {
             out.push(match self.syntax {

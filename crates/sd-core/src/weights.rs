@@ -5,10 +5,11 @@
 //! problem instead of a panic deep inside a backend. burn-store's [`PyTorchToBurnAdapter`]
 //! turns PyTorch's `[out, in]` linear weights and `weight`/`bias` norm names into Burn's.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use burn::module::{Module, ParamId};
 use burn::tensor::backend::Backend;
@@ -49,10 +50,30 @@ pub struct TensorEntry {
     pub shape: Vec<usize>,
 }
 
-/// A safetensors file read into memory and validated.
+/// Files larger than this are read tensor by tensor as the weights are applied instead of
+/// whole: loading then needs little more memory than the model itself.
+const STREAM_ABOVE: u64 = 64 << 20;
+
+/// A tensor's stored dtype, shape and byte range in a file's data section.
+type Span = (Dtype, Vec<usize>, usize, usize);
+
+/// Where a file's tensor bytes are.
+#[derive(Clone)]
+enum Storage {
+    Memory(Arc<Vec<u8>>),
+    /// The open file, the offset of its data section, and each tensor's dtype, shape and
+    /// byte range within it (checked when the file was opened).
+    File {
+        file: Arc<Mutex<std::fs::File>>,
+        data_start: u64,
+        spans: Arc<HashMap<String, Span>>,
+    },
+}
+
+/// A safetensors file, validated: held in memory, or (when large) read tensor by tensor.
 pub struct SafetensorsFile {
     path: std::path::PathBuf,
-    bytes: Arc<Vec<u8>>,
+    storage: Storage,
     entries: Vec<TensorEntry>,
 }
 
@@ -60,8 +81,84 @@ impl SafetensorsFile {
     /// Reads and validates a file: header length, JSON, offsets and supported dtypes.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
+        let len = std::fs::metadata(path)
+            .map_err(|e| CoreError::io(path, e))?
+            .len();
+        if len > STREAM_ABOVE {
+            return Self::open_streaming(path);
+        }
         let bytes = std::fs::read(path).map_err(|e| CoreError::io(path, e))?;
         Self::from_bytes(path, bytes)
+    }
+
+    /// Reads and validates only the header (length, JSON, dtypes, offsets against the file
+    /// size); tensors are read from the file when asked for.
+    pub fn open_streaming(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let bad = |reason: String| CoreError::Safetensors {
+            path: path.clone(),
+            reason,
+        };
+        let mut file = std::fs::File::open(&path).map_err(|e| CoreError::io(&path, e))?;
+        let len = file.metadata().map_err(|e| CoreError::io(&path, e))?.len();
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n)
+            .map_err(|_| bad("shorter than its 8-byte header length".into()))?;
+        let n = u64::from_le_bytes(n);
+        if n > 100 << 20 || 8 + n > len {
+            return Err(bad(format!(
+                "header length {n} does not fit a {len}-byte file"
+            )));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header)
+            .map_err(|e| bad(format!("header: {e}")))?;
+        let metadata: safetensors::tensor::Metadata =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+        let data_len = (len - 8 - n) as usize;
+        let mut infos: Vec<(String, &safetensors::tensor::TensorInfo)> =
+            metadata.tensors().into_iter().collect();
+        infos.sort_by_key(|(_, info)| info.data_offsets);
+        let mut spans = HashMap::new();
+        let mut entries = Vec::new();
+        let mut end = 0;
+        for (key, info) in infos {
+            let (s, e) = info.data_offsets;
+            let bytes = info.shape.iter().product::<usize>() * info.dtype.bitsize() / 8;
+            if s != end || e < s || e - s != bytes || e > data_len {
+                return Err(bad(format!(
+                    "tensor `{key}`: byte range {s}..{e} does not fit (shape {:?}, {} data bytes)",
+                    info.shape, data_len
+                )));
+            }
+            end = e;
+            let dtype = float_dtype(info.dtype).ok_or_else(|| CoreError::UnsupportedDtype {
+                path: path.clone(),
+                key: key.clone(),
+                dtype: format!("{:?}", info.dtype),
+            })?;
+            entries.push(TensorEntry {
+                key: key.clone(),
+                dtype,
+                shape: info.shape.clone(),
+            });
+            spans.insert(key, (info.dtype, info.shape.clone(), s, e));
+        }
+        if end != data_len {
+            return Err(bad(format!(
+                "the tensors cover {end} of the {data_len} data bytes"
+            )));
+        }
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(Self {
+            path,
+            storage: Storage::File {
+                file: Arc::new(Mutex::new(file)),
+                data_start: 8 + n,
+                spans: Arc::new(spans),
+            },
+            entries,
+        })
     }
 
     /// Validates bytes already in memory; `path` only names them in errors.
@@ -91,7 +188,7 @@ impl SafetensorsFile {
         };
         Ok(Self {
             path,
-            bytes: Arc::new(bytes),
+            storage: Storage::Memory(Arc::new(bytes)),
             entries,
         })
     }
@@ -108,7 +205,7 @@ impl SafetensorsFile {
 
     /// Reads one tensor, cast to `dtype`.
     pub fn tensor_data(&self, key: &str, dtype: DType) -> Result<TensorData> {
-        read_tensor(&self.bytes, key, dtype).map_err(|reason| CoreError::Safetensors {
+        read_tensor(&self.storage, key, dtype).map_err(|reason| CoreError::Safetensors {
             path: self.path.clone(),
             reason,
         })
@@ -125,12 +222,38 @@ fn float_dtype(dtype: Dtype) -> Option<DType> {
     }
 }
 
-fn read_tensor(bytes: &[u8], key: &str, dtype: DType) -> std::result::Result<TensorData, String> {
-    let parsed = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
-    let view = parsed.tensor(key).map_err(|e| e.to_string())?;
-    let source =
-        float_dtype(view.dtype()).ok_or_else(|| format!("`{key}` is not a float tensor"))?;
-    let data = TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), source);
+fn read_tensor(
+    storage: &Storage,
+    key: &str,
+    dtype: DType,
+) -> std::result::Result<TensorData, String> {
+    let (raw, shape, stored) = match storage {
+        Storage::Memory(bytes) => {
+            let parsed = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+            let view = parsed.tensor(key).map_err(|e| e.to_string())?;
+            (view.data().to_vec(), view.shape().to_vec(), view.dtype())
+        }
+        Storage::File {
+            file,
+            data_start,
+            spans,
+        } => {
+            let (stored, shape, s, e) = spans
+                .get(key)
+                .ok_or_else(|| format!("no tensor `{key}`"))?
+                .clone();
+            let mut raw = vec![0u8; e - s];
+            let mut file = file
+                .lock()
+                .map_err(|_| "the file lock is poisoned".to_string())?;
+            file.seek(SeekFrom::Start(data_start + s as u64))
+                .and_then(|_| file.read_exact(&mut raw))
+                .map_err(|e| format!("reading `{key}`: {e}"))?;
+            (raw, shape, stored)
+        }
+    };
+    let source = float_dtype(stored).ok_or_else(|| format!("`{key}` is not a float tensor"))?;
+    let data = TensorData::from_bytes_vec(raw, shape, source);
     Ok(if source == dtype {
         data
     } else {
@@ -195,7 +318,7 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
                 })
             }
             Some(_) => {
-                let bytes = Arc::clone(&file.bytes);
+                let bytes = file.storage.clone();
                 let key = entry.key.clone();
                 let dtype = options.dtype;
                 let target_shape = shape.clone();
