@@ -61,8 +61,16 @@ fn unstack<B: Backend>(stacked: Tensor<B, 5>) -> Vec<Tensor<B, 4>> {
 /// `every`: check every n-th run only (the slow `ndarray` backend takes a sample).
 fn check_case<B: Backend>(case: &Path, device: &B::Device, report: &mut Report, every: usize) {
     let manifest = manifest(case);
+    let img2img = manifest["pipeline"] == "StableDiffusionImg2ImgPipeline";
+    if !img2img
+        && manifest["pipeline"]
+            .as_str()
+            .is_some_and(|p| p.contains("Inpaint"))
+    {
+        return;
+    }
     let reference = Reference::open(case);
-    let model_dir = case.join("model");
+    let model_dir = case.join(manifest["model"].as_str().unwrap_or("model"));
     let model = Model::from_folder(&model_dir, None).unwrap_or_else(|e| panic!("{e}"));
     let name = case.file_name().unwrap().to_string_lossy().to_string();
     for run in manifest["runs"].as_array().unwrap().iter().step_by(every) {
@@ -70,8 +78,15 @@ fn check_case<B: Backend>(case: &Path, device: &B::Device, report: &mut Report, 
         let what = format!("{name}/{run_name}");
         let tolerance = run["tolerance"].as_f64().unwrap_or(1e-4) as f32;
         let mut options = options_for(run, &model_dir);
-        let latents_in: Tensor<B, 4> = reference.tensor(&format!("{run_name}.latents_in"), device);
-        options.init_latents = Some(latents_in.into_data());
+        if img2img {
+            let image = sd::core::image_io::read_rgb(case.join("init.png"), 1).unwrap();
+            options.init_image = Some(sd::core::image_io::image_to_data(&image));
+            options.strength = run["strength"].as_f64().unwrap();
+        } else {
+            let latents_in: Tensor<B, 4> =
+                reference.tensor(&format!("{run_name}.latents_in"), device);
+            options.init_latents = Some(latents_in.into_data());
+        }
 
         let cond = encode_prompts::<B>(&model, &options, device).unwrap();
         // diffusers applies `clip_skip` to the prompt only: its negative prompt goes through
@@ -133,6 +148,29 @@ fn check_case<B: Backend>(case: &Path, device: &B::Device, report: &mut Report, 
         } else {
             Vec::new()
         };
+        if img2img {
+            // The image encoded, sampled and noised to the first step's level.
+            let (mut scheduler, _) = options.scheduler::<B>(&model).unwrap();
+            scheduler.set_timesteps(options.steps).unwrap();
+            let begin = sd::schedulers::img2img_start(options.steps, options.strength).unwrap()
+                * scheduler.order();
+            scheduler.set_begin_index(begin).unwrap();
+            let mut first_two = ReplayNoise::new(draws.iter().take(2).cloned());
+            let noised = sd::noised_image_latents(
+                &model,
+                &options,
+                scheduler.as_ref(),
+                &mut first_two,
+                device,
+            )
+            .unwrap();
+            report.check(
+                &format!("{what} noised_latents"),
+                noised,
+                reference.tensor(&format!("{run_name}.noised_latents"), device),
+                tolerance,
+            );
+        }
         let mut noise = ReplayNoise::new(draws);
         let out = if options.clip_skip > 0 {
             run_stages::<B>(&model, &options, cond, device, &mut noise)
@@ -179,13 +217,15 @@ fn run_stages<B: Backend>(
 ) -> sd::Generated<B> {
     let (mut scheduler, sampler) = options.scheduler::<B>(model).unwrap();
     scheduler.set_timesteps(options.steps).unwrap();
-    let latents = sd::initial_latents(model, options, noise, device).unwrap();
+    let latents =
+        sd::initial_latents(model, options, noise, device).unwrap() * scheduler.init_noise_sigma();
     let unet = model.load_unet::<B>(device).unwrap();
     let latents = sd::denoise(
         &unet,
         scheduler.as_mut(),
         latents,
         &cond,
+        None,
         None,
         options,
         noise,

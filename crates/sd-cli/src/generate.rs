@@ -56,10 +56,12 @@ pub struct GenerateArgs {
     /// img2img: the starting image.
     #[arg(long)]
     init_image: Option<PathBuf>,
-    /// img2img: how much of the starting image to replace, in [0, 1].
+    /// img2img: how much of the starting image to replace, in [0, 1] (default 0.8; 1 with
+    /// --mask).
     #[arg(long)]
     strength: Option<f64>,
-    /// Inpainting: white where to paint.
+    /// Inpainting: white where to paint (same size as --init-image). Works with inpainting
+    /// models (9-channel U-Nets) and, by blending latents, with ordinary ones.
     #[arg(long)]
     mask: Option<PathBuf>,
     /// Text encoder layers to skip at the end (A1111's "Clip skip" minus 1).
@@ -114,6 +116,20 @@ fn read_latents(path: &Path) -> Result<burn::tensor::TensorData, String> {
         .map_err(|e| e.to_string())
 }
 
+/// A mask image as `[1, 1, H, W]` in `[0, 1]` (its luminance; white paints).
+fn read_mask(path: &Path) -> Result<burn::tensor::TensorData, String> {
+    let image = image::open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .to_luma8();
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    let values: Vec<f32> = image
+        .as_raw()
+        .iter()
+        .map(|&v| f32::from(v) / 255.0)
+        .collect();
+    Ok(burn::tensor::TensorData::new(values, [1, 1, h, w]))
+}
+
 pub fn run(args: GenerateArgs) -> Result<String, String> {
     // Settings that need no model are checked first: a bad flag costs no loading time.
     if args.steps == 0 {
@@ -164,12 +180,23 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         None => Model::open(&args.model),
     }
     .map_err(|e| e.to_string())?;
-    if args.init_image.is_some() || args.mask.is_some() || args.strength.is_some() {
-        return Err(
-            "img2img and inpainting (--init-image, --strength, --mask) are not in this version yet"
-                .into(),
-        );
+    if args.mask.is_some() && args.init_image.is_none() {
+        return Err("--mask needs --init-image (the image to paint into)".into());
     }
+    if args.strength.is_some() && args.init_image.is_none() {
+        return Err("--strength needs --init-image".into());
+    }
+    let init_image = match &args.init_image {
+        Some(path) => Some(sd::core::image_io::image_to_data(
+            &sd::core::image_io::read_rgb(path, model.vae_scale_factor())
+                .map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
+    let mask = match &args.mask {
+        Some(path) => Some(read_mask(path)?),
+        None => None,
+    };
     let options = GenerateOptions {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
@@ -193,6 +220,11 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
             None => None,
         },
         vae_tiling: args.vae_tiling,
+        init_image,
+        strength: args
+            .strength
+            .unwrap_or(if mask.is_some() { 1.0 } else { 0.8 }),
+        mask,
         ..GenerateOptions::default()
     };
     options.size(&model).map_err(|e| e.to_string())?;

@@ -161,6 +161,14 @@ fn bad_input_is_one_line_non_zero_and_writes_nothing() {
     .unwrap();
     let not_an_image = dir.join("not-an-image.png");
     std::fs::write(&not_an_image, b"hello").unwrap();
+    let good = dir.join("good.png");
+    image::RgbImage::from_pixel(32, 32, image::Rgb([90, 120, 200]))
+        .save(&good)
+        .unwrap();
+    let small_mask = dir.join("small-mask.png");
+    image::GrayImage::from_pixel(16, 16, image::Luma([255]))
+        .save(&small_mask)
+        .unwrap();
     let out = dir.join("out.png");
     let out_str = out.to_str().unwrap().to_string();
     let cases: Vec<(Vec<&str>, &str)> = vec![
@@ -233,4 +241,57 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
+}
+
+#[test]
+fn img2img_and_inpainting_run_from_the_command_line() {
+    let dir = scratch("img2img");
+    let model = tiny_model();
+    let model = model.to_str().unwrap();
+    let init = dir.join("init.png");
+    image::RgbImage::from_fn(32, 32, |x, y| {
+        image::Rgb([(x * 8) as u8, (y * 8) as u8, 128])
+    })
+    .save(&init)
+    .unwrap();
+    let mask = dir.join("mask.png");
+    image::GrayImage::from_fn(32, 32, |x, _| image::Luma([if x < 16 { 0 } else { 255 }]))
+        .save(&mask)
+        .unwrap();
+    let out = dir.join("img2img.png");
+    let (ok, _, stderr) = sd(&[
+        "generate",
+        "cat",
+        "--model",
+        model,
+        "--steps",
+        "4",
+        "--init-image",
+        init.to_str().unwrap(),
+        "--strength",
+        "0.5",
+        "-q",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(parameters(&out).contains("Denoising strength: 0.5"));
+    let out = dir.join("inpaint.png");
+    let (ok, _, stderr) = sd(&[
+        "generate",
+        "cat",
+        "--model",
+        model,
+        "--steps",
+        "3",
+        "--init-image",
+        init.to_str().unwrap(),
+        "--mask",
+        mask.to_str().unwrap(),
+        "-q",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(out.is_file());
 }

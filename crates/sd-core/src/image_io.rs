@@ -25,6 +25,11 @@ pub fn check_image_size(width: usize, height: usize, multiple: usize) -> Result<
 
 /// An RGB image as a `[1, 3, h, w]` tensor: `2 · pixel / 255 − 1`.
 pub fn image_to_tensor<B: Backend>(image: &RgbImage, device: &B::Device) -> Tensor<B, 4> {
+    Tensor::from_data(image_to_data(image), device)
+}
+
+/// An RGB image as `[1, 3, h, w]` data in `[-1, 1]`, for any backend.
+pub fn image_to_data(image: &RgbImage) -> TensorData {
     let (w, h) = (image.width() as usize, image.height() as usize);
     let mut planar = vec![0f32; 3 * h * w];
     for (x, y, pixel) in image.enumerate_pixels() {
@@ -32,16 +37,11 @@ pub fn image_to_tensor<B: Backend>(image: &RgbImage, device: &B::Device) -> Tens
             planar[c * h * w + y as usize * w + x as usize] = pixel[c] as f32 / 127.5 - 1.0;
         }
     }
-    Tensor::from_data(TensorData::new(planar, [1, 3, h, w]), device)
+    TensorData::new(planar, [1, 3, h, w])
 }
 
-/// Reads a PNG or JPEG file as a `[1, 3, h, w]` tensor in `[-1, 1]`, checking that both sides are
-/// multiples of `multiple` (the VAE's down-sampling factor).
-pub fn load_image<B: Backend>(
-    path: impl AsRef<Path>,
-    multiple: usize,
-    device: &B::Device,
-) -> Result<Tensor<B, 4>> {
+/// Reads a PNG or JPEG file as an RGB image whose sides are multiples of `multiple`.
+pub fn read_rgb(path: impl AsRef<Path>, multiple: usize) -> Result<RgbImage> {
     let path = path.as_ref();
     let image = image::open(path)
         .map_err(|e| CoreError::Image {
@@ -55,7 +55,17 @@ pub fn load_image<B: Backend>(
             reason: e.to_string(),
         }
     })?;
-    Ok(image_to_tensor(&image, device))
+    Ok(image)
+}
+
+/// Reads a PNG or JPEG file as a `[1, 3, h, w]` tensor in `[-1, 1]`, checking that both sides are
+/// multiples of `multiple` (the VAE's down-sampling factor).
+pub fn load_image<B: Backend>(
+    path: impl AsRef<Path>,
+    multiple: usize,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>> {
+    Ok(image_to_tensor(&read_rgb(path, multiple)?, device))
 }
 
 /// A `[batch, 3, h, w]` tensor in `[-1, 1]` as RGB images: `round(255 · clamp((x + 1) / 2))`.

@@ -75,6 +75,12 @@ impl<B: Backend> Scheduler<B> for DdpmScheduler {
         self.progress.begin_at(index)
     }
 
+    fn add_noise(&self, original: Tensor<B, 4>, noise: Tensor<B, 4>) -> Result<Tensor<B, 4>> {
+        let t = crate::at(&self.timesteps, self.progress.index, "timesteps")?;
+        let alpha_bar = crate::at(&self.alphas_cumprod, t as usize, "training timesteps")?;
+        Ok(crate::noise_vp(original, noise, alpha_bar))
+    }
+
     fn step_index(&self) -> usize {
         self.progress.index
     }

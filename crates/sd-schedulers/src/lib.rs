@@ -88,6 +88,11 @@ pub trait Scheduler<B: Backend> {
     /// Scales the sample for the model at the current timestep (identity for DDIM and DPM).
     fn scale_model_input(&self, sample: Tensor<B, 4>) -> Tensor<B, 4>;
 
+    /// Noises clean latents to the level of the timestep the next [`Scheduler::step`] is for
+    /// (diffusers' `add_noise` at the current step index): where img2img starts after
+    /// [`Scheduler::set_begin_index`], and how inpainting re-noises the kept region.
+    fn add_noise(&self, original: Tensor<B, 4>, noise: Tensor<B, 4>) -> Result<Tensor<B, 4>>;
+
     /// One step back in time from the model output at the current timestep.
     fn step(
         &mut self,
@@ -95,6 +100,46 @@ pub trait Scheduler<B: Backend> {
         sample: Tensor<B, 4>,
         noise: &mut dyn NoiseSource<B>,
     ) -> Result<StepOutput<B>>;
+}
+
+/// `√ᾱ·x + √(1 − ᾱ)·ε` (Ho et al. 2020, eq. 4), with ᾱ rounded to f32 as diffusers does.
+pub(crate) fn noise_vp<B: Backend>(
+    original: Tensor<B, 4>,
+    noise: Tensor<B, 4>,
+    alpha_bar: f64,
+) -> Tensor<B, 4> {
+    let a = alpha_bar as f32;
+    original * f64::from(a.sqrt()) + noise * f64::from((1.0 - a).sqrt())
+}
+
+/// `x + σ·ε`: the k-diffusion samplers' latents live at scale `√(σ² + 1)`.
+pub(crate) fn noise_ve<B: Backend>(
+    original: Tensor<B, 4>,
+    noise: Tensor<B, 4>,
+    sigma: f64,
+) -> Tensor<B, 4> {
+    original + noise * f64::from(sigma as f32)
+}
+
+/// `α_t·x + σ_t·ε` with `α_t = 1/√(σ² + 1)`, `σ_t = σ·α_t`: the DPM-Solver and UniPC form.
+pub(crate) fn noise_sigma_vp<B: Backend>(
+    original: Tensor<B, 4>,
+    noise: Tensor<B, 4>,
+    sigma: f64,
+) -> Tensor<B, 4> {
+    let s = sigma as f32;
+    let alpha_t = 1.0 / (s * s + 1.0).sqrt();
+    original * f64::from(alpha_t) + noise * f64::from(s * alpha_t)
+}
+
+/// The entry at the current step index, or an error past the end.
+pub(crate) fn at(values: &[f64], index: usize, what: &str) -> Result<f64> {
+    values.get(index).copied().ok_or_else(|| {
+        SchedulerError::State(format!(
+            "add_noise at step {index}, past the {} {what}",
+            values.len()
+        ))
+    })
 }
 
 /// Where an img2img run of `steps` steps starts for `strength` in `[0, 1]`, as diffusers'

@@ -81,6 +81,11 @@ impl<B: Backend> Scheduler<B> for LmsDiscreteScheduler<B> {
         self.progress.begin_at(index)
     }
 
+    fn add_noise(&self, original: Tensor<B, 4>, noise: Tensor<B, 4>) -> Result<Tensor<B, 4>> {
+        let sigma = crate::at(&self.schedule.sigmas, self.progress.index, "sigmas")?;
+        Ok(crate::noise_ve(original, noise, sigma))
+    }
+
     fn step_index(&self) -> usize {
         self.progress.index
     }

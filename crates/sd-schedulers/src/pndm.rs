@@ -30,6 +30,8 @@ pub struct PndmScheduler<B: Backend> {
     /// The sample a PRK stage or the first PLMS pair starts from.
     base_sample: Option<Tensor<B, 4>>,
     progress: Progress,
+    /// Where the run started (img2img).
+    begin: usize,
 }
 
 impl<B: Backend> PndmScheduler<B> {
@@ -60,6 +62,7 @@ impl<B: Backend> PndmScheduler<B> {
             rk_sum: None,
             base_sample: None,
             progress: Progress::default(),
+            begin: 0,
         })
     }
 
@@ -150,6 +153,7 @@ impl<B: Backend> Scheduler<B> for PndmScheduler<B> {
         self.rk_sum = None;
         self.base_sample = None;
         self.progress.reset(self.timesteps.len());
+        self.begin = 0;
         Ok(())
     }
 
@@ -162,7 +166,15 @@ impl<B: Backend> Scheduler<B> for PndmScheduler<B> {
     }
 
     fn set_begin_index(&mut self, index: usize) -> Result<()> {
-        self.progress.begin_at(index)
+        self.progress.begin_at(index)?;
+        self.begin = index;
+        Ok(())
+    }
+
+    fn add_noise(&self, original: Tensor<B, 4>, noise: Tensor<B, 4>) -> Result<Tensor<B, 4>> {
+        let t = crate::at(&self.timesteps, self.progress.index, "timesteps")?;
+        let alpha_bar = crate::at(&self.alphas_cumprod, t as usize, "training timesteps")?;
+        Ok(crate::noise_vp(original, noise, alpha_bar))
     }
 
     fn step_index(&self) -> usize {
@@ -179,15 +191,18 @@ impl<B: Backend> Scheduler<B> for PndmScheduler<B> {
         sample: Tensor<B, 4>,
         _noise: &mut dyn NoiseSource<B>,
     ) -> Result<StepOutput<B>> {
-        let counter = self.progress.current()?;
-        let t = self.timesteps[counter] as i64;
+        // diffusers' PNDM counts its own steps from 0 wherever the run starts (img2img), and
+        // takes the timestep from the caller.
+        let index = self.progress.current()?;
+        let counter = index - self.begin;
+        let t = self.timesteps[index] as i64;
         let x0 = self.x0(sample.clone(), t, model_output.clone());
         let stride = self.stride as i64;
         let prev_sample = if counter < self.prk_len && !self.config.skip_prk_steps {
             // RK4 over two half steps: weights 1/6, 1/3, 1/3, 1/6.
             let diff = if counter % 2 == 1 { 0 } else { stride / 2 };
             let prev_t = t - diff;
-            let base_t = self.timesteps[counter / 4 * 4] as i64;
+            let base_t = self.timesteps[self.begin + counter / 4 * 4] as i64;
             let eps = match counter % 4 {
                 0 => {
                     self.rk_sum = Some(model_output.clone() / 6.0);

@@ -299,6 +299,11 @@ impl<B: Backend> Scheduler<B> for UniPcMultistepScheduler<B> {
         self.progress.begin_at(index)
     }
 
+    fn add_noise(&self, original: Tensor<B, 4>, noise: Tensor<B, 4>) -> Result<Tensor<B, 4>> {
+        let sigma = crate::at(&self.sigmas, self.progress.index, "sigmas")?;
+        Ok(crate::noise_sigma_vp(original, noise, sigma))
+    }
+
     fn step_index(&self) -> usize {
         self.progress.index
     }

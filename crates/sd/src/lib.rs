@@ -33,8 +33,9 @@ pub use error::{Result, SdError};
 pub use model::{Model, ModelFamily, hub_cache_snapshot};
 pub use output::{parameters_text, save_png, to_images};
 pub use pipeline::{
-    GenerateOptions, Generated, PromptConditioning, SeededNoise, StepCallback, StepProgress,
-    decode, denoise, encode_prompts, generate, generate_with_noise, initial_latents,
+    GenerateOptions, Generated, InpaintLatents, PromptConditioning, SeededNoise, StepCallback,
+    StepProgress, decode, denoise, encode_prompts, generate, generate_with_noise, initial_latents,
+    inpainting_latents, noised_image_latents,
 };
 pub use single_file::{CheckpointLayout, TextPrefix, detect as detect_checkpoint, ldm_vae_key};
 

@@ -43,6 +43,9 @@ pub fn parameters_text(model: &Model, options: &GenerateOptions, sampler: &str) 
     if let Some(name) = model.path().file_stem().and_then(|n| n.to_str()) {
         fields.push(format!("Model: {name}"));
     }
+    if options.init_image.is_some() {
+        fields.push(format!("Denoising strength: {}", options.strength));
+    }
     if options.clip_skip > 0 {
         fields.push(format!("Clip skip: {}", options.clip_skip + 1));
     }

@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use sd_conditioner::{Conditioner, Conditioning, PromptSyntax};
 use sd_core::image_io::check_image_size;
 use sd_diffusion::training::host_noise;
-use sd_schedulers::{NoiseSource, Scheduler, SchedulerConfig};
+use sd_schedulers::{NoiseSource, Scheduler, SchedulerConfig, img2img_start};
 use sd_unet::{TextTimeConditioning, UNet2DConditionModel};
 
 use crate::error::{Result, SdError};
@@ -45,6 +45,14 @@ pub struct GenerateOptions {
     /// Initial latents `[num_images, channels, h/f, w/f]`, as diffusers' `latents=`: before the
     /// scheduler's initial sigma scales them.
     pub init_latents: Option<TensorData>,
+    /// img2img: the starting image `[1, 3, H, W]` in `[-1, 1]`; its size is the output size.
+    pub init_image: Option<TensorData>,
+    /// img2img: how much of the starting image is replaced, in `[0, 1]` (diffusers' `strength`:
+    /// the run starts `strength · steps` steps before the end).
+    pub strength: f64,
+    /// Inpainting: `[1, 1, H, W]` in `[0, 1]`, at least 0.5 where to paint (the starting image
+    /// is kept elsewhere).
+    pub mask: Option<TensorData>,
     /// SDXL micro-conditioning; `None`: the output size, no crop.
     pub original_size: Option<(usize, usize)>,
     pub crops_coords_top_left: (usize, usize),
@@ -71,6 +79,9 @@ impl Default for GenerateOptions {
             clip_skip: 0,
             prompt_syntax: PromptSyntax::Weighted,
             init_latents: None,
+            init_image: None,
+            strength: 0.8,
+            mask: None,
             original_size: None,
             crops_coords_top_left: (0, 0),
             target_size: None,
@@ -144,10 +155,30 @@ impl GenerateOptions {
         self.guidance_scale > 1.0
     }
 
-    /// The output size, checked against the VAE's factor.
+    /// The output size, checked against the VAE's factor: the starting image's, else the one
+    /// asked for, else the model's own.
     pub fn size(&self, model: &Model) -> Result<(usize, usize)> {
         let side = model.default_size();
         let (w, h) = (self.width.unwrap_or(side), self.height.unwrap_or(side));
+        let (w, h) = match &self.init_image {
+            Some(image) => {
+                let (iw, ih) = match image.shape.as_slice() {
+                    [1, 3, ih, iw] => (*iw, *ih),
+                    other => {
+                        return Err(SdError::InvalidOptions(format!(
+                            "the starting image has shape {other:?}, not [1, 3, H, W]"
+                        )));
+                    }
+                };
+                if self.width.is_some_and(|x| x != iw) || self.height.is_some_and(|x| x != ih) {
+                    return Err(SdError::InvalidOptions(format!(
+                        "the starting image is {iw}×{ih}, not the {w}×{h} asked for"
+                    )));
+                }
+                (iw, ih)
+            }
+            None => (w, h),
+        };
         check_image_size(w, h, model.vae_scale_factor())?;
         Ok((w, h))
     }
@@ -166,12 +197,36 @@ impl GenerateOptions {
                 "guidance must be a finite number".into(),
             ));
         }
-        if model.is_inpainting() {
+        if !(0.0..=1.0).contains(&self.strength) {
+            return Err(SdError::InvalidOptions(format!(
+                "strength {} is outside [0, 1]",
+                self.strength
+            )));
+        }
+        if self.init_image.is_some() && self.init_latents.is_some() {
             return Err(SdError::InvalidOptions(
-                "this is an inpainting model: text-to-image needs an ordinary one".into(),
+                "initial latents and a starting image exclude each other".into(),
             ));
         }
-        self.size(model)?;
+        if self.mask.is_some() && self.init_image.is_none() {
+            return Err(SdError::InvalidOptions(
+                "inpainting needs the starting image as well as the mask".into(),
+            ));
+        }
+        if model.is_inpainting() && self.mask.is_none() {
+            return Err(SdError::InvalidOptions(
+                "this is an inpainting model: it needs a starting image and a mask".into(),
+            ));
+        }
+        let (w, h) = self.size(model)?;
+        if let Some(mask) = &self.mask
+            && mask.shape.as_slice() != [1, 1, h, w]
+        {
+            return Err(SdError::InvalidOptions(format!(
+                "the mask has shape {:?}; the {w}×{h} image needs [1, 1, {h}, {w}]",
+                mask.shape
+            )));
+        }
         Ok(())
     }
 
@@ -326,7 +381,20 @@ fn rescale_guidance<B: Backend>(
     rescaled * phi + guided * (1.0 - phi)
 }
 
-/// The denoising loop: `latents` are the initial ones before the initial-sigma scaling.
+/// What inpainting adds to the loop.
+pub struct InpaintLatents<B: Backend> {
+    /// `[n, 1, h, w]` at latent resolution: 1 where to paint, 0 where to keep.
+    pub mask: Tensor<B, 4>,
+    /// 9-channel U-Nets: the latents of the image with the painted region blanked.
+    pub masked_image_latents: Option<Tensor<B, 4>>,
+    /// Ordinary U-Nets: the image's latents, put back outside the mask after every step,
+    /// noised with `noise`.
+    pub image_latents: Option<Tensor<B, 4>>,
+    pub noise: Tensor<B, 4>,
+}
+
+/// The denoising loop from the scheduler's current step index: `latents` are at that step's
+/// noise level (txt2img: the initial noise times the initial sigma; img2img: the noised image).
 #[allow(clippy::too_many_arguments)]
 pub fn denoise<B: Backend>(
     unet: &UNet2DConditionModel<B>,
@@ -334,13 +402,22 @@ pub fn denoise<B: Backend>(
     latents: Tensor<B, 4>,
     cond: &PromptConditioning<B>,
     text_time: Option<&TextTimeConditioning<B>>,
+    inpaint: Option<&InpaintLatents<B>>,
     options: &GenerateOptions,
     noise: &mut dyn NoiseSource<B>,
     mut callback: Option<&mut StepCallback<'_, B>>,
 ) -> Result<Tensor<B, 4>> {
     let n = latents.dims()[0];
+    let halves = if cond.guided { 2 } else { 1 };
+    // A 9-channel U-Net sees the mask and the masked image's latents next to the latents.
+    let extra_channels = inpaint.and_then(|p| {
+        p.masked_image_latents.as_ref().map(|masked| {
+            let both = Tensor::cat(vec![p.mask.clone(), masked.clone()], 1);
+            Tensor::cat(vec![both; halves], 0)
+        })
+    });
     let context = expand_halves(cond.conditioning.context.clone(), cond.guided, n);
-    let mut latents = latents * scheduler.init_noise_sigma();
+    let mut latents = latents;
     let timesteps = scheduler.timesteps().to_vec();
     let total = timesteps.len();
     for (i, &t) in timesteps.iter().enumerate().skip(scheduler.step_index()) {
@@ -350,6 +427,10 @@ pub fn denoise<B: Backend>(
             latents.clone()
         };
         let input = scheduler.scale_model_input(input);
+        let input = match &extra_channels {
+            Some(extra) => Tensor::cat(vec![input, extra.clone()], 1),
+            None => input,
+        };
         let prediction = unet.forward(input, &[t], context.clone(), text_time)?;
         let prediction = if cond.guided {
             let uncond = prediction.clone().narrow(0, 0, n);
@@ -365,6 +446,22 @@ pub fn denoise<B: Backend>(
         };
         let out = scheduler.step(prediction, latents, noise)?;
         latents = out.prev_sample;
+        // An ordinary U-Net paints everywhere: put the image back outside the mask, noised to
+        // the next step's level (clean after the last step).
+        if let Some(InpaintLatents {
+            mask,
+            image_latents: Some(image),
+            noise: added,
+            ..
+        }) = inpaint
+        {
+            let kept = if i + 1 < total {
+                scheduler.add_noise(image.clone(), added.clone())?
+            } else {
+                image.clone()
+            };
+            latents = kept * (mask.clone().neg() + 1.0) + latents * mask.clone();
+        }
         if let Some(cb) = callback.as_deref_mut() {
             let progress = StepProgress {
                 step: i + 1,
@@ -406,7 +503,35 @@ pub fn generate_with_noise<B: Backend>(
     // Everything that can fail on the options before any weights are read.
     let (mut scheduler, sampler) = options.scheduler::<B>(model)?;
     scheduler.set_timesteps(options.steps)?;
-    let latents = initial_latents(model, options, noise, device)?;
+    let begin = match options.init_image {
+        Some(_) => {
+            let begin = img2img_start(options.steps, options.strength)? * scheduler.order();
+            if begin >= scheduler.timesteps().len() {
+                return Err(SdError::InvalidOptions(format!(
+                    "strength {} leaves no step of {} to run",
+                    options.strength, options.steps
+                )));
+            }
+            scheduler.set_begin_index(begin)?;
+            Some(begin)
+        }
+        None => None,
+    };
+    let (latents, inpaint) = match (begin, &options.mask) {
+        (None, _) => (
+            initial_latents(model, options, noise, device)? * scheduler.init_noise_sigma(),
+            None,
+        ),
+        (Some(_), None) => (
+            noised_image_latents(model, options, scheduler.as_ref(), noise, device)?,
+            None,
+        ),
+        (Some(_), Some(_)) => {
+            let (latents, inpaint) =
+                inpainting_latents(model, options, scheduler.as_ref(), noise, device)?;
+            (latents, Some(inpaint))
+        }
+    };
 
     let cond = encode_prompts::<B>(model, options, device)?;
     let text_time = text_time(options, size, &cond, options.num_images)?;
@@ -423,6 +548,7 @@ pub fn generate_with_noise<B: Backend>(
             latents,
             &cond,
             text_time.as_ref(),
+            inpaint.as_ref(),
             options,
             noise,
             callback,
@@ -435,6 +561,97 @@ pub fn generate_with_noise<B: Backend>(
         latents,
         sampler,
     })
+}
+
+/// img2img's starting point: the image encoded (a posterior sample, scaled), then noised to
+/// the level of the first step to run. Draws the posterior noise, then the added noise.
+pub fn noised_image_latents<B: Backend>(
+    model: &Model,
+    options: &GenerateOptions,
+    scheduler: &dyn Scheduler<B>,
+    noise: &mut dyn NoiseSource<B>,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>> {
+    let Some(image) = &options.init_image else {
+        return Err(SdError::InvalidOptions(
+            "img2img needs a starting image".into(),
+        ));
+    };
+    let image = Tensor::<B, 4>::from_data(image.clone().convert::<f32>(), device);
+    let image = Tensor::cat(vec![image; options.num_images], 0);
+    let encoder = model.load_vae_encoder::<B>(device)?;
+    let posterior = encoder.encode(image)?;
+    let shape = posterior.mean.dims();
+    let latents = encoder.scale_latents(posterior.sample(noise.standard_normal(shape, device)));
+    drop(encoder);
+    let added = noise.standard_normal(shape, device);
+    Ok(scheduler.add_noise(latents, added)?)
+}
+
+/// Inpainting's starting latents and loop inputs, as diffusers' `StableDiffusionInpaintPipeline`
+/// prepares them: the mask binarised at 0.5 and taken to latent size by nearest neighbour, the
+/// masked image (painted region zeroed) encoded. Random draws, in diffusers' order: the image's
+/// posterior sample (ordinary U-Nets, or strength below 1), the initial noise, the masked
+/// image's posterior sample.
+pub fn inpainting_latents<B: Backend>(
+    model: &Model,
+    options: &GenerateOptions,
+    scheduler: &dyn Scheduler<B>,
+    noise: &mut dyn NoiseSource<B>,
+    device: &B::Device,
+) -> Result<(Tensor<B, 4>, InpaintLatents<B>)> {
+    let (Some(image), Some(mask)) = (&options.init_image, &options.mask) else {
+        return Err(SdError::InvalidOptions(
+            "inpainting needs a starting image and a mask".into(),
+        ));
+    };
+    let n = options.num_images;
+    let image = Tensor::<B, 4>::from_data(image.clone().convert::<f32>(), device);
+    let image = Tensor::cat(vec![image; n], 0);
+    let mask = Tensor::<B, 4>::from_data(mask.clone().convert::<f32>(), device);
+    let mask = mask.greater_equal_elem(0.5).float();
+    let mask = Tensor::cat(vec![mask; n], 0);
+    let masked_image = image.clone() * (mask.clone().neg() + 1.0);
+    let f = model.vae_scale_factor();
+    let [_, _, h, w] = image.dims();
+    // Nearest-neighbour down-sampling by an integer factor takes every f-th pixel.
+    let mask_latent = mask
+        .reshape([n, 1, h / f, f, w / f, f])
+        .narrow(3, 0, 1)
+        .narrow(5, 0, 1)
+        .reshape([n, 1, h / f, w / f]);
+    let nine_channels = model.is_inpainting();
+    let strength_max = options.strength >= 1.0;
+    let encoder = model.load_vae_encoder::<B>(device)?;
+    let encode = |x: Tensor<B, 4>, noise: &mut dyn NoiseSource<B>| -> Result<Tensor<B, 4>> {
+        let posterior = encoder.encode(x)?;
+        let shape = posterior.mean.dims();
+        Ok(encoder.scale_latents(posterior.sample(noise.standard_normal(shape, device))))
+    };
+    let image_latents = if !nine_channels || !strength_max {
+        Some(encode(image, noise)?)
+    } else {
+        None
+    };
+    let latent_shape = [n, model.unet_config().out_channels, h / f, w / f];
+    let initial = noise.standard_normal(latent_shape, device);
+    let latents = match (&image_latents, strength_max) {
+        (Some(image_latents), false) => {
+            scheduler.add_noise(image_latents.clone(), initial.clone())?
+        }
+        _ => initial.clone() * scheduler.init_noise_sigma(),
+    };
+    let masked_image_latents = encode(masked_image, noise)?;
+    drop(encoder);
+    Ok((
+        latents,
+        InpaintLatents {
+            mask: mask_latent,
+            masked_image_latents: nine_channels.then_some(masked_image_latents),
+            image_latents: if nine_channels { None } else { image_latents },
+            noise: initial,
+        },
+    ))
 }
 
 /// Latents (as the sampler leaves them) to images in `[-1, 1]`.
