@@ -724,7 +724,7 @@ def write_tokenizer_case(root: pathlib.Path, vocab: pathlib.Path, merges: pathli
     print(f"wrote {case} ({len(prompts)} prompts)")
 
 
-KINDS = ["vae", "diffusion", "tokenizer", "clip", "unet", "schedulers", "pipeline"]
+KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline"]
 
 
 def parse_kinds(values: list[str] | None) -> set[str]:
@@ -762,6 +762,10 @@ def main() -> None:
     if "clip" in kinds:
         for name, spec in sorted(CLIP_CASES.items()):
             write_clip_case(args.out, name, spec, seed=zlib.crc32(name.encode()) % 100_000)
+    if "clip_vision" in kinds:
+        from vision_fixtures import write_vision_cases
+
+        write_vision_cases(args.out, randomise_norms)
     if "unet" in kinds:
         for name, spec in sorted(UNET_CASES.items()):
             write_unet_case(args.out, name, spec, seed=zlib.crc32(name.encode()) % 100_000)

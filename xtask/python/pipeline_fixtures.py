@@ -31,12 +31,14 @@ from diffusers import (
     LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -879,3 +881,529 @@ def write_pipeline_cases(out_root: pathlib.Path) -> None:
             save_file({k: v.detach().contiguous().float() for k, v in sorted(tensors.items())}, case / "reference.safetensors")
             (case / "manifest.json").write_text(json.dumps(finite_json(manifest), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
             print(f"wrote {case}")
+    write_image_cases(out_root, finite_json, randomise_norms)
+
+
+# ---------------------------------------------------------------------------------------------
+# F. img2img and inpainting.
+#
+# Two more cases, written after the three above (their data does not depend on these):
+# tiny_sd1_img2img reuses tiny_sd1's model folder ("model": "../tiny_sd1/model"); tiny_sd1_inpaint
+# has its own model/ (tiny_sd1's text encoder, tokenizer, VAE and scheduler copied, a new 9-channel
+# UNet) and runs the 4-channel tiny_sd1 model through the inpainting pipeline as well. Every
+# standard-normal draw of a call (the VAE posterior samples, the pipeline's prepare_latents noise,
+# the samplers' noise) is recorded in call order with where it came from.
+
+IMAGE_STEPS = 5
+IMG2IMG_STRENGTH = 0.6
+
+
+def image_run(name, scheduler=None, overrides=None, **kwargs):
+    spec = dict(
+        name=name,
+        scheduler=scheduler,
+        overrides=overrides or {},
+        prompt=SD1_PROMPT,
+        negative_prompt=SD1_NEGATIVE,
+        steps=IMAGE_STEPS,
+        guidance_scale=7.5,
+        strength=IMG2IMG_STRENGTH,
+        model=None,
+    )
+    unknown = set(kwargs) - set(spec)
+    assert not unknown, unknown
+    spec.update(kwargs)
+    return spec
+
+
+IMG2IMG_RUNS = [
+    image_run("ddim", DDIMScheduler),
+    image_run("pndm"),
+    image_run("euler", EulerDiscreteScheduler),
+    image_run("euler_ancestral", EulerAncestralDiscreteScheduler),
+    image_run("dpmpp_2m_karras", DPMSolverMultistepScheduler, KARRAS),
+    image_run("heun", HeunDiscreteScheduler),
+    image_run("lms", LMSDiscreteScheduler),
+    image_run("lcm", LCMScheduler, guidance_scale=1.0),
+    image_run("ddim_strength_1", DDIMScheduler, strength=1.0),
+    image_run("ddim_strength_0_2", DDIMScheduler, strength=0.2),
+    image_run("dpmpp_2m_sde_karras", DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++", **KARRAS)),
+]
+SD1_MODEL = "../tiny_sd1/model"
+INPAINT_RUNS = [
+    image_run("ddim", DDIMScheduler, strength=1.0),
+    image_run("euler_ancestral", EulerAncestralDiscreteScheduler, strength=1.0),
+    image_run("ddim_strength_0_75", DDIMScheduler, strength=0.75),
+    image_run("dpmpp_2m_karras", DPMSolverMultistepScheduler, KARRAS, strength=1.0),
+    # The ordinary 4-channel UNet: diffusers blends the latents with the mask after every step.
+    image_run("ddim_4ch", DDIMScheduler, strength=1.0, model=SD1_MODEL),
+    image_run("euler_4ch", EulerDiscreteScheduler, strength=0.75, model=SD1_MODEL),
+]
+
+
+def make_init_png(path: pathlib.Path, seed: int):
+    """A deterministic 32×32 RGB image: smooth gradients plus seeded noise, stored as an 8-bit
+    PNG; returns the image read back from the file (what both implementations see)."""
+    import numpy as np
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.linspace(0, 1, HEIGHT)[:, None].expand(HEIGHT, WIDTH)
+    x = torch.linspace(0, 1, WIDTH)[None, :].expand(HEIGHT, WIDTH)
+    rgb = torch.stack([x, y, 0.5 + 0.4 * torch.sin(6.0 * (x + 0.5 * y))])
+    rgb = (rgb + 0.08 * torch.randn(3, HEIGHT, WIDTH, generator=generator)).clamp(0, 1)
+    pixels = (rgb.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    Image.fromarray(np.ascontiguousarray(pixels), mode="RGB").save(path)
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    assert (np.asarray(image) == pixels).all()
+    return image
+
+
+# The repaint rectangle of mask.png (rows, columns, end exclusive) and its soft edge: the ring one
+# pixel outside is 128 (128/255 >= 0.5: binarised to 1), the next 127 (below 0.5: 0), the next 64.
+MASK_ROWS, MASK_COLS = (9, 23), (11, 25)
+MASK_RINGS = [255, 128, 127, 64]
+
+
+def make_mask_png(path: pathlib.Path):
+    import numpy as np
+    from PIL import Image
+
+    mask = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+    for y in range(HEIGHT):
+        for x in range(WIDTH):
+            dy = max(MASK_ROWS[0] - y, y - (MASK_ROWS[1] - 1), 0)
+            dx = max(MASK_COLS[0] - x, x - (MASK_COLS[1] - 1), 0)
+            d = max(dx, dy)
+            if d < len(MASK_RINGS):
+                mask[y, x] = MASK_RINGS[d]
+    Image.fromarray(mask, mode="L").save(path)
+    with Image.open(path) as image:
+        image.load()
+        image = image.copy()
+    assert image.mode == "L" and (np.asarray(image) == mask).all()
+    return image
+
+
+class NoiseTape:
+    """Patches `randn_tensor` in several modules at once (the pipeline's, the VAE's, the
+    scheduler's): records every draw in call order with its source, or hands recorded draws back
+    in the same order (replay), checking that each comes from the same source and shape."""
+
+    def __init__(self, sources: dict, role, replay: list | None = None):
+        self.sources = sources  # label -> module
+        self.role = role  # () -> the current phase, for the detailed roles
+        self.replay = replay
+        self.draws, self.labels, self.roles = [], [], []
+
+    def __enter__(self):
+        self.saved = []
+        for label, module in self.sources.items():
+            original = getattr(module, "randn_tensor", None)
+            if original is None:
+                continue
+            self.saved.append((module, original))
+            module.randn_tensor = self.patched(label, original)
+        return self
+
+    def patched(self, label, original):
+        def draw(shape, generator=None, device=None, dtype=None, layout=None):
+            if self.replay is not None:
+                k = len(self.draws)
+                want_label, noise = self.replay[k]
+                assert want_label == label, (k, want_label, label)
+                assert tuple(noise.shape) == tuple(shape), (noise.shape, shape)
+                noise = noise.to(dtype=dtype or noise.dtype)
+            else:
+                noise = original(shape, generator=generator, device=device, dtype=dtype, layout=layout)
+            self.draws.append(noise.clone())
+            self.labels.append(label)
+            self.roles.append(self.role(label))
+            return noise
+
+        return draw
+
+    def __exit__(self, *exc):
+        for module, original in reversed(self.saved):
+            module.randn_tensor = original
+        return False
+
+
+def call_image_pipeline(pipe, spec: dict, own_scheduler, seed: int, inputs: dict, output_type: str, replay=None):
+    """One img2img or inpainting call. Wraps prepare_latents, prepare_mask_latents and the
+    scheduler's add_noise (instance attributes, removed afterwards) to capture the intermediates."""
+    cls = spec["scheduler"] or type(own_scheduler)
+    pipe.scheduler = cls.from_config(own_scheduler.config, **spec["overrides"])
+    scheduler = pipe.scheduler
+    inpaint = isinstance(pipe, StableDiffusionInpaintPipeline)
+    captured = dict(add_noise=[], steps=[], timesteps=[])
+    phase = ["setup"]
+
+    def role(label):
+        if label == "vae_sample":
+            return {"prepare_latents": "vae_sample(image)", "prepare_mask_latents": "vae_sample(masked_image)"}.get(
+                phase[0], f"vae_sample({phase[0]})"
+            )
+        if label == "add_noise":
+            return "add_noise(prepare_latents noise)"
+        return f"scheduler({phase[0]})"
+
+    wrapped = ["prepare_latents"] + (["prepare_mask_latents"] if inpaint else [])
+
+    def wrap(name):
+        original = getattr(pipe, name)
+
+        def wrapper(*args, **kwargs):
+            phase[0] = name
+            out = original(*args, **kwargs)
+            # The denoising loop starts right after the last preparation call.
+            phase[0] = "step 0" if name == wrapped[-1] else "setup"
+            captured.setdefault(name, []).append(dict(args=args, kwargs=kwargs, out=out))
+            return out
+
+        object.__setattr__(pipe, name, wrapper)
+
+    add_noise = scheduler.add_noise
+
+    def add_noise_wrapper(original_samples, noise, timesteps):
+        out = add_noise(original_samples, noise, timesteps)
+        captured["add_noise"].append(
+            dict(original=original_samples.clone(), noise=noise.clone(), timesteps=timesteps.clone(),
+                 out=out.clone(), phase=phase[0], step_index=getattr(scheduler, "step_index", None))
+        )
+        return out
+
+    scheduler.add_noise = add_noise_wrapper
+
+    def on_step_end(pipeline, i, t, tensors):
+        captured["steps"].append(tensors["latents"].clone())
+        captured["timesteps"].append(float(t))
+        phase[0] = f"step {i + 1}"
+        return tensors
+
+    kwargs = dict(
+        prompt=spec["prompt"],
+        negative_prompt=spec["negative_prompt"],
+        image=inputs["image"],
+        strength=spec["strength"],
+        num_inference_steps=spec["steps"],
+        guidance_scale=spec["guidance_scale"],
+        generator=torch.Generator().manual_seed(seed),
+        output_type=output_type,
+        callback_on_step_end=on_step_end,
+        callback_on_step_end_tensor_inputs=["latents"],
+    )
+    if inpaint:
+        kwargs.update(mask_image=inputs["mask"], height=HEIGHT, width=WIDTH)
+    sources = {
+        "vae_sample": importlib.import_module(DiagonalGaussianDistribution.__module__),
+        "add_noise": importlib.import_module(type(pipe).__module__),
+        "scheduler": importlib.import_module(cls.__module__),
+    }
+    for name in wrapped:
+        wrap(name)
+    try:
+        with NoiseTape(sources, role, replay) as tape, torch.no_grad():
+            out = pipe(**kwargs)
+    finally:
+        for name in wrapped:
+            object.__delattr__(pipe, name)
+    if replay is not None:
+        assert len(tape.draws) == len(replay), (spec["name"], len(tape.draws), len(replay))
+    return out.images, captured, tape, scheduler
+
+
+def image_run_tensors(pipe, spec, captured, tape, scheduler, image, latents_out) -> tuple[dict, dict]:
+    """The reference tensors and the manifest facts of one run, checked against what diffusers did."""
+    inpaint = isinstance(pipe, StableDiffusionInpaintPipeline)
+    steps, strength = spec["steps"], spec["strength"]
+    init_timestep = min(int(steps * strength), steps)
+    t_start = max(steps - init_timestep, 0)
+    begin_index = t_start * scheduler.order
+    timesteps = torch.tensor(captured["timesteps"])
+    assert torch.equal(timesteps, scheduler.timesteps[begin_index:].float()), spec["name"]
+    latent_timestep = scheduler.timesteps[begin_index]
+    is_float = torch.is_floating_point(latent_timestep)
+    latent_timestep = float(latent_timestep) if is_float else int(latent_timestep)
+    tensors = dict(latents_out=latents_out, image=image, timesteps=timesteps, noise=torch.stack(tape.draws))
+    facts = dict(
+        init_timestep=init_timestep,
+        t_start=t_start,
+        begin_index=begin_index,
+        scheduler_begin_index=getattr(scheduler, "begin_index", None),
+        has_set_begin_index=hasattr(scheduler, "set_begin_index"),
+        latent_timestep=latent_timestep,
+        denoising_steps=len(timesteps),
+        init_noise_sigma=float(scheduler.init_noise_sigma),
+    )
+    prep = captured["prepare_latents"][0]
+    adds = captured["add_noise"]
+    if not inpaint:
+        # img2img: prepare_latents encodes (one VAE sample), draws the noise and adds it at latent_timestep.
+        assert tape.labels[:2] == ["vae_sample", "add_noise"], tape.labels
+        assert all(label == "scheduler" for label in tape.labels[2:]), tape.labels
+        assert len(adds) == 1 and adds[0]["phase"] == "prepare_latents", [a["phase"] for a in adds]
+        assert torch.equal(adds[0]["noise"], tape.draws[1])
+        assert adds[0]["timesteps"].tolist() == [latent_timestep]
+        assert torch.equal(adds[0]["out"], prep["out"])
+        tensors["init_latents"] = adds[0]["original"]
+        tensors["noised_latents"] = adds[0]["out"]
+        return tensors, facts
+
+    four = pipe.unet.config.in_channels == 4
+    is_strength_max = strength == 1.0
+    facts.update(unet_in_channels=pipe.unet.config.in_channels, is_strength_max=is_strength_max)
+    latents, noise = prep["out"][0], prep["out"][1]
+    mask_call = captured["prepare_mask_latents"][0]
+    mask, masked_image_latents = mask_call["out"]
+    cfg = spec["guidance_scale"] > 1.0
+    if cfg:
+        assert mask.shape[0] == 2 and torch.equal(mask[0], mask[1])
+        assert torch.equal(masked_image_latents[0], masked_image_latents[1])
+    tensors["mask_latent"] = mask[:1]
+    tensors["noised_latents"] = latents
+    expected = (["vae_sample"] if (four or not is_strength_max) else []) + ["add_noise", "vae_sample"]
+    assert tape.labels[: len(expected)] == expected, (tape.labels, expected)
+    assert all(label == "scheduler" for label in tape.labels[len(expected):]), tape.labels
+    noise_at = expected.index("add_noise")
+    assert torch.equal(noise, tape.draws[noise_at])
+    if not four:
+        tensors["masked_image_latents"] = masked_image_latents[:1]
+    prepare_adds = [a for a in adds if a["phase"] == "prepare_latents"]
+    step_adds = [a for a in adds if a["phase"] != "prepare_latents"]
+    if is_strength_max:
+        assert not prepare_adds
+        assert torch.equal(latents, noise * scheduler.init_noise_sigma)
+    else:
+        assert len(prepare_adds) == 1 and prepare_adds[0]["timesteps"].tolist() == [latent_timestep]
+        assert torch.equal(prepare_adds[0]["out"], latents) and torch.equal(prepare_adds[0]["noise"], noise)
+    if four:
+        image_latents = prep["out"][2]
+        tensors["init_latents"] = image_latents
+        # Blending: after every step but the last, the image latents noised to the next timestep.
+        assert len(step_adds) == len(timesteps) - 1, (len(step_adds), len(timesteps))
+        for i, a in enumerate(step_adds):
+            assert a["phase"] == f"step {i}", a["phase"]
+            assert torch.equal(a["original"], image_latents) and torch.equal(a["noise"], noise)
+            assert a["timesteps"].tolist() == [timesteps[i + 1].item()], (a["timesteps"], timesteps)
+        facts["blend_add_noise_timesteps"] = [float(a["timesteps"][0]) for a in step_adds]
+        facts["blend_add_noise_step_indices"] = [a["step_index"] for a in step_adds]
+    else:
+        assert not step_adds
+        if not is_strength_max:
+            tensors["init_latents"] = prepare_adds[0]["original"]
+    return tensors, facts
+
+
+def write_image_runs(pipes: dict, pipes64: dict, case_name: str, runs: list, inputs: dict, finite_json):
+    tensors, manifest_runs = {}, []
+    for spec in runs:
+        name = spec["name"]
+        model = spec["model"] or "model"
+        pipe, pipe64 = pipes[model], pipes64[model]
+        own_scheduler, own_scheduler64 = pipe.scheduler, pipe64.scheduler
+        seed = seed_of(f"{case_name}.{name}")
+        try:
+            latents_out, cap, tape, scheduler = call_image_pipeline(pipe, spec, own_scheduler, seed, inputs, "latent")
+            image, cap2, tape2, _ = call_image_pipeline(pipe, spec, own_scheduler, seed, inputs, "np")
+            replay = list(zip(tape.labels, [d.double() for d in tape.draws]))
+            image64, cap64, _, _ = call_image_pipeline(pipe64, spec, own_scheduler, seed, inputs, "np", replay=replay)
+        finally:
+            pipe.scheduler = own_scheduler
+            pipe64.scheduler = own_scheduler64
+        assert torch.equal(latents_out, cap["steps"][-1]) and torch.equal(latents_out, cap2["steps"][-1]), name
+        assert tape.labels == tape2.labels and all(torch.equal(a, b) for a, b in zip(tape.draws, tape2.draws)), name
+        image = torch.from_numpy(image).permute(0, 3, 1, 2)
+        image64 = torch.from_numpy(image64).permute(0, 3, 1, 2)
+        assert image.shape == (1, 3, HEIGHT, WIDTH)
+        run_tensors, facts = image_run_tensors(pipe, spec, cap, tape, scheduler, image, latents_out)
+        if isinstance(pipe, StableDiffusionInpaintPipeline):
+            mask_args = cap["prepare_mask_latents"][0]["args"]
+            assert torch.equal(mask_args[0], inputs["mask_condition"]) and torch.equal(mask_args[1], inputs["masked_image"])
+        assert run_tensors["noise"].shape[1:] == (1, 4, HEIGHT // 2, WIDTH // 2), name
+        entry = dict(
+            name=name,
+            model=spec["model"] or "model",
+            scheduler=type(scheduler).__name__,
+            overrides=spec["overrides"],
+            prompt=spec["prompt"],
+            negative_prompt=spec["negative_prompt"],
+            steps=spec["steps"],
+            guidance_scale=spec["guidance_scale"],
+            strength=spec["strength"],
+            generator_seed=seed,
+            noise_draws=len(tape.draws),
+            noise_sources=tape.labels,
+            noise_roles=tape.roles,
+            **facts,
+            tolerance=TOLERANCE,
+            scheduler_config=finite_json(dict(scheduler.config)),
+            latents_out_max_abs=float(latents_out.abs().max()),
+            f64_deviation=dict(
+                latents_out=float((cap64["steps"][-1] - latents_out.double()).abs().max()),
+                image=float((image64 - image.double()).abs().max()),
+            ),
+        )
+        for key, value in run_tensors.items():
+            tensors[f"{name}.{key}"] = value
+        manifest_runs.append(entry)
+        print(
+            f"  {case_name}.{name}: {entry['scheduler']} strength {spec['strength']}, {len(run_tensors['timesteps'])} "
+            f"timesteps from {facts['latent_timestep']}, draws {tape.labels}, f64 deviation {entry['f64_deviation']}"
+        )
+    return tensors, manifest_runs
+
+
+IMAGE_NOTES = [
+    "every standard-normal draw of a call, in call order, is stored in <run>.noise ([n, 1, 4, 16, 16]); "
+    "noise_sources names where each came from: vae_sample (DiagonalGaussianDistribution.sample in the VAE "
+    "encode, retrieve_latents sample mode), add_noise (the pipeline's prepare_latents draw: the noise handed to "
+    "scheduler.add_noise, or for inpainting at strength 1 the initial latents before init_noise_sigma), scheduler "
+    "(the sampler's step noise); noise_roles says more (which image was encoded, which step). All come from one "
+    "torch.Generator().manual_seed(generator_seed), so on CPU they are consecutive torch.randn draws of that "
+    "generator",
+    "timesteps: the timesteps actually denoised (scheduler.timesteps[begin_index:]); begin_index = t_start * "
+    "scheduler.order with init_timestep = min(int(steps * strength), steps), t_start = max(steps - init_timestep, 0); "
+    "latent_timestep = timesteps[0] (the timestep add_noise is given); scheduler_begin_index is what "
+    "set_begin_index stored (null for schedulers without it: DDIM, PNDM)",
+    "f64_deviation: the max abs difference between these float32 outputs and the same pipeline in float64 "
+    "replaying the same noise",
+    "prompt embeddings are those of tiny_sd1 (same text encoder and tokenizer): tiny_sd1's reference.safetensors "
+    "holds them (e.g. ddim.prompt_embeds / ddim.negative_prompt_embeds)",
+    "image: [1, 3, 32, 32] in [0, 1] (output_type='np', VAE decode of latents / scaling_factor, then (x/2+0.5).clamp(0,1)); "
+    "latents_out from the output_type='latent' call",
+]
+
+
+def image_manifest(pipe, case_name, model, runs, notes, finite_json, **extra) -> dict:
+    return {
+        "kind": "pipeline",
+        "reference": f"diffusers {diffusers.__version__} {type(pipe).__name__}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}",
+        "pipeline": type(pipe).__name__,
+        "model": model,
+        "height": HEIGHT,
+        "width": WIDTH,
+        **extra,
+        "scheduler_config": finite_json(dict(pipe.scheduler.config)),
+        "runs": runs,
+        "notes": IMAGE_NOTES + notes,
+    }
+
+
+def write_image_cases(out_root: pathlib.Path, finite_json, randomise_norms) -> None:
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    root = out_root / "pipeline"
+    sd1_dir = root / "tiny_sd1" / "model"
+    assert sd1_dir.is_dir(), sd1_dir
+
+    # img2img.
+    case_name = "tiny_sd1_img2img"
+    case = root / case_name
+    if case.exists():
+        shutil.rmtree(case)
+    case.mkdir(parents=True)
+    init = make_init_png(case / "init.png", seed_of(f"{case_name}.init"))
+    pipe = load_pipeline(StableDiffusionImg2ImgPipeline, sd1_dir, torch.float32)
+    pipe64 = load_pipeline(StableDiffusionImg2ImgPipeline, sd1_dir, torch.float64)
+    init_image = pipe.image_processor.preprocess(init)
+    inputs = dict(image=init)
+    tensors, runs = write_image_runs({"model": pipe}, {"model": pipe64}, case_name, IMG2IMG_RUNS, inputs, finite_json)
+    tensors["inputs.init_image"] = init_image
+    manifest = image_manifest(
+        pipe, case_name, SD1_MODEL, runs,
+        [
+            "init.png: 32×32 RGB, 8-bit; diffusers is given the PIL image read back from it. inputs.init_image is "
+            "VaeImageProcessor.preprocess of it: pixels / 255 * 2 - 1 as [1, 3, 32, 32] (no resize: 32 is a multiple "
+            "of the VAE scale factor and PIL returns a copy for an equal size)",
+            "init_latents = scaling_factor * vae.encode(init_image).latent_dist.sample(generator) (the first draw); "
+            "noised_latents = scheduler.add_noise(init_latents, noise, latent_timestep) (noise: the second draw), "
+            "the latents entering the first step before scale_model_input (no init_noise_sigma scaling in img2img)",
+        ],
+        finite_json,
+        init_image="init.png",
+    )
+    save_file({k: v.detach().contiguous().float() for k, v in sorted(tensors.items())}, case / "reference.safetensors")
+    (case / "manifest.json").write_text(json.dumps(finite_json(manifest), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    print(f"wrote {case}")
+    del pipe, pipe64
+
+    # Inpainting.
+    case_name = "tiny_sd1_inpaint"
+    case = root / case_name
+    if case.exists():
+        shutil.rmtree(case)
+    case.mkdir(parents=True)
+    model_dir = case / "model"
+    seed = seed_of(case_name)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=[32, 64],
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        sample_size=16,
+        in_channels=9,
+        out_channels=4,
+    )
+    randomise_norms(unet, generator)
+    # tiny_sd1's text encoder, tokenizer, VAE and scheduler, byte for byte; only the UNet is new.
+    shutil.copytree(sd1_dir, model_dir, ignore=shutil.ignore_patterns("unet"))
+    unet.half().save_pretrained(model_dir / "unet", safe_serialization=True)
+    index = json.loads((model_dir / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionInpaintPipeline"
+    (model_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    init = make_init_png(case / "init.png", seed_of(f"{case_name}.init"))
+    mask = make_mask_png(case / "mask.png")
+    pipes, pipes64 = {}, {}
+    for key, folder in [("model", model_dir), (SD1_MODEL, sd1_dir)]:
+        pipes[key] = load_pipeline(StableDiffusionInpaintPipeline, folder, torch.float32)
+        pipes64[key] = load_pipeline(StableDiffusionInpaintPipeline, folder, torch.float64)
+    assert pipes["model"].unet.config.in_channels == 9 and pipes[SD1_MODEL].unet.config.in_channels == 4
+    pipe = pipes["model"]
+    init_image = pipe.image_processor.preprocess(init, height=HEIGHT, width=WIDTH).to(torch.float32)
+    mask_condition = pipe.mask_processor.preprocess(mask, height=HEIGHT, width=WIDTH)
+    masked_image = init_image * (mask_condition < 0.5)
+    inputs = dict(image=init, mask=mask, mask_condition=mask_condition, masked_image=masked_image)
+    tensors, runs = write_image_runs(pipes, pipes64, case_name, INPAINT_RUNS, inputs, finite_json)
+    tensors["inputs.init_image"] = init_image
+    tensors["inputs.mask"] = mask_condition
+    tensors["inputs.masked_image"] = masked_image
+    manifest = image_manifest(
+        pipe, case_name, "model", runs,
+        [
+            "runs name their model: model (this case's, a 9-channel UNet: latents, mask, masked_image_latents "
+            "concatenated in that order after scale_model_input) or ../tiny_sd1/model (the 4-channel UNet: after "
+            "every step latents = (1 - mask) * init_latents_noised + mask * latents, with init_latents noised to the "
+            "next timestep by scheduler.add_noise(init_latents, noise, timesteps[i + 1]) and not noised after the "
+            "last step; blend_add_noise_timesteps lists them, blend_add_noise_step_indices the scheduler's step_index "
+            "at the time, which is what sigma-based schedulers use instead of the timestep)",
+            "model/ is tiny_sd1's model folder with a new unet/ (in_channels 9, layers_per_block 1): the text encoder, "
+            "tokenizer, VAE and scheduler files are copies of tiny_sd1's",
+            "init.png: 32×32 RGB; mask.png: 32×32 mode L, white = repaint: a rectangle (rows 9..22, columns 11..24) "
+            "with rings of 128, 127 and 64 around it. inputs.mask is the mask_processor output: pixels / 255, "
+            "binarised (>= 0.5 -> 1, < 0.5 -> 0), [1, 1, 32, 32]; inputs.init_image is pixels / 255 * 2 - 1; "
+            "inputs.masked_image = init_image * (mask < 0.5)",
+            "mask_latent: torch.nn.functional.interpolate(inputs.mask, size=(16, 16)) (mode nearest: pixel (2i, 2j)), "
+            "[1, 1, 16, 16]; masked_image_latents = scaling_factor * vae.encode(masked_image).latent_dist.sample(generator)",
+            "noised_latents: the latents entering the first denoising step (before scale_model_input): at strength 1 "
+            "noise * init_noise_sigma, else scheduler.add_noise(init_latents, noise, latent_timestep); init_latents = "
+            "scaling_factor * vae.encode(init_image).latent_dist.sample(generator), present when they exist (the "
+            "4-channel runs, where they are always encoded, and strength < 1)",
+            "draw order: [vae_sample(image) when the UNet has 4 channels or strength < 1], add_noise (prepare_latents), "
+            "vae_sample(masked_image), then the sampler's draws",
+            "no padding_mask_crop: the output image is the VAE decode alone (apply_overlay runs only with padding_mask_crop)",
+        ],
+        finite_json,
+        init_image="init.png",
+        mask_image="mask.png",
+    )
+    save_file({k: v.detach().contiguous().float() for k, v in sorted(tensors.items())}, case / "reference.safetensors")
+    (case / "manifest.json").write_text(json.dumps(finite_json(manifest), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    print(f"wrote {case}")

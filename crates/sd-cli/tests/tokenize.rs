@@ -40,3 +40,34 @@ fn errors_are_one_line_and_non_zero() {
     );
     assert_eq!(stderr.trim_end().lines().count(), 1);
 }
+
+#[test]
+fn odd_prompts_have_a_defined_result() {
+    // A 10,000-token prompt: 134 chunks, no panic.
+    let long = vec!["cat"; 10_000].join(" ");
+    let (ok, stdout, stderr) = sd(&["tokenize", &long]);
+    assert!(ok, "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["token_count"], 10_000);
+    assert_eq!(json["chunk_count"], 134);
+    // Control characters are whitespace or dropped by the normaliser, never a failure.
+    let (ok, stdout, stderr) = sd(&["tokenize", "a\u{1}b\tc\u{7f}d\u{200b}e\r\nf"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("token_count"));
+}
+
+#[cfg(unix)]
+#[test]
+fn invalid_utf8_on_the_command_line_is_an_error_not_a_panic() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let out = Command::new(env!("CARGO_BIN_EXE_sd"))
+        .arg("tokenize")
+        .arg(OsStr::from_bytes(b"caf\xe9"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("UTF-8"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -105,14 +105,32 @@ pub struct ClipEncoderLayer<B: Backend> {
     causal: bool,
 }
 
+/// The sizes of one encoder layer, shared by the text and vision towers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerShape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub act: HiddenAct,
+    pub eps: f64,
+}
+
+impl From<&ClipTextConfig> for LayerShape {
+    fn from(c: &ClipTextConfig) -> Self {
+        Self {
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            heads: c.num_attention_heads,
+            act: c.hidden_act,
+            eps: c.layer_norm_eps,
+        }
+    }
+}
+
 impl<B: Backend> ClipEncoderLayer<B> {
-    fn new(c: &ClipTextConfig, causal: bool, device: &B::Device) -> Self {
-        let d = c.hidden_size;
-        let norm = || {
-            LayerNormConfig::new(d)
-                .with_epsilon(c.layer_norm_eps)
-                .init(device)
-        };
+    pub(crate) fn new(c: LayerShape, causal: bool, device: &B::Device) -> Self {
+        let d = c.hidden;
+        let norm = || LayerNormConfig::new(d).with_epsilon(c.eps).init(device);
         let linear = |i, o| LinearConfig::new(i, o).init(device);
         Self {
             layer_norm1: norm(),
@@ -121,10 +139,10 @@ impl<B: Backend> ClipEncoderLayer<B> {
             v_proj: linear(d, d),
             out_proj: linear(d, d),
             layer_norm2: norm(),
-            fc1: linear(d, c.intermediate_size),
-            fc2: linear(c.intermediate_size, d),
-            heads: c.num_attention_heads,
-            quick_gelu: c.hidden_act == HiddenAct::QuickGelu,
+            fc1: linear(d, c.intermediate),
+            fc2: linear(c.intermediate, d),
+            heads: c.heads,
+            quick_gelu: c.act == HiddenAct::QuickGelu,
             causal,
         }
     }
@@ -223,7 +241,7 @@ impl<B: Backend> ClipTextModel<B> {
                 },
                 encoder: ClipEncoder {
                     layers: (0..config.num_hidden_layers)
-                        .map(|_| ClipEncoderLayer::new(config, true, device))
+                        .map(|_| ClipEncoderLayer::new(config.into(), true, device))
                         .collect(),
                 },
                 final_layer_norm: LayerNormConfig::new(d)

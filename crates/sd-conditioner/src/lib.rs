@@ -6,6 +6,7 @@ mod clip;
 mod conditioner;
 mod prompt;
 mod tokenizer;
+mod vision;
 
 pub use clip::{ClipEncoderLayer, ClipTextConfig, ClipTextModel, ClipTextOutput, HiddenAct};
 pub use conditioner::{
@@ -14,3 +15,4 @@ pub use conditioner::{
 };
 pub use prompt::{CHUNK_TOKENS, PromptTokens, Weighted, parse_weights, tokenize_prompt};
 pub use tokenizer::{ClipTokenizer, MAX_LENGTH, Padding};
+pub use vision::{ClipVisionConfig, ClipVisionModel, ClipVisionOutput};

@@ -96,14 +96,16 @@ impl fmt::Display for ProblemList<'_> {
 }
 
 impl CoreError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
             source,
         }
     }
 
-    pub(crate) fn config(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+    /// A configuration problem in `path`.
+    pub fn config(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
         Self::Config {
             path: path.into(),
             reason: reason.into(),

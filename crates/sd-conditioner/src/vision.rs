@@ -1,0 +1,249 @@
+//! CLIP's vision tower (Radford et al. 2021; Dosovitskiy et al. 2021 for the patch embedding),
+//! as transformers' `CLIPVisionModelWithProjection`: image embeddings for CLIP score and image
+//! conditioning. Its encoder layers are the text tower's, without the causal mask.
+
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+use sd_core::weights::{LoadOptions, SafetensorsFile, load_safetensors};
+use sd_core::{CoreError, Result};
+use serde::Deserialize;
+
+use crate::clip::{ClipEncoder, ClipEncoderLayer, HiddenAct, LayerShape};
+
+/// transformers' `CLIPVisionConfig`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ClipVisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub projection_dim: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden_act: HiddenAct,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for ClipVisionConfig {
+    /// CLIP ViT-B/32's.
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            projection_dim: 512,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_channels: 3,
+            image_size: 224,
+            patch_size: 32,
+            hidden_act: HiddenAct::QuickGelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+impl ClipVisionConfig {
+    /// CLIP ViT-L/14 (the tower beside SD 1.x's text encoder).
+    pub fn vit_l_14() -> Self {
+        Self {
+            hidden_size: 1024,
+            intermediate_size: 4096,
+            projection_dim: 768,
+            num_hidden_layers: 24,
+            num_attention_heads: 16,
+            patch_size: 14,
+            ..Self::default()
+        }
+    }
+
+    /// Reads a `config.json` of a `CLIPVisionModelWithProjection` (flat) or of a `CLIPModel`
+    /// (its `vision_config`).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| CoreError::config(path, format!("not JSON: {e}")))?;
+        let section = json.get("vision_config").cloned().unwrap_or(json);
+        let config: Self = serde_json::from_value(section)
+            .map_err(|e| CoreError::config(path, format!("invalid CLIPVisionConfig: {e}")))?;
+        config.check().map_err(|r| CoreError::config(path, r))?;
+        Ok(config)
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            return Err(format!(
+                "hidden_size {} does not split into {} heads",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
+            return Err(format!(
+                "image_size {} is not a multiple of patch_size {}",
+                self.image_size, self.patch_size
+            ));
+        }
+        Ok(())
+    }
+
+    fn patches(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2)
+    }
+}
+
+/// Patch, class and position embeddings.
+#[derive(Module, Debug)]
+pub struct ClipVisionEmbeddings<B: Backend> {
+    pub patch_embedding: Conv2d<B>,
+    pub class_embedding: Param<Tensor<B, 1>>,
+    pub position_embedding: Embedding<B>,
+}
+
+/// The transformer of the vision tower.
+#[derive(Module, Debug)]
+pub struct ClipVisionTransformer<B: Backend> {
+    pub embeddings: ClipVisionEmbeddings<B>,
+    pub pre_layrnorm: LayerNorm<B>,
+    pub encoder: ClipEncoder<B>,
+    pub post_layernorm: LayerNorm<B>,
+}
+
+/// What the vision tower returns.
+#[derive(Debug, Clone)]
+pub struct ClipVisionOutput<B: Backend> {
+    /// `[batch, 1 + patches, hidden]`: the last layer's output (no final norm, as transformers).
+    pub last_hidden_state: Tensor<B, 3>,
+    /// The embeddings after `pre_layrnorm`, then every layer's output.
+    pub hidden_states: Vec<Tensor<B, 3>>,
+    /// `visual_projection(post_layernorm(class token))`: `[batch, projection_dim]`.
+    pub image_embeds: Tensor<B, 2>,
+}
+
+/// transformers' `CLIPVisionModelWithProjection`.
+#[derive(Module, Debug)]
+pub struct ClipVisionModel<B: Backend> {
+    pub vision_model: ClipVisionTransformer<B>,
+    pub visual_projection: Linear<B>,
+    image_size: usize,
+    channels: usize,
+}
+
+impl<B: Backend> ClipVisionModel<B> {
+    /// A vision tower with random weights.
+    pub fn new(config: &ClipVisionConfig, device: &B::Device) -> Result<Self> {
+        config
+            .check()
+            .map_err(|r| CoreError::config("<ClipVisionConfig>", r))?;
+        let d = config.hidden_size;
+        let shape = LayerShape {
+            hidden: d,
+            intermediate: config.intermediate_size,
+            heads: config.num_attention_heads,
+            act: config.hidden_act,
+            eps: config.layer_norm_eps,
+        };
+        let norm = || {
+            LayerNormConfig::new(d)
+                .with_epsilon(config.layer_norm_eps)
+                .init(device)
+        };
+        let p = config.patch_size;
+        Ok(Self {
+            vision_model: ClipVisionTransformer {
+                embeddings: ClipVisionEmbeddings {
+                    patch_embedding: Conv2dConfig::new([config.num_channels, d], [p, p])
+                        .with_stride([p, p])
+                        .with_bias(false)
+                        .init(device),
+                    class_embedding: Param::from_tensor(Tensor::random(
+                        [d],
+                        burn::tensor::Distribution::Normal(0.0, 1.0),
+                        device,
+                    )),
+                    position_embedding: EmbeddingConfig::new(config.patches() + 1, d).init(device),
+                },
+                pre_layrnorm: norm(),
+                encoder: ClipEncoder {
+                    layers: (0..config.num_hidden_layers)
+                        .map(|_| ClipEncoderLayer::new(shape, false, device))
+                        .collect(),
+                },
+                post_layernorm: norm(),
+            },
+            visual_projection: LinearConfig::new(d, config.projection_dim)
+                .with_bias(false)
+                .init(device),
+            image_size: config.image_size,
+            channels: config.num_channels,
+        })
+    }
+
+    /// Loads an `image_encoder/` folder (`config.json`, `model.safetensors`).
+    pub fn from_pretrained(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = ClipVisionConfig::from_file(dir.join("config.json"))?;
+        let file = SafetensorsFile::open(dir.join("model.safetensors"))?;
+        Self::new(&config, device)?.load_weights(&file, LoadOptions::default())
+    }
+
+    /// Fills the weights from a transformers state dict (a `CLIPModel`'s text keys are
+    /// ignored).
+    pub fn load_weights(self, file: &SafetensorsFile, options: LoadOptions) -> Result<Self> {
+        let map = |key: &str| {
+            (key.starts_with("vision_model.") || key.starts_with("visual_projection."))
+                .then(|| key.replace(".self_attn.", ".").replace(".mlp.", "."))
+        };
+        load_safetensors(self, file, &map, options)
+    }
+
+    /// Encodes images `[batch, channels, image_size, image_size]` (already resized and
+    /// normalised with CLIP's mean and std).
+    pub fn forward(&self, pixels: Tensor<B, 4>) -> Result<ClipVisionOutput<B>> {
+        let [b, c, h, w] = pixels.dims();
+        if c != self.channels || h != self.image_size || w != self.image_size {
+            return Err(CoreError::InvalidInput(format!(
+                "the vision tower takes [batch, {}, {s}, {s}] pixels, got [{b}, {c}, {h}, {w}]",
+                self.channels,
+                s = self.image_size
+            )));
+        }
+        let emb = &self.vision_model.embeddings;
+        let patches = emb.patch_embedding.forward(pixels);
+        let [_, d, gh, gw] = patches.dims();
+        let patches = patches.reshape([b, d, gh * gw]).swap_dims(1, 2);
+        let class = emb
+            .class_embedding
+            .val()
+            .reshape([1, 1, d])
+            .repeat_dim(0, b);
+        let x = Tensor::cat(vec![class, patches], 1);
+        let n = x.dims()[1];
+        let device = x.device();
+        let positions = Tensor::<B, 1, Int>::arange(0..n as i64, &device)
+            .unsqueeze::<2>()
+            .repeat_dim(0, b);
+        let x = x + emb.position_embedding.forward(positions);
+        let mut x = self.vision_model.pre_layrnorm.forward(x);
+        let mut hidden_states = vec![x.clone()];
+        for layer in &self.vision_model.encoder.layers {
+            x = layer.forward(x);
+            hidden_states.push(x.clone());
+        }
+        let class_token = x.clone().narrow(1, 0, 1).reshape([b, d]);
+        let pooled = self.vision_model.post_layernorm.forward(class_token);
+        Ok(ClipVisionOutput {
+            last_hidden_state: x,
+            hidden_states,
+            image_embeds: self.visual_projection.forward(pooled),
+        })
+    }
+}
