@@ -6,6 +6,8 @@
 //!   and each side's peak memory.
 //! - `bench-unet [--config sd15|sd21] [--runs N]`: the same for one classifier-free-guidance
 //!   U-Net step (batch 2, 64×64 latent, 77 tokens).
+//! - `bench-clip [--config vit-l|bigg] [--runs N]`: the CLIP text encoder on 2×77 tokens, Rust
+//!   against transformers.
 //! - `bench-generate [--size 512] [--steps 2] [--tiling]`: peak memory (`/usr/bin/time -v`) and
 //!   wall time of a whole `sd generate` (release, flex) on a random-weight SD 1.5-size model,
 //!   written once under `target/bench-models/` by the fixture venv.
@@ -18,6 +20,14 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("fixtures") => fixtures(&args[1..]),
+        Some("bench-clip") => compare(
+            "CLIP text encoder, 2×77 tokens",
+            "clip-text-timing",
+            "bench_clip.py",
+            &args[1..],
+            "vit-l",
+            "5",
+        ),
         Some("bench-generate") => bench_generate(&args[1..]),
         Some("bench-vae") => compare(
             "VAE decode",
@@ -38,7 +48,7 @@ fn main() -> ExitCode {
         _ => Err(format!(
             "usage: cargo xtask fixtures [--only KIND] | bench-vae [--config sd15|tiny] [--runs N] \
              | bench-unet [--config sd15|sd21] [--runs N] \
-             | bench-generate [--size 512] [--steps 2] [--tiling]\n\
+             | bench-clip [--config vit-l|bigg] [--runs N] | bench-generate [--size 512] [--steps 2] [--tiling]\n\
              got: {args:?}"
         )),
     };

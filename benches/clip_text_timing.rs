@@ -1,0 +1,58 @@
+//! Times the CLIP ViT-L/14 text encoder (SD 1.x's; `--config bigg` for SDXL's second) with
+//! random weights on 2×77 tokens on the default backend; prints one JSON line.
+//! `cargo xtask bench-clip` runs it next to `xtask/python/bench_clip.py`.
+
+use sd_benches::{arg, peak_rss_mib, time_runs};
+use sd_conditioner::{ClipTextConfig, ClipTextModel, HiddenAct};
+use sd_core::backend::DefaultBackend as B;
+
+fn main() -> Result<(), String> {
+    let name = arg("--config").unwrap_or_else(|| "vit-l".into());
+    let runs: usize = arg("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);
+    let config = match name.as_str() {
+        "vit-l" => ClipTextConfig {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            projection_dim: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            hidden_act: HiddenAct::QuickGelu,
+            ..ClipTextConfig::default()
+        },
+        "bigg" => ClipTextConfig {
+            hidden_size: 1280,
+            intermediate_size: 5120,
+            projection_dim: 1280,
+            num_hidden_layers: 32,
+            num_attention_heads: 20,
+            hidden_act: HiddenAct::Gelu,
+            ..ClipTextConfig::default()
+        },
+        other => return Err(format!("unknown config {other}")),
+    };
+    let device = Default::default();
+    let model = ClipTextModel::<B>::new(&config, false, &device).map_err(|e| e.to_string())?;
+    // A prompt-like batch: start, 20 tokens, end, end padding; and the empty prompt.
+    let mut prompt: Vec<u32> = vec![49406];
+    prompt.extend((0..20).map(|i| 320 + i * 37));
+    prompt.resize(77, 49407);
+    let mut empty = vec![49406];
+    empty.resize(77, 49407);
+    let ids = vec![empty, prompt];
+    let (median, min) = time_runs(runs, || {
+        let out = model.forward(&ids).map_err(|e| e.to_string())?;
+        let _ = out.last_hidden_state.into_data();
+        Ok(())
+    })?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "backend": std::any::type_name::<B>(),
+            "latent": [2, 77, config.hidden_size],
+            "median_s": median,
+            "min_s": min,
+            "peak_rss_mib": peak_rss_mib(),
+        })
+    );
+    Ok(())
+}
