@@ -8,7 +8,8 @@
 //!   U-Net step (batch 2, 64×64 latent, 77 tokens).
 //! - `bench-clip [--config vit-l|bigg] [--runs N]`: the CLIP text encoder on 2×77 tokens, Rust
 //!   against transformers.
-//! - `bench-generate [--size 512] [--steps 2] [--tiling]`: peak memory (`/usr/bin/time -v`) and
+//! - `bench-generate [--size 512] [--steps 2] [--dtype f32|f16] [--tiling]`: peak memory
+//!   (`/usr/bin/time -v`) and
 //!   wall time of a whole `sd generate` (release, flex) on a random-weight SD 1.5-size model,
 //!   written once under `target/bench-models/` by the fixture venv.
 //! - `fixtures [--only KIND]`: regenerate only one kind of fixture (e.g. `pipeline`).
@@ -48,7 +49,7 @@ fn main() -> ExitCode {
         _ => Err(format!(
             "usage: cargo xtask fixtures [--only KIND] | bench-vae [--config sd15|tiny] [--runs N] \
              | bench-unet [--config sd15|sd21] [--runs N] \
-             | bench-clip [--config vit-l|bigg] [--runs N] | bench-generate [--size 512] [--steps 2] [--tiling]\n\
+             | bench-clip [--config vit-l|bigg] [--runs N] | bench-generate [--size 512] [--steps 2] [--dtype f32|f16] [--tiling]\n\
              got: {args:?}"
         )),
     };
@@ -128,6 +129,7 @@ fn fixtures(args: &[String]) -> Result<(), String> {
 fn bench_generate(args: &[String]) -> Result<(), String> {
     let size = flag(args, "--size").unwrap_or("512");
     let steps = flag(args, "--steps").unwrap_or("2");
+    let dtype = flag(args, "--dtype").unwrap_or("f32");
     let root = root();
     let model = root.join("target/bench-models/sd15-random");
     if !model.join("model_index.json").is_file() {
@@ -155,7 +157,9 @@ fn bench_generate(args: &[String]) -> Result<(), String> {
         ])
         .arg("--model")
         .arg(&model)
-        .args(["--width", size, "--height", size, "--steps", steps, "-o"])
+        .args([
+            "--width", size, "--height", size, "--steps", steps, "--dtype", dtype, "-o",
+        ])
         .arg(&out);
     if args.iter().any(|a| a == "--tiling") {
         cmd.arg("--vae-tiling");
@@ -175,7 +179,7 @@ fn bench_generate(args: &[String]) -> Result<(), String> {
         .parse()
         .unwrap_or(f64::NAN);
     println!(
-        "sd generate {size}x{size}, {steps} steps, SD 1.5-size random weights (flex, f32): \
+        "sd generate {size}x{size}, {steps} steps, SD 1.5-size random weights (flex, {dtype}): \
          peak RSS {:.0} MiB, wall {}",
         kib / 1024.0,
         field("Elapsed (wall clock) time (h:mm:ss or m:ss):")

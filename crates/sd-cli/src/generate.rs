@@ -76,6 +76,8 @@ pub struct GenerateArgs {
     /// Compute backend, among those compiled in (default: the most capable).
     #[arg(long)]
     backend: Option<String>,
+    /// Compute dtype: f16 and bf16 halve the memory; the VAE stays in f32 where its config
+    /// says `force_upcast`.
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     dtype: DTypeArg,
     /// Output PNG; with several images, numbered files (`out-0.png`, `out-1.png`, ...).
@@ -140,11 +142,6 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
     {
         return Err(format!("--strength {s} is outside [0, 1]"));
     }
-    if args.dtype != DTypeArg::F32 {
-        return Err(
-            "only --dtype f32 is supported in this version (f16 and bf16 are planned)".into(),
-        );
-    }
     let compiled = sd::backend::compiled_backends();
     let backend = args
         .backend
@@ -175,11 +172,17 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
             dir.display()
         ));
     }
+    let dtype = match args.dtype {
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::F16 => DType::F16,
+        DTypeArg::Bf16 => DType::BF16,
+    };
     let model = match &args.config {
         Some(config) => Model::from_single_file(&args.model, Some(config)),
         None => Model::open(&args.model),
     }
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())?
+    .with_dtype(dtype);
     if args.mask.is_some() && args.init_image.is_none() {
         return Err("--mask needs --init-image (the image to paint into)".into());
     }
@@ -249,6 +252,12 @@ fn generate<B: Backend>(
     args: &GenerateArgs,
     device: &B::Device,
 ) -> Result<String, String> {
+    if model.dtype() != DType::F32 {
+        // Every tensor the run creates (weights, noise, activations) takes the device's
+        // default float dtype: set it before the first one.
+        burn::tensor::set_default_dtypes::<B>(device, model.dtype(), DType::I64)
+            .map_err(|e| format!("this backend cannot compute in {:?}: {e:?}", model.dtype()))?;
+    }
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {

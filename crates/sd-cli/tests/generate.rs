@@ -295,3 +295,49 @@ fn img2img_and_inpainting_run_from_the_command_line() {
     assert!(ok, "{stderr}");
     assert!(out.is_file());
 }
+
+/// Half precision gives the f32 image up to rounding: f16 within 2/255, bf16 (8 mantissa
+/// bits) within 8/255, on the SD 1.x- and SDXL-shaped tiny models.
+#[test]
+fn half_precision_stays_close_to_f32() {
+    let dir = scratch("dtype");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pipeline");
+    for (case, dtype, bound) in [
+        ("tiny_sd1", "f16", 2u8),
+        ("tiny_sd1", "bf16", 8),
+        ("tiny_sdxl", "f16", 2),
+    ] {
+        let model = fixtures.join(case).join("model");
+        let mut images = Vec::new();
+        for d in ["f32", dtype] {
+            let out = dir.join(format!("{case}-{d}.png"));
+            let (ok, _, stderr) = sd(&[
+                "generate",
+                "a cat",
+                "--model",
+                model.to_str().unwrap(),
+                "--steps",
+                "4",
+                "--seed",
+                "3",
+                "--scheduler",
+                "DPM++ 2M Karras",
+                "--dtype",
+                d,
+                "-q",
+                "-o",
+                out.to_str().unwrap(),
+            ]);
+            assert!(ok, "{case} {d}: {stderr}");
+            images.push(image::open(&out).unwrap().to_rgb8());
+        }
+        let worst = images[0]
+            .as_raw()
+            .iter()
+            .zip(images[1].as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert!(worst <= bound, "{case} {dtype}: off by {worst}/255");
+    }
+}

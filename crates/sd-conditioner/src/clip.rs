@@ -263,6 +263,15 @@ impl<B: Backend> ClipTextModel<B> {
     /// built when the file has `text_projection.weight`. Keys load with or without the
     /// `text_model.` prefix.
     pub fn from_pretrained(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self> {
+        Self::from_pretrained_with(dir, LoadOptions::default(), device)
+    }
+
+    /// [`ClipTextModel::from_pretrained`] with load options (e.g. the compute dtype).
+    pub fn from_pretrained_with(
+        dir: impl AsRef<Path>,
+        options: LoadOptions,
+        device: &B::Device,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         let config = ClipTextConfig::from_file(dir.join("config.json"))?;
         let file = SafetensorsFile::open(dir.join("model.safetensors"))?;
@@ -270,7 +279,7 @@ impl<B: Backend> ClipTextModel<B> {
             .entries()
             .iter()
             .any(|e| e.key == "text_projection.weight");
-        Self::new(&config, with_projection, device)?.load_weights(&file, LoadOptions::default())
+        Self::new(&config, with_projection, device)?.load_weights(&file, options)
     }
 
     /// Fills the weights from a transformers state dict.

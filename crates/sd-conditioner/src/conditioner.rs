@@ -7,6 +7,7 @@ use std::path::Path;
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use sd_core::weights::LoadOptions;
 use sd_core::{CoreError, Result};
 
 use crate::clip::ClipTextModel;
@@ -167,6 +168,17 @@ impl<B: Backend> ClipConditioner<B> {
         syntax: PromptSyntax,
         device: &B::Device,
     ) -> Result<Self> {
+        Self::from_diffusers_with(root, wiring, syntax, LoadOptions::default(), device)
+    }
+
+    /// [`ClipConditioner::from_diffusers`] with load options (e.g. the compute dtype).
+    pub fn from_diffusers_with(
+        root: impl AsRef<Path>,
+        wiring: TextWiring,
+        syntax: PromptSyntax,
+        options: LoadOptions,
+        device: &B::Device,
+    ) -> Result<Self> {
         let root = root.as_ref();
         let load = |suffix: &str, layer: LayerChoice| -> Result<ClipStage<B>> {
             let tok_dir = root.join(format!("tokenizer{suffix}"));
@@ -176,8 +188,11 @@ impl<B: Backend> ClipConditioner<B> {
             } else {
                 ClipTokenizer::embedded(padding)?
             };
-            let model =
-                ClipTextModel::from_pretrained(root.join(format!("text_encoder{suffix}")), device)?;
+            let model = ClipTextModel::from_pretrained_with(
+                root.join(format!("text_encoder{suffix}")),
+                options,
+                device,
+            )?;
             Ok(ClipStage {
                 tokenizer,
                 model,

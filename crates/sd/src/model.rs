@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::tensor::DType;
 use burn::tensor::backend::Backend;
 use sd_conditioner::{
     ClipConditioner, ClipStage, ClipTextConfig, ClipTextModel, ClipTokenizer, HiddenAct,
@@ -64,6 +65,8 @@ pub struct Model {
     scheduler_config: SchedulerConfig,
     /// SDXL: an absent negative prompt conditions on zeros rather than on the empty prompt.
     force_zeros_for_empty_prompt: bool,
+    /// The dtype weights are loaded in (and computed in).
+    dtype: DType,
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -194,6 +197,7 @@ impl Model {
             vae_config,
             scheduler_config,
             force_zeros_for_empty_prompt,
+            dtype: DType::F32,
         })
     }
 
@@ -249,7 +253,43 @@ impl Model {
             unet_config,
             vae_config,
             scheduler_config,
+            dtype: DType::F32,
         })
+    }
+
+    /// Loads weights in `dtype` (`F32`, `F16` or `BF16`): the backend must compute in it too
+    /// (see [`crate::set_compute_dtype`]).
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            dtype: self.dtype,
+            ..LoadOptions::default()
+        }
+    }
+
+    /// The VAE's dtype: f32 when the model computes in half precision and the VAE's config
+    /// says `force_upcast` (SDXL's VAE overflows in f16), as diffusers does.
+    pub fn vae_dtype(&self) -> DType {
+        if self.dtype != DType::F32 && self.vae_config.force_upcast {
+            DType::F32
+        } else {
+            self.dtype
+        }
+    }
+
+    fn vae_load_options(&self) -> LoadOptions {
+        LoadOptions {
+            dtype: self.vae_dtype(),
+            ..LoadOptions::default()
+        }
     }
 
     pub fn family(&self) -> ModelFamily {
@@ -342,8 +382,12 @@ impl Model {
             _ => TextWiring::Single { clip_skip },
         };
         match &self.source {
-            Source::Folder(dir) => Ok(ClipConditioner::from_diffusers(
-                dir, wiring, syntax, device,
+            Source::Folder(dir) => Ok(ClipConditioner::from_diffusers_with(
+                dir,
+                wiring,
+                syntax,
+                self.load_options(),
+                device,
             )?),
             Source::SingleFile {
                 layout, config_dir, ..
@@ -394,9 +438,9 @@ impl Model {
                             &prefix.prefix,
                             config.num_hidden_layers,
                         )?;
-                        model.load_weights(&converted, LoadOptions::default())?
+                        model.load_weights(&converted, self.load_options())?
                     } else {
-                        model.load_weights_under(&file, &prefix.prefix, LoadOptions::default())?
+                        model.load_weights_under(&file, &prefix.prefix, self.load_options())?
                     };
                     stages.push(ClipStage {
                         tokenizer,
@@ -418,11 +462,11 @@ impl Model {
                     dir.join("unet"),
                     self.variant.as_deref(),
                 )?)?;
-                unet.load_weights(&file, LoadOptions::default())?
+                unet.load_weights(&file, self.load_options())?
             }
             Source::SingleFile { .. } => {
                 let file = self.single_file()?;
-                unet.load_single_file(&file, &self.unet_config, LoadOptions::default())?
+                unet.load_single_file(&file, &self.unet_config, self.load_options())?
             }
         })
     }
@@ -445,7 +489,7 @@ impl Model {
         let decoder = VaeDecoder::new(&self.vae_config, device)?;
         let (file, ldm) = self.vae_file()?;
         if !ldm {
-            return Ok(decoder.load_weights(&file, LoadOptions::default())?);
+            return Ok(decoder.load_weights(&file, self.vae_load_options())?);
         }
         let blocks = self.vae_config.block_out_channels.len();
         let map = |key: &str| {
@@ -456,7 +500,7 @@ impl Model {
             decoder,
             &file,
             &map,
-            LoadOptions::default(),
+            self.vae_load_options(),
         )?)
     }
 
@@ -465,7 +509,7 @@ impl Model {
         let encoder = VaeEncoder::new(&self.vae_config, device)?;
         let (file, ldm) = self.vae_file()?;
         if !ldm {
-            return Ok(encoder.load_weights(&file, LoadOptions::default())?);
+            return Ok(encoder.load_weights(&file, self.vae_load_options())?);
         }
         let blocks = self.vae_config.block_out_channels.len();
         let map = |key: &str| {
@@ -476,7 +520,7 @@ impl Model {
             encoder,
             &file,
             &map,
-            LoadOptions::default(),
+            self.vae_load_options(),
         )?)
     }
 }

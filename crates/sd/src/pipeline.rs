@@ -4,12 +4,13 @@
 //! stage starts and dropped when it ends, so peak memory stays near the largest one.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use sd_conditioner::{Conditioner, Conditioning, PromptSyntax};
 use sd_core::image_io::check_image_size;
 use sd_diffusion::training::host_noise;
+use sd_encoder::VaeEncoder;
 use sd_schedulers::{NoiseSource, Scheduler, SchedulerConfig, img2img_start};
 use sd_unet::{TextTimeConditioning, UNet2DConditionModel};
 
@@ -315,7 +316,10 @@ pub fn initial_latents<B: Backend>(
                     data.shape, options.num_images
                 )));
             }
-            Ok(Tensor::from_data(data.clone().convert::<f32>(), device))
+            Ok(
+                Tensor::<B, 4>::from_data(data.clone().convert::<f32>(), device)
+                    .cast(model.dtype()),
+            )
         }
         None => Ok(noise.standard_normal(shape, device)),
     }
@@ -563,6 +567,23 @@ pub fn generate_with_noise<B: Backend>(
     })
 }
 
+/// `scaling_factor · (posterior sample)` of images, in the VAE's dtype (f32 when upcast),
+/// returned in the model's.
+fn encode_sample<B: Backend>(
+    model: &Model,
+    encoder: &VaeEncoder<B>,
+    images: Tensor<B, 4>,
+    noise: &mut dyn NoiseSource<B>,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>> {
+    let posterior = encoder.encode(images.cast(model.vae_dtype()))?;
+    let shape = posterior.mean.dims();
+    let draw = noise.standard_normal(shape, device).cast(model.vae_dtype());
+    Ok(encoder
+        .scale_latents(posterior.sample(draw))
+        .cast(model.dtype()))
+}
+
 /// img2img's starting point: the image encoded (a posterior sample, scaled), then noised to
 /// the level of the first step to run. Draws the posterior noise, then the added noise.
 pub fn noised_image_latents<B: Backend>(
@@ -577,13 +598,13 @@ pub fn noised_image_latents<B: Backend>(
             "img2img needs a starting image".into(),
         ));
     };
-    let image = Tensor::<B, 4>::from_data(image.clone().convert::<f32>(), device);
+    let image =
+        Tensor::<B, 4>::from_data(image.clone().convert::<f32>(), device).cast(model.dtype());
     let image = Tensor::cat(vec![image; options.num_images], 0);
     let encoder = model.load_vae_encoder::<B>(device)?;
-    let posterior = encoder.encode(image)?;
-    let shape = posterior.mean.dims();
-    let latents = encoder.scale_latents(posterior.sample(noise.standard_normal(shape, device)));
+    let latents = encode_sample(model, &encoder, image, noise, device)?;
     drop(encoder);
+    let shape = latents.dims();
     let added = noise.standard_normal(shape, device);
     Ok(scheduler.add_noise(latents, added)?)
 }
@@ -606,9 +627,10 @@ pub fn inpainting_latents<B: Backend>(
         ));
     };
     let n = options.num_images;
-    let image = Tensor::<B, 4>::from_data(image.clone().convert::<f32>(), device);
+    let image =
+        Tensor::<B, 4>::from_data(image.clone().convert::<f32>(), device).cast(model.dtype());
     let image = Tensor::cat(vec![image; n], 0);
-    let mask = Tensor::<B, 4>::from_data(mask.clone().convert::<f32>(), device);
+    let mask = Tensor::<B, 4>::from_data(mask.clone().convert::<f32>(), device).cast(model.dtype());
     let mask = mask.greater_equal_elem(0.5).float();
     let mask = Tensor::cat(vec![mask; n], 0);
     let masked_image = image.clone() * (mask.clone().neg() + 1.0);
@@ -623,10 +645,8 @@ pub fn inpainting_latents<B: Backend>(
     let nine_channels = model.is_inpainting();
     let strength_max = options.strength >= 1.0;
     let encoder = model.load_vae_encoder::<B>(device)?;
-    let encode = |x: Tensor<B, 4>, noise: &mut dyn NoiseSource<B>| -> Result<Tensor<B, 4>> {
-        let posterior = encoder.encode(x)?;
-        let shape = posterior.mean.dims();
-        Ok(encoder.scale_latents(posterior.sample(noise.standard_normal(shape, device))))
+    let encode = |x: Tensor<B, 4>, noise: &mut dyn NoiseSource<B>| {
+        encode_sample(model, &encoder, x, noise, device)
     };
     let image_latents = if !nine_channels || !strength_max {
         Some(encode(image, noise)?)
@@ -662,6 +682,6 @@ pub fn decode<B: Backend>(
     device: &B::Device,
 ) -> Result<Tensor<B, 4>> {
     let vae = model.load_vae_decoder::<B>(device)?.with_tiling(tiled);
-    let z = vae.unscale_latents(latents);
-    Ok(vae.decode(z)?)
+    let z = vae.unscale_latents(latents.cast(model.vae_dtype()));
+    Ok(vae.decode(z)?.cast(DType::F32))
 }
