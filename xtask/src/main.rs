@@ -9,9 +9,9 @@
 //! - `bench-clip [--config vit-l|bigg] [--runs N]`: the CLIP text encoder on 2×77 tokens, Rust
 //!   against transformers.
 //! - `bench-generate [--size 512] [--steps 2] [--dtype f32|f16] [--tiling]`: peak memory
-//!   (`/usr/bin/time -v`) and
-//!   wall time of a whole `sd generate` (release, flex) on a random-weight SD 1.5-size model,
-//!   written once under `target/bench-models/` by the fixture venv.
+//!   (`/usr/bin/time -v`) and wall time of a whole `sd generate` (release, flex) on a
+//!   random-weight SD 1.5-size model, written once under `target/bench-models/` by the fixture
+//!   venv.
 //! - `fixtures [--only KIND]`: regenerate only one kind of fixture (e.g. `pipeline`).
 
 use std::path::{Path, PathBuf};

@@ -52,10 +52,69 @@ pub fn chunked_attention<B: Backend>(
     v: Tensor<B, 4>,
     max_scores: usize,
 ) -> Tensor<B, 4> {
+    match split_heads_across_threads(&q, &k, &v, max_scores) {
+        Some(out) => out,
+        None => chunked_attention_one_thread(q, k, v, max_scores),
+    }
+}
+
+/// Score blocks at least this large are worth spreading over threads.
+const THREADED_SCORES: usize = 1 << 20;
+
+/// Flex's attention kernel runs each call on one thread: on that backend, large attentions
+/// (a 512² image's 4096-token self-attention) are split by heads into one call per core, run
+/// side by side. Other backends (their kernels are parallel; autodiff records one graph) and
+/// small attentions take the single call.
+fn split_heads_across_threads<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    max_scores: usize,
+) -> Option<Tensor<B, 4>> {
+    let [_, h, lq, _] = q.dims();
+    let lk = k.dims()[2];
+    if B::name(&q.device()) != "flex" || h < 2 || lq * lk < THREADED_SCORES {
+        return None;
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(h);
+    if threads < 2 {
+        return None;
+    }
+    let per = h.div_ceil(threads);
+    let parts: Vec<Tensor<B, 4>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..h)
+            .step_by(per)
+            .map(|start| {
+                let len = per.min(h - start);
+                let (q, k, v) = (
+                    q.clone().narrow(1, start, len),
+                    k.clone().narrow(1, start, len),
+                    v.clone().narrow(1, start, len),
+                );
+                // Each part keeps the caller's bound on the score block.
+                scope.spawn(move || chunked_attention_one_thread(q, k, v, max_scores))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("an attention thread panicked"))
+            .collect()
+    });
+    Some(Tensor::cat(parts, 1))
+}
+
+/// [`chunked_attention`] without the split across threads.
+fn chunked_attention_one_thread<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    max_scores: usize,
+) -> Tensor<B, 4> {
     let [b, h, lq, _] = q.dims();
     let lk = k.dims()[2];
-    let per_query = (b * h * lk).max(1);
-    let chunk = (max_scores / per_query).max(1);
+    let chunk = (max_scores / (b * h * lk).max(1)).max(1);
     if chunk >= lq {
         return attention(q, k, v, None, None, AttentionModuleOptions::default());
     }
@@ -156,5 +215,27 @@ mod tests {
         let chunked = chunked_attention(q, k, v, 2 * 3 * 21 * 5);
         let diff: f32 = (whole - chunked).abs().max().into_scalar();
         assert!(diff < 1e-6, "{diff}");
+    }
+
+    /// Large attentions on Flex are split by heads across threads: the same numbers as the
+    /// single call, and as the plain softmax(q kᵀ/√d) v.
+    #[test]
+    fn heads_split_across_threads_give_the_same_attention() {
+        let device = Default::default();
+        let shape = [1, 3, 1024, 8];
+        let q = Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let k = Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let v = Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let split = split_heads_across_threads(&q, &k, &v, MAX_SCORES);
+        let single = chunked_attention_one_thread(q.clone(), k.clone(), v.clone(), MAX_SCORES);
+        let scores = q.matmul(k.swap_dims(2, 3)) / (8f64).sqrt();
+        let plain = burn::tensor::activation::softmax(scores, 3).matmul(v);
+        if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+            let split = split.expect("split on a multi-core machine");
+            let diff: f32 = (split - single.clone()).abs().max().into_scalar();
+            assert!(diff < 1e-6, "{diff}");
+        }
+        let diff: f32 = (single - plain).abs().max().into_scalar();
+        assert!(diff < 1e-5, "{diff}");
     }
 }
