@@ -304,36 +304,46 @@ fn weighted_prompts_match_a1111_on_flex() {
     check_weighted::<Flex>(&Default::default());
 }
 
-/// The single-file copy of the tiny SD 1.x model (original layout: `model.diffusion_model.*`,
-/// `first_stage_model.*`, `cond_stage_model.transformer.*`) is detected as SD 1.x and gives
-/// diffusers' image, as the folder does.
+/// The single-file copies of the tiny models (original layout: `model.diffusion_model.*`,
+/// `first_stage_model.*`, and the text encoders as `cond_stage_model.transformer.*` (SD 1.x),
+/// OpenCLIP's `cond_stage_model.model.*` with an extra layer to drop (SD 2.x), or
+/// `conditioner.embedders.{0,1}.*` (SDXL)) are detected as their family and give diffusers'
+/// image, as the folders do.
 #[test]
-fn single_file_checkpoint_gives_the_folders_image() {
-    let case = common::fixtures_dir().join("pipeline/tiny_sd1");
-    let manifest = manifest(&case);
-    let reference = Reference::open(&case);
-    let model_dir = case.join("model");
-    let model = Model::from_single_file(case.join("tiny_sd1.safetensors"), Some(&model_dir))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(model.family(), sd::ModelFamily::Sd1);
+fn single_file_checkpoints_give_the_folders_image() {
     let device = Default::default();
-    let run = manifest["runs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == "ddim")
-        .unwrap();
-    let mut options = options_for(run, &model_dir);
-    let latents: Tensor<Flex, 4> = reference.tensor("ddim.latents_in", &device);
-    options.init_latents = Some(latents.into_data());
-    let mut noise = ReplayNoise::new(Vec::new());
-    let out = generate_with_noise::<Flex>(&model, &options, &device, &mut noise, None).unwrap();
     let mut report = Report::default();
-    report.check(
-        "single file ddim image",
-        ((out.images + 1.0) / 2.0).clamp(0.0, 1.0),
-        reference.tensor("ddim.image", &device),
-        1e-4,
-    );
+    for (case, family, run_name) in [
+        ("tiny_sd1", sd::ModelFamily::Sd1, "ddim"),
+        ("tiny_sd2_vpred", sd::ModelFamily::Sd2, "ddim"),
+        ("tiny_sdxl", sd::ModelFamily::Sdxl, "euler"),
+    ] {
+        let case_dir = common::fixtures_dir().join("pipeline").join(case);
+        let manifest = manifest(&case_dir);
+        let reference = Reference::open(&case_dir);
+        let model_dir = case_dir.join("model");
+        let file = case_dir.join(manifest["single_file"].as_str().unwrap());
+        let model = Model::from_single_file(&file, Some(&model_dir))
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        assert_eq!(model.family(), family, "{case}");
+        let run = manifest["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == run_name)
+            .unwrap();
+        let mut options = options_for(run, &model_dir);
+        let latents: Tensor<Flex, 4> = reference.tensor(&format!("{run_name}.latents_in"), &device);
+        options.init_latents = Some(latents.into_data());
+        let mut noise = ReplayNoise::new(Vec::new());
+        let out = generate_with_noise::<Flex>(&model, &options, &device, &mut noise, None)
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        report.check(
+            &format!("{case} single file {run_name} image"),
+            ((out.images + 1.0) / 2.0).clamp(0.0, 1.0),
+            reference.tensor(&format!("{run_name}.image"), &device),
+            1e-4,
+        );
+    }
     report.finish();
 }

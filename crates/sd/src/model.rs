@@ -437,6 +437,7 @@ impl Model {
                             &file,
                             &prefix.prefix,
                             config.num_hidden_layers,
+                            projection,
                         )?;
                         model.load_weights(&converted, self.load_options())?
                     } else {

@@ -230,12 +230,14 @@ pub fn ldm_vae_key(key: &str, blocks: usize) -> Option<String> {
 
 /// An OpenCLIP text tower (`{prefix}transformer.resblocks.N.attn.in_proj_weight`, ...) as a
 /// transformers `CLIPTextModelWithProjection` state dict, in memory: the fused attention
-/// projection is split into q, k and v, and `text_projection` is transposed. Layers from
-/// `layers` on are left out (SD 2.x uses 23 of ViT-H's 24).
+/// projection is split into q, k and v, and `text_projection` is transposed (or left out when
+/// the model has none: SD 2.x conditions on hidden states only). Layers from `layers` on are
+/// left out (SD 2.x uses 23 of ViT-H's 24); so is `logit_scale`.
 pub fn open_clip_to_transformers(
     file: &SafetensorsFile,
     prefix: &str,
     layers: usize,
+    with_projection: bool,
 ) -> Result<SafetensorsFile> {
     let mut out: Vec<(String, Vec<f32>, Vec<usize>)> = Vec::new();
     let read = |key: &str| -> Result<Vec<f32>> {
@@ -266,7 +268,7 @@ pub fn open_clip_to_transformers(
                 read(&entry.key)?,
                 shape,
             )),
-            ["text_projection"] => {
+            ["text_projection"] if with_projection => {
                 // OpenCLIP multiplies `x @ P` with P [width, proj]; a Linear holds Pᵀ.
                 let (d, p) = match shape.as_slice() {
                     [d, p] => (*d, *p),
