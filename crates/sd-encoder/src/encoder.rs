@@ -92,7 +92,8 @@ impl<B: Backend> Encoder<B> {
         let x = self.conv_in.forward(x);
         let x = self.down_blocks.iter().fold(x, |x, block| block.forward(x));
         let x = self.mid_block.forward(x, None);
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out
+            .forward(silu(sd_core::layers::group_norm_2d(&self.conv_norm_out, x)))
     }
 }
 

@@ -150,9 +150,7 @@ impl<B: Backend> Transformer2d<B> {
 
     pub fn forward(&self, x: Tensor<B, 4>, context: Tensor<B, 3>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
-        let tokens = self
-            .norm
-            .forward(x.clone())
+        let tokens = sd_core::layers::group_norm_2d(&self.norm, x.clone())
             .reshape([b, c, h * w])
             .swap_dims(1, 2);
         let tokens = self.proj_in.forward(tokens);

@@ -288,7 +288,9 @@ impl<B: Backend> UNet2DConditionModel<B> {
             };
             x = block.forward(x, &emb, &context, &mut skips, size);
         }
-        Ok(self.conv_out.forward(silu(self.conv_norm_out.forward(x))))
+        Ok(self
+            .conv_out
+            .forward(silu(sd_core::layers::group_norm_2d(&self.conv_norm_out, x))))
     }
 }
 

@@ -177,9 +177,7 @@ impl<B: Backend> AttentionBlock2d<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
         let heads = self.heads;
-        let tokens = self
-            .group_norm
-            .forward(x.clone())
+        let tokens = super::group_norm_2d(&self.group_norm, x.clone())
             .reshape([b, c, h * w])
             .swap_dims(1, 2);
         let split = |t: Tensor<B, 3>| t.reshape([b, h * w, heads, c / heads]).swap_dims(1, 2);

@@ -12,7 +12,7 @@ pub use attention::{
     scaled_dot_product_attention,
 };
 pub use mid_block::{MidBlock2d, MidBlock2dConfig};
-pub use norm::group_norm;
+pub use norm::{add_per_channel, group_norm, group_norm_2d};
 pub use resnet::{ResnetBlock2d, ResnetBlock2dConfig};
 pub use sampling::{
     Downsample2d, Downsample2dConfig, Upsample2d, Upsample2dConfig, upsample_nearest2x,

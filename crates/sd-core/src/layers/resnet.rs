@@ -4,7 +4,7 @@ use burn::nn::{GroupNorm, Linear, LinearConfig};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
-use super::{conv2d, group_norm, silu};
+use super::{add_per_channel, conv2d, group_norm, group_norm_2d, silu};
 
 /// Configuration of a [`ResnetBlock2d`] (diffusers `ResnetBlock2D`, `time_embedding_norm`
 /// "default", SiLU).
@@ -94,12 +94,14 @@ impl<B: Backend> ResnetBlock2d<B> {
     /// `x`: `[batch, in_channels, h, w]`; `temb`: `[batch, temb_channels]` when the block has a
     /// time-embedding projection (ignored otherwise).
     pub fn forward(&self, x: Tensor<B, 4>, temb: Option<Tensor<B, 2>>) -> Tensor<B, 4> {
-        let mut h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let mut h = self
+            .conv1
+            .forward(silu(group_norm_2d(&self.norm1, x.clone())));
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t: Tensor<B, 2> = proj.forward(silu(temb));
-            h = h + t.unsqueeze_dims::<4>(&[2, 3]);
+            h = add_per_channel(h, t);
         }
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv2.forward(silu(group_norm_2d(&self.norm2, h)));
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x),
             None => x,

@@ -1,0 +1,91 @@
+//! Times the building blocks of SD 1.5's U-Net at its first level (batch 2, 320 channels,
+//! 64×64, 4096 tokens) on the default backend, to see where a step's time goes; prints one JSON
+//! line per block with its GFLOP/s where that means something.
+
+use burn::nn::{LayerNormConfig, LinearConfig};
+use burn::tensor::activation::{gelu, silu as burn_silu};
+use burn::tensor::{Distribution, Tensor};
+use sd_benches::{arg, time_runs};
+use sd_core::backend::DefaultBackend as B;
+use sd_core::layers::{conv2d, group_norm, silu};
+
+fn main() -> Result<(), String> {
+    let runs: usize = arg("--runs").and_then(|r| r.parse().ok()).unwrap_or(3);
+    let device = Default::default();
+    let (b, c, s) = (2, 320, 64);
+    let x = Tensor::<B, 4>::random([b, c, s, s], Distribution::Normal(0.0, 1.0), &device);
+    let tokens = Tensor::<B, 3>::random([b, s * s, c], Distribution::Normal(0.0, 1.0), &device);
+    let conv = conv2d::<B>(c, c, 3, 1, 1, &device);
+    let norm = group_norm::<B>(32, c, 1e-5, &device);
+    let ln = LayerNormConfig::new(c).init::<B>(&device);
+    let proj = LinearConfig::new(c, 8 * c).init::<B>(&device);
+    let down = LinearConfig::new(4 * c, c).init::<B>(&device);
+    let wide = Tensor::<B, 3>::random([b, s * s, 4 * c], Distribution::Normal(0.0, 1.0), &device);
+    let sync4 = |t: Tensor<B, 4>| drop(t.slice([0..1, 0..1, 0..1, 0..1]).into_data());
+    let sync3 = |t: Tensor<B, 3>| drop(t.slice([0..1, 0..1, 0..1]).into_data());
+    let mut rows: Vec<(&str, f64, f64)> = Vec::new();
+    let mut time = |name: &'static str, flops: f64, f: &mut dyn FnMut()| -> Result<(), String> {
+        let (t, _) = time_runs(runs, || {
+            f();
+            Ok(())
+        })?;
+        rows.push((name, t, flops));
+        Ok(())
+    };
+    let n = (b * s * s) as f64;
+    time(
+        "conv3x3 320→320",
+        2.0 * n * (c * c * 9) as f64,
+        &mut || sync4(conv.forward(x.clone())),
+    )?;
+    time("group norm", 0.0, &mut || sync4(norm.forward(x.clone())))?;
+    let grouped = x.clone().reshape([b, 32, c / 32 * s * s]);
+    let stat = grouped.clone().sum_dim(2);
+    let gamma = Tensor::<B, 1>::ones([c], &device).reshape([1, c, 1, 1]);
+    time("  sum_dim over [2, 32, 40960]", 0.0, &mut || {
+        sync3(grouped.clone().sum_dim(2))
+    })?;
+    time("  sub [2,32,1] broadcast", 0.0, &mut || {
+        sync3(grouped.clone() - stat.clone())
+    })?;
+    time("  square", 0.0, &mut || sync3(grouped.clone().square()))?;
+    time("  mul [1,c,1,1] broadcast", 0.0, &mut || {
+        sync4(x.clone() * gamma.clone())
+    })?;
+    time("  reshape to [2,320,64,64] (copy?)", 0.0, &mut || {
+        sync4(grouped.clone().reshape([b, c, s, s]) * 1.0)
+    })?;
+    time("silu x/(1+e^-x)", 0.0, &mut || sync4(silu(x.clone())))?;
+    time("silu (burn)", 0.0, &mut || sync4(burn_silu(x.clone())))?;
+    time("add", 0.0, &mut || sync4(x.clone() + x.clone()))?;
+    time("layer norm", 0.0, &mut || sync3(ln.forward(tokens.clone())))?;
+    time(
+        "linear 320→2560 (GEGLU in)",
+        2.0 * n * (c * 8 * c) as f64,
+        &mut || sync3(proj.forward(tokens.clone())),
+    )?;
+    time(
+        "linear 1280→320 (FF out)",
+        2.0 * n * (4 * c * c) as f64,
+        &mut || sync3(down.forward(wide.clone())),
+    )?;
+    time("gelu on [2, 4096, 1280]", 0.0, &mut || {
+        sync3(gelu(wide.clone()))
+    })?;
+    time("NCHW→tokens (swap, reshape)", 0.0, &mut || {
+        sync3(
+            x.clone()
+                .reshape([b, c, s * s])
+                .swap_dims(1, 2)
+                .reshape([b, s * s, c])
+                * 1.0,
+        )
+    })?;
+    for (name, t, flops) in rows {
+        println!(
+            "{}",
+            serde_json::json!({"block": name, "ms": t * 1e3, "gflops": if flops > 0.0 { flops / t / 1e9 } else { 0.0 }})
+        );
+    }
+    Ok(())
+}
