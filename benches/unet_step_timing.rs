@@ -1,6 +1,7 @@
 //! Times one classifier-free-guidance step of a U-Net with random weights (batch 2: the
 //! unconditional and conditional halves, 77-token context) on the default backend; prints one
-//! JSON line. `cargo xtask bench-unet` runs it next to `xtask/python/bench_unet.py`.
+//! JSON line (`--dtype f16` for half precision). `cargo xtask bench-unet` runs it next to
+//! `xtask/python/bench_unet.py`.
 
 use burn::tensor::{Distribution, Tensor};
 use sd_benches::{arg, peak_rss_mib, time_runs};
@@ -17,6 +18,17 @@ fn main() -> Result<(), String> {
         other => return Err(format!("unknown config {other}")),
     };
     let device = Default::default();
+    // `--dtype f16`: every tensor (weights, inputs, activations) in half precision.
+    let dtype = match arg("--dtype").as_deref() {
+        None | Some("f32") => burn::tensor::DType::F32,
+        Some("f16") => burn::tensor::DType::F16,
+        Some("bf16") => burn::tensor::DType::BF16,
+        Some(other) => return Err(format!("unknown dtype {other}")),
+    };
+    if dtype != burn::tensor::DType::F32 {
+        burn::tensor::set_default_dtypes::<B>(&device, dtype, burn::tensor::DType::I64)
+            .map_err(|e| format!("{e:?}"))?;
+    }
     let unet = UNet2DConditionModel::<B>::new(&config, &device).map_err(|e| e.to_string())?;
     let latents =
         Tensor::<B, 4>::random([2, 4, side, side], Distribution::Normal(0.0, 1.0), &device);
@@ -35,7 +47,7 @@ fn main() -> Result<(), String> {
     println!(
         "{}",
         serde_json::json!({
-            "backend": std::any::type_name::<B>(),
+            "backend": format!("{} {dtype:?}", std::any::type_name::<B>()),
             "latent": latents.dims(),
             "image": [2, 77, context_dim],
             "median_s": median,

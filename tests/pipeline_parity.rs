@@ -347,3 +347,31 @@ fn single_file_checkpoints_give_the_folders_image() {
     }
     report.finish();
 }
+
+/// The step callback sees every step with the latents and the predicted clean latents, and
+/// returning `false` cancels with an error naming the step.
+#[test]
+fn the_step_callback_reports_progress_and_cancels() {
+    let device = Default::default();
+    let model =
+        Model::from_folder(common::fixtures_dir().join("pipeline/tiny_sd1/model"), None).unwrap();
+    let options = GenerateOptions {
+        prompt: "cat".into(),
+        steps: 4,
+        scheduler: Some("Euler".into()),
+        ..GenerateOptions::default()
+    };
+    let mut seen = Vec::new();
+    let mut record = |p: &sd::StepProgress<'_, Flex>| {
+        assert_eq!(p.latents.dims(), p.predicted_clean.dims());
+        seen.push((p.step, p.total));
+        true
+    };
+    sd::generate::<Flex>(&model, &options, &device, Some(&mut record)).unwrap();
+    assert_eq!(seen, vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
+    let mut stop_at_two = |p: &sd::StepProgress<'_, Flex>| p.step < 2;
+    let err = sd::generate::<Flex>(&model, &options, &device, Some(&mut stop_at_two))
+        .err()
+        .expect("cancelled");
+    assert!(matches!(err, sd::SdError::Cancelled(2)), "{err}");
+}

@@ -1105,6 +1105,7 @@ def write_pipeline_cases(out_root: pathlib.Path) -> None:
             (case / "manifest.json").write_text(json.dumps(finite_json(manifest), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
             print(f"wrote {case}")
     write_image_cases(out_root, finite_json, randomise_norms)
+    write_turbo_case(out_root, finite_json)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1627,6 +1628,92 @@ def write_image_cases(out_root: pathlib.Path, finite_json, randomise_norms) -> N
         init_image="init.png",
         mask_image="mask.png",
     )
+    save_file({k: v.detach().contiguous().float() for k, v in sorted(tensors.items())}, case / "reference.safetensors")
+    (case / "manifest.json").write_text(json.dumps(finite_json(manifest), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    print(f"wrote {case}")
+
+
+# ---------------------------------------------------------------------------------------------
+# G. Few-step, guidance-free sampling (SD-Turbo style).
+#
+# Written last (nothing above depends on it). tiny_sd1_turbo reuses tiny_sd1's model folder
+# ("model": "../tiny_sd1/model") and runs it the way a user of stabilityai/sd-turbo does:
+# EulerAncestralDiscreteScheduler with trailing timestep spacing, guidance_scale 0.0 (no
+# classifier-free guidance: diffusers encodes no negative prompt), one to four steps; plus Euler
+# with trailing spacing and LCM at guidance 1.0. The runs are tiny_sd1's kind (write_runs): the
+# seeds derive from "tiny_sd1_turbo.<run>".
+
+TRAILING = dict(timestep_spacing="trailing")
+TURBO_RUNS = [
+    run("turbo_1_step", EulerAncestralDiscreteScheduler, TRAILING, negative_prompt=None, steps=1, guidance_scale=0.0),
+    run("turbo_4_steps", EulerAncestralDiscreteScheduler, TRAILING, negative_prompt=None, steps=4, guidance_scale=0.0),
+    run("euler_trailing_2_steps", EulerDiscreteScheduler, TRAILING, negative_prompt=None, steps=2, guidance_scale=0.0),
+    run("lcm_4_steps_guidance_1", LCMScheduler, negative_prompt=None, steps=4, guidance_scale=1.0),
+]
+# What diffusers 0.42.1 gives for these configs (checked, so that a diffusers change shows up here).
+TURBO_TIMESTEPS = {
+    "turbo_1_step": [999.0],
+    "turbo_4_steps": [999.0, 749.0, 499.0, 249.0],
+    "euler_trailing_2_steps": [999.0, 499.0],
+    "lcm_4_steps_guidance_1": [999.0, 759.0, 499.0, 259.0],
+}
+
+
+def write_turbo_case(out_root: pathlib.Path, finite_json) -> None:
+    case_name = "tiny_sd1_turbo"
+    root = out_root / "pipeline"
+    sd1_dir = root / "tiny_sd1" / "model"
+    assert sd1_dir.is_dir(), sd1_dir
+    case = root / case_name
+    if case.exists():
+        shutil.rmtree(case)
+    case.mkdir(parents=True)
+    pipe = load_pipeline(StableDiffusionPipeline, sd1_dir, torch.float32)
+    pipe64 = load_pipeline(StableDiffusionPipeline, sd1_dir, torch.float64)
+    tensors, manifest_runs = write_runs(pipe, pipe64, case_name, TURBO_RUNS, finite_json)
+    del pipe64
+    for spec, entry in zip(TURBO_RUNS, manifest_runs):
+        name = spec["name"]
+        timesteps = tensors[f"{name}.timesteps"].tolist()
+        assert timesteps == TURBO_TIMESTEPS[name], (name, timesteps)
+        assert f"{name}.negative_prompt_embeds" not in tensors, name
+        # The scheduler as the run left it: what scaled latents_in (init_noise_sigma) and its sigmas.
+        scheduler = spec["scheduler"].from_config(pipe.scheduler.config, **spec["overrides"])
+        scheduler.set_timesteps(spec["steps"])
+        assert scheduler.timesteps.float().tolist() == timesteps, name
+        sigmas = getattr(scheduler, "sigmas", None)
+        entry["init_noise_sigma"] = float(scheduler.init_noise_sigma)
+        entry["sigmas"] = [float(s) for s in sigmas] if sigmas is not None else None
+    manifest = {
+        "kind": "pipeline",
+        "reference": f"diffusers {diffusers.__version__} {type(pipe).__name__}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}",
+        "pipeline": type(pipe).__name__,
+        "model": SD1_MODEL,
+        "height": HEIGHT,
+        "width": WIDTH,
+        "scheduler_config": finite_json(dict(pipe.scheduler.config)),
+        "runs": manifest_runs,
+        "notes": [
+            "model is tiny_sd1's folder (../tiny_sd1/model, SD 1.5's PNDM scheduler config: leading spacing, "
+            "steps_offset 1); each run's scheduler is SchedulerClass.from_config(that config, **overrides)",
+            "SD-Turbo style: EulerAncestralDiscreteScheduler with timestep_spacing 'trailing', guidance_scale 0.0 "
+            "(no classifier-free guidance: diffusers skips the negative prompt, negative_prompt_embeds is absent, "
+            "the UNet runs once per step on the prompt embeddings alone)",
+            "trailing spacing: timesteps = round(arange(N, 0, -N/steps)) - 1, i.e. 999 first, steps_offset ignored; "
+            "init_noise_sigma is sigma_max itself (14.6146...) for trailing and linspace spacing in diffusers, not "
+            "sqrt(sigma_max^2 + 1) as with leading spacing; the latents entering the first step are latents_in * "
+            "init_noise_sigma (per-run init_noise_sigma and sigmas: extra fields of this case)",
+            "latents_in is the initial noise before init_noise_sigma scaling; the generator that the stochastic "
+            "samplers draw from is torch.Generator().manual_seed(generator_seed), and every draw is stored in order "
+            "in <run>.noise",
+            "LCM at guidance 1.0: no classifier-free guidance and no guidance embedding (the UNet has no "
+            "time_cond_proj_dim); LCMScheduler from the PNDM config keeps original_inference_steps 50 and "
+            "leading spacing",
+            "f64_deviation: the max abs difference between these float32 outputs and the same pipeline in float64 "
+            "replaying the same noise, i.e. float32 rounding alone",
+        ],
+    }
     save_file({k: v.detach().contiguous().float() for k, v in sorted(tensors.items())}, case / "reference.safetensors")
     (case / "manifest.json").write_text(json.dumps(finite_json(manifest), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     print(f"wrote {case}")

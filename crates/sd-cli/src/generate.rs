@@ -19,6 +19,9 @@ pub struct GenerateArgs {
     /// already in the local cache.
     #[arg(long, short = 'm')]
     model: String,
+    /// For a diffusers folder: the weight-file variant to load (e.g. `fp16`).
+    #[arg(long)]
+    variant: Option<String>,
     /// For a single-file checkpoint: a diffusers folder whose component configs to use.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -179,7 +182,7 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
     };
     let model = match &args.config {
         Some(config) => Model::from_single_file(&args.model, Some(config)),
-        None => Model::open(&args.model),
+        None => Model::open_variant(&args.model, args.variant.as_deref()),
     }
     .map_err(|e| e.to_string())?
     .with_dtype(dtype);

@@ -341,3 +341,70 @@ fn half_precision_stays_close_to_f32() {
         assert!(worst <= bound, "{case} {dtype}: off by {worst}/255");
     }
 }
+
+/// A repo id is found in the local Hugging Face cache (`models--org--name/refs/main` naming a
+/// snapshot), and `--variant fp16` takes a folder's `*.fp16.safetensors` weights.
+#[test]
+fn repo_ids_resolve_from_the_hub_cache_and_variants_load() {
+    let dir = scratch("hub");
+    let hub = dir.join("hub");
+    let snapshot = hub.join("models--test-org--tiny-sd/snapshots/0123abc");
+    copy_dir(&tiny_model(), &snapshot);
+    std::fs::create_dir_all(hub.join("models--test-org--tiny-sd/refs")).unwrap();
+    std::fs::write(hub.join("models--test-org--tiny-sd/refs/main"), "0123abc").unwrap();
+    let run = |model: &str, extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "generate", "cat", "--model", model, "--steps", "2", "-q", "-o",
+        ];
+        args.push(out.to_str().unwrap());
+        args.extend(extra);
+        Command::new(env!("CARGO_BIN_EXE_sd"))
+            .args(&args)
+            .env("HF_HUB_CACHE", &hub)
+            .output()
+            .unwrap()
+    };
+    let from_hub = dir.join("hub.png");
+    let out = run("test-org/tiny-sd", &[], &from_hub);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let from_folder = dir.join("folder.png");
+    let out = run(tiny_model().to_str().unwrap(), &[], &from_folder);
+    assert!(out.status.success());
+    assert_eq!(
+        image::open(&from_hub).unwrap().to_rgb8(),
+        image::open(&from_folder).unwrap().to_rgb8()
+    );
+    let missing = run("test-org/absent", &[], &dir.join("absent.png"));
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("Hugging Face cache"));
+
+    // The fp16 variant: rename the U-Net and VAE weights, ask for `--variant fp16`.
+    for component in ["unet", "vae"] {
+        let folder = snapshot.join(component);
+        std::fs::rename(
+            folder.join("diffusion_pytorch_model.safetensors"),
+            folder.join("diffusion_pytorch_model.fp16.safetensors"),
+        )
+        .unwrap();
+    }
+    let variant = dir.join("variant.png");
+    let out = run(snapshot.to_str().unwrap(), &["--variant", "fp16"], &variant);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        image::open(&variant).unwrap().to_rgb8(),
+        image::open(&from_folder).unwrap().to_rgb8()
+    );
+    let out = run(snapshot.to_str().unwrap(), &[], &dir.join("no-variant.png"));
+    assert!(
+        !out.status.success(),
+        "without --variant the plain files are missing"
+    );
+}

@@ -274,7 +274,14 @@ impl<B: Backend> ClipTextModel<B> {
     ) -> Result<Self> {
         let dir = dir.as_ref();
         let config = ClipTextConfig::from_file(dir.join("config.json"))?;
-        let file = SafetensorsFile::open(dir.join("model.safetensors"))?;
+        // Repositories that ship only the half-precision variant have `model.fp16.safetensors`.
+        let plain = dir.join("model.safetensors");
+        let fp16 = dir.join("model.fp16.safetensors");
+        let file = SafetensorsFile::open(if !plain.is_file() && fp16.is_file() {
+            fp16
+        } else {
+            plain
+        })?;
         let with_projection = file
             .entries()
             .iter()

@@ -108,9 +108,15 @@ impl Model {
     /// Opens what a user names as the model: a diffusers folder, a `.safetensors` checkpoint,
     /// or a Hugging Face repo id found in the local hub cache.
     pub fn open(spec: &str) -> Result<Self> {
+        Self::open_variant(spec, None)
+    }
+
+    /// [`Model::open`] taking a folder's `variant` weight files (e.g. `fp16`:
+    /// `diffusion_pytorch_model.fp16.safetensors`).
+    pub fn open_variant(spec: &str, variant: Option<&str>) -> Result<Self> {
         let path = Path::new(spec);
         if path.is_dir() {
-            return Self::from_folder(path, None);
+            return Self::from_folder(path, variant);
         }
         if path.is_file() {
             return Self::from_single_file(path, None);
@@ -120,7 +126,7 @@ impl Model {
             && !spec.starts_with('/')
             && let Some(dir) = hub_cache_snapshot(spec)
         {
-            return Self::from_folder(dir, None);
+            return Self::from_folder(dir, variant);
         }
         let hint = if spec.matches('/').count() == 1 && !spec.starts_with('/') {
             " (not in the local Hugging Face cache either; this build does not download)"
