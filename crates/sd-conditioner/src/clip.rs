@@ -2,7 +2,7 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use sd_core::layers::causal_attention;
@@ -149,8 +149,11 @@ impl<B: Backend> ClipEncoderLayer<B> {
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, n, d] = x.dims();
+        // The projections see `[batch·tokens, width]`: one matrix product each rather than a
+        // batch of small ones.
+        let x = x.reshape([b * n, d]);
         let h = self.layer_norm1.forward(x.clone());
-        let split = |t: Tensor<B, 3>| {
+        let split = |t: Tensor<B, 2>| {
             t.reshape([b, n, self.heads, d / self.heads])
                 .swap_dims(1, 2)
         };
@@ -166,14 +169,15 @@ impl<B: Backend> ClipEncoderLayer<B> {
         };
         let x = x + self
             .out_proj
-            .forward(attended.swap_dims(1, 2).reshape([b, n, d]));
+            .forward(attended.swap_dims(1, 2).reshape([b * n, d]));
         let h = self.fc1.forward(self.layer_norm2.forward(x.clone()));
         let h = if self.quick_gelu {
-            h.clone() * sigmoid(h * 1.702)
+            // x·σ(1.702x) as x / (1 + e^(−1.702x)): cheaper passes than Burn's sigmoid.
+            h.clone() / ((h * -1.702).exp() + 1.0)
         } else {
             gelu(h)
         };
-        x + self.fc2.forward(h)
+        (x + self.fc2.forward(h)).reshape([b, n, d])
     }
 }
 

@@ -93,8 +93,9 @@ fn split_heads_across_threads<B: Backend>(
                     k.clone().narrow(1, start, len),
                     v.clone().narrow(1, start, len),
                 );
-                // Each part keeps the caller's bound on the score block.
-                scope.spawn(move || chunked_attention_one_thread(q, k, v, max_scores))
+                // The parts run at once: together they keep the caller's bound on the scores.
+                let bound = (max_scores / threads).max(1);
+                scope.spawn(move || chunked_attention_one_thread(q, k, v, bound))
             })
             .collect();
         handles
