@@ -375,3 +375,32 @@ fn the_step_callback_reports_progress_and_cancels() {
         .expect("cancelled");
     assert!(matches!(err, sd::SdError::Cancelled(2)), "{err}");
 }
+
+/// The same seed gives the same image on `flex` and `ndarray` (host noise), within 2/255.
+#[test]
+fn a_seed_gives_the_same_image_on_flex_and_ndarray() {
+    let model =
+        Model::from_folder(common::fixtures_dir().join("pipeline/tiny_sd1/model"), None).unwrap();
+    let options = GenerateOptions {
+        prompt: "a (red:1.2) cat".into(),
+        negative_prompt: Some("blurry".into()),
+        steps: 4,
+        seed: 11,
+        scheduler: Some("Euler a".into()),
+        ..GenerateOptions::default()
+    };
+    let flex = sd::generate::<Flex>(&model, &options, &Default::default(), None).unwrap();
+    let ndarray = sd::generate::<NdArray>(&model, &options, &Default::default(), None).unwrap();
+    let (a, b) = (
+        sd::to_images(flex.images).unwrap().remove(0),
+        sd::to_images(ndarray.images).unwrap().remove(0),
+    );
+    let worst = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap();
+    assert!(worst <= 2, "flex and ndarray differ by {worst}/255");
+}
