@@ -25,6 +25,8 @@ pub struct GenerateArgs {
     /// For a single-file checkpoint: a diffusers folder whose component configs to use.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// What to steer away from (the unconditional half of classifier-free guidance; default:
+    /// the empty prompt, zeros for SDXL).
     #[arg(long, short = 'n')]
     negative_prompt: Option<String>,
     /// Sampler: a diffusers class or an A1111 name ("Euler a", "DPM++ 2M Karras", ...).
@@ -34,6 +36,7 @@ pub struct GenerateArgs {
     /// Karras sigmas.
     #[arg(long)]
     karras: bool,
+    /// Sampling steps.
     #[arg(long, default_value_t = 20)]
     steps: usize,
     /// Classifier-free guidance scale (1 turns guidance off).
@@ -48,8 +51,10 @@ pub struct GenerateArgs {
     /// Width in pixels (default: the model's size).
     #[arg(long)]
     width: Option<usize>,
+    /// Height in pixels (default: the model's size).
     #[arg(long)]
     height: Option<usize>,
+    /// Images to generate; image i uses seed + i.
     #[arg(long, default_value_t = 1)]
     num_images: usize,
     /// A safetensors file with a `latents` tensor [N, C, H/f, W/f]: the initial latents
