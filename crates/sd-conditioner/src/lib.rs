@@ -13,6 +13,8 @@ pub use conditioner::{
     ClipConditioner, ClipStage, Conditioner, Conditioning, LayerChoice, PromptSyntax, TextWiring,
     padding_of,
 };
-pub use prompt::{CHUNK_TOKENS, PromptTokens, Weighted, parse_weights, tokenize_prompt};
+pub use prompt::{
+    CHUNK_TOKENS, COMMA_BACKTRACK, PromptTokens, Weighted, parse_weights, tokenize_prompt,
+};
 pub use tokenizer::{ClipTokenizer, MAX_LENGTH, Padding};
 pub use vision::{ClipVisionConfig, ClipVisionModel, ClipVisionOutput};

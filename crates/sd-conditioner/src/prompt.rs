@@ -1,6 +1,7 @@
 //! A1111-style prompts: `(word)` ×1.1, `((word))` ×1.21, `[word]` ÷1.1, `(word:1.5)`, `\(` for a
 //! literal bracket, `BREAK` to start a new chunk; and the split of long prompts into 75-token
-//! chunks, each wrapped in start/end tokens and padded to 77.
+//! chunks (broken at a recent comma when there is one), each wrapped in start/end tokens and
+//! padded to 77.
 
 use std::sync::LazyLock;
 
@@ -98,25 +99,48 @@ pub struct PromptTokens {
     pub weights: Vec<Vec<f64>>,
 }
 
-/// Tokenizes a weighted prompt into 75-token chunks (a new chunk at each `BREAK`), each wrapped
-/// in start/end tokens and padded to 77; start, end and padding get weight 1.
+/// How far back (in tokens) a full chunk looks for a comma to break at instead (A1111's
+/// `comma_padding_backtrack` default).
+pub const COMMA_BACKTRACK: usize = 20;
+
+/// Tokenizes a weighted prompt into 75-token chunks as A1111 does: a new chunk at each `BREAK`,
+/// and when a chunk fills up with a comma among its last [`COMMA_BACKTRACK`] tokens, the tokens
+/// after that comma move to the next chunk (phrases stay whole). Each chunk is wrapped in
+/// start/end tokens and padded to 77; start, end and padding get weight 1.
 pub fn tokenize_prompt(tokenizer: &ClipTokenizer, prompt: &str) -> Result<PromptTokens> {
-    let mut chunks: Vec<Vec<(u32, f64)>> = vec![Vec::new()];
+    let comma = tokenizer.encode(",")?.first().copied();
+    let mut chunks: Vec<Vec<(u32, f64)>> = Vec::new();
+    let mut chunk: Vec<(u32, f64)> = Vec::new();
+    let mut last_comma: Option<usize> = None;
     let mut count = 0;
     for piece in parse_weights(prompt) {
         let Some(text) = piece.text else {
-            chunks.push(Vec::new());
+            chunks.push(std::mem::take(&mut chunk));
+            last_comma = None;
             continue;
         };
         for id in tokenizer.encode(&text)? {
             count += 1;
-            if chunks.last().is_some_and(|c| c.len() == CHUNK_TOKENS) {
-                chunks.push(Vec::new());
+            if Some(id) == comma {
+                last_comma = Some(chunk.len());
+            } else if chunk.len() == CHUNK_TOKENS
+                && let Some(at) = last_comma
+                && chunk.len() - at <= COMMA_BACKTRACK
+            {
+                let moved = chunk.split_off(at + 1);
+                chunks.push(std::mem::replace(&mut chunk, moved));
+                last_comma = None;
             }
-            if let Some(chunk) = chunks.last_mut() {
-                chunk.push((id, piece.weight));
+            if chunk.len() == CHUNK_TOKENS {
+                chunks.push(std::mem::take(&mut chunk));
+                last_comma = None;
             }
+            chunk.push((id, piece.weight));
         }
+    }
+    // A last chunk is added only when it holds tokens (or is the only one), as A1111 does.
+    if !chunk.is_empty() || chunks.is_empty() {
+        chunks.push(chunk);
     }
     let (mut ids, mut weights) = (Vec::new(), Vec::new());
     for chunk in chunks {
@@ -223,5 +247,44 @@ mod tests {
         assert_eq!(t.chunks.len(), 2);
         assert_eq!(t.weights[0][2], 1.5);
         assert_eq!(&t.chunks[1][..3], &[49406, 1929, 49407]);
+    }
+
+    /// A1111 moves the words after a comma among a full chunk's last 20 tokens to the next
+    /// chunk, and adds no empty chunk after a trailing `BREAK`.
+    #[test]
+    fn full_chunks_break_at_a_recent_comma() {
+        let tokenizer = ClipTokenizer::embedded(crate::Padding::EndOfText).unwrap();
+        let mut words: Vec<&str> = vec!["cat"; 70];
+        words.push(",");
+        words.extend(vec!["dog"; 10]);
+        let t = tokenize_prompt(&tokenizer, &words.join(" ")).unwrap();
+        assert_eq!(t.token_count, 81);
+        assert_eq!(t.chunks.len(), 2);
+        let (cat, comma, dog, eos) = (2368, 267, 1929, 49407);
+        assert_eq!(t.chunks[0][70], cat);
+        assert_eq!(t.chunks[0][71], comma, "the comma ends the first chunk");
+        assert_eq!(t.chunks[0][72], eos);
+        assert!(
+            t.chunks[1][1..11].iter().all(|&id| id == dog),
+            "{:?}",
+            t.chunks[1]
+        );
+        assert_eq!(t.chunks[1][11], eos);
+        // A comma further back than 20 tokens does not move anything.
+        let mut words: Vec<&str> = vec!["cat"; 10];
+        words.push(",");
+        words.extend(vec!["dog"; 70]);
+        let t = tokenize_prompt(&tokenizer, &words.join(" ")).unwrap();
+        assert_eq!(t.chunks[0][76], eos);
+        assert_eq!(t.chunks[0][75], dog, "75 tokens in the first chunk");
+        // `a BREAK` is one chunk.
+        assert_eq!(
+            tokenize_prompt(&tokenizer, "a BREAK").unwrap().chunks.len(),
+            1
+        );
+        assert_eq!(
+            tokenize_prompt(&tokenizer, "BREAK a").unwrap().chunks.len(),
+            2
+        );
     }
 }
