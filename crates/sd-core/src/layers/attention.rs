@@ -59,7 +59,7 @@ pub fn chunked_attention<B: Backend>(
 }
 
 /// Score blocks at least this large are worth spreading over threads.
-const THREADED_SCORES: usize = 1 << 20;
+const THREADED_SCORES: usize = 1 << 18;
 
 /// Flex's attention kernel runs each call on one thread: on that backend, large attentions
 /// (a 512² image's 4096-token self-attention) are split by heads into one call per core, run
