@@ -161,16 +161,6 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
             compiled.join(", ")
         ));
     }
-    if let Some(name) = &args.scheduler
-        && !sd::schedulers::known_names()
-            .iter()
-            .any(|n| n.eq_ignore_ascii_case(name.trim()))
-    {
-        return Err(format!(
-            "unknown scheduler `{name}`; known: {}",
-            sd::schedulers::known_names().join(", ")
-        ));
-    }
     if let Some(dir) = args.output.parent()
         && !dir.as_os_str().is_empty()
         && !dir.is_dir()

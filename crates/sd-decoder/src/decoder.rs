@@ -114,6 +114,9 @@ pub struct VaeDecoder<B: Backend> {
 }
 
 impl<B: Backend> VaeDecoder<B> {
+    /// The keys of a diffusers VAE file that this half takes.
+    pub const WEIGHT_PREFIXES: &[&str] = &["decoder.", "post_quant_conv."];
+
     /// A decoder with random weights, shaped by `config`.
     pub fn new(config: &AutoencoderKlConfig, device: &B::Device) -> Result<Self> {
         config.check()?;
@@ -145,12 +148,7 @@ impl<B: Backend> VaeDecoder<B> {
 
     /// Fills the weights from a file in the diffusers layout; other components' keys are ignored.
     pub fn load_weights(self, file: &SafetensorsFile, options: LoadOptions) -> Result<Self> {
-        load_safetensors(
-            self,
-            file,
-            &keep_prefixes(&["decoder.", "post_quant_conv."]),
-            options,
-        )
+        load_safetensors(self, file, &keep_prefixes(Self::WEIGHT_PREFIXES), options)
     }
 
     /// Decode latents larger than one tile in overlapping tiles (diffusers' `enable_tiling`).

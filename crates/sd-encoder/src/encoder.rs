@@ -110,6 +110,9 @@ pub struct VaeEncoder<B: Backend> {
 }
 
 impl<B: Backend> VaeEncoder<B> {
+    /// The keys of a diffusers VAE file that this half takes.
+    pub const WEIGHT_PREFIXES: &[&str] = &["encoder.", "quant_conv."];
+
     /// An encoder with random weights, shaped by `config`.
     pub fn new(config: &AutoencoderKlConfig, device: &B::Device) -> Result<Self> {
         config.check()?;
@@ -139,12 +142,7 @@ impl<B: Backend> VaeEncoder<B> {
 
     /// Fills the weights from a file in the diffusers layout; other components' keys are ignored.
     pub fn load_weights(self, file: &SafetensorsFile, options: LoadOptions) -> Result<Self> {
-        load_safetensors(
-            self,
-            file,
-            &keep_prefixes(&["encoder.", "quant_conv."]),
-            options,
-        )
+        load_safetensors(self, file, &keep_prefixes(Self::WEIGHT_PREFIXES), options)
     }
 
     /// `images`: `[batch, in_channels, h, w]` in `[-1, 1]`, `h` and `w` multiples of the

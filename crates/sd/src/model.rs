@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::module::Module;
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
 use sd_conditioner::{
@@ -478,8 +479,10 @@ impl Model {
         })
     }
 
-    fn vae_file(&self) -> Result<(SafetensorsFile, bool)> {
-        Ok(match &self.source {
+    /// Fills one half of the VAE (the keys under `prefixes`, in diffusers naming) from the
+    /// folder's VAE file or, mapped from the original layout, from the single file.
+    fn load_vae_half<B: Backend, M: Module<B>>(&self, module: M, prefixes: &[&str]) -> Result<M> {
+        let (file, ldm) = match &self.source {
             Source::Folder(dir) => (
                 SafetensorsFile::open(diffusers_weights_path(
                     dir.join("vae"),
@@ -488,46 +491,33 @@ impl Model {
                 false,
             ),
             Source::SingleFile { .. } => (self.single_file()?, true),
-        })
+        };
+        let blocks = self.vae_config.block_out_channels.len();
+        let map = |key: &str| {
+            let key = if ldm {
+                single_file::ldm_vae_key(key, blocks)?
+            } else {
+                key.to_string()
+            };
+            prefixes.iter().any(|p| key.starts_with(p)).then_some(key)
+        };
+        Ok(load_safetensors(
+            module,
+            &file,
+            &map,
+            self.vae_load_options(),
+        )?)
     }
 
     /// Loads the VAE's decoder half.
     pub fn load_vae_decoder<B: Backend>(&self, device: &B::Device) -> Result<VaeDecoder<B>> {
         let decoder = VaeDecoder::new(&self.vae_config, device)?;
-        let (file, ldm) = self.vae_file()?;
-        if !ldm {
-            return Ok(decoder.load_weights(&file, self.vae_load_options())?);
-        }
-        let blocks = self.vae_config.block_out_channels.len();
-        let map = |key: &str| {
-            single_file::ldm_vae_key(key, blocks)
-                .filter(|k| k.starts_with("decoder.") || k.starts_with("post_quant_conv."))
-        };
-        Ok(load_safetensors(
-            decoder,
-            &file,
-            &map,
-            self.vae_load_options(),
-        )?)
+        self.load_vae_half(decoder, VaeDecoder::<B>::WEIGHT_PREFIXES)
     }
 
     /// Loads the VAE's encoder half (img2img and inpainting).
     pub fn load_vae_encoder<B: Backend>(&self, device: &B::Device) -> Result<VaeEncoder<B>> {
         let encoder = VaeEncoder::new(&self.vae_config, device)?;
-        let (file, ldm) = self.vae_file()?;
-        if !ldm {
-            return Ok(encoder.load_weights(&file, self.vae_load_options())?);
-        }
-        let blocks = self.vae_config.block_out_channels.len();
-        let map = |key: &str| {
-            single_file::ldm_vae_key(key, blocks)
-                .filter(|k| k.starts_with("encoder.") || k.starts_with("quant_conv."))
-        };
-        Ok(load_safetensors(
-            encoder,
-            &file,
-            &map,
-            self.vae_load_options(),
-        )?)
+        self.load_vae_half(encoder, VaeEncoder::<B>::WEIGHT_PREFIXES)
     }
 }

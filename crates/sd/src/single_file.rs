@@ -173,10 +173,7 @@ pub fn ldm_vae_key(key: &str, blocks: usize) -> Option<String> {
     let resnet = |r: &[&str]| r.join(".").replace("nin_shortcut", "conv_shortcut");
     let mapped = match parts.as_slice() {
         ["quant_conv" | "post_quant_conv", ..] => rest.to_string(),
-        [half @ ("encoder" | "decoder"), "conv_in" | "conv_out", ..] => {
-            let _ = half;
-            rest.to_string()
-        }
+        ["encoder" | "decoder", "conv_in" | "conv_out", ..] => rest.to_string(),
         [half @ ("encoder" | "decoder"), "norm_out", tail @ ..] => {
             format!("{half}.conv_norm_out.{}", tail.join("."))
         }
@@ -239,11 +236,22 @@ pub fn open_clip_to_transformers(
     layers: usize,
     with_projection: bool,
 ) -> Result<SafetensorsFile> {
-    let mut out: Vec<(String, Vec<f32>, Vec<usize>)> = Vec::new();
-    let read = |key: &str| -> Result<Vec<f32>> {
-        let data = file.tensor_data(key, DType::F32)?;
-        data.to_vec::<f32>()
-            .map_err(|e| model_error(file.path(), format!("`{key}`: {e:?}")))
+    // Tensors keep the file's dtype (the loader casts once, to the compute dtype): raw
+    // little-endian bytes, `size` bytes an element.
+    let mut out: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = Vec::new();
+    let read = |key: &str, dtype: DType| -> Result<(Vec<u8>, safetensors::Dtype)> {
+        let stored = match dtype {
+            DType::F64 => safetensors::Dtype::F64,
+            DType::F16 => safetensors::Dtype::F16,
+            DType::BF16 => safetensors::Dtype::BF16,
+            _ => safetensors::Dtype::F32,
+        };
+        let dtype = if stored == safetensors::Dtype::F32 {
+            DType::F32
+        } else {
+            dtype
+        };
+        Ok((file.tensor_data(key, dtype)?.as_bytes().to_vec(), stored))
     };
     for entry in file.entries() {
         let Some(rest) = entry.key.strip_prefix(prefix) else {
@@ -253,35 +261,49 @@ pub fn open_clip_to_transformers(
         let shape = entry.shape.clone();
         let layer_key = |i: &str, name: &str| format!("text_model.encoder.layers.{i}.{name}");
         match parts.as_slice() {
-            ["token_embedding", "weight"] => out.push((
-                "text_model.embeddings.token_embedding.weight".into(),
-                read(&entry.key)?,
-                shape,
-            )),
-            ["positional_embedding"] => out.push((
-                "text_model.embeddings.position_embedding.weight".into(),
-                read(&entry.key)?,
-                shape,
-            )),
-            ["ln_final", p] => out.push((
-                format!("text_model.final_layer_norm.{p}"),
-                read(&entry.key)?,
-                shape,
-            )),
+            ["token_embedding", "weight"] => {
+                let (bytes, dtype) = read(&entry.key, entry.dtype)?;
+                out.push((
+                    "text_model.embeddings.token_embedding.weight".into(),
+                    bytes,
+                    shape,
+                    dtype,
+                ))
+            }
+            ["positional_embedding"] => {
+                let (bytes, dtype) = read(&entry.key, entry.dtype)?;
+                out.push((
+                    "text_model.embeddings.position_embedding.weight".into(),
+                    bytes,
+                    shape,
+                    dtype,
+                ))
+            }
+            ["ln_final", p] => {
+                let (bytes, dtype) = read(&entry.key, entry.dtype)?;
+                out.push((
+                    format!("text_model.final_layer_norm.{p}"),
+                    bytes,
+                    shape,
+                    dtype,
+                ))
+            }
             ["text_projection"] if with_projection => {
                 // OpenCLIP multiplies `x @ P` with P [width, proj]; a Linear holds Pᵀ.
                 let (d, p) = match shape.as_slice() {
                     [d, p] => (*d, *p),
                     _ => return Err(model_error(file.path(), "text_projection is not 2-D")),
                 };
-                let values = read(&entry.key)?;
-                let mut t = vec![0f32; d * p];
+                let (values, dtype) = read(&entry.key, entry.dtype)?;
+                let size = values.len() / (d * p).max(1);
+                let mut t = vec![0u8; values.len()];
                 for r in 0..d {
                     for c in 0..p {
-                        t[c * d + r] = values[r * p + c];
+                        let (to, from) = ((c * d + r) * size, (r * p + c) * size);
+                        t[to..to + size].copy_from_slice(&values[from..from + size]);
                     }
                 }
-                out.push(("text_projection.weight".into(), t, vec![p, d]));
+                out.push(("text_projection.weight".into(), t, vec![p, d], dtype));
             }
             ["transformer", "resblocks", i, tail @ ..] => {
                 if i.parse::<usize>().map_or(true, |i| i >= layers) {
@@ -294,7 +316,7 @@ pub fn open_clip_to_transformers(
                     ["mlp", "c_fc", p] => format!("mlp.fc1.{p}"),
                     ["mlp", "c_proj", p] => format!("mlp.fc2.{p}"),
                     ["attn", fused @ ("in_proj_weight" | "in_proj_bias")] => {
-                        let values = read(&entry.key)?;
+                        let (values, dtype) = read(&entry.key, entry.dtype)?;
                         let third = values.len() / 3;
                         let part = if *fused == "in_proj_weight" {
                             "weight"
@@ -308,25 +330,23 @@ pub fn open_clip_to_transformers(
                                 layer_key(i, &format!("self_attn.{proj}.{part}")),
                                 values[n * third..(n + 1) * third].to_vec(),
                                 sub_shape.clone(),
+                                dtype,
                             ));
                         }
                         continue;
                     }
                     _ => continue,
                 };
-                out.push((layer_key(i, &name), read(&entry.key)?, shape));
+                let (bytes, dtype) = read(&entry.key, entry.dtype)?;
+                out.push((layer_key(i, &name), bytes, shape, dtype));
             }
             _ => {}
         }
     }
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = out
-        .into_iter()
-        .map(|(k, v, s)| (k, v.iter().flat_map(|x| x.to_le_bytes()).collect(), s))
-        .collect();
-    let views = bytes
+    let views = out
         .iter()
-        .map(|(k, b, s)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+        .map(|(k, b, s, dtype)| {
+            safetensors::tensor::TensorView::new(*dtype, s.clone(), b)
                 .map(|v| (k.clone(), v))
                 .map_err(|e| model_error(file.path(), e.to_string()))
         })
