@@ -7,11 +7,14 @@ use burn::tensor::activation::{gelu, silu as burn_silu};
 use burn::tensor::{Distribution, Tensor};
 use sd_benches::{arg, time_runs};
 use sd_core::backend::DefaultBackend as B;
-use sd_core::layers::{conv2d, group_norm, silu};
+use sd_core::layers::{conv2d, conv2d_forward, group_norm, silu};
 
 fn main() -> Result<(), String> {
     let runs: usize = arg("--runs").and_then(|r| r.parse().ok()).unwrap_or(3);
     let device = Default::default();
+    if arg("--convs").is_some() {
+        return convs(runs, &device);
+    }
     let (b, c, s) = (2, 320, 64);
     let x = Tensor::<B, 4>::random([b, c, s, s], Distribution::Normal(0.0, 1.0), &device);
     let tokens = Tensor::<B, 3>::random([b, s * s, c], Distribution::Normal(0.0, 1.0), &device);
@@ -37,6 +40,11 @@ fn main() -> Result<(), String> {
         "conv3x3 320→320",
         2.0 * n * (c * c * 9) as f64,
         &mut || sync4(conv.forward(x.clone())),
+    )?;
+    time(
+        "conv3x3 320→320 (sd-core conv2d_forward)",
+        2.0 * n * (c * c * 9) as f64,
+        &mut || sync4(conv2d_forward(&conv, x.clone())),
     )?;
     time("group norm", 0.0, &mut || sync4(norm.forward(x.clone())))?;
     let grouped = x.clone().reshape([b, 32, c / 32 * s * s]);
@@ -85,6 +93,38 @@ fn main() -> Result<(), String> {
         println!(
             "{}",
             serde_json::json!({"block": name, "ms": t * 1e3, "gflops": if flops > 0.0 { flops / t / 1e9 } else { 0.0 }})
+        );
+    }
+    Ok(())
+}
+
+/// `--convs x`: the 3×3 convolutions of SD 1.5's U-Net (batch 2), through Burn's `Conv2d` and
+/// through `conv2d_forward`.
+fn convs(runs: usize, device: &burn::tensor::Device<B>) -> Result<(), String> {
+    for (cin, cout, side) in [
+        (320, 320, 64),
+        (640, 640, 32),
+        (1280, 1280, 16),
+        (1280, 1280, 8),
+        (2560, 1280, 8),
+        (960, 320, 64),
+    ] {
+        let x =
+            Tensor::<B, 4>::random([2, cin, side, side], Distribution::Normal(0.0, 1.0), device);
+        let conv = conv2d::<B>(cin, cout, 3, 1, 1, device);
+        let flops = 2.0 * (2 * side * side * cin * cout * 9) as f64;
+        let sync = |t: Tensor<B, 4>| drop(t.slice([0..1, 0..1, 0..1, 0..1]).into_data());
+        let (burn, _) = time_runs(runs, || {
+            sync(conv.forward(x.clone()));
+            Ok(())
+        })?;
+        let (ours, _) = time_runs(runs, || {
+            sync(conv2d_forward(&conv, x.clone()));
+            Ok(())
+        })?;
+        println!(
+            "{}",
+            serde_json::json!({"conv": format!("{cin}→{cout} at {side}²"), "burn_ms": burn * 1e3, "burn_gflops": flops / burn / 1e9, "sd_core_ms": ours * 1e3, "sd_core_gflops": flops / ours / 1e9})
         );
     }
     Ok(())

@@ -5,7 +5,7 @@ use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, L
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use sd_core::layers::causal_attention;
+use sd_core::layers::multi_head_attention;
 use sd_core::weights::{LoadOptions, SafetensorsFile, load_safetensors};
 use sd_core::{CoreError, Result};
 use serde::Deserialize;
@@ -153,23 +153,14 @@ impl<B: Backend> ClipEncoderLayer<B> {
         // batch of small ones.
         let x = x.reshape([b * n, d]);
         let h = self.layer_norm1.forward(x.clone());
-        let split = |t: Tensor<B, 2>| {
-            t.reshape([b, n, self.heads, d / self.heads])
-                .swap_dims(1, 2)
-        };
+        let tokens = |t: Tensor<B, 2>| t.reshape([b, n, d]);
         let (q, k, v) = (
-            split(self.q_proj.forward(h.clone())),
-            split(self.k_proj.forward(h.clone())),
-            split(self.v_proj.forward(h)),
+            tokens(self.q_proj.forward(h.clone())),
+            tokens(self.k_proj.forward(h.clone())),
+            tokens(self.v_proj.forward(h)),
         );
-        let attended = if self.causal {
-            causal_attention(q, k, v)
-        } else {
-            sd_core::layers::scaled_dot_product_attention(q, k, v)
-        };
-        let x = x + self
-            .out_proj
-            .forward(attended.swap_dims(1, 2).reshape([b * n, d]));
+        let attended = multi_head_attention(q, k, v, self.heads, self.causal);
+        let x = x + self.out_proj.forward(attended.reshape([b * n, d]));
         let h = self.fc1.forward(self.layer_norm2.forward(x.clone()));
         let h = if self.quick_gelu {
             // x·σ(1.702x) as x / (1 + e^(−1.702x)): cheaper passes than Burn's sigmoid.

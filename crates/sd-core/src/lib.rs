@@ -1,6 +1,7 @@
 //! Shared foundation of the `sd` workspace.
 //!
 //! - [`backend`]: the Burn backends compiled in (cargo features `flex`, `ndarray`, `wgpu`, `cuda`).
+//! - `cpu` (with `flex`): fused CPU kernels the layers use on the Flex backend.
 //! - [`layers`]: building blocks shared by the VAE halves and the U-Net.
 //! - [`weights`]: strict safetensors loading with diffusers key names.
 //! - [`image_io`]: images to and from tensors in `[-1, 1]`.
@@ -9,6 +10,8 @@
 //! Every model is generic over `B: Backend` so that it also trains on `Autodiff<B>`.
 
 pub mod backend;
+#[cfg(feature = "flex")]
+pub mod cpu;
 pub mod error;
 pub mod image_io;
 pub mod layers;

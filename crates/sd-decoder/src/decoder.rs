@@ -7,7 +7,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use sd_core::layers::{
     MidBlock2d, MidBlock2dConfig, ResnetBlock2d, ResnetBlock2dConfig, Upsample2d, Upsample2dConfig,
-    conv2d, group_norm, silu,
+    conv2d, conv2d_forward, group_norm, silu,
 };
 use sd_core::vae_config::VAE_NORM_EPS as EPS;
 use sd_core::weights::{LoadOptions, SafetensorsFile, keep_prefixes, load_safetensors};
@@ -89,11 +89,13 @@ impl<B: Backend> Decoder<B> {
     }
 
     pub fn forward(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
-        let x = self.conv_in.forward(z);
+        let x = conv2d_forward(&self.conv_in, z);
         let x = self.mid_block.forward(x, None);
         let x = self.up_blocks.iter().fold(x, |x, block| block.forward(x));
-        self.conv_out
-            .forward(silu(sd_core::layers::group_norm_2d(&self.conv_norm_out, x)))
+        conv2d_forward(
+            &self.conv_out,
+            silu(sd_core::layers::group_norm_2d(&self.conv_norm_out, x)),
+        )
     }
 }
 
@@ -191,7 +193,7 @@ impl<B: Backend> VaeDecoder<B> {
     /// The decoder without input checks (for training loops).
     pub fn forward(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
         let z = match &self.post_quant_conv {
-            Some(conv) => conv.forward(latents),
+            Some(conv) => conv2d_forward(conv, latents),
             None => latents,
         };
         self.decoder.forward(z)

@@ -7,7 +7,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use sd_core::layers::{
     Downsample2d, Downsample2dConfig, MidBlock2d, MidBlock2dConfig, ResnetBlock2d,
-    ResnetBlock2dConfig, conv2d, group_norm, silu,
+    ResnetBlock2dConfig, conv2d, conv2d_forward, group_norm, silu,
 };
 use sd_core::vae_config::VAE_NORM_EPS as EPS;
 use sd_core::weights::{LoadOptions, SafetensorsFile, keep_prefixes, load_safetensors};
@@ -89,11 +89,13 @@ impl<B: Backend> Encoder<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let x = self.conv_in.forward(x);
+        let x = conv2d_forward(&self.conv_in, x);
         let x = self.down_blocks.iter().fold(x, |x, block| block.forward(x));
         let x = self.mid_block.forward(x, None);
-        self.conv_out
-            .forward(silu(sd_core::layers::group_norm_2d(&self.conv_norm_out, x)))
+        conv2d_forward(
+            &self.conv_out,
+            silu(sd_core::layers::group_norm_2d(&self.conv_norm_out, x)),
+        )
     }
 }
 
@@ -164,7 +166,7 @@ impl<B: Backend> VaeEncoder<B> {
     pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 4> {
         let moments = self.encoder.forward(images);
         match &self.quant_conv {
-            Some(conv) => conv.forward(moments),
+            Some(conv) => conv2d_forward(conv, moments),
             None => moments,
         }
     }

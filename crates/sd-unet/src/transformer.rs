@@ -7,7 +7,7 @@ use burn::nn::{GroupNorm, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::Tensor;
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
-use sd_core::layers::{group_norm, scaled_dot_product_attention};
+use sd_core::layers::{group_norm, multi_head_attention};
 
 /// Multi-head attention with separate query/key/value projections (diffusers `Attention`):
 /// self-attention when no context is given, cross-attention otherwise.
@@ -39,19 +39,11 @@ impl<B: Backend> Attention<B> {
 
     /// `x`: `[batch, tokens, dim]`; `context`: `[batch, context tokens, context dim]`.
     pub fn forward(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
-        let [b, n, dim] = x.dims();
         let context = context.unwrap_or_else(|| x.clone());
-        let heads = self.heads;
-        let split = |t: Tensor<B, 3>| {
-            let [_, len, _] = t.dims();
-            t.reshape([b, len, heads, dim / heads]).swap_dims(1, 2)
-        };
-        let q = split(self.to_q.forward(x));
-        let k = split(self.to_k.forward(context.clone()));
-        let v = split(self.to_v.forward(context));
-        let out = scaled_dot_product_attention(q, k, v)
-            .swap_dims(1, 2)
-            .reshape([b, n, dim]);
+        let q = self.to_q.forward(x);
+        let k = self.to_k.forward(context.clone());
+        let v = self.to_v.forward(context);
+        let out = multi_head_attention(q, k, v, self.heads, false);
         self.to_out.iter().fold(out, |t, linear| linear.forward(t))
     }
 }

@@ -5,7 +5,7 @@ use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use sd_core::layers::{conv2d, group_norm, silu};
+use sd_core::layers::{conv2d, conv2d_forward, group_norm, silu};
 use sd_core::weights::{LoadOptions, SafetensorsFile, diffusers_weights_path, load_safetensors};
 use sd_core::{CoreError, Result};
 
@@ -264,7 +264,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
             (None, None) => {}
         }
 
-        let mut x = self.conv_in.forward(latents);
+        let mut x = conv2d_forward(&self.conv_in, latents);
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
             x = block.forward(x, &emb, &context, &mut skips);
@@ -288,9 +288,10 @@ impl<B: Backend> UNet2DConditionModel<B> {
             };
             x = block.forward(x, &emb, &context, &mut skips, size);
         }
-        Ok(self
-            .conv_out
-            .forward(silu(sd_core::layers::group_norm_2d(&self.conv_norm_out, x))))
+        Ok(conv2d_forward(
+            &self.conv_out,
+            silu(sd_core::layers::group_norm_2d(&self.conv_norm_out, x)),
+        ))
     }
 }
 

@@ -41,6 +41,39 @@ pub fn causal_attention<B: Backend>(
     attention(q, k, v, None, None, options)
 }
 
+/// Multi-head attention on token-major tensors: `q`: `[batch, len_q, heads · d]`, `k`:
+/// `[batch, len_k, heads · d]`, `v`: `[batch, len_k, heads · d_v]` (as the projections write
+/// them); returns `[batch, len_q, heads · d_v]`. With `causal`, query `i` sees keys up to `i`.
+///
+/// On Flex with f32 tensors this is one fused kernel (`crate::cpu`) that reads the heads in
+/// place; elsewhere (other backends, half precision, autodiff) the heads are split out and go
+/// through [`scaled_dot_product_attention`] or [`causal_attention`].
+pub fn multi_head_attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    causal: bool,
+) -> Tensor<B, 3> {
+    #[cfg(feature = "flex")]
+    if let Some(out) = crate::cpu::try_attention(&q, &k, &v, heads, causal) {
+        return out;
+    }
+    let [b, lq, _] = q.dims();
+    let split = |t: Tensor<B, 3>| {
+        let [_, len, width] = t.dims();
+        t.reshape([b, len, heads, width / heads]).swap_dims(1, 2)
+    };
+    let (q, k, v) = (split(q), split(k), split(v));
+    let out = if causal {
+        causal_attention(q, k, v)
+    } else {
+        scaled_dot_product_attention(q, k, v)
+    };
+    let [_, _, _, dv] = out.dims();
+    out.swap_dims(1, 2).reshape([b, lq, heads * dv])
+}
+
 /// The largest score block one attention call materialises: 2²⁵ floats, 128 MiB in f32.
 pub const MAX_SCORES: usize = 1 << 25;
 
@@ -181,13 +214,10 @@ impl<B: Backend> AttentionBlock2d<B> {
         let tokens = super::group_norm_2d(&self.group_norm, x.clone())
             .reshape([b, c, h * w])
             .swap_dims(1, 2);
-        let split = |t: Tensor<B, 3>| t.reshape([b, h * w, heads, c / heads]).swap_dims(1, 2);
-        let q = split(self.to_q.forward(tokens.clone()));
-        let k = split(self.to_k.forward(tokens.clone()));
-        let v = split(self.to_v.forward(tokens));
-        let attended = scaled_dot_product_attention(q, k, v)
-            .swap_dims(1, 2)
-            .reshape([b, h * w, c]);
+        let q = self.to_q.forward(tokens.clone());
+        let k = self.to_k.forward(tokens.clone());
+        let v = self.to_v.forward(tokens);
+        let attended = multi_head_attention(q, k, v, heads, false);
         let out = self
             .to_out
             .iter()

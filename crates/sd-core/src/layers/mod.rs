@@ -9,7 +9,7 @@ mod sampling;
 
 pub use attention::{
     AttentionBlock2d, AttentionBlock2dConfig, MAX_SCORES, causal_attention, chunked_attention,
-    scaled_dot_product_attention,
+    multi_head_attention, scaled_dot_product_attention,
 };
 pub use mid_block::{MidBlock2d, MidBlock2dConfig};
 pub use norm::{add_per_channel, group_norm, group_norm_2d};
@@ -28,6 +28,16 @@ use burn::tensor::backend::Backend;
 /// CPU backends (it costs a quarter more on the VAE decoder's 512×512 feature maps).
 pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x.clone() / (x.neg().exp() + 1.0)
+}
+
+/// `conv.forward(x)`, through the fused CPU kernel (`crate::cpu::conv`) on Flex for stride-1
+/// convolutions (most of the U-Net's and VAE's work), through Burn's `conv2d` otherwise.
+pub fn conv2d_forward<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    #[cfg(feature = "flex")]
+    if let Some(out) = crate::cpu::try_conv2d(conv, &x) {
+        return out;
+    }
+    conv.forward(x)
 }
 
 /// A `k`×`k` convolution with symmetric zero padding `padding` and stride `stride`, as

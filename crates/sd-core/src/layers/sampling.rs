@@ -5,7 +5,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions, PadMode};
 
-use super::conv2d;
+use super::{conv2d, conv2d_forward};
 
 /// Configuration of a [`Downsample2d`] (diffusers `Downsample2D` with `use_conv=True`).
 #[derive(Debug, Clone)]
@@ -48,7 +48,7 @@ impl<B: Backend> Downsample2d<B> {
         } else {
             x
         };
-        self.conv.forward(x)
+        conv2d_forward(&self.conv, x)
     }
 }
 
@@ -75,13 +75,13 @@ pub struct Upsample2d<B: Backend> {
 
 impl<B: Backend> Upsample2d<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.conv.forward(upsample_nearest2x(x))
+        conv2d_forward(&self.conv, upsample_nearest2x(x))
     }
 
     /// Nearest-neighbour to an explicit size (the U-Net's skip size when a side was odd).
     pub fn forward_to(&self, x: Tensor<B, 4>, size: [usize; 2]) -> Tensor<B, 4> {
         let x = interpolate(x, size, InterpolateOptions::new(InterpolateMode::Nearest));
-        self.conv.forward(x)
+        conv2d_forward(&self.conv, x)
     }
 }
 
