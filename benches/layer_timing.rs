@@ -101,6 +101,7 @@ fn main() -> Result<(), String> {
 /// `--convs x`: the 3×3 convolutions of SD 1.5's U-Net (batch 2), through Burn's `Conv2d` and
 /// through `conv2d_forward`.
 fn convs(runs: usize, device: &burn::tensor::Device<B>) -> Result<(), String> {
+    let only: Option<usize> = arg("--side").and_then(|s| s.parse().ok());
     for (cin, cout, side) in [
         (320, 320, 64),
         (640, 640, 32),
@@ -109,6 +110,9 @@ fn convs(runs: usize, device: &burn::tensor::Device<B>) -> Result<(), String> {
         (2560, 1280, 8),
         (960, 320, 64),
     ] {
+        if only.is_some_and(|o| o != side) {
+            continue;
+        }
         let x =
             Tensor::<B, 4>::random([2, cin, side, side], Distribution::Normal(0.0, 1.0), device);
         let conv = conv2d::<B>(cin, cout, 3, 1, 1, device);

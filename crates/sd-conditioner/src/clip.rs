@@ -5,7 +5,7 @@ use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, L
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use sd_core::layers::multi_head_attention;
+use sd_core::layers::{linear_forward, multi_head_attention, quick_gelu};
 use sd_core::weights::{LoadOptions, SafetensorsFile, load_safetensors};
 use sd_core::{CoreError, Result};
 use serde::Deserialize;
@@ -155,20 +155,19 @@ impl<B: Backend> ClipEncoderLayer<B> {
         let h = self.layer_norm1.forward(x.clone());
         let tokens = |t: Tensor<B, 2>| t.reshape([b, n, d]);
         let (q, k, v) = (
-            tokens(self.q_proj.forward(h.clone())),
-            tokens(self.k_proj.forward(h.clone())),
-            tokens(self.v_proj.forward(h)),
+            tokens(linear_forward(&self.q_proj, h.clone())),
+            tokens(linear_forward(&self.k_proj, h.clone())),
+            tokens(linear_forward(&self.v_proj, h)),
         );
         let attended = multi_head_attention(q, k, v, self.heads, self.causal);
-        let x = x + self.out_proj.forward(attended.reshape([b * n, d]));
-        let h = self.fc1.forward(self.layer_norm2.forward(x.clone()));
+        let x = x + linear_forward(&self.out_proj, attended.reshape([b * n, d]));
+        let h = linear_forward(&self.fc1, self.layer_norm2.forward(x.clone()));
         let h = if self.quick_gelu {
-            // x·σ(1.702x) as x / (1 + e^(−1.702x)): cheaper passes than Burn's sigmoid.
-            h.clone() / ((h * -1.702).exp() + 1.0)
+            quick_gelu(h)
         } else {
             gelu(h)
         };
-        (x + self.fc2.forward(h)).reshape([b, n, d])
+        (x + linear_forward(&self.fc2, h)).reshape([b, n, d])
     }
 }
 

@@ -7,7 +7,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use sd_core::layers::{
     MidBlock2d, MidBlock2dConfig, ResnetBlock2d, ResnetBlock2dConfig, Upsample2d, Upsample2dConfig,
-    conv2d, conv2d_forward, group_norm, silu,
+    conv2d, conv2d_forward, group_norm,
 };
 use sd_core::vae_config::VAE_NORM_EPS as EPS;
 use sd_core::weights::{LoadOptions, SafetensorsFile, keep_prefixes, load_safetensors};
@@ -94,7 +94,7 @@ impl<B: Backend> Decoder<B> {
         let x = self.up_blocks.iter().fold(x, |x, block| block.forward(x));
         conv2d_forward(
             &self.conv_out,
-            silu(sd_core::layers::group_norm_2d(&self.conv_norm_out, x)),
+            sd_core::layers::group_norm_silu_2d(&self.conv_norm_out, x),
         )
     }
 }

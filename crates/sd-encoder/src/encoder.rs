@@ -7,7 +7,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use sd_core::layers::{
     Downsample2d, Downsample2dConfig, MidBlock2d, MidBlock2dConfig, ResnetBlock2d,
-    ResnetBlock2dConfig, conv2d, conv2d_forward, group_norm, silu,
+    ResnetBlock2dConfig, conv2d, conv2d_forward, group_norm,
 };
 use sd_core::vae_config::VAE_NORM_EPS as EPS;
 use sd_core::weights::{LoadOptions, SafetensorsFile, keep_prefixes, load_safetensors};
@@ -94,7 +94,7 @@ impl<B: Backend> Encoder<B> {
         let x = self.mid_block.forward(x, None);
         conv2d_forward(
             &self.conv_out,
-            silu(sd_core::layers::group_norm_2d(&self.conv_norm_out, x)),
+            sd_core::layers::group_norm_silu_2d(&self.conv_norm_out, x),
         )
     }
 }

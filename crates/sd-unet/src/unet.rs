@@ -5,7 +5,7 @@ use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use sd_core::layers::{conv2d, conv2d_forward, group_norm, silu};
+use sd_core::layers::{conv2d, conv2d_forward, group_norm};
 use sd_core::weights::{LoadOptions, SafetensorsFile, diffusers_weights_path, load_safetensors};
 use sd_core::{CoreError, Result};
 
@@ -290,7 +290,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         }
         Ok(conv2d_forward(
             &self.conv_out,
-            silu(sd_core::layers::group_norm_2d(&self.conv_norm_out, x)),
+            sd_core::layers::group_norm_silu_2d(&self.conv_norm_out, x),
         ))
     }
 }

@@ -1,7 +1,10 @@
 //! Fused kernels for the Flex (CPU) backend, for the operations where composing Burn ops costs
 //! the most:
 //! - [`attention`]: scores, softmax and the weighted sum in one pass over cache-sized blocks;
-//! - [`conv`]: stride-1 convolutions as shifted matrix multiplies, without im2col.
+//! - [`conv`]: stride-1 convolutions as shifted matrix multiplies, without im2col;
+//! - [`linear`]: `x W + b` in one multiply over all rows, onto the broadcast bias;
+//! - [`norm`]: GroupNorm, with the SiLU after it, in two passes;
+//! - [`vector`]: the element-wise activations (GEGLU, SiLU, quick GELU) in one vectorised pass.
 //!
 //! The layers reach them through the `try_*` functions here, which work on the Flex tensors'
 //! own buffers and give their inputs back for any other backend or dtype, and for autodiff
@@ -9,13 +12,16 @@
 
 pub mod attention;
 pub mod conv;
+pub mod linear;
+pub mod norm;
 pub mod vector;
+pub mod winograd;
 
 use std::any::Any;
 
 use burn::backend::flex::FlexTensor;
-use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, Linear, PaddingConfig2d};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 
@@ -44,9 +50,58 @@ fn flex_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> 
 
 /// A `B` tensor (`B` is Flex, checked by the caller) holding `data` in the given shape.
 fn from_f32<B: Backend, const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Option<Tensor<B, D>> {
-    let flex: Box<dyn Any> = Box::new(FlexTensor::from_data(TensorData::new(data, shape)));
-    let primitive = *flex.downcast::<B::FloatTensorPrimitive>().ok()?;
-    Some(Tensor::from_primitive(TensorPrimitive::Float(primitive)))
+    Some(from_flex(FlexTensor::from_data(TensorData::new(
+        data, shape,
+    ))))
+}
+
+/// The Flex tensor behind `t` with its own contiguous buffer (copied only when shared or
+/// strided), when `B` is Flex and `t` is f32; `t` back otherwise.
+fn owned_flex_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<FlexTensor, Tensor<B, D>> {
+    if !is_flex::<B>() || t.dtype() != DType::F32 {
+        return Err(t);
+    }
+    let primitive: Box<dyn Any> = Box::new(t.into_primitive().tensor());
+    let flex = *primitive
+        .downcast::<FlexTensor>()
+        .expect("B is Flex, so its float primitive is a FlexTensor");
+    let whole = flex.layout().num_elements() * 4 == flex.bytes().len();
+    Ok(match flex.layout().contiguous_offsets() {
+        Some((0, _)) if whole && flex.is_unique() => flex,
+        _ => flex.to_contiguous(),
+    })
+}
+
+/// A `B` tensor around a Flex tensor; `B` is Flex (the callers checked [`is_flex`]).
+fn from_flex<B: Backend, const D: usize>(flex: FlexTensor) -> Tensor<B, D> {
+    let flex: Box<dyn Any> = Box::new(flex);
+    let primitive = *flex
+        .downcast::<B::FloatTensorPrimitive>()
+        .expect("B is Flex, so a FlexTensor is its float primitive");
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+/// GEGLU (`h ⊙ GELU(g)` for `[h, g]` the two halves of the last axis) in one pass, when `B` is
+/// Flex and the tensor is f32; `None` otherwise.
+pub fn try_geglu<B: Backend>(projected: &Tensor<B, 3>) -> Option<Tensor<B, 3>> {
+    let [b, n, two_inner] = projected.dims();
+    if two_inner % 2 != 0 {
+        return None;
+    }
+    let flex = flex_f32(projected)?;
+    let out = vector::geglu(flex.as_slice()?, two_inner / 2);
+    from_f32(out, [b, n, two_inner / 2])
+}
+
+/// Swish, `x · σ(βx)` (SiLU for β = 1), in place when `B` is Flex and `x` is f32; `x` back
+/// otherwise.
+pub fn try_swish<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    beta: f32,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    let mut flex = owned_flex_f32(x)?;
+    vector::swish(flex.storage_mut::<f32>(), beta);
+    Ok(from_flex(flex))
 }
 
 /// [`attention::attention`] on token-major tensors (`[batch, tokens, heads · dim]`), when `B`
@@ -83,10 +138,10 @@ pub fn try_attention<B: Backend>(
     from_f32(out, [batch, len_q, v_width])
 }
 
-/// [`conv::conv2d`] for a Burn `Conv2d` with stride 1, no dilation and one group, when `B` is
+/// [`conv::conv2d`] for a Burn `Conv2d` without dilation and with one group, when `B` is
 /// Flex and the tensors are f32; `None` otherwise.
 pub fn try_conv2d<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
-    if conv.stride != [1, 1] || conv.dilation != [1, 1] || conv.groups != 1 {
+    if conv.stride.contains(&0) || conv.dilation != [1, 1] || conv.groups != 1 {
         return None;
     }
     let padding = match conv.padding {
@@ -107,6 +162,7 @@ pub fn try_conv2d<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Option<Tens
         width,
         kernel: [kh, kw],
         padding,
+        stride: conv.stride,
     };
     let xf = flex_f32(x)?;
     let wf = flex_f32(&conv.weight.val())?;
@@ -121,4 +177,124 @@ pub fn try_conv2d<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Option<Tens
     let out = conv::conv2d(xf.as_slice()?, wf.as_slice()?, bias, shape)?;
     let [out_h, out_w] = shape.output_size();
     from_f32(out, [batch, out_channels, out_h, out_w])
+}
+
+/// A `Linear`'s weight (`[d_in, d_out]`) and bias as Flex f32 tensors.
+fn linear_params<B: Backend>(layer: &Linear<B>) -> Option<(FlexTensor, Option<FlexTensor>)> {
+    let weight = flex_f32(&layer.weight.val())?;
+    let bias = match &layer.bias {
+        Some(bias) => Some(flex_f32(&bias.val())?),
+        None => None,
+    };
+    Some((weight, bias))
+}
+
+/// The bias's elements, if any (`None` inside when it is not a plain f32 buffer).
+fn bias_slice(bias: &Option<FlexTensor>) -> Option<Option<&[f32]>> {
+    match bias {
+        Some(b) => Some(Some(b.as_slice::<f32>()?)),
+        None => Some(None),
+    }
+}
+
+/// [`linear::linear`] for a Burn `Linear` (`x W + b` over the last axis), when `B` is Flex and
+/// the tensors are f32; `None` otherwise.
+pub fn try_linear<B: Backend, const D: usize>(
+    layer: &Linear<B>,
+    x: &Tensor<B, D>,
+) -> Option<Tensor<B, D>> {
+    let [d_in, d_out] = layer.weight.dims();
+    let mut dims = x.dims();
+    if D == 0 || dims[D - 1] != d_in {
+        return None;
+    }
+    let xf = flex_f32(x)?;
+    let (weight, bias) = linear_params(layer)?;
+    let out = linear::linear(
+        xf.as_slice()?,
+        weight.as_slice()?,
+        bias_slice(&bias)?,
+        d_in,
+        d_out,
+    )?;
+    dims[D - 1] = d_out;
+    from_f32(out, dims)
+}
+
+/// [`linear::linear_from_channels`]: `x` `[batch, d_in, tokens]` to `[batch, tokens, d_out]`.
+pub fn try_linear_from_channels<B: Backend>(
+    layer: &Linear<B>,
+    x: &Tensor<B, 3>,
+) -> Option<Tensor<B, 3>> {
+    let [d_in, d_out] = layer.weight.dims();
+    let [batch, channels, tokens] = x.dims();
+    if channels != d_in {
+        return None;
+    }
+    let xf = flex_f32(x)?;
+    let (weight, bias) = linear_params(layer)?;
+    let out = linear::linear_from_channels(
+        xf.as_slice()?,
+        weight.as_slice()?,
+        bias_slice(&bias)?,
+        d_in,
+        d_out,
+        tokens,
+    )?;
+    from_f32(out, [batch, tokens, d_out])
+}
+
+/// [`linear::linear_to_channels`]: `residual + (x W + b)ᵀ`, `x` `[batch, tokens, d_in]`,
+/// `residual` `[batch, d_out, tokens]`.
+pub fn try_linear_to_channels<B: Backend>(
+    layer: &Linear<B>,
+    x: &Tensor<B, 3>,
+    residual: &Tensor<B, 3>,
+) -> Option<Tensor<B, 3>> {
+    let [d_in, d_out] = layer.weight.dims();
+    let [batch, tokens, channels] = x.dims();
+    if channels != d_in || residual.dims() != [batch, d_out, tokens] {
+        return None;
+    }
+    let (xf, rf) = (flex_f32(x)?, flex_f32(residual)?);
+    let (weight, bias) = linear_params(layer)?;
+    let out = linear::linear_to_channels(
+        xf.as_slice()?,
+        weight.as_slice()?,
+        bias_slice(&bias)?,
+        rf.as_slice()?,
+        [d_in, d_out, tokens],
+    )?;
+    from_f32(out, [batch, d_out, tokens])
+}
+
+/// [`norm::group_norm`] for a Burn `GroupNorm` on `x: [batch, channels, h, w]`, followed by
+/// SiLU when `silu`, when `B` is Flex and the tensors are f32; `None` otherwise.
+pub fn try_group_norm<B: Backend>(
+    norm: &GroupNorm<B>,
+    x: &Tensor<B, 4>,
+    silu: bool,
+) -> Option<Tensor<B, 4>> {
+    let [batch, channels, h, w] = x.dims();
+    if norm.num_channels != channels {
+        return None;
+    }
+    let xf = flex_f32(x)?;
+    let params = match (&norm.gamma, &norm.beta) {
+        (Some(gamma), Some(beta)) => Some((flex_f32(&gamma.val())?, flex_f32(&beta.val())?)),
+        (None, None) => None,
+        _ => return None,
+    };
+    let affine = match &params {
+        Some((g, b)) => Some((g.as_slice::<f32>()?, b.as_slice::<f32>()?)),
+        None => None,
+    };
+    let shape = norm::GroupNormShape {
+        batch,
+        channels,
+        spatial: h * w,
+        groups: norm.num_groups,
+    };
+    let out = norm::group_norm(xf.as_slice()?, shape, norm.epsilon as f32, affine, silu)?;
+    from_f32(out, [batch, channels, h, w])
 }

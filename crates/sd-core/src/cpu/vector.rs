@@ -1,9 +1,45 @@
-//! Row kernels written as plain loops over 16-lane blocks, compiled once per instruction set
+//! Element-wise and row kernels written as plain loops, compiled once per instruction set
 //! (AVX-512, AVX2+FMA, baseline) and picked at run time, so the compiler vectorises them
 //! without a `target-cpu` flag.
 
+use rayon::prelude::*;
+
 /// Lanes per block: one AVX-512 register of f32, two AVX2 ones.
 const LANES: usize = 16;
+
+/// Defines `pub fn name(args)` running `body` compiled for AVX-512, for AVX2+FMA or for the
+/// baseline, whichever the CPU has.
+macro_rules! dispatched {
+    ($(#[$meta:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F (and with it AVX2 and FMA).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
 
 /// `eˣ` to about one ulp (Cephes `expf`: Cody–Waite reduction `x = n ln2 + r`, `|r| ≤ ln2/2`,
 /// and a degree-7 polynomial for `eʳ`), in branch-free arithmetic that vectorises. Inputs below
@@ -68,71 +104,136 @@ fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
     lanes.iter().sum::<f32>() + sum
 }
 
-/// Unnormalised softmax of each `cols`-wide row of `rows`, in place: `exp(x − max)` over the
-/// first `valid(r)` entries of row `r`, zeros after them (a causal mask). Writes `1 / sum` of
-/// each row into `inverse_sums`.
-#[inline(always)]
-fn softmax_rows_impl(
-    rows: &mut [f32],
-    cols: usize,
-    valid: &dyn Fn(usize) -> usize,
-    inverse_sums: &mut [f32],
-) {
-    for (r, (row, inverse)) in rows
-        .chunks_exact_mut(cols)
-        .zip(inverse_sums.iter_mut())
-        .enumerate()
-    {
-        let (kept, masked) = row.split_at_mut(valid(r).min(cols));
-        masked.fill(0.0);
-        let max = max_of(kept);
-        let sum = exp_shifted(kept, max);
-        *inverse = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn softmax_rows_avx512(
-    rows: &mut [f32],
-    cols: usize,
-    valid: &dyn Fn(usize) -> usize,
-    inverse_sums: &mut [f32],
-) {
-    softmax_rows_impl(rows, cols, valid, inverse_sums)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn softmax_rows_avx2(
-    rows: &mut [f32],
-    cols: usize,
-    valid: &dyn Fn(usize) -> usize,
-    inverse_sums: &mut [f32],
-) {
-    softmax_rows_impl(rows, cols, valid, inverse_sums)
-}
-
-/// See `softmax_rows_impl`; dispatched on the CPU's instruction sets.
-pub fn softmax_rows(
-    rows: &mut [f32],
-    cols: usize,
-    valid: &dyn Fn(usize) -> usize,
-    inverse_sums: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (and so AVX2 and FMA), checked just above.
-            return unsafe { softmax_rows_avx512(rows, cols, valid, inverse_sums) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+dispatched! {
+    /// Unnormalised softmax of each `cols`-wide row of `rows`, in place: `exp(x − max)` over
+    /// the first `valid(r)` entries of row `r`, zeros after them (a causal mask). Writes
+    /// `1 / sum` of each row into `inverse_sums`.
+    pub fn softmax_rows(
+        rows: &mut [f32],
+        cols: usize,
+        valid: &dyn Fn(usize) -> usize,
+        inverse_sums: &mut [f32],
+    ) {
+        for (r, (row, inverse)) in rows
+            .chunks_exact_mut(cols)
+            .zip(inverse_sums.iter_mut())
+            .enumerate()
         {
-            // SAFETY: the CPU has AVX2 and FMA, checked just above.
-            return unsafe { softmax_rows_avx2(rows, cols, valid, inverse_sums) };
+            let (kept, masked) = row.split_at_mut(valid(r).min(cols));
+            masked.fill(0.0);
+            let max = max_of(kept);
+            let sum = exp_shifted(kept, max);
+            *inverse = if sum > 0.0 { 1.0 / sum } else { 0.0 };
         }
     }
-    softmax_rows_impl(rows, cols, valid, inverse_sums)
+}
+
+/// The error function to 1.5e-7 (Abramowitz & Stegun 1964, eq. 7.1.26; 5e-7 with f32
+/// rounding), branch-free.
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * z);
+    let poly = ((((1.061_405_4 * t - 1.453_152) * t + 1.421_413_8) * t - 0.284_496_74) * t
+        + 0.254_829_6)
+        * t;
+    (1.0 - poly * exp(-z * z)).copysign(x)
+}
+
+/// GELU, `x Φ(x) = x (1 + erf(x/√2)) / 2` (Hendrycks & Gimpel 2016), the exact form.
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+dispatched! {
+    /// GEGLU on rows of `2 · inner`: `out = h ⊙ GELU(g)` with `[h, g]` the row's two halves
+    /// (Shazeer 2020, eq. 5).
+    pub fn geglu_rows(input: &[f32], out: &mut [f32], inner: usize) {
+        for (row, dst) in input.chunks_exact(2 * inner).zip(out.chunks_exact_mut(inner)) {
+            let (hidden, gate) = row.split_at(inner);
+            for ((o, &h), &g) in dst.iter_mut().zip(hidden).zip(gate) {
+                *o = h * gelu(g);
+            }
+        }
+    }
+}
+
+dispatched! {
+    /// Swish, `x · σ(βx)` (Ramachandran et al. 2017), in place: SiLU for β = 1, CLIP's quick
+    /// GELU for β = 1.702.
+    pub fn swish_in_place(x: &mut [f32], beta: f32) {
+        for v in x.iter_mut() {
+            *v /= 1.0 + exp(-beta * *v);
+        }
+    }
+}
+
+dispatched! {
+    /// The mean and (biased) variance of a group, in two passes, summed in f32 lanes and
+    /// combined in f64.
+    pub fn group_statistics(x: &[f32]) -> (f64, f64) {
+        let mut lanes = [0f32; LANES];
+        let blocks = x.chunks_exact(LANES);
+        let rest = blocks.remainder();
+        for block in blocks {
+            for (s, &v) in lanes.iter_mut().zip(block) {
+                *s += v;
+            }
+        }
+        let sum: f64 = lanes.iter().chain(rest).map(|&v| f64::from(v)).sum();
+        let mean = sum / x.len().max(1) as f64;
+        let m = mean as f32;
+        let mut lanes = [0f32; LANES];
+        let blocks = x.chunks_exact(LANES);
+        let rest = blocks.remainder();
+        for block in blocks {
+            for (s, &v) in lanes.iter_mut().zip(block) {
+                *s += (v - m) * (v - m);
+            }
+        }
+        let squares: f64 = lanes.iter().map(|&v| f64::from(v)).sum::<f64>()
+            + rest.iter().map(|&v| f64::from((v - m) * (v - m))).sum::<f64>();
+        (mean, squares / x.len().max(1) as f64)
+    }
+}
+
+dispatched! {
+    /// `dst = src·a + b`, then SiLU when `silu`.
+    pub fn normalize_channel(src: &[f32], dst: &mut [f32], a: f32, b: f32, silu: bool) {
+        if silu {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                let y = s * a + b;
+                *d = y / (1.0 + exp(-y));
+            }
+        } else {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = s * a + b;
+            }
+        }
+    }
+}
+
+/// Rows handed to one task by the parallel element-wise kernels: about 2¹⁶ elements.
+fn rows_per_task(row_len: usize) -> usize {
+    ((1 << 16) / row_len.max(1)).max(1)
+}
+
+/// [`geglu_rows`] over all rows of `input` (`rows × 2·inner`), in parallel.
+pub fn geglu(input: &[f32], inner: usize) -> Vec<f32> {
+    let rows = input.len() / (2 * inner).max(1);
+    let mut out = vec![0f32; rows * inner];
+    let per = rows_per_task(2 * inner);
+    out.par_chunks_mut(per * inner)
+        .zip(input.par_chunks(per * 2 * inner))
+        .for_each(|(dst, src)| geglu_rows(src, dst, inner));
+    out
+}
+
+/// [`swish_in_place`], in parallel.
+pub fn swish(x: &mut [f32], beta: f32) {
+    x.par_chunks_mut(1 << 16)
+        .for_each(|chunk| swish_in_place(chunk, beta));
 }
 
 #[cfg(test)]
@@ -149,6 +250,38 @@ mod tests {
             worst = worst.max(((ours - std) / std).abs());
         }
         assert!(worst < 3e-7, "relative error {worst}");
+    }
+
+    #[test]
+    fn erf_and_gelu_match_libm() {
+        let mut worst = 0f32;
+        for i in -10_000..=10_000 {
+            let x = i as f32 * 1e-3;
+            worst = worst.max((erf(x) - libm::erff(x)).abs());
+            let exact = 0.5 * f64::from(x) * (1.0 + libm::erf(f64::from(x) / 2f64.sqrt()));
+            assert!((f64::from(gelu(x)) - exact).abs() < 1e-6, "gelu({x})");
+        }
+        assert!(worst < 1e-6, "erf error {worst}");
+    }
+
+    #[test]
+    fn geglu_and_swish_match_their_definitions() {
+        let input: Vec<f32> = (0..3 * 2 * 40)
+            .map(|i| (i as f32 * 0.37).sin() * 4.0)
+            .collect();
+        let out = geglu(&input, 40);
+        for (r, row) in input.chunks(80).enumerate() {
+            for c in 0..40 {
+                let g = f64::from(row[40 + c]);
+                let expected = f64::from(row[c]) * 0.5 * g * (1.0 + libm::erf(g / 2f64.sqrt()));
+                assert!((f64::from(out[r * 40 + c]) - expected).abs() < 1e-5);
+            }
+        }
+        let mut x = input.clone();
+        swish(&mut x, 1.702);
+        for (&y, &x) in x.iter().zip(&input) {
+            assert!((y - x / (1.0 + (-1.702 * x).exp())).abs() < 1e-5);
+        }
     }
 
     #[test]

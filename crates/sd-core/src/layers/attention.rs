@@ -214,14 +214,14 @@ impl<B: Backend> AttentionBlock2d<B> {
         let tokens = super::group_norm_2d(&self.group_norm, x.clone())
             .reshape([b, c, h * w])
             .swap_dims(1, 2);
-        let q = self.to_q.forward(tokens.clone());
-        let k = self.to_k.forward(tokens.clone());
-        let v = self.to_v.forward(tokens);
+        let q = super::linear_forward(&self.to_q, tokens.clone());
+        let k = super::linear_forward(&self.to_k, tokens.clone());
+        let v = super::linear_forward(&self.to_v, tokens);
         let attended = multi_head_attention(q, k, v, heads, false);
         let out = self
             .to_out
             .iter()
-            .fold(attended, |t, linear| linear.forward(t));
+            .fold(attended, |t, linear| super::linear_forward(linear, t));
         out.swap_dims(1, 2).reshape([b, c, h, w]) + x
     }
 }

@@ -12,22 +12,92 @@ pub use attention::{
     multi_head_attention, scaled_dot_product_attention,
 };
 pub use mid_block::{MidBlock2d, MidBlock2dConfig};
-pub use norm::{add_per_channel, group_norm, group_norm_2d};
+pub use norm::{add_per_channel, group_norm, group_norm_2d, group_norm_silu_2d};
+
 pub use resnet::{ResnetBlock2d, ResnetBlock2dConfig};
 pub use sampling::{
     Downsample2d, Downsample2dConfig, Upsample2d, Upsample2dConfig, upsample_nearest2x,
 };
 
-use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Linear, PaddingConfig2d};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
-/// SiLU, `x · σ(x)` (Elfwing et al. 2018), written as `x / (1 + e^(−x))`: four cheap
-/// element-wise passes instead of Burn's `silu`, whose per-element sigmoid is the slower path on
-/// CPU backends (it costs a quarter more on the VAE decoder's 512×512 feature maps).
+/// SiLU, `x · σ(x)` (Elfwing et al. 2018): in place on Flex; elsewhere written as
+/// `x / (1 + e^(−x))`, four cheap element-wise passes instead of Burn's `silu`, whose
+/// per-element sigmoid is the slower path on CPU backends.
 pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    let x = match crate::cpu::try_swish(x, 1.0) {
+        Ok(out) => return out,
+        Err(x) => x,
+    };
     x.clone() / (x.neg().exp() + 1.0)
+}
+
+/// GEGLU's gating, `h ⊙ GELU(g)` with `[h, g]` the two halves of the last axis (Shazeer 2020,
+/// eq. 5; exact, erf-based GELU): one vectorised pass on Flex.
+pub fn geglu<B: Backend>(projected: Tensor<B, 3>) -> Tensor<B, 3> {
+    #[cfg(feature = "flex")]
+    if let Some(out) = crate::cpu::try_geglu(&projected) {
+        return out;
+    }
+    let [b, n, two_inner] = projected.dims();
+    let inner = two_inner / 2;
+    let hidden = projected.clone().slice([0..b, 0..n, 0..inner]);
+    let gate = projected.slice([0..b, 0..n, inner..two_inner]);
+    hidden * burn::tensor::activation::gelu(gate)
+}
+
+/// CLIP's quick GELU, `x · σ(1.702 x)`: in place on Flex, else as `x / (1 + e^(−1.702x))`
+/// (cheaper passes than Burn's sigmoid).
+pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    let x = match crate::cpu::try_swish(x, 1.702) {
+        Ok(out) => return out,
+        Err(x) => x,
+    };
+    x.clone() / ((x * -1.702).exp() + 1.0)
+}
+
+/// `layer.forward(x)` (`x W + b` over the last axis), through one multiply onto the bias
+/// (`crate::cpu::linear`) on Flex, through Burn's `linear` otherwise.
+pub fn linear_forward<B: Backend, const D: usize>(
+    layer: &Linear<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    if let Some(out) = crate::cpu::try_linear(layer, &x) {
+        return out;
+    }
+    layer.forward(x)
+}
+
+/// A linear map over the channels of a channels-first `x` (`[batch, d_in, tokens]`, a feature
+/// map's pixels), giving token-major `[batch, tokens, d_out]`: the transformer's way in. On
+/// Flex one multiply reads `x` transposed in place.
+pub fn linear_from_channels<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    #[cfg(feature = "flex")]
+    if let Some(out) = crate::cpu::try_linear_from_channels(layer, &x) {
+        return out;
+    }
+    linear_forward(layer, x.swap_dims(1, 2))
+}
+
+/// `residual + (x W + b)ᵀ` for token-major `x` (`[batch, tokens, d_in]`) and a channels-first
+/// `residual` (`[batch, d_out, tokens]`): the transformer's way back to the feature map. On
+/// Flex one multiply writes the transposed result onto the residual.
+pub fn linear_to_channels<B: Backend>(
+    layer: &Linear<B>,
+    x: Tensor<B, 3>,
+    residual: Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    #[cfg(feature = "flex")]
+    if let Some(out) = crate::cpu::try_linear_to_channels(layer, &x, &residual) {
+        return out;
+    }
+    linear_forward(layer, x).swap_dims(1, 2) + residual
 }
 
 /// `conv.forward(x)`, through the fused CPU kernel (`crate::cpu::conv`) on Flex for stride-1

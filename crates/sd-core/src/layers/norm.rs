@@ -22,6 +22,10 @@ pub fn group_norm<B: Backend>(
 /// broadcasting over the last axis; this keeps a GroupNorm at the cost of a few elementwise
 /// passes.
 pub fn group_norm_2d<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    #[cfg(feature = "flex")]
+    if let Some(out) = crate::cpu::try_group_norm(norm, &x, false) {
+        return out;
+    }
     let [b, c, h, w] = x.dims();
     let g = norm.num_groups;
     let n = c / g * h * w;
@@ -39,6 +43,16 @@ pub fn group_norm_2d<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor
         }
         _ => normed.reshape([b, c, h, w]),
     }
+}
+
+/// [`group_norm_2d`] followed by SiLU (every ResNet block's and the output head's
+/// `norm → SiLU`): one fused pass on Flex.
+pub fn group_norm_silu_2d<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    #[cfg(feature = "flex")]
+    if let Some(out) = crate::cpu::try_group_norm(norm, &x, true) {
+        return out;
+    }
+    super::silu(group_norm_2d(norm, x))
 }
 
 /// `x + v[:, :, None, None]` for `x: [batch, channels, h, w]`, `v: [batch, channels]` (the
