@@ -127,3 +127,106 @@ pub fn conv2d<B: Backend>(
         ))
         .init(device)
 }
+
+/// The Flex kernels behind the entry points against Burn's own ops on the same backend, at
+/// sizes that reach each kernel's paths (Winograd, im2col, strided and 1×1 convolutions;
+/// multi-block attention).
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use burn::nn::{GroupNormConfig, LinearConfig};
+    use burn::tensor::{Distribution, Tensor};
+
+    use super::*;
+    use crate::backend::Flex;
+
+    fn random<const D: usize>(shape: [usize; D]) -> Tensor<Flex, D> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+    }
+
+    fn max_diff<const D: usize>(a: Tensor<Flex, D>, b: Tensor<Flex, D>) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b).abs().max().into_scalar()
+    }
+
+    #[test]
+    fn convolutions_match_burns() {
+        let device = Default::default();
+        // (in, out, side, kernel, stride, padding): Winograd (2·32² pixels), im2col (small),
+        // shifted multiplies (large, kernel 3 with padding 0), 1×1, and a stride-2 downsampler.
+        for (cin, cout, side, kernel, stride, padding) in [
+            (8, 12, 32, 3, 1, 1),
+            (16, 8, 8, 3, 1, 1),
+            (32, 6, 200, 3, 1, 0),
+            (12, 5, 16, 1, 1, 0),
+            (6, 7, 17, 3, 2, 1),
+        ] {
+            let conv = conv2d::<Flex>(cin, cout, kernel, stride, padding, &device);
+            let x = random([2, cin, side, side]);
+            let diff = max_diff(conv2d_forward(&conv, x.clone()), conv.forward(x));
+            assert!(
+                diff < 1e-4,
+                "{cin}→{cout} at {side}², k{kernel} s{stride}: {diff}"
+            );
+        }
+    }
+
+    #[test]
+    fn linear_maps_match_burns() {
+        let device = Default::default();
+        let layer = LinearConfig::new(24, 40).init::<Flex>(&device);
+        let x = random([2, 50, 24]);
+        assert!(max_diff(linear_forward(&layer, x.clone()), layer.forward(x.clone())) < 1e-4);
+        let map = random([2, 24, 50]);
+        let from = linear_from_channels(&layer, map.clone());
+        assert!(max_diff(from, layer.forward(map.swap_dims(1, 2))) < 1e-4);
+        let square = LinearConfig::new(24, 24).init::<Flex>(&device);
+        let residual = random([2, 24, 50]);
+        let to = linear_to_channels(&square, x.clone(), residual.clone());
+        assert!(max_diff(to, square.forward(x).swap_dims(1, 2) + residual) < 1e-4);
+    }
+
+    #[test]
+    fn attention_and_activations_match_burns() {
+        let device = Default::default();
+        // 600 keys: blocks of queries; 3 heads of 8 channels.
+        let (q, k, v) = (
+            random([2, 600, 24]),
+            random([2, 600, 24]),
+            random([2, 600, 24]),
+        );
+        let split = |t: Tensor<Flex, 3>| t.reshape([2, 600, 3, 8]).swap_dims(1, 2);
+        let expected =
+            scaled_dot_product_attention(split(q.clone()), split(k.clone()), split(v.clone()))
+                .swap_dims(1, 2)
+                .reshape([2, 600, 24]);
+        assert!(
+            max_diff(
+                multi_head_attention(q.clone(), k.clone(), v.clone(), 3, false),
+                expected
+            ) < 1e-4
+        );
+        let causal = causal_attention(split(q.clone()), split(k.clone()), split(v.clone()))
+            .swap_dims(1, 2)
+            .reshape([2, 600, 24]);
+        assert!(max_diff(multi_head_attention(q, k, v, 3, true), causal) < 1e-4);
+
+        let x = random([2, 16, 9, 11]);
+        let norm = GroupNormConfig::new(4, 16).init::<Flex>(&device);
+        let burn_silu = |t: Tensor<Flex, 4>| burn::tensor::activation::silu(t);
+        assert!(max_diff(group_norm_2d(&norm, x.clone()), norm.forward(x.clone())) < 1e-4);
+        assert!(
+            max_diff(
+                group_norm_silu_2d(&norm, x.clone()),
+                burn_silu(norm.forward(x.clone()))
+            ) < 1e-4
+        );
+        assert!(max_diff(silu(x.clone()), burn_silu(x.clone())) < 1e-5);
+        let quick = x.clone() * burn::tensor::activation::sigmoid(x.clone() * 1.702);
+        assert!(max_diff(quick_gelu(x.clone()), quick) < 1e-5);
+        let projected = random([2, 7, 32]);
+        let gate = projected.clone().slice([0..2, 0..7, 16..32]);
+        let expected =
+            projected.clone().slice([0..2, 0..7, 0..16]) * burn::tensor::activation::gelu(gate);
+        assert!(max_diff(geglu(projected), expected) < 1e-5);
+    }
+}
