@@ -1,7 +1,9 @@
 //! Fused kernels for the Flex (CPU) backend, for the operations where composing Burn ops costs
 //! the most:
 //! - [`attention`]: scores, softmax and the weighted sum in one pass over cache-sized blocks;
-//! - [`conv`]: stride-1 convolutions as shifted matrix multiplies, without im2col;
+//! - [`conv`]: convolutions by the fastest of three methods: [`winograd`] F(2×2, 3×3) for large
+//!   3×3 maps, one multiply on the im2col matrix for small and strided ones, one multiply per
+//!   kernel tap on shifted views of the padded input for the rest;
 //! - [`linear`]: `x W + b` in one multiply over all rows, onto the broadcast bias;
 //! - [`norm`]: GroupNorm, with the SiLU after it, in two passes;
 //! - [`vector`]: the element-wise activations (GEGLU, SiLU, quick GELU) in one vectorised pass.
@@ -49,10 +51,8 @@ fn flex_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> 
 }
 
 /// A `B` tensor (`B` is Flex, checked by the caller) holding `data` in the given shape.
-fn from_f32<B: Backend, const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Option<Tensor<B, D>> {
-    Some(from_flex(FlexTensor::from_data(TensorData::new(
-        data, shape,
-    ))))
+fn from_f32<B: Backend, const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<B, D> {
+    from_flex(FlexTensor::from_data(TensorData::new(data, shape)))
 }
 
 /// The Flex tensor behind `t` with its own contiguous buffer (copied only when shared or
@@ -90,7 +90,7 @@ pub fn try_geglu<B: Backend>(projected: &Tensor<B, 3>) -> Option<Tensor<B, 3>> {
     }
     let flex = flex_f32(projected)?;
     let out = vector::geglu(flex.as_slice()?, two_inner / 2);
-    from_f32(out, [b, n, two_inner / 2])
+    Some(from_f32(out, [b, n, two_inner / 2]))
 }
 
 /// Swish, `x · σ(βx)` (SiLU for β = 1), in place when `B` is Flex and `x` is f32; `x` back
@@ -135,7 +135,7 @@ pub fn try_attention<B: Backend>(
         shape,
         causal,
     )?;
-    from_f32(out, [batch, len_q, v_width])
+    Some(from_f32(out, [batch, len_q, v_width]))
 }
 
 /// [`conv::conv2d`] for a Burn `Conv2d` without dilation and with one group, when `B` is
@@ -176,7 +176,7 @@ pub fn try_conv2d<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Option<Tens
     };
     let out = conv::conv2d(xf.as_slice()?, wf.as_slice()?, bias, shape)?;
     let [out_h, out_w] = shape.output_size();
-    from_f32(out, [batch, out_channels, out_h, out_w])
+    Some(from_f32(out, [batch, out_channels, out_h, out_w]))
 }
 
 /// A `Linear`'s weight (`[d_in, d_out]`) and bias as Flex f32 tensors.
@@ -218,7 +218,7 @@ pub fn try_linear<B: Backend, const D: usize>(
         d_out,
     )?;
     dims[D - 1] = d_out;
-    from_f32(out, dims)
+    Some(from_f32(out, dims))
 }
 
 /// [`linear::linear_from_channels`]: `x` `[batch, d_in, tokens]` to `[batch, tokens, d_out]`.
@@ -241,7 +241,7 @@ pub fn try_linear_from_channels<B: Backend>(
         d_out,
         tokens,
     )?;
-    from_f32(out, [batch, tokens, d_out])
+    Some(from_f32(out, [batch, tokens, d_out]))
 }
 
 /// [`linear::linear_to_channels`]: `residual + (x W + b)ᵀ`, `x` `[batch, tokens, d_in]`,
@@ -265,7 +265,7 @@ pub fn try_linear_to_channels<B: Backend>(
         rf.as_slice()?,
         [d_in, d_out, tokens],
     )?;
-    from_f32(out, [batch, d_out, tokens])
+    Some(from_f32(out, [batch, d_out, tokens]))
 }
 
 /// [`norm::group_norm`] for a Burn `GroupNorm` on `x: [batch, channels, h, w]`, followed by
@@ -296,5 +296,5 @@ pub fn try_group_norm<B: Backend>(
         groups: norm.num_groups,
     };
     let out = norm::group_norm(xf.as_slice()?, shape, norm.epsilon as f32, affine, silu)?;
-    from_f32(out, [batch, channels, h, w])
+    Some(from_f32(out, [batch, channels, h, w]))
 }
