@@ -7,6 +7,7 @@
 use rayon::prelude::*;
 
 use super::vector::softmax_rows;
+use super::{SharedOut, multiply};
 
 /// The sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,26 +99,17 @@ pub fn attention(
                 // images × heads × query runs).
                 unsafe {
                     // scores = scale · q_h k_hᵀ
-                    gemm::gemm(
-                        n,
-                        len_k,
-                        head_dim,
-                        scores.as_mut_ptr(),
-                        1,
-                        len_k as isize,
+                    multiply(
+                        [n, len_k, head_dim],
+                        (scores.as_mut_ptr(), [len_k, 1]),
+                        (
+                            q_b.as_ptr().add(first * qk_width + h * head_dim),
+                            [qk_width, 1],
+                        ),
+                        (k_b.as_ptr().add(h * head_dim), [1, qk_width]),
                         false,
-                        q_b.as_ptr().add(first * qk_width + h * head_dim),
-                        1,
-                        qk_width as isize,
-                        k_b.as_ptr().add(h * head_dim),
-                        qk_width as isize,
-                        1,
-                        0.0,
                         scale,
                         false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
                 softmax_rows(scores, len_k, &valid, inverse_sums);
@@ -126,26 +118,14 @@ pub fn attention(
                     let dst = out_ptr
                         .get()
                         .add((b * len_q + first) * v_width + h * value_dim);
-                    gemm::gemm(
-                        n,
-                        value_dim,
-                        len_k,
-                        dst,
-                        1,
-                        v_width as isize,
+                    multiply(
+                        [n, value_dim, len_k],
+                        (dst, [v_width, 1]),
+                        (scores.as_ptr(), [len_k, 1]),
+                        (v_b.as_ptr().add(h * value_dim), [v_width, 1]),
                         false,
-                        scores.as_ptr(),
-                        1,
-                        len_k as isize,
-                        v_b.as_ptr().add(h * value_dim),
-                        1,
-                        v_width as isize,
-                        0.0,
                         1.0,
                         false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                     for (r, &inverse) in inverse_sums.iter().enumerate() {
                         let row = std::slice::from_raw_parts_mut(dst.add(r * v_width), value_dim);
@@ -156,20 +136,6 @@ pub fn attention(
         },
     );
     Some(out)
-}
-
-/// A pointer the tasks share; each writes only its own rows and columns.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint parts of a buffer that outlives them (see `attention`).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 #[cfg(test)]

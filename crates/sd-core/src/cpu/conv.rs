@@ -10,6 +10,8 @@
 
 use rayon::prelude::*;
 
+use super::{SharedOut, multiply};
+
 /// The sizes of one convolution (stride 1, dilation 1, one group).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv2dShape {
@@ -48,21 +50,6 @@ const WINOGRAD_MIN_PIXELS: usize = 2 * 32 * 32;
 
 /// The largest im2col matrix built, in floats (64 MiB).
 const IM2COL_MAX: usize = 1 << 24;
-
-/// A pointer the tasks share; each writes only its own rows (see the SAFETY note at its use).
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint position ranges of the buffer behind the pointer, which outlives
-// them (the parallel loop returns before it is read).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// How a convolution is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,28 +222,22 @@ pub fn conv2d_by(
                 // most at `positions − 1 + (kh − 1)·Wp + kw − 1 = batch·Hp·Wp + kw − 2`,
                 // inside `channel_len`.
                 unsafe {
-                    gemm::gemm(
-                        channels.len(),
-                        range.len(),
-                        in_channels,
-                        out_ptr.get().add(channels.start * grid + range.start),
-                        1,
-                        grid as isize,
+                    multiply(
+                        [channels.len(), range.len(), in_channels],
+                        (
+                            out_ptr.get().add(channels.start * grid + range.start),
+                            [grid, 1],
+                        ),
+                        (
+                            tap_weights
+                                .as_ptr()
+                                .add((channels.start * taps + t) * in_channels),
+                            [taps * in_channels, 1],
+                        ),
+                        (padded.as_ptr().add(range.start + shift), [channel_len, 1]),
                         t > 0,
-                        tap_weights
-                            .as_ptr()
-                            .add((channels.start * taps + t) * in_channels),
-                        1,
-                        (taps * in_channels) as isize,
-                        padded.as_ptr().add(range.start + shift),
-                        1,
-                        channel_len as isize,
-                        1.0,
                         1.0,
                         false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             }
@@ -327,26 +308,14 @@ fn conv2d_im2col(
     // SAFETY: `weight` is `out × in·taps`, `columns` `in·taps × positions` and `product`
     // `out × positions`, all row-major and sized so above.
     unsafe {
-        gemm::gemm(
-            out_channels,
-            positions,
-            in_channels * taps,
-            product.as_mut_ptr(),
-            1,
-            positions as isize,
+        multiply(
+            [out_channels, positions, in_channels * taps],
+            (product.as_mut_ptr(), [positions, 1]),
+            (weight.as_ptr(), [in_channels * taps, 1]),
+            (columns.as_ptr(), [positions, 1]),
             false,
-            weight.as_ptr(),
-            1,
-            (in_channels * taps) as isize,
-            columns.as_ptr(),
-            1,
-            positions as isize,
-            0.0,
             1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            true,
         );
     }
     let mut out = vec![0f32; batch * out_channels * map];
@@ -399,6 +368,27 @@ impl Split {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `batch` images of `channels = [in, out]` at `size = [height, width]`.
+    fn shape(
+        batch: usize,
+        [in_channels, out_channels]: [usize; 2],
+        [height, width]: [usize; 2],
+        kernel: [usize; 2],
+        padding: [usize; 4],
+        stride: [usize; 2],
+    ) -> Conv2dShape {
+        Conv2dShape {
+            batch,
+            in_channels,
+            out_channels,
+            height,
+            width,
+            kernel,
+            padding,
+            stride,
+        }
+    }
 
     fn reference(x: &[f32], w: &[f32], bias: &[f32], s: Conv2dShape) -> Vec<f32> {
         let [oh, ow] = s.output_size();
@@ -456,87 +446,15 @@ mod tests {
     fn every_method_matches_the_direct_sum() {
         for shape in [
             // Large enough for Winograd (odd height: a half-empty last row of tiles).
-            Conv2dShape {
-                batch: 2,
-                in_channels: 3,
-                out_channels: 4,
-                height: 33,
-                width: 32,
-                kernel: [3, 3],
-                padding: [1; 4],
-                stride: [1, 1],
-            },
-            Conv2dShape {
-                batch: 2,
-                in_channels: 3,
-                out_channels: 4,
-                height: 33,
-                width: 32,
-                kernel: [3, 3],
-                padding: [1, 1, 1, 0],
-                stride: [1, 1],
-            },
-            Conv2dShape {
-                batch: 2,
-                in_channels: 5,
-                out_channels: 7,
-                height: 9,
-                width: 11,
-                kernel: [3, 3],
-                padding: [1, 1, 1, 1],
-                stride: [1, 1],
-            },
-            Conv2dShape {
-                batch: 1,
-                in_channels: 3,
-                out_channels: 4,
-                height: 40,
-                width: 33,
-                kernel: [3, 3],
-                padding: [1, 1, 1, 1],
-                stride: [1, 1],
-            },
-            Conv2dShape {
-                batch: 2,
-                in_channels: 6,
-                out_channels: 3,
-                height: 5,
-                width: 6,
-                kernel: [1, 1],
-                padding: [0, 0, 0, 0],
-                stride: [1, 1],
-            },
-            Conv2dShape {
-                batch: 1,
-                in_channels: 2,
-                out_channels: 3,
-                height: 7,
-                width: 6,
-                kernel: [3, 2],
-                padding: [0, 1, 2, 0],
-                stride: [1, 1],
-            },
+            shape(2, [3, 4], [33, 32], [3, 3], [1; 4], [1, 1]),
+            shape(2, [3, 4], [33, 32], [3, 3], [1, 1, 1, 0], [1, 1]),
+            shape(2, [5, 7], [9, 11], [3, 3], [1, 1, 1, 1], [1, 1]),
+            shape(1, [3, 4], [40, 33], [3, 3], [1, 1, 1, 1], [1, 1]),
+            shape(2, [6, 3], [5, 6], [1, 1], [0, 0, 0, 0], [1, 1]),
+            shape(1, [2, 3], [7, 6], [3, 2], [0, 1, 2, 0], [1, 1]),
             // A downsampler's stride 2 (with the U-Net's one-sided padding, and even/odd sizes).
-            Conv2dShape {
-                batch: 2,
-                in_channels: 3,
-                out_channels: 5,
-                height: 9,
-                width: 8,
-                kernel: [3, 3],
-                padding: [1, 1, 1, 1],
-                stride: [2, 2],
-            },
-            Conv2dShape {
-                batch: 1,
-                in_channels: 2,
-                out_channels: 2,
-                height: 8,
-                width: 8,
-                kernel: [3, 3],
-                padding: [0, 0, 1, 1],
-                stride: [2, 2],
-            },
+            shape(2, [3, 5], [9, 8], [3, 3], [1, 1, 1, 1], [2, 2]),
+            shape(1, [2, 2], [8, 8], [3, 3], [0, 0, 1, 1], [2, 2]),
         ] {
             let [kh, kw] = shape.kernel;
             let x = pseudo_random(
@@ -565,16 +483,7 @@ mod tests {
 
     #[test]
     fn mismatched_sizes_are_refused() {
-        let shape = Conv2dShape {
-            batch: 1,
-            in_channels: 2,
-            out_channels: 2,
-            height: 3,
-            width: 3,
-            kernel: [3, 3],
-            padding: [1; 4],
-            stride: [1, 1],
-        };
+        let shape = shape(1, [2, 2], [3, 3], [3, 3], [1; 4], [1, 1]);
         assert!(conv2d(&[0.0; 17], &[0.0; 36], None, shape).is_none());
         assert!(conv2d(&[0.0; 18], &[0.0; 36], Some(&[0.0; 3]), shape).is_none());
     }

@@ -2,6 +2,8 @@
 
 use rayon::prelude::*;
 
+use super::multiply;
+
 /// `x`: `[rows, d_in]`, `weight`: `[d_in, d_out]` (Burn's `Linear` layout), `bias`: `[d_out]`,
 /// all row-major; returns `[rows, d_out]`. `None` when the lengths do not fit together.
 pub fn linear(
@@ -28,26 +30,14 @@ pub fn linear(
     // SAFETY: `x` is `rows × d_in`, `weight` `d_in × d_out` and `out` `rows × d_out`, all
     // row-major, as checked above.
     unsafe {
-        gemm::gemm(
-            rows,
-            d_out,
-            d_in,
-            out.as_mut_ptr(),
-            1,
-            d_out as isize,
+        multiply(
+            [rows, d_out, d_in],
+            (out.as_mut_ptr(), [d_out, 1]),
+            (x.as_ptr(), [d_in, 1]),
+            (weight.as_ptr(), [d_out, 1]),
             bias.is_some(),
-            x.as_ptr(),
-            1,
-            d_in as isize,
-            weight.as_ptr(),
-            1,
-            d_out as isize,
             1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            true,
         );
     }
     Some(out)
@@ -86,26 +76,14 @@ pub fn linear_from_channels(
         // with row stride 1 and column stride `tokens`), `weight` `d_in × d_out` and `out`
         // `tokens × d_out`, all inside the slices checked above.
         unsafe {
-            gemm::gemm(
-                tokens,
-                d_out,
-                d_in,
-                out.as_mut_ptr(),
-                1,
-                d_out as isize,
+            multiply(
+                [tokens, d_out, d_in],
+                (out.as_mut_ptr(), [d_out, 1]),
+                (x.as_ptr(), [1, tokens]),
+                (weight.as_ptr(), [d_out, 1]),
                 bias.is_some(),
-                x.as_ptr(),
-                tokens as isize,
-                1,
-                weight.as_ptr(),
-                1,
-                d_out as isize,
                 1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                true,
             );
         }
     }
@@ -148,26 +126,14 @@ pub fn linear_to_channels(
         // transpose (`d_in × tokens`, row stride 1, column stride `d_in`), all inside the slices
         // checked above.
         unsafe {
-            gemm::gemm(
-                d_out,
-                tokens,
-                d_in,
-                out.as_mut_ptr(),
-                1,
-                tokens as isize,
+            multiply(
+                [d_out, tokens, d_in],
+                (out.as_mut_ptr(), [tokens, 1]),
+                (weight.as_ptr(), [1, d_out]),
+                (x.as_ptr(), [1, d_in]),
                 true,
-                weight.as_ptr(),
-                d_out as isize,
-                1,
-                x.as_ptr(),
-                d_in as isize,
-                1,
                 1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                true,
             );
         }
     }

@@ -30,6 +30,71 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 pub use attention::AttentionShape;
 pub use conv::Conv2dShape;
 
+/// `dst = scale · lhs · rhs`, or `dst += scale · lhs · rhs` when `accumulate`, for an
+/// `m × k` `lhs` and a `k × n` `rhs`; each matrix is a pointer and its `[row, column]` strides in
+/// elements. `parallel` spreads the multiply over rayon's threads (for callers not already
+/// inside a parallel task). The kernels' one entry to `gemm`.
+///
+/// # Safety
+/// Every element the sizes and strides address must lie inside its matrix's allocation, and
+/// `dst` must not overlap `lhs` or `rhs` nor be written by another thread meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn multiply(
+    [m, n, k]: [usize; 3],
+    (dst, [dst_row, dst_col]): (*mut f32, [usize; 2]),
+    (lhs, [lhs_row, lhs_col]): (*const f32, [usize; 2]),
+    (rhs, [rhs_row, rhs_col]): (*const f32, [usize; 2]),
+    accumulate: bool,
+    scale: f32,
+    parallel: bool,
+) {
+    let parallelism = if parallel {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the caller's contract above is gemm's.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_col as isize,
+            dst_row as isize,
+            accumulate,
+            lhs,
+            lhs_col as isize,
+            lhs_row as isize,
+            rhs,
+            rhs_col as isize,
+            rhs_row as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// An output buffer the tasks of one kernel share; each task writes only its own disjoint
+/// part of it (rows, columns or pixels, as each kernel's SAFETY notes say), and the buffer
+/// outlives the parallel loop.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: see above: tasks write disjoint elements of a buffer that outlives them.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// True when `B` is the plain Flex backend (not wrapped in autodiff or anything else).
 pub fn is_flex<B: Backend>() -> bool {
     std::any::TypeId::of::<B>() == std::any::TypeId::of::<burn::backend::Flex>()

@@ -8,24 +8,11 @@
 use rayon::prelude::*;
 
 use super::conv::Conv2dShape;
+use super::{SharedOut, multiply};
 
 /// Floats of transformed inputs and products one task keeps (16 MiB): blocks of tiles sized to
 /// it, so that deep layers take fewer tiles at a time.
 const TASK_FLOATS: usize = 1 << 22;
-
-/// A pointer the tasks share; each writes only its own tiles' pixels.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint output pixels (their own tiles) of a buffer that outlives them.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// `G g Gᵀ` for a 3×3 filter, row-major 4×4.
 fn transform_filter(g: &[f32]) -> [f32; 16] {
@@ -168,26 +155,14 @@ pub(super) fn conv3x3(
                 // inside `filters`; V_k is `in × n` at `k · in · n` inside `inputs`; M_k is
                 // `out × n` at `k · out · n` inside `products`; all sized above.
                 unsafe {
-                    gemm::gemm(
-                        out_channels,
-                        n,
-                        in_channels,
-                        products.as_mut_ptr().add(k * out_channels * n),
-                        1,
-                        n as isize,
+                    multiply(
+                        [out_channels, n, in_channels],
+                        (products.as_mut_ptr().add(k * out_channels * n), [n, 1]),
+                        (filters.as_ptr().add(k * in_channels), [16 * in_channels, 1]),
+                        (inputs.as_ptr().add(k * in_channels * n), [n, 1]),
                         false,
-                        filters.as_ptr().add(k * in_channels),
-                        1,
-                        (16 * in_channels) as isize,
-                        inputs.as_ptr().add(k * in_channels * n),
-                        1,
-                        n as isize,
-                        0.0,
                         1.0,
                         false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             }

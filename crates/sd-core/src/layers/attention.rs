@@ -211,18 +211,24 @@ impl<B: Backend> AttentionBlock2d<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
         let heads = self.heads;
-        let tokens = super::group_norm_2d(&self.group_norm, x.clone())
-            .reshape([b, c, h * w])
-            .swap_dims(1, 2);
-        let q = super::linear_forward(&self.to_q, tokens.clone());
-        let k = super::linear_forward(&self.to_k, tokens.clone());
-        let v = super::linear_forward(&self.to_v, tokens);
+        // The projections read the normalised map and write back onto `x` channels-first, as
+        // the U-Net's spatial transformer does.
+        let normed = super::group_norm_2d(&self.group_norm, x.clone()).reshape([b, c, h * w]);
+        let q = super::linear_from_channels(&self.to_q, normed.clone());
+        let k = super::linear_from_channels(&self.to_k, normed.clone());
+        let v = super::linear_from_channels(&self.to_v, normed);
         let attended = multi_head_attention(q, k, v, heads, false);
-        let out = self
-            .to_out
-            .iter()
-            .fold(attended, |t, linear| super::linear_forward(linear, t));
-        out.swap_dims(1, 2).reshape([b, c, h, w]) + x
+        let residual = x.reshape([b, c, h * w]);
+        let out = match self.to_out.split_last() {
+            Some((last, rest)) => {
+                let t = rest
+                    .iter()
+                    .fold(attended, |t, linear| super::linear_forward(linear, t));
+                super::linear_to_channels(last, t, residual)
+            }
+            None => attended.swap_dims(1, 2) + residual,
+        };
+        out.reshape([b, c, h, w])
     }
 }
 
