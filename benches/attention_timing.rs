@@ -24,6 +24,7 @@ fn time_if(
 }
 
 fn main() -> Result<(), String> {
+    sd_benches::tune_allocator();
     let runs: usize = arg("--runs").and_then(|r| r.parse().ok()).unwrap_or(3);
     let len: usize = arg("--len").and_then(|r| r.parse().ok()).unwrap_or(4096);
     let device = Default::default();

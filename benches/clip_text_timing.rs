@@ -8,6 +8,7 @@ use sd_conditioner::{ClipTextConfig, ClipTextModel, HiddenAct};
 use sd_core::backend::DefaultBackend as B;
 
 fn main() -> Result<(), String> {
+    sd_benches::tune_allocator();
     let name = arg("--config").unwrap_or_else(|| "vit-l".into());
     let runs: usize = arg("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);
     let config = match name.as_str() {

@@ -10,6 +10,7 @@ use sd_core::backend::DefaultBackend as B;
 use sd_core::layers::{conv2d, conv2d_forward, group_norm, silu};
 
 fn main() -> Result<(), String> {
+    sd_benches::tune_allocator();
     let runs: usize = arg("--runs").and_then(|r| r.parse().ok()).unwrap_or(3);
     let device = Default::default();
     if arg("--convs").is_some() {

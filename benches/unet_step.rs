@@ -9,6 +9,7 @@ use sd_core::backend::DefaultBackend as B;
 use sd_unet::{UNet2DConditionConfig, UNet2DConditionModel};
 
 fn sd15_step(c: &mut Criterion) {
+    sd_benches::tune_allocator();
     let device = Default::default();
     let unet = UNet2DConditionModel::<B>::new(&UNet2DConditionConfig::sd15(), &device)
         .expect("valid config");

@@ -9,6 +9,7 @@ use sd_core::backend::DefaultBackend as B;
 use sd_unet::{UNet2DConditionConfig, UNet2DConditionModel};
 
 fn main() -> Result<(), String> {
+    sd_benches::tune_allocator();
     let name = arg("--config").unwrap_or_else(|| "sd15".into());
     let runs: usize = arg("--runs").and_then(|r| r.parse().ok()).unwrap_or(2);
     let side: usize = arg("--latent").and_then(|r| r.parse().ok()).unwrap_or(64);

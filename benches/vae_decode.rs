@@ -10,6 +10,7 @@ use sd_core::backend::DefaultBackend as B;
 use sd_decoder::VaeDecoder;
 
 fn bench_decode(c: &mut Criterion, name: &str, config: AutoencoderKlConfig, side: usize) {
+    sd_benches::tune_allocator();
     let device = Default::default();
     let decoder = VaeDecoder::<B>::new(&config, &device).expect("valid config");
     let z = Tensor::<B, 4>::random([1, 4, side, side], Distribution::Normal(0.0, 1.0), &device);

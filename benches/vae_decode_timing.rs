@@ -25,6 +25,7 @@ fn config(name: &str) -> Option<(AutoencoderKlConfig, usize)> {
 }
 
 fn main() -> Result<(), String> {
+    sd_benches::tune_allocator();
     let name = arg("--config").unwrap_or_else(|| "sd15".into());
     let runs: usize = arg("--runs").and_then(|r| r.parse().ok()).unwrap_or(3);
     let (config, side) = config(&name).ok_or(format!("unknown config {name}"))?;

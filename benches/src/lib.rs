@@ -10,6 +10,14 @@ pub fn arg(name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
+/// The allocator settings the `sd` command runs with
+/// ([`sd_core::allocator::reuse_freed_memory`]), unless `--malloc-defaults` is given.
+pub fn tune_allocator() {
+    if !std::env::args().any(|a| a == "--malloc-defaults") {
+        sd_core::allocator::reuse_freed_memory();
+    }
+}
+
 /// The process's peak resident memory in MiB (`VmHWM`), NaN where /proc is not there.
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")

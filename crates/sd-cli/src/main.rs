@@ -70,6 +70,8 @@ fn run(cli: Cli) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
+    // Layers free and allocate buffers of tens of MiB: keep them for reuse (fewer page faults).
+    sd_core::allocator::reuse_freed_memory();
     match run(Cli::parse()) {
         Ok(out) => {
             println!("{out}");

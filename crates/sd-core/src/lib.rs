@@ -1,5 +1,6 @@
 //! Shared foundation of the `sd` workspace.
 //!
+//! - [`allocator`]: keeps freed buffers for reuse (called by the `sd` command).
 //! - [`backend`]: the Burn backends compiled in (cargo features `flex`, `ndarray`, `wgpu`, `cuda`).
 //! - `cpu` (with `flex`): fused CPU kernels the layers use on the Flex backend.
 //! - [`layers`]: building blocks shared by the VAE halves and the U-Net.
@@ -9,6 +10,7 @@
 //!
 //! Every model is generic over `B: Backend` so that it also trains on `Autodiff<B>`.
 
+pub mod allocator;
 pub mod backend;
 #[cfg(feature = "flex")]
 pub mod cpu;

@@ -12,11 +12,12 @@
 //! own buffers and give their inputs back for any other backend or dtype, and for autodiff
 //! graphs: those take the generic Burn path, so every model still trains.
 
+#[macro_use]
+pub mod vector;
 pub mod attention;
 pub mod conv;
 pub mod linear;
 pub mod norm;
-pub mod vector;
 pub mod winograd;
 
 use std::any::Any;

@@ -14,6 +14,9 @@ use super::{SharedOut, multiply};
 /// it, so that deep layers take fewer tiles at a time.
 const TASK_FLOATS: usize = 1 << 22;
 
+/// Tiles transformed together: one AVX-512 register of f32, two AVX2 ones.
+const LANES: usize = 16;
+
 /// `G g Gᵀ` for a 3×3 filter, row-major 4×4.
 fn transform_filter(g: &[f32]) -> [f32; 16] {
     // G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]
@@ -33,40 +36,133 @@ fn transform_filter(g: &[f32]) -> [f32; 16] {
     u
 }
 
-/// `Bᵀ d B` for a 4×4 patch, row-major.
+/// The first `len` (at most [`LANES`]) floats of `src`, zeros after them.
 #[inline(always)]
-fn transform_patch(d: [[f32; 4]; 4]) -> [f32; 16] {
-    // Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]
-    let rows = |a: [f32; 4]| [a[0] - a[2], a[1] + a[2], a[2] - a[1], a[1] - a[3]];
-    let mut t = [[0f32; 4]; 4];
-    for col in 0..4 {
-        let r = rows([d[0][col], d[1][col], d[2][col], d[3][col]]);
-        for i in 0..4 {
-            t[i][col] = r[i];
-        }
+fn load(src: &[f32], len: usize) -> [f32; LANES] {
+    let mut lanes = [0f32; LANES];
+    if len == LANES {
+        lanes.copy_from_slice(&src[..LANES]);
+    } else {
+        lanes[..len].copy_from_slice(&src[..len]);
     }
-    let mut v = [0f32; 16];
-    for i in 0..4 {
-        v[i * 4..i * 4 + 4].copy_from_slice(&rows(t[i]));
-    }
-    v
+    lanes
 }
 
-/// `Aᵀ m A` for a 4×4 product, as a 2×2 tile.
+/// Copies the first `len` floats of `src` to `dst`, with a fixed-size copy for a full block.
 #[inline(always)]
-fn transform_product(m: [f32; 16]) -> [[f32; 2]; 2] {
-    // Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]
-    let pair = |a: f32, b: f32, c: f32, d: f32| [a + b + c, b - c - d];
-    let mut s = [[0f32; 4]; 2];
-    for col in 0..4 {
-        let r = pair(m[col], m[4 + col], m[8 + col], m[12 + col]);
-        s[0][col] = r[0];
-        s[1][col] = r[1];
+fn store<const N: usize>(dst: &mut [f32], src: &[f32; N], len: usize) {
+    if len == N {
+        dst[..N].copy_from_slice(src);
+    } else {
+        dst[..len].copy_from_slice(&src[..len]);
     }
-    [
-        pair(s[0][0], s[0][1], s[0][2], s[0][3]),
-        pair(s[1][0], s[1][1], s[1][2], s[1][3]),
-    ]
+}
+
+dispatched! {
+    /// `Bᵀ d B` for `len` consecutive tiles of one tile row of one channel. `even[i]` and
+    /// `odd[i]` are the even and odd columns of the patches' padded row `i`, from the first
+    /// tile's, so that tile `t`'s patch row is `[even[t], odd[t], even[t + 1], odd[t + 1]]`:
+    /// unit-stride loads across tiles. Writes element `k` of tile `t`'s transform to
+    /// `dst[k · stride + t]`.
+    pub fn transform_input_row(
+        even: [&[f32]; 4],
+        odd: [&[f32]; 4],
+        dst: &mut [f32],
+        stride: usize,
+        len: usize,
+    ) {
+        // Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]
+        let mut s = 0;
+        while s < len {
+            let w = LANES.min(len - s);
+            // d[i][col]: lane l holds tile s + l.
+            let mut d = [[[0f32; LANES]; 4]; 4];
+            for (i, row) in d.iter_mut().enumerate() {
+                row[0] = load(&even[i][s..], w);
+                row[1] = load(&odd[i][s..], w);
+                row[2] = load(&even[i][s + 1..], w);
+                row[3] = load(&odd[i][s + 1..], w);
+            }
+            let mut v = [[0f32; LANES]; 16];
+            for l in 0..LANES {
+                let mut t = [[0f32; 4]; 4];
+                for col in 0..4 {
+                    let (a, b, c, e) = (d[0][col][l], d[1][col][l], d[2][col][l], d[3][col][l]);
+                    t[0][col] = a - c;
+                    t[1][col] = b + c;
+                    t[2][col] = c - b;
+                    t[3][col] = b - e;
+                }
+                for (i, &[a, b, c, e]) in t.iter().enumerate() {
+                    v[4 * i][l] = a - c;
+                    v[4 * i + 1][l] = b + c;
+                    v[4 * i + 2][l] = c - b;
+                    v[4 * i + 3][l] = b - e;
+                }
+            }
+            for (k, vk) in v.iter().enumerate() {
+                store(&mut dst[k * stride + s..], vk, w);
+            }
+            s += w;
+        }
+    }
+}
+
+dispatched! {
+    /// `Aᵀ m A + bias` for `len` consecutive tiles of one tile row of one output channel:
+    /// element `k` of tile `t`'s product is `products[k · stride + t]`. Writes the tiles'
+    /// pixel rows interleaved into `top` and, when given, `bottom` (both as long as the image
+    /// keeps of those `2 · len` columns).
+    pub fn transform_output_row(
+        products: &[f32],
+        stride: usize,
+        len: usize,
+        bias: f32,
+        top: &mut [f32],
+        bottom: Option<&mut [f32]>,
+    ) {
+        // Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]
+        let cols = top.len();
+        let mut bottom = bottom;
+        let mut s = 0;
+        while s < len {
+            let w = LANES.min(len - s);
+            let mut m = [[0f32; LANES]; 16];
+            for (k, mk) in m.iter_mut().enumerate() {
+                *mk = load(&products[k * stride + s..], w);
+            }
+            let mut y = [[0f32; 2 * LANES]; 2];
+            for l in 0..LANES {
+                let mut r = [[0f32; 4]; 2];
+                for col in 0..4 {
+                    let (a, b, c, e) = (m[col][l], m[4 + col][l], m[8 + col][l], m[12 + col][l]);
+                    r[0][col] = a + b + c;
+                    r[1][col] = b - c - e;
+                }
+                for (yr, &[a, b, c, e]) in y.iter_mut().zip(&r) {
+                    yr[2 * l] = a + b + c + bias;
+                    yr[2 * l + 1] = b - c - e + bias;
+                }
+            }
+            let n = (2 * w).min(cols - 2 * s);
+            store(&mut top[2 * s..], &y[0], n);
+            if let Some(bottom) = bottom.as_deref_mut() {
+                store(&mut bottom[2 * s..], &y[1], n);
+            }
+            s += w;
+        }
+    }
+}
+
+/// A run of tiles in one tile row: image `b`, tile row `row`, tile columns `col..col + len`,
+/// the task's tiles `first..first + len`.
+#[derive(Clone, Copy)]
+struct Run {
+    b: usize,
+    row: usize,
+    col: usize,
+    len: usize,
+    first: usize,
 }
 
 /// The convolution of [`super::conv::conv2d`] for a 3×3 kernel with padding 1 on every side;
@@ -86,7 +182,9 @@ pub(super) fn conv3x3(
         ..
     } = shape;
     let (tiles_h, tiles_w) = (height.div_ceil(2), width.div_ceil(2));
-    let (padded_h, padded_w) = (2 * tiles_h + 2, 2 * tiles_w + 2);
+    // Each padded row is stored as its even columns, then its odd ones (`half` each).
+    let half = tiles_w + 1;
+    let (padded_h, padded_w) = (2 * tiles_h + 2, 2 * half);
     let image_len = padded_h * padded_w;
     let mut padded = vec![0f32; batch * in_channels * image_len];
     padded
@@ -94,7 +192,14 @@ pub(super) fn conv3x3(
         .zip(x.par_chunks(height * width))
         .for_each(|(dst, src)| {
             for (y, row) in src.chunks_exact(width).enumerate() {
-                dst[(y + 1) * padded_w + 1..][..width].copy_from_slice(row);
+                let (even, odd) = dst[(y + 1) * padded_w..][..padded_w].split_at_mut(half);
+                // Pixel x sits in padded column x + 1: odd for even x.
+                for (o, &v) in odd.iter_mut().zip(row.iter().step_by(2)) {
+                    *o = v;
+                }
+                for (e, &v) in even[1..].iter_mut().zip(row.iter().skip(1).step_by(2)) {
+                    *e = v;
+                }
             }
         });
 
@@ -113,39 +218,47 @@ pub(super) fn conv3x3(
 
     let tiles_per_image = tiles_h * tiles_w;
     let tiles = batch * tiles_per_image;
-    let per_task = (TASK_FLOATS / (16 * (in_channels + out_channels)))
-        .next_multiple_of(16)
-        .clamp(16, 1024)
-        .min(
-            tiles
-                .div_ceil(rayon::current_num_threads())
-                .next_multiple_of(16),
-        );
+    // As many tasks as fit the buffers in TASK_FLOATS, rounded up to a multiple of the
+    // threads so that none idles in the last round.
+    let threads = rayon::current_num_threads().max(1);
+    let most = (TASK_FLOATS / (16 * (in_channels + out_channels))).clamp(16, 1024);
+    let per_task = tiles.div_ceil(tiles.div_ceil(most).next_multiple_of(threads));
     let mut out = vec![0f32; batch * out_channels * height * width];
     let out_ptr = SharedOut(out.as_mut_ptr());
     (0..tiles.div_ceil(per_task)).into_par_iter().for_each_init(
         || (Vec::new(), Vec::new(), Vec::new()),
-        |(inputs, products, places), task| {
+        |(inputs, products, runs), task| {
             let first = task * per_task;
             let n = per_task.min(tiles - first);
-            // Each tile's image and top-left pixel, worked out once for all channels.
-            places.clear();
-            places.extend((first..first + n).map(|tile| {
+            runs.clear();
+            let mut tile = first;
+            while tile < first + n {
                 let (b, t) = (tile / tiles_per_image, tile % tiles_per_image);
-                (b, 2 * (t / tiles_w), 2 * (t % tiles_w))
-            }));
+                let (row, col) = (t / tiles_w, t % tiles_w);
+                let len = (tiles_w - col).min(first + n - tile);
+                runs.push(Run {
+                    b,
+                    row,
+                    col,
+                    len,
+                    first: tile - first,
+                });
+                tile += len;
+            }
             // V: `[16][in][n]`.
             inputs.resize(16 * in_channels * n, 0f32);
             for c in 0..in_channels {
-                for (j, &(b, ty, tx)) in places.iter().enumerate() {
-                    let image = &padded[(b * in_channels + c) * image_len..][..image_len];
-                    let mut d = [[0f32; 4]; 4];
-                    for (i, row) in d.iter_mut().enumerate() {
-                        row.copy_from_slice(&image[(ty + i) * padded_w + tx..][..4]);
-                    }
-                    for (k, v) in transform_patch(d).into_iter().enumerate() {
-                        inputs[(k * in_channels + c) * n + j] = v;
-                    }
+                for run in runs.iter() {
+                    let image = &padded[(run.b * in_channels + c) * image_len..][..image_len];
+                    let rows: [&[f32]; 4] =
+                        std::array::from_fn(|i| &image[(2 * run.row + i) * padded_w..][..padded_w]);
+                    transform_input_row(
+                        rows.map(|r| &r[run.col..half]),
+                        rows.map(|r| &r[half + run.col..]),
+                        &mut inputs[c * n + run.first..],
+                        in_channels * n,
+                        run.len,
+                    );
                 }
             }
             // M_k = U_k V_k: `[16][out][n]`.
@@ -168,29 +281,29 @@ pub(super) fn conv3x3(
             }
             for o in 0..out_channels {
                 let bias = bias.map_or(0.0, |b| b[o]);
-                for (j, &(b, ty, tx)) in places.iter().enumerate() {
-                    let mut m = [0f32; 16];
-                    for (k, v) in m.iter_mut().enumerate() {
-                        *v = products[(k * out_channels + o) * n + j];
-                    }
-                    let y = transform_product(m);
-                    let base = (b * out_channels + o) * height * width;
-                    for (i, row) in y.iter().enumerate() {
-                        let py = ty + i;
-                        if py >= height {
-                            continue;
-                        }
-                        for (jj, &value) in row.iter().enumerate() {
-                            let px = tx + jj;
-                            if px < width {
-                                // SAFETY: pixel `(py, px)` of channel `o` of image `b`
-                                // lies inside `out`, and belongs to this task's tile.
-                                unsafe {
-                                    *out_ptr.get().add(base + py * width + px) = value + bias;
-                                }
-                            }
-                        }
-                    }
+                for run in runs.iter() {
+                    let (y, x0) = (2 * run.row, 2 * run.col);
+                    let cols = (x0 + 2 * run.len).min(width) - x0;
+                    let at = (run.b * out_channels + o) * height * width + y * width + x0;
+                    // SAFETY: the `cols` pixels from `(y, x0)` (and from `(y + 1, x0)` when
+                    // inside the image) of channel `o` of image `b` lie inside `out` and
+                    // belong to this task's tiles only.
+                    let (top, bottom) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(out_ptr.get().add(at), cols),
+                            (y + 1 < height).then(|| {
+                                std::slice::from_raw_parts_mut(out_ptr.get().add(at + width), cols)
+                            }),
+                        )
+                    };
+                    transform_output_row(
+                        &products[o * n + run.first..],
+                        out_channels * n,
+                        run.len,
+                        bias,
+                        top,
+                        bottom,
+                    );
                 }
             }
         },
