@@ -7,12 +7,13 @@ use burn::tensor::activation::{gelu, silu as burn_silu};
 use burn::tensor::{Distribution, Tensor};
 use sd_benches::{arg, time_runs};
 use sd_core::backend::DefaultBackend as B;
-use sd_core::layers::{conv2d, conv2d_forward, group_norm, silu};
+use sd_core::layers::{conv2d, conv2d_forward, group_norm, linear_forward, silu};
 
 fn main() -> Result<(), String> {
     sd_benches::tune_allocator();
     let runs: usize = arg("--runs").and_then(|r| r.parse().ok()).unwrap_or(3);
     let device = Default::default();
+    #[cfg(feature = "flex")]
     if arg("--convs").is_some() {
         return convs(runs, &device);
     }
@@ -78,6 +79,16 @@ fn main() -> Result<(), String> {
         2.0 * n * (4 * c * c) as f64,
         &mut || sync3(down.forward(wide.clone())),
     )?;
+    time(
+        "linear 320→2560 (sd-core linear_forward)",
+        2.0 * n * (c * 8 * c) as f64,
+        &mut || sync3(linear_forward(&proj, tokens.clone())),
+    )?;
+    time(
+        "linear 1280→320 (sd-core linear_forward)",
+        2.0 * n * (4 * c * c) as f64,
+        &mut || sync3(linear_forward(&down, wide.clone())),
+    )?;
     time("gelu on [2, 4096, 1280]", 0.0, &mut || {
         sync3(gelu(wide.clone()))
     })?;
@@ -100,16 +111,20 @@ fn main() -> Result<(), String> {
 }
 
 /// `--convs x`: the 3×3 convolutions of SD 1.5's U-Net (batch 2), through Burn's `Conv2d` and
-/// through `conv2d_forward`.
+/// through each of `sd_core::cpu::conv`'s methods (`--side N`: one level only). Flex only.
+#[cfg(feature = "flex")]
 fn convs(runs: usize, device: &burn::tensor::Device<B>) -> Result<(), String> {
+    use sd_core::cpu::conv::{Conv2dShape, ConvMethod, conv2d_by};
     let only: Option<usize> = arg("--side").and_then(|s| s.parse().ok());
     for (cin, cout, side) in [
         (320, 320, 64),
+        (960, 320, 64),
+        (640, 640, 64),
         (640, 640, 32),
+        (1280, 640, 32),
         (1280, 1280, 16),
         (1280, 1280, 8),
         (2560, 1280, 8),
-        (960, 320, 64),
     ] {
         if only.is_some_and(|o| o != side) {
             continue;
@@ -123,14 +138,51 @@ fn convs(runs: usize, device: &burn::tensor::Device<B>) -> Result<(), String> {
             sync(conv.forward(x.clone()));
             Ok(())
         })?;
-        let (ours, _) = time_runs(runs, || {
-            sync(conv2d_forward(&conv, x.clone()));
-            Ok(())
-        })?;
-        println!(
-            "{}",
-            serde_json::json!({"conv": format!("{cin}→{cout} at {side}²"), "burn_ms": burn * 1e3, "burn_gflops": flops / burn / 1e9, "sd_core_ms": ours * 1e3, "sd_core_gflops": flops / ours / 1e9})
-        );
+        let xs = x.to_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+        let ws = conv
+            .weight
+            .val()
+            .to_data()
+            .to_vec::<f32>()
+            .map_err(|e| format!("{e:?}"))?;
+        let shape = Conv2dShape {
+            batch: 2,
+            in_channels: cin,
+            out_channels: cout,
+            height: side,
+            width: side,
+            kernel: [3, 3],
+            padding: [1; 4],
+            stride: [1, 1],
+        };
+        let mut row = serde_json::json!({
+            "conv": format!("{cin}→{cout} at {side}²"),
+            "burn_gflops": flops / burn / 1e9,
+            "chosen": format!("{:?}", ConvMethod::choose(shape)),
+        });
+        // Each method's largest difference from the shifted multiplies' (direct) result,
+        // relative to the largest output.
+        let direct = conv2d_by(ConvMethod::Shifted, &xs, &ws, None, shape).ok_or("sizes")?;
+        let largest = direct.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for method in [
+            ConvMethod::Winograd4x4,
+            ConvMethod::Winograd2x2,
+            ConvMethod::Im2col,
+            ConvMethod::Shifted,
+        ] {
+            let (t, _) = time_runs(runs, || {
+                conv2d_by(method, &xs, &ws, None, shape).ok_or("sizes")?;
+                Ok(())
+            })?;
+            let ours = conv2d_by(method, &xs, &ws, None, shape).ok_or("sizes")?;
+            let worst = ours
+                .iter()
+                .zip(&direct)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            row[format!("{method:?}_gflops")] = (flops / t / 1e9).into();
+            row[format!("{method:?}_relative_error")] = (worst / largest).into();
+        }
+        println!("{row}");
     }
     Ok(())
 }

@@ -10,6 +10,7 @@
 
 use rayon::prelude::*;
 
+use super::winograd::Tile;
 use super::{SharedOut, multiply};
 
 /// The sizes of one convolution (stride 1, dilation 1, one group).
@@ -45,8 +46,12 @@ impl Conv2dShape {
 }
 
 /// Pixels (over the batch) from which Winograd pays for transforming the weights (16/9 of
-/// them, every call): SD 1.5's 32² level at batch 2.
+/// them, every call, for F(2×2, 3×3)): SD 1.5's 32² level at batch 2.
 const WINOGRAD_MIN_PIXELS: usize = 2 * 32 * 32;
+
+/// Pixels (over the batch) from which F(4×4, 3×3) beats F(2×2, 3×3): SD 1.5's 64² level at
+/// batch 2.
+const WINOGRAD_4X4_MIN_PIXELS: usize = 2 * 32 * 32;
 
 /// The largest im2col matrix built, in floats (64 MiB).
 const IM2COL_MAX: usize = 1 << 24;
@@ -55,7 +60,9 @@ const IM2COL_MAX: usize = 1 << 24;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvMethod {
     /// F(2×2, 3×3) Winograd (`super::winograd`): 3×3 kernels, padding 1, large maps.
-    Winograd,
+    Winograd2x2,
+    /// F(4×4, 3×3) Winograd: the same, on the largest maps.
+    Winograd4x4,
     /// One multiply on the im2col matrix: small maps (the deep levels), where that matrix is
     /// small and the weights large.
     Im2col,
@@ -64,21 +71,25 @@ pub enum ConvMethod {
 }
 
 impl ConvMethod {
-    /// The fastest method for `shape`, as measured on SD 1.5's U-Net (batch 2, 2 cores):
-    /// Winograd runs the 32² and 64² levels' 3×3 convolutions 1.1-1.9× faster than the direct
-    /// methods (the more channels, the more it gains); im2col runs the 8² to 16² levels at
-    /// 185-200 GFLOP/s where the shifted multiplies reach 100-150, and the shifted multiplies
-    /// win at 64² (165 against 115).
+    /// The fastest method for `shape`, as measured on SD 1.5's U-Net (batch 2, 2 cores; `cargo
+    /// run --release -p sd-benches --bin layer-timing -- --convs x`): F(4×4, 3×3) runs the 64²
+    /// level's 3×3 convolutions 1.3× faster than F(2×2, 3×3), which runs the 32² level's
+    /// 1.3× faster than im2col; im2col runs the 8² to 16² levels at 185-200 GFLOP/s, where
+    /// Winograd's weight transforms cost more than they save, and the shifted multiplies beat
+    /// im2col on large maps.
     pub fn choose(shape: Conv2dShape) -> Self {
         let [out_h, out_w] = shape.output_size();
         let taps = shape.kernel[0] * shape.kernel[1];
+        let pixels = shape.batch * shape.height * shape.width;
         if shape.stride != [1, 1] {
             ConvMethod::Im2col
-        } else if shape.kernel == [3, 3]
-            && shape.padding == [1; 4]
-            && shape.batch * shape.height * shape.width >= WINOGRAD_MIN_PIXELS
+        } else if shape.kernel == [3, 3] && shape.padding == [1; 4] && pixels >= WINOGRAD_MIN_PIXELS
         {
-            ConvMethod::Winograd
+            if pixels >= WINOGRAD_4X4_MIN_PIXELS {
+                ConvMethod::Winograd4x4
+            } else {
+                ConvMethod::Winograd2x2
+            }
         } else if shape.batch * out_h * out_w * shape.in_channels * taps <= IM2COL_MAX {
             ConvMethod::Im2col
         } else {
@@ -138,12 +149,17 @@ pub fn conv2d_by(
         return None;
     }
     let unit_stride = shape.stride == [1, 1];
-    if method == ConvMethod::Winograd
+    let tile = match method {
+        ConvMethod::Winograd2x2 => Some(Tile::Two),
+        ConvMethod::Winograd4x4 => Some(Tile::Four),
+        _ => None,
+    };
+    if let Some(tile) = tile
         && unit_stride
         && [kh, kw] == [3, 3]
         && shape.padding == [1; 4]
     {
-        return Some(super::winograd::conv3x3(x, weight, bias, shape));
+        return Some(super::winograd::conv3x3(tile, x, weight, bias, shape));
     }
     let (padded_h, padded_w) = (height + top + bottom, width + left + right);
     let image_len = padded_h * padded_w;
@@ -450,6 +466,8 @@ mod tests {
             shape(2, [3, 4], [33, 32], [3, 3], [1, 1, 1, 0], [1, 1]),
             shape(2, [5, 7], [9, 11], [3, 3], [1, 1, 1, 1], [1, 1]),
             shape(1, [3, 4], [40, 33], [3, 3], [1, 1, 1, 1], [1, 1]),
+            // Rows of more tiles than the transforms take at once, the last one partial.
+            shape(1, [2, 3], [7, 66], [3, 3], [1, 1, 1, 1], [1, 1]),
             shape(2, [6, 3], [5, 6], [1, 1], [0, 0, 0, 0], [1, 1]),
             shape(1, [2, 3], [7, 6], [3, 2], [0, 1, 2, 0], [1, 1]),
             // A downsampler's stride 2 (with the U-Net's one-sided padding, and even/odd sizes).
@@ -465,7 +483,8 @@ mod tests {
             let bias = pseudo_random(shape.out_channels, 3);
             let expected = reference(&x, &w, &bias, shape);
             for method in [
-                ConvMethod::Winograd,
+                ConvMethod::Winograd2x2,
+                ConvMethod::Winograd4x4,
                 ConvMethod::Im2col,
                 ConvMethod::Shifted,
             ] {
