@@ -46,10 +46,10 @@ impl Conv2dShape {
 }
 
 /// Pixels (over the batch) from which Winograd pays for transforming the weights (16/9 of
-/// them, every call, for F(2×2, 3×3)): SD 1.5's 32² level at batch 2.
-const WINOGRAD_MIN_PIXELS: usize = 2 * 32 * 32;
+/// them, every call, for F(2×2, 3×3)): SD 1.5's 16² level at batch 2.
+const WINOGRAD_MIN_PIXELS: usize = 2 * 16 * 16;
 
-/// Pixels (over the batch) from which F(4×4, 3×3) beats F(2×2, 3×3): SD 1.5's 64² level at
+/// Pixels (over the batch) from which F(4×4, 3×3) beats F(2×2, 3×3): SD 1.5's 32² level at
 /// batch 2.
 const WINOGRAD_4X4_MIN_PIXELS: usize = 2 * 32 * 32;
 
@@ -72,9 +72,9 @@ pub enum ConvMethod {
 
 impl ConvMethod {
     /// The fastest method for `shape`, as measured on SD 1.5's U-Net (batch 2, 2 cores; `cargo
-    /// run --release -p sd-benches --bin layer-timing -- --convs x`): F(4×4, 3×3) runs the 64²
-    /// level's 3×3 convolutions 1.3× faster than F(2×2, 3×3), which runs the 32² level's
-    /// 1.3× faster than im2col; im2col runs the 8² to 16² levels at 185-200 GFLOP/s, where
+    /// run --release -p sd-benches --bin layer-timing -- --convs x`): F(4×4, 3×3) runs the 32²
+    /// and 64² levels' 3×3 convolutions 1.2-1.6× faster than F(2×2, 3×3), which runs the 16²
+    /// level's 1.3× faster than im2col; im2col runs the 8² level at 190-200 GFLOP/s, where
     /// Winograd's weight transforms cost more than they save, and the shifted multiplies beat
     /// im2col on large maps.
     pub fn choose(shape: Conv2dShape) -> Self {

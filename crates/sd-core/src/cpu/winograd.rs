@@ -15,9 +15,17 @@ use rayon::prelude::*;
 use super::conv::Conv2dShape;
 use super::{SharedOut, multiply};
 
-/// Floats of transformed inputs and products one task keeps (16 MiB): blocks of tiles sized to
-/// it, so that deep layers take fewer tiles at a time.
-const TASK_FLOATS: usize = 1 << 22;
+/// Transformed inputs kept at a time (28 MiB): tiles are transformed and multiplied in groups
+/// of this size, so that large maps (the VAE's 512² levels) need no more. Under glibc's
+/// largest `mmap` threshold (32 MiB), so that the buffer is reused rather than faulted in.
+const GROUP_FLOATS: usize = 7 << 20;
+
+/// Transformed filters per piece (28 MiB, for the same reason): the output channels are split
+/// into blocks whose filters fit.
+const PIECE_FLOATS: usize = 7 << 20;
+
+/// Products one task keeps (8 MiB): its tiles × output channels.
+const BLOCK_FLOATS: usize = 1 << 21;
 
 /// Tiles transformed together: one AVX-512 register of f32, two AVX2 ones.
 const LANES: usize = 16;
@@ -110,16 +118,46 @@ fn output_1d<const P: usize, const M: usize>(m: [f32; P]) -> [f32; M] {
     y
 }
 
-/// `G g Gᵀ` for a 3×3 filter, row-major `P × P`, into `dst[k · stride]`.
-fn transform_filter<const P: usize>(g: &[f32], dst: &mut [f32], stride: usize) {
-    let mut columns = [[0f32; P]; 3];
-    for (col, c) in columns.iter_mut().enumerate() {
-        *c = filter_1d([g[col], g[3 + col], g[6 + col]]);
+/// `G g Gᵀ` for the 3×3 filters of `LANES` input channels at once: see [`transform_filters`].
+#[inline(always)]
+fn filters_of<const P: usize>(weight: &[f32], dst: &mut [f32], in_channels: usize) {
+    let mut c = 0;
+    while c < in_channels {
+        let w = LANES.min(in_channels - c);
+        // g[tap][l]: tap `tap` of channel c + l's filter.
+        let mut g = [[0f32; LANES]; 9];
+        for (l, filter) in weight[c * 9..][..w * 9].chunks_exact(9).enumerate() {
+            for (tap, &x) in filter.iter().enumerate() {
+                g[tap][l] = x;
+            }
+        }
+        let mut u = [[0f32; LANES]; 36];
+        for l in 0..LANES {
+            let mut columns = [[0f32; P]; 3];
+            for (col, column) in columns.iter_mut().enumerate() {
+                *column = filter_1d([g[col][l], g[3 + col][l], g[6 + col][l]]);
+            }
+            for i in 0..P {
+                let row = filter_1d::<P>([columns[0][i], columns[1][i], columns[2][i]]);
+                for (j, &x) in row.iter().enumerate() {
+                    u[i * P + j][l] = x;
+                }
+            }
+        }
+        for (k, uk) in u.iter().take(P * P).enumerate() {
+            store(&mut dst[k * in_channels + c..], uk, w);
+        }
+        c += w;
     }
-    for i in 0..P {
-        let row = filter_1d::<P>([columns[0][i], columns[1][i], columns[2][i]]);
-        for (j, &u) in row.iter().enumerate() {
-            dst[(i * P + j) * stride] = u;
+}
+
+dispatched! {
+    /// `G g Gᵀ` for one output channel's 3×3 filters (`weight`: `[in][3][3]`), into `dst`:
+    /// `[P²][in]`, element `k` of input channel `c`'s transform at `k · in_channels + c`.
+    pub fn transform_filters(tile: Tile, weight: &[f32], dst: &mut [f32], in_channels: usize) {
+        match tile {
+            Tile::Two => filters_of::<4>(weight, dst, in_channels),
+            Tile::Four => filters_of::<6>(weight, dst, in_channels),
         }
     }
 }
@@ -280,8 +318,8 @@ dispatched! {
     }
 }
 
-/// A run of tiles in one tile row: image `b`, tile row `row`, tile columns `col..col + len`,
-/// the task's tiles `first..first + len`.
+/// A run of tiles in one tile row: image `b`, tile row `row`, tile columns `col..col + len`;
+/// `first` is the first one's place among the tiles of the block being worked on.
 #[derive(Clone, Copy)]
 struct Run {
     b: usize,
@@ -289,6 +327,89 @@ struct Run {
     col: usize,
     len: usize,
     first: usize,
+}
+
+/// The runs that tiles `first..first + n` (numbered over the batch) make up.
+fn runs_of(first: usize, n: usize, [tiles_h, tiles_w]: [usize; 2], runs: &mut Vec<Run>) {
+    runs.clear();
+    let mut tile = first;
+    while tile < first + n {
+        let (b, t) = (tile / (tiles_h * tiles_w), tile % (tiles_h * tiles_w));
+        let (row, col) = (t / tiles_w, t % tiles_w);
+        let len = (tiles_w - col).min(first + n - tile);
+        runs.push(Run {
+            b,
+            row,
+            col,
+            len,
+            first: tile - first,
+        });
+        tile += len;
+    }
+}
+
+/// How a group of `tiles` is split into `[tile blocks, channel blocks]` tasks: a multiple of
+/// `threads` tasks whose products fit BLOCK_FLOATS and whose block of transformed filters fits
+/// PIECE_FLOATS, reading the least memory. Each tile block reads all transformed filters and
+/// each channel block all the group's transformed inputs: large maps split by tiles, deep
+/// levels (few tiles, large filters) by channels.
+fn split(
+    [tiles, in_channels, out_channels]: [usize; 3],
+    products_per_tile: usize,
+    threads: usize,
+) -> [usize; 2] {
+    let (inputs, filters) = (
+        products_per_tile * in_channels * tiles,
+        products_per_tile * in_channels * out_channels,
+    );
+    let mut best = ([tiles.min(64), out_channels.min(64)], usize::MAX);
+    for tile_blocks in 1..=tiles.min(64) {
+        for channel_blocks in 1..=out_channels.min(64) {
+            let channels = out_channels.div_ceil(channel_blocks);
+            let products = products_per_tile * tiles.div_ceil(tile_blocks) * channels;
+            if !(tile_blocks * channel_blocks).is_multiple_of(threads)
+                || products > BLOCK_FLOATS
+                || products_per_tile * in_channels * channels > PIECE_FLOATS
+            {
+                continue;
+            }
+            let read = tile_blocks * filters + channel_blocks * inputs;
+            if read < best.1 {
+                best = ([tile_blocks, channel_blocks], read);
+            }
+        }
+    }
+    best.0
+}
+
+/// The padded rows `m · row .. m · row + m + 2` of one channel of one image (`src`:
+/// `height × width`) into `rows` (`m + 2` rows of `m · phase_len`), each stored by column
+/// phase: padded column `x + 1` (pixel `x`) at `((x + 1) mod m) · phase_len + (x + 1) div m`.
+fn pad_rows(src: &[f32], width: usize, m: usize, row: usize, phase_len: usize, rows: &mut [f32]) {
+    let height = src.len() / width;
+    for (i, dst) in rows.chunks_exact_mut(m * phase_len).enumerate() {
+        let y = (m * row + i).checked_sub(1).filter(|&y| y < height);
+        let Some(y) = y else {
+            dst.fill(0.0);
+            continue;
+        };
+        let line = &src[y * width..][..width];
+        for (phase, lane) in dst.chunks_exact_mut(phase_len).enumerate() {
+            // Padded column `phase + j·m` holds pixel `phase + j·m − 1`.
+            let (skip, first) = if phase == 0 {
+                (m - 1, 1)
+            } else {
+                (phase - 1, 0)
+            };
+            lane[..first].fill(0.0);
+            let mut j = first;
+            for &v in line.iter().skip(skip).step_by(m) {
+                lane[j] = v;
+                j += 1;
+            }
+            lane[j..].fill(0.0);
+        }
+    }
 }
 
 /// The convolution of [`super::conv::conv2d`] for a 3×3 kernel with padding 1 on every side,
@@ -311,144 +432,143 @@ pub(super) fn conv3x3(
     let m = tile.m();
     let (patch, products_per_tile) = (m + 2, (m + 2) * (m + 2));
     let (tiles_h, tiles_w) = (height.div_ceil(m), width.div_ceil(m));
-    // Padded column `c` of a row sits at `(c mod m) · phase_len + c div m`.
+    let tiles = batch * tiles_h * tiles_w;
+    // A padded row's column `c` sits at `(c mod m) · phase_len + c div m`.
     let phase_len = tiles_w + 1;
-    let (padded_h, padded_w) = (m * tiles_h + 2, m * phase_len);
-    let image_len = padded_h * padded_w;
-    let mut padded = vec![0f32; batch * in_channels * image_len];
-    padded
-        .par_chunks_mut(image_len)
-        .zip(x.par_chunks(height * width))
-        .for_each(|(dst, src)| {
-            for (y, row) in src.chunks_exact(width).enumerate() {
-                let dst = &mut dst[(y + 1) * padded_w..][..padded_w];
-                // Pixel x sits in padded column x + 1.
-                for (phase, lane) in dst.chunks_exact_mut(phase_len).enumerate() {
-                    let first_pixel = (phase + m - 1) % m;
-                    let first_index = usize::from(phase == 0);
-                    for (d, &v) in lane[first_index..]
-                        .iter_mut()
-                        .zip(row.iter().skip(first_pixel).step_by(m))
-                    {
-                        *d = v;
-                    }
-                }
-            }
-        });
-
-    // U: `[out][P²][in]`, each of the P² `out × in` matrices with unit stride along `in`.
-    let mut filters = vec![0f32; out_channels * products_per_tile * in_channels];
-    filters
-        .par_chunks_mut(products_per_tile * in_channels)
-        .zip(weight.par_chunks(in_channels * 9))
-        .for_each(|(dst, src)| {
-            for (c, g) in src.chunks_exact(9).enumerate() {
-                match tile {
-                    Tile::Two => transform_filter::<4>(g, &mut dst[c..], in_channels),
-                    Tile::Four => transform_filter::<6>(g, &mut dst[c..], in_channels),
-                }
-            }
-        });
-
-    let tiles_per_image = tiles_h * tiles_w;
-    let tiles = batch * tiles_per_image;
-    // As many tasks as fit the buffers in TASK_FLOATS, rounded up to a multiple of the
-    // threads so that none idles in the last round.
+    let padded_w = m * phase_len;
     let threads = rayon::current_num_threads().max(1);
-    let most = (TASK_FLOATS / (products_per_tile * (in_channels + out_channels))).clamp(16, 1024);
-    let per_task = tiles.div_ceil(tiles.div_ceil(most).next_multiple_of(threads));
+
+    // Tiles go by in groups whose transformed inputs fit GROUP_FLOATS (in multiples of 64,
+    // the matrix kernels' rows).
+    let per_tile = products_per_tile * in_channels;
+    let mut group = (GROUP_FLOATS / per_tile).min(tiles);
+    if group > 64 {
+        group -= group % 64;
+    }
+    let group = tiles.div_ceil(tiles.div_ceil(group.max(1)));
+    let [tile_blocks, channel_blocks] = split(
+        [group, in_channels, out_channels],
+        products_per_tile,
+        threads,
+    );
+    let block = group.div_ceil(tile_blocks);
+    let channels = out_channels.div_ceil(channel_blocks);
+    let channel_blocks = out_channels.div_ceil(channels);
+
+    // U, one piece per channel block: `[out][P²][in]`, each of the P² `out × in` matrices
+    // with unit stride along `in`.
+    let filters: Vec<Vec<f32>> = (0..channel_blocks)
+        .map(|cb| {
+            let (o0, on) = (cb * channels, channels.min(out_channels - cb * channels));
+            let mut piece = vec![0f32; on * per_tile];
+            piece
+                .par_chunks_mut(per_tile)
+                .zip(
+                    weight[o0 * in_channels * 9..][..on * in_channels * 9]
+                        .par_chunks(in_channels * 9),
+                )
+                .for_each(|(dst, src)| transform_filters(tile, src, dst, in_channels));
+            piece
+        })
+        .collect();
+
     let mut out = vec![0f32; batch * out_channels * height * width];
     let out_ptr = SharedOut(out.as_mut_ptr());
-    (0..tiles.div_ceil(per_task)).into_par_iter().for_each_init(
-        || (Vec::new(), Vec::new(), Vec::new()),
-        |(inputs, products, runs), task| {
-            let first = task * per_task;
-            let n = per_task.min(tiles - first);
-            runs.clear();
-            let mut tile_index = first;
-            while tile_index < first + n {
-                let (b, t) = (tile_index / tiles_per_image, tile_index % tiles_per_image);
-                let (row, col) = (t / tiles_w, t % tiles_w);
-                let len = (tiles_w - col).min(first + n - tile_index);
-                runs.push(Run {
-                    b,
-                    row,
-                    col,
-                    len,
-                    first: tile_index - first,
-                });
-                tile_index += len;
-            }
-            // V: `[P²][in][n]`.
-            inputs.resize(products_per_tile * in_channels * n, 0f32);
-            let mut rows: [&[f32]; 6] = [&[]; 6];
-            for c in 0..in_channels {
+    let mut inputs = vec![0f32; per_tile * group];
+    let mut runs = Vec::new();
+    for first in (0..tiles).step_by(group) {
+        let n = group.min(tiles - first);
+        runs_of(first, n, [tiles_h, tiles_w], &mut runs);
+        // V: `[in][P²][n]`, one channel per task, each tile row padded on the way.
+        inputs[..per_tile * n]
+            .par_chunks_mut(products_per_tile * n)
+            .enumerate()
+            .for_each_init(Vec::new, |padded, (c, dst)| {
+                padded.resize(patch * padded_w, 0f32);
                 for run in runs.iter() {
-                    let image = &padded[(run.b * in_channels + c) * image_len..][..image_len];
-                    for (i, r) in rows.iter_mut().take(patch).enumerate() {
-                        *r = &image[(m * run.row + i) * padded_w + run.col..][..padded_w - run.col];
+                    let image = &x[(run.b * in_channels + c) * height * width..][..height * width];
+                    pad_rows(image, width, m, run.row, phase_len, padded);
+                    let mut rows: [&[f32]; 6] = [&[]; 6];
+                    for (r, row) in rows.iter_mut().zip(padded.chunks_exact(padded_w)) {
+                        *r = &row[run.col..];
                     }
                     transform_input_row(
                         tile,
                         &rows[..patch],
                         phase_len,
-                        &mut inputs[c * n + run.first..],
-                        in_channels * n,
+                        &mut dst[run.first..],
+                        n,
                         run.len,
                     );
                 }
-            }
-            // M_k = U_k V_k: `[P²][out][n]`.
-            products.resize(products_per_tile * out_channels * n, 0f32);
-            for k in 0..products_per_tile {
-                // SAFETY: U_k is `out × in` at offset `k · in` with row stride `P² · in`
-                // inside `filters`; V_k is `in × n` at `k · in · n` inside `inputs`; M_k is
-                // `out × n` at `k · out · n` inside `products`; all sized above.
-                unsafe {
-                    multiply(
-                        [out_channels, n, in_channels],
-                        (products.as_mut_ptr().add(k * out_channels * n), [n, 1]),
-                        (
-                            filters.as_ptr().add(k * in_channels),
-                            [products_per_tile * in_channels, 1],
-                        ),
-                        (inputs.as_ptr().add(k * in_channels * n), [n, 1]),
-                        false,
-                        1.0,
-                        false,
-                    );
-                }
-            }
-            for o in 0..out_channels {
-                let bias = bias.map_or(0.0, |b| b[o]);
-                for run in runs.iter() {
-                    let (y, x0) = (m * run.row, m * run.col);
-                    let cols = (x0 + m * run.len).min(width) - x0;
-                    let base = (run.b * out_channels + o) * height * width + x0;
-                    let mut pixel_rows: [Option<&mut [f32]>; 4] = [None, None, None, None];
-                    for (r, dst) in pixel_rows.iter_mut().take(m).enumerate() {
-                        if y + r < height {
-                            // SAFETY: the `cols` pixels from `(y + r, x0)` of channel `o` of
-                            // image `b` lie inside `out` and belong to this task's tiles only.
-                            *dst = Some(unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    out_ptr.get().add(base + (y + r) * width),
-                                    cols,
-                                )
-                            });
+            });
+
+        let inputs = &inputs;
+        let filters = &filters;
+        let tile_blocks = n.div_ceil(block);
+        (0..tile_blocks * channel_blocks)
+            .into_par_iter()
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(products, block_runs), task| {
+                    let (tb, cb) = (task / channel_blocks, task % channel_blocks);
+                    let (t0, o0) = (tb * block, cb * channels);
+                    let (tn, on) = (block.min(n - t0), channels.min(out_channels - o0));
+                    let piece = &filters[cb];
+                    // M_k = V_kᵀ U_kᵀ: `[P²][on][tn]`, tiles along the matrix kernels' rows.
+                    products.resize(products_per_tile * on * tn, 0f32);
+                    for k in 0..products_per_tile {
+                        // SAFETY: V_kᵀ (`tn × in`) is tile `t0 + t`, channel `c` of V at
+                        // `c · P² · n + k · n + t0 + t`, inside `inputs[..per_tile · n]`;
+                        // U_kᵀ (`in × on`) is channel `c` of output `o` of the piece at
+                        // `o · P² · in + k · in + c`, inside `piece`; M_k is `tn × on` at
+                        // `k · on · tn`, column stride `tn`, inside `products`.
+                        unsafe {
+                            multiply(
+                                [tn, on, in_channels],
+                                (products.as_mut_ptr().add(k * on * tn), [1, tn]),
+                                (inputs.as_ptr().add(k * n + t0), [1, products_per_tile * n]),
+                                (piece.as_ptr().add(k * in_channels), [1, per_tile]),
+                                false,
+                                1.0,
+                                false,
+                            );
                         }
                     }
-                    transform_output_row(
-                        tile,
-                        &products[o * n + run.first..],
-                        out_channels * n,
-                        run.len,
-                        bias,
-                        &mut pixel_rows[..m],
-                    );
-                }
-            }
-        },
-    );
+                    // This block's runs: the group's, cut to tiles `t0..t0 + tn`.
+                    runs_of(first + t0, tn, [tiles_h, tiles_w], block_runs);
+                    for o in 0..on {
+                        let bias = bias.map_or(0.0, |b| b[o0 + o]);
+                        for run in block_runs.iter() {
+                            let (y, x0) = (m * run.row, m * run.col);
+                            let cols = (x0 + m * run.len).min(width) - x0;
+                            let base = (run.b * out_channels + o0 + o) * height * width + x0;
+                            let mut pixel_rows: [Option<&mut [f32]>; 4] = [None, None, None, None];
+                            for (r, dst) in pixel_rows.iter_mut().take(m).enumerate() {
+                                if y + r < height {
+                                    // SAFETY: the `cols` pixels from `(y + r, x0)` of channel
+                                    // `o0 + o` of image `b` lie inside `out` and belong to
+                                    // this task's tiles and channels only.
+                                    *dst = Some(unsafe {
+                                        std::slice::from_raw_parts_mut(
+                                            out_ptr.get().add(base + (y + r) * width),
+                                            cols,
+                                        )
+                                    });
+                                }
+                            }
+                            transform_output_row(
+                                tile,
+                                &products[o * tn + run.first..],
+                                on * tn,
+                                run.len,
+                                bias,
+                                &mut pixel_rows[..m],
+                            );
+                        }
+                    }
+                },
+            );
+    }
     out
 }
