@@ -7,7 +7,9 @@ use burn::tensor::activation::{gelu, silu as burn_silu};
 use burn::tensor::{Distribution, Tensor};
 use sd_benches::{arg, time_runs};
 use sd_core::backend::DefaultBackend as B;
-use sd_core::layers::{conv2d, conv2d_forward, group_norm, linear_forward, silu};
+use sd_core::layers::{
+    add_per_channel, conv2d, conv2d_forward, group_norm, linear_forward, silu, upsample_nearest2x,
+};
 
 fn main() -> Result<(), String> {
     sd_benches::tune_allocator();
@@ -68,6 +70,20 @@ fn main() -> Result<(), String> {
     time("silu x/(1+e^-x)", 0.0, &mut || sync4(silu(x.clone())))?;
     time("silu (burn)", 0.0, &mut || sync4(burn_silu(x.clone())))?;
     time("add", 0.0, &mut || sync4(x.clone() + x.clone()))?;
+    let per_image = Tensor::<B, 2>::random([b, c], Distribution::Normal(0.0, 1.0), &device);
+    let low = Tensor::<B, 4>::random(
+        [b, 2 * c, s / 2, s / 2],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    time("upsample nearest ×2 [2, 640, 32, 32]", 0.0, &mut || {
+        sync4(upsample_nearest2x(low.clone()))
+    })?;
+    time(
+        "add per channel [2, 320] (time embedding)",
+        0.0,
+        &mut || sync4(add_per_channel(x.clone(), per_image.clone())),
+    )?;
     time("layer norm", 0.0, &mut || sync3(ln.forward(tokens.clone())))?;
     time(
         "linear 320→2560 (GEGLU in)",
@@ -83,6 +99,20 @@ fn main() -> Result<(), String> {
         "linear 320→2560 (sd-core linear_forward)",
         2.0 * n * (c * 8 * c) as f64,
         &mut || sync3(linear_forward(&proj, tokens.clone())),
+    )?;
+    let proj_nobias = LinearConfig::new(c, 8 * c)
+        .with_bias(false)
+        .init::<B>(&device);
+    time(
+        "linear 320→2560 no bias (sd-core linear_forward)",
+        2.0 * n * (c * 8 * c) as f64,
+        &mut || sync3(linear_forward(&proj_nobias, tokens.clone())),
+    )?;
+    let chunk = tokens.clone().slice([0..1, 0..1638, 0..c]);
+    time(
+        "linear 320→2560 on 1638 rows (a feed-forward chunk)",
+        2.0 * 1638.0 * (c * 8 * c) as f64,
+        &mut || sync3(linear_forward(&proj, chunk.clone())),
     )?;
     time(
         "linear 1280→320 (sd-core linear_forward)",
