@@ -108,6 +108,13 @@ fn unet_matches_diffusers_on_ndarray() {
     check_all::<sd_core::backend::NdArray>(&Default::default());
 }
 
+/// `cargo test -p sd-tests --features cuda` on a machine with an NVIDIA GPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn unet_matches_diffusers_on_cuda() {
+    check_all::<sd_core::backend::Cuda>(&Default::default());
+}
+
 /// The real SD 1.5, 2.1 and XL configurations build with diffusers' parameter counts (diffusers
 /// 0.42.1 on the meta device: 859,520,964; 865,910,724; 2,567,463,684). Allocates every
 /// parameter (13 GB for SDXL, about a minute), so it runs on request:

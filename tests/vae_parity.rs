@@ -114,6 +114,13 @@ fn vae_matches_diffusers_on_ndarray() {
     check_all::<sd_core::backend::NdArray>(&Default::default());
 }
 
+/// `cargo test -p sd-tests --features cuda` on a machine with an NVIDIA GPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn vae_matches_diffusers_on_cuda() {
+    check_all::<sd_core::backend::Cuda>(&Default::default());
+}
+
 /// One small case on WGPU (`SD_WGPU_API=gl cargo test -p sd-tests --features wgpu` on a machine
 /// without a GPU: Mesa's software OpenGL, slow).
 #[cfg(feature = "wgpu")]
