@@ -42,7 +42,7 @@ impl Default for LoadOptions {
     }
 }
 
-/// A tensor's entry in a safetensors file, as checked by [`read_safetensors`].
+/// A tensor's entry in a safetensors file, as checked by [`SafetensorsFile::open`].
 #[derive(Debug, Clone)]
 pub struct TensorEntry {
     pub key: String,

@@ -265,7 +265,7 @@ impl Model {
     }
 
     /// Loads weights in `dtype` (`F32`, `F16` or `BF16`): the backend must compute in it too
-    /// (see [`crate::set_compute_dtype`]).
+    /// (`burn::tensor::set_default_dtypes`, as `sd generate --dtype` does).
     pub fn with_dtype(mut self, dtype: DType) -> Self {
         self.dtype = dtype;
         self
