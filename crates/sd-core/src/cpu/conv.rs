@@ -1,4 +1,7 @@
-//! 2-D convolution with stride 1 as a sum of shifted matrix multiplies, without im2col.
+//! 2-D convolution by the method [`ConvMethod::choose`] picks for the shape: Winograd
+//! (`super::winograd`) for 3×3 kernels with padding 1 on maps of 16² and up, one multiply on the
+//! im2col matrix for small maps and strided kernels, and otherwise a sum of shifted matrix
+//! multiplies, without im2col:
 //!
 //! The input is copied once into a zero-padded buffer of `Hp × Wp` pixels per channel. On that
 //! grid, the output pixel `(y, x)` sits at position `y·Wp + x`, and for the kernel tap `(i, j)`

@@ -4,6 +4,17 @@ use rayon::prelude::*;
 
 use super::multiply;
 
+/// `rows × d_out` output rows holding the bias (zeros without one), for the multiply to
+/// accumulate onto.
+fn bias_rows(rows: usize, d_out: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    let mut out = vec![0f32; rows * d_out];
+    if let Some(bias) = bias {
+        out.par_chunks_mut(d_out)
+            .for_each(|row| row.copy_from_slice(bias));
+    }
+    out
+}
+
 /// `x`: `[rows, d_in]`, `weight`: `[d_in, d_out]` (Burn's `Linear` layout), `bias`: `[d_out]`,
 /// all row-major; returns `[rows, d_out]`. `None` when the lengths do not fit together.
 pub fn linear(
@@ -22,11 +33,7 @@ pub fn linear(
         return None;
     }
     let rows = x.len() / d_in;
-    let mut out = vec![0f32; rows * d_out];
-    if let Some(bias) = bias {
-        out.par_chunks_mut(d_out)
-            .for_each(|row| row.copy_from_slice(bias));
-    }
+    let mut out = bias_rows(rows, d_out, bias);
     // SAFETY: `x` is `rows × d_in`, `weight` `d_in × d_out` and `out` `rows × d_out`, all
     // row-major, as checked above.
     unsafe {
@@ -63,11 +70,7 @@ pub fn linear_from_channels(
         return None;
     }
     let batch = x.len() / (d_in * tokens);
-    let mut out = vec![0f32; batch * tokens * d_out];
-    if let Some(bias) = bias {
-        out.par_chunks_mut(d_out)
-            .for_each(|row| row.copy_from_slice(bias));
-    }
+    let mut out = bias_rows(batch * tokens, d_out, bias);
     for (x, out) in x
         .chunks_exact(d_in * tokens)
         .zip(out.chunks_exact_mut(tokens * d_out))

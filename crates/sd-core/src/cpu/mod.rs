@@ -1,9 +1,10 @@
 //! Fused kernels for the Flex (CPU) backend, for the operations where composing Burn ops costs
 //! the most:
 //! - [`attention`]: scores, softmax and the weighted sum in one pass over cache-sized blocks;
-//! - [`conv`]: convolutions by the fastest of three methods: [`winograd`] F(2×2, 3×3) for large
-//!   3×3 maps, one multiply on the im2col matrix for small and strided ones, one multiply per
-//!   kernel tap on shifted views of the padded input for the rest;
+//! - [`conv`]: convolutions by the fastest method for their shape: [`winograd`] F(4×4, 3×3) or
+//!   F(2×2, 3×3) for 3×3 maps of 16² and up (batch 2), one multiply on the im2col matrix for
+//!   small and strided ones, one multiply per kernel tap on shifted views of the padded input
+//!   for the rest;
 //! - [`linear`]: `x W + b` in one multiply over all rows, onto the broadcast bias;
 //! - [`norm`]: GroupNorm, with the SiLU after it, in two passes;
 //! - [`vector`]: the element-wise activations (GEGLU, SiLU, quick GELU) in one vectorised pass.
