@@ -757,8 +757,15 @@ def write_single_file(pipe_f16, path: pathlib.Path, diffusers_to_ldm_unet, famil
         assert_same_state(back, te2_state, "text_encoder_2")
     else:
         raise ValueError(family)
+    # The original SD 1.x and SDXL files (v1-5-pruned-emaonly.safetensors, sd_xl_base_1.0) carry
+    # transformers 4's `position_ids` buffer beside the CLIP weights, as I64 [1, 77]: a loader must
+    # skip it by name rather than refuse the file for its dtype.
+    clip_prefix = {"sd1": "cond_stage_model.transformer.", "sdxl": SDXL_TEXT_PREFIXES[0]}.get(family)
+    if clip_prefix is not None:
+        positions = pipe_f16.text_encoder.config.max_position_embeddings
+        ldm_te[clip_prefix + "text_model.embeddings.position_ids"] = torch.arange(positions, dtype=torch.int64)[None]
     single.update(ldm_te)
-    assert all(v.dtype == torch.float16 for v in single.values())
+    assert all(v.dtype == torch.float16 or k.endswith("position_ids") for k, v in single.items())
     save_file(single, path)
     return facts
 

@@ -37,25 +37,25 @@ pub struct GenerateArgs {
     #[arg(long)]
     karras: bool,
     /// Sampling steps.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, allow_negative_numbers = true)]
     steps: usize,
     /// Classifier-free guidance scale (1 turns guidance off).
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
     guidance: f64,
     /// Guidance rescale φ (Lin et al. 2023); 0 is off.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     guidance_rescale: f64,
     /// Image i of a batch uses seed + i.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
     /// Width in pixels (default: the model's size).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     width: Option<usize>,
     /// Height in pixels (default: the model's size).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     height: Option<usize>,
     /// Images to generate; image i uses seed + i.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     num_images: usize,
     /// A safetensors file with a `latents` tensor [N, C, H/f, W/f]: the initial latents
     /// before the sampler's initial sigma scales them (diffusers' `latents=`).
@@ -66,14 +66,14 @@ pub struct GenerateArgs {
     init_image: Option<PathBuf>,
     /// img2img: how much of the starting image to replace, in [0, 1] (default 0.8; 1 with
     /// --mask).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     strength: Option<f64>,
     /// Inpainting: white where to paint (same size as --init-image). Works with inpainting
     /// models (9-channel U-Nets) and, by blending latents, with ordinary ones.
     #[arg(long)]
     mask: Option<PathBuf>,
     /// Text encoder layers to skip at the end (A1111's "Clip skip" minus 1).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     clip_skip: usize,
     /// Read the prompt as diffusers does: no weights, truncated at 75 tokens.
     #[arg(long)]
@@ -94,6 +94,14 @@ pub struct GenerateArgs {
     /// No progress bar.
     #[arg(long, short = 'q')]
     quiet: bool,
+    /// Load weights without checking them for NaN and infinite values (the check names the
+    /// damaged tensor; it costs one pass over the weights).
+    #[arg(long)]
+    skip_weight_check: bool,
+    /// The memory the run may use (e.g. `12G`, `800M`; default: what the system has
+    /// available). Runs estimated to need more are refused before any weights are read.
+    #[arg(long, allow_negative_numbers = true)]
+    max_memory: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -119,6 +127,17 @@ fn output_paths(output: &Path, n: usize) -> Vec<PathBuf> {
 
 fn read_latents(path: &Path) -> Result<burn::tensor::TensorData, String> {
     let file = SafetensorsFile::open(path).map_err(|e| e.to_string())?;
+    let entry = file.entries().iter().find(|e| e.key == "latents");
+    if let Some(entry) = entry
+        && (entry.shape.len() != 4 || !entry.is_float())
+    {
+        return Err(format!(
+            "{}: `latents` is {:?} of shape {:?}; it must be a 4-D float tensor [N, C, H/f, W/f]",
+            path.display(),
+            entry.dtype,
+            entry.shape
+        ));
+    }
     if !file.entries().iter().any(|e| e.key == "latents") {
         return Err(format!("{}: no tensor named `latents`", path.display()));
     }
@@ -128,8 +147,8 @@ fn read_latents(path: &Path) -> Result<burn::tensor::TensorData, String> {
 
 /// A mask image as `[1, 1, H, W]` in `[0, 1]` (its luminance; white paints).
 fn read_mask(path: &Path) -> Result<burn::tensor::TensorData, String> {
-    let image = image::open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
+    let image = sd::core::image_io::decode_image(path)
+        .map_err(|e| e.to_string())?
         .to_luma8();
     let (w, h) = (image.width() as usize, image.height() as usize);
     let values: Vec<f32> = image
@@ -142,13 +161,76 @@ fn read_mask(path: &Path) -> Result<burn::tensor::TensorData, String> {
 
 pub fn run(args: GenerateArgs) -> Result<String, String> {
     // Settings that need no model are checked first: a bad flag costs no loading time.
-    if args.steps == 0 {
-        return Err("--steps must be at least 1".into());
+    if !(1..=sd::MAX_STEPS).contains(&args.steps) {
+        return Err(format!(
+            "--steps {} is outside 1..={}",
+            args.steps,
+            sd::MAX_STEPS
+        ));
+    }
+    if !(1..=sd::MAX_IMAGES).contains(&args.num_images) {
+        return Err(format!(
+            "--num-images {} is outside 1..={}",
+            args.num_images,
+            sd::MAX_IMAGES
+        ));
+    }
+    for (flag, value) in [("--width", args.width), ("--height", args.height)] {
+        if let Some(v) = value
+            && !(1..=sd::MAX_SIDE).contains(&v)
+        {
+            return Err(format!("{flag} {v} is outside 1..={}", sd::MAX_SIDE));
+        }
+    }
+    if args.clip_skip > sd::MAX_CLIP_SKIP {
+        return Err(format!(
+            "--clip-skip {} is more than the {} layers any text encoder has",
+            args.clip_skip,
+            sd::MAX_CLIP_SKIP
+        ));
+    }
+    if !args.guidance.is_finite() || args.guidance.abs() > sd::MAX_GUIDANCE {
+        return Err(format!(
+            "--guidance {} is outside [-{1}, {1}]",
+            args.guidance,
+            sd::MAX_GUIDANCE
+        ));
+    }
+    if !(0.0..=1.0).contains(&args.guidance_rescale) {
+        return Err(format!(
+            "--guidance-rescale {} is outside [0, 1]",
+            args.guidance_rescale
+        ));
     }
     if let Some(s) = args.strength
         && !(0.0..=1.0).contains(&s)
     {
         return Err(format!("--strength {s} is outside [0, 1]"));
+    }
+    // The prompts' bounds (length, nesting, weights, chunks) before any loading: the built-in
+    // vocabulary is the one every SD family's tokenizers share.
+    for (flag, prompt) in [
+        ("the prompt", Some(&args.prompt)),
+        ("--negative-prompt", args.negative_prompt.as_ref()),
+    ] {
+        let Some(prompt) = prompt else { continue };
+        if args.plain_prompt {
+            let chars = prompt.chars().count();
+            if chars > sd::conditioner::MAX_PROMPT_CHARS {
+                return Err(format!(
+                    "{flag} has {chars} characters; at most {} are read",
+                    sd::conditioner::MAX_PROMPT_CHARS
+                ));
+            }
+        } else {
+            let tokenizer =
+                sd::conditioner::ClipTokenizer::embedded(sd::conditioner::Padding::EndOfText)
+                    .map_err(|e| e.to_string())?;
+            sd::conditioner::tokenize_prompt(&tokenizer, prompt).map_err(|e| match flag {
+                "the prompt" => e.to_string(),
+                _ => format!("{flag}: {e}"),
+            })?;
+        }
     }
     let compiled = sd::backend::compiled_backends();
     let backend = args
@@ -161,15 +243,29 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
             compiled.join(", ")
         ));
     }
-    if let Some(dir) = args.output.parent()
-        && !dir.as_os_str().is_empty()
-        && !dir.is_dir()
-    {
-        return Err(format!(
-            "{}: the output folder does not exist",
-            dir.display()
-        ));
+    // Outputs are checked before any work: their folder exists, and none of them is anything
+    // but a regular file (a device, a folder, a symlink out of the folder) that we would replace.
+    for path in output_paths(&args.output, args.num_images) {
+        sd::core::files::check_output_path(&path).map_err(|e| e.to_string())?;
     }
+    // Input files must be regular files (a FIFO would block forever), and a starting image's
+    // size is read from its header before it is decoded.
+    for path in [&args.init_image, &args.mask, &args.init_latents]
+        .into_iter()
+        .flatten()
+    {
+        sd::core::files::regular_file(path).map_err(|e| e.to_string())?;
+    }
+    let header_size = match &args.init_image {
+        Some(path) => Some(sd::core::image_io::image_dimensions(path).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let max_memory = match &args.max_memory {
+        Some(text) => Some(sd::memory::parse_size(text).ok_or_else(|| {
+            format!("--max-memory {text}: not a size (bytes, or a number with K, M, G or T)")
+        })?),
+        None => None,
+    };
     let dtype = match args.dtype {
         DTypeArg::F32 => DType::F32,
         DTypeArg::F16 => DType::F16,
@@ -180,12 +276,33 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         None => Model::open_variant(&args.model, args.variant.as_deref()),
     }
     .map_err(|e| e.to_string())?
-    .with_dtype(dtype);
+    .with_dtype(dtype)
+    .with_weight_check(!args.skip_weight_check);
     if args.mask.is_some() && args.init_image.is_none() {
         return Err("--mask needs --init-image (the image to paint into)".into());
     }
     if args.strength.is_some() && args.init_image.is_none() {
         return Err("--strength needs --init-image".into());
+    }
+    // The memory check, before any image is decoded or weight read: it applies where the host
+    // holds the tensors, and on a GPU backend only when a budget is given. A starting image's
+    // size comes from its header.
+    let budget = match max_memory {
+        Some(b) => Some(b),
+        None if matches!(backend.as_str(), "flex" | "ndarray") => sd::memory::available_memory(),
+        None => None,
+    };
+    if let Some(budget) = budget {
+        let probe = GenerateOptions {
+            width: header_size.map(|(w, _)| w as usize).or(args.width),
+            height: header_size.map(|(_, h)| h as usize).or(args.height),
+            num_images: args.num_images,
+            guidance_scale: args.guidance,
+            vae_tiling: args.vae_tiling,
+            ..GenerateOptions::default()
+        };
+        let size = probe.size(&model).map_err(|e| e.to_string())?;
+        check_memory(&model, &probe, size, budget)?;
     }
     let init_image = match &args.init_image {
         Some(path) => Some(sd::core::image_io::image_to_data(
@@ -242,6 +359,44 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         "ndarray" => generate::<sd::backend::NdArray>(&model, &options, &args, &Default::default()),
         other => Err(format!("backend `{other}` is not compiled in")),
     }
+}
+
+/// Refuses a run estimated to need more memory than `budget`, saying how much and what helps.
+fn check_memory(
+    model: &Model,
+    options: &GenerateOptions,
+    size: (usize, usize),
+    budget: f64,
+) -> Result<(), String> {
+    use sd::memory::Gib;
+    let estimate = sd::memory::estimate(model, options, size);
+    let need = estimate.peak();
+    if need <= budget {
+        return Ok(());
+    }
+    let tiling = if !options.vae_tiling && estimate.peak_tiled() <= budget {
+        format!(
+            "; with --vae-tiling it would need {}",
+            Gib(estimate.peak_tiled())
+        )
+    } else {
+        String::new()
+    };
+    Err(format!(
+        "this run would need about {} of memory (U-Net: {} of weights and {} of activations; VAE \
+         decode: {}) but {} is available{tiling}; make the images smaller or fewer, or set \
+         --max-memory to override",
+        Gib(need),
+        Gib(estimate.unet_weights),
+        Gib(estimate.unet_activations),
+        Gib(estimate.vae_weights
+            + if options.vae_tiling {
+                estimate.vae_activations_tiled
+            } else {
+                estimate.vae_activations
+            }),
+        Gib(budget),
+    ))
 }
 
 fn generate<B: Backend>(

@@ -2,11 +2,12 @@
 
 mod generate;
 
+use std::io::{ErrorKind, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use sd_conditioner::{ClipTokenizer, Padding, tokenize_prompt};
+use sd_conditioner::{ClipTokenizer, Padding, padding_of, tokenize_prompt};
 
 #[derive(Parser)]
 #[command(name = "sd", version, about = "Stable Diffusion in Rust")]
@@ -27,9 +28,12 @@ enum Command {
         /// vocabulary, the same for SD 1.x, 2.x and XL).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
-        /// The padding token: `eos` (SD 1.x) or `bang` (`!`, SD 2.x).
-        #[arg(long, value_enum, default_value_t = PaddingArg::Eos)]
-        padding: PaddingArg,
+        /// Override the padding token: `eos` (SD 1.x) or `bang` (`!`, SD 2.x). By default a
+        /// `--tokenizer` folder decides, as in the pipeline (`pad_token` in its
+        /// special_tokens_map.json or tokenizer_config.json); the built-in vocabulary pads with
+        /// `eos`.
+        #[arg(long, value_enum)]
+        padding: Option<PaddingArg>,
         prompt: String,
     },
 }
@@ -48,13 +52,18 @@ fn run(cli: Cli) -> Result<String, String> {
             padding,
             prompt,
         } => {
-            let padding = match padding {
+            let padding = padding.map(|p| match p {
                 PaddingArg::Eos => Padding::EndOfText,
                 PaddingArg::Bang => Padding::Exclamation,
-            };
+            });
+            // The folder's own pad token unless overridden, as the pipeline reads it, so the ids
+            // shown are the ids the text encoder gets.
             let tokenizer = match tokenizer {
-                Some(dir) => ClipTokenizer::from_folder(dir, padding),
-                None => ClipTokenizer::embedded(padding),
+                Some(dir) => {
+                    let padding = padding.unwrap_or_else(|| padding_of(&dir));
+                    ClipTokenizer::from_folder(dir, padding)
+                }
+                None => ClipTokenizer::embedded(padding.unwrap_or(Padding::EndOfText)),
             }
             .map_err(|e| e.to_string())?;
             let tokens = tokenize_prompt(&tokenizer, &prompt).map_err(|e| e.to_string())?;
@@ -72,14 +81,38 @@ fn run(cli: Cli) -> Result<String, String> {
 fn main() -> ExitCode {
     // Layers free and allocate buffers of tens of MiB: keep them for reuse (fewer page faults).
     sd_core::allocator::reuse_freed_memory();
-    match run(Cli::parse()) {
-        Ok(out) => {
-            println!("{out}");
-            ExitCode::SUCCESS
-        }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version go to stdout as clap prints them.
+        Err(e) if !e.use_stderr() => e.exit(),
+        // A usage error is one line, as every other error (clap's own has a blank line and a
+        // hint after it), with exit code 2 as usage errors conventionally have.
         Err(e) => {
-            eprintln!("sd: {e}");
-            ExitCode::FAILURE
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            let _ = writeln!(std::io::stderr().lock(), "sd: {first} (see sd --help)");
+            return ExitCode::from(2);
         }
+    };
+    match run(cli) {
+        Ok(out) => {
+            let mut stdout = std::io::stdout().lock();
+            match writeln!(stdout, "{out}").and_then(|()| stdout.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                // The reader stopped reading (`sd tokenize … | head`): nothing is wrong, so end
+                // quietly and successfully, as ripgrep does. (Rust ignores SIGPIPE, so the
+                // write fails instead of killing us; `println!` would panic on it.)
+                Err(e) if e.kind() == ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("stdout: {e}")),
+            }
+        }
+        Err(e) => fail(&e),
     }
+}
+
+/// Prints `sd: message` on stderr and fails. A closed stderr is no reason to panic either.
+fn fail(message: &str) -> ExitCode {
+    let _ = writeln!(std::io::stderr().lock(), "sd: {message}");
+    ExitCode::FAILURE
 }

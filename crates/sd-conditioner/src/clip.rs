@@ -6,6 +6,9 @@ use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use sd_core::layers::{linear_forward, multi_head_attention, quick_gelu};
+use sd_core::vae_config::checks::{
+    self, MAX_CHANNELS, MAX_FACTOR, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH,
+};
 use sd_core::weights::{LoadOptions, SafetensorsFile, load_safetensors};
 use sd_core::{CoreError, Result};
 use serde::Deserialize;
@@ -21,20 +24,46 @@ pub enum HiddenAct {
 }
 
 /// transformers' `CLIPTextConfig` (`text_encoder/config.json`).
+///
+/// A file must name the fields that set the shape ([`ClipTextConfig::REQUIRED`]); every value
+/// is checked by [`ClipTextConfig::validate`] before anything is built. The bounds are
+/// `sd_core::vae_config::checks`' constants.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct ClipTextConfig {
+    /// Token embeddings: 1 to `MAX_VOCAB`.
     pub vocab_size: usize,
+    /// The width of the hidden states: 1 to `MAX_CHANNELS`, a multiple of the heads.
     pub hidden_size: usize,
+    /// The MLP's inner width: 1 to `MAX_WIDTH`.
     pub intermediate_size: usize,
+    /// `text_projection`'s output width: 1 to `MAX_CHANNELS`.
     pub projection_dim: usize,
+    /// Encoder layers: 1 to `MAX_LAYERS`.
     pub num_hidden_layers: usize,
+    /// Attention heads: at least 1, dividing `hidden_size`.
     pub num_attention_heads: usize,
+    /// Position embeddings: 1 to `MAX_POSITIONS`.
     pub max_position_embeddings: usize,
+    /// The MLP activation.
     pub hidden_act: HiddenAct,
+    /// LayerNorm epsilon: above 0 and below 1.
     pub layer_norm_eps: f64,
     /// 2 in configs from before transformers' fix: the pooled position is then the largest id.
+    /// Below `vocab_size`.
     pub eos_token_id: u32,
+    /// The start-of-text id (unused here): below `vocab_size` when given.
+    pub bos_token_id: Option<u32>,
+    /// The padding id (unused here: the tokenizer pads): below `vocab_size` when given.
+    pub pad_token_id: Option<u32>,
+    /// Attention dropout (training only): 0 to 1.
+    pub attention_dropout: f64,
+    /// Dropout (training only, in older configs): 0 to 1.
+    pub dropout: f64,
+    /// The standard deviation of the initial weights (training only): 0 to 1.
+    pub initializer_range: f64,
+    /// A factor on the initial weights (training only): 0 to `MAX_FACTOR`.
+    pub initializer_factor: f64,
 }
 
 impl Default for ClipTextConfig {
@@ -50,40 +79,91 @@ impl Default for ClipTextConfig {
             hidden_act: HiddenAct::QuickGelu,
             layer_norm_eps: 1e-5,
             eos_token_id: 49407,
+            bos_token_id: None,
+            pad_token_id: None,
+            attention_dropout: 0.0,
+            dropout: 0.0,
+            initializer_range: 0.02,
+            initializer_factor: 1.0,
         }
     }
 }
 
 impl ClipTextConfig {
+    /// The fields a `config.json` must name: those that set the encoder's shape (transformers
+    /// writes them all). The others default as in transformers.
+    pub const REQUIRED: &'static [&'static [&'static str]] = &[
+        &["vocab_size"],
+        &["hidden_size"],
+        &["intermediate_size"],
+        &["num_hidden_layers"],
+        &["num_attention_heads"],
+        &["max_position_embeddings"],
+    ];
+
     /// Reads and checks a `config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| CoreError::Io {
-            path: path.into(),
-            source: e,
-        })?;
-        let config: Self = serde_json::from_str(&text).map_err(|e| CoreError::Config {
+        // A regular file only: a FIFO would block the read forever.
+        let text = sd_core::files::read_regular_to_string(path)?;
+        let config: Self = checks::parse(&text, Self::REQUIRED).map_err(|e| CoreError::Config {
             path: path.into(),
             reason: format!("invalid CLIPTextConfig: {e}"),
         })?;
-        config.check().map_err(|reason| CoreError::Config {
+        config.validate().map_err(|reason| CoreError::Config {
             path: path.into(),
             reason,
         })?;
         Ok(config)
     }
 
-    fn check(&self) -> std::result::Result<(), String> {
+    /// Checks every field against its meaning and bounds (see the field docs); returns the
+    /// first problem found, naming the field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        checks::size("vocab_size", self.vocab_size, MAX_VOCAB)?;
+        checks::size("hidden_size", self.hidden_size, MAX_CHANNELS)?;
+        checks::size("intermediate_size", self.intermediate_size, MAX_WIDTH)?;
+        checks::size("projection_dim", self.projection_dim, MAX_CHANNELS)?;
+        checks::size("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS)?;
+        checks::size(
+            "num_attention_heads",
+            self.num_attention_heads,
+            MAX_CHANNELS,
+        )?;
+        checks::size(
+            "max_position_embeddings",
+            self.max_position_embeddings,
+            MAX_POSITIONS,
+        )?;
         let heads = self.num_attention_heads;
-        if heads == 0 || !self.hidden_size.is_multiple_of(heads) {
+        if !self.hidden_size.is_multiple_of(heads) {
             return Err(format!(
-                "hidden_size {} does not split into {heads} heads",
+                "field `num_attention_heads`: hidden_size {} does not split into {heads} heads",
                 self.hidden_size
             ));
         }
-        if self.vocab_size == 0 || self.max_position_embeddings == 0 {
-            return Err("vocab_size and max_position_embeddings must be positive".into());
+        checks::open_unit("layer_norm_eps", self.layer_norm_eps)?;
+        for (field, id) in [
+            ("eos_token_id", Some(self.eos_token_id)),
+            ("bos_token_id", self.bos_token_id),
+            ("pad_token_id", self.pad_token_id),
+        ] {
+            if let Some(id) = id.filter(|id| *id as usize >= self.vocab_size) {
+                return Err(format!(
+                    "field `{field}` is {id}; it must be below vocab_size ({})",
+                    self.vocab_size
+                ));
+            }
         }
+        checks::probability("attention_dropout", self.attention_dropout)?;
+        checks::probability("dropout", self.dropout)?;
+        checks::probability("initializer_range", self.initializer_range)?;
+        checks::number(
+            "initializer_factor",
+            self.initializer_factor,
+            (0.0, false),
+            (MAX_FACTOR, false),
+        )?;
         Ok(())
     }
 }
@@ -221,7 +301,7 @@ pub struct ClipTextModel<B: Backend> {
 impl<B: Backend> ClipTextModel<B> {
     /// A text encoder with random weights; `with_projection` adds `text_projection`.
     pub fn new(config: &ClipTextConfig, with_projection: bool, device: &B::Device) -> Result<Self> {
-        config.check().map_err(|reason| CoreError::Config {
+        config.validate().map_err(|reason| CoreError::Config {
             path: "<ClipTextConfig>".into(),
             reason,
         })?;
@@ -395,4 +475,36 @@ fn transformers_key(key: &str) -> Option<String> {
         format!("text_model.{key}")
     };
     Some(key.replace(".self_attn.", ".").replace(".mlp.", "."))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_configs_name_the_field_at_fault() {
+        ClipTextConfig::default().validate().unwrap();
+        let err = checks::parse::<ClipTextConfig>("{}", ClipTextConfig::REQUIRED).unwrap_err();
+        assert!(err.contains("missing required field `vocab_size`"), "{err}");
+        let config = ClipTextConfig {
+            eos_token_id: 1_000_000_000,
+            ..ClipTextConfig::default()
+        };
+        assert_eq!(
+            config.validate().unwrap_err(),
+            "field `eos_token_id` is 1000000000; it must be below vocab_size (49408)"
+        );
+        let config = ClipTextConfig {
+            num_attention_heads: 7,
+            ..ClipTextConfig::default()
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .contains("does not split into 7 heads")
+        );
+        let err = checks::parse::<ClipTextConfig>(r#"{"pad_token_id": -1}"#, &[]).unwrap_err();
+        assert!(err.starts_with("field `pad_token_id`:"), "{err}");
+    }
 }

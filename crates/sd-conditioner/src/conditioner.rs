@@ -69,6 +69,7 @@ impl<B: Backend> Conditioning<B> {
 /// Turns prompts into conditioning. Every prompt of one call gets the same number of tokens, so
 /// a negative prompt batched with its prompt lines up with it.
 pub trait Conditioner<B: Backend> {
+    /// The conditioning of each prompt, stacked along the batch axis in their order.
     fn encode(&self, prompts: &[&str]) -> Result<Conditioning<B>>;
 }
 
@@ -94,8 +95,11 @@ pub struct LayerChoice {
 
 /// One CLIP tokenizer and text encoder.
 pub struct ClipStage<B: Backend> {
+    /// The tokenizer whose ids the encoder takes.
     pub tokenizer: ClipTokenizer,
+    /// The text encoder.
     pub model: ClipTextModel<B>,
+    /// Which of its hidden states becomes the context.
     pub layer: LayerChoice,
 }
 
@@ -104,10 +108,16 @@ pub struct ClipStage<B: Backend> {
 pub enum TextWiring {
     /// One encoder's (SD 1.x, 2.x); `clip_skip` n takes the output of the n-th layer from the
     /// end, through the final LayerNorm (diffusers' `clip_skip`).
-    Single { clip_skip: usize },
+    Single {
+        /// Layers dropped from the end (0: the last layer's output).
+        clip_skip: usize,
+    },
     /// SDXL's two encoders: penultimate hidden states (further back with `clip_skip`),
     /// concatenated on the feature axis; pooled from the second encoder's projection.
-    Dual { clip_skip: usize },
+    Dual {
+        /// Layers dropped from the end beyond the penultimate one.
+        clip_skip: usize,
+    },
 }
 
 /// One prompt's 77-token chunks of ids and their per-token weights.
@@ -123,7 +133,7 @@ pub struct ClipConditioner<B: Backend> {
 /// or `tokenizer_config.json`): `!` for SD 2.x and SDXL's second tokenizer, else end-of-text.
 pub fn padding_of(tokenizer_dir: &Path) -> Padding {
     for name in ["special_tokens_map.json", "tokenizer_config.json"] {
-        let Ok(text) = std::fs::read_to_string(tokenizer_dir.join(name)) else {
+        let Ok(text) = sd_core::files::read_regular_to_string(tokenizer_dir.join(name)) else {
             continue;
         };
         let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else {
@@ -143,7 +153,8 @@ pub fn padding_of(tokenizer_dir: &Path) -> Padding {
 }
 
 impl<B: Backend> ClipConditioner<B> {
-    /// From loaded stages: one (SD 1.x/2.x) or two (SDXL, the projected one second).
+    /// From loaded stages: one (SD 1.x/2.x) or two (SDXL, the projected one second). Refuses a
+    /// tokenizer with ids past its encoder's token embeddings, naming the tokenizer's file.
     pub fn new(stages: Vec<ClipStage<B>>, syntax: PromptSyntax) -> Result<Self> {
         if stages.is_empty() || stages.len() > 2 {
             return Err(CoreError::InvalidInput(format!(
@@ -155,6 +166,19 @@ impl<B: Backend> ClipConditioner<B> {
             return Err(CoreError::InvalidInput(
                 "SDXL's second text encoder needs its text_projection".into(),
             ));
+        }
+        for stage in &stages {
+            // The shape alone: a lazily initialised embedding stays uninitialised.
+            let shape = stage
+                .model
+                .text_model
+                .embeddings
+                .token_embedding
+                .weight
+                .lazy_shape();
+            if let Some(&rows) = shape.as_slice().first() {
+                stage.tokenizer.check_fits(rows)?;
+            }
         }
         Ok(Self { stages, syntax })
     }
@@ -218,6 +242,7 @@ impl<B: Backend> ClipConditioner<B> {
         Self::new(stages, syntax)
     }
 
+    /// The tokenizer and text encoder stages, in the order their contexts are concatenated.
     pub fn stages(&self) -> &[ClipStage<B>] {
         &self.stages
     }
@@ -337,5 +362,56 @@ impl<B: Backend> Conditioner<B> for ClipConditioner<B> {
             context: Tensor::cat(contexts, 2),
             pooled,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ClipTextConfig;
+
+    type B = sd_core::backend::DefaultBackend;
+
+    fn stage(tokenizer: ClipTokenizer) -> ClipStage<B> {
+        let config = ClipTextConfig {
+            vocab_size: 1000,
+            hidden_size: 8,
+            intermediate_size: 16,
+            projection_dim: 8,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            eos_token_id: 2,
+            ..Default::default()
+        };
+        let device = Default::default();
+        ClipStage {
+            tokenizer,
+            model: ClipTextModel::new(&config, false, &device).unwrap(),
+            layer: LayerChoice {
+                skip: 0,
+                final_norm: true,
+            },
+        }
+    }
+
+    /// A tokenizer whose ids the encoder has no embedding for is refused when the conditioner
+    /// is built, naming the tokenizer's file, rather than when a prompt happens to use one.
+    #[test]
+    fn a_tokenizer_with_ids_past_the_encoder_is_refused_by_name() {
+        let embedded = ClipTokenizer::embedded(Padding::EndOfText).unwrap();
+        let err = match ClipConditioner::new(vec![stage(embedded)], PromptSyntax::Weighted) {
+            Ok(_) => panic!("a 49408-id vocabulary fits no 1000-id encoder"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.starts_with(
+                "<built-in CLIP vocabulary>/vocab.json: token `<|endoftext|>` has id 49407"
+            ),
+            "{err}"
+        );
+        let tiny = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/pipeline/tiny_sd1/model/tokenizer");
+        let tiny = ClipTokenizer::from_folder(&tiny, Padding::EndOfText).unwrap();
+        assert!(ClipConditioner::new(vec![stage(tiny)], PromptSyntax::Weighted).is_ok());
     }
 }

@@ -14,7 +14,8 @@ pub use conditioner::{
     padding_of,
 };
 pub use prompt::{
-    CHUNK_TOKENS, COMMA_BACKTRACK, PromptTokens, Weighted, parse_weights, tokenize_prompt,
+    CHUNK_TOKENS, COMMA_BACKTRACK, MAX_CHUNKS, MAX_NESTING, MAX_PROMPT_CHARS, MAX_WEIGHT,
+    PromptError, PromptTokens, Weighted, parse_weights, tokenize_prompt,
 };
 pub use tokenizer::{ClipTokenizer, MAX_LENGTH, Padding};
 pub use vision::{ClipVisionConfig, ClipVisionModel, ClipVisionOutput};

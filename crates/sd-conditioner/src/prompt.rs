@@ -2,16 +2,118 @@
 //! literal bracket, `BREAK` to start a new chunk; and the split of long prompts into 75-token
 //! chunks (broken at a recent comma when there is one), each wrapped in start/end tokens and
 //! padded to 77.
+//!
+//! Prompts are bounded ([`MAX_PROMPT_CHARS`], [`MAX_CHUNKS`], [`MAX_NESTING`], [`MAX_WEIGHT`])
+//! so that no prompt can make the tokenizer or the text encoder run away or overflow: past a
+//! bound the prompt is refused with a [`PromptError`] that names the bound.
 
 use std::sync::LazyLock;
 
 use regex::Regex;
-use sd_core::Result;
+use sd_core::{CoreError, Result};
 
 use crate::tokenizer::{ClipTokenizer, MAX_LENGTH};
 
 /// Tokens per chunk between the start and end tokens.
 pub const CHUNK_TOKENS: usize = MAX_LENGTH - 2;
+
+/// The longest prompt read, in characters (Unicode scalar values). 20,000 characters of
+/// English are about 5,000 tokens, past [`MAX_CHUNKS`] already; the bound refuses a pasted file
+/// before any tokenizing is done on it.
+pub const MAX_PROMPT_CHARS: usize = 20_000;
+
+/// The most 75-token chunks a prompt may make (2,400 tokens). A1111 has no limit, but every
+/// chunk is one more text-encoder call and 77 more cross-attention keys in every U-Net step, so
+/// an unbounded prompt is an unbounded run.
+pub const MAX_CHUNKS: usize = 32;
+
+/// How deep brackets may nest (round and square together, open ones counted until they close or
+/// the prompt ends). 100 is far past any emphasis a person writes (`(((word)))` is 3); deeper
+/// nesting only multiplies weights towards overflow (1.1¹⁰⁰⁰ ≈ 2.5·10⁴¹ is infinite as an f32)
+/// and makes A1111's `multiply_range` quadratic.
+pub const MAX_NESTING: usize = 100;
+
+/// The largest absolute attention weight a piece of text may end up with, after the weights of
+/// all the brackets around it are multiplied. A1111 users write weights up to about 2; 100
+/// already drowns every other token after A1111's mean renormalisation, and keeps the weighted
+/// embeddings far inside f16's range (65,504), so the bound refuses only mistakes and
+/// overflow (`(cat:1000000000000000000000000000000000000000)` is infinite as an f32).
+pub const MAX_WEIGHT: f64 = 100.0;
+
+/// A prompt past one of the bounds of this module.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PromptError {
+    /// More than [`MAX_PROMPT_CHARS`] characters.
+    #[error("the prompt has {chars} characters; at most {max} are read", max = MAX_PROMPT_CHARS)]
+    TooLong {
+        /// The prompt's length in characters.
+        chars: usize,
+    },
+    /// More than [`MAX_CHUNKS`] chunks of 75 tokens.
+    #[error(
+        "the prompt makes {chunks} chunks of {per} tokens ({tokens} tokens); at most {max} \
+         chunks are encoded",
+        per = CHUNK_TOKENS,
+        max = MAX_CHUNKS
+    )]
+    TooManyChunks {
+        /// How many chunks the prompt makes.
+        chunks: usize,
+        /// How many tokens it has.
+        tokens: usize,
+    },
+    /// Brackets nested deeper than [`MAX_NESTING`].
+    #[error(
+        "the prompt nests brackets {depth} deep; at most {max} levels are read",
+        max = MAX_NESTING
+    )]
+    TooDeep {
+        /// The deepest nesting in the prompt.
+        depth: usize,
+    },
+    /// A weight that is not finite or is larger than [`MAX_WEIGHT`] in absolute value.
+    #[error(
+        "the prompt weights `{text}` by {shown}; a weight must be finite and at most {max} in \
+         absolute value (the weights of nested brackets multiply)",
+        shown = number(.weight),
+        max = MAX_WEIGHT
+    )]
+    Weight {
+        /// The start of the weighted text.
+        text: String,
+        /// Its weight, all brackets around it multiplied.
+        weight: f64,
+    },
+}
+
+impl From<PromptError> for CoreError {
+    fn from(e: PromptError) -> Self {
+        CoreError::InvalidInput(e.to_string())
+    }
+}
+
+/// A weight in a message: plain for ordinary sizes, in exponent form for huge or tiny ones
+/// (1e39 rather than forty digits).
+fn number(x: &f64) -> String {
+    let x = *x;
+    if x.is_finite() && x != 0.0 && !(1e-4..1e6).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
+    }
+}
+
+/// Refuses a prompt longer than [`MAX_PROMPT_CHARS`].
+pub(crate) fn check_length(prompt: &str) -> std::result::Result<(), PromptError> {
+    // Bytes bound characters from above: only count when the bytes might be too many.
+    if prompt.len() > MAX_PROMPT_CHARS {
+        let chars = prompt.chars().count();
+        if chars > MAX_PROMPT_CHARS {
+            return Err(PromptError::TooLong { chars });
+        }
+    }
+    Ok(())
+}
 
 static ATTENTION: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:")
@@ -20,48 +122,124 @@ static ATTENTION: LazyLock<Regex> = LazyLock::new(|| {
 static BREAK: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"\s*\bBREAK\b\s*").expect("a valid pattern"));
 
+/// A1111's marker for `BREAK`: the text "BREAK" with weight −1. Brackets multiply it like any
+/// other piece, and only a piece that is still exactly ("BREAK", −1) at the end starts a chunk.
+const BREAK_MARKER: &str = "BREAK";
+
 /// A piece of prompt text and its attention weight; `None` text marks a `BREAK`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Weighted {
+    /// The text, or `None` for a `BREAK` that starts a new chunk.
     pub text: Option<String>,
+    /// Its attention weight, the weights of all brackets around it multiplied.
     pub weight: f64,
+}
+
+/// The prompt's pieces as A1111's `re_attention` matches them: the matched text and, for a
+/// `:1.5)` closing, its number (`None` when it does not parse, like `:1.2.3)`, which A1111 would
+/// fail on and we read as text).
+fn matches(prompt: &str) -> impl Iterator<Item = (&str, Option<f64>)> {
+    ATTENTION.captures_iter(prompt).map(|m| {
+        let text = m.get(0).map_or("", |g| g.as_str());
+        let weight = m.get(1).and_then(|w| w.as_str().parse::<f64>().ok());
+        (text, weight)
+    })
+}
+
+/// What a matched piece does to the bracket stacks, given whether round or square brackets are
+/// open: A1111's `if`/`elif` chain of `parse_prompt_attention`, in its order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Action {
+    Escaped,
+    OpenRound,
+    OpenSquare,
+    CloseWeighted(f64),
+    CloseRound,
+    CloseSquare,
+    Text,
+}
+
+fn action(text: &str, weight: Option<f64>, round_open: bool, square_open: bool) -> Action {
+    if text.starts_with('\\') {
+        Action::Escaped
+    } else if text == "(" {
+        Action::OpenRound
+    } else if text == "[" {
+        Action::OpenSquare
+    } else if let (Some(w), true) = (weight, round_open) {
+        Action::CloseWeighted(w)
+    } else if text == ")" && round_open {
+        Action::CloseRound
+    } else if text == "]" && square_open {
+        Action::CloseSquare
+    } else {
+        Action::Text
+    }
+}
+
+/// The deepest bracket nesting of a prompt, read as [`parse_weights`] reads it.
+fn nesting(prompt: &str) -> usize {
+    let (mut round, mut square, mut deepest) = (0usize, 0usize, 0usize);
+    for (text, weight) in matches(prompt) {
+        match action(text, weight, round > 0, square > 0) {
+            Action::OpenRound => round += 1,
+            Action::OpenSquare => square += 1,
+            Action::CloseWeighted(_) | Action::CloseRound => round -= 1,
+            Action::CloseSquare => square -= 1,
+            Action::Escaped | Action::Text => {}
+        }
+        deepest = deepest.max(round + square);
+    }
+    deepest
 }
 
 /// Splits a prompt into runs of equal attention weight, exactly as A1111's
 /// `parse_prompt_attention` reads it, unbalanced brackets included (an open bracket applies to
-/// the end of the prompt; a stray closing one is text). No input makes it panic.
-pub fn parse_weights(prompt: &str) -> Vec<Weighted> {
-    let mut res: Vec<(Option<String>, f64)> = Vec::new();
+/// the end of the prompt; a stray closing one is text). `BREAK` inside brackets is text, as in
+/// A1111: its marker's weight −1 is multiplied by the bracket's and no longer reads as a break.
+///
+/// Refuses, before any other work, a prompt past [`MAX_PROMPT_CHARS`] or nesting brackets past
+/// [`MAX_NESTING`], then any weight that is not finite or past [`MAX_WEIGHT`]. No input makes it
+/// panic.
+pub fn parse_weights(prompt: &str) -> std::result::Result<Vec<Weighted>, PromptError> {
+    check_length(prompt)?;
+    let depth = nesting(prompt);
+    if depth > MAX_NESTING {
+        return Err(PromptError::TooDeep { depth });
+    }
+    // A1111's `res`: [text, weight] pairs, BREAK as ["BREAK", -1].
+    let mut res: Vec<(String, f64)> = Vec::new();
     let (mut round, mut square): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
-    let multiply = |res: &mut Vec<(Option<String>, f64)>, from: usize, by: f64| {
+    // The nesting bound keeps this at most MAX_NESTING passes over any piece.
+    let multiply = |res: &mut Vec<(String, f64)>, from: usize, by: f64| {
         for piece in &mut res[from..] {
             piece.1 *= by;
         }
     };
-    for m in ATTENTION.captures_iter(prompt) {
-        let text = m.get(0).map_or("", |g| g.as_str());
-        let weight = m.get(1).and_then(|w| w.as_str().parse::<f64>().ok());
-        if let Some(escaped) = text.strip_prefix('\\') {
-            res.push((Some(escaped.to_string()), 1.0));
-        } else if text == "(" {
-            round.push(res.len());
-        } else if text == "[" {
-            square.push(res.len());
-        } else if let (Some(w), Some(_)) = (weight, round.last()) {
-            let from = round.pop().unwrap_or(0);
-            multiply(&mut res, from, w);
-        } else if text == ")" && !round.is_empty() {
-            let from = round.pop().unwrap_or(0);
-            multiply(&mut res, from, 1.1);
-        } else if text == "]" && !square.is_empty() {
-            let from = square.pop().unwrap_or(0);
-            multiply(&mut res, from, 1.0 / 1.1);
-        } else {
-            for (i, part) in BREAK.split(text).enumerate() {
-                if i > 0 {
-                    res.push((None, -1.0));
+    for (text, weight) in matches(prompt) {
+        match action(text, weight, !round.is_empty(), !square.is_empty()) {
+            Action::Escaped => res.push((text[1..].to_string(), 1.0)),
+            Action::OpenRound => round.push(res.len()),
+            Action::OpenSquare => square.push(res.len()),
+            Action::CloseWeighted(w) => {
+                let from = round.pop().unwrap_or(0);
+                multiply(&mut res, from, w);
+            }
+            Action::CloseRound => {
+                let from = round.pop().unwrap_or(0);
+                multiply(&mut res, from, 1.1);
+            }
+            Action::CloseSquare => {
+                let from = square.pop().unwrap_or(0);
+                multiply(&mut res, from, 1.0 / 1.1);
+            }
+            Action::Text => {
+                for (i, part) in BREAK.split(text).enumerate() {
+                    if i > 0 {
+                        res.push((BREAK_MARKER.to_string(), -1.0));
+                    }
+                    res.push((part.to_string(), 1.0));
                 }
-                res.push((Some(part.to_string()), 1.0));
             }
         }
     }
@@ -72,22 +250,41 @@ pub fn parse_weights(prompt: &str) -> Vec<Weighted> {
         multiply(&mut res, from, 1.0 / 1.1);
     }
     if res.is_empty() {
-        res.push((Some(String::new()), 1.0));
+        res.push((String::new(), 1.0));
     }
-    // Merge neighbours of equal weight.
-    let mut merged: Vec<(Option<String>, f64)> = Vec::new();
+    // Merge neighbours of equal weight, markers included, as A1111 does (so that, like there,
+    // `(a BREAK b:0)` is the one text "aBREAKb": 0 and −0 are equal).
+    let mut merged: Vec<(String, f64)> = Vec::with_capacity(res.len());
     for (text, weight) in res {
         match merged.last_mut() {
-            Some((Some(last), w)) if *w == weight && text.is_some() => {
-                last.push_str(text.as_deref().unwrap_or(""));
-            }
+            Some((last, w)) if *w == weight => last.push_str(&text),
             _ => merged.push((text, weight)),
         }
     }
-    merged
+    let pieces: Vec<Weighted> = merged
         .into_iter()
-        .map(|(text, weight)| Weighted { text, weight })
-        .collect()
+        .map(|(text, weight)| Weighted {
+            // A1111's tokenizer starts a chunk only at `text == 'BREAK' and weight == -1`.
+            text: (text != BREAK_MARKER || weight != -1.0).then_some(text),
+            weight,
+        })
+        .collect();
+    for piece in &pieces {
+        // Empty text has no tokens, so its weight reaches nothing.
+        if let Some(text) = piece.text.as_deref().filter(|t| !t.is_empty())
+            && !(piece.weight.is_finite() && piece.weight.abs() <= MAX_WEIGHT)
+        {
+            let mut shown: String = text.chars().take(40).collect();
+            if shown.len() < text.len() {
+                shown.push('…');
+            }
+            return Err(PromptError::Weight {
+                text: shown,
+                weight: piece.weight,
+            });
+        }
+    }
+    Ok(pieces)
 }
 
 /// A prompt as the text encoder takes it: chunks of 77 ids with a weight per id.
@@ -95,7 +292,9 @@ pub fn parse_weights(prompt: &str) -> Vec<Weighted> {
 pub struct PromptTokens {
     /// How many prompt tokens there are (without start, end and padding).
     pub token_count: usize,
+    /// The chunks of 77 ids: start, up to 75 prompt tokens, end, padding.
     pub chunks: Vec<Vec<u32>>,
+    /// The attention weight of each id of each chunk (1 for start, end and padding).
     pub weights: Vec<Vec<f64>>,
 }
 
@@ -107,13 +306,17 @@ pub const COMMA_BACKTRACK: usize = 20;
 /// and when a chunk fills up with a comma among its last [`COMMA_BACKTRACK`] tokens, the tokens
 /// after that comma move to the next chunk (phrases stay whole). Each chunk is wrapped in
 /// start/end tokens and padded to 77; start, end and padding get weight 1.
+///
+/// Refuses a prompt that [`parse_weights`] refuses, or that makes more than [`MAX_CHUNKS`]
+/// chunks.
 pub fn tokenize_prompt(tokenizer: &ClipTokenizer, prompt: &str) -> Result<PromptTokens> {
+    let pieces = parse_weights(prompt)?;
     let comma = tokenizer.encode(",")?.first().copied();
     let mut chunks: Vec<Vec<(u32, f64)>> = Vec::new();
     let mut chunk: Vec<(u32, f64)> = Vec::new();
     let mut last_comma: Option<usize> = None;
     let mut count = 0;
-    for piece in parse_weights(prompt) {
+    for piece in pieces {
         let Some(text) = piece.text else {
             chunks.push(std::mem::take(&mut chunk));
             last_comma = None;
@@ -142,6 +345,13 @@ pub fn tokenize_prompt(tokenizer: &ClipTokenizer, prompt: &str) -> Result<Prompt
     if !chunk.is_empty() || chunks.is_empty() {
         chunks.push(chunk);
     }
+    if chunks.len() > MAX_CHUNKS {
+        return Err(PromptError::TooManyChunks {
+            chunks: chunks.len(),
+            tokens: count,
+        }
+        .into());
+    }
     let (mut ids, mut weights) = (Vec::new(), Vec::new());
     for chunk in chunks {
         let tokens: Vec<u32> = chunk.iter().map(|(t, _)| *t).collect();
@@ -162,10 +372,13 @@ pub fn tokenize_prompt(tokenizer: &ClipTokenizer, prompt: &str) -> Result<Prompt
 mod tests {
     use super::*;
 
+    /// The pieces of a prompt, a chunk-starting `BREAK` written `<break>` (the text "BREAK"
+    /// stays "BREAK").
     fn parsed(prompt: &str) -> Vec<(String, f64)> {
         parse_weights(prompt)
+            .unwrap()
             .into_iter()
-            .map(|w| (w.text.unwrap_or_else(|| "BREAK".into()), w.weight))
+            .map(|w| (w.text.unwrap_or_else(|| "<break>".into()), w.weight))
             .collect()
     }
 
@@ -202,7 +415,7 @@ mod tests {
                     (".", 1.1),
                 ],
             ),
-            ("a BREAK b", &[("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]),
+            ("a BREAK b", &[("a", 1.0), ("<break>", -1.0), ("b", 1.0)]),
             ("", &[("", 1.0)]),
             ("))]] ((:", &[("))]] ", 1.0), (":", 1.21)]),
         ];
@@ -228,6 +441,197 @@ mod tests {
         ] {
             let _ = parse_weights(prompt);
         }
+    }
+
+    /// A1111 appends BREAK as ["BREAK", -1], lets `multiply_range` multiply it with the rest of
+    /// a bracket, and starts a chunk only at weight exactly −1: inside brackets BREAK is the
+    /// word "BREAK", weighted by the bracket times −1.
+    #[test]
+    fn break_inside_brackets_is_text_as_in_a1111() {
+        let cases: &[(&str, &[(&str, f64)])] = &[
+            (
+                "(8k BREAK realistic)",
+                &[("8k", 1.1), ("BREAK", -1.1), ("realistic", 1.1)],
+            ),
+            (
+                "[8k BREAK realistic]",
+                &[
+                    ("8k", 1.0 / 1.1),
+                    ("BREAK", -1.0 / 1.1),
+                    ("realistic", 1.0 / 1.1),
+                ],
+            ),
+            (
+                "a ((b BREAK c))",
+                &[("a ", 1.0), ("b", 1.21), ("BREAK", -1.21), ("c", 1.21)],
+            ),
+            // An open bracket reaches the end of the prompt, BREAK included.
+            (
+                "x (y BREAK z",
+                &[("x ", 1.0), ("y", 1.1), ("BREAK", -1.1), ("z", 1.1)],
+            ),
+            // A weight of 1 leaves the marker at −1: still a break.
+            (
+                "(a BREAK b:1)",
+                &[("a", 1.0), ("<break>", -1.0), ("b", 1.0)],
+            ),
+            // A weight of −1 turns it to +1, and the text to −1.
+            (
+                "(a BREAK b:-1)",
+                &[("a", -1.0), ("BREAK", 1.0), ("b", -1.0)],
+            ),
+            // Weight 0: 0 and −0 are equal, so A1111's merge joins the three into one text.
+            ("(a BREAK b:0)", &[("aBREAKb", 0.0)]),
+            // Outside brackets, and after they close, BREAK breaks (A1111's `re_break` takes
+            // the spaces around it).
+            (
+                "(a) BREAK b",
+                &[("a", 1.1), ("", 1.0), ("<break>", -1.0), ("b", 1.0)],
+            ),
+        ];
+        for (prompt, expected) in cases {
+            let got = parsed(prompt);
+            assert!(close(&got, expected), "{prompt:?}: {got:?}");
+        }
+        let tokenizer = ClipTokenizer::embedded(crate::Padding::EndOfText).unwrap();
+        let t = tokenize_prompt(&tokenizer, "(8k BREAK realistic)").unwrap();
+        assert_eq!(t.chunks.len(), 1, "one chunk, as in A1111");
+        let mut expected = vec![49406];
+        for word in ["8k", "BREAK", "realistic"] {
+            expected.extend(tokenizer.encode(word).unwrap());
+        }
+        expected.push(49407);
+        assert_eq!(&t.chunks[0][..expected.len()], &expected[..]);
+        let word = tokenizer.encode("BREAK").unwrap();
+        assert_eq!(word.len(), 1);
+        let at = t.chunks[0].iter().position(|&id| id == word[0]).unwrap();
+        assert!((t.weights[0][at] + 1.1).abs() < 1e-9, "{:?}", t.weights[0]);
+        assert_eq!(
+            tokenize_prompt(&tokenizer, "8k BREAK realistic")
+                .unwrap()
+                .chunks
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn weights_that_overflow_are_refused() {
+        // 1e39 in digits: finite as f64, infinite as the f32 the encoder computes in.
+        let huge = format!("(cat:1{})", "0".repeat(39));
+        let err = parse_weights(&huge).unwrap_err();
+        let named = matches!(&err, PromptError::Weight { text, weight }
+            if text == "cat" && *weight == 1e39);
+        assert!(named, "{err:?}");
+        let message = err.to_string();
+        assert!(
+            message.contains("1e39") && message.contains("100"),
+            "{message}"
+        );
+        // A1111's number pattern has no exponent: `(cat:1e39)` is the text "cat:1e39" × 1.1.
+        assert_eq!(parsed("(cat:1e39)"), vec![("cat:1e39".to_string(), 1.1)]);
+        // Too large for f64: infinite; infinite times 0: NaN.
+        let inf = format!("(cat:9{})", "9".repeat(400));
+        let weight = |prompt: &str| match parse_weights(prompt) {
+            Err(PromptError::Weight { weight, .. }) => weight,
+            other => panic!("{prompt}: {other:?}"),
+        };
+        assert!(weight(&inf).is_infinite());
+        let nan = format!("((cat:9{}):0)", "9".repeat(400));
+        assert!(weight(&nan).is_nan());
+        assert!(parse_weights(&nan).unwrap_err().to_string().contains("NaN"));
+        // The bound itself is allowed, past it not, negative or positive.
+        assert_eq!(parsed("(cat:100)"), vec![("cat".to_string(), 100.0)]);
+        assert_eq!(parsed("(cat:0)"), vec![("cat".to_string(), 0.0)]);
+        for prompt in ["(cat:100.5)", "(cat:-101)", "((cat:91))"] {
+            assert!(
+                matches!(parse_weights(prompt), Err(PromptError::Weight { .. })),
+                "{prompt}"
+            );
+        }
+        // 49 parentheses multiply to 1.1^49 ≈ 106.7.
+        let deep = format!("{}cat{}", "(".repeat(49), ")".repeat(49));
+        assert!(matches!(
+            parse_weights(&deep),
+            Err(PromptError::Weight { .. })
+        ));
+        // An empty bracket weights nothing, whatever its number.
+        assert!(parse_weights(&format!("a (:1{})", "0".repeat(400))).is_ok());
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_any_work() {
+        let nested = format!("{}cat{}", "(".repeat(1000), ")".repeat(1000));
+        let err = parse_weights(&nested).unwrap_err();
+        assert_eq!(err, PromptError::TooDeep { depth: 1000 });
+        assert!(err.to_string().contains("1000 deep"), "{err}");
+        assert!(err.to_string().contains("100 levels"), "{err}");
+        // Unbalanced: every open bracket counts until the prompt ends.
+        let open = format!("{}cat", "[".repeat(10_000));
+        assert_eq!(
+            parse_weights(&open),
+            Err(PromptError::TooDeep { depth: 10_000 })
+        );
+        // 50,000 brackets are past the length bound first.
+        assert_eq!(
+            parse_weights(&"(".repeat(50_000)),
+            Err(PromptError::TooLong { chars: 50_000 })
+        );
+        // 100 levels are read; round and square ones that cancel leave a sane weight.
+        let mixed = format!("{}cat{}", "([".repeat(50), "])".repeat(50));
+        let got = parsed(&mixed);
+        assert_eq!(got.len(), 1);
+        assert!((got[0].1 - 1.0).abs() < 1e-9, "{got:?}");
+        let deeper = format!("([{mixed}])");
+        assert_eq!(
+            parse_weights(&deeper),
+            Err(PromptError::TooDeep { depth: 102 })
+        );
+        // Stray closing brackets are text and nest nothing.
+        assert!(parse_weights(&")".repeat(MAX_PROMPT_CHARS)).is_ok());
+        // Escaped brackets are text.
+        assert!(parse_weights(&"\\(".repeat(1000)).is_ok());
+    }
+
+    #[test]
+    fn long_prompts_are_refused_with_their_size() {
+        let tokenizer = ClipTokenizer::embedded(crate::Padding::EndOfText).unwrap();
+        let start = std::time::Instant::now();
+        let word = "a".repeat(100_000);
+        let err = tokenize_prompt(&tokenizer, &word).unwrap_err().to_string();
+        assert!(
+            err.contains("100000 characters") && err.contains("20000"),
+            "{err}"
+        );
+        assert!(tokenizer.encode(&word).is_err(), "plain prompts too");
+        assert!(tokenizer.encode_padded(&word).is_err());
+        // Characters, not bytes: 20,000 accented letters (40,000 bytes) are read.
+        assert!(check_length(&"é".repeat(MAX_PROMPT_CHARS)).is_ok());
+        assert_eq!(
+            check_length(&"é".repeat(MAX_PROMPT_CHARS + 1)),
+            Err(PromptError::TooLong {
+                chars: MAX_PROMPT_CHARS + 1
+            })
+        );
+        // 32 chunks of 75 are encoded, 33 are not.
+        let at_bound = vec!["cat"; MAX_CHUNKS * CHUNK_TOKENS].join(" ");
+        assert_eq!(
+            tokenize_prompt(&tokenizer, &at_bound).unwrap().chunks.len(),
+            MAX_CHUNKS
+        );
+        let past = vec!["cat"; MAX_CHUNKS * CHUNK_TOKENS + 1].join(" ");
+        let err = tokenize_prompt(&tokenizer, &past).unwrap_err().to_string();
+        assert!(
+            err.contains("33 chunks") && err.contains("2401 tokens") && err.contains("at most 32"),
+            "{err}"
+        );
+        // BREAK makes chunks as well.
+        let breaks = vec!["cat"; 40].join(" BREAK ");
+        let err = tokenize_prompt(&tokenizer, &breaks)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("40 chunks"), "{err}");
+        assert!(start.elapsed().as_secs() < 60, "took {:?}", start.elapsed());
     }
 
     #[test]

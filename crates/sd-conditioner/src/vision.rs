@@ -9,26 +9,51 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
+use sd_core::vae_config::checks::{
+    self, MAX_CHANNELS, MAX_FACTOR, MAX_LAYERS, MAX_POSITIONS, MAX_SAMPLE_SIZE, MAX_WIDTH,
+};
 use sd_core::weights::{LoadOptions, SafetensorsFile, load_safetensors};
 use sd_core::{CoreError, Result};
 use serde::Deserialize;
 
 use crate::clip::{ClipEncoder, ClipEncoderLayer, HiddenAct, LayerShape};
 
-/// transformers' `CLIPVisionConfig`.
+/// transformers' `CLIPVisionConfig`. Every value is checked by
+/// [`ClipVisionConfig::validate`] before anything is built; no field is required, as a
+/// `CLIPModel` config may list only the values that differ from these defaults. The bounds are
+/// `sd_core::vae_config::checks`' constants.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct ClipVisionConfig {
+    /// The width of the hidden states: 1 to `MAX_CHANNELS`, a multiple of the heads.
     pub hidden_size: usize,
+    /// The MLP's inner width: 1 to `MAX_WIDTH`.
     pub intermediate_size: usize,
+    /// `visual_projection`'s output width: 1 to `MAX_CHANNELS`.
     pub projection_dim: usize,
+    /// Encoder layers: 1 to `MAX_LAYERS`.
     pub num_hidden_layers: usize,
+    /// Attention heads: at least 1, dividing `hidden_size`.
     pub num_attention_heads: usize,
+    /// Image channels: 1 to `MAX_CHANNELS`.
     pub num_channels: usize,
+    /// The input side in pixels: 1 to `MAX_SAMPLE_SIZE`, a multiple of `patch_size`, with at
+    /// most `MAX_POSITIONS` positions (patches plus the class token).
     pub image_size: usize,
+    /// The patch side in pixels: 1 to `image_size`.
     pub patch_size: usize,
+    /// The MLP activation.
     pub hidden_act: HiddenAct,
+    /// LayerNorm epsilon: above 0 and below 1.
     pub layer_norm_eps: f64,
+    /// Attention dropout (training only): 0 to 1.
+    pub attention_dropout: f64,
+    /// Dropout (training only, in older configs): 0 to 1.
+    pub dropout: f64,
+    /// The standard deviation of the initial weights (training only): 0 to 1.
+    pub initializer_range: f64,
+    /// A factor on the initial weights (training only): 0 to `MAX_FACTOR`.
+    pub initializer_factor: f64,
 }
 
 impl Default for ClipVisionConfig {
@@ -45,6 +70,10 @@ impl Default for ClipVisionConfig {
             patch_size: 32,
             hidden_act: HiddenAct::QuickGelu,
             layer_norm_eps: 1e-5,
+            attention_dropout: 0.0,
+            dropout: 0.0,
+            initializer_range: 0.02,
+            initializer_factor: 1.0,
         }
     }
 }
@@ -64,34 +93,66 @@ impl ClipVisionConfig {
     }
 
     /// Reads a `config.json` of a `CLIPVisionModelWithProjection` (flat) or of a `CLIPModel`
-    /// (its `vision_config`).
+    /// (its `vision_config`), and validates it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
+        let text = sd_core::files::read_regular_to_string(path)?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| CoreError::config(path, format!("not JSON: {e}")))?;
         let section = json.get("vision_config").cloned().unwrap_or(json);
-        let config: Self = serde_json::from_value(section)
+        let config: Self = checks::from_value(section, &[])
             .map_err(|e| CoreError::config(path, format!("invalid CLIPVisionConfig: {e}")))?;
-        config.check().map_err(|r| CoreError::config(path, r))?;
+        config.validate().map_err(|r| CoreError::config(path, r))?;
         Ok(config)
     }
 
-    fn check(&self) -> std::result::Result<(), String> {
-        if self.num_attention_heads == 0
-            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
-        {
+    /// Checks every field against its meaning and bounds (see the field docs); returns the
+    /// first problem found, naming the field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        checks::size("hidden_size", self.hidden_size, MAX_CHANNELS)?;
+        checks::size("intermediate_size", self.intermediate_size, MAX_WIDTH)?;
+        checks::size("projection_dim", self.projection_dim, MAX_CHANNELS)?;
+        checks::size("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS)?;
+        checks::size(
+            "num_attention_heads",
+            self.num_attention_heads,
+            MAX_CHANNELS,
+        )?;
+        checks::size("num_channels", self.num_channels, MAX_CHANNELS)?;
+        checks::size("image_size", self.image_size, MAX_SAMPLE_SIZE)?;
+        checks::size("patch_size", self.patch_size, self.image_size)?;
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
-                "hidden_size {} does not split into {} heads",
+                "field `num_attention_heads`: hidden_size {} does not split into {} heads",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
+        if !self.image_size.is_multiple_of(self.patch_size) {
             return Err(format!(
                 "image_size {} is not a multiple of patch_size {}",
                 self.image_size, self.patch_size
             ));
         }
+        if self.patches() + 1 > MAX_POSITIONS {
+            return Err(format!(
+                "field `patch_size` is {}: {} patches of a {}-pixel image are more than {} \
+                 positions",
+                self.patch_size,
+                self.patches(),
+                self.image_size,
+                MAX_POSITIONS
+            ));
+        }
+        checks::open_unit("layer_norm_eps", self.layer_norm_eps)?;
+        checks::probability("attention_dropout", self.attention_dropout)?;
+        checks::probability("dropout", self.dropout)?;
+        checks::probability("initializer_range", self.initializer_range)?;
+        checks::number(
+            "initializer_factor",
+            self.initializer_factor,
+            (0.0, false),
+            (MAX_FACTOR, false),
+        )?;
         Ok(())
     }
 
@@ -141,7 +202,7 @@ impl<B: Backend> ClipVisionModel<B> {
     /// A vision tower with random weights.
     pub fn new(config: &ClipVisionConfig, device: &B::Device) -> Result<Self> {
         config
-            .check()
+            .validate()
             .map_err(|r| CoreError::config("<ClipVisionConfig>", r))?;
         let d = config.hidden_size;
         let shape = LayerShape {

@@ -58,7 +58,9 @@ pub enum WeightProblem {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
-    /// Anything else burn-store reported while applying the tensor.
+    /// The model needs the tensor as floats; the file stores integers or booleans.
+    NotFloat { key: String, dtype: String },
+    /// Anything else reported while applying the tensor (its values refused, for one).
     Other { key: String, message: String },
 }
 
@@ -79,6 +81,11 @@ impl fmt::Display for WeightProblem {
                 f,
                 "shape mismatch for `{key}`: expected {expected:?}, found {found:?}"
             ),
+            Self::NotFloat { key, dtype } => write!(
+                f,
+                "`{key}` is stored as {dtype}; the model needs a floating-point tensor there"
+            ),
+            Self::Other { key, message } if key.is_empty() => write!(f, "{message}"),
             Self::Other { key, message } => write!(f, "`{key}`: {message}"),
         }
     }
@@ -86,10 +93,17 @@ impl fmt::Display for WeightProblem {
 
 struct ProblemList<'a>(&'a [WeightProblem]);
 
+/// How many problems a [`CoreError::Weights`] message lists before it only counts the rest: a
+/// config that does not fit the file can mismatch every key.
+pub const PROBLEMS_LISTED: usize = 20;
+
 impl fmt::Display for ProblemList<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for problem in self.0 {
+        for problem in self.0.iter().take(PROBLEMS_LISTED) {
             write!(f, "\n  - {problem}")?;
+        }
+        if self.0.len() > PROBLEMS_LISTED {
+            write!(f, "\n  - … and {} more", self.0.len() - PROBLEMS_LISTED)?;
         }
         Ok(())
     }

@@ -43,12 +43,7 @@ pub fn image_to_data(image: &RgbImage) -> TensorData {
 /// Reads a PNG or JPEG file as an RGB image whose sides are multiples of `multiple`.
 pub fn read_rgb(path: impl AsRef<Path>, multiple: usize) -> Result<RgbImage> {
     let path = path.as_ref();
-    let image = image::open(path)
-        .map_err(|e| CoreError::Image {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?
-        .to_rgb8();
+    let image = decode_image(path)?.to_rgb8();
     check_image_size(image.width() as usize, image.height() as usize, multiple).map_err(|e| {
         CoreError::Image {
             path: path.to_path_buf(),
@@ -56,6 +51,53 @@ pub fn read_rgb(path: impl AsRef<Path>, multiple: usize) -> Result<RgbImage> {
         }
     })?;
     Ok(image)
+}
+
+/// The largest side [`decode_image`] decodes, in pixels.
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+/// The most memory [`decode_image`] lets one decode allocate: a 16384² RGBA image fits.
+pub const MAX_IMAGE_ALLOC: u64 = 1 << 30;
+
+fn image_error(path: &Path, reason: impl ToString) -> CoreError {
+    CoreError::Image {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// An image file's width and height, read from its header without decoding it (the format is
+/// guessed from the bytes, not the extension). The path must be a regular file.
+pub fn image_dimensions(path: impl AsRef<Path>) -> Result<(u32, u32)> {
+    let path = path.as_ref();
+    crate::files::regular_file(path)?;
+    image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| image_error(path, e))?
+        .into_dimensions()
+        .map_err(|e| image_error(path, e))
+}
+
+/// Decodes an image file within limits: a regular file, at most [`MAX_IMAGE_SIDE`] pixels a
+/// side (checked from the header, before decoding) and [`MAX_IMAGE_ALLOC`] bytes, so that a
+/// decompression bomb or a FIFO is one clear error rather than an abort or a hang.
+pub fn decode_image(path: impl AsRef<Path>) -> Result<image::DynamicImage> {
+    let path = path.as_ref();
+    let (w, h) = image_dimensions(path)?;
+    if w == 0 || h == 0 || w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE {
+        return Err(image_error(
+            path,
+            format!("the image is {w}×{h}; sides from 1 to {MAX_IMAGE_SIDE} pixels are supported"),
+        ));
+    }
+    let mut reader = image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| image_error(path, e))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_ALLOC);
+    reader.limits(limits);
+    reader.decode().map_err(|e| image_error(path, e))
 }
 
 /// Reads a PNG or JPEG file as a `[1, 3, h, w]` tensor in `[-1, 1]`, checking that both sides are

@@ -4,6 +4,7 @@
 //! - [`backend`]: the Burn backends compiled in (cargo features `flex`, `ndarray`, `wgpu`, `cuda`).
 //! - `cpu` (with `flex`): fused CPU kernels the layers use on the Flex backend.
 //! - [`layers`]: building blocks shared by the VAE halves and the U-Net.
+//! - [`files`]: inputs that must be regular files, outputs written atomically.
 //! - [`weights`]: strict safetensors loading with diffusers key names.
 //! - [`image_io`]: images to and from tensors in `[-1, 1]`.
 //! - [`vae_config`]: the `AutoencoderKL` configuration both VAE halves are built from.
@@ -15,6 +16,7 @@ pub mod backend;
 #[cfg(feature = "flex")]
 pub mod cpu;
 pub mod error;
+pub mod files;
 pub mod image_io;
 pub mod layers;
 pub mod vae_config;

@@ -15,7 +15,7 @@ use burn::module::{Module, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, TensorData};
 use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, TensorSnapshot};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 
 use crate::error::{CoreError, Result, WeightProblem};
 
@@ -31,6 +31,10 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Reject tensors in the file that the module has no parameter for (after the key map).
     pub reject_unexpected: bool,
+    /// Refuse a tensor holding NaN or ±∞ (after the cast to [`LoadOptions::dtype`], so a value
+    /// that overflows f16 is caught too). One pass over bytes already in memory: cheap next to
+    /// reading them, and the only way to tell a damaged file from a black image.
+    pub check_finite: bool,
 }
 
 impl Default for LoadOptions {
@@ -38,6 +42,7 @@ impl Default for LoadOptions {
         Self {
             dtype: DType::F32,
             reject_unexpected: true,
+            check_finite: true,
         }
     }
 }
@@ -45,9 +50,28 @@ impl Default for LoadOptions {
 /// A tensor's entry in a safetensors file, as checked by [`SafetensorsFile::open`].
 #[derive(Debug, Clone)]
 pub struct TensorEntry {
+    /// The key, as stored.
     pub key: String,
+    /// The stored dtype: a float one for weights, an integer one for buffers such as
+    /// `position_ids` that checkpoints carry beside them.
     pub dtype: DType,
+    /// The stored shape.
     pub shape: Vec<usize>,
+}
+
+impl TensorEntry {
+    /// Whether the tensor holds floating-point values (the only kind a weight can be).
+    pub fn is_float(&self) -> bool {
+        self.dtype.is_float()
+    }
+}
+
+/// Integer buffers that checkpoints carry next to the weights and no model here reads:
+/// transformers' CLIP `embeddings.position_ids` (I64 in the original SD 1.x files, e.g.
+/// `v1-5-pruned-emaonly.safetensors`) and BatchNorm's `num_batches_tracked`. They are skipped
+/// by name wherever they appear; any other integer tensor a model needs is an error.
+pub fn is_unused_buffer(key: &str) -> bool {
+    key.ends_with("position_ids") || key.ends_with("num_batches_tracked")
 }
 
 /// Files larger than this are read tensor by tensor as the weights are applied instead of
@@ -57,17 +81,21 @@ const STREAM_ABOVE: u64 = 64 << 20;
 /// A tensor's stored dtype, shape and byte range in a file's data section.
 type Span = (Dtype, Vec<usize>, usize, usize);
 
-/// Where a file's tensor bytes are.
-#[derive(Clone)]
-enum Storage {
+/// Where a file's tensor bytes come from.
+enum Bytes {
+    /// The whole file, in memory.
     Memory(Arc<Vec<u8>>),
-    /// The open file, the offset of its data section, and each tensor's dtype, shape and
-    /// byte range within it (checked when the file was opened).
-    File {
-        file: Arc<Mutex<std::fs::File>>,
-        data_start: u64,
-        spans: Arc<HashMap<String, Span>>,
-    },
+    /// The open file, read tensor by tensor.
+    File(Arc<Mutex<std::fs::File>>),
+}
+
+/// Where a file's tensor bytes are: the source, the offset of its data section, and each
+/// tensor's dtype, shape and byte range within it (checked when the file was opened).
+#[derive(Clone)]
+struct Storage {
+    bytes: Arc<Bytes>,
+    data_start: usize,
+    spans: Arc<HashMap<String, Span>>,
 }
 
 /// A safetensors file, validated: held in memory, or (when large) read tensor by tensor.
@@ -77,17 +105,96 @@ pub struct SafetensorsFile {
     entries: Vec<TensorEntry>,
 }
 
+/// The largest header accepted: real checkpoints' are well under 1 MiB.
+const MAX_HEADER: u64 = 100 << 20;
+
+/// Checks a header against the data section's length: JSON, supported dtypes, and byte ranges
+/// that tile the data exactly, each the size of its shape. Every error names the tensor.
+fn parse_header(
+    path: &Path,
+    header: &[u8],
+    data_len: usize,
+) -> Result<(Vec<TensorEntry>, HashMap<String, Span>)> {
+    let bad = |reason: String| CoreError::Safetensors {
+        path: path.to_path_buf(),
+        reason,
+    };
+    // Parsed entry by entry (not as safetensors' `Metadata`, whose errors name no tensor).
+    let map: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| bad(format!("header: {e}")))?;
+    let mut infos = Vec::new();
+    for (key, value) in map {
+        if key == "__metadata__" {
+            continue;
+        }
+        let info: safetensors::tensor::TensorInfo =
+            serde_json::from_value(value).map_err(|e| bad(format!("tensor `{key}`: {e}")))?;
+        infos.push((key, info));
+    }
+    infos.sort_by_key(|(_, info)| info.data_offsets);
+    let mut spans = HashMap::new();
+    let mut entries = Vec::new();
+    let mut end = 0;
+    for (key, info) in &infos {
+        let key = key.clone();
+        let (s, e) = info.data_offsets;
+        // Checked: a hostile header's shape must not overflow the byte count.
+        let bytes = info
+            .shape
+            .iter()
+            .try_fold(info.dtype.bitsize(), |n, d| n.checked_mul(*d))
+            .map(|bits| bits.div_ceil(8));
+        if s != end || e < s || bytes != Some(e - s) || e > data_len {
+            return Err(bad(format!(
+                "tensor `{key}`: byte range {s}..{e} does not fit (dtype {:?}, shape {:?}, {} \
+                 data bytes)",
+                info.dtype, info.shape, data_len
+            )));
+        }
+        end = e;
+        let dtype = stored_dtype(info.dtype).ok_or_else(|| CoreError::UnsupportedDtype {
+            path: path.to_path_buf(),
+            key: key.clone(),
+            dtype: format!("{:?}", info.dtype),
+        })?;
+        entries.push(TensorEntry {
+            key: key.clone(),
+            dtype,
+            shape: info.shape.clone(),
+        });
+        spans.insert(key, (info.dtype, info.shape.clone(), s, e));
+    }
+    if end != data_len {
+        return Err(bad(format!(
+            "the tensors cover {end} of the {data_len} data bytes"
+        )));
+    }
+    entries.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok((entries, spans))
+}
+
+/// The header's length from the first 8 bytes, checked against the file's length.
+fn header_length(path: &Path, first: [u8; 8], len: u64) -> Result<u64> {
+    let n = u64::from_le_bytes(first);
+    if n > MAX_HEADER || n.saturating_add(8) > len {
+        return Err(CoreError::Safetensors {
+            path: path.to_path_buf(),
+            reason: format!("header length {n} does not fit a {len}-byte file"),
+        });
+    }
+    Ok(n)
+}
+
 impl SafetensorsFile {
-    /// Reads and validates a file: header length, JSON, offsets and supported dtypes.
+    /// Reads and validates a file: header length, JSON, offsets and supported dtypes. The path
+    /// must be a regular file (a FIFO would block).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let len = std::fs::metadata(path)
-            .map_err(|e| CoreError::io(path, e))?
-            .len();
+        let len = crate::files::regular_file(path)?.len();
         if len > STREAM_ABOVE {
             return Self::open_streaming(path);
         }
-        let bytes = std::fs::read(path).map_err(|e| CoreError::io(path, e))?;
+        let bytes = crate::files::read_regular(path)?;
         Self::from_bytes(path, bytes)
     }
 
@@ -99,62 +206,22 @@ impl SafetensorsFile {
             path: path.clone(),
             reason,
         };
+        crate::files::regular_file(&path)?;
         let mut file = std::fs::File::open(&path).map_err(|e| CoreError::io(&path, e))?;
         let len = file.metadata().map_err(|e| CoreError::io(&path, e))?.len();
-        let mut n = [0u8; 8];
-        file.read_exact(&mut n)
+        let mut first = [0u8; 8];
+        file.read_exact(&mut first)
             .map_err(|_| bad("shorter than its 8-byte header length".into()))?;
-        let n = u64::from_le_bytes(n);
-        if n > 100 << 20 || 8 + n > len {
-            return Err(bad(format!(
-                "header length {n} does not fit a {len}-byte file"
-            )));
-        }
+        let n = header_length(&path, first, len)?;
         let mut header = vec![0u8; n as usize];
         file.read_exact(&mut header)
             .map_err(|e| bad(format!("header: {e}")))?;
-        let metadata: safetensors::tensor::Metadata =
-            serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
-        let data_len = (len - 8 - n) as usize;
-        let mut infos: Vec<(String, &safetensors::tensor::TensorInfo)> =
-            metadata.tensors().into_iter().collect();
-        infos.sort_by_key(|(_, info)| info.data_offsets);
-        let mut spans = HashMap::new();
-        let mut entries = Vec::new();
-        let mut end = 0;
-        for (key, info) in infos {
-            let (s, e) = info.data_offsets;
-            let bytes = info.shape.iter().product::<usize>() * info.dtype.bitsize() / 8;
-            if s != end || e < s || e - s != bytes || e > data_len {
-                return Err(bad(format!(
-                    "tensor `{key}`: byte range {s}..{e} does not fit (shape {:?}, {} data bytes)",
-                    info.shape, data_len
-                )));
-            }
-            end = e;
-            let dtype = float_dtype(info.dtype).ok_or_else(|| CoreError::UnsupportedDtype {
-                path: path.clone(),
-                key: key.clone(),
-                dtype: format!("{:?}", info.dtype),
-            })?;
-            entries.push(TensorEntry {
-                key: key.clone(),
-                dtype,
-                shape: info.shape.clone(),
-            });
-            spans.insert(key, (info.dtype, info.shape.clone(), s, e));
-        }
-        if end != data_len {
-            return Err(bad(format!(
-                "the tensors cover {end} of the {data_len} data bytes"
-            )));
-        }
-        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        let (entries, spans) = parse_header(&path, &header, (len - 8 - n) as usize)?;
         Ok(Self {
             path,
-            storage: Storage::File {
-                file: Arc::new(Mutex::new(file)),
-                data_start: 8 + n,
+            storage: Storage {
+                bytes: Arc::new(Bytes::File(Arc::new(Mutex::new(file)))),
+                data_start: 8 + n as usize,
                 spans: Arc::new(spans),
             },
             entries,
@@ -164,31 +231,23 @@ impl SafetensorsFile {
     /// Validates bytes already in memory; `path` only names them in errors.
     pub fn from_bytes(path: impl AsRef<Path>, bytes: Vec<u8>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let entries = {
-            let parsed = SafeTensors::deserialize(&bytes).map_err(|e| CoreError::Safetensors {
+        let len = bytes.len() as u64;
+        let first: [u8; 8] = bytes
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| CoreError::Safetensors {
                 path: path.clone(),
-                reason: e.to_string(),
+                reason: "shorter than its 8-byte header length".into(),
             })?;
-            let mut entries = Vec::new();
-            for (key, view) in parsed.tensors() {
-                let dtype =
-                    float_dtype(view.dtype()).ok_or_else(|| CoreError::UnsupportedDtype {
-                        path: path.clone(),
-                        key: key.clone(),
-                        dtype: format!("{:?}", view.dtype()),
-                    })?;
-                entries.push(TensorEntry {
-                    key,
-                    dtype,
-                    shape: view.shape().to_vec(),
-                });
-            }
-            entries.sort_by(|a, b| a.key.cmp(&b.key));
-            entries
-        };
+        let n = header_length(&path, first, len)? as usize;
+        let (entries, spans) = parse_header(&path, &bytes[8..8 + n], bytes.len() - 8 - n)?;
         Ok(Self {
             path,
-            storage: Storage::Memory(Arc::new(bytes)),
+            storage: Storage {
+                bytes: Arc::new(Bytes::Memory(Arc::new(bytes))),
+                data_start: 8 + n,
+                spans: Arc::new(spans),
+            },
             entries,
         })
     }
@@ -222,42 +281,120 @@ fn float_dtype(dtype: Dtype) -> Option<DType> {
     }
 }
 
+/// The stored dtype as Burn names it: the floats weights come in, and the integer and boolean
+/// dtypes of the buffers files carry beside them (accepted when the file is opened, refused
+/// only if a model asks for such a tensor).
+fn stored_dtype(dtype: Dtype) -> Option<DType> {
+    float_dtype(dtype).or(match dtype {
+        Dtype::I64 => Some(DType::I64),
+        Dtype::I32 => Some(DType::I32),
+        Dtype::I16 => Some(DType::I16),
+        Dtype::I8 => Some(DType::I8),
+        Dtype::U64 => Some(DType::U64),
+        Dtype::U32 => Some(DType::U32),
+        Dtype::U16 => Some(DType::U16),
+        Dtype::U8 => Some(DType::U8),
+        Dtype::BOOL => Some(DType::Bool(burn::tensor::BoolStore::Native)),
+        _ => None,
+    })
+}
+
+/// How many of the values in `data` (one of the float dtypes) are NaN or infinite. Reads the
+/// exponent bits directly: every dtype, no conversion.
+fn count_non_finite(data: &TensorData) -> usize {
+    let bytes = data.as_bytes();
+    match data.dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .filter(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000)
+            .count(),
+        DType::F64 => bytes
+            .chunks_exact(8)
+            .filter(|b| {
+                let bits = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                bits & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000
+            })
+            .count(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .filter(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00)
+            .count(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .filter(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80)
+            .count(),
+        _ => 0,
+    }
+}
+
 fn read_tensor(
     storage: &Storage,
     key: &str,
     dtype: DType,
 ) -> std::result::Result<TensorData, String> {
-    let (raw, shape, stored) = match storage {
-        Storage::Memory(bytes) => {
-            let parsed = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
-            let view = parsed.tensor(key).map_err(|e| e.to_string())?;
-            (view.data().to_vec(), view.shape().to_vec(), view.dtype())
-        }
-        Storage::File {
-            file,
-            data_start,
-            spans,
-        } => {
-            let (stored, shape, s, e) = spans
-                .get(key)
-                .ok_or_else(|| format!("no tensor `{key}`"))?
-                .clone();
+    let (stored, shape, s, e) = storage
+        .spans
+        .get(key)
+        .ok_or_else(|| format!("no tensor `{key}`"))?
+        .clone();
+    let source = float_dtype(stored).ok_or_else(|| {
+        format!("tensor `{key}` is stored as {stored:?}, not as floating-point values")
+    })?;
+    let raw = match storage.bytes.as_ref() {
+        Bytes::Memory(bytes) => bytes[storage.data_start + s..storage.data_start + e].to_vec(),
+        Bytes::File(file) => {
             let mut raw = vec![0u8; e - s];
             let mut file = file
                 .lock()
                 .map_err(|_| "the file lock is poisoned".to_string())?;
-            file.seek(SeekFrom::Start(data_start + s as u64))
+            file.seek(SeekFrom::Start((storage.data_start + s) as u64))
                 .and_then(|_| file.read_exact(&mut raw))
                 .map_err(|e| format!("reading `{key}`: {e}"))?;
-            (raw, shape, stored)
+            raw
         }
     };
-    let source = float_dtype(stored).ok_or_else(|| format!("`{key}` is not a float tensor"))?;
     let data = TensorData::from_bytes_vec(raw, shape, source);
     Ok(if source == dtype {
         data
     } else {
         data.convert_dtype(dtype)
+    })
+}
+
+/// Starts the message of a non-finite tensor, so that it can be found inside burn-store's
+/// wrapping of it.
+const NON_FINITE_MARK: &str = "non-finite: ";
+
+/// Refuses a tensor holding NaN or ±∞, naming it and saying whether the file holds them or the
+/// cast to a narrower dtype made them (an f32 value beyond f16's range).
+fn check_finite_values(
+    storage: &Storage,
+    key: &str,
+    data: &TensorData,
+) -> std::result::Result<(), String> {
+    let bad = count_non_finite(data);
+    if bad == 0 {
+        return Ok(());
+    }
+    let total = data.num_elements();
+    let stored = storage.spans.get(key).and_then(|s| float_dtype(s.0));
+    let in_file = match stored {
+        Some(stored) if stored != data.dtype => read_tensor(storage, key, stored)
+            .map(|d| count_non_finite(&d) > 0)
+            .unwrap_or(true),
+        _ => true,
+    };
+    Err(if in_file {
+        format!(
+            "{NON_FINITE_MARK}tensor `{key}` holds {bad} NaN or infinite value(s) of {total} \
+             (the file is damaged; --skip-weight-check loads it anyway)"
+        )
+    } else {
+        format!(
+            "{NON_FINITE_MARK}tensor `{key}` has {bad} value(s) of {total} beyond the range of \
+             {:?} (load it in f32)",
+            data.dtype
+        )
     })
 }
 
@@ -288,11 +425,21 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
     let mut snapshots = Vec::new();
     let mut present = BTreeSet::new();
     for entry in &file.entries {
+        if !entry.is_float() && is_unused_buffer(&entry.key) {
+            continue;
+        }
         let Some(path) = key_map(&entry.key) else {
             continue;
         };
         if expected.contains_key(&path) {
             present.insert(path.clone());
+            if !entry.is_float() {
+                problems.push(WeightProblem::NotFloat {
+                    key: entry.key.clone(),
+                    dtype: format!("{:?}", entry.dtype),
+                });
+                continue;
+            }
         }
         // A 1×1 convolution's [out, in, 1, 1] weight loads into a linear layer's [out, in]:
         // on tokens the two are the same map (SD 1.x's transformer projections, the
@@ -322,9 +469,14 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
                 let key = entry.key.clone();
                 let dtype = options.dtype;
                 let target_shape = shape.clone();
+                let check_finite = options.check_finite;
                 let data_fn = Rc::new(move || {
                     let mut data = read_tensor(&bytes, &key, dtype)
                         .map_err(burn_store::TensorSnapshotError::DataError)?;
+                    if check_finite {
+                        check_finite_values(&bytes, &key, &data)
+                            .map_err(burn_store::TensorSnapshotError::DataError)?;
+                    }
                     data.shape = target_shape.clone().into();
                     Ok(data)
                 });
@@ -355,14 +507,23 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
     }
 
     let result = module.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), false);
-    // Everything was checked above; anything burn-store still reports is a mapping bug, and is
-    // returned as an error rather than leaving a parameter at its random initial value.
+    // Everything but the values was checked above; what burn-store still reports is a tensor
+    // whose values were refused (non-finite) or a mapping bug, and is returned as an error
+    // rather than leaving a parameter at its random initial value.
     let mut problems: Vec<WeightProblem> = result
         .errors
         .iter()
-        .map(|e| WeightProblem::Other {
-            key: String::new(),
-            message: e.to_string(),
+        .map(|e| {
+            let message = e.to_string();
+            // burn-store wraps the closure's message; keep only ours when it is there.
+            let message = match message.find(NON_FINITE_MARK) {
+                Some(at) => message[at + NON_FINITE_MARK.len()..].to_string(),
+                None => message,
+            };
+            WeightProblem::Other {
+                key: String::new(),
+                message,
+            }
         })
         .collect();
     problems.extend(result.missing.iter().map(|(path, _)| WeightProblem::Other {
@@ -392,7 +553,9 @@ pub fn diffusers_weights_path(
         None => "diffusion_pytorch_model.safetensors".to_string(),
     };
     let path = dir.join(&name);
-    if path.is_file() {
+    if path.exists() {
+        // There, but perhaps a FIFO or a folder: say so rather than "no such file".
+        crate::files::regular_file(&path)?;
         Ok(path)
     } else {
         Err(CoreError::io(
@@ -536,5 +699,142 @@ mod tests {
             ..LoadOptions::default()
         };
         load_safetensors(tiny(), &file, &all, lenient).unwrap();
+    }
+
+    /// `tiny_tensors` plus extra tensors of any dtype, serialised.
+    fn file_with(
+        extra: &[(&str, Dtype, Vec<usize>, Vec<u8>)],
+        f32s: &[(&str, Vec<usize>, Vec<f32>)],
+    ) -> Vec<u8> {
+        let bytes: Vec<Vec<u8>> = f32s
+            .iter()
+            .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let mut views: Vec<(String, TensorView<'_>)> = f32s
+            .iter()
+            .zip(&bytes)
+            .map(|((k, shape, _), b)| {
+                (
+                    k.to_string(),
+                    TensorView::new(Dtype::F32, shape.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        for (k, dtype, shape, b) in extra {
+            views.push((
+                k.to_string(),
+                TensorView::new(*dtype, shape.clone(), b).unwrap(),
+            ));
+        }
+        safetensors::serialize(views, None).unwrap()
+    }
+
+    fn load(bytes: Vec<u8>, options: LoadOptions) -> Result<Tiny<Flex>> {
+        let file = SafetensorsFile::from_bytes("memory.safetensors", bytes)?;
+        load_safetensors(tiny(), &file, &|k| Some(k.to_string()), options)
+    }
+
+    #[test]
+    fn integer_buffers_are_skipped_by_name_and_refused_where_a_weight_goes() {
+        let ids: Vec<u8> = (0i64..77).flat_map(|i| i.to_le_bytes()).collect();
+        let extra = [
+            (
+                "text_model.embeddings.position_ids",
+                Dtype::I64,
+                vec![1, 77],
+                ids.clone(),
+            ),
+            (
+                "bn.num_batches_tracked",
+                Dtype::I64,
+                vec![],
+                0i64.to_le_bytes().to_vec(),
+            ),
+        ];
+        load(file_with(&extra, &tiny_tensors()), LoadOptions::default()).unwrap();
+        // An integer tensor where the model needs floats names the key and the dtype.
+        let mut tensors = tiny_tensors();
+        tensors.retain(|(k, _, _)| *k != "proj.bias");
+        let bias: Vec<u8> = [1i64, 2].iter().flat_map(|i| i.to_le_bytes()).collect();
+        let err = load(
+            file_with(&[("proj.bias", Dtype::I64, vec![2], bias)], &tensors),
+            LoadOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`proj.bias` is stored as I64"), "{err}");
+        assert!(!err.contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn non_finite_weights_are_refused_by_name() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut tensors = tiny_tensors();
+            tensors[2].2[1] = bad;
+            let err = load(file_with(&[], &tensors), LoadOptions::default())
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(
+                err.contains("tensor `norm.weight` holds 1 NaN or infinite value(s) of 2"),
+                "{err}"
+            );
+            let skip = LoadOptions {
+                check_finite: false,
+                ..LoadOptions::default()
+            };
+            load(file_with(&[], &tensors), skip).unwrap();
+        }
+        // Finite in the file, infinite once cast to f16.
+        let mut tensors = tiny_tensors();
+        tensors[0].2[0] = 1e6;
+        let f16 = LoadOptions {
+            dtype: DType::F16,
+            ..LoadOptions::default()
+        };
+        let err = load(file_with(&[], &tensors), f16)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("beyond the range of F16"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_byte_range_names_the_tensor() {
+        let mut bytes = file_with(&[], &tiny_tensors());
+        // Shrink the data section by one byte: the last tensor no longer fits.
+        bytes.pop();
+        let err = SafetensorsFile::from_bytes("memory.safetensors", bytes)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("tensor `"), "{err}");
+        // A shape whose byte count overflows.
+        let header =
+            r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,0]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        let err = SafetensorsFile::from_bytes("memory.safetensors", bytes)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("tensor `w`"), "{err}");
+    }
+
+    #[test]
+    fn weight_errors_list_twenty_problems_and_count_the_rest() {
+        let problems: Vec<WeightProblem> = (0..25)
+            .map(|i| WeightProblem::Missing {
+                key: format!("k{i}"),
+                expected: vec![1],
+            })
+            .collect();
+        let err = CoreError::Weights {
+            path: "f".into(),
+            problems,
+        }
+        .to_string();
+        assert_eq!(err.lines().count(), 22, "{err}");
+        assert!(err.ends_with("… and 5 more"), "{err}");
     }
 }

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use sd_core::vae_config::checks;
 use sd_diffusion::{BetaSchedule, NoiseScheduleConfig, PredictionType};
 use serde::Deserialize;
 
@@ -132,13 +133,27 @@ impl Default for SchedulerConfig {
 }
 
 impl SchedulerConfig {
-    /// Reads a `scheduler_config.json`.
+    /// The most training timesteps a schedule may have (every published model has 1000).
+    pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
+    /// Reads and validates a `scheduler_config.json` (see [`SchedulerConfig::from_json`]).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| SchedulerError::Config {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        // A regular file only: a FIFO would block the read forever.
+        let text = sd_core::files::read_regular(path)
+            .map_err(|e| SchedulerError::Config {
+                path: path.display().to_string(),
+                reason: match e {
+                    sd_core::CoreError::Io { source, .. } => source.to_string(),
+                    other => other.to_string(),
+                },
+            })
+            .and_then(|bytes| {
+                String::from_utf8(bytes).map_err(|e| SchedulerError::Config {
+                    path: path.display().to_string(),
+                    reason: format!("not UTF-8 text: {e}"),
+                })
+            })?;
         Self::from_json(&text).map_err(|e| match e {
             SchedulerError::Config { reason, .. } => SchedulerError::Config {
                 path: path.display().to_string(),
@@ -148,14 +163,99 @@ impl SchedulerConfig {
         })
     }
 
-    /// Parses the JSON text of a `scheduler_config.json`. diffusers writes Python's non-finite
-    /// floats (`"lambda_min_clipped": -Infinity`), which are not JSON; they are read as absent,
-    /// which for every field that takes them means the same default.
+    /// Parses the JSON text of a `scheduler_config.json` and validates it
+    /// ([`SchedulerConfig::validate`]). diffusers writes Python's non-finite floats
+    /// (`"lambda_min_clipped": -Infinity`), which are not JSON; they are read as absent, which
+    /// for every field that takes them means the same default.
     pub fn from_json(text: &str) -> Result<Self> {
-        serde_json::from_str(&without_non_finite(text)).map_err(|e| SchedulerError::Config {
+        let config = |reason: String| SchedulerError::Config {
             path: "<json>".into(),
-            reason: e.to_string(),
-        })
+            reason,
+        };
+        let parsed: Self = checks::parse(&without_non_finite(text), &[]).map_err(config)?;
+        parsed.validate().map_err(config)?;
+        Ok(parsed)
+    }
+
+    /// Checks every field against its meaning and bounds; returns the first problem found,
+    /// naming the field:
+    ///
+    /// - `num_train_timesteps`: 1 to [`Self::MAX_TRAIN_TIMESTEPS`]; `steps_offset` below it;
+    /// - `beta_start` < `beta_end`, both above 0 and below 1; `trained_betas`, when given, one
+    ///   per training timestep, each above 0 and below 1;
+    /// - `clip_sample_range`, `sample_max_value`, `timestep_scaling`, `sigma_min` and
+    ///   `sigma_max` finite and above 0 (`sigma_min` < `sigma_max`);
+    /// - `dynamic_thresholding_ratio` above 0 and at most 1;
+    /// - `solver_order` 1 to 3; `original_inference_steps` 1 to [`Self::MAX_TRAIN_TIMESTEPS`];
+    /// - `lambda_min_clipped` finite when given (absent is −∞).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let t = self.num_train_timesteps;
+        checks::size("num_train_timesteps", t, Self::MAX_TRAIN_TIMESTEPS)?;
+        if self.steps_offset >= t {
+            return Err(format!(
+                "field `steps_offset` is {}; it must be below num_train_timesteps ({t})",
+                self.steps_offset
+            ));
+        }
+        checks::open_unit("beta_start", self.beta_start)?;
+        checks::open_unit("beta_end", self.beta_end)?;
+        if self.beta_start >= self.beta_end {
+            return Err(format!(
+                "field `beta_start` is {}; it must be below beta_end ({})",
+                self.beta_start, self.beta_end
+            ));
+        }
+        if let Some(betas) = &self.trained_betas {
+            if betas.len() != t {
+                return Err(format!(
+                    "field `trained_betas` has {} values; it needs one per training timestep \
+                     ({t})",
+                    betas.len()
+                ));
+            }
+            for (i, &b) in betas.iter().enumerate() {
+                checks::open_unit(&format!("trained_betas[{i}]"), b)?;
+            }
+        }
+        let positive =
+            |field: &str, v: f64| checks::number(field, v, (0.0, true), (f64::MAX, false));
+        positive("clip_sample_range", self.clip_sample_range)?;
+        positive("sample_max_value", self.sample_max_value)?;
+        positive("timestep_scaling", self.timestep_scaling)?;
+        checks::number(
+            "dynamic_thresholding_ratio",
+            self.dynamic_thresholding_ratio,
+            (0.0, true),
+            (1.0, false),
+        )?;
+        if let Some(v) = self.sigma_min {
+            positive("sigma_min", v)?;
+        }
+        if let Some(v) = self.sigma_max {
+            positive("sigma_max", v)?;
+        }
+        if let (Some(lo), Some(hi)) = (self.sigma_min, self.sigma_max)
+            && lo >= hi
+        {
+            return Err(format!(
+                "field `sigma_min` is {lo}; it must be below sigma_max ({hi})"
+            ));
+        }
+        if let Some(v) = self.lambda_min_clipped {
+            checks::number(
+                "lambda_min_clipped",
+                v,
+                (f64::MIN, false),
+                (f64::MAX, false),
+            )?;
+        }
+        checks::size("solver_order", self.solver_order, 3)?;
+        checks::size(
+            "original_inference_steps",
+            self.original_inference_steps,
+            Self::MAX_TRAIN_TIMESTEPS,
+        )?;
+        Ok(())
     }
 
     /// The training noise schedule these fields describe.
@@ -331,6 +431,24 @@ mod tests {
         assert_eq!(config.timestep_spacing, Some(TimestepSpacing::Leading));
         assert_eq!(config.steps_offset, 1);
         assert!(without_non_finite(text).contains(r#""a \"NaN\" in a string stays""#));
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_field() {
+        let err = |text: &str| SchedulerConfig::from_json(text).unwrap_err().to_string();
+        assert!(
+            err(r#"{"num_train_timesteps": 1000000000}"#)
+                .contains("field `num_train_timesteps` is 1000000000; it must be at most 100000"),
+        );
+        assert!(
+            err(r#"{"steps_offset": 1000}"#)
+                .contains("field `steps_offset` is 1000; it must be below num_train_timesteps"),
+        );
+        assert!(err(r#"{"beta_start": 0.02, "beta_end": 0.01}"#).contains("below beta_end"));
+        assert!(err(r#"{"beta_end": 0}"#).contains("field `beta_end` is 0"));
+        assert!(err(r#"{"steps_offset": "x"}"#).contains("field `steps_offset`: invalid type"));
+        assert!(err(r#"{"trained_betas": [0.5]}"#).contains("one per training timestep"));
+        SchedulerConfig::from_json(r#"{"steps_offset": 0}"#).unwrap();
     }
 
     #[test]

@@ -46,7 +46,7 @@ impl<B: Backend> Scheduler<B> for DdimScheduler {
         let train = self.config.num_train_timesteps;
         check_steps(steps, train)?;
         let spacing = self.config.spacing_or(TimestepSpacing::Leading);
-        self.timesteps = integer_timesteps(spacing, steps, train, self.config.steps_offset);
+        self.timesteps = integer_timesteps(spacing, steps, train, self.config.steps_offset)?;
         self.stride = train / steps;
         self.progress.reset(self.timesteps.len());
         Ok(())

@@ -46,7 +46,8 @@ impl SigmaSchedule {
         let c = &self.config;
         check_steps(steps, c.num_train_timesteps)?;
         let spacing = c.spacing_or(TimestepSpacing::Linspace);
-        let mut timesteps = spaced_timesteps(spacing, steps, c.num_train_timesteps, c.steps_offset);
+        let mut timesteps =
+            spaced_timesteps(spacing, steps, c.num_train_timesteps, c.steps_offset)?;
         let mut sigmas: Vec<f64> = timesteps
             .iter()
             .map(|&t| interp(t, &self.train_sigmas))

@@ -114,7 +114,7 @@ impl<B: Backend> Scheduler<B> for PndmScheduler<B> {
         }
         let spacing = self.config.spacing_or(TimestepSpacing::Leading);
         // Ascending, as diffusers' `_timesteps`.
-        let mut base = integer_timesteps(spacing, steps, train, self.config.steps_offset);
+        let mut base = integer_timesteps(spacing, steps, train, self.config.steps_offset)?;
         base.reverse();
         let n = base.len();
         let (prk, plms): (Vec<f64>, Vec<f64>) = if self.config.skip_prk_steps {

@@ -73,9 +73,9 @@ pub(crate) fn spaced_timesteps(
     steps: usize,
     train: usize,
     steps_offset: usize,
-) -> Vec<f64> {
+) -> Result<Vec<f64>> {
     let f32_round = |v: f64| f64::from(v as f32);
-    match spacing {
+    let timesteps: Vec<f64> = match spacing {
         TimestepSpacing::Linspace => linspace(0.0, (train - 1) as f64, steps)
             .into_iter()
             .rev()
@@ -92,7 +92,18 @@ pub(crate) fn spaced_timesteps(
             .into_iter()
             .map(|t| t.round_ties_even() - 1.0)
             .collect(),
+    };
+    // `leading` spacing shifts every step by `steps_offset`: with a large offset the first
+    // step lands past the schedule (diffusers then fails indexing `alphas_cumprod`).
+    if let Some(&first) = timesteps.first()
+        && first >= train as f64
+    {
+        return Err(SchedulerError::InvalidSteps(format!(
+            "with steps_offset {steps_offset}, {steps} steps start at timestep {first}, past the \
+             {train} training timesteps"
+        )));
     }
+    Ok(timesteps)
 }
 
 /// Integer inference timesteps, largest first, as DDIM and DDPM compute them.
@@ -101,13 +112,13 @@ pub(crate) fn integer_timesteps(
     steps: usize,
     train: usize,
     steps_offset: usize,
-) -> Vec<f64> {
+) -> Result<Vec<f64>> {
     match spacing {
-        TimestepSpacing::Linspace => linspace(0.0, (train - 1) as f64, steps)
+        TimestepSpacing::Linspace => Ok(linspace(0.0, (train - 1) as f64, steps)
             .into_iter()
             .rev()
             .map(f64::round_ties_even)
-            .collect(),
+            .collect()),
         other => spaced_timesteps(other, steps, train, steps_offset),
     }
 }

@@ -15,6 +15,13 @@ pub enum SdError {
     /// Generation settings that cannot be used together or are out of range.
     #[error("{0}")]
     InvalidOptions(String),
+    /// A stage's output went NaN or infinite (damaged weights loaded unchecked, an overflow in
+    /// half precision): the run stops there instead of writing a black image.
+    #[error(
+        "{0} produced NaN or infinite values; the weights may be damaged (load them without \
+         --skip-weight-check) or overflow in half precision (try --dtype f32)"
+    )]
+    NonFinite(String),
     /// The step callback asked to stop.
     #[error("cancelled at step {0}")]
     Cancelled(usize),

@@ -24,6 +24,7 @@
 //! The stage crates are re-exported for custom pipelines.
 
 mod error;
+pub mod memory;
 mod model;
 mod output;
 mod pipeline;
@@ -33,9 +34,10 @@ pub use error::{Result, SdError};
 pub use model::{Model, ModelFamily, hub_cache_snapshot};
 pub use output::{parameters_text, save_png, to_images};
 pub use pipeline::{
-    GenerateOptions, Generated, InpaintLatents, PromptConditioning, SeededNoise, StepCallback,
-    StepProgress, decode, denoise, encode_prompts, generate, generate_with_noise, initial_latents,
-    inpainting_latents, noised_image_latents,
+    GenerateOptions, Generated, InpaintLatents, MAX_CLIP_SKIP, MAX_GUIDANCE, MAX_IMAGES, MAX_SIDE,
+    MAX_STEPS, PromptConditioning, SeededNoise, StepCallback, StepProgress, check_finite, decode,
+    denoise, encode_prompts, generate, generate_with_noise, initial_latents, inpainting_latents,
+    noised_image_latents,
 };
 pub use single_file::{CheckpointLayout, TextPrefix, detect as detect_checkpoint, ldm_vae_key};
 

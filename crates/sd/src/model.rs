@@ -68,10 +68,123 @@ pub struct Model {
     force_zeros_for_empty_prompt: bool,
     /// The dtype weights are loaded in (and computed in).
     dtype: DType,
+    /// Refuse weights holding NaN or ±∞ as they load ([`LoadOptions::check_finite`]).
+    check_weights: bool,
+}
+
+/// Checks that the component configs, each valid on its own, fit together, before anything is
+/// built: the U-Net's channels against the VAE's latent, RGB images, the U-Net's context width
+/// against the text encoders' hidden sizes, SDXL's pooled and time-id conditioning, and text
+/// encoders long enough for the tokenizer's 77 positions. `at` names the file of a component's
+/// config (`"unet/config.json"`).
+fn check_components(
+    at: &dyn Fn(&str) -> PathBuf,
+    family: ModelFamily,
+    unet: &UNet2DConditionConfig,
+    vae: &AutoencoderKlConfig,
+    texts: &[ClipTextConfig],
+) -> Result<()> {
+    let unet_at = || at("unet/config.json");
+    let latent = vae.latent_channels;
+    if unet.out_channels != latent {
+        return Err(model_error(
+            unet_at(),
+            format!(
+                "field `out_channels` is {}; it must equal latent_channels in vae/config.json \
+                 ({latent})",
+                unet.out_channels
+            ),
+        ));
+    }
+    if unet.in_channels != latent && unet.in_channels != 2 * latent + 1 {
+        return Err(model_error(
+            unet_at(),
+            format!(
+                "field `in_channels` is {}; with latent_channels {latent} in vae/config.json it \
+                 must be {latent} (or {} for inpainting)",
+                unet.in_channels,
+                2 * latent + 1
+            ),
+        ));
+    }
+    for (field, channels) in [
+        ("in_channels", vae.in_channels),
+        ("out_channels", vae.out_channels),
+    ] {
+        if channels != 3 {
+            return Err(model_error(
+                at("vae/config.json"),
+                format!("field `{field}` is {channels}; images have 3 channels (RGB)"),
+            ));
+        }
+    }
+    let text_at = |i: usize| {
+        at(if i == 0 {
+            "text_encoder/config.json"
+        } else {
+            "text_encoder_2/config.json"
+        })
+    };
+    for (i, text) in texts.iter().enumerate() {
+        if text.max_position_embeddings < sd_conditioner::MAX_LENGTH {
+            return Err(model_error(
+                text_at(i),
+                format!(
+                    "field `max_position_embeddings` is {}; prompts take {} positions",
+                    text.max_position_embeddings,
+                    sd_conditioner::MAX_LENGTH
+                ),
+            ));
+        }
+    }
+    let context: usize = texts.iter().map(|t| t.hidden_size).sum();
+    let dims = unet
+        .cross_attention_dim
+        .expand(unet.block_out_channels.len())
+        .unwrap_or_default();
+    if let Some(d) = dims.iter().find(|d| **d != context) {
+        let widths: Vec<String> = texts.iter().map(|t| t.hidden_size.to_string()).collect();
+        return Err(model_error(
+            unet_at(),
+            format!(
+                "field `cross_attention_dim` is {d}; the text encoder hidden states are \
+                 {context} wide ({})",
+                widths.join(" + ")
+            ),
+        ));
+    }
+    match (family == ModelFamily::Sdxl, unet.needs_text_time()) {
+        (true, false) => Err(model_error(
+            unet_at(),
+            "an SDXL U-Net needs `addition_embed_type`: \"text_time\"",
+        )),
+        (false, true) => Err(model_error(
+            unet_at(),
+            "field `addition_embed_type` is text_time, which needs SDXL's second text encoder \
+             (text_encoder_2)",
+        )),
+        (true, true) => {
+            let pooled = texts.get(1).map_or(0, |t| t.projection_dim);
+            let time = unet.addition_time_embed_dim.unwrap_or(0);
+            let expected = pooled + 6 * time;
+            match unet.projection_class_embeddings_input_dim {
+                Some(d) if d != expected => Err(model_error(
+                    unet_at(),
+                    format!(
+                        "field `projection_class_embeddings_input_dim` is {d}; the pooled text \
+                         embedding ({pooled}) and six time ids of addition_time_embed_dim \
+                         ({time}) make {expected}"
+                    ),
+                )),
+                _ => Ok(()),
+            }
+        }
+        (false, false) => Ok(()),
+    }
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| model_error(path, e.to_string()))?;
+    let text = sd_core::files::read_regular_to_string(path)?;
     serde_json::from_str(&text).map_err(|e| model_error(path, format!("not valid JSON: {e}")))
 }
 
@@ -193,6 +306,20 @@ impl Model {
                 "an SDXL model needs the `text_encoder_2` component folder",
             ));
         }
+        // Every text encoder's config is checked now, before any component is built.
+        let mut text_configs = vec![text_config];
+        if dir.join("text_encoder_2").is_dir() {
+            text_configs.push(ClipTextConfig::from_file(
+                dir.join("text_encoder_2/config.json"),
+            )?);
+        }
+        check_components(
+            &|config| dir.join(config),
+            family,
+            &unet_config,
+            &vae_config,
+            &text_configs,
+        )?;
         let force_zeros_for_empty_prompt = index["force_zeros_for_empty_prompt"]
             .as_bool()
             .unwrap_or(family == ModelFamily::Sdxl);
@@ -205,6 +332,7 @@ impl Model {
             scheduler_config,
             force_zeros_for_empty_prompt,
             dtype: DType::F32,
+            check_weights: true,
         })
     }
 
@@ -248,6 +376,20 @@ impl Model {
                 ),
             ));
         }
+        // The presets are valid as published, but the input channels come from the file.
+        unet_config
+            .validate()
+            .map_err(|reason| model_error(&path, format!("U-Net: {reason}")))?;
+        if config_dir.is_none() {
+            let texts = single_file::text_configs(layout.family);
+            check_components(
+                &|_| path.clone(),
+                layout.family,
+                &unet_config,
+                &vae_config,
+                &texts,
+            )?;
+        }
         Ok(Self {
             family: layout.family,
             force_zeros_for_empty_prompt: layout.family == ModelFamily::Sdxl,
@@ -261,6 +403,7 @@ impl Model {
             vae_config,
             scheduler_config,
             dtype: DType::F32,
+            check_weights: true,
         })
     }
 
@@ -271,13 +414,29 @@ impl Model {
         self
     }
 
+    /// The dtype weights are loaded and computed in.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Whether weights are checked for NaN and ±∞ as they load (the default): a damaged file is
+    /// then refused by tensor name instead of giving a black image.
+    pub fn with_weight_check(mut self, check: bool) -> Self {
+        self.check_weights = check;
+        self
+    }
+
+    /// The VAE in f32 whatever the model's dtype (as its config's `force_upcast` asks): the
+    /// pipeline's retry when a half-precision decode overflows.
+    pub fn with_vae_upcast(mut self) -> Self {
+        self.vae_config.force_upcast = true;
+        self
     }
 
     fn load_options(&self) -> LoadOptions {
         LoadOptions {
             dtype: self.dtype,
+            check_finite: self.check_weights,
             ..LoadOptions::default()
         }
     }
@@ -295,6 +454,7 @@ impl Model {
     fn vae_load_options(&self) -> LoadOptions {
         LoadOptions {
             dtype: self.vae_dtype(),
+            check_finite: self.check_weights,
             ..LoadOptions::default()
         }
     }
@@ -419,7 +579,7 @@ impl Model {
                     _ => (true, 0),
                 };
                 let layer = LayerChoice {
-                    skip: base_skip + clip_skip,
+                    skip: base_skip + clip_skip.min(crate::pipeline::MAX_CLIP_SKIP),
                     final_norm,
                 };
                 let mut stages = Vec::new();

@@ -1,13 +1,11 @@
 //! Images out: PNG files that carry their generation parameters in an A1111-style
 //! `parameters` text chunk, which other Stable Diffusion tools read back.
 
-use std::io::BufWriter;
 use std::path::Path;
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use image::RgbImage;
-use sd_core::CoreError;
 
 use crate::error::Result;
 use crate::model::Model;
@@ -56,23 +54,12 @@ pub fn parameters_text(model: &Model, options: &GenerateOptions, sampler: &str) 
 }
 
 /// Writes `image` as a PNG with `parameters` in a `tEXt` chunk (an `iTXt` one when the text is
-/// not Latin-1). The file appears only when it is complete: it is written beside the target and
-/// renamed, so a failure leaves no half-written image.
+/// not Latin-1). The file appears only when it is complete ([`sd_core::files::write_atomic`]:
+/// written beside the target and renamed), so a failure leaves no half-written image, and a
+/// path that exists as anything but a regular file (a folder, a device, a symlink) is refused.
 pub fn save_png(image: &RgbImage, path: impl AsRef<Path>, parameters: &str) -> Result<()> {
-    let path = path.as_ref();
-    let fail = |reason: String| CoreError::Image {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("image");
-    let partial = dir.join(format!(".{name}.partial"));
-    let write = || -> std::result::Result<(), String> {
-        let file = std::fs::File::create(&partial).map_err(|e| e.to_string())?;
-        let mut encoder = png::Encoder::new(BufWriter::new(file), image.width(), image.height());
+    sd_core::files::write_atomic(path, |out| {
+        let mut encoder = png::Encoder::new(out, image.width(), image.height());
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
         let latin1 = parameters.chars().all(|c| (c as u32) < 256);
@@ -89,12 +76,7 @@ pub fn save_png(image: &RgbImage, path: impl AsRef<Path>, parameters: &str) -> R
         writer
             .write_image_data(image.as_raw())
             .map_err(|e| e.to_string())?;
-        writer.finish().map_err(|e| e.to_string())?;
-        std::fs::rename(&partial, path).map_err(|e| e.to_string())
-    };
-    write().map_err(|reason| {
-        let _ = std::fs::remove_file(&partial);
-        fail(reason)
+        writer.finish().map_err(|e| e.to_string())
     })?;
     Ok(())
 }

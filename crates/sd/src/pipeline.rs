@@ -17,6 +17,20 @@ use sd_unet::{TextTimeConditioning, UNet2DConditionModel};
 use crate::error::{Result, SdError};
 use crate::model::{Model, ModelFamily};
 
+/// The largest image side accepted, in pixels: 16× SDXL's 1024 (what fits is then the memory
+/// estimate's call, see [`crate::memory`]); beyond it sizes only overflow.
+pub const MAX_SIDE: usize = 16384;
+/// The most images one run generates (they are denoised as one batch).
+pub const MAX_IMAGES: usize = 4096;
+/// The most sampling steps one run takes (diffusers' schedules have 1000 training steps; a few
+/// samplers accept more inference steps than that, none needs more than this).
+pub const MAX_STEPS: usize = 10_000;
+/// The largest guidance scale (or its negative) accepted: real use stays under 30, and a scale
+/// beyond this only turns the latents infinite.
+pub const MAX_GUIDANCE: f64 = 1000.0;
+/// The most text-encoder layers `clip_skip` can skip (ViT-bigG has 32).
+pub const MAX_CLIP_SKIP: usize = 64;
+
 /// Everything a generation takes besides the model.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -145,6 +159,25 @@ impl<B: Backend> NoiseSource<B> for SeededNoise {
     }
 }
 
+/// How many values of `data` (any float dtype) are NaN or infinite.
+pub(crate) fn non_finite_values(data: &TensorData) -> usize {
+    match data.clone().convert::<f32>().to_vec::<f32>() {
+        Ok(values) => values.iter().filter(|v| !v.is_finite()).count(),
+        Err(_) => 0,
+    }
+}
+
+/// Stops a run whose numbers went NaN or infinite, naming the stage, rather than writing a black
+/// image: `stage` says where (the text encoder, U-Net step i of n, the VAE decoder).
+pub fn check_finite<B: Backend, const D: usize>(t: &Tensor<B, D>, stage: &str) -> Result<()> {
+    let bad = t.clone().is_finite().bool_not().any().into_scalar();
+    if burn::tensor::ElementConversion::elem::<bool>(bad) {
+        Err(SdError::NonFinite(stage.to_string()))
+    } else {
+        Ok(())
+    }
+}
+
 /// The conditioning of one generation, batched `[unconditional; conditional]` when guided.
 pub struct PromptConditioning<B: Backend> {
     pub conditioning: Conditioning<B>,
@@ -161,6 +194,13 @@ impl GenerateOptions {
     pub fn size(&self, model: &Model) -> Result<(usize, usize)> {
         let side = model.default_size();
         let (w, h) = (self.width.unwrap_or(side), self.height.unwrap_or(side));
+        for (name, v) in [("width", w), ("height", h)] {
+            if v > MAX_SIDE {
+                return Err(SdError::InvalidOptions(format!(
+                    "{name} {v} is larger than the largest side supported, {MAX_SIDE} pixels"
+                )));
+            }
+        }
         let (w, h) = match &self.init_image {
             Some(image) => {
                 let (iw, ih) = match image.shape.as_slice() {
@@ -176,6 +216,12 @@ impl GenerateOptions {
                         "the starting image is {iw}×{ih}, not the {w}×{h} asked for"
                     )));
                 }
+                if iw > MAX_SIDE || ih > MAX_SIDE {
+                    return Err(SdError::InvalidOptions(format!(
+                        "the starting image is {iw}×{ih}; the largest side supported is \
+                         {MAX_SIDE} pixels"
+                    )));
+                }
                 (iw, ih)
             }
             None => (w, h),
@@ -188,21 +234,64 @@ impl GenerateOptions {
         if self.steps == 0 {
             return Err(SdError::InvalidOptions("steps must be at least 1".into()));
         }
+        if self.steps > MAX_STEPS {
+            return Err(SdError::InvalidOptions(format!(
+                "{} steps is more than the {MAX_STEPS} supported",
+                self.steps
+            )));
+        }
         if self.num_images == 0 {
             return Err(SdError::InvalidOptions(
                 "the number of images must be at least 1".into(),
             ));
         }
-        if !self.guidance_scale.is_finite() || !self.guidance_rescale.is_finite() {
-            return Err(SdError::InvalidOptions(
-                "guidance must be a finite number".into(),
-            ));
+        if self.num_images > MAX_IMAGES {
+            return Err(SdError::InvalidOptions(format!(
+                "{} images is more than the {MAX_IMAGES} one run supports",
+                self.num_images
+            )));
+        }
+        if !self.guidance_scale.is_finite() || self.guidance_scale.abs() > MAX_GUIDANCE {
+            return Err(SdError::InvalidOptions(format!(
+                "guidance {} is outside [-{MAX_GUIDANCE}, {MAX_GUIDANCE}]",
+                self.guidance_scale
+            )));
+        }
+        // diffusers' `rescale_noise_cfg` mixes by φ: a weight in [0, 1].
+        if !(0.0..=1.0).contains(&self.guidance_rescale) {
+            return Err(SdError::InvalidOptions(format!(
+                "guidance rescale {} is outside [0, 1]",
+                self.guidance_rescale
+            )));
+        }
+        if self.clip_skip > MAX_CLIP_SKIP {
+            return Err(SdError::InvalidOptions(format!(
+                "clip skip {} is more than the {MAX_CLIP_SKIP} layers any text encoder has",
+                self.clip_skip
+            )));
+        }
+        if let Some(latents) = &self.init_latents {
+            let bad = non_finite_values(latents);
+            if bad > 0 {
+                return Err(SdError::InvalidOptions(format!(
+                    "the initial latents hold {bad} NaN or infinite value(s)"
+                )));
+            }
         }
         if !(0.0..=1.0).contains(&self.strength) {
             return Err(SdError::InvalidOptions(format!(
                 "strength {} is outside [0, 1]",
                 self.strength
             )));
+        }
+        // diffusers' img2img and inpainting pipelines raise here too: strength 0 keeps the
+        // image as it is and runs no step.
+        if self.init_image.is_some() && self.strength <= 0.0 {
+            return Err(SdError::InvalidOptions(
+                "strength 0 runs no step and returns the starting image: use a strength in \
+                 (0, 1]"
+                    .into(),
+            ));
         }
         if self.init_image.is_some() && self.init_latents.is_some() {
             return Err(SdError::InvalidOptions(
@@ -225,7 +314,7 @@ impl GenerateOptions {
         {
             return Err(SdError::InvalidOptions(format!(
                 "the mask has shape {:?}; the {w}×{h} image needs [1, 1, {h}, {w}]",
-                mask.shape
+                mask.shape.as_slice()
             )));
         }
         Ok(())
@@ -450,6 +539,7 @@ pub fn denoise<B: Backend>(
         };
         let out = scheduler.step(prediction, latents, noise)?;
         latents = out.prev_sample;
+        check_finite(&latents, &format!("U-Net step {} of {total}", i + 1))?;
         // An ordinary U-Net paints everywhere: put the image back outside the mask, noised to
         // the next step's level (clean after the last step).
         if let Some(InpaintLatents {
@@ -538,6 +628,10 @@ pub fn generate_with_noise<B: Backend>(
     };
 
     let cond = encode_prompts::<B>(model, options, device)?;
+    check_finite(&cond.conditioning.context, "the text encoder")?;
+    if let Some(pooled) = &cond.conditioning.pooled {
+        check_finite(pooled, "the text encoder's pooled output")?;
+    }
     let text_time = text_time(options, size, &cond, options.num_images)?;
     if model.family() == ModelFamily::Sdxl && text_time.is_none() {
         return Err(SdError::InvalidOptions(
@@ -560,6 +654,17 @@ pub fn generate_with_noise<B: Backend>(
     };
     drop(cond);
     let images = decode(model, latents.clone(), options.vae_tiling, device)?;
+    // A half-precision VAE can overflow where f32 does not (diffusers' `force_upcast` and
+    // `needs_upcasting`): decode again in f32 before giving up.
+    let images = match check_finite(&images, "the VAE decoder") {
+        Err(_) if model.vae_dtype() != DType::F32 => {
+            let upcast = model.clone().with_vae_upcast();
+            let images = decode(&upcast, latents.clone(), options.vae_tiling, device)?;
+            check_finite(&images, "the VAE decoder (in f32)")?;
+            images
+        }
+        other => other.map(|()| images)?,
+    };
     Ok(Generated {
         images,
         latents,

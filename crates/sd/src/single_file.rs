@@ -348,7 +348,14 @@ pub fn open_clip_to_transformers(
         .map(|(k, b, s, dtype)| {
             safetensors::tensor::TensorView::new(*dtype, s.clone(), b)
                 .map(|v| (k.clone(), v))
-                .map_err(|e| model_error(file.path(), e.to_string()))
+                .map_err(|e| {
+                    model_error(
+                        file.path(),
+                        format!(
+                            "converting OpenCLIP's `{prefix}` tensors to `{k}` (shape {s:?}): {e}"
+                        ),
+                    )
+                })
         })
         .collect::<Result<Vec<_>>>()?;
     let serialized =
