@@ -99,17 +99,25 @@ fn latents_file(path: &Path, values: &[f32]) {
 /// Sets elements `range` of tensor `key` in a safetensors file to NaN, in place (the whole
 /// tensor when `range` is `None`).
 fn poison(file: &Path, key: &str, range: Option<std::ops::Range<usize>>) {
+    fill(file, key, range, f32::NAN)
+}
+
+/// Sets elements `range` of tensor `key` (all when `None`) to `value`, in place.
+fn fill(file: &Path, key: &str, range: Option<std::ops::Range<usize>>, value: f32) {
     let mut bytes = std::fs::read(file).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     let info = &header[key];
     let start = info["data_offsets"][0].as_u64().unwrap() as usize + 8 + n;
     let end = info["data_offsets"][1].as_u64().unwrap() as usize + 8 + n;
-    let nan: Vec<u8> = match info["dtype"].as_str().unwrap() {
-        "F32" => f32::NAN.to_le_bytes().to_vec(),
-        "F16" => 0x7e00u16.to_le_bytes().to_vec(),
-        "BF16" => 0x7fc0u16.to_le_bytes().to_vec(),
-        other => panic!("{other}"),
+    let nan: Vec<u8> = match (info["dtype"].as_str().unwrap(), value.is_nan()) {
+        ("F32", _) => value.to_le_bytes().to_vec(),
+        ("F16", true) => 0x7e00u16.to_le_bytes().to_vec(),
+        ("BF16", true) => 0x7fc0u16.to_le_bytes().to_vec(),
+        // 60000 = 1.8310546875 · 2¹⁵, the only finite value the tests write.
+        ("F16", false) if value == 60000.0 => 0x7b53u16.to_le_bytes().to_vec(),
+        ("BF16", false) => ((value.to_bits() >> 16) as u16).to_le_bytes().to_vec(),
+        other => panic!("{other:?}"),
     };
     let size = nan.len();
     let range = range.unwrap_or(0..(end - start) / size);
@@ -493,4 +501,42 @@ fn prompts_past_their_bounds_are_refused_before_loading() {
             &out,
         );
     }
+}
+
+#[test]
+fn an_f16_vae_that_overflows_decodes_again_in_f32() {
+    let dir = scratch("upcast");
+    let copy = dir.join("model");
+    copy_dir(&tiny_model(), &copy);
+    // A VAE that may run in f16, whose first convolution's outputs overflow f16 (36 taps of
+    // 60000) but not f32, where the GroupNorm after it brings them back.
+    let config = copy.join("vae/config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("\"force_upcast\": true", "\"force_upcast\": false"),
+    )
+    .unwrap();
+    fill(
+        &copy.join("vae/diffusion_pytorch_model.safetensors"),
+        "decoder.conv_in.weight",
+        None,
+        60000.0,
+    );
+    let out = dir.join("out.png");
+    let (ok, _, _, stderr) = sd(&[
+        "generate",
+        "cat",
+        "-q",
+        "--steps",
+        "2",
+        "--dtype",
+        "f16",
+        "--model",
+        copy.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(out.is_file());
 }

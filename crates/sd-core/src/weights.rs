@@ -772,8 +772,8 @@ mod tests {
             let mut tensors = tiny_tensors();
             tensors[2].2[1] = bad;
             let err = load(file_with(&[], &tensors), LoadOptions::default())
-                .err()
-                .expect("refused")
+                .map(|_| ())
+                .expect_err("refused")
                 .to_string();
             assert!(
                 err.contains("tensor `norm.weight` holds 1 NaN or infinite value(s) of 2"),
@@ -785,6 +785,23 @@ mod tests {
             };
             load(file_with(&[], &tensors), skip).unwrap();
         }
+        // The streaming path (files over 64 MiB) checks the same way.
+        let mut tensors = tiny_tensors();
+        tensors[1].2[0] = f32::NAN;
+        let path = std::env::temp_dir().join(format!("sd-nan-{}.safetensors", std::process::id()));
+        std::fs::write(&path, file_with(&[], &tensors)).unwrap();
+        let streamed = SafetensorsFile::open_streaming(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let err = load_safetensors(
+            tiny(),
+            &streamed,
+            &|k| Some(k.to_string()),
+            LoadOptions::default(),
+        )
+        .map(|_| ())
+        .expect_err("refused")
+        .to_string();
+        assert!(err.contains("tensor `proj.bias` holds 1 NaN"), "{err}");
         // Finite in the file, infinite once cast to f16.
         let mut tensors = tiny_tensors();
         tensors[0].2[0] = 1e6;
@@ -793,8 +810,8 @@ mod tests {
             ..LoadOptions::default()
         };
         let err = load(file_with(&[], &tensors), f16)
-            .err()
-            .expect("refused")
+            .map(|_| ())
+            .expect_err("refused")
             .to_string();
         assert!(err.contains("beyond the range of F16"), "{err}");
     }
@@ -805,8 +822,8 @@ mod tests {
         // Shrink the data section by one byte: the last tensor no longer fits.
         bytes.pop();
         let err = SafetensorsFile::from_bytes("memory.safetensors", bytes)
-            .err()
-            .expect("refused")
+            .map(|_| ())
+            .expect_err("refused")
             .to_string();
         assert!(err.contains("tensor `"), "{err}");
         // A shape whose byte count overflows.
@@ -815,8 +832,8 @@ mod tests {
         let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
         bytes.extend_from_slice(header.as_bytes());
         let err = SafetensorsFile::from_bytes("memory.safetensors", bytes)
-            .err()
-            .expect("refused")
+            .map(|_| ())
+            .expect_err("refused")
             .to_string();
         assert!(err.contains("tensor `w`"), "{err}");
     }
