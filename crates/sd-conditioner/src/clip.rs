@@ -5,10 +5,10 @@ use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, L
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use sd_core::layers::{linear_forward, multi_head_attention, quick_gelu};
-use sd_core::vae_config::checks::{
-    self, MAX_CHANNELS, MAX_FACTOR, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH,
+use sd_core::config_checks::{
+    self as checks, MAX_CHANNELS, MAX_FACTOR, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH,
 };
+use sd_core::layers::{linear_forward, multi_head_attention, quick_gelu};
 use sd_core::weights::{LoadOptions, SafetensorsFile, load_safetensors};
 use sd_core::{CoreError, Result};
 use serde::Deserialize;

@@ -9,8 +9,8 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use sd_core::vae_config::checks::{
-    self, MAX_CHANNELS, MAX_FACTOR, MAX_LAYERS, MAX_POSITIONS, MAX_SAMPLE_SIZE, MAX_WIDTH,
+use sd_core::config_checks::{
+    self as checks, MAX_CHANNELS, MAX_FACTOR, MAX_LAYERS, MAX_POSITIONS, MAX_SAMPLE_SIZE, MAX_WIDTH,
 };
 use sd_core::weights::{LoadOptions, SafetensorsFile, load_safetensors};
 use sd_core::{CoreError, Result};

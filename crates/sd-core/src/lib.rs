@@ -4,6 +4,7 @@
 //! - [`backend`]: the Burn backends compiled in (cargo features `flex`, `ndarray`, `wgpu`, `cuda`).
 //! - `cpu` (with `flex`): fused CPU kernels the layers use on the Flex backend.
 //! - [`layers`]: building blocks shared by the VAE halves and the U-Net.
+//! - [`config_checks`]: reading component configs and checking every field's value.
 //! - [`files`]: inputs that must be regular files, outputs written atomically.
 //! - [`weights`]: strict safetensors loading with diffusers key names.
 //! - [`image_io`]: images to and from tensors in `[-1, 1]`.
@@ -13,6 +14,7 @@
 
 pub mod allocator;
 pub mod backend;
+pub mod config_checks;
 #[cfg(feature = "flex")]
 pub mod cpu;
 pub mod error;

@@ -18,34 +18,34 @@ pub const VAE_NORM_EPS: f64 = 1e-6;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct AutoencoderKlConfig {
-    /// Image channels in (3, RGB); at most [`checks::MAX_CHANNELS`].
+    /// Image channels in (3, RGB); at most [`MAX_CHANNELS`](crate::config_checks::MAX_CHANNELS).
     pub in_channels: usize,
-    /// Image channels out (3, RGB); at most [`checks::MAX_CHANNELS`].
+    /// Image channels out (3, RGB); at most [`MAX_CHANNELS`](crate::config_checks::MAX_CHANNELS).
     pub out_channels: usize,
     /// One `DownEncoderBlock2D` per resolution level.
     pub down_block_types: Vec<String>,
     /// One `UpDecoderBlock2D` per resolution level.
     pub up_block_types: Vec<String>,
-    /// The channels of each level: 1 to [`checks::MAX_BLOCKS`] entries, each a multiple of
-    /// `norm_num_groups` and at most [`checks::MAX_CHANNELS`].
+    /// The channels of each level: 1 to [`MAX_BLOCKS`](crate::config_checks::MAX_BLOCKS) entries, each a multiple of
+    /// `norm_num_groups` and at most [`MAX_CHANNELS`](crate::config_checks::MAX_CHANNELS).
     pub block_out_channels: Vec<usize>,
-    /// ResNets per encoder block (the decoder has one more): 1 to [`checks::MAX_LAYERS`].
+    /// ResNets per encoder block (the decoder has one more): 1 to [`MAX_LAYERS`](crate::config_checks::MAX_LAYERS).
     pub layers_per_block: usize,
     /// The activation: only `silu`.
     pub act_fn: String,
-    /// Channels of the latent: 1 to [`checks::MAX_CHANNELS`].
+    /// Channels of the latent: 1 to [`MAX_CHANNELS`](crate::config_checks::MAX_CHANNELS).
     pub latent_channels: usize,
     /// GroupNorm groups: at least 1, dividing every entry of `block_out_channels`.
     pub norm_num_groups: usize,
     /// The training resolution; tiled decoding cuts latents into tiles of this size (÷ 2^(n-1)).
-    /// 1 to [`checks::MAX_SAMPLE_SIZE`].
+    /// 1 to [`MAX_SAMPLE_SIZE`](crate::config_checks::MAX_SAMPLE_SIZE).
     #[serde(deserialize_with = "sample_size")]
     pub sample_size: usize,
     /// Latents are multiplied by this after encoding (SD 1.x/2.x 0.18215, SDXL 0.13025): above
-    /// 0 and at most [`checks::MAX_FACTOR`].
+    /// 0 and at most [`MAX_FACTOR`](crate::config_checks::MAX_FACTOR).
     pub scaling_factor: f64,
     /// Subtracted from latents before scaling (SD3 and Flux VAEs); absent for SD 1.x/2.x/XL.
-    /// Finite, at most [`checks::MAX_FACTOR`] either way.
+    /// Finite, at most [`MAX_FACTOR`](crate::config_checks::MAX_FACTOR) either way.
     pub shift_factor: Option<f64>,
     /// Per-channel latent statistics (Playground v2.5): not supported, must be absent.
     pub latents_mean: Option<Vec<f64>>,
@@ -141,7 +141,7 @@ impl AutoencoderKlConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = crate::files::read_regular_to_string(path)?;
-        let config: Self = checks::parse(&text, Self::REQUIRED)
+        let config: Self = crate::config_checks::parse(&text, Self::REQUIRED)
             .map_err(|e| CoreError::config(path, format!("invalid AutoencoderKL config: {e}")))?;
         config
             .validate()
@@ -167,11 +167,11 @@ impl AutoencoderKlConfig {
             .map_err(|reason| CoreError::config("<AutoencoderKlConfig>", reason))
     }
 
-    /// Checks every field against its meaning and bounds (see the field docs and [`checks`]);
+    /// Checks every field against its meaning and bounds (see the field docs and [`config_checks`](crate::config_checks));
     /// returns the first problem found, naming the field.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        use checks::{MAX_BLOCKS, MAX_CHANNELS, MAX_LAYERS, MAX_SAMPLE_SIZE};
-        checks::sizes(
+        use crate::config_checks::{MAX_BLOCKS, MAX_CHANNELS, MAX_LAYERS, MAX_SAMPLE_SIZE};
+        crate::config_checks::sizes(
             "block_out_channels",
             &self.block_out_channels,
             MAX_CHANNELS,
@@ -209,12 +209,12 @@ impl AutoencoderKlConfig {
                 self.act_fn
             ));
         }
-        checks::size("in_channels", self.in_channels, MAX_CHANNELS)?;
-        checks::size("out_channels", self.out_channels, MAX_CHANNELS)?;
-        checks::size("latent_channels", self.latent_channels, MAX_CHANNELS)?;
-        checks::size("layers_per_block", self.layers_per_block, MAX_LAYERS)?;
-        checks::size("norm_num_groups", self.norm_num_groups, MAX_CHANNELS)?;
-        checks::size("sample_size", self.sample_size, MAX_SAMPLE_SIZE)?;
+        crate::config_checks::size("in_channels", self.in_channels, MAX_CHANNELS)?;
+        crate::config_checks::size("out_channels", self.out_channels, MAX_CHANNELS)?;
+        crate::config_checks::size("latent_channels", self.latent_channels, MAX_CHANNELS)?;
+        crate::config_checks::size("layers_per_block", self.layers_per_block, MAX_LAYERS)?;
+        crate::config_checks::size("norm_num_groups", self.norm_num_groups, MAX_CHANNELS)?;
+        crate::config_checks::size("sample_size", self.sample_size, MAX_SAMPLE_SIZE)?;
         let g = self.norm_num_groups;
         for (i, c) in self.block_out_channels.iter().enumerate() {
             if !c.is_multiple_of(g) {
@@ -224,13 +224,13 @@ impl AutoencoderKlConfig {
                 ));
             }
         }
-        checks::factor("scaling_factor", self.scaling_factor)?;
+        crate::config_checks::factor("scaling_factor", self.scaling_factor)?;
         if let Some(shift) = self.shift_factor {
-            checks::number(
+            crate::config_checks::number(
                 "shift_factor",
                 shift,
-                (-checks::MAX_FACTOR, false),
-                (checks::MAX_FACTOR, false),
+                (-crate::config_checks::MAX_FACTOR, false),
+                (crate::config_checks::MAX_FACTOR, false),
             )?;
         }
         for (field, value) in [
@@ -269,193 +269,6 @@ impl AutoencoderKlConfig {
     }
 }
 
-/// Reading component configs (`config.json`, `scheduler_config.json`) and checking their values:
-/// shared by the U-Net, VAE, text encoder and scheduler configs so that every error reads alike,
-/// e.g. ``field `block_out_channels[1]` is 0; it must be at least 1``.
-///
-/// The upper bounds are far above every published Stable Diffusion 1.x, 2.x, XL, Turbo and
-/// upscaler config (the largest: 1280 U-Net channels, 5120 MLP width, 32 text layers, 10
-/// transformer layers per block, 49408 tokens, 77 positions) and low enough that no size,
-/// product or shift of them overflows. A model within them may still be too large to load;
-/// that is a question of memory, not of a valid config.
-pub mod checks {
-    use serde::de::DeserializeOwned;
-    use serde_json::Value;
-
-    /// The most channels of a feature map or width of a hidden state (U-Net and VAE channels,
-    /// text and vision hidden sizes, cross-attention and projection widths).
-    pub const MAX_CHANNELS: usize = 16_384;
-    /// The most features of an MLP's inner layer or of a concatenated embedding input
-    /// (`intermediate_size`, `projection_class_embeddings_input_dim`).
-    pub const MAX_WIDTH: usize = 65_536;
-    /// The most layers of a stack (ResNets per block, transformer layers, text encoder layers).
-    pub const MAX_LAYERS: usize = 256;
-    /// The most resolution levels of a U-Net or VAE: each halves the latent, so 8 levels already
-    /// need sides divisible by 128.
-    pub const MAX_BLOCKS: usize = 8;
-    /// The largest vocabulary.
-    pub const MAX_VOCAB: usize = 1_000_000;
-    /// The most token or patch positions.
-    pub const MAX_POSITIONS: usize = 65_536;
-    /// The largest `sample_size` (latent cells for the U-Net, pixels for the VAE).
-    pub const MAX_SAMPLE_SIZE: usize = 16_384;
-    /// The largest convolution kernel side.
-    pub const MAX_KERNEL: usize = 31;
-    /// The largest multiplicative factor (`scaling_factor`, `mid_block_scale_factor`, ...).
-    pub const MAX_FACTOR: f64 = 100.0;
-
-    /// Parses a config's JSON text into `T` (a struct with `#[serde(default)]`), first checking
-    /// that it is a JSON object holding every field of `required`: each entry lists
-    /// alternatives, one of which must be present and not `null`. A value of the wrong type is
-    /// reported with the field's name.
-    pub fn parse<T: DeserializeOwned>(text: &str, required: &[&[&str]]) -> Result<T, String> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
-        from_value(value, required)
-    }
-
-    /// [`parse`] for JSON already read (e.g. a section of a larger file).
-    pub fn from_value<T: DeserializeOwned>(
-        value: Value,
-        required: &[&[&str]],
-    ) -> Result<T, String> {
-        let Value::Object(map) = &value else {
-            return Err(format!("expected a JSON object, found {}", kind(&value)));
-        };
-        for alternatives in required {
-            let present = alternatives
-                .iter()
-                .any(|f| map.get(*f).is_some_and(|v| !v.is_null()));
-            if !present {
-                let (first, rest) = alternatives.split_first().unwrap_or((&"", &[]));
-                let or: String = rest.iter().map(|f| format!(" or `{f}`")).collect();
-                return Err(format!(
-                    "missing required field `{first}`{or}: it sets the model's shape"
-                ));
-            }
-        }
-        serde_json::from_value::<T>(value.clone()).map_err(|e| {
-            // Name the field: the first one that fails on its own (every other field defaults),
-            // and in a list the first entry whose prefix fails.
-            let alone = |k: &str, v: Value| {
-                serde_json::from_value::<T>(Value::Object(
-                    [(k.to_string(), v)].into_iter().collect(),
-                ))
-                .err()
-            };
-            map.iter()
-                .find_map(|(k, v)| {
-                    let e = alone(k, v.clone())?;
-                    let entry = v.as_array().and_then(|items| {
-                        (0..items.len()).find_map(|i| {
-                            let prefix = Value::Array(items[..=i].to_vec());
-                            alone(k, prefix).map(|e| format!("field `{k}[{i}]`: {e}"))
-                        })
-                    });
-                    Some(entry.unwrap_or_else(|| format!("field `{k}`: {e}")))
-                })
-                .unwrap_or_else(|| e.to_string())
-        })
-    }
-
-    fn kind(value: &Value) -> &'static str {
-        match value {
-            Value::Null => "null",
-            Value::Bool(_) => "a boolean",
-            Value::Number(_) => "a number",
-            Value::String(_) => "a string",
-            Value::Array(_) => "a list",
-            Value::Object(_) => "an object",
-        }
-    }
-
-    /// A size: at least 1 and at most `max`.
-    pub fn size(field: &str, value: usize, max: usize) -> Result<(), String> {
-        if value == 0 {
-            Err(format!("field `{field}` is 0; it must be at least 1"))
-        } else if value > max {
-            Err(format!(
-                "field `{field}` is {value}; it must be at most {max}"
-            ))
-        } else {
-            Ok(())
-        }
-    }
-
-    /// An optional size: absent, or a [`size`].
-    pub fn optional_size(field: &str, value: Option<usize>, max: usize) -> Result<(), String> {
-        value.map_or(Ok(()), |v| size(field, v, max))
-    }
-
-    /// A list of sizes, each named `field[i]`; the list must have 1 to `max_len` entries.
-    pub fn sizes(field: &str, values: &[usize], max: usize, max_len: usize) -> Result<(), String> {
-        if values.is_empty() {
-            return Err(format!(
-                "field `{field}` is empty; it needs at least one entry"
-            ));
-        }
-        if values.len() > max_len {
-            return Err(format!(
-                "field `{field}` has {} entries; it may have at most {max_len}",
-                values.len()
-            ));
-        }
-        values
-            .iter()
-            .enumerate()
-            .try_for_each(|(i, &v)| size(&format!("{field}[{i}]"), v, max))
-    }
-
-    /// A whole number at most `max` (0 allowed).
-    pub fn at_most(field: &str, value: usize, max: usize) -> Result<(), String> {
-        if value > max {
-            Err(format!(
-                "field `{field}` is {value}; it must be at most {max}"
-            ))
-        } else {
-            Ok(())
-        }
-    }
-
-    /// A number in an interval; `open_low`/`open_high` exclude the ends.
-    pub fn number(
-        field: &str,
-        value: f64,
-        (low, open_low): (f64, bool),
-        (high, open_high): (f64, bool),
-    ) -> Result<(), String> {
-        let above = if open_low { value > low } else { value >= low };
-        let below = if open_high {
-            value < high
-        } else {
-            value <= high
-        };
-        if value.is_finite() && above && below {
-            return Ok(());
-        }
-        let low_word = if open_low { "above" } else { "at least" };
-        let high_word = if open_high { "below" } else { "at most" };
-        Err(format!(
-            "field `{field}` is {value}; it must be {low_word} {low} and {high_word} {high}"
-        ))
-    }
-
-    /// An epsilon or a probability of a change: above 0 and below 1.
-    pub fn open_unit(field: &str, value: f64) -> Result<(), String> {
-        number(field, value, (0.0, true), (1.0, true))
-    }
-
-    /// A probability (dropout): 0 to 1.
-    pub fn probability(field: &str, value: f64) -> Result<(), String> {
-        number(field, value, (0.0, false), (1.0, false))
-    }
-
-    /// A multiplicative factor: above 0 and at most [`MAX_FACTOR`].
-    pub fn factor(field: &str, value: f64) -> Result<(), String> {
-        number(field, value, (0.0, true), (MAX_FACTOR, false))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,24 +282,29 @@ mod tests {
     #[test]
     fn configs_name_the_field_at_fault() {
         let err =
-            checks::parse::<AutoencoderKlConfig>("{}", AutoencoderKlConfig::REQUIRED).unwrap_err();
+            crate::config_checks::parse::<AutoencoderKlConfig>("{}", AutoencoderKlConfig::REQUIRED)
+                .unwrap_err();
         assert!(
             err.contains("missing required field `in_channels`"),
             "{err}"
         );
         let err =
-            checks::parse::<AutoencoderKlConfig>(r#"{"scaling_factor": "x"}"#, &[]).unwrap_err();
+            crate::config_checks::parse::<AutoencoderKlConfig>(r#"{"scaling_factor": "x"}"#, &[])
+                .unwrap_err();
         assert!(
             err.starts_with("field `scaling_factor`: invalid type"),
             "{err}"
         );
-        let err = checks::parse::<AutoencoderKlConfig>(r#"{"block_out_channels": [64, -1]}"#, &[])
-            .unwrap_err();
+        let err = crate::config_checks::parse::<AutoencoderKlConfig>(
+            r#"{"block_out_channels": [64, -1]}"#,
+            &[],
+        )
+        .unwrap_err();
         assert!(
             err.starts_with("field `block_out_channels[1]`: invalid value"),
             "{err}"
         );
-        let err = checks::parse::<AutoencoderKlConfig>("[1]", &[]).unwrap_err();
+        let err = crate::config_checks::parse::<AutoencoderKlConfig>("[1]", &[]).unwrap_err();
         assert!(err.contains("expected a JSON object"), "{err}");
         let mut config = AutoencoderKlConfig::sd15();
         config.scaling_factor = 1e9;

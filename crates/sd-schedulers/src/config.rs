@@ -5,7 +5,7 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use sd_core::vae_config::checks;
+use sd_core::config_checks as checks;
 use sd_diffusion::{BetaSchedule, NoiseScheduleConfig, PredictionType};
 use serde::Deserialize;
 

@@ -2,8 +2,9 @@
 
 use std::path::Path;
 
-use sd_core::vae_config::checks::{
-    self, MAX_BLOCKS, MAX_CHANNELS, MAX_KERNEL, MAX_LAYERS, MAX_SAMPLE_SIZE, MAX_VOCAB, MAX_WIDTH,
+use sd_core::config_checks::{
+    self as checks, MAX_BLOCKS, MAX_CHANNELS, MAX_KERNEL, MAX_LAYERS, MAX_SAMPLE_SIZE, MAX_VOCAB,
+    MAX_WIDTH,
 };
 use sd_core::{CoreError, Result};
 use serde::Deserialize;

@@ -2,7 +2,7 @@
 //! weights are read, so that a run that cannot fit is refused with a sentence instead of dying
 //! in the allocator ("memory allocation of N bytes failed", SIGABRT) minutes later.
 //!
-//! The pipeline holds one large component at a time (see [`crate::pipeline`]), so the peak is
+//! The pipeline holds one large component at a time (see [`crate::generate`]), so the peak is
 //! the largest of three stages: the text encoders, the U-Net loop (its weights, the batch's
 //! feature maps and attention scores), and the VAE decode (its weights and full-resolution
 //! feature maps, or one tile's with tiling). The counts follow diffusers' module layout; they
