@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use burn::module::{Module, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, TensorData};
-use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, TensorSnapshot};
+pub use burn_store::TensorSnapshot;
+use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter};
 use safetensors::Dtype;
 
 use crate::error::{CoreError, Result, WeightProblem};
@@ -540,6 +541,136 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
     }
 }
 
+/// The safetensors name of a float dtype weights are saved in.
+fn safetensors_dtype(dtype: DType) -> Option<Dtype> {
+    match dtype {
+        DType::F64 => Some(Dtype::F64),
+        DType::F32 => Some(Dtype::F32),
+        DType::F16 => Some(Dtype::F16),
+        DType::BF16 => Some(Dtype::BF16),
+        _ => None,
+    }
+}
+
+/// Saves `module`'s parameters as a safetensors file, the mirror of [`load_safetensors`]: in
+/// PyTorch naming and layout (burn-store's [`BurnToPyTorchAdapter`] transposes linear weights
+/// back to `[out, in]` and renames `gamma`/`beta` to `weight`/`bias`), each module path renamed
+/// by `key_map` (`None` leaves a parameter out), every tensor cast to `dtype`.
+///
+/// The file is written tensor by tensor (the header first, from the shapes), so saving needs
+/// no second copy of the model in memory, and atomically
+/// ([`crate::files::write_atomic`]): it appears complete or not at all. `metadata` goes in the
+/// header's `__metadata__` (diffusers writes `{"format": "pt"}`).
+pub fn save_safetensors<B: Backend, M: Module<B>>(
+    module: &M,
+    path: impl AsRef<Path>,
+    key_map: KeyMap<'_>,
+    dtype: DType,
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Result<()> {
+    save_tensors(module_tensors(module, key_map), path, dtype, metadata)
+}
+
+/// A module's parameters under their file keys, in PyTorch naming and layout, as
+/// [`save_safetensors`] writes them (read lazily: nothing is copied until written). Several
+/// modules' tensors can go into one file ([`save_tensors`]), as diffusers keeps both VAE
+/// halves in `vae/`.
+pub fn module_tensors<B: Backend, M: Module<B>>(
+    module: &M,
+    key_map: KeyMap<'_>,
+) -> Vec<(String, TensorSnapshot)> {
+    module
+        .collect(None, Some(Box::new(BurnToPyTorchAdapter)), false)
+        .into_iter()
+        .filter_map(|s| key_map(&s.full_path()).map(|key| (key, s)))
+        .collect()
+}
+
+/// `snapshot` with its values read as `shape` (same element count): how a linear weight
+/// `[out, in]` is saved as the 1×1 convolution `[out, in, 1, 1]` a checkpoint holds there
+/// (the inverse of the squeeze [`load_safetensors`] accepts).
+pub fn reshaped(snapshot: TensorSnapshot, shape: Vec<usize>) -> TensorSnapshot {
+    let data = snapshot.clone_data_fn();
+    let target = shape.clone();
+    TensorSnapshot::from_closure(
+        Rc::new(move || {
+            let mut d = data()?;
+            d.shape = target.clone().into();
+            Ok(d)
+        }),
+        snapshot.dtype,
+        shape.into(),
+        snapshot.path_stack.clone().unwrap_or_default(),
+        snapshot.container_stack.clone().unwrap_or_default(),
+        snapshot.tensor_id.unwrap_or_default(),
+    )
+}
+
+/// Writes tensors under their keys as a safetensors file, each cast to `dtype`: see
+/// [`save_safetensors`].
+pub fn save_tensors(
+    mut tensors: Vec<(String, TensorSnapshot)>,
+    path: impl AsRef<Path>,
+    dtype: DType,
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let stored = safetensors_dtype(dtype).ok_or_else(|| CoreError::UnsupportedDtype {
+        path: path.to_path_buf(),
+        key: String::new(),
+        dtype: format!("{dtype:?}"),
+    })?;
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    if let Some(pair) = tensors.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(CoreError::Safetensors {
+            path: path.to_path_buf(),
+            reason: format!("two parameters map to the key `{}`", pair[0].0),
+        });
+    }
+    let size = stored.bitsize() / 8;
+    let mut header = serde_json::Map::new();
+    if let Some(metadata) = metadata {
+        header.insert("__metadata__".into(), serde_json::json!(metadata));
+    }
+    let mut offset = 0usize;
+    for (key, snapshot) in &tensors {
+        let shape: Vec<usize> = snapshot.shape.to_vec();
+        let bytes = shape.iter().product::<usize>() * size;
+        header.insert(
+            key.clone(),
+            serde_json::json!({
+                "dtype": format!("{stored:?}"),
+                "shape": shape,
+                "data_offsets": [offset, offset + bytes],
+            }),
+        );
+        offset += bytes;
+    }
+    let mut header = serde_json::to_vec(&serde_json::Value::Object(header))
+        .map_err(|e| CoreError::io(path, std::io::Error::other(e)))?;
+    // The data section starts 8-byte aligned, as the reference writer pads it.
+    header.resize(header.len().next_multiple_of(8), b' ');
+    crate::files::write_atomic(path, |out| {
+        use std::io::Write;
+        out.write_all(&(header.len() as u64).to_le_bytes())
+            .and_then(|()| out.write_all(&header))
+            .map_err(|e| e.to_string())?;
+        for (key, snapshot) in &tensors {
+            let data = snapshot
+                .to_data()
+                .map_err(|e| format!("reading `{key}`: {e}"))?;
+            let data = if data.dtype == dtype {
+                data
+            } else {
+                data.convert_dtype(dtype)
+            };
+            out.write_all(data.as_bytes())
+                .map_err(|e| format!("writing `{key}`: {e}"))?;
+        }
+        Ok(())
+    })
+}
+
 /// The weights file of a diffusers component folder (`vae/`, `unet/`, ...):
 /// `diffusion_pytorch_model.safetensors`, or `diffusion_pytorch_model.{variant}.safetensors`
 /// when a variant such as `fp16` is asked for.
@@ -584,6 +715,7 @@ mod tests {
     use burn::module::Module;
     use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig};
     use burn::tensor::Tensor;
+    use safetensors::SafeTensors;
     use safetensors::tensor::TensorView;
 
     use super::*;
@@ -853,5 +985,79 @@ mod tests {
         .to_string();
         assert_eq!(err.lines().count(), 22, "{err}");
         assert!(err.ends_with("… and 5 more"), "{err}");
+    }
+
+    #[test]
+    fn saved_weights_load_back_identical_in_every_dtype() {
+        let file = file(Dtype::F32, &tiny_tensors());
+        let model = load_safetensors(
+            tiny(),
+            &file,
+            &|k| Some(k.to_string()),
+            LoadOptions::default(),
+        )
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("sd-save-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let path = dir.join(format!("{dtype:?}.safetensors"));
+            save_safetensors(&model, &path, &|k| Some(k.to_string()), dtype, Some(&meta)).unwrap();
+            let saved = SafetensorsFile::open(&path).unwrap();
+            // PyTorch's names and layout: the linear weight back as [out, in].
+            let keys: Vec<_> = saved
+                .entries()
+                .iter()
+                .map(|e| (e.key.as_str(), e.shape.clone(), e.dtype))
+                .collect();
+            assert_eq!(
+                keys,
+                vec![
+                    ("norm.bias", vec![2], dtype),
+                    ("norm.weight", vec![2], dtype),
+                    ("proj.bias", vec![2], dtype),
+                    ("proj.weight", vec![2, 3], dtype),
+                ]
+            );
+            // safetensors' own reader accepts the file, metadata included.
+            let bytes = std::fs::read(&path).unwrap();
+            let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+            assert_eq!(header.metadata().as_ref().unwrap()["format"], "pt");
+            let back = load_safetensors(
+                tiny(),
+                &saved,
+                &|k| Some(k.to_string()),
+                LoadOptions::default(),
+            )
+            .unwrap();
+            // The test values are exact in every dtype.
+            assert_eq!(
+                values(back.proj.weight.val()),
+                values(model.proj.weight.val())
+            );
+            assert_eq!(values(back.norm.gamma.unwrap().val()), vec![2.0, 3.0]);
+        }
+        // Key maps rename and leave out.
+        let path = dir.join("renamed.safetensors");
+        let map = |k: &str| (!k.starts_with("norm.")).then(|| format!("model.{k}"));
+        save_safetensors(&model, &path, &map, DType::F32, None).unwrap();
+        let keys: Vec<String> = SafetensorsFile::open(&path)
+            .unwrap()
+            .entries()
+            .iter()
+            .map(|e| e.key.clone())
+            .collect();
+        assert_eq!(keys, ["model.proj.bias", "model.proj.weight"]);
+        // Two parameters onto one key is an error, and writes nothing.
+        let path = dir.join("clash.safetensors");
+        let err = save_safetensors(&model, &path, &|_| Some("same".into()), DType::F32, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("two parameters map to the key `same`"),
+            "{err}"
+        );
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

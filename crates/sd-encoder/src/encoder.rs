@@ -142,6 +142,13 @@ impl<B: Backend> VaeEncoder<B> {
         Self::new(&config, device)?.load_weights(&file, LoadOptions::default())
     }
 
+    /// The weights under diffusers' key names (PyTorch layout), for
+    /// [`sd_core::weights::save_tensors`]: with the other half's, they make diffusers' one
+    /// `vae/diffusion_pytorch_model.safetensors`.
+    pub fn weight_tensors(&self) -> Vec<(String, sd_core::weights::TensorSnapshot)> {
+        sd_core::weights::module_tensors(self, &|k| Some(k.to_string()))
+    }
+
     /// Fills the weights from a file in the diffusers layout; other components' keys are ignored.
     pub fn load_weights(self, file: &SafetensorsFile, options: LoadOptions) -> Result<Self> {
         load_safetensors(self, file, &keep_prefixes(Self::WEIGHT_PREFIXES), options)

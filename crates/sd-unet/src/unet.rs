@@ -6,7 +6,10 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use sd_core::layers::{conv2d, conv2d_forward, group_norm};
-use sd_core::weights::{LoadOptions, SafetensorsFile, diffusers_weights_path, load_safetensors};
+use sd_core::weights::{
+    LoadOptions, SafetensorsFile, diffusers_weights_path, load_safetensors, module_tensors,
+    reshaped, save_tensors,
+};
 use sd_core::{CoreError, Result};
 
 use crate::blocks::{BlockSettings, DownBlock, MidBlock, UpBlock};
@@ -157,6 +160,34 @@ impl<B: Backend> UNet2DConditionModel<B> {
         load_safetensors(self, file, &diffusers_key, options)
     }
 
+    /// Saves the weights as diffusers' `diffusion_pytorch_model.safetensors` for a U-Net of
+    /// `config`: its key names (the inverse of [`Self::load_weights`]'s map) and shapes (the
+    /// transformers' projections as 1×1 convolutions unless `use_linear_projection`), in
+    /// `dtype`, written atomically.
+    pub fn save_weights(
+        &self,
+        config: &UNet2DConditionConfig,
+        path: impl AsRef<Path>,
+        dtype: burn::tensor::DType,
+    ) -> Result<()> {
+        let metadata = std::collections::BTreeMap::from([("format".into(), "pt".into())]);
+        let tensors = module_tensors(self, &checkpoint_key)
+            .into_iter()
+            .map(|(key, t)| {
+                let projection =
+                    key.ends_with(".proj_in.weight") || key.ends_with(".proj_out.weight");
+                match t.shape.as_slice() {
+                    [o, i] if projection && !config.use_linear_projection => {
+                        let shape = vec![*o, *i, 1, 1];
+                        (key, reshaped(t, shape))
+                    }
+                    _ => (key, t),
+                }
+            })
+            .collect();
+        save_tensors(tensors, path, dtype, Some(&metadata))
+    }
+
     /// Fills the weights from a single-file checkpoint in the original layout
     /// (`model.diffusion_model.*`); the file's other components are ignored.
     pub fn load_single_file(
@@ -296,6 +327,14 @@ impl<B: Backend> UNet2DConditionModel<B> {
 }
 
 /// diffusers' feed-forward keys (`ff.net.0.proj`, `ff.net.2`) onto [`crate::FeedForward`]'s.
+/// A module path as diffusers names the parameter: the inverse of [`diffusers_key`].
+fn checkpoint_key(path: &str) -> Option<String> {
+    Some(
+        path.replace(".ff.geglu.", ".ff.net.0.proj.")
+            .replace(".ff.proj_out.", ".ff.net.2."),
+    )
+}
+
 fn diffusers_key(key: &str) -> Option<String> {
     Some(
         key.replace(".ff.net.0.proj.", ".ff.geglu.")
