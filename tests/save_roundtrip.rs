@@ -148,3 +148,25 @@ fn both_vae_halves_save_into_one_file_as_diffusers_keeps_it() {
         );
     }
 }
+
+#[test]
+fn text_encoders_round_trip_in_transformers_layout() {
+    let dir = scratch("clip");
+    let device = Default::default();
+    for model in models() {
+        for name in ["text_encoder", "text_encoder_2"] {
+            let folder = model.join(name);
+            if !folder.is_dir() {
+                continue;
+            }
+            let original = folder.join("model.safetensors");
+            let clip =
+                sd_conditioner::ClipTextModel::<Flex>::from_pretrained(&folder, &device).unwrap();
+            let stored = contents(&original);
+            let dtype = stored.values().next().unwrap().0;
+            let saved = dir.join("model.safetensors");
+            clip.save_weights(&saved, dtype).unwrap();
+            assert_same(&contents(&saved), &stored, &folder.display().to_string());
+        }
+    }
+}

@@ -363,6 +363,20 @@ impl<B: Backend> ClipTextModel<B> {
         Self::new(&config, with_projection, device)?.load_weights(&file, options)
     }
 
+    /// Saves the weights as transformers' `model.safetensors` (its key names and layout, as
+    /// `save_pretrained` writes them), in `dtype`, written atomically.
+    pub fn save_weights(&self, path: impl AsRef<Path>, dtype: burn::tensor::DType) -> Result<()> {
+        let with_projection = self.text_projection.is_some();
+        let metadata = std::collections::BTreeMap::from([("format".into(), "pt".into())]);
+        sd_core::weights::save_safetensors(
+            self,
+            path,
+            &|k| checkpoint_key(k, with_projection),
+            dtype,
+            Some(&metadata),
+        )
+    }
+
     /// Fills the weights from a transformers state dict.
     pub fn load_weights(self, file: &SafetensorsFile, options: LoadOptions) -> Result<Self> {
         load_safetensors(self, file, &transformers_key, options)
@@ -460,6 +474,23 @@ impl<B: Backend> ClipTextModel<B> {
             text_embeds,
         })
     }
+}
+
+/// A module path as transformers names the parameter: the inverse of [`transformers_key`].
+/// transformers 5 saves a `CLIPTextModel` without the `text_model.` level and a
+/// `CLIPTextModelWithProjection` with it.
+fn checkpoint_key(path: &str, with_projection: bool) -> Option<String> {
+    let mut key = path.to_string();
+    for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+        key = key.replace(&format!(".{proj}."), &format!(".self_attn.{proj}."));
+    }
+    for fc in ["fc1", "fc2"] {
+        key = key.replace(&format!(".{fc}."), &format!(".mlp.{fc}."));
+    }
+    Some(match key.strip_prefix("text_model.") {
+        Some(rest) if !with_projection => rest.to_string(),
+        _ => key,
+    })
 }
 
 /// transformers' key names onto the module: the attention projections live under `self_attn.`
