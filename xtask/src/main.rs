@@ -13,6 +13,10 @@
 //!   random-weight SD 1.5-size model, written once under `target/bench-models/` by the fixture
 //!   venv.
 //! - `fixtures [--only KIND]`: regenerate only one kind of fixture (e.g. `pipeline`).
+//! - `fuzz [--execs N] [--seed S] [--target NAME[,NAME]]`: the long fuzzing run of every loader
+//!   (`tests/fuzz.rs`, release): N executions per target (1,000,000 by default) from seed S;
+//!   prints executions per second and totals per target, and fails on any panic, abort or hang.
+//!   `fuzz --target NAME --replay PATH` runs one saved input (e.g. a `tests/fuzz-corpus` file).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -30,6 +34,7 @@ fn main() -> ExitCode {
             "5",
         ),
         Some("bench-generate") => bench_generate(&args[1..]),
+        Some("fuzz") => fuzz(&args[1..]),
         Some("bench-vae") => compare(
             "VAE decode",
             "vae-decode-timing",
@@ -49,7 +54,8 @@ fn main() -> ExitCode {
         _ => Err(format!(
             "usage: cargo xtask fixtures [--only KIND] | bench-vae [--config sd15|tiny] [--runs N] \
              | bench-unet [--config sd15|sd21] [--runs N] \
-             | bench-clip [--config vit-l|bigg] [--runs N] | bench-generate [--size 512] [--steps 2] [--dtype f32|f16] [--tiling]\n\
+             | bench-clip [--config vit-l|bigg] [--runs N] | bench-generate [--size 512] [--steps 2] [--dtype f32|f16] [--tiling] \
+             | fuzz [--execs N] [--seed S] [--target NAME] [--replay PATH]\n\
              got: {args:?}"
         )),
     };
@@ -185,6 +191,44 @@ fn bench_generate(args: &[String]) -> Result<(), String> {
         field("Elapsed (wall clock) time (h:mm:ss or m:ss):")
     );
     Ok(())
+}
+
+/// The long fuzzing run: `tests/fuzz.rs`'s ignored `long_run`, in release, with its settings
+/// in the environment.
+fn fuzz(args: &[String]) -> Result<(), String> {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(root()).args([
+        "test",
+        "--release",
+        "-p",
+        "sd-tests",
+        "--test",
+        "fuzz",
+        "--",
+        "--ignored",
+        "--nocapture",
+        "--exact",
+    ]);
+    cmd.arg(if flag(args, "--replay").is_some() {
+        "replay"
+    } else {
+        "long_run"
+    });
+    for (flag_name, var) in [
+        ("--execs", "SD_FUZZ_EXECS"),
+        ("--seed", "SD_FUZZ_SEED"),
+        ("--target", "SD_FUZZ_TARGET"),
+    ] {
+        if let Some(value) = flag(args, flag_name) {
+            cmd.env(var, value);
+        }
+    }
+    // The test runs in `tests/`: pass the input's absolute path.
+    if let Some(path) = flag(args, "--replay") {
+        let path = std::fs::canonicalize(path).map_err(|e| format!("{path}: {e}"))?;
+        cmd.env("SD_FUZZ_REPLAY", path);
+    }
+    run(&mut cmd)
 }
 
 fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {

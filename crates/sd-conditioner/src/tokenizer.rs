@@ -51,6 +51,9 @@ pub struct ClipTokenizer {
     pad: u32,
 }
 
+/// The bound on vocabulary ids (CLIP's is 49408; the text configs allow up to 10⁶ tokens).
+pub const MAX_VOCAB_ID: u32 = 1_000_000;
+
 /// Where the embedded vocabulary "lives", for messages.
 const EMBEDDED: &str = "<built-in CLIP vocabulary>";
 
@@ -184,6 +187,14 @@ impl ClipTokenizer {
         merges_path: &Path,
         padding: Padding,
     ) -> Result<Self> {
+        // Ids index the text encoder's embedding table: one past the largest real vocabulary's
+        // bound is already wrong, and u32::MAX overflows inside `tokenizers`.
+        if let Some((token, id)) = vocab.iter().find(|(_, id)| **id >= MAX_VOCAB_ID) {
+            return Err(error(
+                vocab_path,
+                format!("token `{token}` has id {id}; ids must be below {MAX_VOCAB_ID}"),
+            ));
+        }
         let (bos, eos) = match (vocab.get(BOS), vocab.get(EOS)) {
             (Some(&b), Some(&e)) => (b, e),
             _ => return Err(error(vocab_path, "lacks <|startoftext|> or <|endoftext|>")),

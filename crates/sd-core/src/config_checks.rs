@@ -69,11 +69,26 @@ pub fn from_value<T: DeserializeOwned>(value: Value, required: &[&[&str]]) -> Re
         map.iter()
             .find_map(|(k, v)| {
                 let e = alone(k, v.clone())?;
+                // Whether a prefix fails is monotone in its length (an entry that does not
+                // parse fails every longer prefix too): a binary search finds the first bad
+                // entry in n·log n, where trying each prefix was quadratic (a 50,000-entry
+                // `trained_betas` took seconds).
                 let entry = v.as_array().and_then(|items| {
-                    (0..items.len()).find_map(|i| {
-                        let prefix = Value::Array(items[..=i].to_vec());
-                        alone(k, prefix).map(|e| format!("field `{k}[{i}]`: {e}"))
-                    })
+                    let fails = |n: usize| alone(k, Value::Array(items[..n].to_vec()));
+                    // The empty list passes and the whole one fails, or no entry is at fault.
+                    if fails(0).is_some() || fails(items.len()).is_none() {
+                        return None;
+                    }
+                    let (mut good, mut bad) = (0, items.len());
+                    while bad - good > 1 {
+                        let mid = good + (bad - good) / 2;
+                        if fails(mid).is_some() {
+                            bad = mid;
+                        } else {
+                            good = mid;
+                        }
+                    }
+                    fails(bad).map(|e| format!("field `{k}[{}]`: {e}", bad - 1))
                 });
                 Some(entry.unwrap_or_else(|| format!("field `{k}`: {e}")))
             })

@@ -55,8 +55,12 @@ pub fn read_rgb(path: impl AsRef<Path>, multiple: usize) -> Result<RgbImage> {
 
 /// The largest side [`decode_image`] decodes, in pixels.
 pub const MAX_IMAGE_SIDE: u32 = 16384;
-/// The most memory [`decode_image`] lets one decode allocate: a 16384² RGBA image fits.
-pub const MAX_IMAGE_ALLOC: u64 = 1 << 30;
+/// The most pixels [`decode_image`] decodes (8192², 64 Mpx): past it a few hundred bytes of
+/// JPEG header make seconds of decoding and gigabytes of buffers (a decompression bomb), and
+/// no Stable Diffusion run starts from such an image.
+pub const MAX_IMAGE_PIXELS: u64 = 8192 * 8192;
+/// The most memory [`decode_image`] lets one decode allocate: a 64 Mpx RGBA image fits.
+pub const MAX_IMAGE_ALLOC: u64 = 4 * MAX_IMAGE_PIXELS + (16 << 20);
 
 fn image_error(path: &Path, reason: impl ToString) -> CoreError {
     CoreError::Image {
@@ -78,7 +82,8 @@ pub fn image_dimensions(path: impl AsRef<Path>) -> Result<(u32, u32)> {
 }
 
 /// Decodes an image file within limits: a regular file, at most [`MAX_IMAGE_SIDE`] pixels a
-/// side (checked from the header, before decoding) and [`MAX_IMAGE_ALLOC`] bytes, so that a
+/// side and [`MAX_IMAGE_PIXELS`] in all (checked from the header, before decoding) and
+/// [`MAX_IMAGE_ALLOC`] bytes, so that a
 /// decompression bomb or a FIFO is one clear error rather than an abort or a hang.
 pub fn decode_image(path: impl AsRef<Path>) -> Result<image::DynamicImage> {
     let path = path.as_ref();
@@ -87,6 +92,17 @@ pub fn decode_image(path: impl AsRef<Path>) -> Result<image::DynamicImage> {
         return Err(image_error(
             path,
             format!("the image is {w}×{h}; sides from 1 to {MAX_IMAGE_SIDE} pixels are supported"),
+        ));
+    }
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > MAX_IMAGE_PIXELS {
+        return Err(image_error(
+            path,
+            format!(
+                "the image is {w}×{h}, {} Mpx; at most {} Mpx are decoded",
+                pixels / 1_000_000,
+                MAX_IMAGE_PIXELS / 1_000_000
+            ),
         ));
     }
     let mut reader = image::ImageReader::open(path)

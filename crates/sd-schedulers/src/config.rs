@@ -180,7 +180,7 @@ impl SchedulerConfig {
     /// Checks every field against its meaning and bounds; returns the first problem found,
     /// naming the field:
     ///
-    /// - `num_train_timesteps`: 1 to [`Self::MAX_TRAIN_TIMESTEPS`]; `steps_offset` below it;
+    /// - `num_train_timesteps`: 2 to [`Self::MAX_TRAIN_TIMESTEPS`]; `steps_offset` below it;
     /// - `beta_start` < `beta_end`, both above 0 and below 1; `trained_betas`, when given, one
     ///   per training timestep, each above 0 and below 1;
     /// - `clip_sample_range`, `sample_max_value`, `timestep_scaling`, `sigma_min` and
@@ -191,6 +191,12 @@ impl SchedulerConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
         let t = self.num_train_timesteps;
         checks::size("num_train_timesteps", t, Self::MAX_TRAIN_TIMESTEPS)?;
+        // A schedule interpolates between neighbouring training steps: it needs two.
+        if t < 2 {
+            return Err(format!(
+                "field `num_train_timesteps` is {t}; it must be at least 2"
+            ));
+        }
         if self.steps_offset >= t {
             return Err(format!(
                 "field `steps_offset` is {}; it must be below num_train_timesteps ({t})",

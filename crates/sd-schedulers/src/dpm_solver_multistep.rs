@@ -268,6 +268,13 @@ impl<B: Backend> Scheduler<B> for DpmSolverMultistepScheduler<B> {
     fn set_timesteps(&mut self, steps: usize) -> Result<()> {
         check_steps(steps, self.config.num_train_timesteps)?;
         let last = unclipped_timesteps(&self.config, &self.alphas_cumprod);
+        // `lambda_min_clipped` can clip away every training step: nothing is left to sample.
+        if last < 2 {
+            return Err(SchedulerError::InvalidSteps(format!(
+                "lambda_min_clipped {:?} leaves {last} of the {} training timesteps to sample from",
+                self.config.lambda_min_clipped, self.config.num_train_timesteps
+            )));
+        }
         let (timesteps, sigmas) = multistep_schedule(
             &self.config,
             &self.train_sigmas,
