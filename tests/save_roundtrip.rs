@@ -170,3 +170,65 @@ fn text_encoders_round_trip_in_transformers_layout() {
         }
     }
 }
+
+/// Our JSON against the one diffusers wrote: the same value for every key both have (numbers
+/// compared as numbers), and no key diffusers does not write.
+fn assert_config_matches(ours: &serde_json::Value, theirs: &serde_json::Value, what: &str) {
+    let (ours, theirs) = (ours.as_object().unwrap(), theirs.as_object().unwrap());
+    let same = |a: &serde_json::Value, b: &serde_json::Value| match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => (x - y).abs() <= 1e-12 * x.abs().max(1.0),
+        _ => {
+            a == b
+                || (a.is_array() && serde_json::to_string(a).ok() == serde_json::to_string(b).ok())
+        }
+    };
+    for (key, value) in ours {
+        if key == "_diffusers_version" {
+            continue;
+        }
+        let Some(theirs) = theirs.get(key) else {
+            panic!("{what}: we write `{key}`, which diffusers does not");
+        };
+        // A list of one value per block may be written as that value alone.
+        let per_block = |one: &serde_json::Value, list: &serde_json::Value| {
+            list.as_array()
+                .is_some_and(|l| l.iter().all(|v| same(v, one)))
+        };
+        assert!(
+            same(value, theirs) || per_block(value, theirs) || per_block(theirs, value),
+            "{what}: `{key}` is {value}, diffusers wrote {theirs}"
+        );
+    }
+}
+
+#[test]
+fn unet_and_vae_configs_write_back_as_diffusers_wrote_them() {
+    let dir = scratch("configs");
+    for model in models() {
+        let unet_path = model.join("unet/config.json");
+        let unet = UNet2DConditionConfig::from_file(&unet_path).unwrap();
+        let theirs: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&unet_path).unwrap()).unwrap();
+        assert_config_matches(&unet.to_json(), &theirs, &unet_path.display().to_string());
+        let written = dir.join("unet.json");
+        std::fs::write(
+            &written,
+            serde_json::to_string_pretty(&unet.to_json()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(UNet2DConditionConfig::from_file(&written).unwrap(), unet);
+
+        let vae_path = model.join("vae/config.json");
+        let vae = AutoencoderKlConfig::from_file(&vae_path).unwrap();
+        let theirs: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&vae_path).unwrap()).unwrap();
+        assert_config_matches(&vae.to_json(), &theirs, &vae_path.display().to_string());
+        let written = dir.join("vae.json");
+        std::fs::write(
+            &written,
+            serde_json::to_string_pretty(&vae.to_json()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(AutoencoderKlConfig::from_file(&written).unwrap(), vae);
+    }
+}

@@ -25,4 +25,8 @@ pub mod vae_config;
 pub mod weights;
 
 pub use error::{CoreError, Result};
+
+/// The diffusers version written into the configs we save (`_diffusers_version`): the one the
+/// fixtures are generated and checked with.
+pub const DIFFUSERS_VERSION: &str = "0.42.1";
 pub use vae_config::AutoencoderKlConfig;

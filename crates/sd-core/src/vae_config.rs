@@ -15,7 +15,7 @@ pub const VAE_NORM_EPS: f64 = 1e-6;
 ///
 /// A file must name the fields that set the shape ([`AutoencoderKlConfig::REQUIRED`]); every
 /// value is checked by [`AutoencoderKlConfig::validate`] before anything is built.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(default)]
 pub struct AutoencoderKlConfig {
     /// Image channels in (3, RGB); at most [`MAX_CHANNELS`](crate::config_checks::MAX_CHANNELS).
@@ -103,6 +103,17 @@ fn sample_size<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<us
 }
 
 impl AutoencoderKlConfig {
+    /// The `config.json` diffusers writes for this VAE (`_class_name`, `_diffusers_version`
+    /// and every field under its diffusers name), so that `from_pretrained` opens it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        if let Some(map) = value.as_object_mut() {
+            map.insert("_class_name".into(), "AutoencoderKL".into());
+            map.insert("_diffusers_version".into(), crate::DIFFUSERS_VERSION.into());
+        }
+        value
+    }
+
     /// The VAE of Stable Diffusion 1.x and 2.x.
     pub fn sd15() -> Self {
         let blocks = 4;

@@ -46,6 +46,16 @@ impl<'de> Deserialize<'de> for PerBlock {
     }
 }
 
+/// As diffusers writes it: one number, or a list with one per block.
+impl serde::Serialize for PerBlock {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Self::One(v) => s.serialize_u64(*v as u64),
+            Self::Each(v) => v.serialize(s),
+        }
+    }
+}
+
 impl PerBlock {
     /// The value for each of `n` blocks; `None` when a list has another length.
     pub fn expand(&self, n: usize) -> Option<Vec<usize>> {
@@ -71,7 +81,7 @@ impl PerBlock {
 /// A file must name the fields that set the shape ([`UNet2DConditionConfig::REQUIRED`]); every
 /// value is checked by [`UNet2DConditionConfig::validate`] before anything is built. The bounds
 /// are `sd_core::vae_config::checks`' constants.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(default)]
 pub struct UNet2DConditionConfig {
     /// Latent channels in (4, or 9 for inpainting): 1 to `MAX_CHANNELS`.
@@ -324,6 +334,20 @@ impl UNet2DConditionConfig {
         &["cross_attention_dim"],
         &["attention_head_dim", "num_attention_heads"],
     ];
+
+    /// The `config.json` diffusers writes for this U-Net (`_class_name`, `_diffusers_version`
+    /// and every field under its diffusers name), so that `from_pretrained` opens it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        if let Some(map) = value.as_object_mut() {
+            map.insert("_class_name".into(), "UNet2DConditionModel".into());
+            map.insert(
+                "_diffusers_version".into(),
+                sd_core::DIFFUSERS_VERSION.into(),
+            );
+        }
+        value
+    }
 
     /// Reads and validates a `config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
