@@ -27,6 +27,9 @@ enum Mutation {
 
 use Mutation::{Billion, MinusOne, Text, Zero};
 
+mod common;
+use common::copy_dir;
+
 impl Mutation {
     const ALL: [Mutation; 4] = [Zero, MinusOne, Billion, Text];
 
@@ -80,19 +83,6 @@ fn fixture_model(name: &str) -> PathBuf {
         .join("../../tests/fixtures/pipeline")
         .join(name)
         .join("model")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
 }
 
 /// One run: a fixture's config with one number replaced.

@@ -3,9 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn tiny_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pipeline/tiny_sd1/model")
-}
+mod common;
+use common::{copy_dir, tiny_model};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sd-cli-{}-{name}", std::process::id()));
@@ -227,19 +226,6 @@ fn bad_input_is_one_line_non_zero_and_writes_nothing() {
         assert!(stderr.contains(needle), "{extra:?}: `{needle}` in {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
         assert!(!out.exists(), "{extra:?} left an output file");
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
     }
 }
 

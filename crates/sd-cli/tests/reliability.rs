@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn tiny_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pipeline/tiny_sd1/model")
-}
+mod common;
+use common::{copy_dir, tiny_model};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sd-cli-rel-{}-{name}", std::process::id()));
@@ -68,19 +67,6 @@ fn refused(args: &[&str], needle: &str, out: &Path) {
         std::fs::symlink_metadata(out).map_or(true, |m| !m.is_file()),
         "{args:?} left an output file"
     );
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// Writes a safetensors file whose one tensor `latents` is `values` as f32 `[1, 4, 4, 4]`.

@@ -103,18 +103,12 @@ impl ClipTextConfig {
 
     /// Reads and checks a `config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        // A regular file only: a FIFO would block the read forever.
-        let text = sd_core::files::read_regular_to_string(path)?;
-        let config: Self = checks::parse(&text, Self::REQUIRED).map_err(|e| CoreError::Config {
-            path: path.into(),
-            reason: format!("invalid CLIPTextConfig: {e}"),
-        })?;
-        config.validate().map_err(|reason| CoreError::Config {
-            path: path.into(),
-            reason,
-        })?;
-        Ok(config)
+        checks::read_config(
+            path.as_ref(),
+            Self::REQUIRED,
+            "CLIPTextConfig",
+            Self::validate,
+        )
     }
 
     /// Checks every field against its meaning and bounds (see the field docs); returns the

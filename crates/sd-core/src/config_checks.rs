@@ -42,6 +42,22 @@ pub fn parse<T: DeserializeOwned>(text: &str, required: &[&[&str]]) -> Result<T,
     from_value(value, required)
 }
 
+/// Reads a component's `config.json` as every config type does: a regular file (a FIFO would
+/// block the read forever), [`parse`]d with its required fields, then `validate`d; every error
+/// names the file, and `what` names the config in parse errors ("UNet2DConditionModel config").
+pub fn read_config<T: DeserializeOwned>(
+    path: &std::path::Path,
+    required: &[&[&str]],
+    what: &str,
+    validate: impl FnOnce(&T) -> Result<(), String>,
+) -> crate::Result<T> {
+    let text = crate::files::read_regular_to_string(path)?;
+    let config: T = parse(&text, required)
+        .map_err(|e| crate::CoreError::config(path, format!("invalid {what}: {e}")))?;
+    validate(&config).map_err(|reason| crate::CoreError::config(path, reason))?;
+    Ok(config)
+}
+
 /// [`parse`] for JSON already read (e.g. a section of a larger file).
 pub fn from_value<T: DeserializeOwned>(value: Value, required: &[&[&str]]) -> Result<T, String> {
     let Value::Object(map) = &value else {

@@ -150,14 +150,12 @@ impl AutoencoderKlConfig {
 
     /// Reads and validates a `config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = crate::files::read_regular_to_string(path)?;
-        let config: Self = crate::config_checks::parse(&text, Self::REQUIRED)
-            .map_err(|e| CoreError::config(path, format!("invalid AutoencoderKL config: {e}")))?;
-        config
-            .validate()
-            .map_err(|reason| CoreError::config(path, reason))?;
-        Ok(config)
+        crate::config_checks::read_config(
+            path.as_ref(),
+            Self::REQUIRED,
+            "AutoencoderKL config",
+            Self::validate,
+        )
     }
 
     /// Reads a diffusers `vae/` folder: its `config.json` and its weights file

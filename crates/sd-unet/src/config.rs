@@ -2,11 +2,11 @@
 
 use std::path::Path;
 
+use sd_core::Result;
 use sd_core::config_checks::{
     self as checks, MAX_BLOCKS, MAX_CHANNELS, MAX_KERNEL, MAX_LAYERS, MAX_SAMPLE_SIZE, MAX_VOCAB,
     MAX_WIDTH,
 };
-use sd_core::{CoreError, Result};
 use serde::Deserialize;
 
 /// A config value that is either one number for every block or one per block.
@@ -351,18 +351,12 @@ impl UNet2DConditionConfig {
 
     /// Reads and validates a `config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        // A regular file only: a FIFO would block the read forever.
-        let text = sd_core::files::read_regular_to_string(path)?;
-        let config: Self = checks::parse(&text, Self::REQUIRED).map_err(|e| CoreError::Config {
-            path: path.into(),
-            reason: format!("invalid UNet2DConditionModel config: {e}"),
-        })?;
-        config.validate().map_err(|reason| CoreError::Config {
-            path: path.into(),
-            reason,
-        })?;
-        Ok(config)
+        checks::read_config(
+            path.as_ref(),
+            Self::REQUIRED,
+            "UNet2DConditionModel config",
+            Self::validate,
+        )
     }
 
     /// Checks every field against its meaning and bounds (see the field docs), and the
