@@ -724,7 +724,7 @@ def write_tokenizer_case(root: pathlib.Path, vocab: pathlib.Path, merges: pathli
     print(f"wrote {case} ({len(prompts)} prompts)")
 
 
-KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline"]
+KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline", "training"]
 
 
 def parse_kinds(values: list[str] | None) -> set[str]:
@@ -778,6 +778,10 @@ def main() -> None:
         from pipeline_fixtures import write_pipeline_cases
 
         write_pipeline_cases(args.out)
+    if "training" in kinds:
+        from training_fixtures import write_training_cases
+
+        write_training_cases(args.out, randomise_norms)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,22 @@
+/// Result alias for `sd-train`.
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;
+
+/// What can go wrong in `sd-train`.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A hyper-parameter outside its meaning (a negative learning rate, β ≥ 1, ...).
+    #[error("invalid training setting: {0}")]
+    Config(String),
+    /// Saved state that does not fit the model it is restored into.
+    #[error("training state does not fit the model: {0}")]
+    State(String),
+    /// The loss or the gradients stopped being finite.
+    #[error("{0}")]
+    NonFinite(String),
+    /// An error from the forward process.
+    #[error(transparent)]
+    Diffusion(#[from] sd_diffusion::DiffusionError),
+    /// An error from a model or from weights I/O.
+    #[error(transparent)]
+    Core(#[from] sd_core::CoreError),
+}

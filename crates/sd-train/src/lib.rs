@@ -1,0 +1,34 @@
+//! Training maths as library code, so that `sd train`'s loop stays thin and every piece can be
+//! checked against the reference on its own.
+//!
+//! Burn 0.21 has the building blocks but not diffusers' semantics: its AdamW defaults differ
+//! (ε 1e-5, weight decay 1e-4), `GradientClipping::Norm` clips each tensor alone where
+//! `torch.nn.utils.clip_grad_norm_` clips by the norm over all parameters, its gradient
+//! accumulator sums, it has no EMA, and its optimiser records are keyed by `ParamId`s that a
+//! model rebuilt from safetensors does not keep. Here every per-parameter state is held in the
+//! module's own parameter order and saved as a module of the same type, so it is written and
+//! read back through the model's own key map, exactly like its weights.
+//!
+//! - [`Gradients`]: gradients gathered from one or more backward passes, their global norm and
+//!   clipping by it.
+//! - [`AdamW`]: `torch.optim.AdamW` with diffusers' training-script defaults.
+//! - [`LrSchedule`]: diffusers' `get_scheduler` learning-rate schedules.
+//! - [`Ema`]: diffusers' `EMAModel` (its decay rule and warm-up form).
+//! - [`DenoisingObjective`]: the loss of `train_text_to_image.py` (ε, v or x₀ targets,
+//!   Min-SNR-γ weighting, input perturbation).
+
+mod adamw;
+mod ema;
+mod error;
+mod gradients;
+mod lr;
+mod objective;
+mod params;
+
+pub use adamw::{AdamW, AdamWConfig};
+pub use ema::{Ema, EmaConfig};
+pub use error::{Result, TrainError};
+pub use gradients::Gradients;
+pub use lr::{LrSchedule, LrScheduleKind};
+pub use objective::{DenoisingBatch, DenoisingObjective};
+pub use params::{flat_params, with_flat_params};

@@ -1,0 +1,83 @@
+//! The denoising objective of diffusers' `train_text_to_image.py` (Ho et al. 2020, eq. 14,
+//! with the target chosen by the prediction type): noise latents at random timesteps and
+//! regress the U-Net's output onto ε, v or x₀.
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use sd_diffusion::training::{min_snr_weights, target};
+use sd_diffusion::{NoiseSchedule, PredictionType};
+use sd_unet::UNet2DConditionModel;
+
+use crate::error::{Result, TrainError};
+
+/// One batch's inputs to the objective. The random parts (noise, timesteps, perturbation) are
+/// drawn by the caller, so that a run is reproducible and can replay the reference's draws.
+#[derive(Debug, Clone)]
+pub struct DenoisingBatch<B: Backend> {
+    /// Clean latents `x₀` (the VAE posterior sample × scaling factor).
+    pub latents: Tensor<B, 4>,
+    /// The text encoder's hidden states `[b, tokens, width]`.
+    pub context: Tensor<B, 3>,
+    /// ε, offset noise already added.
+    pub noise: Tensor<B, 4>,
+    /// One training timestep per sample.
+    pub timesteps: Vec<usize>,
+    /// Input perturbation (Ning et al. 2023): extra noise, already scaled, added to ε where
+    /// the latents are noised but not to the target.
+    pub perturbation: Option<Tensor<B, 4>>,
+}
+
+/// What the U-Net learns and how the loss is weighted.
+#[derive(Debug, Clone)]
+pub struct DenoisingObjective {
+    pub schedule: NoiseSchedule,
+    pub prediction: PredictionType,
+    /// Min-SNR-γ weighting (Hang et al. 2023); `None` for the plain mean squared error.
+    pub snr_gamma: Option<f64>,
+}
+
+impl DenoisingObjective {
+    /// The loss of one batch (a scalar): the mean squared error in f32 between the U-Net's
+    /// prediction and the target, per sample weighted by Min-SNR-γ when set.
+    pub fn loss<B: Backend>(
+        &self,
+        unet: &UNet2DConditionModel<B>,
+        batch: DenoisingBatch<B>,
+    ) -> Result<Tensor<B, 1>> {
+        let DenoisingBatch {
+            latents,
+            context,
+            noise,
+            timesteps,
+            perturbation,
+        } = batch;
+        let b = latents.dims()[0];
+        if timesteps.len() != b {
+            return Err(TrainError::Config(format!(
+                "{} timesteps for a batch of {b}",
+                timesteps.len()
+            )));
+        }
+        let input_noise = match perturbation {
+            Some(p) => noise.clone() + p,
+            None => noise.clone(),
+        };
+        let noisy = self
+            .schedule
+            .add_noise(latents.clone(), input_noise, &timesteps)?;
+        let goal = target(&self.schedule, self.prediction, latents, noise, &timesteps)?;
+        let t: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
+        let prediction = unet.forward(noisy, &t, context, None)?;
+        let squared = (prediction - goal).powi_scalar(2);
+        Ok(match self.snr_gamma {
+            None => squared.mean(),
+            Some(gamma) => {
+                let weights = min_snr_weights(&self.schedule, self.prediction, &timesteps, gamma)?;
+                let weights: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
+                let weights = Tensor::<B, 1>::from_floats(weights.as_slice(), &squared.device());
+                let per_sample = squared.reshape([b as i32, -1]).mean_dim(1).reshape([b]);
+                (per_sample * weights).mean()
+            }
+        })
+    }
+}

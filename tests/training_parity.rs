@@ -1,0 +1,288 @@
+//! Training steps at parity with diffusers' `train_text_to_image.py`: the fixture script trained
+//! a tiny U-Net for a few optimiser steps with diffusers' and torch's own pieces and recorded
+//! every random draw; here `sd-train` replays them on `Autodiff<Flex>` and must reach the same
+//! per-micro-batch losses, learning rates, gradient norms and, after the last step, the same
+//! weights, EMA weights and Adam moments (each read back from the file our writer saves them
+//! in, under diffusers' keys).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
+use burn::tensor::{DType, ElementConversion, Tensor};
+use sd_core::backend::Flex;
+use sd_core::weights::SafetensorsFile;
+use sd_diffusion::{BetaSchedule, NoiseSchedule, NoiseScheduleConfig, PredictionType};
+use sd_train::{
+    AdamW, AdamWConfig, DenoisingBatch, DenoisingObjective, Ema, EmaConfig, Gradients, LrSchedule,
+    LrScheduleKind,
+};
+use sd_unet::UNet2DConditionModel;
+
+type Inner = Flex;
+type B = Autodiff<Inner>;
+
+/// Every float tensor of a file, flattened, as f64.
+fn read_all(path: &Path) -> BTreeMap<String, Vec<f64>> {
+    let file = SafetensorsFile::open(path).unwrap_or_else(|e| panic!("{e}"));
+    file.entries()
+        .iter()
+        .map(|e| {
+            let data = file.tensor_data(&e.key, DType::F64).unwrap();
+            (e.key.clone(), data.to_vec::<f64>().unwrap())
+        })
+        .collect()
+}
+
+fn tensor<const D: usize>(
+    file: &SafetensorsFile,
+    key: &str,
+    device: &burn::tensor::Device<B>,
+) -> Tensor<B, D> {
+    let data = file
+        .tensor_data(key, DType::F32)
+        .unwrap_or_else(|e| panic!("{key}: {e}"));
+    Tensor::from_data(data, device)
+}
+
+fn values(file: &SafetensorsFile, key: &str) -> Vec<f64> {
+    file.tensor_data(key, DType::F64)
+        .unwrap_or_else(|e| panic!("{key}: {e}"))
+        .to_vec::<f64>()
+        .unwrap()
+}
+
+/// Largest `|a − e| / (1 + |e|)`: absolute for values below 1, relative above.
+fn scaled_error(actual: &[f64], expected: &[f64]) -> f64 {
+    if actual.len() != expected.len() {
+        return f64::INFINITY;
+    }
+    actual.iter().zip(expected).fold(0.0, |m, (a, e)| {
+        let d = (a - e).abs() / (1.0 + e.abs());
+        if d.is_nan() { f64::INFINITY } else { m.max(d) }
+    })
+}
+
+struct Case {
+    manifest: serde_json::Value,
+}
+
+impl Case {
+    fn f64(&self, key: &str) -> Option<f64> {
+        self.manifest.get(key).and_then(serde_json::Value::as_f64)
+    }
+    fn usize(&self, key: &str) -> usize {
+        self.manifest[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key}")) as usize
+    }
+    fn str(&self, key: &str) -> &str {
+        self.manifest[key].as_str().unwrap()
+    }
+}
+
+fn run_case(dir: &Path) {
+    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let case = Case {
+        manifest: common::manifest(dir),
+    };
+    let tolerance = case.f64("tolerance").unwrap();
+    let device = Default::default();
+    let mut unet = UNet2DConditionModel::<B>::from_pretrained(dir.join("unet"), None, &device)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let unet_config =
+        sd_unet::UNet2DConditionConfig::from_file(dir.join("unet/config.json")).unwrap();
+
+    let schedule = &case.manifest["schedule"];
+    let schedule = NoiseSchedule::new(&NoiseScheduleConfig {
+        num_train_timesteps: schedule["num_train_timesteps"].as_u64().unwrap() as usize,
+        beta_start: schedule["beta_start"].as_f64().unwrap(),
+        beta_end: schedule["beta_end"].as_f64().unwrap(),
+        beta_schedule: match schedule["beta_schedule"].as_str().unwrap() {
+            "scaled_linear" => BetaSchedule::ScaledLinear,
+            "linear" => BetaSchedule::Linear,
+            other => panic!("schedule {other}"),
+        },
+        ..Default::default()
+    })
+    .unwrap();
+    let objective = DenoisingObjective {
+        schedule,
+        prediction: match case.str("prediction_type") {
+            "epsilon" => PredictionType::Epsilon,
+            "v_prediction" => PredictionType::VPrediction,
+            other => panic!("prediction {other}"),
+        },
+        snr_gamma: case.f64("snr_gamma"),
+    };
+    let steps = case.usize("steps");
+    let accumulation = case.usize("accumulation");
+    let lr = LrSchedule::new(
+        case.f64("lr").unwrap(),
+        LrScheduleKind::from_name(case.str("lr_scheduler")).unwrap(),
+        case.usize("warmup") as u64,
+        steps as u64,
+    )
+    .unwrap();
+    let mut adamw = AdamW::<Inner>::new(AdamWConfig {
+        weight_decay: case.f64("weight_decay").unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    let ema_spec = &case.manifest["ema"];
+    let ema_config = EmaConfig {
+        decay: ema_spec["decay"].as_f64().unwrap(),
+        use_ema_warmup: ema_spec["use_ema_warmup"].as_bool().unwrap_or(false),
+        power: ema_spec["power"].as_f64().unwrap_or(2.0 / 3.0),
+        update_after_step: ema_spec["update_after_step"].as_u64().unwrap_or(0),
+        ..Default::default()
+    };
+    let mut ema = Ema::new(ema_config, unet.valid()).unwrap();
+
+    let inputs = SafetensorsFile::open(dir.join("inputs.safetensors")).unwrap();
+    let reference = SafetensorsFile::open(dir.join("reference.safetensors")).unwrap();
+    let (ref_loss, ref_lr, ref_norm) = (
+        values(&reference, "loss"),
+        values(&reference, "lr"),
+        values(&reference, "grad_norm"),
+    );
+    let has = |key: &str| inputs.entries().iter().any(|e| e.key == key);
+    let mut failures = Vec::new();
+    let mut check = |what: String, actual: f64, expected: f64| {
+        let err = (actual - expected).abs() / expected.abs().max(1e-12);
+        if err > tolerance || err.is_nan() {
+            failures.push(format!("{what}: {actual} vs {expected} (relative {err:e})"));
+        } else {
+            eprintln!("ok  {name} {what}: relative error {err:e}");
+        }
+    };
+    for step in 0..steps {
+        let mut grads = Gradients::<Inner>::new();
+        for micro in 0..accumulation {
+            let k = format!("{step}_{micro}");
+            let mut noise: Tensor<B, 4> = tensor(&inputs, &format!("noise_{k}"), &device);
+            if has(&format!("offset_{k}")) {
+                let draw: Tensor<B, 4> = tensor(&inputs, &format!("offset_{k}"), &device);
+                noise = noise + draw * case.f64("noise_offset").unwrap();
+            }
+            let perturbation = has(&format!("perturbation_{k}")).then(|| {
+                let draw: Tensor<B, 4> = tensor(&inputs, &format!("perturbation_{k}"), &device);
+                draw * case.f64("input_perturbation").unwrap()
+            });
+            let timesteps: Vec<usize> = values(&inputs, &format!("timesteps_{k}"))
+                .iter()
+                .map(|&t| t as usize)
+                .collect();
+            let batch = DenoisingBatch {
+                latents: tensor(&inputs, &format!("latents_{k}"), &device),
+                context: tensor(&inputs, &format!("context_{k}"), &device),
+                noise,
+                timesteps,
+                perturbation,
+            };
+            let loss = objective.loss(&unet, batch).unwrap();
+            let value: f64 = loss.clone().into_scalar().elem();
+            check(
+                format!("loss {k}"),
+                value,
+                ref_loss[step * accumulation + micro],
+            );
+            let mut backward = loss.div_scalar(accumulation as f64).backward();
+            grads.accumulate(&unet, &mut backward);
+        }
+        let max_norm = case.f64("max_grad_norm").unwrap();
+        let norm = grads.clip_global_norm(max_norm);
+        check(format!("grad norm {step}"), norm, ref_norm[step]);
+        let rate = lr.lr(step as u64);
+        check(format!("lr {step}"), rate, ref_lr[step]);
+        unet = adamw.step(unet, grads, rate);
+        ema.update(&unet.valid()).unwrap();
+    }
+
+    // The final state, each written by the U-Net's own weight writer and read back.
+    let expected = read_all(&dir.join("final.safetensors"));
+    let scratch =
+        std::env::temp_dir().join(format!("sd-train-parity-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let (first, second) = adamw.moment_modules(&unet.valid()).unwrap();
+    let saved = [
+        ("weight", unet.valid()),
+        ("ema", ema.model().clone()),
+        ("exp_avg", first),
+        ("exp_avg_sq", second),
+    ];
+    for (what, module) in saved {
+        let path = scratch.join(format!("{what}.safetensors"));
+        module
+            .save_weights(&unet_config, &path, DType::F32)
+            .unwrap();
+        let actual = read_all(&path);
+        let mut worst = (0.0f64, String::new());
+        for (key, values) in &actual {
+            let Some(reference) = expected.get(&format!("{what}.{key}")) else {
+                failures.push(format!("{what}: `{key}` is not in the reference"));
+                continue;
+            };
+            let err = scaled_error(values, reference);
+            if err > worst.0 || err.is_nan() {
+                worst = (err, key.clone());
+            }
+        }
+        let count = expected
+            .keys()
+            .filter(|k| k.starts_with(&format!("{what}.")))
+            .count();
+        if count != actual.len() {
+            failures.push(format!(
+                "{what}: {} tensors saved, {count} in the reference",
+                actual.len()
+            ));
+        }
+        if worst.0 > tolerance || worst.0.is_nan() {
+            failures.push(format!("{what}: `{}` off by {:e}", worst.1, worst.0));
+        } else {
+            eprintln!(
+                "ok  {name} final {what}: {} tensors, worst scaled error {:e}",
+                actual.len(),
+                worst.0
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    assert!(failures.is_empty(), "{name}:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn training_steps_match_diffusers() {
+    for case in common::cases("training") {
+        run_case(&case);
+    }
+}
+
+#[test]
+fn state_round_trips_through_the_moment_modules() {
+    let dir = &common::cases("training")[0];
+    let device = Default::default();
+    let unet = UNet2DConditionModel::<B>::from_pretrained(dir.join("unet"), None, &device).unwrap();
+    let adamw = AdamW::<Inner>::new(AdamWConfig::default()).unwrap();
+    let (m, v) = adamw.moment_modules(&unet.valid()).unwrap();
+    let back = AdamW::<Inner>::from_moment_modules(AdamWConfig::default(), 3, &m, &v).unwrap();
+    assert_eq!(back.steps(), 3);
+    assert_eq!(
+        back.moments().len(),
+        sd_train::flat_params(&unet.valid()).len()
+    );
+    let zero: f32 = back.moments()[0]
+        .as_ref()
+        .unwrap()
+        .0
+        .clone()
+        .abs()
+        .sum()
+        .into_scalar()
+        .elem();
+    assert_eq!(zero, 0.0);
+}

@@ -1,0 +1,193 @@
+"""Training-step references: a tiny U-Net trained for a few optimiser steps with diffusers' own
+pieces, as `train_text_to_image.py` composes them (DDPMScheduler.add_noise / get_velocity,
+compute_snr, torch's AdamW and clip_grad_norm_, get_scheduler, EMAModel).
+
+Called by make_fixtures.py (`--only training`). Every case is a folder
+tests/fixtures/training/<case>/ with the starting U-Net in diffusers layout at `unet/` (f16
+weights, upcast to f32 for training on both sides), `inputs.safetensors` (every random draw of
+every micro-batch: latents, text states, noise, offset and perturbation draws, timesteps),
+`reference.safetensors` (per micro-batch losses, per step learning rates and gradient norms)
+and `final.safetensors` (after the last step: every weight, EMA weight and Adam moment under
+its diffusers key, f32), plus `manifest.json` with the hyper-parameters.
+"""
+
+import json
+import pathlib
+import shutil
+import zlib
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from safetensors.torch import save_file
+
+# Small enough that four f32 copies of every parameter stay well under a megabyte per case.
+UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=[8, 16],
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    cross_attention_dim=16,
+    attention_head_dim=4,
+    norm_num_groups=4,
+)
+
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+# Each case turns on a different part of the recipe; together they cover ε and v targets,
+# Min-SNR-γ, noise offset, input perturbation, accumulation, active clipping, warm-up with
+# cosine and linear decay, weight decay and both EMA decay rules.
+CASES = {
+    "epsilon_constant": dict(
+        prediction_type="epsilon",
+        lr=1e-3,
+        lr_scheduler="constant",
+        warmup=0,
+        steps=5,
+        batch=2,
+        accumulation=1,
+        max_grad_norm=1.0,
+        weight_decay=1e-2,
+        ema=dict(decay=0.9999),
+    ),
+    "v_min_snr_cosine": dict(
+        prediction_type="v_prediction",
+        snr_gamma=5.0,
+        lr=2e-3,
+        lr_scheduler="cosine",
+        warmup=2,
+        steps=5,
+        batch=2,
+        accumulation=1,
+        max_grad_norm=1.0,
+        weight_decay=1e-2,
+        ema=dict(decay=0.999, use_ema_warmup=True, power=2 / 3),
+    ),
+    "offset_perturbation_accumulate_clip": dict(
+        prediction_type="epsilon",
+        snr_gamma=1.0,
+        noise_offset=0.1,
+        input_perturbation=0.1,
+        lr=1e-3,
+        lr_scheduler="linear",
+        warmup=1,
+        steps=5,
+        batch=2,
+        accumulation=2,
+        max_grad_norm=0.05,
+        weight_decay=0.1,
+        ema=dict(decay=0.99, update_after_step=1),
+    ),
+}
+
+TOKENS = 5
+
+
+def write_training_case(root: pathlib.Path, name: str, spec: dict, randomise_norms) -> None:
+    case = root / "training" / name
+    if case.exists():
+        shutil.rmtree(case)
+    seed = zlib.crc32(name.encode()) % 100_000
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    randomise_norms(unet, generator)
+    unet = unet.half()
+    unet.save_pretrained(case / "unet", safe_serialization=True)
+    unet = unet.float().train()
+
+    scheduler = DDPMScheduler(prediction_type=spec["prediction_type"], **SCHEDULE)
+    optimizer = torch.optim.AdamW(
+        unet.parameters(), lr=spec["lr"], betas=(0.9, 0.999), weight_decay=spec["weight_decay"], eps=1e-8
+    )
+    lr_scheduler = get_scheduler(
+        spec["lr_scheduler"], optimizer=optimizer, num_warmup_steps=spec["warmup"], num_training_steps=spec["steps"]
+    )
+    ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config, **spec["ema"])
+
+    b, accumulation = spec["batch"], spec["accumulation"]
+    inputs, reference = {}, {}
+    losses, lrs, norms = [], [], []
+    for step in range(spec["steps"]):
+        for micro in range(accumulation):
+            k = f"{step}_{micro}"
+            latents = torch.randn(b, 4, 8, 8, generator=generator)
+            context = torch.randn(b, TOKENS, UNET_CONFIG["cross_attention_dim"], generator=generator)
+            noise = torch.randn(b, 4, 8, 8, generator=generator)
+            inputs.update({f"latents_{k}": latents, f"context_{k}": context, f"noise_{k}": noise})
+            if spec.get("noise_offset"):
+                draw = torch.randn(b, 4, 1, 1, generator=generator)
+                inputs[f"offset_{k}"] = draw
+                noise = noise + spec["noise_offset"] * draw
+            noisy_noise = noise
+            if spec.get("input_perturbation"):
+                draw = torch.randn(b, 4, 8, 8, generator=generator)
+                inputs[f"perturbation_{k}"] = draw
+                noisy_noise = noise + spec["input_perturbation"] * draw
+            timesteps = torch.randint(0, SCHEDULE["num_train_timesteps"], (b,), generator=generator)
+            inputs[f"timesteps_{k}"] = timesteps.to(torch.float32)  # exact below 2^24
+            noisy = scheduler.add_noise(latents, noisy_noise, timesteps)
+            if spec["prediction_type"] == "epsilon":
+                target = noise
+            else:
+                target = scheduler.get_velocity(latents, noise, timesteps)
+            pred = unet(noisy, timesteps, context, return_dict=False)[0]
+            if spec.get("snr_gamma") is None:
+                loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+            else:
+                # train_text_to_image.py's Min-SNR-γ weighting, v-prediction denominator included.
+                snr = compute_snr(scheduler, timesteps)
+                weights = torch.stack([snr, spec["snr_gamma"] * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+                if spec["prediction_type"] == "epsilon":
+                    weights = weights / snr
+                else:
+                    weights = weights / (snr + 1)
+                loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+                loss = (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+            losses.append(loss.item())
+            # accelerate divides the loss by the accumulation steps before backward.
+            (loss / accumulation).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(unet.parameters(), spec["max_grad_norm"])))
+        lrs.append(lr_scheduler.get_last_lr()[0])
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        ema.step(unet.parameters())
+
+    reference["loss"] = torch.tensor(losses, dtype=torch.float64)
+    reference["lr"] = torch.tensor(lrs, dtype=torch.float64)
+    reference["grad_norm"] = torch.tensor(norms, dtype=torch.float64)
+    final = {}
+    names = {id(p): n for n, p in unet.named_parameters()}
+    for n, p in unet.named_parameters():
+        final[f"weight.{n}"] = p.detach()
+        state = optimizer.state[p]
+        final[f"exp_avg.{n}"] = state["exp_avg"]
+        final[f"exp_avg_sq.{n}"] = state["exp_avg_sq"]
+    for p, s in zip(unet.parameters(), ema.shadow_params):
+        final[f"ema.{names[id(p)]}"] = s
+    save_file({k: v.contiguous() for k, v in inputs.items()}, case / "inputs.safetensors")
+    save_file({k: v.contiguous() for k, v in reference.items()}, case / "reference.safetensors")
+    save_file({k: v.contiguous().float() for k, v in final.items()}, case / "final.safetensors")
+    manifest = {
+        "kind": "training",
+        "reference": f"diffusers {diffusers.__version__} train_text_to_image.py step, torch {torch.__version__}",
+        "schedule": SCHEDULE,
+        "tokens": TOKENS,
+        "parameters": sum(p.numel() for p in unet.parameters()),
+        "tolerance": 1e-5,
+        **{k: v for k, v in spec.items()},
+    }
+    (case / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"wrote {case}: {manifest['parameters']} parameters, losses {[round(x, 5) for x in losses]}")
+
+
+def write_training_cases(root: pathlib.Path, randomise_norms) -> None:
+    for name, spec in sorted(CASES.items()):
+        write_training_case(root, name, spec, randomise_norms)
