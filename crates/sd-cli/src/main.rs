@@ -1,6 +1,8 @@
 //! The `sd` command.
 
+mod convert;
 mod generate;
+mod train;
 
 use std::io::{ErrorKind, Write};
 use std::path::PathBuf;
@@ -21,6 +23,12 @@ enum Command {
     /// Generate images from a prompt and write them as PNGs (with the generation parameters in
     /// an A1111-style `parameters` text chunk).
     Generate(Box<generate::GenerateArgs>),
+    /// Write a model (a single-file .safetensors checkpoint or a diffusers folder) as a
+    /// diffusers folder that diffusers' `from_pretrained` opens.
+    Convert(convert::ConvertArgs),
+    /// Train a model on a folder of captioned images: fine-tune a diffusers folder's U-Net
+    /// (or train one from scratch with --init), with checkpoints, resume and a loss log.
+    Train(Box<train::TrainArgs>),
     /// Print a prompt's tokens as the text encoder sees them: the count, the 77-id chunks
     /// (75 tokens each, a new one at BREAK) and the A1111 attention weight of each id, as JSON.
     Tokenize {
@@ -47,6 +55,8 @@ enum PaddingArg {
 fn run(cli: Cli) -> Result<String, String> {
     match cli.command {
         Command::Generate(args) => generate::run(*args),
+        Command::Convert(args) => convert::run(args),
+        Command::Train(args) => train::run(*args),
         Command::Tokenize {
             tokenizer,
             padding,

@@ -11,10 +11,10 @@ use sd_core::config_checks::{
 use sd_core::layers::{linear_forward, multi_head_attention, quick_gelu};
 use sd_core::weights::{LoadOptions, SafetensorsFile, load_safetensors};
 use sd_core::{CoreError, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The MLP activation of a CLIP text tower.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HiddenAct {
     /// `x · σ(1.702 x)`: OpenAI's CLIP (SD 1.x, SDXL's first encoder).
@@ -109,6 +109,59 @@ impl ClipTextConfig {
             "CLIPTextConfig",
             Self::validate,
         )
+    }
+
+    /// The `config.json` transformers' `CLIPTextModel.save_pretrained` writes for this config
+    /// (see [`ClipTextConfig::to_json_as`]).
+    pub fn to_json(&self) -> serde_json::Value {
+        self.to_json_as(false)
+    }
+
+    /// The `config.json` transformers' `save_pretrained` writes for this config, so that
+    /// `from_pretrained` (and diffusers' pipelines) open the folder unchanged: `architectures`
+    /// names `CLIPTextModelWithProjection` when `with_projection` (SDXL's second encoder) and
+    /// `CLIPTextModel` otherwise, `model_type` is `clip_text_model`, and every field goes under
+    /// its transformers name. Token ids a file did not name stay unnamed (transformers' own
+    /// defaults are CLIP's 49408-token ids, which a smaller vocabulary would refuse on
+    /// reading back); `dropout`, gone from transformers' config, is written only when set.
+    /// The weights' `dtype` is the writer's to add.
+    pub fn to_json_as(&self, with_projection: bool) -> serde_json::Value {
+        let architecture = if with_projection {
+            "CLIPTextModelWithProjection"
+        } else {
+            "CLIPTextModel"
+        };
+        let mut json = serde_json::json!({
+            "architectures": [architecture],
+            "model_type": "clip_text_model",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "projection_dim": self.projection_dim,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": self.hidden_act,
+            "layer_norm_eps": self.layer_norm_eps,
+            "attention_dropout": self.attention_dropout,
+            "initializer_range": self.initializer_range,
+            "initializer_factor": self.initializer_factor,
+            "eos_token_id": self.eos_token_id,
+        });
+        if let Some(map) = json.as_object_mut() {
+            for (key, id) in [
+                ("bos_token_id", self.bos_token_id),
+                ("pad_token_id", self.pad_token_id),
+            ] {
+                if let Some(id) = id {
+                    map.insert(key.into(), id.into());
+                }
+            }
+            if self.dropout != 0.0 {
+                map.insert("dropout".into(), self.dropout.into());
+            }
+        }
+        json
     }
 
     /// Checks every field against its meaning and bounds (see the field docs); returns the
@@ -505,6 +558,74 @@ fn transformers_key(key: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every fixture text encoder's `config.json` (written by transformers 5).
+    pub(crate) fn fixture_configs(folder: &str) -> Vec<std::path::PathBuf> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        let mut found = Vec::new();
+        let mut stack = vec![root];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path.ends_with("config.json")
+                    && path
+                        .parent()
+                        .and_then(|p| p.file_name())
+                        .is_some_and(|n| n.to_string_lossy().starts_with(folder))
+                {
+                    found.push(path);
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    #[test]
+    fn text_configs_write_back_as_transformers_wrote_them() {
+        let configs = fixture_configs("text_encoder");
+        assert!(configs.len() >= 8, "{configs:?}");
+        for path in configs {
+            let theirs: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let config = ClipTextConfig::from_file(&path).unwrap();
+            let projection = theirs["architectures"][0] == "CLIPTextModelWithProjection";
+            let ours = config.to_json_as(projection);
+            let (ours, theirs) = (ours.as_object().unwrap(), theirs.as_object().unwrap());
+            // Every key transformers wrote but the dtype and its version, with the same value.
+            for (key, value) in theirs {
+                if key == "dtype" || key == "transformers_version" {
+                    continue;
+                }
+                assert_eq!(ours.get(key), Some(value), "{}: `{key}`", path.display());
+            }
+            assert!(
+                ours.keys().all(|k| theirs.contains_key(k)),
+                "{}: {:?}",
+                path.display(),
+                ours.keys()
+                    .filter(|k| !theirs.contains_key(*k))
+                    .collect::<Vec<_>>()
+            );
+            let back: ClipTextConfig = checks::parse(
+                &serde_json::to_string(ours).unwrap(),
+                ClipTextConfig::REQUIRED,
+            )
+            .unwrap();
+            assert_eq!(back, config, "{}", path.display());
+        }
+        // Unnamed token ids stay unnamed; a legacy dropout is kept.
+        let config = ClipTextConfig {
+            dropout: 0.1,
+            ..ClipTextConfig::default()
+        };
+        let json = config.to_json();
+        assert!(json.get("pad_token_id").is_none() && json.get("bos_token_id").is_none());
+        assert_eq!(json["dropout"], 0.1);
+        assert_eq!(json["architectures"][0], "CLIPTextModel");
+    }
 
     #[test]
     fn text_configs_name_the_field_at_fault() {

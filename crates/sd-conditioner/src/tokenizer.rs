@@ -77,6 +77,14 @@ impl ClipTokenizer {
         )
     }
 
+    /// The embedded vocabulary as the files transformers' `CLIPTokenizer` reads:
+    /// `("vocab.json", text)` and `("merges.txt", text)`. A model folder written from a
+    /// single-file checkpoint ships them as its `tokenizer/`, so that it tokenizes as the
+    /// checkpoint did here.
+    pub fn embedded_files() -> [(&'static str, &'static str); 2] {
+        [("vocab.json", VOCAB_JSON), ("merges.txt", MERGES_TXT)]
+    }
+
     /// A `tokenizer/` folder with `vocab.json` and `merges.txt` (what SD repositories ship), or
     /// with a `tokenizer.json` alone. Every error names the file (and the line of
     /// `merges.txt`).

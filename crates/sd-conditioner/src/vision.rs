@@ -106,6 +106,37 @@ impl ClipVisionConfig {
         Ok(config)
     }
 
+    /// The `config.json` transformers' `CLIPVisionModelWithProjection.save_pretrained` writes
+    /// for this config (`architectures`, `model_type: "clip_vision_model"`, every field under
+    /// its transformers name), so that `from_pretrained` opens an `image_encoder/` folder
+    /// unchanged. `dropout`, gone from transformers' config, is written only when set; the
+    /// weights' `dtype` is the writer's to add.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut json = serde_json::json!({
+            "architectures": ["CLIPVisionModelWithProjection"],
+            "model_type": "clip_vision_model",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "projection_dim": self.projection_dim,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_channels": self.num_channels,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "hidden_act": self.hidden_act,
+            "layer_norm_eps": self.layer_norm_eps,
+            "attention_dropout": self.attention_dropout,
+            "initializer_range": self.initializer_range,
+            "initializer_factor": self.initializer_factor,
+        });
+        if self.dropout != 0.0
+            && let Some(map) = json.as_object_mut()
+        {
+            map.insert("dropout".into(), self.dropout.into());
+        }
+        json
+    }
+
     /// Checks every field against its meaning and bounds (see the field docs); returns the
     /// first problem found, naming the field.
     pub fn validate(&self) -> std::result::Result<(), String> {
@@ -306,5 +337,39 @@ impl<B: Backend> ClipVisionModel<B> {
             hidden_states,
             image_embeds: self.visual_projection.forward(pooled),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vision_configs_write_back_as_transformers_wrote_them() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/clip_vision");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(root).unwrap() {
+            let path = entry.unwrap().path().join("image_encoder/config.json");
+            if !path.is_file() {
+                continue;
+            }
+            let theirs: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let config = ClipVisionConfig::from_file(&path).unwrap();
+            let ours = config.to_json();
+            let (ours, theirs) = (ours.as_object().unwrap(), theirs.as_object().unwrap());
+            for (key, value) in theirs {
+                if key == "dtype" || key == "transformers_version" {
+                    continue;
+                }
+                assert_eq!(ours.get(key), Some(value), "{}: `{key}`", path.display());
+            }
+            assert!(ours.keys().all(|k| theirs.contains_key(k)), "{ours:?}");
+            let back: ClipVisionConfig =
+                checks::from_value(serde_json::Value::Object(ours.clone()), &[]).unwrap();
+            assert_eq!(back, config);
+            checked += 1;
+        }
+        assert!(checked >= 2);
     }
 }

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use crate::error::{DiffusionError, Result};
 
 /// How the betas grow over the training timesteps (diffusers' `beta_schedule`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BetaSchedule {
     /// Evenly spaced betas from `beta_start` to `beta_end` (Ho et al. 2020).
@@ -17,7 +17,7 @@ pub enum BetaSchedule {
 }
 
 /// What the denoiser predicts (diffusers' `prediction_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum PredictionType {
     /// The noise ε (Ho et al. 2020).

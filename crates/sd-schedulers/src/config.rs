@@ -7,12 +7,12 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use sd_core::config_checks as checks;
 use sd_diffusion::{BetaSchedule, NoiseScheduleConfig, PredictionType};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, SchedulerError};
 
 /// How inference timesteps are spread over the training timesteps (Lin et al. 2023, table 2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TimestepSpacing {
     /// Evenly from `T − 1` down to 0.
@@ -24,7 +24,7 @@ pub enum TimestepSpacing {
 }
 
 /// What the last sigma of a k-diffusion style schedule is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinalSigmasType {
     Zero,
@@ -32,7 +32,7 @@ pub enum FinalSigmasType {
 }
 
 /// diffusers' scheduler configuration. Unknown fields are ignored, as diffusers ignores them.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct SchedulerConfig {
     /// The diffusers class the file was written for, e.g. `PNDMScheduler`.
@@ -132,9 +132,315 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// The fields every scheduler class takes: what is written for a class not in
+/// [`CLASS_FIELDS`].
+const COMMON_FIELDS: &[&str] = &[
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+];
+
+/// The fields whose diffusers default is `None`: written as `null` when unset, as diffusers
+/// writes them. Any other unset field is left out, so that diffusers takes its own default
+/// (which is the one the sampler here applies when the field is absent); `null` there would
+/// be read as the value `None`, which those fields do not take.
+const NULLABLE_FIELDS: &[&str] = &["trained_betas", "sigma_min", "sigma_max"];
+
+/// The arguments of each scheduler class's `__init__` (its `register_to_config` fields) in
+/// diffusers 0.42, among the fields [`SchedulerConfig`] models, for the classes
+/// [`crate::from_name`] knows. Checked against the configs diffusers 0.42.1 wrote for the
+/// scheduler fixtures.
+const CLASS_FIELDS: &[(&str, &[&str])] = &[
+    (
+        "DDPMScheduler",
+        &[
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "variance_type",
+            "clip_sample",
+            "prediction_type",
+            "thresholding",
+            "dynamic_thresholding_ratio",
+            "clip_sample_range",
+            "sample_max_value",
+            "timestep_spacing",
+            "steps_offset",
+            "rescale_betas_zero_snr",
+        ],
+    ),
+    (
+        "DDIMScheduler",
+        &[
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "clip_sample",
+            "set_alpha_to_one",
+            "steps_offset",
+            "prediction_type",
+            "thresholding",
+            "dynamic_thresholding_ratio",
+            "clip_sample_range",
+            "sample_max_value",
+            "timestep_spacing",
+            "rescale_betas_zero_snr",
+        ],
+    ),
+    (
+        "PNDMScheduler",
+        &[
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "skip_prk_steps",
+            "set_alpha_to_one",
+            "prediction_type",
+            "timestep_spacing",
+            "steps_offset",
+        ],
+    ),
+    (
+        "EulerDiscreteScheduler",
+        &[
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "prediction_type",
+            "interpolation_type",
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "sigma_min",
+            "sigma_max",
+            "timestep_spacing",
+            "timestep_type",
+            "steps_offset",
+            "rescale_betas_zero_snr",
+            "final_sigmas_type",
+        ],
+    ),
+    (
+        "EulerAncestralDiscreteScheduler",
+        &[
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "prediction_type",
+            "timestep_spacing",
+            "steps_offset",
+            "rescale_betas_zero_snr",
+        ],
+    ),
+    (
+        "HeunDiscreteScheduler",
+        &[
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "prediction_type",
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "clip_sample",
+            "clip_sample_range",
+            "timestep_spacing",
+            "steps_offset",
+        ],
+    ),
+    ("KDPM2DiscreteScheduler", K_DIFFUSION_FIELDS),
+    ("KDPM2AncestralDiscreteScheduler", K_DIFFUSION_FIELDS),
+    ("LMSDiscreteScheduler", K_DIFFUSION_FIELDS),
+    (
+        "DPMSolverMultistepScheduler",
+        &[
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "solver_order",
+            "prediction_type",
+            "thresholding",
+            "dynamic_thresholding_ratio",
+            "sample_max_value",
+            "algorithm_type",
+            "solver_type",
+            "lower_order_final",
+            "euler_at_final",
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "final_sigmas_type",
+            "lambda_min_clipped",
+            "variance_type",
+            "timestep_spacing",
+            "steps_offset",
+            "rescale_betas_zero_snr",
+        ],
+    ),
+    (
+        "DPMSolverSinglestepScheduler",
+        &[
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "solver_order",
+            "prediction_type",
+            "thresholding",
+            "dynamic_thresholding_ratio",
+            "sample_max_value",
+            "algorithm_type",
+            "solver_type",
+            "lower_order_final",
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "final_sigmas_type",
+            "lambda_min_clipped",
+            "variance_type",
+        ],
+    ),
+    (
+        "UniPCMultistepScheduler",
+        &[
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "solver_order",
+            "prediction_type",
+            "thresholding",
+            "dynamic_thresholding_ratio",
+            "sample_max_value",
+            "predict_x0",
+            "solver_type",
+            "lower_order_final",
+            "disable_corrector",
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "timestep_spacing",
+            "steps_offset",
+            "final_sigmas_type",
+            "rescale_betas_zero_snr",
+            "sigma_min",
+            "sigma_max",
+        ],
+    ),
+    (
+        "LCMScheduler",
+        &[
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "original_inference_steps",
+            "clip_sample",
+            "clip_sample_range",
+            "set_alpha_to_one",
+            "steps_offset",
+            "prediction_type",
+            "thresholding",
+            "dynamic_thresholding_ratio",
+            "sample_max_value",
+            "timestep_spacing",
+            "timestep_scaling",
+            "rescale_betas_zero_snr",
+        ],
+    ),
+];
+
+/// KDPM2, KDPM2 ancestral and LMS take the same fields.
+const K_DIFFUSION_FIELDS: &[&str] = &[
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "prediction_type",
+    "timestep_spacing",
+    "steps_offset",
+];
+
 impl SchedulerConfig {
     /// The most training timesteps a schedule may have (every published model has 1000).
     pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
+    /// The fields `class`'s `__init__` takes in diffusers 0.42 (among those modelled here), or
+    /// `None` for a class this crate does not know.
+    pub fn class_fields(class: &str) -> Option<&'static [&'static str]> {
+        CLASS_FIELDS
+            .iter()
+            .find(|(name, _)| *name == class)
+            .map(|(_, fields)| *fields)
+    }
+
+    /// The `scheduler_config.json` diffusers writes for this config, so that `from_pretrained`
+    /// opens it: `_class_name`, `_diffusers_version`, and the fields the class takes
+    /// ([`SchedulerConfig::class_fields`]; the [`COMMON_FIELDS`] for a class not known here).
+    /// An unset field is left out (diffusers then applies the class's default, as the sampler
+    /// here does), except those whose default is `None`, written `null`.
+    ///
+    /// A field the class does not take is written too when it holds something other than the
+    /// default, as diffusers keeps such keys of the file it read (SD 1.5's PNDM config carries
+    /// `clip_sample: false`): swapping the sampler for one that reads it (DDIM) then works as
+    /// it did on the original folder. Reading the result back gives this config again.
+    pub fn to_json(&self) -> serde_json::Value {
+        let fields = self
+            .class_name
+            .as_deref()
+            .and_then(Self::class_fields)
+            .unwrap_or(COMMON_FIELDS);
+        let as_map = |config: &Self| match serde_json::to_value(config) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        let defaults = as_map(&Self::default());
+        let mut out = serde_json::Map::new();
+        for (key, value) in as_map(self) {
+            let keep = if key.starts_with('_') {
+                false
+            } else if fields.contains(&key.as_str()) {
+                !value.is_null() || NULLABLE_FIELDS.contains(&key.as_str())
+            } else {
+                !value.is_null() && defaults.get(&key) != Some(&value)
+            };
+            if keep {
+                out.insert(key, value);
+            }
+        }
+        if let Some(class) = &self.class_name {
+            out.insert("_class_name".into(), class.clone().into());
+        }
+        out.insert(
+            "_diffusers_version".into(),
+            sd_core::DIFFUSERS_VERSION.into(),
+        );
+        serde_json::Value::Object(out)
+    }
 
     /// Reads and validates a `scheduler_config.json` (see [`SchedulerConfig::from_json`]).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
@@ -414,6 +720,126 @@ fn without_non_finite(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every scheduler config diffusers wrote for the fixtures: the pipelines'
+    /// `scheduler_config.json` files and the configs in the scheduler fixtures' manifests, as
+    /// (where, JSON text).
+    fn fixture_configs() -> Vec<(String, String)> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        let mut found = Vec::new();
+        let mut stack = vec![root];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if name == "scheduler_config.json" {
+                    found.push((
+                        path.display().to_string(),
+                        std::fs::read_to_string(&path).unwrap(),
+                    ));
+                } else if name == "manifest.json" {
+                    let manifest: serde_json::Value =
+                        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+                    if manifest["scheduler_config"].is_object() {
+                        found.push((
+                            path.display().to_string(),
+                            manifest["scheduler_config"].to_string(),
+                        ));
+                    }
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    #[test]
+    fn configs_write_back_as_diffusers_wrote_them() {
+        let configs = fixture_configs();
+        assert!(configs.len() >= 40, "{}", configs.len());
+        let mut classes = std::collections::BTreeSet::new();
+        for (at, text) in configs {
+            let theirs: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let config = SchedulerConfig::from_json(&text).unwrap();
+            let class = config.class_name.clone().unwrap();
+            let fields = SchedulerConfig::class_fields(&class)
+                .unwrap_or_else(|| panic!("{at}: unknown class {class}"));
+            classes.insert(class.clone());
+            let ours = config.to_json();
+            assert_eq!(ours["_class_name"], class.as_str(), "{at}");
+            assert_eq!(
+                ours["_diffusers_version"],
+                sd_core::DIFFUSERS_VERSION,
+                "{at}"
+            );
+            let back = SchedulerConfig::from_json(&ours.to_string()).unwrap();
+            assert_eq!(back, config, "{at}");
+            let same = |a: &serde_json::Value, b: &serde_json::Value| match (a.as_f64(), b.as_f64())
+            {
+                (Some(x), Some(y)) => x == y,
+                _ => a == b,
+            };
+            for (key, value) in ours.as_object().unwrap() {
+                if key.starts_with('_') {
+                    continue;
+                }
+                // Only the class's fields, and others only as the file had them.
+                assert!(
+                    fields.contains(&key.as_str()) || theirs.get(key).is_some(),
+                    "{at}: `{key}` is not a {class} field"
+                );
+                if let Some(theirs) = theirs.get(key) {
+                    assert!(same(value, theirs), "{at}: `{key}` {value} vs {theirs}");
+                }
+            }
+            // Every class field the file gave a value is written.
+            for key in fields {
+                if theirs.get(*key).is_some_and(|v| !v.is_null()) {
+                    assert!(ours.get(*key).is_some(), "{at}: `{key}` left out");
+                }
+            }
+        }
+        assert!(classes.len() >= 13, "{classes:?}");
+    }
+
+    #[test]
+    fn unknown_classes_write_the_common_fields_and_what_was_set() {
+        let config = SchedulerConfig::from_json(
+            r#"{"_class_name": "FancyScheduler", "beta_schedule": "scaled_linear",
+                "use_karras_sigmas": true, "solver_order": 2}"#,
+        )
+        .unwrap();
+        let json = config.to_json();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "_class_name",
+                "_diffusers_version",
+                "beta_end",
+                "beta_schedule",
+                "beta_start",
+                "num_train_timesteps",
+                "prediction_type",
+                "trained_betas",
+                "use_karras_sigmas",
+            ]
+        );
+        assert_eq!(
+            SchedulerConfig::from_json(&json.to_string()).unwrap(),
+            config
+        );
+        // No class at all: no `_class_name` is made up.
+        let json = SchedulerConfig::default().to_json();
+        assert!(json.get("_class_name").is_none());
+    }
 
     #[test]
     fn reads_what_diffusers_writes() {

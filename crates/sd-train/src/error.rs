@@ -13,10 +13,19 @@ pub enum TrainError {
     /// The loss or the gradients stopped being finite.
     #[error("{0}")]
     NonFinite(String),
+    /// Reading or writing the run's files.
+    #[error("{0}")]
+    Io(String),
     /// An error from the forward process.
     #[error(transparent)]
     Diffusion(#[from] sd_diffusion::DiffusionError),
     /// An error from a model or from weights I/O.
     #[error(transparent)]
     Core(#[from] sd_core::CoreError),
+    /// An error from the data folder.
+    #[error(transparent)]
+    Data(#[from] sd_data::DataError),
+    /// An error from loading the model.
+    #[error(transparent)]
+    Model(#[from] sd::SdError),
 }

@@ -16,19 +16,25 @@
 //! - [`Ema`]: diffusers' `EMAModel` (its decay rule and warm-up form).
 //! - [`DenoisingObjective`]: the loss of `train_text_to_image.py` (ε, v or x₀ targets,
 //!   Min-SNR-γ weighting, input perturbation).
+//! - [`train_unet`]: the loop that composes them with the data, checkpoints and resume.
 
 mod adamw;
+pub mod checkpoint;
+mod config;
 mod ema;
 mod error;
 mod gradients;
 mod lr;
 mod objective;
 mod params;
+mod run;
 
 pub use adamw::{AdamW, AdamWConfig};
+pub use config::TrainConfig;
 pub use ema::{Ema, EmaConfig};
 pub use error::{Result, TrainError};
 pub use gradients::Gradients;
 pub use lr::{LrSchedule, LrScheduleKind};
 pub use objective::{DenoisingBatch, DenoisingObjective};
 pub use params::{flat_params, with_flat_params};
+pub use run::{Event, Resume, StepLog, read_log, train_unet};

@@ -12,6 +12,10 @@ pub enum SdError {
     /// A model that cannot be found or is not laid out as expected.
     #[error("{path}: {reason}")]
     Model { path: PathBuf, reason: String },
+    /// An output that cannot be written where asked (a model folder over one that holds
+    /// something), or that failed while being written.
+    #[error("{path}: {reason}")]
+    Output { path: PathBuf, reason: String },
     /// Generation settings that cannot be used together or are out of range.
     #[error("{0}")]
     InvalidOptions(String),
@@ -31,6 +35,13 @@ pub type Result<T> = std::result::Result<T, SdError>;
 
 pub(crate) fn model_error(path: impl Into<PathBuf>, reason: impl Into<String>) -> SdError {
     SdError::Model {
+        path: path.into(),
+        reason: reason.into(),
+    }
+}
+
+pub(crate) fn output_error(path: impl Into<PathBuf>, reason: impl Into<String>) -> SdError {
+    SdError::Output {
         path: path.into(),
         reason: reason.into(),
     }

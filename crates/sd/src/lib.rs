@@ -28,6 +28,7 @@ pub mod memory;
 mod model;
 mod output;
 mod pipeline;
+mod save;
 mod single_file;
 
 pub use error::{Result, SdError};
@@ -39,6 +40,7 @@ pub use pipeline::{
     denoise, encode_prompts, generate, generate_with_noise, initial_latents, inpainting_latents,
     noised_image_latents,
 };
+pub use save::check_model_output;
 pub use single_file::{CheckpointLayout, TextPrefix, detect as detect_checkpoint, ldm_vae_key};
 
 pub use sd_conditioner as conditioner;

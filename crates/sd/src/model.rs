@@ -19,7 +19,7 @@ use sd_schedulers::SchedulerConfig;
 use sd_unet::{UNet2DConditionConfig, UNet2DConditionModel};
 
 use crate::error::{Result, model_error};
-use crate::single_file::{self, CheckpointLayout};
+use crate::single_file::{self, CheckpointLayout, TextPrefix};
 
 /// The model families, which differ in how prompts are encoded and in their defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +70,34 @@ pub struct Model {
     dtype: DType,
     /// Refuse weights holding NaN or ±∞ as they load ([`LoadOptions::check_finite`]).
     check_weights: bool,
+}
+
+/// Where a text encoder's tokenizer comes from.
+#[derive(Debug, Clone)]
+pub(crate) enum TokenizerSource {
+    /// A `tokenizer/` folder (`vocab.json` and `merges.txt`, or `tokenizer.json`).
+    Folder(PathBuf),
+    /// The built-in CLIP vocabulary, padded so.
+    Embedded(Padding),
+}
+
+impl TokenizerSource {
+    /// The tokenizer, with the folder's own padding (`pad_token`).
+    pub(crate) fn open(&self) -> Result<ClipTokenizer> {
+        Ok(match self {
+            Self::Folder(dir) => ClipTokenizer::from_folder(dir, sd_conditioner::padding_of(dir))?,
+            Self::Embedded(padding) => ClipTokenizer::embedded(*padding)?,
+        })
+    }
+}
+
+/// The folder of text encoder `index` in a diffusers model.
+pub(crate) fn text_encoder_folder(index: usize) -> &'static str {
+    if index == 0 {
+        "text_encoder"
+    } else {
+        "text_encoder_2"
+    }
 }
 
 /// Checks that the component configs, each valid on its own, fit together, before anything is
@@ -529,6 +557,24 @@ impl Model {
         Some(digest.iter().take(4).map(|b| format!("{b:02x}")).collect())
     }
 
+    /// The dtype the U-Net's weights are stored in (the first of its floating-point tensors),
+    /// from the file's header alone: the natural dtype to write the model in again. `None`
+    /// when the file cannot be read.
+    pub fn stored_dtype(&self) -> Option<DType> {
+        let (path, prefix) = match &self.source {
+            Source::Folder(dir) => (
+                diffusers_weights_path(dir.join("unet"), self.variant.as_deref()).ok()?,
+                "",
+            ),
+            Source::SingleFile { path, .. } => (path.clone(), "model.diffusion_model."),
+        };
+        let file = SafetensorsFile::open_streaming(path).ok()?;
+        file.entries()
+            .iter()
+            .find(|e| e.is_float() && e.key.starts_with(prefix))
+            .map(|e| e.dtype)
+    }
+
     fn single_file(&self) -> Result<SafetensorsFile> {
         match &self.source {
             Source::SingleFile { path, .. } => Ok(SafetensorsFile::open(path)?),
@@ -556,24 +602,9 @@ impl Model {
                 self.load_options(),
                 device,
             )?),
-            Source::SingleFile {
-                layout, config_dir, ..
-            } => {
+            Source::SingleFile { layout, .. } => {
                 let file = self.single_file()?;
-                let configs = match config_dir {
-                    Some(dir) => {
-                        let mut configs = vec![ClipTextConfig::from_file(
-                            dir.join("text_encoder/config.json"),
-                        )?];
-                        if self.family == ModelFamily::Sdxl {
-                            configs.push(ClipTextConfig::from_file(
-                                dir.join("text_encoder_2/config.json"),
-                            )?);
-                        }
-                        configs
-                    }
-                    None => single_file::text_configs(self.family),
-                };
+                let configs = self.text_configs()?;
                 let (final_norm, base_skip) = match self.family {
                     ModelFamily::Sdxl => (false, 1),
                     _ => (true, 0),
@@ -584,40 +615,141 @@ impl Model {
                 };
                 let mut stages = Vec::new();
                 for (i, (config, prefix)) in configs.iter().zip(&layout.text_prefixes).enumerate() {
-                    let padding = if config.hidden_act == HiddenAct::Gelu {
-                        Padding::Exclamation
-                    } else {
-                        Padding::EndOfText
-                    };
-                    let tokenizer = match config_dir {
-                        Some(dir) => {
-                            let suffix = if i == 0 { "" } else { "_2" };
-                            let tok = dir.join(format!("tokenizer{suffix}"));
-                            ClipTokenizer::from_folder(&tok, sd_conditioner::padding_of(&tok))?
-                        }
-                        None => ClipTokenizer::embedded(padding)?,
-                    };
-                    let projection = i == 1;
-                    let model = ClipTextModel::new(config, projection, device)?;
-                    let model = if prefix.open_clip {
-                        let converted = single_file::open_clip_to_transformers(
-                            &file,
-                            &prefix.prefix,
-                            config.num_hidden_layers,
-                            projection,
-                        )?;
-                        model.load_weights(&converted, self.load_options())?
-                    } else {
-                        model.load_weights_under(&file, &prefix.prefix, self.load_options())?
-                    };
                     stages.push(ClipStage {
-                        tokenizer,
-                        model,
+                        tokenizer: self.tokenizer_source(i, config).open()?,
+                        model: self.single_file_text_model(&file, prefix, config, i, device)?,
                         layer,
                     });
                 }
                 Ok(ClipConditioner::new(stages, syntax)?)
             }
+        }
+    }
+
+    /// How many text encoders the model has: two for SDXL, else one.
+    pub fn text_encoder_count(&self) -> usize {
+        if self.family == ModelFamily::Sdxl {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The text encoders' configs in pipeline order (SDXL's projected one second): a folder's
+    /// `text_encoder*/config.json`, those of a single file's config folder, or else the
+    /// family's published ones (what the weights are loaded into).
+    pub fn text_configs(&self) -> Result<Vec<ClipTextConfig>> {
+        let dir = match &self.source {
+            Source::Folder(dir) => dir,
+            Source::SingleFile {
+                config_dir: Some(dir),
+                ..
+            } => dir,
+            Source::SingleFile {
+                config_dir: None, ..
+            } => return Ok(single_file::text_configs(self.family)),
+        };
+        (0..self.text_encoder_count())
+            .map(|i| {
+                let name = text_encoder_folder(i);
+                Ok(ClipTextConfig::from_file(
+                    dir.join(format!("{name}/config.json")),
+                )?)
+            })
+            .collect()
+    }
+
+    /// Loads text encoder `index` (0, or 1 for SDXL's second) alone, without its tokenizer
+    /// or the conditioner around it: what writing the model out needs, one tower at a time.
+    pub fn load_text_encoder<B: Backend>(
+        &self,
+        index: usize,
+        device: &B::Device,
+    ) -> Result<ClipTextModel<B>> {
+        let count = self.text_encoder_count();
+        if index >= count {
+            return Err(model_error(
+                self.path(),
+                format!("text encoder {index} asked for; the model has {count}"),
+            ));
+        }
+        match &self.source {
+            Source::Folder(dir) => Ok(ClipTextModel::from_pretrained_with(
+                dir.join(text_encoder_folder(index)),
+                self.load_options(),
+                device,
+            )?),
+            Source::SingleFile { layout, .. } => {
+                let file = self.single_file()?;
+                let configs = self.text_configs()?;
+                match (configs.get(index), layout.text_prefixes.get(index)) {
+                    (Some(config), Some(prefix)) => {
+                        self.single_file_text_model(&file, prefix, config, index, device)
+                    }
+                    _ => Err(model_error(
+                        self.path(),
+                        format!("no weights for text encoder {index} in the checkpoint"),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Text encoder `index` of a single file, from the keys under `prefix` (OpenCLIP's are
+    /// converted to transformers' first). SDXL's second encoder has the projection.
+    fn single_file_text_model<B: Backend>(
+        &self,
+        file: &SafetensorsFile,
+        prefix: &TextPrefix,
+        config: &ClipTextConfig,
+        index: usize,
+        device: &B::Device,
+    ) -> Result<ClipTextModel<B>> {
+        let projection = index == 1;
+        let model = ClipTextModel::new(config, projection, device)?;
+        Ok(if prefix.open_clip {
+            let converted = single_file::open_clip_to_transformers(
+                file,
+                &prefix.prefix,
+                config.num_hidden_layers,
+                projection,
+            )?;
+            model.load_weights(&converted, self.load_options())?
+        } else {
+            model.load_weights_under(file, &prefix.prefix, self.load_options())?
+        })
+    }
+
+    /// Where text encoder `index`'s tokenizer comes from, as the conditioner reads it: a
+    /// folder's `tokenizer*/` (the built-in vocabulary when it has none), a single file's
+    /// config folder's, or else the built-in vocabulary padded as the family pads.
+    pub(crate) fn tokenizer_source(
+        &self,
+        index: usize,
+        config: &ClipTextConfig,
+    ) -> TokenizerSource {
+        let name = if index == 0 {
+            "tokenizer"
+        } else {
+            "tokenizer_2"
+        };
+        match &self.source {
+            Source::Folder(dir) if dir.join(name).is_dir() => {
+                TokenizerSource::Folder(dir.join(name))
+            }
+            // `ClipConditioner::from_diffusers_with` then pads with end-of-text.
+            Source::Folder(_) => TokenizerSource::Embedded(Padding::EndOfText),
+            Source::SingleFile {
+                config_dir: Some(dir),
+                ..
+            } => TokenizerSource::Folder(dir.join(name)),
+            Source::SingleFile {
+                config_dir: None, ..
+            } => TokenizerSource::Embedded(if config.hidden_act == HiddenAct::Gelu {
+                Padding::Exclamation
+            } else {
+                Padding::EndOfText
+            }),
         }
     }
 

@@ -1,0 +1,98 @@
+//! `sd convert`: a model to a diffusers folder ([`sd::Model::save`]).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::tensor::DType;
+use clap::{Args, ValueEnum};
+use sd::Model;
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// The model to read: a single-file .safetensors checkpoint or a diffusers folder.
+    input: PathBuf,
+    /// The diffusers folder to write: must not exist yet (or be empty).
+    output: PathBuf,
+    /// For a single-file checkpoint: a diffusers folder whose component configs and tokenizers
+    /// to use (as with `sd generate --config`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The dtype of the written weights (default: the source's).
+    #[arg(long, value_enum)]
+    dtype: Option<DTypeArg>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// The backend the weights pass through: a CPU one where compiled in, as nothing is computed
+/// and the weights go from file to file through host memory.
+#[cfg(feature = "flex")]
+type SaveBackend = sd::backend::Flex;
+#[cfg(all(not(feature = "flex"), feature = "ndarray"))]
+type SaveBackend = sd::backend::NdArray;
+#[cfg(not(any(feature = "flex", feature = "ndarray")))]
+type SaveBackend = sd::backend::DefaultBackend;
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "f32",
+    }
+}
+
+pub fn run(args: ConvertArgs) -> Result<String, String> {
+    // Everything that needs no weights is checked first: a bad output costs no loading time.
+    let writes_single_file = args
+        .output
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if writes_single_file {
+        return Err(format!(
+            "{}: writing single-file checkpoints is not supported yet; give a folder to write a \
+             diffusers model into",
+            args.output.display()
+        ));
+    }
+    let input = &args.input;
+    let meta = std::fs::metadata(input)
+        .map_err(|e| format!("{}: cannot read the model: {e}", input.display()))?;
+    if meta.is_dir() && args.config.is_some() {
+        return Err(format!(
+            "{}: --config is for single-file checkpoints; a diffusers folder has its own configs",
+            input.display()
+        ));
+    }
+    sd::check_model_output(&args.output).map_err(|e| e.to_string())?;
+    let model = if meta.is_dir() {
+        Model::from_folder(input, None)
+    } else {
+        Model::from_single_file(input, args.config.as_deref())
+    }
+    .map_err(|e| e.to_string())?;
+    let dtype = match args.dtype {
+        Some(DTypeArg::F32) => DType::F32,
+        Some(DTypeArg::F16) => DType::F16,
+        Some(DTypeArg::Bf16) => DType::BF16,
+        None => model
+            .stored_dtype()
+            .filter(|d| matches!(d, DType::F16 | DType::BF16))
+            .unwrap_or(DType::F32),
+    };
+    let started = Instant::now();
+    model
+        .save::<SaveBackend>(&args.output, dtype, &Default::default())
+        .map_err(|e| e.to_string())?;
+    Ok(format!(
+        "wrote {} ({} diffusers folder, {} weights) in {:.1} s",
+        args.output.display(),
+        model.family().name(),
+        dtype_name(dtype),
+        started.elapsed().as_secs_f64()
+    ))
+}

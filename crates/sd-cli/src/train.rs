@@ -1,0 +1,264 @@
+//! `sd train`: flags (over an optional JSON config) to [`sd_train::TrainConfig`], a progress
+//! bar, and the loop in `sd-train`.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use sd_train::{Event, LrScheduleKind, Resume, TrainConfig};
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum What {
+    /// The U-Net on the denoising objective.
+    Unet,
+    /// The autoencoder on reconstruction + KL.
+    Vae,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    No,
+    F16,
+    Bf16,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// What to train.
+    #[arg(value_enum, default_value = "unet")]
+    what: What,
+    /// The images: a diffusers imagefolder (metadata.jsonl), images with .txt/.caption files,
+    /// or kohya's `N_name` repeat folders.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The caption field of metadata.jsonl (default `text`).
+    #[arg(long)]
+    caption_column: Option<String>,
+    /// Where checkpoints, logs and, at the end, the trained diffusers folder go.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// The diffusers folder to fine-tune (its other components are kept).
+    #[arg(long, short = 'm')]
+    model: Option<String>,
+    /// Train the U-Net from scratch: random weights from DIR/unet/config.json (the other
+    /// components come from --model, or from DIR when --model is not given).
+    #[arg(long, value_name = "CONFIG_DIR")]
+    init: Option<PathBuf>,
+    /// A JSON file with any of the settings (train_config.json's fields); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    max_steps: Option<u64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long, allow_negative_numbers = true)]
+    learning_rate: Option<f64>,
+    /// Square image side.
+    #[arg(long)]
+    resolution: Option<u32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Write checkpoint-<step>/ every N steps (0: only at the end).
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Keep the newest K checkpoints (0: all).
+    #[arg(long)]
+    keep: Option<usize>,
+    /// `latest` (the newest complete checkpoint in --output) or a checkpoint folder.
+    #[arg(long)]
+    resume: Option<String>,
+    /// epsilon, v_prediction or sample (default: the model's scheduler config).
+    #[arg(long)]
+    prediction_type: Option<String>,
+    /// Min-SNR-γ loss weighting (5 is the paper's choice).
+    #[arg(long, allow_negative_numbers = true)]
+    snr_gamma: Option<f64>,
+    #[arg(long, allow_negative_numbers = true)]
+    noise_offset: Option<f64>,
+    #[arg(long, allow_negative_numbers = true)]
+    input_perturbation: Option<f64>,
+    /// Probability of training on the empty caption.
+    #[arg(long, allow_negative_numbers = true)]
+    caption_dropout: Option<f64>,
+    #[arg(long)]
+    gradient_accumulation: Option<usize>,
+    /// Clip gradients to this global norm (default 1).
+    #[arg(long, allow_negative_numbers = true)]
+    max_grad_norm: Option<f64>,
+    /// constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.
+    #[arg(long)]
+    lr_scheduler: Option<String>,
+    #[arg(long)]
+    lr_warmup_steps: Option<u64>,
+    /// Keep an EMA of the weights with this decay; the final folder holds the EMA weights.
+    #[arg(long, allow_negative_numbers = true)]
+    ema_decay: Option<f64>,
+    /// Leave out unreadable images (counted in a warning) instead of stopping.
+    #[arg(long)]
+    skip_bad_images: bool,
+    /// Crop a random square instead of the centre.
+    #[arg(long)]
+    random_crop: bool,
+    /// Mirror images at random.
+    #[arg(long)]
+    random_flip: bool,
+    /// Also train the text encoder (not supported yet).
+    #[arg(long)]
+    train_text_encoder: bool,
+    /// Cache VAE latents (not supported yet).
+    #[arg(long)]
+    cache_latents: bool,
+    /// Compute in half precision (only `no` is supported yet).
+    #[arg(long, value_enum)]
+    mixed_precision: Option<Precision>,
+    /// Render samples of this prompt during training (not supported yet).
+    #[arg(long)]
+    validation_prompt: Vec<String>,
+    #[arg(long)]
+    validation_every: Option<u64>,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+}
+
+/// The config: the file's settings, then every flag given over them.
+fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
+    let mut c = match &args.config {
+        Some(path) => {
+            let text = sd::core::files::read_regular_to_string(path).map_err(|e| e.to_string())?;
+            TrainConfig::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => TrainConfig::default(),
+    };
+    macro_rules! set {
+        ($($field:ident),*) => {$(
+            if let Some(v) = &args.$field {
+                c.$field = v.clone().into();
+            }
+        )*};
+    }
+    set!(
+        data,
+        output,
+        max_steps,
+        batch_size,
+        learning_rate,
+        resolution,
+        seed
+    );
+    set!(
+        checkpoint_every,
+        keep,
+        noise_offset,
+        input_perturbation,
+        caption_dropout
+    );
+    set!(gradient_accumulation, max_grad_norm, lr_warmup_steps);
+    if args.model.is_some() {
+        c.model = args.model.clone();
+    }
+    if args.init.is_some() {
+        c.init = args.init.clone();
+    }
+    if c.model.is_none() {
+        c.model = c.init.as_ref().map(|p| p.display().to_string());
+    }
+    if args.caption_column.is_some() {
+        c.caption_column = args.caption_column.clone();
+    }
+    if args.prediction_type.is_some() {
+        c.prediction_type = args.prediction_type.clone();
+    }
+    if args.snr_gamma.is_some() {
+        c.snr_gamma = args.snr_gamma;
+    }
+    if args.ema_decay.is_some() {
+        c.ema_decay = args.ema_decay;
+    }
+    if let Some(name) = &args.lr_scheduler {
+        c.lr_scheduler = LrScheduleKind::from_name(name).map_err(|e| e.to_string())?;
+    }
+    if args.random_crop {
+        c.center_crop = false;
+    }
+    if args.random_flip {
+        c.random_flip = true;
+    }
+    if args.skip_bad_images {
+        c.skip_bad_images = true;
+    }
+    if c.data.as_os_str().is_empty() {
+        return Err("no training data: give --data DIR".into());
+    }
+    if c.output.as_os_str().is_empty() {
+        return Err("no output folder: give --output DIR".into());
+    }
+    Ok(c)
+}
+
+pub fn run(args: TrainArgs) -> Result<String, String> {
+    let unsupported = [
+        (args.what == What::Vae, "`sd train vae`"),
+        (args.train_text_encoder, "--train-text-encoder"),
+        (args.cache_latents, "--cache-latents"),
+        (
+            matches!(args.mixed_precision, Some(Precision::F16 | Precision::Bf16)),
+            "--mixed-precision f16/bf16",
+        ),
+        (
+            !args.validation_prompt.is_empty() || args.validation_every.is_some(),
+            "--validation-prompt",
+        ),
+    ];
+    if let Some((_, what)) = unsupported.iter().find(|(on, _)| *on) {
+        return Err(format!("{what} is not supported yet"));
+    }
+    let config = resolve(&args)?;
+    let resume = args.resume.as_deref().map(|r| match r {
+        "latest" => Resume::Latest,
+        path => Resume::Path(PathBuf::from(path)),
+    });
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(config.max_steps)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, {per_sec}, eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message("loading");
+    let mut smoothed: Option<f64> = None;
+    let mut events = |event: Event| match event {
+        Event::Started { first, .. } => {
+            bar.set_position(first);
+            bar.reset_eta();
+        }
+        Event::Step(log) => {
+            // An exponential average, as kohya's bar shows, so the number can be read.
+            let s = smoothed.map_or(log.loss, |s| 0.9 * s + 0.1 * log.loss);
+            smoothed = Some(s);
+            bar.set_position(log.step);
+            bar.set_message(format!("loss {s:.4} lr {:.2e}", log.lr));
+        }
+        Event::Checkpoint(path) => bar.println(format!("saved {}", path.display())),
+        // Printed even with -q (a hidden bar prints nothing).
+        Event::Warning(text) => bar.suspend(|| eprintln!("sd: warning: {text}")),
+    };
+    let started = std::time::Instant::now();
+    let out = sd_train::train_unet::<sd::backend::Flex>(
+        &config,
+        resume,
+        &Default::default(),
+        &mut events,
+    )
+    .map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    Ok(format!(
+        "trained {} steps in {:.1} s; the model is {}",
+        config.max_steps,
+        started.elapsed().as_secs_f64(),
+        out.display()
+    ))
+}

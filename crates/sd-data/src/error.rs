@@ -1,0 +1,25 @@
+use std::path::PathBuf;
+
+/// Result alias for `sd-data`.
+pub type Result<T, E = DataError> = std::result::Result<T, E>;
+
+/// What can go wrong reading training data; each names the file or folder.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The data folder is missing, empty or laid out in a way that cannot be read.
+    #[error("{}: {reason}", path.display())]
+    Layout { path: PathBuf, reason: String },
+    /// A metadata line that is not what diffusers' imagefolder expects.
+    #[error("{}:{line}: {reason}", path.display())]
+    Metadata {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    /// An image that cannot be read (unreadable, truncated, empty, too large).
+    #[error(transparent)]
+    Image(#[from] sd_core::CoreError),
+    /// A transform setting outside its meaning.
+    #[error("invalid data setting: {0}")]
+    Config(String),
+}

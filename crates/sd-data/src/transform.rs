@@ -1,0 +1,132 @@
+//! From an image file to a training sample, as `train_text_to_image.py`'s transforms do:
+//! resize the short side to the resolution (bilinear, antialiased), crop to a square (centre
+//! or random), flip at random, and map to `[-1, 1]`; and the caption's dropout and shuffle.
+
+use std::path::Path;
+
+use image::imageops::FilterType;
+use rand::{Rng, RngExt};
+
+use crate::error::{DataError, Result};
+
+/// The image side of it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Transform {
+    /// The square side, in pixels (a multiple of 8, the VAE's factor).
+    pub resolution: u32,
+    /// Crop the centre (`--center_crop`) rather than a random square.
+    pub center_crop: bool,
+    /// Mirror left-right with probability ½ (`--random_flip`).
+    pub random_flip: bool,
+}
+
+impl Transform {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<()> {
+        if self.resolution == 0 || !self.resolution.is_multiple_of(8) || self.resolution > 8192 {
+            return Err(DataError::Config(format!(
+                "the resolution must be a positive multiple of 8 up to 8192, got {}",
+                self.resolution
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The caption side of it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct CaptionOptions {
+    /// Replace the caption by the empty one with this probability (kohya's
+    /// `caption_dropout_rate`), so that the model also learns the unconditional prediction
+    /// classifier-free guidance needs.
+    pub dropout: f64,
+    /// Shuffle the comma-separated tags (kohya's `shuffle_caption`) ...
+    pub shuffle: bool,
+    /// ... keeping this many leading tags in place (`keep_tokens`).
+    pub keep_tags: usize,
+}
+
+impl CaptionOptions {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.dropout) {
+            return Err(DataError::Config(format!(
+                "caption dropout must be in [0, 1], got {}",
+                self.dropout
+            )));
+        }
+        Ok(())
+    }
+
+    /// One use of an example's captions: pick one, drop it out or shuffle its tags.
+    pub fn caption(&self, captions: &[String], rng: &mut impl Rng) -> String {
+        let caption = match captions.len() {
+            0 => String::new(),
+            1 => captions[0].clone(),
+            n => captions[rng.random_range(0..n)].clone(),
+        };
+        // Always draw, so that the stream of choices does not depend on the setting.
+        let drop = rng.random::<f64>() < self.dropout;
+        if drop {
+            return String::new();
+        }
+        if self.shuffle {
+            let mut tags: Vec<&str> = caption.split(',').map(str::trim).collect();
+            let keep = self.keep_tags.min(tags.len());
+            let rest = &mut tags[keep..];
+            for i in (1..rest.len()).rev() {
+                let j = rng.random_range(0..=i);
+                rest.swap(i, j);
+            }
+            return tags.join(", ");
+        }
+        caption
+    }
+}
+
+/// Reads `path` and transforms it: `3 · s · s` values in `[-1, 1]`, channel-major (CHW).
+/// An unreadable, truncated, empty or oversized image is an error naming the file.
+pub fn load_example_image(
+    path: &Path,
+    transform: &Transform,
+    rng: &mut impl Rng,
+) -> Result<Vec<f32>> {
+    let image = sd_core::image_io::decode_image(path)?.to_rgb8();
+    let (w, h) = image.dimensions();
+    let s = transform.resolution;
+    // Short side to `s`, keeping the aspect ratio (torchvision's Resize(int)).
+    let (nw, nh) = if w <= h {
+        (
+            s,
+            ((u64::from(h) * u64::from(s)) / u64::from(w)).max(u64::from(s)) as u32,
+        )
+    } else {
+        (
+            ((u64::from(w) * u64::from(s)) / u64::from(h)).max(u64::from(s)) as u32,
+            s,
+        )
+    };
+    let resized = if (nw, nh) == (w, h) {
+        image
+    } else {
+        image::imageops::resize(&image, nw, nh, FilterType::Triangle)
+    };
+    let (x0, y0) = if transform.center_crop {
+        ((nw - s) / 2, (nh - s) / 2)
+    } else {
+        (rng.random_range(0..=nw - s), rng.random_range(0..=nh - s))
+    };
+    let flip = transform.random_flip && rng.random::<bool>();
+    let side = s as usize;
+    let mut out = vec![0f32; 3 * side * side];
+    for y in 0..side {
+        for x in 0..side {
+            let sx = if flip { side - 1 - x } else { x };
+            let p = resized.get_pixel(x0 + sx as u32, y0 + y as u32);
+            for c in 0..3 {
+                out[c * side * side + y * side + x] = f32::from(p[c]) / 127.5 - 1.0;
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,171 @@
+//! `train_config.json`: every setting of a run, with diffusers' `train_text_to_image.py`
+//! defaults. The resolved config is saved in the output folder, and a resume checks that the
+//! settings that shape the result have not changed.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::adamw::AdamWConfig;
+use crate::error::{Result, TrainError};
+use crate::lr::LrScheduleKind;
+
+/// What `sd train unet` runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The data folder (see `sd-data` for the layouts).
+    pub data: PathBuf,
+    /// The caption field of a `metadata.jsonl` (`text` by default).
+    pub caption_column: Option<String>,
+    /// Leave out images that cannot be read (counted in a warning) instead of stopping.
+    pub skip_bad_images: bool,
+    /// Where the run writes: checkpoints, logs and, at the end, a diffusers folder.
+    pub output: PathBuf,
+    /// The model fine-tuned: a diffusers folder (or anything `sd generate --model` takes).
+    pub model: Option<String>,
+    /// Train from scratch: random U-Net weights from this folder's `unet/config.json`, the
+    /// other components from `model`.
+    pub init: Option<PathBuf>,
+    /// Optimiser steps.
+    pub max_steps: u64,
+    /// Images per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are averaged into one optimiser step.
+    pub gradient_accumulation: usize,
+    pub learning_rate: f64,
+    pub lr_scheduler: LrScheduleKind,
+    pub lr_warmup_steps: u64,
+    /// The square image side trained at.
+    pub resolution: u32,
+    pub center_crop: bool,
+    pub random_flip: bool,
+    pub seed: u64,
+    /// `epsilon`, `v_prediction` or `sample`; the model's scheduler config decides when unset.
+    pub prediction_type: Option<String>,
+    /// Min-SNR-γ loss weighting (5 is the paper's recommendation); unset for plain MSE.
+    pub snr_gamma: Option<f64>,
+    pub noise_offset: f64,
+    pub input_perturbation: f64,
+    /// Probability of training on the empty caption.
+    pub caption_dropout: f64,
+    /// Clip gradients to this global norm.
+    pub max_grad_norm: f64,
+    pub adam: AdamWConfig,
+    /// Keep an EMA of the U-Net's weights with this decay (diffusers' `--use_ema`); the final
+    /// folder then holds the EMA weights, as diffusers saves them.
+    pub ema_decay: Option<f64>,
+    /// Write `checkpoint-<step>/` every this many steps (0: only at the end).
+    pub checkpoint_every: u64,
+    /// How many checkpoints to keep (the oldest go first; 0 keeps all).
+    pub keep: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            data: PathBuf::new(),
+            caption_column: None,
+            skip_bad_images: false,
+            output: PathBuf::new(),
+            model: None,
+            init: None,
+            max_steps: 1000,
+            batch_size: 1,
+            gradient_accumulation: 1,
+            learning_rate: 1e-4,
+            lr_scheduler: LrScheduleKind::Constant,
+            lr_warmup_steps: 0,
+            resolution: 512,
+            center_crop: true,
+            random_flip: false,
+            seed: 0,
+            prediction_type: None,
+            snr_gamma: None,
+            noise_offset: 0.0,
+            input_perturbation: 0.0,
+            caption_dropout: 0.0,
+            max_grad_norm: 1.0,
+            adam: AdamWConfig::default(),
+            ema_decay: None,
+            checkpoint_every: 500,
+            keep: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a `train.toml`-style JSON config (every field optional).
+    pub fn from_json(text: &str) -> Result<Self> {
+        serde_json::from_str(text).map_err(|e| TrainError::Config(format!("train config: {e}")))
+    }
+
+    /// The config as JSON, every field written.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Checks each value against its meaning, naming the setting.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.model.is_none() {
+            return bad("no model to train: give --model (a diffusers folder)".into());
+        }
+        if self.max_steps == 0 {
+            return bad("--max-steps must be at least 1".into());
+        }
+        if self.batch_size == 0 || self.batch_size > 4096 {
+            return bad(format!(
+                "--batch-size must be from 1 to 4096, got {}",
+                self.batch_size
+            ));
+        }
+        if self.gradient_accumulation == 0 || self.gradient_accumulation > 4096 {
+            return bad(format!(
+                "--gradient-accumulation must be from 1 to 4096, got {}",
+                self.gradient_accumulation
+            ));
+        }
+        if !(self.learning_rate.is_finite()
+            && self.learning_rate >= 0.0
+            && self.learning_rate < 1.0)
+        {
+            return bad(format!(
+                "--learning-rate must be in [0, 1), got {}",
+                self.learning_rate
+            ));
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm > 0.0) {
+            return bad(format!(
+                "--max-grad-norm must be positive, got {}",
+                self.max_grad_norm
+            ));
+        }
+        if let Some(g) = self.snr_gamma
+            && !(g.is_finite() && g > 0.0)
+        {
+            return bad(format!("--snr-gamma must be positive, got {g}"));
+        }
+        for (name, v) in [
+            ("--noise-offset", self.noise_offset),
+            ("--input-perturbation", self.input_perturbation),
+        ] {
+            if !(v.is_finite() && (0.0..=10.0).contains(&v)) {
+                return bad(format!("{name} must be in [0, 10], got {v}"));
+            }
+        }
+        if let Some(d) = self.ema_decay
+            && !(0.0..1.0).contains(&d)
+        {
+            return bad(format!("--ema-decay must be in [0, 1), got {d}"));
+        }
+        if let Some(p) = &self.prediction_type
+            && !matches!(p.as_str(), "epsilon" | "v_prediction" | "sample")
+        {
+            return bad(format!(
+                "--prediction-type must be epsilon, v_prediction or sample, got `{p}`"
+            ));
+        }
+        self.adam.validate()
+    }
+}

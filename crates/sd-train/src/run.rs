@@ -1,0 +1,485 @@
+//! The U-Net training loop, thin over the library pieces: data → frozen VAE and text encoder
+//! (outside the autodiff graph) → [`DenoisingObjective`] → [`Gradients`] → [`AdamW`] → [`Ema`],
+//! with checkpoints, resume and a JSON-lines log.
+//!
+//! Every random draw of optimiser step `s`, micro-batch `m` comes from generators seeded by
+//! the run's seed and `(s, m)` (the data's from the sample's position), so a resumed run
+//! repeats the uninterrupted one exactly.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
+use rand::rngs::StdRng;
+use sd::Model;
+use sd::conditioner::{Conditioner, PromptSyntax};
+use sd_core::weights::{LoadOptions, SafetensorsFile, diffusers_weights_path};
+use sd_data::{CaptionOptions, Dataset, Order, Transform, load_example_image, sample_rng};
+use sd_diffusion::training::{host_noise, offset_noise, sample_timesteps};
+use sd_diffusion::{NoiseSchedule, PredictionType};
+use sd_unet::{UNet2DConditionConfig, UNet2DConditionModel};
+
+use crate::checkpoint::{
+    TrainingState, copy_components, list_checkpoints, read_state, remove_partials, write_checkpoint,
+};
+use crate::config::TrainConfig;
+use crate::error::{Result, TrainError};
+use crate::{AdamW, DenoisingBatch, DenoisingObjective, Ema, EmaConfig, Gradients, LrSchedule};
+
+/// Where to resume from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// The newest complete checkpoint in the output folder (a fresh start when there is none).
+    Latest,
+    /// This checkpoint folder.
+    Path(PathBuf),
+}
+
+/// What the loop reports as it goes.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// About to run steps `first..total`.
+    Started {
+        first: u64,
+        total: u64,
+        examples: usize,
+        layout: &'static str,
+    },
+    /// One optimiser step done.
+    Step(StepLog),
+    /// A checkpoint was written.
+    Checkpoint(PathBuf),
+    /// Something the user should know that does not stop the run.
+    Warning(String),
+}
+
+/// One line of `train_log.jsonl`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepLog {
+    /// The step just taken, from 1.
+    pub step: u64,
+    /// The mean loss over its micro-batches.
+    pub loss: f64,
+    pub lr: f64,
+    /// The gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Seconds since the run (or its resume) started.
+    pub time: f64,
+}
+
+/// The seed of step `step`, micro-batch `micro`'s generator.
+fn step_rng(seed: u64, step: u64, micro: u64) -> StdRng {
+    sample_rng(
+        seed ^ 0x7e57_5eed,
+        step.wrapping_mul(1 << 20).wrapping_add(micro),
+    )
+}
+
+fn prediction_type(config: &TrainConfig, model: &Model) -> PredictionType {
+    match config.prediction_type.as_deref() {
+        Some("v_prediction") => PredictionType::VPrediction,
+        Some("sample") => PredictionType::Sample,
+        Some(_) => PredictionType::Epsilon,
+        None => model.scheduler_config().prediction_type,
+    }
+}
+
+fn write_unet<B: Backend>(
+    unet: &UNet2DConditionModel<B>,
+    config: &UNet2DConditionConfig,
+    dir: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::Io(format!("{}: {e}", dir.display())))?;
+    let json = serde_json::to_string_pretty(&config.to_json()).unwrap_or_default();
+    sd_core::files::write_atomic(dir.join("config.json"), |out| {
+        out.write_all(json.as_bytes()).map_err(|e| e.to_string())
+    })?;
+    unet.save_weights(
+        config,
+        dir.join("diffusion_pytorch_model.safetensors"),
+        DType::F32,
+    )?;
+    Ok(())
+}
+
+fn read_unet<B: Backend>(
+    config: &UNet2DConditionConfig,
+    dir: &Path,
+    device: &B::Device,
+) -> Result<UNet2DConditionModel<B>> {
+    let file = SafetensorsFile::open(diffusers_weights_path(dir, None)?)?;
+    Ok(UNet2DConditionModel::new(config, device)?.load_weights(&file, LoadOptions::default())?)
+}
+
+/// The state restored from a checkpoint.
+struct Restored<B: Backend> {
+    state: TrainingState,
+    unet: UNet2DConditionModel<Autodiff<B>>,
+    ema: Option<UNet2DConditionModel<B>>,
+    adamw: AdamW<B>,
+}
+
+fn restore<B: Backend>(
+    dir: &Path,
+    config: &TrainConfig,
+    unet_config: &UNet2DConditionConfig,
+    device: &B::Device,
+) -> Result<Restored<B>> {
+    let state = read_state(dir)?;
+    let unet = read_unet::<Autodiff<B>>(unet_config, &dir.join("unet"), device)?;
+    let ema = match state.ema_steps {
+        Some(_) => Some(read_unet::<B>(unet_config, &dir.join("unet_ema"), device)?),
+        None => None,
+    };
+    let first = read_unet::<B>(unet_config, &dir.join("optimizer/exp_avg"), device)?;
+    let second = read_unet::<B>(unet_config, &dir.join("optimizer/exp_avg_sq"), device)?;
+    let adamw = AdamW::from_moment_modules(config.adam, state.step, &first, &second)?;
+    Ok(Restored {
+        state,
+        unet,
+        ema,
+        adamw,
+    })
+}
+
+/// The settings a resume must share with the run that wrote the checkpoint: everything but
+/// the run's length and its checkpoint cadence.
+fn same_run(a: &TrainConfig, b: &TrainConfig) -> bool {
+    let strip = |c: &TrainConfig| TrainConfig {
+        max_steps: 0,
+        checkpoint_every: 0,
+        keep: 0,
+        output: PathBuf::new(),
+        ..c.clone()
+    };
+    strip(a) == strip(b)
+}
+
+/// Trains the U-Net of `config.model` on `config.data`, writing into `config.output`; returns
+/// the final diffusers folder (the output folder itself).
+pub fn train_unet<B: Backend>(
+    config: &TrainConfig,
+    resume: Option<Resume>,
+    device: &B::Device,
+    events: &mut dyn FnMut(Event),
+) -> Result<PathBuf> {
+    config.validate()?;
+    let transform = Transform {
+        resolution: config.resolution,
+        center_crop: config.center_crop,
+        random_flip: config.random_flip,
+    };
+    transform.validate()?;
+    let captions = CaptionOptions {
+        dropout: config.caption_dropout,
+        ..Default::default()
+    };
+    captions.validate()?;
+    let mut dataset = Dataset::open(&config.data, config.caption_column.as_deref())?;
+    if config.skip_bad_images {
+        let (kept, bad) = dataset.without_bad_images();
+        if let Some(first) = bad.first() {
+            events(Event::Warning(format!(
+                "skipped {} unreadable image(s), the first: {first}",
+                bad.len()
+            )));
+        }
+        if kept.is_empty() {
+            return Err(TrainError::Config(format!(
+                "{}: no readable image is left",
+                config.data.display()
+            )));
+        }
+        dataset = kept;
+    } else {
+        dataset.check_images()?;
+    }
+    let spec = config.model.as_deref().unwrap_or_default();
+    let model = Model::open(spec)?;
+    if model.family() == sd::ModelFamily::Sdxl {
+        return Err(TrainError::Config(
+            "training SDXL models is not supported yet (SD 1.x and 2.x are)".into(),
+        ));
+    }
+    let base = model.path().to_path_buf();
+    if !base.join("model_index.json").is_file() {
+        return Err(TrainError::Config(format!(
+            "{}: training needs a diffusers folder; convert a single file first with `sd \
+             convert`",
+            base.display()
+        )));
+    }
+    let unet_config = match &config.init {
+        Some(dir) => UNet2DConditionConfig::from_file(dir.join("unet/config.json"))?,
+        None => model.unet_config().clone(),
+    };
+    if unet_config.in_channels != model.vae_config().latent_channels {
+        return Err(TrainError::Config(format!(
+            "the U-Net takes {} channels but the VAE makes {}-channel latents (inpainting \
+             models are not trained here yet)",
+            unet_config.in_channels,
+            model.vae_config().latent_channels
+        )));
+    }
+    let output = &config.output;
+    std::fs::create_dir_all(output)
+        .map_err(|e| TrainError::Io(format!("{}: {e}", output.display())))?;
+    remove_partials(output);
+    if resume.is_none() && !list_checkpoints(output).is_empty() {
+        return Err(TrainError::Config(format!(
+            "{} already holds checkpoints: continue with --resume latest, or choose another \
+             --output",
+            output.display()
+        )));
+    }
+
+    // Resume: the newest complete checkpoint that reads back; a damaged one is reported and
+    // the one before it used.
+    let mut restored = None;
+    let candidates: Vec<PathBuf> = match &resume {
+        None => Vec::new(),
+        Some(Resume::Path(p)) => vec![p.clone()],
+        Some(Resume::Latest) => list_checkpoints(output)
+            .into_iter()
+            .rev()
+            .map(|(_, p)| p)
+            .collect(),
+    };
+    for dir in &candidates {
+        match restore::<B>(dir, config, &unet_config, device) {
+            Ok(r) => {
+                if !same_run(&r.state.config, config) {
+                    return Err(TrainError::Config(format!(
+                        "{}: the checkpoint was written with other settings; resume with the \
+                         same ones (only --max-steps, --checkpoint-every and --keep may change)",
+                        dir.display()
+                    )));
+                }
+                restored = Some(r);
+                break;
+            }
+            Err(e) if matches!(resume, Some(Resume::Latest)) => events(Event::Warning(format!(
+                "{}: cannot be resumed from ({e}); trying the one before",
+                dir.display()
+            ))),
+            Err(e) => return Err(e),
+        }
+    }
+
+    let (start, mut unet, mut adamw, mut ema) = match restored {
+        Some(r) => {
+            let ema = match (r.ema, config.ema_decay) {
+                (Some(m), Some(decay)) => Some(Ema::resume(
+                    EmaConfig {
+                        decay,
+                        ..Default::default()
+                    },
+                    m,
+                    r.state.ema_steps.unwrap_or(0),
+                )?),
+                _ => None,
+            };
+            (r.state.step, r.unet, r.adamw, ema)
+        }
+        None => {
+            let unet: UNet2DConditionModel<Autodiff<B>> = match &config.init {
+                Some(_) => UNet2DConditionModel::new(&unet_config, device)?,
+                None => model.load_unet(device)?,
+            };
+            let ema = match config.ema_decay {
+                Some(decay) => Some(Ema::new(
+                    EmaConfig {
+                        decay,
+                        ..Default::default()
+                    },
+                    unet.valid(),
+                )?),
+                None => None,
+            };
+            (0, unet, AdamW::new(config.adam)?, ema)
+        }
+    };
+    std::fs::write(output.join("train_config.json"), config.to_json())
+        .map_err(|e| TrainError::Io(format!("{}: {e}", output.display())))?;
+
+    // Frozen components on the inner backend: no autodiff graph, no gradients.
+    let conditioner = model.load_conditioner::<B>(PromptSyntax::Plain, 0, device)?;
+    let encoder = model.load_vae_encoder::<B>(device)?;
+    let schedule = NoiseSchedule::new(&model.scheduler_config().noise_schedule())?;
+    let objective = DenoisingObjective {
+        schedule: schedule.clone(),
+        prediction: prediction_type(config, &model),
+        snr_gamma: config.snr_gamma,
+    };
+    let lr = LrSchedule::new(
+        config.learning_rate,
+        config.lr_scheduler,
+        config.lr_warmup_steps,
+        config.max_steps,
+    )?;
+    let mut order = Order::new(dataset.len(), config.seed);
+    let log_path = output.join("train_log.jsonl");
+    let mut log = keep_log(&log_path, start)?;
+    events(Event::Started {
+        first: start,
+        total: config.max_steps,
+        examples: dataset.len(),
+        layout: dataset.layout(),
+    });
+
+    let side = config.resolution as usize;
+    let accumulation = config.gradient_accumulation as u64;
+    let batch = config.batch_size;
+    let started = Instant::now();
+    let save = |step: u64,
+                unet: &UNet2DConditionModel<Autodiff<B>>,
+                adamw: &AdamW<B>,
+                ema: &Option<Ema<UNet2DConditionModel<B>>>|
+     -> Result<PathBuf> {
+        let state = TrainingState {
+            step,
+            ema_steps: ema.as_ref().map(Ema::steps),
+            config: config.clone(),
+        };
+        write_checkpoint(output, &state, config.keep, |dir| {
+            copy_components(&base, dir, &["unet"])?;
+            let inner = unet.valid();
+            write_unet(&inner, &unet_config, &dir.join("unet"))?;
+            if let Some(ema) = ema {
+                write_unet(ema.model(), &unet_config, &dir.join("unet_ema"))?;
+            }
+            let (first, second) = adamw.moment_modules(&inner)?;
+            write_unet(&first, &unet_config, &dir.join("optimizer/exp_avg"))?;
+            write_unet(&second, &unet_config, &dir.join("optimizer/exp_avg_sq"))?;
+            Ok(())
+        })
+    };
+
+    for step in start..config.max_steps {
+        let mut grads = Gradients::<B>::new();
+        let mut loss_sum = 0.0;
+        for micro in 0..accumulation {
+            let mut images = Vec::with_capacity(batch * 3 * side * side);
+            let mut texts = Vec::with_capacity(batch);
+            for j in 0..batch as u64 {
+                let sample = (step * accumulation + micro) * batch as u64 + j;
+                let example = &dataset.examples()[order.example(sample)];
+                let mut rng = sample_rng(config.seed, sample);
+                images.extend(load_example_image(&example.image, &transform, &mut rng)?);
+                texts.push(captions.caption(&example.captions, &mut rng));
+            }
+            let images =
+                Tensor::<B, 4>::from_data(TensorData::new(images, [batch, 3, side, side]), device);
+            let prompts: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let context = conditioner.encode(&prompts)?.context;
+            // The draws of this micro-batch, in a fixed order: posterior, noise, offset,
+            // perturbation, timesteps.
+            let mut rng = step_rng(config.seed, step, micro);
+            let posterior = encoder.encode(images)?;
+            let draw = host_noise::<B, 4>(posterior.mean.dims(), &mut rng, device);
+            let latents = encoder.scale_latents(posterior.sample(draw));
+            let mut noise = host_noise::<B, 4>(latents.dims(), &mut rng, device);
+            if config.noise_offset > 0.0 {
+                noise = offset_noise(noise, config.noise_offset, &mut rng);
+            }
+            let perturbation = (config.input_perturbation > 0.0).then(|| {
+                host_noise::<B, 4>(latents.dims(), &mut rng, device) * config.input_perturbation
+            });
+            let timesteps = sample_timesteps(&schedule, batch, &mut rng);
+            let input = DenoisingBatch {
+                latents: Tensor::from_inner(latents),
+                context: Tensor::from_inner(context),
+                noise: Tensor::from_inner(noise),
+                timesteps,
+                perturbation: perturbation.map(Tensor::from_inner),
+            };
+            let loss = objective.loss(&unet, input)?;
+            let value: f64 = loss.clone().into_scalar().elem();
+            if !value.is_finite() {
+                let last = list_checkpoints(output)
+                    .last()
+                    .map(|(_, p)| format!("; the last good checkpoint is {}", p.display()))
+                    .unwrap_or_default();
+                return Err(TrainError::NonFinite(format!(
+                    "step {}: the loss is {value}: training stopped{last}",
+                    step + 1
+                )));
+            }
+            loss_sum += value;
+            let mut backward = loss.div_scalar(accumulation as f64).backward();
+            grads.accumulate(&unet, &mut backward);
+        }
+        let grad_norm = grads.clip_global_norm(config.max_grad_norm);
+        if !grad_norm.is_finite() {
+            return Err(TrainError::NonFinite(format!(
+                "step {}: the gradient norm is {grad_norm}: training stopped",
+                step + 1
+            )));
+        }
+        let rate = lr.lr(step);
+        unet = adamw.step(unet, grads, rate);
+        if let Some(ema) = ema.as_mut() {
+            ema.update(&unet.valid())?;
+        }
+        let entry = StepLog {
+            step: step + 1,
+            loss: loss_sum / accumulation as f64,
+            lr: rate,
+            grad_norm,
+            time: started.elapsed().as_secs_f64(),
+        };
+        writeln!(log, "{}", serde_json::to_string(&entry).unwrap_or_default())
+            .and_then(|()| log.flush())
+            .map_err(|e| TrainError::Io(format!("{}: {e}", log_path.display())))?;
+        events(Event::Step(entry));
+        let done = step + 1;
+        let due = config.checkpoint_every > 0 && done % config.checkpoint_every == 0;
+        if due || done == config.max_steps {
+            events(Event::Checkpoint(save(done, &unet, &adamw, &ema)?));
+        }
+    }
+
+    // The final folder: the base model's components with the trained U-Net (its EMA weights
+    // when kept, as diffusers' script saves them).
+    copy_components(&base, output, &["unet"])?;
+    match &ema {
+        Some(ema) => write_unet(ema.model(), &unet_config, &output.join("unet"))?,
+        None => write_unet(&unet.valid(), &unet_config, &output.join("unet"))?,
+    }
+    Ok(output.clone())
+}
+
+/// Opens the log for appending, keeping only the lines of steps up to `start` (a resume drops
+/// what the interrupted run logged past its checkpoint).
+fn keep_log(path: &Path, start: u64) -> Result<std::fs::File> {
+    let io = |e: std::io::Error| TrainError::Io(format!("{}: {e}", path.display()));
+    let kept: String = match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<StepLog>(line).is_ok_and(|entry| entry.step <= start)
+            })
+            .map(|line| format!("{line}\n"))
+            .collect(),
+        Err(_) => String::new(),
+    };
+    std::fs::write(path, kept).map_err(io)?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(io)
+}
+
+/// Reads a run's `train_log.jsonl`.
+pub fn read_log(path: &Path) -> Result<Vec<StepLog>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    Ok(text
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect())
+}
