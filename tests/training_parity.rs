@@ -13,6 +13,7 @@ use std::path::Path;
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::tensor::{DType, ElementConversion, Tensor};
+use sd_conditioner::ClipTextModel;
 use sd_core::backend::Flex;
 use sd_core::weights::SafetensorsFile;
 use sd_diffusion::{BetaSchedule, NoiseSchedule, NoiseScheduleConfig, PredictionType};
@@ -141,6 +142,18 @@ fn run_case(dir: &Path) {
         ..Default::default()
     };
     let mut ema = Ema::new(ema_config, unet.valid()).unwrap();
+    // The case that trains the text encoder too: one gradient norm over both models, each
+    // with its moments (torch keeps one AdamW over the chained parameters: the same maths).
+    let mut text = dir.join("text_encoder").is_dir().then(|| {
+        let model = ClipTextModel::<B>::from_pretrained(dir.join("text_encoder"), &device)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let adamw = AdamW::<Inner>::new(AdamWConfig {
+            weight_decay: case.f64("weight_decay").unwrap(),
+            ..Default::default()
+        })
+        .unwrap();
+        (model, adamw)
+    });
 
     let inputs = SafetensorsFile::open(dir.join("inputs.safetensors")).unwrap();
     let reference = SafetensorsFile::open(dir.join("reference.safetensors")).unwrap();
@@ -161,6 +174,7 @@ fn run_case(dir: &Path) {
     };
     for step in 0..steps {
         let mut grads = Gradients::<Inner>::new();
+        let mut text_grads = Gradients::<Inner>::new();
         for micro in 0..accumulation {
             let k = format!("{step}_{micro}");
             let mut noise: Tensor<B, 4> = tensor(&inputs, &format!("noise_{k}"), &device);
@@ -176,9 +190,23 @@ fn run_case(dir: &Path) {
                 .iter()
                 .map(|&t| t as usize)
                 .collect();
+            let context = match &text {
+                None => tensor(&inputs, &format!("context_{k}"), &device),
+                Some((model, _)) => {
+                    let ids = tensor::<2>(&inputs, &format!("ids_{k}"), &device);
+                    let [b, n] = ids.dims();
+                    let flat: Vec<f32> = ids.into_data().to_vec().unwrap();
+                    let ids: Vec<Vec<u32>> = flat
+                        .chunks(n)
+                        .map(|r| r.iter().map(|&x| x as u32).collect())
+                        .collect();
+                    assert_eq!(ids.len(), b);
+                    model.forward(&ids).unwrap().last_hidden_state
+                }
+            };
             let batch = DenoisingBatch {
                 latents: tensor(&inputs, &format!("latents_{k}"), &device),
-                context: tensor(&inputs, &format!("context_{k}"), &device),
+                context,
                 noise,
                 timesteps,
                 perturbation,
@@ -192,13 +220,20 @@ fn run_case(dir: &Path) {
             );
             let mut backward = loss.div_scalar(accumulation as f64).backward();
             grads.accumulate(&unet, &mut backward);
+            if let Some((model, _)) = &text {
+                text_grads.accumulate(model, &mut backward);
+            }
         }
         let max_norm = case.f64("max_grad_norm").unwrap();
-        let norm = grads.clip_global_norm(max_norm);
+        let norm = Gradients::clip_global_norm_all(&mut [&mut grads, &mut text_grads], max_norm);
         check(format!("grad norm {step}"), norm, ref_norm[step]);
         let rate = lr.lr(step as u64);
         check(format!("lr {step}"), rate, ref_lr[step]);
         unet = adamw.step(unet, grads, rate);
+        text = text.map(|(model, mut adamw)| {
+            let model = adamw.step(model, text_grads, rate);
+            (model, adamw)
+        });
         ema.update(&unet.valid()).unwrap();
     }
 
@@ -249,6 +284,47 @@ fn run_case(dir: &Path) {
                 actual.len(),
                 worst.0
             );
+        }
+    }
+    if let Some((model, adamw)) = &text {
+        let (first, second) = adamw.moment_modules(&model.valid()).unwrap();
+        for (what, module) in [
+            ("text_weight", model.valid()),
+            ("text_exp_avg", first),
+            ("text_exp_avg_sq", second),
+        ] {
+            let path = scratch.join(format!("{what}.safetensors"));
+            module.save_weights(&path, DType::F32).unwrap();
+            let actual = read_all(&path);
+            let count = expected
+                .keys()
+                .filter(|k| k.starts_with(&format!("{what}.")))
+                .count();
+            let mut worst = (0.0f64, String::new());
+            for (key, values) in &actual {
+                match expected.get(&format!("{what}.{key}")) {
+                    Some(reference) => {
+                        let err = scaled_error(values, reference);
+                        if err > worst.0 || err.is_nan() {
+                            worst = (err, key.clone());
+                        }
+                    }
+                    None => failures.push(format!("{what}: `{key}` is not in the reference")),
+                }
+            }
+            if count != actual.len() || worst.0 > tolerance || worst.0.is_nan() {
+                failures.push(format!(
+                    "{what}: {} tensors vs {count}; `{}` off by {:e}",
+                    actual.len(),
+                    worst.1,
+                    worst.0
+                ));
+            } else {
+                eprintln!(
+                    "ok  {name} final {what}: {count} tensors, worst scaled error {:e}",
+                    worst.0
+                );
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&scratch);

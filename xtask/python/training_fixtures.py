@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
+from transformers import CLIPTextConfig, CLIPTextModel
 from safetensors.torch import save_file
 
 # Small enough that four f32 copies of every parameter stay well under a megabyte per case.
@@ -69,6 +70,19 @@ CASES = {
         weight_decay=1e-2,
         ema=dict(decay=0.999, use_ema_warmup=True, power=2 / 3),
     ),
+    "text_encoder_trained": dict(
+        prediction_type="epsilon",
+        text_encoder=True,
+        lr=1e-3,
+        lr_scheduler="constant_with_warmup",
+        warmup=2,
+        steps=4,
+        batch=2,
+        accumulation=1,
+        max_grad_norm=0.5,
+        weight_decay=1e-2,
+        ema=dict(decay=0.9999),
+    ),
     "offset_perturbation_accumulate_clip": dict(
         prediction_type="epsilon",
         snr_gamma=1.0,
@@ -88,6 +102,22 @@ CASES = {
 
 TOKENS = 5
 
+# A tiny CLIP text tower for the case that trains it with the U-Net (its hidden size is the
+# U-Net's cross-attention width); token ids are random, so no tokenizer is needed.
+TEXT_CONFIG = dict(
+    vocab_size=1000,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    bos_token_id=998,
+    eos_token_id=999,
+    pad_token_id=1,
+)
+TEXT_TOKENS = 8
+
 
 def write_training_case(root: pathlib.Path, name: str, spec: dict, randomise_norms) -> None:
     case = root / "training" / name
@@ -101,10 +131,20 @@ def write_training_case(root: pathlib.Path, name: str, spec: dict, randomise_nor
     unet = unet.half()
     unet.save_pretrained(case / "unet", safe_serialization=True)
     unet = unet.float().train()
+    text = None
+    params = list(unet.parameters())
+    if spec.get("text_encoder"):
+        text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+        randomise_norms(text, generator)
+        text = text.half()
+        text.save_pretrained(case / "text_encoder", safe_serialization=True)
+        text = text.float().train()
+        # train_text_to_image.py-style: one optimiser over both models' parameters.
+        params += list(text.parameters())
 
     scheduler = DDPMScheduler(prediction_type=spec["prediction_type"], **SCHEDULE)
     optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=spec["lr"], betas=(0.9, 0.999), weight_decay=spec["weight_decay"], eps=1e-8
+        params, lr=spec["lr"], betas=(0.9, 0.999), weight_decay=spec["weight_decay"], eps=1e-8
     )
     lr_scheduler = get_scheduler(
         spec["lr_scheduler"], optimizer=optimizer, num_warmup_steps=spec["warmup"], num_training_steps=spec["steps"]
@@ -118,9 +158,15 @@ def write_training_case(root: pathlib.Path, name: str, spec: dict, randomise_nor
         for micro in range(accumulation):
             k = f"{step}_{micro}"
             latents = torch.randn(b, 4, 8, 8, generator=generator)
-            context = torch.randn(b, TOKENS, UNET_CONFIG["cross_attention_dim"], generator=generator)
+            if text is None:
+                context = torch.randn(b, TOKENS, UNET_CONFIG["cross_attention_dim"], generator=generator)
+                inputs[f"context_{k}"] = context
+            else:
+                ids = torch.randint(0, TEXT_CONFIG["vocab_size"], (b, TEXT_TOKENS), generator=generator)
+                inputs[f"ids_{k}"] = ids.to(torch.float32)
+                context = text(ids, return_dict=False)[0]
             noise = torch.randn(b, 4, 8, 8, generator=generator)
-            inputs.update({f"latents_{k}": latents, f"context_{k}": context, f"noise_{k}": noise})
+            inputs.update({f"latents_{k}": latents, f"noise_{k}": noise})
             if spec.get("noise_offset"):
                 draw = torch.randn(b, 4, 1, 1, generator=generator)
                 inputs[f"offset_{k}"] = draw
@@ -153,7 +199,7 @@ def write_training_case(root: pathlib.Path, name: str, spec: dict, randomise_nor
             losses.append(loss.item())
             # accelerate divides the loss by the accumulation steps before backward.
             (loss / accumulation).backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(unet.parameters(), spec["max_grad_norm"])))
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, spec["max_grad_norm"])))
         lrs.append(lr_scheduler.get_last_lr()[0])
         optimizer.step()
         lr_scheduler.step()
@@ -172,6 +218,12 @@ def write_training_case(root: pathlib.Path, name: str, spec: dict, randomise_nor
         final[f"exp_avg_sq.{n}"] = state["exp_avg_sq"]
     for p, s in zip(unet.parameters(), ema.shadow_params):
         final[f"ema.{names[id(p)]}"] = s
+    if text is not None:
+        for n, p in text.named_parameters():
+            final[f"text_weight.{n}"] = p.detach()
+            state = optimizer.state[p]
+            final[f"text_exp_avg.{n}"] = state["exp_avg"]
+            final[f"text_exp_avg_sq.{n}"] = state["exp_avg_sq"]
     save_file({k: v.contiguous() for k, v in inputs.items()}, case / "inputs.safetensors")
     save_file({k: v.contiguous() for k, v in reference.items()}, case / "reference.safetensors")
     save_file({k: v.contiguous().float() for k, v in final.items()}, case / "final.safetensors")

@@ -102,7 +102,8 @@ pub struct TrainArgs {
     /// Mirror images at random.
     #[arg(long)]
     random_flip: bool,
-    /// Also train the text encoder (not supported yet).
+    /// Also train the text encoder (from random weights when the model's text_encoder/ has
+    /// a config but no weights).
     #[arg(long)]
     train_text_encoder: bool,
     /// Cache VAE latents (not supported yet).
@@ -184,6 +185,9 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
     if args.random_flip {
         c.random_flip = true;
     }
+    if args.train_text_encoder {
+        c.train_text_encoder = true;
+    }
     if args.skip_bad_images {
         c.skip_bad_images = true;
     }
@@ -199,7 +203,6 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
 pub fn run(args: TrainArgs) -> Result<String, String> {
     let unsupported = [
         (args.what == What::Vae, "`sd train vae`"),
-        (args.train_text_encoder, "--train-text-encoder"),
         (args.cache_latents, "--cache-latents"),
         (
             matches!(args.mixed_precision, Some(Precision::F16 | Precision::Bf16)),

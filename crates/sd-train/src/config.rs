@@ -27,6 +27,8 @@ pub struct TrainConfig {
     /// Train from scratch: random U-Net weights from this folder's `unet/config.json`, the
     /// other components from `model`.
     pub init: Option<PathBuf>,
+    /// Train the text encoder too (its own AdamW state, one gradient norm over both).
+    pub train_text_encoder: bool,
     /// Optimiser steps.
     pub max_steps: u64,
     /// Images per micro-batch.
@@ -70,6 +72,7 @@ impl Default for TrainConfig {
             output: PathBuf::new(),
             model: None,
             init: None,
+            train_text_encoder: false,
             max_steps: 1000,
             batch_size: 1,
             gradient_accumulation: 1,

@@ -106,6 +106,24 @@ impl<B: Backend> Gradients<B> {
         norm
     }
 
+    /// [`Self::clip_global_norm`] over several models' gradients at once (a U-Net and a text
+    /// encoder trained together): one norm over all of them, as torch clips the chained
+    /// parameter list.
+    pub fn clip_global_norm_all(all: &mut [&mut Self], max_norm: f64) -> f64 {
+        let norm = all
+            .iter()
+            .map(|g| g.global_norm().powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let coefficient = (max_norm / (norm + 1e-6)).min(1.0);
+        if coefficient < 1.0 {
+            for g in all.iter_mut() {
+                g.scale(coefficient);
+            }
+        }
+        norm
+    }
+
     /// Multiplies every gradient by `factor`.
     pub fn scale(&mut self, factor: f64) {
         for slot in self.slots.iter_mut().flatten() {

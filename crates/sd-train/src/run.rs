@@ -16,7 +16,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
 use rand::rngs::StdRng;
 use sd::Model;
-use sd::conditioner::{Conditioner, PromptSyntax};
+use sd::conditioner::{ClipTextConfig, ClipTextModel, ClipTokenizer, padding_of};
 use sd_core::weights::{LoadOptions, SafetensorsFile, diffusers_weights_path};
 use sd_data::{CaptionOptions, Dataset, Order, Transform, load_example_image, sample_rng};
 use sd_diffusion::training::{host_noise, offset_noise, sample_timesteps};
@@ -115,12 +115,47 @@ fn read_unet<B: Backend>(
     Ok(UNet2DConditionModel::new(config, device)?.load_weights(&file, LoadOptions::default())?)
 }
 
+fn write_text<B: Backend>(
+    text: &ClipTextModel<B>,
+    config: &ClipTextConfig,
+    dir: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::Io(format!("{}: {e}", dir.display())))?;
+    let json = serde_json::to_string_pretty(&config.to_json()).unwrap_or_default();
+    sd_core::files::write_atomic(dir.join("config.json"), |out| {
+        out.write_all(json.as_bytes()).map_err(|e| e.to_string())
+    })?;
+    text.save_weights(dir.join("model.safetensors"), DType::F32)?;
+    Ok(())
+}
+
+/// The text encoder: frozen on the inner backend, or trained with its own optimiser state.
+enum TextEncoder<B: Backend> {
+    Frozen(ClipTextModel<B>),
+    Trained {
+        model: ClipTextModel<Autodiff<B>>,
+        adamw: AdamW<B>,
+    },
+}
+
+impl<B: Backend> TextEncoder<B> {
+    /// `[batch, 77, width]`: the last layer after the final LayerNorm, as
+    /// `train_text_to_image.py` takes `text_encoder(input_ids)[0]`.
+    fn context(&self, ids: &[Vec<u32>]) -> Result<Tensor<Autodiff<B>, 3>> {
+        Ok(match self {
+            Self::Frozen(model) => Tensor::from_inner(model.forward(ids)?.last_hidden_state),
+            Self::Trained { model, .. } => model.forward(ids)?.last_hidden_state,
+        })
+    }
+}
+
 /// The state restored from a checkpoint.
 struct Restored<B: Backend> {
     state: TrainingState,
     unet: UNet2DConditionModel<Autodiff<B>>,
     ema: Option<UNet2DConditionModel<B>>,
     adamw: AdamW<B>,
+    text: Option<(ClipTextModel<Autodiff<B>>, AdamW<B>)>,
 }
 
 fn restore<B: Backend>(
@@ -138,11 +173,27 @@ fn restore<B: Backend>(
     let first = read_unet::<B>(unet_config, &dir.join("optimizer/exp_avg"), device)?;
     let second = read_unet::<B>(unet_config, &dir.join("optimizer/exp_avg_sq"), device)?;
     let adamw = AdamW::from_moment_modules(config.adam, state.step, &first, &second)?;
+    let text = if config.train_text_encoder {
+        let model =
+            ClipTextModel::<Autodiff<B>>::from_pretrained(dir.join("text_encoder"), device)?;
+        let moments = |name: &str| {
+            ClipTextModel::<B>::from_pretrained(dir.join("optimizer").join(name), device)
+        };
+        let (first, second) = (
+            moments("text_encoder_exp_avg")?,
+            moments("text_encoder_exp_avg_sq")?,
+        );
+        let adamw = AdamW::from_moment_modules(config.adam, state.step, &first, &second)?;
+        Some((model, adamw))
+    } else {
+        None
+    };
     Ok(Restored {
         state,
         unet,
         ema,
         adamw,
+        text,
     })
 }
 
@@ -270,7 +321,12 @@ pub fn train_unet<B: Backend>(
         }
     }
 
-    let (start, mut unet, mut adamw, mut ema) = match restored {
+    let text_config = model
+        .text_configs()?
+        .into_iter()
+        .next()
+        .ok_or_else(|| TrainError::Config("the model has no text encoder".into()))?;
+    let (start, mut unet, mut adamw, mut ema, restored_text) = match restored {
         Some(r) => {
             let ema = match (r.ema, config.ema_decay) {
                 (Some(m), Some(decay)) => Some(Ema::resume(
@@ -283,7 +339,7 @@ pub fn train_unet<B: Backend>(
                 )?),
                 _ => None,
             };
-            (r.state.step, r.unet, r.adamw, ema)
+            (r.state.step, r.unet, r.adamw, ema, r.text)
         }
         None => {
             let unet: UNet2DConditionModel<Autodiff<B>> = match &config.init {
@@ -300,14 +356,30 @@ pub fn train_unet<B: Backend>(
                 )?),
                 None => None,
             };
-            (0, unet, AdamW::new(config.adam)?, ema)
+            (0, unet, AdamW::new(config.adam)?, ema, None)
         }
     };
+    // A text encoder folder with a config but no weights (a from-scratch `--init` folder)
+    // starts from random weights; one with weights fine-tunes them.
+    let text_weights = base.join("text_encoder/model.safetensors").is_file();
+    let mut text = match (config.train_text_encoder, restored_text) {
+        (true, Some((model, adamw))) => TextEncoder::Trained { model, adamw },
+        (true, None) => TextEncoder::Trained {
+            model: if text_weights {
+                model.load_text_encoder::<Autodiff<B>>(0, device)?
+            } else {
+                ClipTextModel::new(&text_config, false, device)?
+            },
+            adamw: AdamW::new(config.adam)?,
+        },
+        (false, _) => TextEncoder::Frozen(model.load_text_encoder::<B>(0, device)?),
+    };
+    let tokenizer_dir = base.join("tokenizer");
+    let tokenizer = ClipTokenizer::from_folder(&tokenizer_dir, padding_of(&tokenizer_dir))?;
     std::fs::write(output.join("train_config.json"), config.to_json())
         .map_err(|e| TrainError::Io(format!("{}: {e}", output.display())))?;
 
-    // Frozen components on the inner backend: no autodiff graph, no gradients.
-    let conditioner = model.load_conditioner::<B>(PromptSyntax::Plain, 0, device)?;
+    // The VAE is frozen, on the inner backend: no autodiff graph, no gradients.
     let encoder = model.load_vae_encoder::<B>(device)?;
     let schedule = NoiseSchedule::new(&model.scheduler_config().noise_schedule())?;
     let objective = DenoisingObjective {
@@ -335,10 +407,16 @@ pub fn train_unet<B: Backend>(
     let accumulation = config.gradient_accumulation as u64;
     let batch = config.batch_size;
     let started = Instant::now();
+    let trained: &[&str] = if config.train_text_encoder {
+        &["unet", "text_encoder"]
+    } else {
+        &["unet"]
+    };
     let save = |step: u64,
                 unet: &UNet2DConditionModel<Autodiff<B>>,
                 adamw: &AdamW<B>,
-                ema: &Option<Ema<UNet2DConditionModel<B>>>|
+                ema: &Option<Ema<UNet2DConditionModel<B>>>,
+                text: &TextEncoder<B>|
      -> Result<PathBuf> {
         let state = TrainingState {
             step,
@@ -346,7 +424,7 @@ pub fn train_unet<B: Backend>(
             config: config.clone(),
         };
         write_checkpoint(output, &state, config.keep, |dir| {
-            copy_components(&base, dir, &["unet"])?;
+            copy_components(&base, dir, trained)?;
             let inner = unet.valid();
             write_unet(&inner, &unet_config, &dir.join("unet"))?;
             if let Some(ema) = ema {
@@ -355,12 +433,28 @@ pub fn train_unet<B: Backend>(
             let (first, second) = adamw.moment_modules(&inner)?;
             write_unet(&first, &unet_config, &dir.join("optimizer/exp_avg"))?;
             write_unet(&second, &unet_config, &dir.join("optimizer/exp_avg_sq"))?;
+            if let TextEncoder::Trained { model, adamw } = text {
+                let inner = model.valid();
+                write_text(&inner, &text_config, &dir.join("text_encoder"))?;
+                let (first, second) = adamw.moment_modules(&inner)?;
+                write_text(
+                    &first,
+                    &text_config,
+                    &dir.join("optimizer/text_encoder_exp_avg"),
+                )?;
+                write_text(
+                    &second,
+                    &text_config,
+                    &dir.join("optimizer/text_encoder_exp_avg_sq"),
+                )?;
+            }
             Ok(())
         })
     };
 
     for step in start..config.max_steps {
         let mut grads = Gradients::<B>::new();
+        let mut text_grads = Gradients::<B>::new();
         let mut loss_sum = 0.0;
         for micro in 0..accumulation {
             let mut images = Vec::with_capacity(batch * 3 * side * side);
@@ -374,8 +468,11 @@ pub fn train_unet<B: Backend>(
             }
             let images =
                 Tensor::<B, 4>::from_data(TensorData::new(images, [batch, 3, side, side]), device);
-            let prompts: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let context = conditioner.encode(&prompts)?.context;
+            let ids = texts
+                .iter()
+                .map(|t| tokenizer.encode_padded(t))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let context = text.context(&ids)?;
             // The draws of this micro-batch, in a fixed order: posterior, noise, offset,
             // perturbation, timesteps.
             let mut rng = step_rng(config.seed, step, micro);
@@ -392,7 +489,7 @@ pub fn train_unet<B: Backend>(
             let timesteps = sample_timesteps(&schedule, batch, &mut rng);
             let input = DenoisingBatch {
                 latents: Tensor::from_inner(latents),
-                context: Tensor::from_inner(context),
+                context,
                 noise: Tensor::from_inner(noise),
                 timesteps,
                 perturbation: perturbation.map(Tensor::from_inner),
@@ -412,8 +509,14 @@ pub fn train_unet<B: Backend>(
             loss_sum += value;
             let mut backward = loss.div_scalar(accumulation as f64).backward();
             grads.accumulate(&unet, &mut backward);
+            if let TextEncoder::Trained { model, .. } = &text {
+                text_grads.accumulate(model, &mut backward);
+            }
         }
-        let grad_norm = grads.clip_global_norm(config.max_grad_norm);
+        let grad_norm = Gradients::clip_global_norm_all(
+            &mut [&mut grads, &mut text_grads],
+            config.max_grad_norm,
+        );
         if !grad_norm.is_finite() {
             return Err(TrainError::NonFinite(format!(
                 "step {}: the gradient norm is {grad_norm}: training stopped",
@@ -422,6 +525,13 @@ pub fn train_unet<B: Backend>(
         }
         let rate = lr.lr(step);
         unet = adamw.step(unet, grads, rate);
+        text = match text {
+            TextEncoder::Trained { model, mut adamw } => {
+                let model = adamw.step(model, text_grads, rate);
+                TextEncoder::Trained { model, adamw }
+            }
+            frozen => frozen,
+        };
         if let Some(ema) = ema.as_mut() {
             ema.update(&unet.valid())?;
         }
@@ -439,16 +549,19 @@ pub fn train_unet<B: Backend>(
         let done = step + 1;
         let due = config.checkpoint_every > 0 && done % config.checkpoint_every == 0;
         if due || done == config.max_steps {
-            events(Event::Checkpoint(save(done, &unet, &adamw, &ema)?));
+            events(Event::Checkpoint(save(done, &unet, &adamw, &ema, &text)?));
         }
     }
 
     // The final folder: the base model's components with the trained U-Net (its EMA weights
     // when kept, as diffusers' script saves them).
-    copy_components(&base, output, &["unet"])?;
+    copy_components(&base, output, trained)?;
     match &ema {
         Some(ema) => write_unet(ema.model(), &unet_config, &output.join("unet"))?,
         None => write_unet(&unet.valid(), &unet_config, &output.join("unet"))?,
+    }
+    if let TextEncoder::Trained { model, .. } = &text {
+        write_text(&model.valid(), &text_config, &output.join("text_encoder"))?;
     }
     Ok(output.clone())
 }
