@@ -19,7 +19,7 @@ import zlib
 import diffusers
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -31,12 +31,12 @@ UNET_CONFIG = dict(
     in_channels=4,
     out_channels=4,
     layers_per_block=1,
-    block_out_channels=[8, 16],
+    block_out_channels=[4, 8],
     down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-    cross_attention_dim=16,
-    attention_head_dim=4,
-    norm_num_groups=4,
+    cross_attention_dim=8,
+    attention_head_dim=2,
+    norm_num_groups=2,
 )
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -106,8 +106,8 @@ TOKENS = 5
 # U-Net's cross-attention width); token ids are random, so no tokenizer is needed.
 TEXT_CONFIG = dict(
     vocab_size=1000,
-    hidden_size=16,
-    intermediate_size=32,
+    hidden_size=8,
+    intermediate_size=16,
     num_hidden_layers=2,
     num_attention_heads=2,
     max_position_embeddings=77,
@@ -240,6 +240,82 @@ def write_training_case(root: pathlib.Path, name: str, spec: dict, randomise_nor
     print(f"wrote {case}: {manifest['parameters']} parameters, losses {[round(x, 5) for x in losses]}")
 
 
+VAE_CONFIG = dict(
+    block_out_channels=[4, 8],
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    layers_per_block=1,
+    norm_num_groups=2,
+    latent_channels=4,
+    sample_size=16,
+)
+
+VAE_SPEC = dict(objective="vae", reconstruction="l1", kl_weight=1e-3, lr=1e-3, steps=4, batch=2, max_grad_norm=50.0, weight_decay=1e-2)
+
+
+def write_vae_training_case(root: pathlib.Path, randomise_norms) -> None:
+    """The first-stage objective of the latent diffusion code (`LPIPSWithDiscriminator` with
+    the perceptual and adversarial terms off and logvar 0): sum |x - x̂| per image + w · KL,
+    averaged over the batch."""
+    name = "vae_objective"
+    spec = VAE_SPEC
+    case = root / "training" / name
+    if case.exists():
+        shutil.rmtree(case)
+    seed = zlib.crc32(name.encode()) % 100_000
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    randomise_norms(vae, generator)
+    vae = vae.half()
+    vae.save_pretrained(case / "vae", safe_serialization=True)
+    vae = vae.float().train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=spec["lr"], betas=(0.9, 0.999), weight_decay=spec["weight_decay"], eps=1e-8)
+    inputs, losses, recs, kls, norms = {}, [], [], [], []
+    b = spec["batch"]
+    for step in range(spec["steps"]):
+        images = torch.rand(b, 3, 16, 16, generator=generator) * 2 - 1
+        posterior = vae.encode(images).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator)
+        inputs.update({f"images_{step}": images, f"noise_{step}": noise})
+        z = posterior.mean + posterior.std * noise
+        reconstructed = vae.decode(z).sample
+        rec = (images - reconstructed).abs().sum() / b
+        kl = posterior.kl().sum() / b
+        loss = rec + spec["kl_weight"] * kl
+        losses.append(loss.item())
+        recs.append(rec.item())
+        kls.append(kl.item())
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(vae.parameters(), spec["max_grad_norm"])))
+        optimizer.step()
+        optimizer.zero_grad()
+    final = {}
+    for n, p in vae.named_parameters():
+        final[f"weight.{n}"] = p.detach()
+        final[f"exp_avg.{n}"] = optimizer.state[p]["exp_avg"]
+        final[f"exp_avg_sq.{n}"] = optimizer.state[p]["exp_avg_sq"]
+    reference = {
+        "loss": torch.tensor(losses, dtype=torch.float64),
+        "reconstruction": torch.tensor(recs, dtype=torch.float64),
+        "kl": torch.tensor(kls, dtype=torch.float64),
+        "grad_norm": torch.tensor(norms, dtype=torch.float64),
+    }
+    save_file({k: v.contiguous() for k, v in inputs.items()}, case / "inputs.safetensors")
+    save_file({k: v.contiguous() for k, v in reference.items()}, case / "reference.safetensors")
+    save_file({k: v.contiguous().float() for k, v in final.items()}, case / "final.safetensors")
+    manifest = {
+        "kind": "training",
+        "reference": f"diffusers {diffusers.__version__} AutoencoderKL, the latent diffusion first-stage objective, torch {torch.__version__}",
+        "parameters": sum(p.numel() for p in vae.parameters()),
+        "tolerance": 1e-5,
+        **spec,
+    }
+    (case / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"wrote {case}: {manifest['parameters']} parameters, losses {[round(x, 4) for x in losses]}")
+
+
 def write_training_cases(root: pathlib.Path, randomise_norms) -> None:
     for name, spec in sorted(CASES.items()):
         write_training_case(root, name, spec, randomise_norms)
+    write_vae_training_case(root, randomise_norms)

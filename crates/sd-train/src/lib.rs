@@ -16,6 +16,7 @@
 //! - [`Ema`]: diffusers' `EMAModel` (its decay rule and warm-up form).
 //! - [`DenoisingObjective`]: the loss of `train_text_to_image.py` (ε, v or x₀ targets,
 //!   Min-SNR-γ weighting, input perturbation).
+//! - [`VaeObjective`]: the autoencoder's reconstruction + KL objective.
 //! - [`train_unet`]: the loop that composes them with the data, checkpoints and resume.
 
 mod adamw;
@@ -28,6 +29,7 @@ mod lr;
 mod objective;
 mod params;
 mod run;
+mod vae;
 
 pub use adamw::{AdamW, AdamWConfig};
 pub use config::TrainConfig;
@@ -37,4 +39,5 @@ pub use gradients::Gradients;
 pub use lr::{LrSchedule, LrScheduleKind};
 pub use objective::{DenoisingBatch, DenoisingObjective};
 pub use params::{flat_params, with_flat_params};
+pub use vae::{Reconstruction, VaeLosses, VaeObjective};
 pub use run::{Event, Resume, StepLog, read_log, train_unet};
