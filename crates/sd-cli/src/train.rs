@@ -93,6 +93,12 @@ pub struct TrainArgs {
     /// Keep an EMA of the weights with this decay; the final folder holds the EMA weights.
     #[arg(long, allow_negative_numbers = true)]
     ema_decay: Option<f64>,
+    /// `sd train vae`: the reconstruction penalty, l1 (default) or l2.
+    #[arg(long)]
+    reconstruction: Option<String>,
+    /// `sd train vae`: the KL term's weight (default 1e-6).
+    #[arg(long, allow_negative_numbers = true)]
+    kl_weight: Option<f64>,
     /// Leave out unreadable images (counted in a warning) instead of stopping.
     #[arg(long)]
     skip_bad_images: bool,
@@ -161,8 +167,18 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
     if args.init.is_some() {
         c.init = args.init.clone();
     }
-    if c.model.is_none() {
+    if args.what == What::Unet && c.model.is_none() {
         c.model = c.init.as_ref().map(|p| p.display().to_string());
+    }
+    if let Some(r) = &args.reconstruction {
+        c.reconstruction = match r.as_str() {
+            "l1" => sd_train::Reconstruction::L1,
+            "l2" => sd_train::Reconstruction::L2,
+            other => return Err(format!("--reconstruction must be l1 or l2, got `{other}`")),
+        };
+    }
+    if args.kl_weight.is_some() {
+        c.kl_weight = args.kl_weight.unwrap_or_default();
     }
     if args.caption_column.is_some() {
         c.caption_column = args.caption_column.clone();
@@ -202,7 +218,6 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
 
 pub fn run(args: TrainArgs) -> Result<String, String> {
     let unsupported = [
-        (args.what == What::Vae, "`sd train vae`"),
         (args.cache_latents, "--cache-latents"),
         (
             matches!(args.mixed_precision, Some(Precision::F16 | Precision::Bf16)),
@@ -250,12 +265,15 @@ pub fn run(args: TrainArgs) -> Result<String, String> {
         Event::Warning(text) => bar.suspend(|| eprintln!("sd: warning: {text}")),
     };
     let started = std::time::Instant::now();
-    let out = sd_train::train_unet::<sd::backend::Flex>(
-        &config,
-        resume,
-        &Default::default(),
-        &mut events,
-    )
+    let device = Default::default();
+    let out = match args.what {
+        What::Unet => {
+            sd_train::train_unet::<sd::backend::Flex>(&config, resume, &device, &mut events)
+        }
+        What::Vae => {
+            sd_train::train_vae::<sd::backend::Flex>(&config, resume, &device, &mut events)
+        }
+    }
     .map_err(|e| e.to_string())?;
     bar.finish_and_clear();
     Ok(format!(

@@ -289,14 +289,100 @@ fn bad_data_is_one_clear_line() {
         &["cosine_warm"],
     );
     one_line_error(
-        &train(&data, &output, 1, &["--train-text-encoder"]),
-        &["--train-text-encoder", "not supported yet"],
+        &train(&data, &output, 1, &["--cache-latents"]),
+        &["--cache-latents", "not supported yet"],
     );
     // A finished run's folder is not trained over by accident.
     ok(&train(&data, &output, 2, &[]));
     one_line_error(
         &train(&data, &output, 2, &[]),
         &["already holds checkpoints", "--resume"],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_autoencoder_trains_resumes_and_loads_as_vae() {
+    let dir = scratch("vae");
+    let data = data(&dir);
+    let model = common::tiny_model();
+    let run = |output: &Path, steps: &str, extra: &[&str]| {
+        let mut cmd = Command::new(SD);
+        cmd.args(["train", "vae", "--data"])
+            .arg(&data)
+            .arg("--output")
+            .arg(output)
+            .arg("--model")
+            .arg(&model)
+            .args([
+                "--max-steps",
+                steps,
+                "--batch-size",
+                "2",
+                "--resolution",
+                "32",
+            ])
+            .args([
+                "--checkpoint-every",
+                "2",
+                "--learning-rate",
+                "1e-3",
+                "--kl-weight",
+                "1e-4",
+            ])
+            .args(["--random-flip", "-q"])
+            .args(extra);
+        cmd.output().unwrap()
+    };
+    let straight = dir.join("straight");
+    ok(&run(&straight, "4", &[]));
+    let resumed = dir.join("resumed");
+    ok(&run(&resumed, "2", &[]));
+    ok(&run(&resumed, "4", &["--resume", "latest"]));
+    for file in [
+        "vae/diffusion_pytorch_model.safetensors",
+        "checkpoint-4/optimizer/exp_avg_sq/diffusion_pytorch_model.safetensors",
+    ] {
+        assert!(
+            std::fs::read(straight.join(file)).unwrap()
+                == std::fs::read(resumed.join(file)).unwrap(),
+            "{file} differs after resume"
+        );
+    }
+    let original = std::fs::read(model.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    assert!(
+        std::fs::read(straight.join("vae/diffusion_pytorch_model.safetensors")).unwrap()
+            != original
+    );
+
+    // The trained vae/ replaces a model's and generates.
+    let with_vae = dir.join("model");
+    common::copy_dir(&model, &with_vae);
+    std::fs::remove_dir_all(with_vae.join("vae")).unwrap();
+    common::copy_dir(&straight.join("vae"), &with_vae.join("vae"));
+    let png = dir.join("out.png");
+    let out = Command::new(SD)
+        .args([
+            "generate",
+            "a red circle",
+            "--steps",
+            "1",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "-q",
+        ])
+        .arg("--model")
+        .arg(&with_vae)
+        .arg("--output")
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -57,6 +57,10 @@ pub struct TrainConfig {
     /// Keep an EMA of the U-Net's weights with this decay (diffusers' `--use_ema`); the final
     /// folder then holds the EMA weights, as diffusers saves them.
     pub ema_decay: Option<f64>,
+    /// `sd train vae`: the reconstruction penalty.
+    pub reconstruction: crate::vae::Reconstruction,
+    /// `sd train vae`: the KL term's weight (the latent diffusion paper's 1e-6).
+    pub kl_weight: f64,
     /// Write `checkpoint-<step>/` every this many steps (0: only at the end).
     pub checkpoint_every: u64,
     /// How many checkpoints to keep (the oldest go first; 0 keeps all).
@@ -91,6 +95,8 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             adam: AdamWConfig::default(),
             ema_decay: None,
+            reconstruction: crate::vae::Reconstruction::L1,
+            kl_weight: 1e-6,
             checkpoint_every: 500,
             keep: 0,
         }
@@ -111,8 +117,11 @@ impl TrainConfig {
     /// Checks each value against its meaning, naming the setting.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Config(m));
-        if self.model.is_none() {
-            return bad("no model to train: give --model (a diffusers folder)".into());
+        if self.model.is_none() && self.init.is_none() {
+            return bad("no model to train: give --model (a diffusers folder) or --init".into());
+        }
+        if !(self.kl_weight.is_finite() && self.kl_weight >= 0.0) {
+            return bad(format!("--kl-weight must be ≥ 0, got {}", self.kl_weight));
         }
         if self.max_steps == 0 {
             return bad("--max-steps must be at least 1".into());

@@ -29,6 +29,7 @@ mod lr;
 mod objective;
 mod params;
 mod run;
+mod run_vae;
 mod vae;
 
 pub use adamw::{AdamW, AdamWConfig};
@@ -39,5 +40,6 @@ pub use gradients::Gradients;
 pub use lr::{LrSchedule, LrScheduleKind};
 pub use objective::{DenoisingBatch, DenoisingObjective};
 pub use params::{flat_params, with_flat_params};
-pub use vae::{Reconstruction, VaeLosses, VaeObjective};
 pub use run::{Event, Resume, StepLog, read_log, train_unet};
+pub use run_vae::train_vae;
+pub use vae::{Reconstruction, VaeLosses, VaeObjective};

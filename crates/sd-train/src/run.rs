@@ -72,7 +72,7 @@ pub struct StepLog {
 }
 
 /// The seed of step `step`, micro-batch `micro`'s generator.
-fn step_rng(seed: u64, step: u64, micro: u64) -> StdRng {
+pub(crate) fn step_rng(seed: u64, step: u64, micro: u64) -> StdRng {
     sample_rng(
         seed ^ 0x7e57_5eed,
         step.wrapping_mul(1 << 20).wrapping_add(micro),
@@ -199,7 +199,7 @@ fn restore<B: Backend>(
 
 /// The settings a resume must share with the run that wrote the checkpoint: everything but
 /// the run's length and its checkpoint cadence.
-fn same_run(a: &TrainConfig, b: &TrainConfig) -> bool {
+pub(crate) fn same_run(a: &TrainConfig, b: &TrainConfig) -> bool {
     let strip = |c: &TrainConfig| TrainConfig {
         max_steps: 0,
         checkpoint_every: 0,
@@ -249,8 +249,13 @@ pub fn train_unet<B: Backend>(
     } else {
         dataset.check_images()?;
     }
-    let spec = config.model.as_deref().unwrap_or_default();
-    let model = Model::open(spec)?;
+    // With `--init` alone, the init folder provides the other components too.
+    let spec = match (&config.model, &config.init) {
+        (Some(model), _) => model.clone(),
+        (None, Some(init)) => init.display().to_string(),
+        (None, None) => String::new(),
+    };
+    let model = Model::open(&spec)?;
     if model.family() == sd::ModelFamily::Sdxl {
         return Err(TrainError::Config(
             "training SDXL models is not supported yet (SD 1.x and 2.x are)".into(),
@@ -568,7 +573,7 @@ pub fn train_unet<B: Backend>(
 
 /// Opens the log for appending, keeping only the lines of steps up to `start` (a resume drops
 /// what the interrupted run logged past its checkpoint).
-fn keep_log(path: &Path, start: u64) -> Result<std::fs::File> {
+pub(crate) fn keep_log(path: &Path, start: u64) -> Result<std::fs::File> {
     let io = |e: std::io::Error| TrainError::Io(format!("{}: {e}", path.display()));
     let kept: String = match std::fs::read_to_string(path) {
         Ok(text) => text
