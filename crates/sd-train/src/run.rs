@@ -568,6 +568,11 @@ pub fn train_unet<B: Backend>(
     if let TextEncoder::Trained { model, .. } = &text {
         write_text(&model.valid(), &text_config, &output.join("text_encoder"))?;
     }
+    crate::plot::plot_loss(
+        &crate::read_log(&log_path)?,
+        "sd train unet",
+        &output.join("loss.png"),
+    )?;
     Ok(output.clone())
 }
 

@@ -314,5 +314,10 @@ pub fn train_vae<B: Backend>(
     }
     let out = output.join("vae");
     write_vae(&encoder.valid(), &decoder.valid(), &vae_config, &out)?;
+    crate::plot::plot_loss(
+        &crate::read_log(&log_path)?,
+        "sd train vae",
+        &output.join("loss.png"),
+    )?;
     Ok(out)
 }
