@@ -112,7 +112,8 @@ pub struct TrainArgs {
     /// a config but no weights).
     #[arg(long)]
     train_text_encoder: bool,
-    /// Cache VAE latents (not supported yet).
+    /// Encode each image once and keep its VAE posterior under OUTPUT/latent_cache/ (needs
+    /// centre crops and no flips).
     #[arg(long)]
     cache_latents: bool,
     /// Compute in half precision (only `no` is supported yet).
@@ -201,6 +202,9 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
     if args.random_flip {
         c.random_flip = true;
     }
+    if args.cache_latents {
+        c.cache_latents = true;
+    }
     if args.train_text_encoder {
         c.train_text_encoder = true;
     }
@@ -218,7 +222,6 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
 
 pub fn run(args: TrainArgs) -> Result<String, String> {
     let unsupported = [
-        (args.cache_latents, "--cache-latents"),
         (
             matches!(args.mixed_precision, Some(Precision::F16 | Precision::Bf16)),
             "--mixed-precision f16/bf16",
@@ -259,6 +262,9 @@ pub fn run(args: TrainArgs) -> Result<String, String> {
             smoothed = Some(s);
             bar.set_position(log.step);
             bar.set_message(format!("loss {s:.4} lr {:.2e}", log.lr));
+        }
+        Event::Caching { done, total } => {
+            bar.set_message(format!("caching latents {done}/{total}"))
         }
         Event::Checkpoint(path) => bar.println(format!("saved {}", path.display())),
         // Printed even with -q (a hidden bar prints nothing).

@@ -386,3 +386,77 @@ fn the_autoencoder_trains_resumes_and_loads_as_vae() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn cached_latents_train_like_encoded_ones_and_a_damaged_entry_is_recomputed() {
+    let dir = scratch("cache");
+    let data = data(&dir);
+    let model = common::tiny_model();
+    let run = |output: &Path, steps: &str, extra: &[&str]| {
+        let mut cmd = Command::new(SD);
+        cmd.args(["train", "unet", "--data"])
+            .arg(&data)
+            .arg("--output")
+            .arg(output)
+            .arg("--model")
+            .arg(&model)
+            .args([
+                "--max-steps",
+                steps,
+                "--batch-size",
+                "2",
+                "--resolution",
+                "32",
+            ])
+            .args(["--checkpoint-every", "2", "--learning-rate", "1e-3", "-q"])
+            .args(extra);
+        cmd.output().unwrap()
+    };
+    let plain = dir.join("plain");
+    ok(&run(&plain, "4", &[]));
+    let cached = dir.join("cached");
+    ok(&run(&cached, "4", &["--cache-latents"]));
+    let entries: Vec<PathBuf> = std::fs::read_dir(cached.join("latent_cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(entries.len(), 3, "one entry per image: {entries:?}");
+    // The same losses as encoding every step (up to the batch's rounding).
+    for ((s1, a), (s2, b)) in sd_train_log(&plain)
+        .iter()
+        .zip(sd_train_log(&cached).iter())
+    {
+        let (a, b): (f64, f64) = (a.parse().unwrap(), b.parse().unwrap());
+        assert!(
+            s1 == s2 && (a - b).abs() <= 1e-5 * a.abs(),
+            "step {s1}: {a} vs {b}"
+        );
+    }
+    // A damaged entry is recomputed on resume, and the run ends where the first one did.
+    let resumed = dir.join("resumed");
+    ok(&run(&resumed, "2", &["--cache-latents"]));
+    let entry = std::fs::read_dir(resumed.join("latent_cache"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let bytes = std::fs::read(&entry).unwrap();
+    std::fs::write(&entry, &bytes[..bytes.len() / 3]).unwrap();
+    ok(&run(
+        &resumed,
+        "4",
+        &["--cache-latents", "--resume", "latest"],
+    ));
+    assert_eq!(
+        std::fs::read(&entry).unwrap(),
+        bytes,
+        "the entry was not rewritten whole"
+    );
+    let weights = "checkpoint-4/unet/diffusion_pytorch_model.safetensors";
+    assert!(
+        std::fs::read(cached.join(weights)).unwrap()
+            == std::fs::read(resumed.join(weights)).unwrap()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

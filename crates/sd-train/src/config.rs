@@ -27,6 +27,9 @@ pub struct TrainConfig {
     /// Train from scratch: random U-Net weights from this folder's `unet/config.json`, the
     /// other components from `model`.
     pub init: Option<PathBuf>,
+    /// Encode each image once and keep its VAE posterior under `output/latent_cache/`
+    /// (needs centre crops and no flips).
+    pub cache_latents: bool,
     /// Train the text encoder too (its own AdamW state, one gradient norm over both).
     pub train_text_encoder: bool,
     /// Optimiser steps.
@@ -77,6 +80,7 @@ impl Default for TrainConfig {
             model: None,
             init: None,
             train_text_encoder: false,
+            cache_latents: false,
             max_steps: 1000,
             batch_size: 1,
             gradient_accumulation: 1,

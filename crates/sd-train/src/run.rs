@@ -51,6 +51,8 @@ pub enum Event {
     },
     /// One optimiser step done.
     Step(StepLog),
+    /// Latents cached for `done` of `total` images.
+    Caching { done: usize, total: usize },
     /// A checkpoint was written.
     Checkpoint(PathBuf),
     /// Something the user should know that does not stop the run.
@@ -386,6 +388,25 @@ pub fn train_unet<B: Backend>(
 
     // The VAE is frozen, on the inner backend: no autodiff graph, no gradients.
     let encoder = model.load_vae_encoder::<B>(device)?;
+    let cache = if config.cache_latents {
+        let weights = diffusers_weights_path(base.join("vae"), None)?;
+        let vae_hash = file_hash(&weights)?;
+        let mut progress = |done: usize, total: usize| {
+            if done == total || done % 100 == 0 {
+                events(Event::Caching { done, total });
+            }
+        };
+        Some(crate::LatentCache::build(
+            &dataset,
+            &transform,
+            (&encoder, model.vae_config().latent_channels, &vae_hash),
+            &output.join("latent_cache"),
+            device,
+            &mut progress,
+        )?)
+    } else {
+        None
+    };
     let schedule = NoiseSchedule::new(&model.scheduler_config().noise_schedule())?;
     let objective = DenoisingObjective {
         schedule: schedule.clone(),
@@ -463,16 +484,29 @@ pub fn train_unet<B: Backend>(
         let mut loss_sum = 0.0;
         for micro in 0..accumulation {
             let mut images = Vec::with_capacity(batch * 3 * side * side);
+            let (mut means, mut stds) = (Vec::new(), Vec::new());
             let mut texts = Vec::with_capacity(batch);
             for j in 0..batch as u64 {
                 let sample = (step * accumulation + micro) * batch as u64 + j;
                 let example = &dataset.examples()[order.example(sample)];
                 let mut rng = sample_rng(config.seed, sample);
-                images.extend(load_example_image(&example.image, &transform, &mut rng)?);
+                match &cache {
+                    Some(cache) => {
+                        let entry = cache.get(&example.image).ok_or_else(|| {
+                            TrainError::Io(format!(
+                                "{}: not in the latent cache",
+                                example.image.display()
+                            ))
+                        })?;
+                        means.extend_from_slice(&entry.mean);
+                        stds.extend_from_slice(&entry.std);
+                    }
+                    None => {
+                        images.extend(load_example_image(&example.image, &transform, &mut rng)?)
+                    }
+                }
                 texts.push(captions.caption(&example.captions, &mut rng));
             }
-            let images =
-                Tensor::<B, 4>::from_data(TensorData::new(images, [batch, 3, side, side]), device);
             let ids = texts
                 .iter()
                 .map(|t| tokenizer.encode_padded(t))
@@ -481,9 +515,25 @@ pub fn train_unet<B: Backend>(
             // The draws of this micro-batch, in a fixed order: posterior, noise, offset,
             // perturbation, timesteps.
             let mut rng = step_rng(config.seed, step, micro);
-            let posterior = encoder.encode(images)?;
-            let draw = host_noise::<B, 4>(posterior.mean.dims(), &mut rng, device);
-            let latents = encoder.scale_latents(posterior.sample(draw));
+            let latents = match &cache {
+                Some(cache) => {
+                    let [c, h, w] = cache.shape();
+                    let shape = [batch, c, h, w];
+                    let mean = Tensor::<B, 4>::from_data(TensorData::new(means, shape), device);
+                    let std = Tensor::<B, 4>::from_data(TensorData::new(stds, shape), device);
+                    let draw = host_noise::<B, 4>(shape, &mut rng, device);
+                    encoder.scale_latents(mean + std * draw)
+                }
+                None => {
+                    let images = Tensor::<B, 4>::from_data(
+                        TensorData::new(images, [batch, 3, side, side]),
+                        device,
+                    );
+                    let posterior = encoder.encode(images)?;
+                    let draw = host_noise::<B, 4>(posterior.mean.dims(), &mut rng, device);
+                    encoder.scale_latents(posterior.sample(draw))
+                }
+            };
             let mut noise = host_noise::<B, 4>(latents.dims(), &mut rng, device);
             if config.noise_offset > 0.0 {
                 noise = offset_noise(noise, config.noise_offset, &mut rng);
@@ -574,6 +624,31 @@ pub fn train_unet<B: Backend>(
         &output.join("loss.png"),
     )?;
     Ok(output.clone())
+}
+
+/// The first 16 hex digits of a file's SHA-256 (read in 1 MiB pieces).
+fn file_hash(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// Opens the log for appending, keeping only the lines of steps up to `start` (a resume drops
