@@ -392,7 +392,7 @@ pub fn train_unet<B: Backend>(
         let weights = diffusers_weights_path(base.join("vae"), None)?;
         let vae_hash = file_hash(&weights)?;
         let mut progress = |done: usize, total: usize| {
-            if done == total || done % 100 == 0 {
+            if done == total || done.is_multiple_of(100) {
                 events(Event::Caching { done, total });
             }
         };

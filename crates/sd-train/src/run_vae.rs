@@ -73,6 +73,9 @@ fn vae_config_dir(config: &TrainConfig) -> Result<(PathBuf, bool)> {
 
 type Halves<B> = (VaeEncoder<B>, VaeDecoder<B>);
 
+/// What a checkpoint restores: where the run stood, both halves and their optimisers.
+type Restored<B> = (TrainingState, Halves<Autodiff<B>>, AdamW<B>, AdamW<B>);
+
 /// Trains the autoencoder of `config.model` (or a random one from `config.init`) on
 /// `config.data`; returns the trained `vae/` folder (`output/vae`).
 pub fn train_vae<B: Backend>(
@@ -111,7 +114,7 @@ pub fn train_vae<B: Backend>(
     let (vae_dir, from_scratch) = vae_config_dir(config)?;
     let vae_config = AutoencoderKlConfig::from_file(vae_dir.join("config.json"))?;
     let factor = vae_config.downsample_factor();
-    if config.resolution as usize % factor != 0 {
+    if !(config.resolution as usize).is_multiple_of(factor) {
         return Err(TrainError::Config(format!(
             "--resolution {} is not a multiple of the VAE's factor {factor}",
             config.resolution
@@ -139,7 +142,7 @@ pub fn train_vae<B: Backend>(
             VaeDecoder::from_pretrained(dir, None, device)?,
         ))
     };
-    let restore = |dir: &Path| -> Result<(TrainingState, Halves<AB<B>>, AdamW<B>, AdamW<B>)> {
+    let restore = |dir: &Path| -> Result<Restored<B>> {
         let state = read_state(dir)?;
         let halves = load(&dir.join("vae"))?;
         let (me, md) = load_inner(&dir.join("optimizer/exp_avg"))?;
