@@ -119,11 +119,16 @@ pub struct TrainArgs {
     /// Compute in half precision (only `no` is supported yet).
     #[arg(long, value_enum)]
     mixed_precision: Option<Precision>,
-    /// Render samples of this prompt during training (not supported yet).
+    /// Render this prompt (repeatable) every --validation-every steps and at the end into
+    /// OUTPUT/samples/step-<n>/, at the run's seed with the model's own sampler.
     #[arg(long)]
     validation_prompt: Vec<String>,
+    /// Steps between validation renders (default: only at the end).
     #[arg(long)]
     validation_every: Option<u64>,
+    /// Sampling steps of a validation render (default 20).
+    #[arg(long)]
+    validation_steps: Option<usize>,
     /// No progress bar.
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -202,6 +207,15 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
     if args.random_flip {
         c.random_flip = true;
     }
+    if !args.validation_prompt.is_empty() {
+        c.validation_prompts = args.validation_prompt.clone();
+    }
+    if let Some(n) = args.validation_every {
+        c.validation_every = n;
+    }
+    if let Some(n) = args.validation_steps {
+        c.validation_steps = n;
+    }
     if args.cache_latents {
         c.cache_latents = true;
     }
@@ -227,8 +241,8 @@ pub fn run(args: TrainArgs) -> Result<String, String> {
             "--mixed-precision f16/bf16",
         ),
         (
-            !args.validation_prompt.is_empty() || args.validation_every.is_some(),
-            "--validation-prompt",
+            args.what == What::Vae && !args.validation_prompt.is_empty(),
+            "--validation-prompt with `sd train vae`",
         ),
     ];
     if let Some((_, what)) = unsupported.iter().find(|(on, _)| *on) {
@@ -266,6 +280,7 @@ pub fn run(args: TrainArgs) -> Result<String, String> {
         Event::Caching { done, total } => {
             bar.set_message(format!("caching latents {done}/{total}"))
         }
+        Event::Samples(path) => bar.println(format!("samples in {}", path.display())),
         Event::Checkpoint(path) => bar.println(format!("saved {}", path.display())),
         // Printed even with -q (a hidden bar prints nothing).
         Event::Warning(text) => bar.suspend(|| eprintln!("sd: warning: {text}")),

@@ -460,3 +460,30 @@ fn cached_latents_train_like_encoded_ones_and_a_damaged_entry_is_recomputed() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn validation_prompts_render_through_the_inference_pipeline() {
+    let dir = scratch("validation");
+    let data = data(&dir);
+    let output = dir.join("out");
+    let extra = [
+        "--validation-prompt",
+        "a red circle",
+        "--validation-every",
+        "1",
+        "--validation-steps",
+        "1",
+    ];
+    ok(&train(&data, &output, 2, &extra));
+    let first = std::fs::read(output.join("samples/step-1/00.png")).unwrap();
+    let second = std::fs::read(output.join("samples/step-2/00.png")).unwrap();
+    assert!(
+        first != second,
+        "the samples did not change as the model trained"
+    );
+    let prompts = std::fs::read_to_string(output.join("samples/step-2/prompts.txt")).unwrap();
+    assert_eq!(prompts, "00.png\ta red circle\n");
+    assert!(!output.join(".validation-model").exists());
+    assert!(output.join("loss.png").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -143,6 +143,7 @@ pub fn copy_components(base: &Path, to: &Path, except: &[&str]) -> Result<()> {
     let text = sd_core::files::read_regular_to_string(&index)?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| io(&index, format!("not valid JSON: {e}")))?;
+    std::fs::create_dir_all(to).map_err(|e| io(to, e))?;
     copy_tree(&index, &to.join("model_index.json"))?;
     if let Some(map) = value.as_object() {
         for (name, pair) in map {

@@ -64,6 +64,13 @@ pub struct TrainConfig {
     pub reconstruction: crate::vae::Reconstruction,
     /// `sd train vae`: the KL term's weight (the latent diffusion paper's 1e-6).
     pub kl_weight: f64,
+    /// Prompts rendered (fixed seed, the model's own sampler) into `samples/step-<n>/` every
+    /// `validation_every` steps and at the end, to watch training.
+    pub validation_prompts: Vec<String>,
+    /// Steps between validation renders (0: only at the end).
+    pub validation_every: u64,
+    /// Sampling steps of a validation render.
+    pub validation_steps: usize,
     /// Write `checkpoint-<step>/` every this many steps (0: only at the end).
     pub checkpoint_every: u64,
     /// How many checkpoints to keep (the oldest go first; 0 keeps all).
@@ -101,6 +108,9 @@ impl Default for TrainConfig {
             ema_decay: None,
             reconstruction: crate::vae::Reconstruction::L1,
             kl_weight: 1e-6,
+            validation_prompts: Vec::new(),
+            validation_every: 0,
+            validation_steps: 20,
             checkpoint_every: 500,
             keep: 0,
         }

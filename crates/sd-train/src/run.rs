@@ -53,6 +53,8 @@ pub enum Event {
     Step(StepLog),
     /// Latents cached for `done` of `total` images.
     Caching { done: usize, total: usize },
+    /// Validation samples were written into this folder.
+    Samples(PathBuf),
     /// A checkpoint was written.
     Checkpoint(PathBuf),
     /// Something the user should know that does not stop the run.
@@ -206,6 +208,9 @@ pub(crate) fn same_run(a: &TrainConfig, b: &TrainConfig) -> bool {
         max_steps: 0,
         checkpoint_every: 0,
         keep: 0,
+        validation_prompts: Vec::new(),
+        validation_every: 0,
+        validation_steps: 0,
         output: PathBuf::new(),
         ..c.clone()
     };
@@ -606,6 +611,26 @@ pub fn train_unet<B: Backend>(
         if due || done == config.max_steps {
             events(Event::Checkpoint(save(done, &unet, &adamw, &ema, &text)?));
         }
+        let validate = config.validation_every > 0 && done.is_multiple_of(config.validation_every);
+        if !config.validation_prompts.is_empty() && (validate || done == config.max_steps) {
+            // The model as it is now, as a diffusers folder the inference pipeline opens.
+            let folder = output.join(".validation-model");
+            if folder.exists() {
+                std::fs::remove_dir_all(&folder)
+                    .map_err(|e| TrainError::Io(format!("{}: {e}", folder.display())))?;
+            }
+            copy_components(&base, &folder, trained)?;
+            match &ema {
+                Some(ema) => write_unet(ema.model(), &unet_config, &folder.join("unet"))?,
+                None => write_unet(&unet.valid(), &unet_config, &folder.join("unet"))?,
+            }
+            if let TextEncoder::Trained { model, .. } = &text {
+                write_text(&model.valid(), &text_config, &folder.join("text_encoder"))?;
+            }
+            let samples = render_samples::<B>(&folder, config, done, output, device)?;
+            let _ = std::fs::remove_dir_all(&folder);
+            events(Event::Samples(samples));
+        }
     }
 
     // The final folder: the base model's components with the trained U-Net (its EMA weights
@@ -624,6 +649,48 @@ pub fn train_unet<B: Backend>(
         &output.join("loss.png"),
     )?;
     Ok(output.clone())
+}
+
+/// Renders each validation prompt with the folder's own sampler at the run's seed into
+/// `output/samples/step-<n>/<i>.png`.
+fn render_samples<B: Backend>(
+    folder: &Path,
+    config: &TrainConfig,
+    step: u64,
+    output: &Path,
+    device: &B::Device,
+) -> Result<PathBuf> {
+    let model = Model::open(&folder.display().to_string())?;
+    let dir = output.join("samples").join(format!("step-{step}"));
+    std::fs::create_dir_all(&dir).map_err(|e| TrainError::Io(format!("{}: {e}", dir.display())))?;
+    let side = config.resolution as usize;
+    for (i, prompt) in config.validation_prompts.iter().enumerate() {
+        let options = sd::GenerateOptions {
+            prompt: prompt.clone(),
+            steps: config.validation_steps,
+            seed: config.seed,
+            width: Some(side),
+            height: Some(side),
+            ..Default::default()
+        };
+        let out = sd::generate::<B>(&model, &options, device, None)?;
+        let images = sd::to_images(out.images)?;
+        let text = sd::parameters_text(&model, &options, &out.sampler);
+        for image in &images {
+            sd::save_png(image, dir.join(format!("{i:02}.png")), &text)?;
+        }
+    }
+    std::fs::write(
+        dir.join("prompts.txt"),
+        config
+            .validation_prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{i:02}.png\t{p}\n"))
+            .collect::<String>(),
+    )
+    .map_err(|e| TrainError::Io(format!("{}: {e}", dir.display())))?;
+    Ok(dir)
 }
 
 /// The first 16 hex digits of a file's SHA-256 (read in 1 MiB pieces).
