@@ -1,6 +1,7 @@
 //! The `sd` command.
 
 mod convert;
+mod dataset;
 mod generate;
 mod train;
 
@@ -29,6 +30,8 @@ enum Command {
     /// Train a model on a folder of captioned images: fine-tune a diffusers folder's U-Net
     /// (or train one from scratch with --init), with checkpoints, resume and a loss log.
     Train(Box<train::TrainArgs>),
+    /// Write a synthetic captioned dataset (`sd dataset shapes`: coloured shapes on white).
+    Dataset(dataset::DatasetArgs),
     /// Print a prompt's tokens as the text encoder sees them: the count, the 77-id chunks
     /// (75 tokens each, a new one at BREAK) and the A1111 attention weight of each id, as JSON.
     Tokenize {
@@ -57,6 +60,7 @@ fn run(cli: Cli) -> Result<String, String> {
         Command::Generate(args) => generate::run(*args),
         Command::Convert(args) => convert::run(args),
         Command::Train(args) => train::run(*args),
+        Command::Dataset(args) => dataset::run(args),
         Command::Tokenize {
             tokenizer,
             padding,

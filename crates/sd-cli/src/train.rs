@@ -99,6 +99,9 @@ pub struct TrainArgs {
     /// `sd train vae`: the KL term's weight (default 1e-6).
     #[arg(long, allow_negative_numbers = true)]
     kl_weight: Option<f64>,
+    /// `sd train vae`: at the end, set scaling_factor to 1 / the latents' standard deviation.
+    #[arg(long)]
+    fit_scaling_factor: bool,
     /// Leave out unreadable images (counted in a warning) instead of stopping.
     #[arg(long)]
     skip_bad_images: bool,
@@ -216,6 +219,9 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
     if let Some(n) = args.validation_steps {
         c.validation_steps = n;
     }
+    if args.fit_scaling_factor {
+        c.fit_scaling_factor = true;
+    }
     if args.cache_latents {
         c.cache_latents = true;
     }
@@ -280,6 +286,7 @@ pub fn run(args: TrainArgs) -> Result<String, String> {
         Event::Caching { done, total } => {
             bar.set_message(format!("caching latents {done}/{total}"))
         }
+        Event::Info(text) => bar.suspend(|| eprintln!("sd: {text}")),
         Event::Samples(path) => bar.println(format!("samples in {}", path.display())),
         Event::Checkpoint(path) => bar.println(format!("saved {}", path.display())),
         // Printed even with -q (a hidden bar prints nothing).

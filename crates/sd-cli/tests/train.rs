@@ -349,6 +349,16 @@ fn the_autoencoder_trains_resumes_and_loads_as_vae() {
             "{file} differs after resume"
         );
     }
+    // The scaling factor fitted to the latents' spread.
+    let fitted = dir.join("fitted");
+    let out = run(&fitted, "1", &["--fit-scaling-factor"]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("scaling_factor set to"));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fitted.join("vae/config.json")).unwrap())
+            .unwrap();
+    let factor = config["scaling_factor"].as_f64().unwrap();
+    assert!(factor > 0.0 && factor != 0.18215, "{factor}");
     let original = std::fs::read(model.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
     assert!(
         std::fs::read(straight.join("vae/diffusion_pytorch_model.safetensors")).unwrap()

@@ -71,6 +71,10 @@ pub struct TrainConfig {
     pub validation_every: u64,
     /// Sampling steps of a validation render.
     pub validation_steps: usize,
+    /// `sd train vae`: at the end, set the config's `scaling_factor` to 1 / the standard
+    /// deviation of posterior samples over (up to 512 of) the training images, so that the
+    /// U-Net sees unit-variance latents (how Stable Diffusion's 0.18215 was chosen).
+    pub fit_scaling_factor: bool,
     /// Write `checkpoint-<step>/` every this many steps (0: only at the end).
     pub checkpoint_every: u64,
     /// How many checkpoints to keep (the oldest go first; 0 keeps all).
@@ -108,6 +112,7 @@ impl Default for TrainConfig {
             ema_decay: None,
             reconstruction: crate::vae::Reconstruction::L1,
             kl_weight: 1e-6,
+            fit_scaling_factor: false,
             validation_prompts: Vec::new(),
             validation_every: 0,
             validation_steps: 20,

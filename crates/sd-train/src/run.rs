@@ -59,6 +59,8 @@ pub enum Event {
     Checkpoint(PathBuf),
     /// Something the user should know that does not stop the run.
     Warning(String),
+    /// A result worth a line (e.g. the fitted scaling factor).
+    Info(String),
 }
 
 /// One line of `train_log.jsonl`.

@@ -54,6 +54,53 @@ fn write_vae<B: Backend>(
     Ok(())
 }
 
+/// The standard deviation of posterior samples (unscaled latents) over up to 512 training
+/// images, 16 at a time.
+fn latent_std<B: Backend>(
+    encoder: &VaeEncoder<B>,
+    dataset: &Dataset,
+    transform: &Transform,
+    seed: u64,
+    device: &B::Device,
+) -> Result<f64> {
+    let side = transform.resolution as usize;
+    let count = dataset.len().min(512);
+    let (mut sum, mut sum_sq, mut n) = (0.0f64, 0.0f64, 0usize);
+    let mut rng = step_rng(seed, u64::MAX, 0);
+    for start in (0..count).step_by(16) {
+        let end = (start + 16).min(count);
+        let mut pixels = Vec::new();
+        for example in &dataset.examples()[start..end] {
+            let mut image_rng = sample_rng(seed, start as u64);
+            pixels.extend(load_example_image(
+                &example.image,
+                transform,
+                &mut image_rng,
+            )?);
+        }
+        let x = Tensor::<B, 4>::from_data(
+            TensorData::new(pixels, [end - start, 3, side, side]),
+            device,
+        );
+        let posterior = encoder.encode(x)?;
+        let draw = host_noise::<B, 4>(posterior.mean.dims(), &mut rng, device);
+        let z: Vec<f32> = posterior
+            .sample(draw)
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .map_err(|e| TrainError::Io(format!("{e:?}")))?;
+        for v in z {
+            let v = f64::from(v);
+            sum += v;
+            sum_sq += v * v;
+            n += 1;
+        }
+    }
+    let mean = sum / n.max(1) as f64;
+    Ok((sum_sq / n.max(1) as f64 - mean * mean).max(0.0).sqrt())
+}
+
 /// The VAE config of `--init DIR` (`DIR/vae/config.json`, or `DIR/config.json` for a VAE
 /// folder itself) or of the model folder.
 fn vae_config_dir(config: &TrainConfig) -> Result<(PathBuf, bool)> {
@@ -316,7 +363,17 @@ pub fn train_vae<B: Backend>(
         }
     }
     let out = output.join("vae");
-    write_vae(&encoder.valid(), &decoder.valid(), &vae_config, &out)?;
+    let (encoder, decoder) = (encoder.valid(), decoder.valid());
+    let mut vae_config = vae_config;
+    if config.fit_scaling_factor {
+        let std = latent_std(&encoder, &dataset, &transform, config.seed, device)?;
+        vae_config.scaling_factor = 1.0 / std.max(1e-6);
+        events(Event::Info(format!(
+            "latent standard deviation {std:.5}: scaling_factor set to {:.5}",
+            vae_config.scaling_factor
+        )));
+    }
+    write_vae(&encoder, &decoder, &vae_config, &out)?;
     crate::plot::plot_loss(
         &crate::read_log(&log_path)?,
         "sd train vae",

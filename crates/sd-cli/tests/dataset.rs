@@ -1,0 +1,146 @@
+//! `sd dataset shapes`: deterministic files from a seed, no held-out combination in any
+//! caption, and one `sd: …` line for what it refuses.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sd-cli-dataset-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Runs `sd` with a deadline (a hang is a failure, not a stuck test): exit code, stdout,
+/// stderr.
+fn sd(args: &[&str]) -> (Option<i32>, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sd"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("sd {args:?} hung for two minutes");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `sd dataset shapes --out DIR --count N --seed S`, asserted to succeed with its one line.
+fn shapes(out: &Path, count: usize, seed: u64) {
+    let (out, count, seed) = (out.to_str().unwrap(), count.to_string(), seed.to_string());
+    let args = [
+        "dataset", "shapes", "--out", out, "--count", &count, "--seed", &seed,
+    ];
+    let (code, stdout, stderr) = sd(&args);
+    assert_eq!(code, Some(0), "{args:?}: {stderr}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.contains(&count) && stdout.contains(out), "{stdout}");
+}
+
+/// The folder's files, sorted by name, with their bytes.
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().into_string().unwrap(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn same_seed_writes_the_same_bytes_and_no_held_out_caption() {
+    let (a, b) = (scratch("a"), scratch("b"));
+    shapes(&a, 200, 42);
+    shapes(&b, 200, 42);
+    let written = files(&a);
+    assert_eq!(written.len(), 400);
+    assert!(written == files(&b), "the same seed wrote different files");
+    assert_eq!(written[0].0, "00000.png");
+    assert_eq!(written[399].0, "00199.txt");
+
+    for (name, bytes) in &written {
+        if name.ends_with(".png") {
+            assert!(bytes.starts_with(b"\x89PNG"), "{name}");
+            continue;
+        }
+        let caption = std::str::from_utf8(bytes).unwrap();
+        let caption = caption.lines().next().unwrap_or_default();
+        assert!(caption.starts_with("a "), "{name}: {caption:?}");
+        // Spelled out here rather than asked of the library, so that the test does not trust
+        // the code it tests.
+        let red_and_blue = caption.contains("red ") && caption.contains("blue ");
+        let held_out =
+            red_and_blue || caption.contains("yellow circle") || caption.contains("green triangle");
+        assert!(!held_out, "{name}: {caption:?} is held out");
+    }
+
+    let c = scratch("c");
+    shapes(&c, 200, 43);
+    assert!(written != files(&c), "another seed wrote the same files");
+    for dir in [a, b, c] {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+/// Asserts the command fails with one `sd: …` line containing `needle`, and no panic.
+fn refused(args: &[&str], needle: &str) {
+    let (code, stdout, stderr) = sd(args);
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "{args:?} exited {code:?}"
+    );
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+    assert!(stderr.starts_with("sd: "), "{stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{args:?}: {stderr} lacks {needle:?}"
+    );
+}
+
+#[test]
+fn refuses_a_non_empty_folder_and_a_zero_count() {
+    let dir = scratch("refused");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("keep.txt"), "not a dataset").unwrap();
+    let path = dir.to_str().unwrap();
+    refused(
+        &[
+            "dataset", "shapes", "--out", path, "--count", "3", "--seed", "1",
+        ],
+        path,
+    );
+    assert_eq!(files(&dir).len(), 1, "wrote into a non-empty folder");
+
+    let empty = scratch("zero");
+    let empty_path = empty.to_str().unwrap();
+    refused(
+        &["dataset", "shapes", "--out", empty_path, "--count", "0"],
+        empty_path,
+    );
+    assert!(!empty.exists(), "made a folder for nothing");
+
+    refused(
+        &["dataset", "shapes", "--out", empty_path, "--count", "many"],
+        "count",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,724 @@
+//! The analytic checker: does an image show what a prompt says?
+//!
+//! The image is segmented by the palette, the connected regions of each colour become objects,
+//! each object's shape is read off its mask, and the relation is tested on the objects'
+//! centres. Dataset images segment exactly; the tolerances let a generated image that is a
+//! little off-colour, soft-edged or speckled still be judged by what it shows.
+//!
+//! Pixel thresholds are for a 64×64 image and scale with the image's side (areas with its
+//! square), so an upscaled image is judged the same way.
+
+use image::RgbImage;
+use serde_json::{Value, json};
+
+use crate::prompt::{Colour, ObjectSpec, Prompt, Relation, Shape};
+use crate::scene::{BACKGROUND, IMAGE_SIZE};
+
+/// The largest Euclidean RGB distance at which a pixel still counts as its nearest palette
+/// colour (or as the white background); farther pixels are "other".
+///
+/// The closest two palette colours (blue and purple) are 116 apart and every other pair (white
+/// included) at least 160, so 60, about half the smallest gap, keeps the colours' catchments
+/// all but apart (where two overlap, the nearer colour wins), while a rendering off by up to
+/// ±30 in every channel (a distance of 52) still segments as its colour.
+pub const COLOUR_TOLERANCE: u32 = 60;
+
+/// Regions smaller than this (px, at 64×64) are specks and ignored: the smallest dataset
+/// object, a 14 px triangle, covers 105 px, and a generated image's stray speckle rarely
+/// reaches 20.
+const MIN_OBJECT_AREA: f32 = 20.0;
+/// The share of the image that must be white background at least. Dataset images are at least
+/// 76% background (two 22 px squares); noise, black or a flood of colour are not.
+const MIN_BACKGROUND_SHARE: f32 = 0.5;
+/// How far (px, at 64×64) the first centre must be from the second in the named direction.
+/// Half the dataset's 16 px, so a model's imprecise placement is not punished while a
+/// side-by-side or reversed pair still fails.
+const MIN_RELATION_OFFSET: f32 = 8.0;
+
+/// What [`segment`] makes of a pixel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Label {
+    /// Within [`COLOUR_TOLERANCE`] of white, and nearer white than any palette colour.
+    Background,
+    /// Within [`COLOUR_TOLERANCE`] of this colour, and nearest to it.
+    Colour(Colour),
+    /// Far from every palette colour and from white.
+    Other,
+}
+
+/// Labels each pixel (row-major) by its nearest palette colour or the background, or
+/// [`Label::Other`] when none is within [`COLOUR_TOLERANCE`].
+pub fn segment(image: &RgbImage) -> Vec<Label> {
+    // Plain indexing rather than iterator adaptors: this runs for every pixel of every checked
+    // image, and the tests check thousands of images in the unoptimised dev profile.
+    let raw = image.as_raw();
+    let mut labels = Vec::with_capacity(raw.len() / 3);
+    // Most pixels repeat the one before (the background, an object's fill): reuse its label.
+    let mut last = None;
+    let mut i = 0;
+    while i + 3 <= raw.len() {
+        let pixel = [raw[i], raw[i + 1], raw[i + 2]];
+        let l = match last {
+            Some((p, l)) if p == pixel => l,
+            _ => label(pixel),
+        };
+        last = Some((pixel, l));
+        labels.push(l);
+        i += 3;
+    }
+    labels
+}
+
+/// The background and the palette, as [`label`] compares pixels against them.
+const PALETTE: [(Label, [u8; 3]); 6] = [
+    (Label::Background, BACKGROUND),
+    (Label::Colour(Colour::Red), Colour::Red.rgb()),
+    (Label::Colour(Colour::Yellow), Colour::Yellow.rgb()),
+    (Label::Colour(Colour::Green), Colour::Green.rgb()),
+    (Label::Colour(Colour::Blue), Colour::Blue.rgb()),
+    (Label::Colour(Colour::Purple), Colour::Purple.rgb()),
+];
+
+fn label(pixel: [u8; 3]) -> Label {
+    let [r, g, b] = pixel.map(i32::from);
+    let (mut nearest, mut nearest_d) = (Label::Other, i32::MAX);
+    for &(label, [cr, cg, cb]) in &PALETTE {
+        let (dr, dg, db) = (r - i32::from(cr), g - i32::from(cg), b - i32::from(cb));
+        let d = dr * dr + dg * dg + db * db;
+        if d < nearest_d {
+            (nearest, nearest_d) = (label, d);
+        }
+    }
+    let tolerance = COLOUR_TOLERANCE as i32;
+    if nearest_d <= tolerance * tolerance {
+        nearest
+    } else {
+        Label::Other
+    }
+}
+
+/// One object found in an image: a connected region of one palette colour.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Detection {
+    pub colour: Colour,
+    /// Pixels in the region.
+    pub area: u32,
+    /// The region's bounding box: `left`, `top`, `width`, `height`.
+    pub bbox: [u32; 4],
+    /// `area` over the bounding box's area: a square ≈ 1, a circle ≈ π/4, a triangle ≈ ½.
+    pub fill: f32,
+    /// The share of the area above the box's horizontal midline: ≈ ½ for a circle or square,
+    /// ≈ ¼ for a triangle with its apex up.
+    pub top_share: f32,
+    /// The shape the mask reads as, if any.
+    pub shape: Option<Shape>,
+}
+
+impl Detection {
+    /// The centre of the bounding box, `(x, y)` (the dataset places objects by box centres).
+    pub fn centre(&self) -> (f32, f32) {
+        let [left, top, width, height] = self.bbox.map(|v| v as f32);
+        (left + width / 2.0, top + height / 2.0)
+    }
+
+    fn describe(&self) -> String {
+        let (x, y) = self.centre();
+        let what = match self.shape {
+            Some(shape) => format!("a {} {shape}", self.colour),
+            None => format!(
+                "a {} region of no known shape (fill {:.2}, {:.0}% above its middle)",
+                self.colour,
+                self.fill,
+                self.top_share * 100.0
+            ),
+        };
+        format!("{what} at ({x:.1}, {y:.1})")
+    }
+
+    fn to_json(self) -> Value {
+        let (x, y) = self.centre();
+        json!({
+            "colour": self.colour.name(),
+            "shape": self.shape.map(Shape::name),
+            "area": self.area,
+            "bbox": self.bbox,
+            "centre": [x, y],
+            "fill": self.fill,
+            "top_share": self.top_share,
+        })
+    }
+}
+
+/// Reads a mask's shape from its box's proportions, its fill and its top share.
+///
+/// The thresholds sit midway between the shapes' values (fill 1 / 0.785 / 0.5, top share
+/// 0.5 / 0.5 / 0.25) with room for the pixel grid (small rendered shapes fill a little more:
+/// a 14 px triangle 0.57, circles of 12 to 19 px 0.78 to 0.81) and for a generated image's soft edges.
+fn classify(width: u32, height: u32, fill: f32, top_share: f32) -> Option<Shape> {
+    // Every shape's box is square; a long thin region is none of them.
+    let aspect = width as f32 / height as f32;
+    if !(0.75..=1.0 / 0.75).contains(&aspect) {
+        return None;
+    }
+    if top_share < 0.4 {
+        // Apex up: most of the area in the lower half.
+        return (0.35..0.7).contains(&fill).then_some(Shape::Triangle);
+    }
+    if top_share > 0.6 {
+        // Upside down, or a blob: not a shape of the dataset.
+        return None;
+    }
+    if fill >= 0.89 {
+        Some(Shape::Square)
+    } else if fill >= 0.64 {
+        Some(Shape::Circle)
+    } else {
+        None
+    }
+}
+
+/// What the image holds: its significant palette objects, and how many significant regions of
+/// no palette colour stand apart from them.
+struct Analysis {
+    objects: Vec<Detection>,
+    stray: usize,
+}
+
+/// The share of `labels` that is background.
+fn background_share(labels: &[Label]) -> f32 {
+    let background = labels.iter().filter(|&&l| l == Label::Background).count();
+    background as f32 / labels.len().max(1) as f32
+}
+
+/// Finds the objects in an image segmented as `labels`.
+fn analyse(image: &RgbImage, labels: &[Label]) -> Analysis {
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    let scale = image.width().min(image.height()) as f32 / IMAGE_SIZE as f32;
+    let min_area = (MIN_OBJECT_AREA * scale * scale).round().max(1.0) as usize;
+
+    // 8-connected regions of equal non-background labels: a soft or slightly broken diagonal
+    // edge keeps an object in one piece.
+    const NONE: usize = usize::MAX;
+    let mut region = vec![NONE; w * h];
+    let mut regions: Vec<(Label, Vec<usize>)> = Vec::new();
+    for start in 0..w * h {
+        if labels[start] == Label::Background || region[start] != NONE {
+            continue;
+        }
+        let id = regions.len();
+        let mut pixels = vec![start];
+        region[start] = id;
+        let mut next = 0;
+        while next < pixels.len() {
+            let p = pixels[next];
+            next += 1;
+            for offset in AROUND {
+                if let Some(n) = neighbour(p, offset, w, h)
+                    && region[n] == NONE
+                    && labels[n] == labels[start]
+                {
+                    region[n] = id;
+                    pixels.push(n);
+                }
+            }
+        }
+        regions.push((labels[start], pixels));
+    }
+
+    let significant = |id: usize| regions[id].1.len() >= min_area;
+    let mut objects = Vec::new();
+    let mut stray = 0;
+    for (id, (label, pixels)) in regions.iter().enumerate() {
+        if !significant(id) {
+            continue;
+        }
+        match *label {
+            Label::Colour(colour) => objects.push(measure(colour, pixels, w)),
+            // A rim of in-between colours around an object (a soft edge) is part of it; a
+            // region of another colour on its own is an object the prompt does not name.
+            Label::Other => {
+                let touches_object = pixels.iter().any(|&p| {
+                    AROUND.iter().any(|&offset| {
+                        neighbour(p, offset, w, h).is_some_and(|n| {
+                            let r = region[n];
+                            r != NONE
+                                && r != id
+                                && matches!(regions[r].0, Label::Colour(_))
+                                && significant(r)
+                        })
+                    })
+                });
+                stray += usize::from(!touches_object);
+            }
+            Label::Background => {}
+        }
+    }
+    Analysis { objects, stray }
+}
+
+/// The offsets of a pixel's 8 neighbours.
+const AROUND: [(isize, isize); 8] = [
+    (-1, -1),
+    (0, -1),
+    (1, -1),
+    (-1, 0),
+    (1, 0),
+    (-1, 1),
+    (0, 1),
+    (1, 1),
+];
+
+/// The index of pixel `p`'s neighbour at `offset` in a `w × h` image, if inside it.
+fn neighbour(p: usize, offset: (isize, isize), w: usize, h: usize) -> Option<usize> {
+    let x = (p % w).checked_add_signed(offset.0)?;
+    let y = (p / w).checked_add_signed(offset.1)?;
+    (x < w && y < h).then_some(y * w + x)
+}
+
+fn measure(colour: Colour, pixels: &[usize], w: usize) -> Detection {
+    let xs = pixels.iter().map(|p| p % w);
+    let ys = pixels.iter().map(|p| p / w);
+    let (left, right) = (xs.clone().min().unwrap_or(0), xs.max().unwrap_or(0));
+    let (top, bottom) = (ys.clone().min().unwrap_or(0), ys.max().unwrap_or(0));
+    let (width, height) = (right - left + 1, bottom - top + 1);
+    // Doubled coordinates: a pixel's centre row is 2y + 1, the box's midline top + bottom + 1.
+    let midline = top + bottom + 1;
+    let above: f32 = pixels
+        .iter()
+        .map(|p| match (2 * (p / w) + 1).cmp(&midline) {
+            std::cmp::Ordering::Less => 1.0,
+            std::cmp::Ordering::Equal => 0.5,
+            std::cmp::Ordering::Greater => 0.0,
+        })
+        .sum();
+    let area = pixels.len() as f32;
+    let fill = area / (width * height) as f32;
+    let top_share = above / area;
+    Detection {
+        colour,
+        area: pixels.len() as u32,
+        bbox: [left as u32, top as u32, width as u32, height as u32],
+        fill,
+        top_share,
+        shape: classify(width as u32, height as u32, fill, top_share),
+    }
+}
+
+/// The objects [`check`] finds in an image: each connected region (8-neighbour) of one palette
+/// colour of at least 20 px (at 64×64), in scan order of their first pixel.
+pub fn detect(image: &RgbImage) -> Vec<Detection> {
+    analyse(image, &segment(image)).objects
+}
+
+/// The checker's judgement of an image against a prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verdict {
+    /// Whether the image shows exactly what the prompt says.
+    pub pass: bool,
+    /// Why: what was found, or the first thing that is wrong.
+    pub reason: String,
+    /// The objects found.
+    pub objects: Vec<Detection>,
+}
+
+impl Verdict {
+    /// The verdict as JSON (`pass`, `reason`, `objects` with their measurements), for logs.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "pass": self.pass,
+            "reason": self.reason,
+            "objects": self.objects.iter().map(|d| d.to_json()).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Judges whether `image` shows `prompt`: exactly the objects the prompt names (each colour
+/// once, no other object of significant size, in a palette colour or not), each of the named
+/// shape, and for two objects their centres in the named relation (at least 8 px apart that
+/// way at 64×64, and more apart that way than across). At least half of the image must be
+/// white background.
+///
+/// A prompt outside the dataset's grammar fails, with the reason.
+pub fn check(image: &RgbImage, prompt: &str) -> Verdict {
+    let prompt = match prompt.parse::<Prompt>() {
+        Ok(prompt) => prompt,
+        Err(e) => return verdict(false, e.to_string(), Vec::new()),
+    };
+    if image.width() == 0 || image.height() == 0 {
+        return verdict(false, "the image is empty".into(), Vec::new());
+    }
+    let labels = segment(image);
+    // First, as it is cheap and decides noise, black and floods of colour outright (no objects
+    // are looked for then).
+    let background = background_share(&labels);
+    if background < MIN_BACKGROUND_SHARE {
+        let reason = format!(
+            "the background is not white: {:.0}% of the pixels are (at least {:.0}% must be)",
+            background * 100.0,
+            MIN_BACKGROUND_SHARE * 100.0
+        );
+        return verdict(false, reason, Vec::new());
+    }
+    let analysis = analyse(image, &labels);
+    let objects = analysis.objects;
+    if analysis.stray > 0 {
+        let reason = format!("found {} object(s) in no palette colour", analysis.stray);
+        return verdict(false, reason, objects);
+    }
+
+    // Each named colour exactly once and nothing else (the prompt's colours differ).
+    let named = prompt.objects();
+    let found: Option<Vec<&Detection>> = named
+        .iter()
+        .map(|spec| {
+            let mut of_colour = objects.iter().filter(|d| d.colour == spec.colour);
+            match (of_colour.next(), of_colour.next()) {
+                (Some(d), None) => Some(d),
+                _ => None,
+            }
+        })
+        .collect();
+    let found = match found {
+        Some(found) if objects.len() == named.len() => found,
+        _ => {
+            let list = |v: Vec<String>| v.join(", ");
+            let reason = format!(
+                "expected {}; found {} object(s){}{}",
+                list(named.iter().map(ObjectSpec::to_string).collect()),
+                objects.len(),
+                if objects.is_empty() { "" } else { ": " },
+                list(objects.iter().map(Detection::describe).collect()),
+            );
+            return verdict(false, reason, objects);
+        }
+    };
+
+    for (spec, detection) in named.iter().zip(&found) {
+        if detection.shape != Some(spec.shape) {
+            let reason = format!("expected {spec}; found {}", detection.describe());
+            return verdict(false, reason, objects);
+        }
+    }
+
+    if let Prompt::Two(a, relation, b) = prompt {
+        let scale = image.width().min(image.height()) as f32 / IMAGE_SIZE as f32;
+        let margin = MIN_RELATION_OFFSET * scale;
+        let (along, across) = offsets(found[0].centre(), relation, found[1].centre());
+        if along < margin || along <= across.abs() {
+            let reason = format!(
+                "the {} {} is not {relation} the {} {}: its centre is {along:.1} px {relation} \
+                 the other's (at least {margin:.1} needed) and {:.1} px off across",
+                a.colour,
+                a.shape,
+                b.colour,
+                b.shape,
+                across.abs(),
+            );
+            return verdict(false, reason, objects);
+        }
+    }
+    verdict(true, format!("found {prompt}"), objects)
+}
+
+/// How far `first` lies from `second` in the relation's direction (negative: the other way),
+/// and how far across it (signed).
+fn offsets(first: (f32, f32), relation: Relation, second: (f32, f32)) -> (f32, f32) {
+    let (dx, dy) = (second.0 - first.0, second.1 - first.1);
+    match relation {
+        Relation::Above => (dy, dx),
+        Relation::Below => (-dy, dx),
+        Relation::LeftOf => (dx, dy),
+        Relation::RightOf => (-dx, dy),
+    }
+}
+
+fn verdict(pass: bool, reason: String, objects: Vec<Detection>) -> Verdict {
+    Verdict {
+        pass,
+        reason,
+        objects,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use image::{Rgb, imageops};
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+
+    use super::*;
+    use crate::scene::{HeldOut, Object, Scene, random_scene};
+
+    /// Two-object scenes of every kind (held-out ones included: evaluation checks those).
+    fn pairs(count: usize, seed: u64) -> Vec<Scene> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut scenes = Vec::new();
+        while scenes.len() < count {
+            let scene = random_scene(&mut rng, HeldOut::Include);
+            if scene.relation().is_some() {
+                scenes.push(scene);
+            }
+        }
+        scenes
+    }
+
+    fn fails(image: &RgbImage, prompt: &str) {
+        let verdict = check(image, prompt);
+        assert!(!verdict.pass, "{prompt:?} passed: {}", verdict.reason);
+    }
+
+    /// Every rendered shape of every size reads as itself, with room to spare.
+    #[test]
+    fn rendered_shapes_classify_with_margin() {
+        for size in 10..=40 {
+            for shape in Shape::ALL {
+                let object = Object {
+                    colour: Colour::Green,
+                    shape,
+                    left: 3,
+                    top: 5,
+                    size,
+                };
+                // Sizes outside the dataset's ranges too, so no `Scene`: paint it directly.
+                let image = RgbImage::from_fn(64, 64, |x, y| {
+                    Rgb(if object.covers(x, y) {
+                        object.colour.rgb()
+                    } else {
+                        BACKGROUND
+                    })
+                });
+                let found = detect(&image);
+                assert_eq!(found.len(), 1);
+                let d = found[0];
+                assert_eq!(d.bbox, [3, 5, size, size], "{shape} {size}");
+                assert_eq!(d.shape, Some(shape), "{shape} {size}: {d:?}");
+                let (fill, top) = (d.fill, d.top_share);
+                match shape {
+                    Shape::Square => assert!(fill == 1.0 && top == 0.5),
+                    Shape::Circle => assert!((0.76..0.84).contains(&fill), "{fill}"),
+                    Shape::Triangle => {
+                        assert!((0.5..=0.6).contains(&fill) && (0.2..0.33).contains(&top));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dataset_images_pass_with_their_captions() {
+        let mut rng = StdRng::seed_from_u64(21);
+        for _ in 0..500 {
+            let scene = random_scene(&mut rng, HeldOut::Include);
+            let verdict = check(&scene.render(), &scene.caption());
+            assert!(verdict.pass, "{}: {}", scene.caption(), verdict.reason);
+            assert_eq!(verdict.objects.len(), scene.objects().len());
+        }
+    }
+
+    #[test]
+    fn blank_black_and_noise_fail_every_prompt() {
+        let prompts: Vec<String> = Prompt::all().iter().map(Prompt::to_string).collect();
+        let white = RgbImage::from_pixel(64, 64, Rgb([255, 255, 255]));
+        let black = RgbImage::from_pixel(64, 64, Rgb([0, 0, 0]));
+        for prompt in &prompts {
+            fails(&white, prompt);
+            fails(&black, prompt);
+        }
+        let mut rng = StdRng::seed_from_u64(4);
+        for i in 0..50 {
+            let noise = RgbImage::from_fn(64, 64, |_, _| Rgb(rng.random()));
+            for prompt in prompts.iter().skip(i).step_by(50) {
+                fails(&noise, prompt);
+            }
+        }
+    }
+
+    #[test]
+    fn other_relations_fail() {
+        for scene in pairs(300, 5) {
+            let image = scene.render();
+            let Prompt::Two(a, relation, b) = scene.prompt() else {
+                unreachable!()
+            };
+            for other in Relation::ALL.into_iter().filter(|&r| r != relation) {
+                fails(&image, &Prompt::Two(a, other, b).to_string());
+            }
+            // The same relation read from the other object is the reverse, and true.
+            let flipped = Prompt::Two(b, relation.reversed(), a).to_string();
+            assert!(check(&image, &flipped).pass, "{flipped}");
+        }
+    }
+
+    #[test]
+    fn swapped_or_wrong_colours_and_shapes_fail() {
+        for scene in pairs(300, 6) {
+            let image = scene.render();
+            let Prompt::Two(a, relation, b) = scene.prompt() else {
+                unreachable!()
+            };
+            let (ca, cb) = (a.colour, b.colour);
+            let swap_colours = Prompt::Two(
+                ObjectSpec { colour: cb, ..a },
+                relation,
+                ObjectSpec { colour: ca, ..b },
+            );
+            fails(&image, &swap_colours.to_string());
+            if a.shape != b.shape {
+                let swap_shapes = Prompt::Two(
+                    ObjectSpec {
+                        shape: b.shape,
+                        ..a
+                    },
+                    relation,
+                    ObjectSpec {
+                        shape: a.shape,
+                        ..b
+                    },
+                );
+                fails(&image, &swap_shapes.to_string());
+            }
+            for colour in Colour::ALL.into_iter().filter(|&c| c != ca && c != cb) {
+                fails(
+                    &image,
+                    &Prompt::Two(ObjectSpec { colour, ..a }, relation, b).to_string(),
+                );
+                fails(
+                    &image,
+                    &Prompt::Two(a, relation, ObjectSpec { colour, ..b }).to_string(),
+                );
+            }
+            for shape in Shape::ALL.into_iter().filter(|&s| s != a.shape) {
+                fails(
+                    &image,
+                    &Prompt::Two(ObjectSpec { shape, ..a }, relation, b).to_string(),
+                );
+            }
+            // Naming one of the two objects is not enough: the other is an extra object.
+            fails(&image, &Prompt::One(a).to_string());
+            fails(&image, &Prompt::One(b).to_string());
+        }
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..200 {
+            let scene = random_scene(&mut rng, HeldOut::Include);
+            let Prompt::One(a) = scene.prompt() else {
+                continue;
+            };
+            let image = scene.render();
+            for colour in Colour::ALL.into_iter().filter(|&c| c != a.colour) {
+                fails(&image, &Prompt::One(ObjectSpec { colour, ..a }).to_string());
+            }
+            for shape in Shape::ALL.into_iter().filter(|&s| s != a.shape) {
+                fails(&image, &Prompt::One(ObjectSpec { shape, ..a }).to_string());
+            }
+            // One object is not two.
+            let other = ObjectSpec {
+                colour: if a.colour == Colour::Red {
+                    Colour::Green
+                } else {
+                    Colour::Red
+                },
+                ..a
+            };
+            fails(&image, &Prompt::Two(a, Relation::Above, other).to_string());
+        }
+    }
+
+    #[test]
+    fn an_upside_down_triangle_is_no_triangle() {
+        let object = Object {
+            colour: Colour::Purple,
+            shape: Shape::Triangle,
+            left: 10,
+            top: 10,
+            size: 24,
+        };
+        let image = Scene::one(object).unwrap().render();
+        assert!(check(&image, "a purple triangle").pass);
+        fails(&imageops::flip_vertical(&image), "a purple triangle");
+    }
+
+    /// A generated image is not exact: colours a little off, soft edges, specks, other sizes.
+    #[test]
+    fn tolerates_what_generated_images_get_wrong() {
+        let mut rng = StdRng::seed_from_u64(8);
+        for _ in 0..200 {
+            let scene = random_scene(&mut rng, HeldOut::Include);
+            let caption = scene.caption();
+            let exact = scene.render();
+
+            // Every channel off by up to ±25.
+            let mut off = exact.clone();
+            for p in off.pixels_mut() {
+                for c in &mut p.0 {
+                    *c = (i32::from(*c) + rng.random_range(-25..=25)).clamp(0, 255) as u8;
+                }
+            }
+            let v = check(&off, &caption);
+            assert!(v.pass, "off-colour {caption}: {}", v.reason);
+
+            // Soft edges: a 3×3 box blur mixes each edge with the background.
+            let blurred = RgbImage::from_fn(64, 64, |x, y| {
+                let p = (y * 64 + x) as usize;
+                let (mut sum, mut n) = ([0u32; 3], 0);
+                for q in AROUND
+                    .iter()
+                    .filter_map(|&o| neighbour(p, o, 64, 64))
+                    .chain([p])
+                {
+                    let c = exact.get_pixel((q % 64) as u32, (q / 64) as u32).0;
+                    for i in 0..3 {
+                        sum[i] += u32::from(c[i]);
+                    }
+                    n += 1;
+                }
+                Rgb(sum.map(|s| (s / n) as u8))
+            });
+            let v = check(&blurred, &caption);
+            assert!(v.pass, "blurred {caption}: {}", v.reason);
+
+            // A speck of another colour is ignored.
+            let mut specked = exact.clone();
+            let (x, y) = (rng.random_range(0..61), rng.random_range(0..61));
+            if (x..x + 3).all(|x| (y..y + 3).all(|y| specked.get_pixel(x, y).0 == BACKGROUND)) {
+                for (dx, dy) in [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)] {
+                    specked.put_pixel(x + dx, y + dy, Rgb([0, 0, 0]));
+                }
+                let v = check(&specked, &caption);
+                assert!(v.pass, "specked {caption}: {}", v.reason);
+            }
+
+            // Twice the size.
+            let big = imageops::resize(&exact, 128, 128, imageops::FilterType::Nearest);
+            let v = check(&big, &caption);
+            assert!(v.pass, "upscaled {caption}: {}", v.reason);
+        }
+    }
+
+    #[test]
+    fn stray_and_unreadable_fail() {
+        let object = Object {
+            colour: Colour::Red,
+            shape: Shape::Square,
+            left: 2,
+            top: 2,
+            size: 20,
+        };
+        let mut image = Scene::one(object).unwrap().render();
+        assert!(check(&image, "a red square").pass);
+        fails(&image, "a red hexagon");
+        // A black 8×8 square far from the red one is an object the prompt does not name.
+        for y in 40..48 {
+            for x in 40..48 {
+                image.put_pixel(x, y, Rgb([0, 0, 0]));
+            }
+        }
+        let v = check(&image, "a red square");
+        assert!(
+            !v.pass && v.reason.contains("no palette colour"),
+            "{}",
+            v.reason
+        );
+        assert!(!check(&RgbImage::new(0, 0), "a red square").pass);
+        assert_eq!(v.to_json()["objects"][0]["shape"], "square");
+    }
+}
