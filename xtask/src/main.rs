@@ -13,10 +13,15 @@
 //!   random-weight SD 1.5-size model, written once under `target/bench-models/` by the fixture
 //!   venv.
 //! - `fixtures [--only KIND]`: regenerate only one kind of fixture (e.g. `pipeline`).
+//! - `train-shapes [--run-dir DIR] [--images N] [--vae-steps N] [--unet-steps N]`: the shapes
+//!   model from scratch (`xtask/src/train_shapes.rs` is the recipe), resumable: run it again to
+//!   continue.
 //! - `fuzz [--execs N] [--seed S] [--target NAME[,NAME]]`: the long fuzzing run of every loader
 //!   (`tests/fuzz.rs`, release): N executions per target (1,000,000 by default) from seed S;
 //!   prints executions per second and totals per target, and fails on any panic, abort or hang.
 //!   `fuzz --target NAME --replay PATH` runs one saved input (e.g. a `tests/fuzz-corpus` file).
+
+mod train_shapes;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -35,6 +40,7 @@ fn main() -> ExitCode {
         ),
         Some("bench-generate") => bench_generate(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
+        Some("train-shapes") => train_shapes::train_shapes(&args[1..]),
         Some("bench-vae") => compare(
             "VAE decode",
             "vae-decode-timing",
@@ -55,7 +61,8 @@ fn main() -> ExitCode {
             "usage: cargo xtask fixtures [--only KIND] | bench-vae [--config sd15|tiny] [--runs N] \
              | bench-unet [--config sd15|sd21] [--runs N] \
              | bench-clip [--config vit-l|bigg] [--runs N] | bench-generate [--size 512] [--steps 2] [--dtype f32|f16] [--tiling] \
-             | fuzz [--execs N] [--seed S] [--target NAME] [--replay PATH]\n\
+             | fuzz [--execs N] [--seed S] [--target NAME] [--replay PATH] \
+             | train-shapes [--run-dir DIR] [--images N] [--vae-steps N] [--unet-steps N]\n\
              got: {args:?}"
         )),
     };
