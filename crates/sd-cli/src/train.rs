@@ -255,6 +255,15 @@ pub fn run(args: TrainArgs) -> Result<String, String> {
         return Err(format!("{what} is not supported yet"));
     }
     let config = resolve(&args)?;
+    // Ctrl-C (or SIGTERM): finish the step in progress, checkpoint, stop; a second one ends
+    // the process at once (the newest complete checkpoint is still there to resume from).
+    let _ = ctrlc::set_handler(|| {
+        if sd_train::stop_requested() {
+            std::process::exit(130);
+        }
+        sd_train::request_stop();
+        eprintln!("sd: stopping after this step (Ctrl-C again to quit now)");
+    });
     let resume = args.resume.as_deref().map(|r| match r {
         "latest" => Resume::Latest,
         path => Resume::Path(PathBuf::from(path)),

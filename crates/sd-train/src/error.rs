@@ -13,6 +13,12 @@ pub enum TrainError {
     /// The loss or the gradients stopped being finite.
     #[error("{0}")]
     NonFinite(String),
+    /// The run was asked to stop ([`crate::request_stop`]) and checkpointed.
+    #[error("stopped after step {step}; checkpoint {}: continue with --resume latest", checkpoint.display())]
+    Stopped {
+        step: u64,
+        checkpoint: std::path::PathBuf,
+    },
     /// Reading or writing the run's files.
     #[error("{0}")]
     Io(String),

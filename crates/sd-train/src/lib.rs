@@ -35,6 +35,21 @@ mod run_vae;
 mod vae;
 
 pub use adamw::{AdamW, AdamWConfig};
+
+/// Set by [`request_stop`]: the loops checkpoint after the step in progress and return
+/// [`TrainError::Stopped`].
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks a running loop to stop after its current step, with a checkpoint (what `sd train`
+/// does on Ctrl-C or SIGTERM). Safe to call from a signal handler's thread.
+pub fn request_stop() {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether [`request_stop`] was called.
+pub fn stop_requested() -> bool {
+    STOP.load(std::sync::atomic::Ordering::SeqCst)
+}
 pub use config::TrainConfig;
 pub use ema::{Ema, EmaConfig};
 pub use error::{Result, TrainError};

@@ -610,8 +610,16 @@ pub fn train_unet<B: Backend>(
         events(Event::Step(entry));
         let done = step + 1;
         let due = config.checkpoint_every > 0 && done % config.checkpoint_every == 0;
-        if due || done == config.max_steps {
-            events(Event::Checkpoint(save(done, &unet, &adamw, &ema, &text)?));
+        let stop = crate::stop_requested();
+        if due || done == config.max_steps || stop {
+            let path = save(done, &unet, &adamw, &ema, &text)?;
+            events(Event::Checkpoint(path.clone()));
+            if stop && done < config.max_steps {
+                return Err(TrainError::Stopped {
+                    step: done,
+                    checkpoint: path,
+                });
+            }
         }
         let validate = config.validation_every > 0 && done.is_multiple_of(config.validation_every);
         if !config.validation_prompts.is_empty() && (validate || done == config.max_steps) {

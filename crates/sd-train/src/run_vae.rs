@@ -356,10 +356,16 @@ pub fn train_vae<B: Backend>(
         events(Event::Step(entry));
         let done = step + 1;
         let due = config.checkpoint_every > 0 && done % config.checkpoint_every == 0;
-        if due || done == config.max_steps {
-            events(Event::Checkpoint(save(
-                done, &encoder, &decoder, &adam_e, &adam_d,
-            )?));
+        let stop = crate::stop_requested();
+        if due || done == config.max_steps || stop {
+            let path = save(done, &encoder, &decoder, &adam_e, &adam_d)?;
+            events(Event::Checkpoint(path.clone()));
+            if stop && done < config.max_steps {
+                return Err(TrainError::Stopped {
+                    step: done,
+                    checkpoint: path,
+                });
+            }
         }
     }
     let out = output.join("vae");
