@@ -199,6 +199,14 @@ fn assert_config_matches(ours: &serde_json::Value, theirs: &serde_json::Value, w
             "{what}: `{key}` is {value}, diffusers wrote {theirs}"
         );
     }
+    // And every key diffusers writes: one left out is filled in by default on loading, with
+    // a "was not found in config" message.
+    for key in theirs.keys() {
+        assert!(
+            key == "_diffusers_version" || ours.contains_key(key),
+            "{what}: diffusers writes `{key}`, which we do not"
+        );
+    }
 }
 
 #[test]

@@ -724,7 +724,7 @@ def write_tokenizer_case(root: pathlib.Path, vocab: pathlib.Path, merges: pathli
     print(f"wrote {case} ({len(prompts)} prompts)")
 
 
-KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline", "training"]
+KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline", "training", "roundtrip"]
 
 
 def parse_kinds(values: list[str] | None) -> set[str]:
@@ -782,6 +782,11 @@ def main() -> None:
         from training_fixtures import write_training_cases
 
         write_training_cases(args.out, randomise_norms)
+    if "roundtrip" in kinds:
+        # Runs the Rust binary (built first) on the committed fixture models.
+        from roundtrip_fixtures import write_roundtrip_cases
+
+        write_roundtrip_cases(args.out)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,9 @@ pub struct TrainArgs {
     /// `sd train vae`: at the end, set scaling_factor to 1 / the latents' standard deviation.
     #[arg(long)]
     fit_scaling_factor: bool,
+    /// Gradient checkpointing: recompute activations in the backward pass (less memory).
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Leave out unreadable images (counted in a warning) instead of stopping.
     #[arg(long)]
     skip_bad_images: bool,
@@ -222,6 +225,9 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
     if args.fit_scaling_factor {
         c.fit_scaling_factor = true;
     }
+    if args.gradient_checkpointing {
+        c.gradient_checkpointing = true;
+    }
     if args.cache_latents {
         c.cache_latents = true;
     }
@@ -303,13 +309,27 @@ pub fn run(args: TrainArgs) -> Result<String, String> {
     };
     let started = std::time::Instant::now();
     let device = Default::default();
-    let out = match args.what {
-        What::Unet => {
-            sd_train::train_unet::<sd::backend::Flex>(&config, resume, &device, &mut events)
+    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+    type Flex = sd::backend::Flex;
+    let out = match (args.what, config.gradient_checkpointing) {
+        (What::Unet, false) => {
+            sd_train::train_unet::<Flex, NoCheckpointing>(&config, resume, &device, &mut events)
         }
-        What::Vae => {
-            sd_train::train_vae::<sd::backend::Flex>(&config, resume, &device, &mut events)
+        (What::Unet, true) => sd_train::train_unet::<Flex, BalancedCheckpointing>(
+            &config,
+            resume,
+            &device,
+            &mut events,
+        ),
+        (What::Vae, false) => {
+            sd_train::train_vae::<Flex, NoCheckpointing>(&config, resume, &device, &mut events)
         }
+        (What::Vae, true) => sd_train::train_vae::<Flex, BalancedCheckpointing>(
+            &config,
+            resume,
+            &device,
+            &mut events,
+        ),
     }
     .map_err(|e| e.to_string())?;
     bar.finish_and_clear();

@@ -32,6 +32,9 @@ pub struct TrainConfig {
     pub cache_latents: bool,
     /// Train the text encoder too (its own AdamW state, one gradient norm over both).
     pub train_text_encoder: bool,
+    /// Recompute activations in the backward pass instead of keeping them all (Burn's
+    /// `BalancedCheckpointing`): less memory for more time.
+    pub gradient_checkpointing: bool,
     /// Optimiser steps.
     pub max_steps: u64,
     /// Images per micro-batch.
@@ -92,6 +95,7 @@ impl Default for TrainConfig {
             init: None,
             train_text_encoder: false,
             cache_latents: false,
+            gradient_checkpointing: false,
             max_steps: 1000,
             batch_size: 1,
             gradient_accumulation: 1,

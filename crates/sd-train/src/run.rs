@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
@@ -136,18 +137,18 @@ fn write_text<B: Backend>(
 }
 
 /// The text encoder: frozen on the inner backend, or trained with its own optimiser state.
-enum TextEncoder<B: Backend> {
+enum TextEncoder<B: Backend, C: CheckpointStrategy> {
     Frozen(ClipTextModel<B>),
     Trained {
-        model: ClipTextModel<Autodiff<B>>,
+        model: ClipTextModel<Autodiff<B, C>>,
         adamw: AdamW<B>,
     },
 }
 
-impl<B: Backend> TextEncoder<B> {
+impl<B: Backend, C: CheckpointStrategy> TextEncoder<B, C> {
     /// `[batch, 77, width]`: the last layer after the final LayerNorm, as
     /// `train_text_to_image.py` takes `text_encoder(input_ids)[0]`.
-    fn context(&self, ids: &[Vec<u32>]) -> Result<Tensor<Autodiff<B>, 3>> {
+    fn context(&self, ids: &[Vec<u32>]) -> Result<Tensor<Autodiff<B, C>, 3>> {
         Ok(match self {
             Self::Frozen(model) => Tensor::from_inner(model.forward(ids)?.last_hidden_state),
             Self::Trained { model, .. } => model.forward(ids)?.last_hidden_state,
@@ -156,22 +157,22 @@ impl<B: Backend> TextEncoder<B> {
 }
 
 /// The state restored from a checkpoint.
-struct Restored<B: Backend> {
+struct Restored<B: Backend, C: CheckpointStrategy> {
     state: TrainingState,
-    unet: UNet2DConditionModel<Autodiff<B>>,
+    unet: UNet2DConditionModel<Autodiff<B, C>>,
     ema: Option<UNet2DConditionModel<B>>,
     adamw: AdamW<B>,
-    text: Option<(ClipTextModel<Autodiff<B>>, AdamW<B>)>,
+    text: Option<(ClipTextModel<Autodiff<B, C>>, AdamW<B>)>,
 }
 
-fn restore<B: Backend>(
+fn restore<B: Backend, C: CheckpointStrategy>(
     dir: &Path,
     config: &TrainConfig,
     unet_config: &UNet2DConditionConfig,
     device: &B::Device,
-) -> Result<Restored<B>> {
+) -> Result<Restored<B, C>> {
     let state = read_state(dir)?;
-    let unet = read_unet::<Autodiff<B>>(unet_config, &dir.join("unet"), device)?;
+    let unet = read_unet::<Autodiff<B, C>>(unet_config, &dir.join("unet"), device)?;
     let ema = match state.ema_steps {
         Some(_) => Some(read_unet::<B>(unet_config, &dir.join("unet_ema"), device)?),
         None => None,
@@ -181,7 +182,7 @@ fn restore<B: Backend>(
     let adamw = AdamW::from_moment_modules(config.adam, state.step, &first, &second)?;
     let text = if config.train_text_encoder {
         let model =
-            ClipTextModel::<Autodiff<B>>::from_pretrained(dir.join("text_encoder"), device)?;
+            ClipTextModel::<Autodiff<B, C>>::from_pretrained(dir.join("text_encoder"), device)?;
         let moments = |name: &str| {
             ClipTextModel::<B>::from_pretrained(dir.join("optimizer").join(name), device)
         };
@@ -220,8 +221,10 @@ pub(crate) fn same_run(a: &TrainConfig, b: &TrainConfig) -> bool {
 }
 
 /// Trains the U-Net of `config.model` on `config.data`, writing into `config.output`; returns
-/// the final diffusers folder (the output folder itself).
-pub fn train_unet<B: Backend>(
+/// the final diffusers folder (the output folder itself). `C` is Burn's checkpointing
+/// strategy: `NoCheckpointing`, or `BalancedCheckpointing` to recompute cheap activations in
+/// the backward pass instead of keeping them (gradient checkpointing: less memory, more time).
+pub fn train_unet<B: Backend, C: CheckpointStrategy>(
     config: &TrainConfig,
     resume: Option<Resume>,
     device: &B::Device,
@@ -315,7 +318,7 @@ pub fn train_unet<B: Backend>(
             .collect(),
     };
     for dir in &candidates {
-        match restore::<B>(dir, config, &unet_config, device) {
+        match restore::<B, C>(dir, config, &unet_config, device) {
             Ok(r) => {
                 if !same_run(&r.state.config, config) {
                     return Err(TrainError::Config(format!(
@@ -356,8 +359,13 @@ pub fn train_unet<B: Backend>(
             (r.state.step, r.unet, r.adamw, ema, r.text)
         }
         None => {
-            let unet: UNet2DConditionModel<Autodiff<B>> = match &config.init {
-                Some(_) => UNet2DConditionModel::new(&unet_config, device)?,
+            let unet: UNet2DConditionModel<Autodiff<B, C>> = match &config.init {
+                Some(_) => {
+                    // Random initial weights from the run's seed: the same run twice starts
+                    // (and so ends) the same.
+                    <Autodiff<B, C> as Backend>::seed(device, config.seed);
+                    UNet2DConditionModel::new(&unet_config, device)?
+                }
                 None => model.load_unet(device)?,
             };
             let ema = match config.ema_decay {
@@ -380,8 +388,9 @@ pub fn train_unet<B: Backend>(
         (true, Some((model, adamw))) => TextEncoder::Trained { model, adamw },
         (true, None) => TextEncoder::Trained {
             model: if text_weights {
-                model.load_text_encoder::<Autodiff<B>>(0, device)?
+                model.load_text_encoder::<Autodiff<B, C>>(0, device)?
             } else {
+                <Autodiff<B, C> as Backend>::seed(device, config.seed.wrapping_add(1));
                 ClipTextModel::new(&text_config, false, device)?
             },
             adamw: AdamW::new(config.adam)?,
@@ -446,10 +455,10 @@ pub fn train_unet<B: Backend>(
         &["unet"]
     };
     let save = |step: u64,
-                unet: &UNet2DConditionModel<Autodiff<B>>,
+                unet: &UNet2DConditionModel<Autodiff<B, C>>,
                 adamw: &AdamW<B>,
                 ema: &Option<Ema<UNet2DConditionModel<B>>>,
-                text: &TextEncoder<B>|
+                text: &TextEncoder<B, C>|
      -> Result<PathBuf> {
         let state = TrainingState {
             step,

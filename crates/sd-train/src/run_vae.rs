@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
@@ -121,17 +122,16 @@ fn vae_config_dir(config: &TrainConfig) -> Result<(PathBuf, bool)> {
 type Halves<B> = (VaeEncoder<B>, VaeDecoder<B>);
 
 /// What a checkpoint restores: where the run stood, both halves and their optimisers.
-type Restored<B> = (TrainingState, Halves<Autodiff<B>>, AdamW<B>, AdamW<B>);
+type Restored<B, C> = (TrainingState, Halves<Autodiff<B, C>>, AdamW<B>, AdamW<B>);
 
 /// Trains the autoencoder of `config.model` (or a random one from `config.init`) on
 /// `config.data`; returns the trained `vae/` folder (`output/vae`).
-pub fn train_vae<B: Backend>(
+pub fn train_vae<B: Backend, C: CheckpointStrategy>(
     config: &TrainConfig,
     resume: Option<Resume>,
     device: &B::Device,
     events: &mut dyn FnMut(Event),
 ) -> Result<PathBuf> {
-    type AB<B> = Autodiff<B>;
     config.validate()?;
     let transform = Transform {
         resolution: config.resolution,
@@ -177,7 +177,7 @@ pub fn train_vae<B: Backend>(
             output.display()
         )));
     }
-    let load = |dir: &Path| -> Result<Halves<AB<B>>> {
+    let load = |dir: &Path| -> Result<Halves<Autodiff<B, C>>> {
         Ok((
             VaeEncoder::from_pretrained(dir, None, device)?,
             VaeDecoder::from_pretrained(dir, None, device)?,
@@ -189,7 +189,7 @@ pub fn train_vae<B: Backend>(
             VaeDecoder::from_pretrained(dir, None, device)?,
         ))
     };
-    let restore = |dir: &Path| -> Result<Restored<B>> {
+    let restore = |dir: &Path| -> Result<Restored<B, C>> {
         let state = read_state(dir)?;
         let halves = load(&dir.join("vae"))?;
         let (me, md) = load_inner(&dir.join("optimizer/exp_avg"))?;
@@ -232,6 +232,8 @@ pub fn train_vae<B: Backend>(
         Some((state, halves, ae, ad)) => (state.step, halves, ae, ad),
         None => {
             let halves = if from_scratch {
+                // Random initial weights from the run's seed.
+                <Autodiff<B, C> as Backend>::seed(device, config.seed);
                 (
                     VaeEncoder::new(&vae_config, device)?,
                     VaeDecoder::new(&vae_config, device)?,
@@ -269,8 +271,8 @@ pub fn train_vae<B: Backend>(
         layout: dataset.layout(),
     });
     let save = |step: u64,
-                encoder: &VaeEncoder<AB<B>>,
-                decoder: &VaeDecoder<AB<B>>,
+                encoder: &VaeEncoder<Autodiff<B, C>>,
+                decoder: &VaeDecoder<Autodiff<B, C>>,
                 adam_e: &AdamW<B>,
                 adam_d: &AdamW<B>|
      -> Result<PathBuf> {
@@ -308,13 +310,13 @@ pub fn train_vae<B: Backend>(
                 // Drawn (and dropped) so that the data stream matches the U-Net loop's.
                 let _ = no_captions.caption(&example.captions, &mut rng);
             }
-            let images = Tensor::<AB<B>, 4>::from_data(
+            let images = Tensor::<Autodiff<B, C>, 4>::from_data(
                 TensorData::new(images, [batch, 3, side, side]),
                 device,
             );
             let mut rng = step_rng(config.seed, step, micro);
             let latent = side / factor;
-            let noise = host_noise::<AB<B>, 4>(
+            let noise = host_noise::<Autodiff<B, C>, 4>(
                 [batch, vae_config.latent_channels, latent, latent],
                 &mut rng,
                 device,

@@ -133,6 +133,9 @@ pub struct UNet2DConditionConfig {
     pub only_cross_attention: bool,
     /// Not supported: must be null.
     pub class_embed_type: Option<String>,
+    /// Whether a class embedding is concatenated to the time embedding rather than added: only
+    /// read with a class embedding (not supported), kept so that the config writes back whole.
+    pub class_embeddings_concat: bool,
     /// `text_time` (SDXL) or null.
     pub addition_embed_type: Option<String>,
     /// SDXL: the width of each size/crop time id's features: 1 to `MAX_CHANNELS`.
@@ -168,6 +171,9 @@ pub struct UNet2DConditionConfig {
     /// The output divisor of the ResNets of `ResnetDownsampleBlock2D`-style blocks (unused by
     /// the supported blocks): above 0, at most `MAX_FACTOR`.
     pub resnet_out_scale_factor: f64,
+    /// Whether the ResNets of `ResnetDownsampleBlock2D`-style blocks skip the time embedding's
+    /// activation (unused by the supported blocks), kept so that the config writes back whole.
+    pub resnet_skip_time_act: bool,
     /// Only `default`.
     pub attention_type: String,
     /// Not supported (class-conditional U-Nets): must be null.
@@ -225,6 +231,7 @@ impl Default for UNet2DConditionConfig {
             upcast_attention: false,
             only_cross_attention: false,
             class_embed_type: None,
+            class_embeddings_concat: false,
             addition_embed_type: None,
             addition_time_embed_dim: None,
             projection_class_embeddings_input_dim: None,
@@ -240,6 +247,7 @@ impl Default for UNet2DConditionConfig {
             dropout: 0.0,
             addition_embed_type_num_heads: 64,
             resnet_out_scale_factor: 1.0,
+            resnet_skip_time_act: false,
             attention_type: "default".into(),
             num_class_embeds: None,
             time_embedding_dim: None,
