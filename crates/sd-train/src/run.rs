@@ -156,13 +156,16 @@ impl<B: Backend, C: CheckpointStrategy> TextEncoder<B, C> {
     }
 }
 
+/// A trained text encoder and its optimiser.
+type TrainedText<B, C> = (ClipTextModel<Autodiff<B, C>>, AdamW<B>);
+
 /// The state restored from a checkpoint.
 struct Restored<B: Backend, C: CheckpointStrategy> {
     state: TrainingState,
     unet: UNet2DConditionModel<Autodiff<B, C>>,
     ema: Option<UNet2DConditionModel<B>>,
     adamw: AdamW<B>,
-    text: Option<(ClipTextModel<Autodiff<B, C>>, AdamW<B>)>,
+    text: Option<TrainedText<B, C>>,
 }
 
 fn restore<B: Backend, C: CheckpointStrategy>(
