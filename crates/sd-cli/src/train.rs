@@ -108,6 +108,22 @@ pub struct TrainArgs {
     /// Leave out unreadable images (counted in a warning) instead of stopping.
     #[arg(long)]
     skip_bad_images: bool,
+    /// Aspect-ratio buckets (kohya's): each image trains at the bucket nearest its shape,
+    /// area about resolution², instead of a square crop.
+    #[arg(long)]
+    enable_bucket: bool,
+    /// The smallest bucket side (default 256, or the resolution when smaller).
+    #[arg(long)]
+    min_bucket_reso: Option<u32>,
+    /// The largest bucket side (default 1024, or the resolution when larger).
+    #[arg(long)]
+    max_bucket_reso: Option<u32>,
+    /// Bucket sides are multiples of this (default 64).
+    #[arg(long)]
+    bucket_reso_steps: Option<u32>,
+    /// Never enlarge an image: buckets are the images' own sizes floored to the step.
+    #[arg(long)]
+    bucket_no_upscale: bool,
     /// Crop a random square instead of the centre.
     #[arg(long)]
     random_crop: bool,
@@ -233,6 +249,14 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
     }
     if args.train_text_encoder {
         c.train_text_encoder = true;
+    }
+    if args.enable_bucket {
+        let mut b = sd_data::BucketConfig::new(c.resolution);
+        b.min_size = args.min_bucket_reso.unwrap_or(b.min_size);
+        b.max_size = args.max_bucket_reso.unwrap_or(b.max_size);
+        b.step = args.bucket_reso_steps.unwrap_or(b.step);
+        b.no_upscale = args.bucket_no_upscale;
+        c.bucket = Some(b);
     }
     if args.skip_bad_images {
         c.skip_bad_images = true;

@@ -12,12 +12,14 @@
 //! from a generator seeded by the run's seed and the sample's position in the run, so a run
 //! that resumes at step k sees exactly the data an uninterrupted run would have.
 
+mod buckets;
 mod dataset;
 mod error;
 mod order;
 mod transform;
 
+pub use buckets::{BucketBatches, BucketConfig};
 pub use dataset::{Dataset, Example, IMAGE_EXTENSIONS};
 pub use error::{DataError, Result};
 pub use order::{Order, sample_rng};
-pub use transform::{CaptionOptions, Transform, load_example_image};
+pub use transform::{CaptionOptions, Transform, load_bucketed_image, load_example_image};

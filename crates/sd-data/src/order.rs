@@ -40,6 +40,11 @@ impl Order {
     }
 }
 
+/// The generator for epoch `epoch`'s shuffles.
+pub(crate) fn epoch_rng(seed: u64, epoch: u64) -> StdRng {
+    StdRng::seed_from_u64(mix(seed, epoch, 0x0b0c_4e75))
+}
+
 /// The generator for the per-sample choices (crop, flip, caption) of run position `sample`.
 pub fn sample_rng(seed: u64, sample: u64) -> StdRng {
     StdRng::seed_from_u64(mix(seed, sample, 0xda7a))

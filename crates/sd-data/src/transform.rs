@@ -95,7 +95,7 @@ pub fn load_example_image(
     let (w, h) = image.dimensions();
     let s = transform.resolution;
     // Short side to `s`, keeping the aspect ratio (torchvision's Resize(int)).
-    let (nw, nh) = if w <= h {
+    let resized = if w <= h {
         (
             s,
             ((u64::from(h) * u64::from(s)) / u64::from(w)).max(u64::from(s)) as u32,
@@ -106,27 +106,54 @@ pub fn load_example_image(
             s,
         )
     };
-    let resized = if (nw, nh) == (w, h) {
+    Ok(crop(image, resized, (s, s), transform, rng))
+}
+
+/// Reads `path` for its aspect-ratio bucket: resized to `resized` (from
+/// [`crate::BucketConfig::assign`]), cropped to `bucket` (`(width, height)`), flipped as the
+/// transform says: `3 · height · width` values in `[-1, 1]`, CHW.
+pub fn load_bucketed_image(
+    path: &Path,
+    bucket: (u32, u32),
+    resized: (u32, u32),
+    transform: &Transform,
+    rng: &mut impl Rng,
+) -> Result<Vec<f32>> {
+    let image = sd_core::image_io::decode_image(path)?.to_rgb8();
+    Ok(crop(image, resized, bucket, transform, rng))
+}
+
+/// Resizes `image` to `resized` (bilinear, antialiased), crops `target` (centre or random,
+/// as the transform says) and flips at random; to `[-1, 1]`, CHW.
+fn crop(
+    image: image::RgbImage,
+    (nw, nh): (u32, u32),
+    (tw, th): (u32, u32),
+    transform: &Transform,
+    rng: &mut impl Rng,
+) -> Vec<f32> {
+    let (nw, nh) = (nw.max(tw), nh.max(th));
+    let resized = if (nw, nh) == image.dimensions() {
         image
     } else {
         image::imageops::resize(&image, nw, nh, FilterType::Triangle)
     };
     let (x0, y0) = if transform.center_crop {
-        ((nw - s) / 2, (nh - s) / 2)
+        ((nw - tw) / 2, (nh - th) / 2)
     } else {
-        (rng.random_range(0..=nw - s), rng.random_range(0..=nh - s))
+        (rng.random_range(0..=nw - tw), rng.random_range(0..=nh - th))
     };
     let flip = transform.random_flip && rng.random::<bool>();
-    let side = s as usize;
-    let mut out = vec![0f32; 3 * side * side];
-    for y in 0..side {
-        for x in 0..side {
-            let sx = if flip { side - 1 - x } else { x };
+    let (w, h) = (tw as usize, th as usize);
+    let mut out = vec![0f32; 3 * w * h];
+    for y in 0..h {
+        for x in 0..w {
+            let sx = if flip { w - 1 - x } else { x };
             let p = resized.get_pixel(x0 + sx as u32, y0 + y as u32);
             for c in 0..3 {
-                out[c * side * side + y * side + x] = f32::from(p[c]) / 127.5 - 1.0;
+                out[c * w * h + y * w + x] = f32::from(p[c]) / 127.5 - 1.0;
             }
         }
     }
-    Ok(out)
+    out
 }

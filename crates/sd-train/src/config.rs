@@ -44,8 +44,11 @@ pub struct TrainConfig {
     pub learning_rate: f64,
     pub lr_scheduler: LrScheduleKind,
     pub lr_warmup_steps: u64,
-    /// The square image side trained at.
+    /// The square image side trained at (with buckets: the area is `resolution²`).
     pub resolution: u32,
+    /// Aspect-ratio buckets (kohya's `--enable_bucket`), `None` for square crops.
+    #[serde(with = "bucket_serde")]
+    pub bucket: Option<sd_data::BucketConfig>,
     pub center_crop: bool,
     pub random_flip: bool,
     pub seed: u64,
@@ -103,6 +106,7 @@ impl Default for TrainConfig {
             lr_scheduler: LrScheduleKind::Constant,
             lr_warmup_steps: 0,
             resolution: 512,
+            bucket: None,
             center_crop: true,
             random_flip: false,
             seed: 0,
@@ -202,5 +206,48 @@ impl TrainConfig {
             ));
         }
         self.adam.validate()
+    }
+}
+
+/// `bucket` as `{resolution, min_size, max_size, step, no_upscale}` or `null`.
+mod bucket_serde {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct Bucket {
+        resolution: u32,
+        min_size: u32,
+        max_size: u32,
+        step: u32,
+        no_upscale: bool,
+    }
+
+    pub fn serialize<S: Serializer>(
+        value: &Option<sd_data::BucketConfig>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        value
+            .map(|b| Bucket {
+                resolution: b.resolution,
+                min_size: b.min_size,
+                max_size: b.max_size,
+                step: b.step,
+                no_upscale: b.no_upscale,
+            })
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<sd_data::BucketConfig>, D::Error> {
+        Ok(
+            Option::<Bucket>::deserialize(d)?.map(|b| sd_data::BucketConfig {
+                resolution: b.resolution,
+                min_size: b.min_size,
+                max_size: b.max_size,
+                step: b.step,
+                no_upscale: b.no_upscale,
+            }),
+        )
     }
 }

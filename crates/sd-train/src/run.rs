@@ -19,7 +19,9 @@ use rand::rngs::StdRng;
 use sd::Model;
 use sd::conditioner::{ClipTextConfig, ClipTextModel, ClipTokenizer, padding_of};
 use sd_core::weights::{LoadOptions, SafetensorsFile, diffusers_weights_path};
-use sd_data::{CaptionOptions, Dataset, Order, Transform, load_example_image, sample_rng};
+use sd_data::{
+    CaptionOptions, Dataset, Order, Transform, load_bucketed_image, load_example_image, sample_rng,
+};
 use sd_diffusion::training::{host_noise, offset_noise, sample_timesteps};
 use sd_diffusion::{NoiseSchedule, PredictionType};
 use sd_unet::{UNet2DConditionConfig, UNet2DConditionModel};
@@ -439,6 +441,34 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
         config.max_steps,
     )?;
     let mut order = Order::new(dataset.len(), config.seed);
+    // Aspect-ratio buckets: each example's (bucket, resized size) from its header, and the
+    // run's batches drawn bucket by bucket.
+    let mut buckets = match config.bucket {
+        None => None,
+        Some(bucket) => {
+            if config.cache_latents {
+                return Err(TrainError::Config(
+                    "--cache-latents with aspect-ratio buckets is not supported yet".into(),
+                ));
+            }
+            bucket.validate()?;
+            let factor = model.vae_scale_factor() as u32;
+            if !bucket.step.is_multiple_of(factor) {
+                return Err(TrainError::Config(format!(
+                    "--bucket-reso-steps {} is not a multiple of the VAE's factor {factor}",
+                    bucket.step
+                )));
+            }
+            let mut assigned = Vec::with_capacity(dataset.len());
+            for example in dataset.examples() {
+                let (w, h) = sd_core::image_io::image_dimensions(&example.image)?;
+                assigned.push(bucket.assign(w, h));
+            }
+            let shapes: Vec<(u32, u32)> = assigned.iter().map(|a| a.0).collect();
+            let batches = sd_data::BucketBatches::new(&shapes, config.batch_size, config.seed);
+            Some((assigned, batches))
+        }
+    };
     let log_path = output.join("train_log.jsonl");
     let mut log = keep_log(&log_path, start)?;
     events(Event::Started {
@@ -448,7 +478,6 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
         layout: dataset.layout(),
     });
 
-    let side = config.resolution as usize;
     let accumulation = config.gradient_accumulation as u64;
     let batch = config.batch_size;
     let started = Instant::now();
@@ -502,12 +531,39 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
         let mut text_grads = Gradients::<B>::new();
         let mut loss_sum = 0.0;
         for micro in 0..accumulation {
-            let mut images = Vec::with_capacity(batch * 3 * side * side);
+            // This micro-batch's (run position, example) pairs and its image size: `batch`
+            // examples in the run's order, or one bucket's batch (which may be shorter).
+            let global = step * accumulation + micro;
+            let (members, (width, height)): (Vec<(u64, usize)>, (u32, u32)) = match &mut buckets {
+                None => (
+                    (0..batch as u64)
+                        .map(|j| {
+                            let sample = global * batch as u64 + j;
+                            (sample, order.example(sample))
+                        })
+                        .collect(),
+                    (config.resolution, config.resolution),
+                ),
+                Some((assigned, batches)) => {
+                    let picked = batches.batch(global);
+                    let size = picked.first().map_or((0, 0), |&e| assigned[e].0);
+                    (
+                        picked
+                            .into_iter()
+                            .enumerate()
+                            .map(|(j, e)| (global * batch as u64 + j as u64, e))
+                            .collect(),
+                        size,
+                    )
+                }
+            };
+            let n = members.len();
+            let (w, h) = (width as usize, height as usize);
+            let mut images = Vec::with_capacity(n * 3 * w * h);
             let (mut means, mut stds) = (Vec::new(), Vec::new());
-            let mut texts = Vec::with_capacity(batch);
-            for j in 0..batch as u64 {
-                let sample = (step * accumulation + micro) * batch as u64 + j;
-                let example = &dataset.examples()[order.example(sample)];
+            let mut texts = Vec::with_capacity(n);
+            for &(sample, index) in &members {
+                let example = &dataset.examples()[index];
                 let mut rng = sample_rng(config.seed, sample);
                 match &cache {
                     Some(cache) => {
@@ -520,9 +576,21 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
                         means.extend_from_slice(&entry.mean);
                         stds.extend_from_slice(&entry.std);
                     }
-                    None => {
-                        images.extend(load_example_image(&example.image, &transform, &mut rng)?)
-                    }
+                    None => match &buckets {
+                        Some((assigned, _)) => {
+                            let (bucket, resized) = assigned[index];
+                            images.extend(load_bucketed_image(
+                                &example.image,
+                                bucket,
+                                resized,
+                                &transform,
+                                &mut rng,
+                            )?)
+                        }
+                        None => {
+                            images.extend(load_example_image(&example.image, &transform, &mut rng)?)
+                        }
+                    },
                 }
                 texts.push(captions.caption(&example.captions, &mut rng));
             }
@@ -537,17 +605,15 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
             let latents = match &cache {
                 Some(cache) => {
                     let [c, h, w] = cache.shape();
-                    let shape = [batch, c, h, w];
+                    let shape = [n, c, h, w];
                     let mean = Tensor::<B, 4>::from_data(TensorData::new(means, shape), device);
                     let std = Tensor::<B, 4>::from_data(TensorData::new(stds, shape), device);
                     let draw = host_noise::<B, 4>(shape, &mut rng, device);
                     encoder.scale_latents(mean + std * draw)
                 }
                 None => {
-                    let images = Tensor::<B, 4>::from_data(
-                        TensorData::new(images, [batch, 3, side, side]),
-                        device,
-                    );
+                    let images =
+                        Tensor::<B, 4>::from_data(TensorData::new(images, [n, 3, h, w]), device);
                     let posterior = encoder.encode(images)?;
                     let draw = host_noise::<B, 4>(posterior.mean.dims(), &mut rng, device);
                     encoder.scale_latents(posterior.sample(draw))
@@ -560,7 +626,7 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
             let perturbation = (config.input_perturbation > 0.0).then(|| {
                 host_noise::<B, 4>(latents.dims(), &mut rng, device) * config.input_perturbation
             });
-            let timesteps = sample_timesteps(&schedule, batch, &mut rng);
+            let timesteps = sample_timesteps(&schedule, n, &mut rng);
             let input = DenoisingBatch {
                 latents: Tensor::from_inner(latents),
                 context,
