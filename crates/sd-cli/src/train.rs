@@ -44,7 +44,8 @@ pub struct TrainArgs {
     /// components come from --model, or from DIR when --model is not given).
     #[arg(long, value_name = "CONFIG_DIR")]
     init: Option<PathBuf>,
-    /// A JSON file with any of the settings (train_config.json's fields); flags override it.
+    /// A TOML (`.toml`) or JSON file with any of the settings (train_config.json's fields);
+    /// flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
     #[arg(long)]
@@ -161,7 +162,13 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
     let mut c = match &args.config {
         Some(path) => {
             let text = sd::core::files::read_regular_to_string(path).map_err(|e| e.to_string())?;
-            TrainConfig::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))?
+            let toml = path.extension().is_some_and(|e| e == "toml");
+            if toml {
+                TrainConfig::from_toml(&text)
+            } else {
+                TrainConfig::from_json(&text)
+            }
+            .map_err(|e| format!("{}: {e}", path.display()))?
         }
         None => TrainConfig::default(),
     };

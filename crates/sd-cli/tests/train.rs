@@ -292,6 +292,13 @@ fn bad_data_is_one_clear_line() {
         &train(&data, &output, 1, &["--cache-latents"]),
         &["--cache-latents", "not supported yet"],
     );
+    // A config file with a misspelt setting: the line and the name, on one line.
+    let toml = dir.join("train.toml");
+    std::fs::write(&toml, "batch_size = 2\nmax_stepz = 3\n").unwrap();
+    one_line_error(
+        &train(&data, &output, 1, &["--config", toml.to_str().unwrap()]),
+        &["train.toml", "line 2", "max_stepz"],
+    );
     // A finished run's folder is not trained over by accident.
     ok(&train(&data, &output, 2, &[]));
     one_line_error(

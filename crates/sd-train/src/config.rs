@@ -131,9 +131,21 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// Reads a `train.toml`-style JSON config (every field optional).
+    /// Reads a JSON config (`train_config.json`; every field optional).
     pub fn from_json(text: &str) -> Result<Self> {
         serde_json::from_str(text).map_err(|e| TrainError::Config(format!("train config: {e}")))
+    }
+
+    /// Reads a TOML config (`train.toml`; the same fields as the JSON, every one optional).
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            // One line: the line number and the message, not the multi-line excerpt.
+            let line = e
+                .span()
+                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+            let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
+            TrainError::Config(format!("train config: {at}{}", e.message().trim()))
+        })
     }
 
     /// The config as JSON, every field written.
