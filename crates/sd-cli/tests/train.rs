@@ -289,8 +289,8 @@ fn bad_data_is_one_clear_line() {
         &["cosine_warm"],
     );
     one_line_error(
-        &train(&data, &output, 1, &["--cache-latents"]),
-        &["--cache-latents", "not supported yet"],
+        &train(&data, &output, 1, &["--mixed-precision", "bf16"]),
+        &["--mixed-precision", "not supported yet"],
     );
     // A config file with a misspelt setting: the line and the name, on one line.
     let toml = dir.join("train.toml");
