@@ -142,7 +142,7 @@ impl TrainConfig {
             // One line: the line number and the message, not the multi-line excerpt.
             let line = e
                 .span()
-                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
             let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
             TrainError::Config(format!("train config: {at}{}", e.message().trim()))
         })
