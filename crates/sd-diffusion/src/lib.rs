@@ -5,6 +5,7 @@
 //! training loop needs.
 
 mod error;
+pub mod noise;
 mod schedule;
 pub mod training;
 

@@ -1,13 +1,15 @@
 //! What a training loop needs from the forward process: random timesteps and noise, the
 //! regression target for each prediction type, and Min-SNR-γ loss weights.
 
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
 use rand::{Rng, RngExt};
-use rand_distr::StandardNormal;
 
 use crate::error::{DiffusionError, Result};
 use crate::{NoiseSchedule, PredictionType};
+
+/// Re-exported for training loops: the one seeded noise function, [`crate::noise`].
+pub use crate::noise::host_noise;
 
 /// What the denoiser is trained to output for `x_t` made from `x0` and `noise` at `timesteps`.
 pub fn target<B: Backend>(
@@ -56,18 +58,6 @@ pub fn min_snr_weights(
 pub fn sample_timesteps(schedule: &NoiseSchedule, batch: usize, rng: &mut impl Rng) -> Vec<usize> {
     let n = schedule.num_train_timesteps();
     (0..batch).map(|_| rng.random_range(0..n)).collect()
-}
-
-/// Standard normal noise of `shape` from a host generator: the same seed gives the same noise on
-/// every backend.
-pub fn host_noise<B: Backend, const D: usize>(
-    shape: [usize; D],
-    rng: &mut impl Rng,
-    device: &B::Device,
-) -> Tensor<B, D> {
-    let n = shape.iter().product();
-    let values: Vec<f32> = (0..n).map(|_| rng.sample(StandardNormal)).collect();
-    Tensor::from_data(TensorData::new(values, shape), device)
 }
 
 /// Offset noise (Guttenberg 2023): `noise + offset · n` with `n ~ N(0, 1)` per sample and

@@ -6,7 +6,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use sd_diffusion::training::host_noise;
+use sd_diffusion::noise::host_noise;
 
 /// A source of standard normal noise for the stochastic samplers (Euler ancestral, SDE
 /// variants, DDIM with η > 0).
@@ -14,22 +14,44 @@ pub trait NoiseSource<B: Backend> {
     fn standard_normal(&mut self, shape: [usize; 4], device: &B::Device) -> Tensor<B, 4>;
 }
 
-/// Noise from a seeded host generator: the same seed gives the same noise on every backend.
+/// Noise from seeded host generators: the same seed gives the same noise on every backend.
+/// With one stream per image ([`HostNoise::per_image`]), image `i` of a batch draws from the
+/// stream of `seed + i`, so it is the same image as a single generation with that seed.
 pub struct HostNoise {
-    rng: StdRng,
+    streams: Vec<StdRng>,
 }
 
 impl HostNoise {
+    /// One stream, seeded by `seed`.
     pub fn new(seed: u64) -> Self {
+        Self::per_image(seed, 1)
+    }
+
+    /// One stream per image of a batch of `images`, seeded `seed`, `seed + 1`, ...
+    pub fn per_image(seed: u64, images: usize) -> Self {
         Self {
-            rng: StdRng::seed_from_u64(seed),
+            streams: (0..images.max(1) as u64)
+                .map(|i| StdRng::seed_from_u64(seed.wrapping_add(i)))
+                .collect(),
         }
     }
 }
 
 impl<B: Backend> NoiseSource<B> for HostNoise {
+    /// A batch of as many samples as there are streams takes one sample from each; any other
+    /// shape is drawn from the first stream.
     fn standard_normal(&mut self, shape: [usize; 4], device: &B::Device) -> Tensor<B, 4> {
-        host_noise(shape, &mut self.rng, device)
+        let [b, c, h, w] = shape;
+        if b != self.streams.len() || b == 1 {
+            return host_noise(shape, &mut self.streams[0], device);
+        }
+        Tensor::cat(
+            self.streams
+                .iter_mut()
+                .map(|rng| host_noise([1, c, h, w], rng, device))
+                .collect(),
+            0,
+        )
     }
 }
 

@@ -36,8 +36,8 @@ pub use model::{Model, ModelFamily, hub_cache_snapshot};
 pub use output::{parameters_text, save_png, to_images};
 pub use pipeline::{
     GenerateOptions, Generated, InpaintLatents, MAX_CLIP_SKIP, MAX_GUIDANCE, MAX_IMAGES, MAX_SIDE,
-    MAX_STEPS, PromptConditioning, SeededNoise, StepCallback, StepProgress, check_finite, decode,
-    denoise, encode_prompts, generate, generate_with_noise, initial_latents, inpainting_latents,
+    MAX_STEPS, PromptConditioning, StepCallback, StepProgress, check_finite, decode, denoise,
+    encode_prompts, generate, generate_with_noise, initial_latents, inpainting_latents,
     noised_image_latents,
 };
 pub use save::check_model_output;

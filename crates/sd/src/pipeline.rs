@@ -5,13 +5,10 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 use sd_conditioner::{Conditioner, Conditioning, PromptSyntax};
 use sd_core::image_io::check_image_size;
-use sd_diffusion::training::host_noise;
 use sd_encoder::VaeEncoder;
-use sd_schedulers::{NoiseSource, Scheduler, SchedulerConfig, img2img_start};
+use sd_schedulers::{HostNoise, NoiseSource, Scheduler, SchedulerConfig, img2img_start};
 use sd_unet::{TextTimeConditioning, UNet2DConditionModel};
 
 use crate::error::{Result, SdError};
@@ -125,38 +122,6 @@ pub struct Generated<B: Backend> {
     pub latents: Tensor<B, 4>,
     /// The sampler's name as used (for the PNG parameters).
     pub sampler: String,
-}
-
-/// Noise from one seeded host generator per image: image `i` of a batch draws from the stream
-/// of `seed + i`, so it is the same image as a single generation with that seed.
-pub struct SeededNoise {
-    streams: Vec<StdRng>,
-}
-
-impl SeededNoise {
-    pub fn new(seed: u64, images: usize) -> Self {
-        Self {
-            streams: (0..images.max(1) as u64)
-                .map(|i| StdRng::seed_from_u64(seed.wrapping_add(i)))
-                .collect(),
-        }
-    }
-}
-
-impl<B: Backend> NoiseSource<B> for SeededNoise {
-    fn standard_normal(&mut self, shape: [usize; 4], device: &B::Device) -> Tensor<B, 4> {
-        let [b, c, h, w] = shape;
-        if b != self.streams.len() {
-            return host_noise(shape, &mut self.streams[0], device);
-        }
-        Tensor::cat(
-            self.streams
-                .iter_mut()
-                .map(|rng| host_noise([1, c, h, w], rng, device))
-                .collect(),
-            0,
-        )
-    }
 }
 
 /// How many values of `data` (any float dtype) are NaN or infinite.
@@ -579,7 +544,7 @@ pub fn generate<B: Backend>(
     device: &B::Device,
     callback: Option<&mut StepCallback<'_, B>>,
 ) -> Result<Generated<B>> {
-    let mut noise = SeededNoise::new(options.seed, options.num_images);
+    let mut noise = HostNoise::per_image(options.seed, options.num_images);
     generate_with_noise(model, options, device, &mut noise, callback)
 }
 
