@@ -9,6 +9,7 @@
 //! - [`weights`]: strict safetensors loading with diffusers key names.
 //! - [`image_io`]: images to and from tensors in `[-1, 1]`.
 //! - [`vae_config`]: the `AutoencoderKL` configuration both VAE halves are built from.
+//! - [`vae_keys`]: the VAE's original single-file key names mapped to diffusers'.
 //!
 //! Every model is generic over `B: Backend` so that it also trains on `Autodiff<B>`.
 
@@ -22,6 +23,7 @@ pub mod files;
 pub mod image_io;
 pub mod layers;
 pub mod vae_config;
+pub mod vae_keys;
 pub mod weights;
 
 pub use error::{CoreError, Result};

@@ -149,6 +149,25 @@ impl<B: Backend> VaeEncoder<B> {
         sd_core::weights::module_tensors(self, &|k| Some(k.to_string()))
     }
 
+    /// Fills the weights from a single-file checkpoint in the original layout
+    /// (`first_stage_model.*`, mapped by [`sd_core::vae_keys::ldm_vae_key`] for a VAE of
+    /// `blocks` levels); the file's other components are ignored.
+    pub fn load_single_file(
+        self,
+        file: &SafetensorsFile,
+        blocks: usize,
+        options: LoadOptions,
+    ) -> Result<Self> {
+        let map = |key: &str| {
+            let key = sd_core::vae_keys::ldm_vae_key(key, blocks)?;
+            Self::WEIGHT_PREFIXES
+                .iter()
+                .any(|p| key.starts_with(p))
+                .then_some(key)
+        };
+        load_safetensors(self, file, &map, options)
+    }
+
     /// Fills the weights from a file in the diffusers layout; other components' keys are ignored.
     pub fn load_weights(self, file: &SafetensorsFile, options: LoadOptions) -> Result<Self> {
         load_safetensors(self, file, &keep_prefixes(Self::WEIGHT_PREFIXES), options)

@@ -41,7 +41,8 @@ pub use pipeline::{
     noised_image_latents,
 };
 pub use save::check_model_output;
-pub use single_file::{CheckpointLayout, TextPrefix, detect as detect_checkpoint, ldm_vae_key};
+pub use sd_core::vae_keys::ldm_vae_key;
+pub use single_file::{CheckpointLayout, TextPrefix, detect as detect_checkpoint};
 
 pub use sd_conditioner as conditioner;
 pub use sd_core as core;

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::module::Module;
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
 use sd_conditioner::{
@@ -12,7 +11,7 @@ use sd_conditioner::{
     LayerChoice, Padding, PromptSyntax, TextWiring,
 };
 use sd_core::AutoencoderKlConfig;
-use sd_core::weights::{LoadOptions, SafetensorsFile, diffusers_weights_path, load_safetensors};
+use sd_core::weights::{LoadOptions, SafetensorsFile, diffusers_weights_path};
 use sd_decoder::VaeDecoder;
 use sd_encoder::VaeEncoder;
 use sd_schedulers::SchedulerConfig;
@@ -708,7 +707,7 @@ impl Model {
         let projection = index == 1;
         let model = ClipTextModel::new(config, projection, device)?;
         Ok(if prefix.open_clip {
-            let converted = single_file::open_clip_to_transformers(
+            let converted = sd_conditioner::open_clip_to_transformers(
                 file,
                 &prefix.prefix,
                 config.num_hidden_layers,
@@ -771,45 +770,39 @@ impl Model {
         })
     }
 
-    /// Fills one half of the VAE (the keys under `prefixes`, in diffusers naming) from the
-    /// folder's VAE file or, mapped from the original layout, from the single file.
-    fn load_vae_half<B: Backend, M: Module<B>>(&self, module: M, prefixes: &[&str]) -> Result<M> {
-        let (file, ldm) = match &self.source {
-            Source::Folder(dir) => (
-                SafetensorsFile::open(diffusers_weights_path(
-                    dir.join("vae"),
-                    self.variant.as_deref(),
-                )?)?,
-                false,
-            ),
-            Source::SingleFile { .. } => (self.single_file()?, true),
-        };
-        let blocks = self.vae_config.block_out_channels.len();
-        let map = |key: &str| {
-            let key = if ldm {
-                single_file::ldm_vae_key(key, blocks)?
-            } else {
-                key.to_string()
-            };
-            prefixes.iter().any(|p| key.starts_with(p)).then_some(key)
-        };
-        Ok(load_safetensors(
-            module,
-            &file,
-            &map,
-            self.vae_load_options(),
-        )?)
+    /// The folder's VAE weight file, or `None` for a single file (whose VAE keys each half maps
+    /// from the original layout itself).
+    fn vae_file(&self) -> Result<Option<SafetensorsFile>> {
+        Ok(match &self.source {
+            Source::Folder(dir) => Some(SafetensorsFile::open(diffusers_weights_path(
+                dir.join("vae"),
+                self.variant.as_deref(),
+            )?)?),
+            Source::SingleFile { .. } => None,
+        })
     }
 
     /// Loads the VAE's decoder half.
     pub fn load_vae_decoder<B: Backend>(&self, device: &B::Device) -> Result<VaeDecoder<B>> {
         let decoder = VaeDecoder::new(&self.vae_config, device)?;
-        self.load_vae_half(decoder, VaeDecoder::<B>::WEIGHT_PREFIXES)
+        let blocks = self.vae_config.block_out_channels.len();
+        Ok(match self.vae_file()? {
+            Some(file) => decoder.load_weights(&file, self.vae_load_options())?,
+            None => {
+                decoder.load_single_file(&self.single_file()?, blocks, self.vae_load_options())?
+            }
+        })
     }
 
     /// Loads the VAE's encoder half (img2img and inpainting).
     pub fn load_vae_encoder<B: Backend>(&self, device: &B::Device) -> Result<VaeEncoder<B>> {
         let encoder = VaeEncoder::new(&self.vae_config, device)?;
-        self.load_vae_half(encoder, VaeEncoder::<B>::WEIGHT_PREFIXES)
+        let blocks = self.vae_config.block_out_channels.len();
+        Ok(match self.vae_file()? {
+            Some(file) => encoder.load_weights(&file, self.vae_load_options())?,
+            None => {
+                encoder.load_single_file(&self.single_file()?, blocks, self.vae_load_options())?
+            }
+        })
     }
 }
