@@ -6,6 +6,9 @@
 //!   and each side's peak memory.
 //! - `bench-unet [--config sd15|sd21] [--runs N]`: the same for one classifier-free-guidance
 //!   U-Net step (batch 2, 64×64 latent, 77 tokens).
+//! - `bench-train [--config sd15|tiny] [--runs N]`: the same for one U-Net training step
+//!   (batch 1, 32×32 latent, ε objective, backward, global-norm clipping, AdamW; the sd15 shape
+//!   with random weights, or the tiny fixture U-Net, whose steps per second it also prints).
 //! - `bench-clip [--config vit-l|bigg] [--runs N]`: the CLIP text encoder on 2×77 tokens, Rust
 //!   against transformers.
 //! - `bench-generate [--size 512] [--steps 2] [--dtype f32|f16] [--tiling]`: peak memory
@@ -49,6 +52,14 @@ fn main() -> ExitCode {
             "sd15",
             "3",
         ),
+        Some("bench-train") => compare(
+            "U-Net training step (forward, backward, AdamW)",
+            "unet-train-step-timing",
+            "bench_unet_train.py",
+            &args[1..],
+            "sd15",
+            "3",
+        ),
         Some("bench-unet") => compare(
             "U-Net CFG step",
             "unet-step-timing",
@@ -60,6 +71,7 @@ fn main() -> ExitCode {
         _ => Err(format!(
             "usage: cargo xtask fixtures [--only KIND] | bench-vae [--config sd15|tiny] [--runs N] \
              | bench-unet [--config sd15|sd21] [--runs N] \
+             | bench-train [--config sd15|tiny] [--runs N] \
              | bench-clip [--config vit-l|bigg] [--runs N] | bench-generate [--size 512] [--steps 2] [--dtype f32|f16] [--tiling] \
              | fuzz [--execs N] [--seed S] [--target NAME] [--replay PATH] \
              | train-shapes [--run-dir DIR] [--images N] [--vae-steps N] [--unet-steps N]\n\
@@ -303,6 +315,10 @@ fn compare(
         secs(&torch),
         mib(&torch)
     );
+    // The training bench's throughput (the other bins print no `steps_per_s`).
+    if let (Some(r), Some(t)) = (rust["steps_per_s"].as_f64(), torch["steps_per_s"].as_f64()) {
+        println!("  steps/s: rust {r:.3}, pytorch {t:.3}");
+    }
     println!(
         "  time ratio rust/pytorch: {:.2}×",
         secs(&rust) / secs(&torch)
