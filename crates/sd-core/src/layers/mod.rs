@@ -2,6 +2,9 @@
 //! that a diffusers state dict maps onto them key for key.
 
 mod attention;
+#[cfg(all(feature = "autodiff", any(feature = "flex", feature = "ndarray")))]
+mod conv_autodiff;
+mod conv_train;
 mod mid_block;
 mod norm;
 mod resnet;
@@ -101,12 +104,31 @@ pub fn linear_to_channels<B: Backend>(
 }
 
 /// `conv.forward(x)`, through the fused CPU kernel (`crate::cpu::conv`) on Flex for stride-1
-/// convolutions (most of the U-Net's and VAE's work), through Burn's `conv2d` otherwise.
+/// convolutions (most of the U-Net's and VAE's work); through Burn's `conv2d` otherwise,
+/// except under autodiff (training). There Burn's `conv2d` backward runs a transposed
+/// convolution (a naive single-threaded loop on Flex) and strided element-wise copies, so:
+/// on `Autodiff<Flex>` and `Autodiff<NdArray>`, stride 1, an op with its own backward made of
+/// per-tap matmuls (`conv_autodiff`, about twice as fast as Burn's forward and backward on
+/// Flex); on other autodiff backends and strides, the same per-tap matmuls written in
+/// differentiable tensor ops (`conv_train`). Both give the exact gradients.
 pub fn conv2d_forward<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     #[cfg(feature = "flex")]
     if let Some(out) = crate::cpu::try_conv2d(conv, &x) {
         return out;
     }
+    let x = if B::ad_enabled(&x.device()) {
+        #[cfg(all(feature = "autodiff", any(feature = "flex", feature = "ndarray")))]
+        let x = match conv_autodiff::try_conv2d_autodiff(conv, x) {
+            Ok(out) => return out,
+            Err(x) => x,
+        };
+        match conv_train::conv2d_by_matmul(conv, x) {
+            Ok(out) => return out,
+            Err(x) => x,
+        }
+    } else {
+        x
+    };
     conv.forward(x)
 }
 
