@@ -7,9 +7,9 @@
 //! training step. Written as views and matmuls, the convolution differentiates into two
 //! matmuls per tap (multi-threaded gemm), zero-filled slice assignments and additions; the
 //! gradients are the exact ones (the same sums, in a different order). On `Autodiff<Flex>`
-//! about 1.3 times faster than Burn's for a 3×3 of stride 1, and faster for stride 2;
+//! about 1.3 times as fast as Burn's for a 3×3 (stride 1 or 2) from 16² outputs up;
 //! `conv_autodiff` reuses the same layout, on the inner backend, for a faster op with its own
-//! backward where it can.
+//! backward where it can (stride 1 on Flex and NdArray).
 //!
 //! The layout keeps every copy a 2-D one (a run of rows of a matrix), which Flex copies at
 //! near-memcpy speed; only its ≥3-D strided copies walk elements one by one:
@@ -238,6 +238,18 @@ pub(crate) fn zero_pad_columns<B: Backend>(
     Tensor::cat(parts, 1)
 }
 
+/// The fewest output pixels per image and channel for which the training paths (this
+/// module's and `conv_autodiff`'s) beat Burn's `conv2d` on `Autodiff<Flex>`: measured about
+/// even at 8², twice as slow at 4² (the per-tap matmuls get tiny, and the wide output wastes
+/// a third of them), 1.3 to 2 times faster from 16² up.
+const MIN_OUTPUT_PIXELS: usize = 16 * 16;
+
+/// Whether `conv2d_forward` should train `conv` on `x` through these paths: a layout fits it
+/// and the output has at least [`MIN_OUTPUT_PIXELS`] pixels.
+pub fn takes<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> bool {
+    Geometry::new(conv, x.dims()).is_some_and(|g| g.out_h * g.out_w >= MIN_OUTPUT_PIXELS)
+}
+
 /// `conv.forward(x)` as a sum of per-tap matmuls (see the module notes), for a convolution
 /// with one group, no dilation and explicit (or no) padding; `x` back otherwise, or when the
 /// kernel does not fit the padded input.
@@ -283,21 +295,17 @@ pub(crate) fn conv_by_taps_padded<B: Backend>(
         ..
     } = *geometry;
     let phases = geometry.phases(padded);
-    let mut out: Option<Tensor<B, 3>> = None;
-    for i in 0..kh {
-        for j in 0..kw {
+    let out = (0..kh)
+        .flat_map(|i| (0..kw).map(move |j| (i, j)))
+        .map(|(i, j)| {
             let tap_weight = weight
                 .clone()
                 .slice([0..out_channels, 0..channels, i..i + 1, j..j + 1])
                 .reshape([1, out_channels, channels]);
-            let product = tap_weight.matmul(geometry.tap(&phases, i, j));
-            out = Some(match out {
-                Some(sum) => sum + product,
-                None => product,
-            });
-        }
-    }
-    let out = out.expect("a kernel has at least one tap");
+            tap_weight.matmul(geometry.tap(&phases, i, j))
+        })
+        .reduce(|sum, product| sum + product)
+        .expect("a kernel has at least one tap");
 
     let rows = batch * out_channels;
     let out = if phase_w != out_w {
@@ -467,9 +475,14 @@ mod tests {
         type B = Autodiff<burn::backend::Flex>;
         let device = Default::default();
         let normal = Distribution::Normal(0.0, 1.0);
-        for stride in [1, 2] {
+        // Inputs large enough for the training paths (16² outputs and more).
+        for (stride, [h, w]) in [(1, [18, 20]), (2, [34, 36])] {
             let conv = crate::layers::conv2d::<B>(6, 5, 3, stride, 1, &device);
-            let x = Tensor::<B, 4>::random([2, 6, 10, 12], normal, &device).require_grad();
+            assert!(super::takes(
+                &conv,
+                &Tensor::<B, 4>::zeros([2, 6, h, w], &device)
+            ));
+            let x = Tensor::<B, 4>::random([2, 6, h, w], normal, &device).require_grad();
             let ours = crate::layers::conv2d_forward(&conv, x.clone());
             let expected = conv.forward(x.clone());
             assert!(relative(ours.clone().inner(), expected.clone().inner()) < 1e-5);
