@@ -209,6 +209,88 @@ fn restore<B: Backend, C: CheckpointStrategy>(
     })
 }
 
+/// The data folder, opened and checked before any work: every image's header, or (with
+/// `--skip-bad-images`) the unreadable ones left out and counted in a warning.
+pub(crate) fn open_dataset(config: &TrainConfig, events: &mut dyn FnMut(Event)) -> Result<Dataset> {
+    let dataset = Dataset::open(&config.data, config.caption_column.as_deref())?;
+    if !config.skip_bad_images {
+        dataset.check_images()?;
+        return Ok(dataset);
+    }
+    let (kept, bad) = dataset.without_bad_images();
+    if let Some(first) = bad.first() {
+        events(Event::Warning(format!(
+            "skipped {} unreadable image(s), the first: {first}",
+            bad.len()
+        )));
+    }
+    if kept.is_empty() {
+        return Err(TrainError::Config(format!(
+            "{}: no readable image is left",
+            config.data.display()
+        )));
+    }
+    Ok(kept)
+}
+
+/// Creates the output folder, removes what a killed run left half-written, and refuses to
+/// start afresh over another run's checkpoints.
+pub(crate) fn prepare_output(output: &Path, resume: Option<&Resume>) -> Result<()> {
+    std::fs::create_dir_all(output)
+        .map_err(|e| TrainError::Io(format!("{}: {e}", output.display())))?;
+    remove_partials(output);
+    if resume.is_none() && !list_checkpoints(output).is_empty() {
+        return Err(TrainError::Config(format!(
+            "{} already holds checkpoints: continue with --resume latest, or choose another \
+             --output",
+            output.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The checkpoint a run resumes from, read by `restore`: the given folder, or for `latest` the
+/// newest complete one that reads back (a damaged one is reported and the one before it
+/// tried). A checkpoint written with other settings is refused.
+pub(crate) fn first_restorable<T>(
+    output: &Path,
+    resume: Option<&Resume>,
+    config: &TrainConfig,
+    events: &mut dyn FnMut(Event),
+    mut restore: impl FnMut(&Path) -> Result<T>,
+    state: impl Fn(&T) -> &TrainingState,
+) -> Result<Option<T>> {
+    let candidates: Vec<PathBuf> = match resume {
+        None => Vec::new(),
+        Some(Resume::Path(p)) => vec![p.clone()],
+        Some(Resume::Latest) => list_checkpoints(output)
+            .into_iter()
+            .rev()
+            .map(|(_, p)| p)
+            .collect(),
+    };
+    for dir in &candidates {
+        match restore(dir) {
+            Ok(r) => {
+                if !same_run(&state(&r).config, config) {
+                    return Err(TrainError::Config(format!(
+                        "{}: the checkpoint was written with other settings; resume with the \
+                         same ones (only --max-steps, --checkpoint-every and --keep may change)",
+                        dir.display()
+                    )));
+                }
+                return Ok(Some(r));
+            }
+            Err(e) if matches!(resume, Some(Resume::Latest)) => events(Event::Warning(format!(
+                "{}: cannot be resumed from ({e}); trying the one before",
+                dir.display()
+            ))),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
 /// The settings a resume must share with the run that wrote the checkpoint: everything but
 /// the run's length and its checkpoint cadence.
 pub(crate) fn same_run(a: &TrainConfig, b: &TrainConfig) -> bool {
@@ -247,25 +329,7 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
         ..Default::default()
     };
     captions.validate()?;
-    let mut dataset = Dataset::open(&config.data, config.caption_column.as_deref())?;
-    if config.skip_bad_images {
-        let (kept, bad) = dataset.without_bad_images();
-        if let Some(first) = bad.first() {
-            events(Event::Warning(format!(
-                "skipped {} unreadable image(s), the first: {first}",
-                bad.len()
-            )));
-        }
-        if kept.is_empty() {
-            return Err(TrainError::Config(format!(
-                "{}: no readable image is left",
-                config.data.display()
-            )));
-        }
-        dataset = kept;
-    } else {
-        dataset.check_images()?;
-    }
+    let dataset = open_dataset(config, events)?;
     // With `--init` alone, the init folder provides the other components too.
     let spec = match (&config.model, &config.init) {
         (Some(model), _) => model.clone(),
@@ -299,49 +363,16 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
         )));
     }
     let output = &config.output;
-    std::fs::create_dir_all(output)
-        .map_err(|e| TrainError::Io(format!("{}: {e}", output.display())))?;
-    remove_partials(output);
-    if resume.is_none() && !list_checkpoints(output).is_empty() {
-        return Err(TrainError::Config(format!(
-            "{} already holds checkpoints: continue with --resume latest, or choose another \
-             --output",
-            output.display()
-        )));
-    }
+    prepare_output(output, resume.as_ref())?;
 
-    // Resume: the newest complete checkpoint that reads back; a damaged one is reported and
-    // the one before it used.
-    let mut restored = None;
-    let candidates: Vec<PathBuf> = match &resume {
-        None => Vec::new(),
-        Some(Resume::Path(p)) => vec![p.clone()],
-        Some(Resume::Latest) => list_checkpoints(output)
-            .into_iter()
-            .rev()
-            .map(|(_, p)| p)
-            .collect(),
-    };
-    for dir in &candidates {
-        match restore::<B, C>(dir, config, &unet_config, device) {
-            Ok(r) => {
-                if !same_run(&r.state.config, config) {
-                    return Err(TrainError::Config(format!(
-                        "{}: the checkpoint was written with other settings; resume with the \
-                         same ones (only --max-steps, --checkpoint-every and --keep may change)",
-                        dir.display()
-                    )));
-                }
-                restored = Some(r);
-                break;
-            }
-            Err(e) if matches!(resume, Some(Resume::Latest)) => events(Event::Warning(format!(
-                "{}: cannot be resumed from ({e}); trying the one before",
-                dir.display()
-            ))),
-            Err(e) => return Err(e),
-        }
-    }
+    let restored = first_restorable(
+        output,
+        resume.as_ref(),
+        config,
+        events,
+        |dir| restore::<B, C>(dir, config, &unet_config, device),
+        |r| &r.state,
+    )?;
 
     let text_config = model
         .text_configs()?

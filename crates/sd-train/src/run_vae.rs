@@ -17,12 +17,12 @@ use sd_decoder::VaeDecoder;
 use sd_diffusion::training::host_noise;
 use sd_encoder::VaeEncoder;
 
-use crate::checkpoint::{
-    TrainingState, list_checkpoints, read_state, remove_partials, write_checkpoint,
-};
+use crate::checkpoint::{TrainingState, read_state, write_checkpoint};
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
-use crate::run::{Event, Resume, StepLog, keep_log, same_run, step_rng};
+use crate::run::{
+    Event, Resume, StepLog, first_restorable, keep_log, open_dataset, prepare_output, step_rng,
+};
 use crate::vae::VaeObjective;
 use crate::{AdamW, Gradients, LrSchedule};
 
@@ -139,25 +139,7 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
         random_flip: config.random_flip,
     };
     transform.validate()?;
-    let mut dataset = Dataset::open(&config.data, config.caption_column.as_deref())?;
-    if config.skip_bad_images {
-        let (kept, bad) = dataset.without_bad_images();
-        if let Some(first) = bad.first() {
-            events(Event::Warning(format!(
-                "skipped {} unreadable image(s), the first: {first}",
-                bad.len()
-            )));
-        }
-        if kept.is_empty() {
-            return Err(TrainError::Config(format!(
-                "{}: no readable image is left",
-                config.data.display()
-            )));
-        }
-        dataset = kept;
-    } else {
-        dataset.check_images()?;
-    }
+    let dataset = open_dataset(config, events)?;
     let (vae_dir, from_scratch) = vae_config_dir(config)?;
     let vae_config = AutoencoderKlConfig::from_file(vae_dir.join("config.json"))?;
     let factor = vae_config.downsample_factor();
@@ -168,15 +150,7 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
         )));
     }
     let output = &config.output;
-    std::fs::create_dir_all(output).map_err(|e| io(output, e))?;
-    remove_partials(output);
-    if resume.is_none() && !list_checkpoints(output).is_empty() {
-        return Err(TrainError::Config(format!(
-            "{} already holds checkpoints: continue with --resume latest, or choose another \
-             --output",
-            output.display()
-        )));
-    }
+    prepare_output(output, resume.as_ref())?;
     let load = |dir: &Path| -> Result<Halves<Autodiff<B, C>>> {
         Ok((
             VaeEncoder::from_pretrained(dir, None, device)?,
@@ -198,36 +172,7 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
         let ad = AdamW::from_moment_modules(config.adam, state.step, &md, &vd)?;
         Ok((state, halves, ae, ad))
     };
-    let candidates: Vec<PathBuf> = match &resume {
-        None => Vec::new(),
-        Some(Resume::Path(p)) => vec![p.clone()],
-        Some(Resume::Latest) => list_checkpoints(output)
-            .into_iter()
-            .rev()
-            .map(|(_, p)| p)
-            .collect(),
-    };
-    let mut restored = None;
-    for dir in &candidates {
-        match restore(dir) {
-            Ok(r) => {
-                if !same_run(&r.0.config, config) {
-                    return Err(TrainError::Config(format!(
-                        "{}: the checkpoint was written with other settings; resume with the \
-                         same ones (only --max-steps, --checkpoint-every and --keep may change)",
-                        dir.display()
-                    )));
-                }
-                restored = Some(r);
-                break;
-            }
-            Err(e) if matches!(resume, Some(Resume::Latest)) => events(Event::Warning(format!(
-                "{}: cannot be resumed from ({e}); trying the one before",
-                dir.display()
-            ))),
-            Err(e) => return Err(e),
-        }
-    }
+    let restored = first_restorable(output, resume.as_ref(), config, events, restore, |r| &r.0)?;
     let (start, (mut encoder, mut decoder), mut adam_e, mut adam_d) = match restored {
         Some((state, halves, ae, ad)) => (state.step, halves, ae, ad),
         None => {
