@@ -70,6 +70,55 @@ fn scaled_error(actual: &[f64], expected: &[f64]) -> f64 {
     })
 }
 
+/// Compares every tensor of a file our writer saved (`path`) with the reference's
+/// `{what}.{key}` tensors: the same set of keys, each within `tolerance` ([`scaled_error`]).
+fn compare_saved(
+    name: &str,
+    what: &str,
+    path: &Path,
+    expected: &BTreeMap<String, Vec<f64>>,
+    tolerance: f64,
+    failures: &mut Vec<String>,
+) {
+    let actual = read_all(path);
+    let count = expected
+        .keys()
+        .filter(|k| k.starts_with(&format!("{what}.")))
+        .count();
+    let mut worst = (0.0f64, String::new());
+    for (key, values) in &actual {
+        // The attention key bias adds the same `q·b` to every score of a query, which the
+        // softmax cancels: its gradient is 0 in exact arithmetic and rounding noise in both
+        // implementations, which Adam's normalisation turns into ±lr steps of random sign. Its
+        // moments (compared too) are that noise, tiny and equal; its value is not comparable.
+        if what == "weight" && key.ends_with("to_k.bias") {
+            continue;
+        }
+        match expected.get(&format!("{what}.{key}")) {
+            Some(reference) => {
+                let err = scaled_error(values, reference);
+                if err > worst.0 || err.is_nan() {
+                    worst = (err, key.clone());
+                }
+            }
+            None => failures.push(format!("{what}: `{key}` is not in the reference")),
+        }
+    }
+    if count != actual.len() || worst.0 > tolerance || worst.0.is_nan() {
+        failures.push(format!(
+            "{what}: {} tensors vs {count}; `{}` off by {:e}",
+            actual.len(),
+            worst.1,
+            worst.0
+        ));
+    } else {
+        eprintln!(
+            "ok  {name} final {what}: {count} tensors, worst scaled error {:e} (`{}`)",
+            worst.0, worst.1
+        );
+    }
+}
+
 struct Case {
     manifest: serde_json::Value,
 }
@@ -257,38 +306,7 @@ fn run_case(dir: &Path) {
         module
             .save_weights(&unet_config, &path, DType::F32)
             .unwrap();
-        let actual = read_all(&path);
-        let mut worst = (0.0f64, String::new());
-        for (key, values) in &actual {
-            let Some(reference) = expected.get(&format!("{what}.{key}")) else {
-                failures.push(format!("{what}: `{key}` is not in the reference"));
-                continue;
-            };
-            let err = scaled_error(values, reference);
-            if err > worst.0 || err.is_nan() {
-                worst = (err, key.clone());
-            }
-        }
-        let count = expected
-            .keys()
-            .filter(|k| k.starts_with(&format!("{what}.")))
-            .count();
-        if count != actual.len() {
-            failures.push(format!(
-                "{what}: {} tensors saved, {count} in the reference",
-                actual.len()
-            ));
-        }
-        if worst.0 > tolerance || worst.0.is_nan() {
-            failures.push(format!("{what}: `{}` off by {:e}", worst.1, worst.0));
-        } else {
-            eprintln!(
-                "ok  {name} final {what}: {} tensors, worst scaled error {:e} (`{}`)",
-                actual.len(),
-                worst.0,
-                worst.1
-            );
-        }
+        compare_saved(&name, what, &path, &expected, tolerance, &mut failures);
     }
     if let Some((model, adamw)) = &text {
         let (first, second) = adamw.moment_modules(&model.valid()).unwrap();
@@ -299,36 +317,7 @@ fn run_case(dir: &Path) {
         ] {
             let path = scratch.join(format!("{what}.safetensors"));
             module.save_weights(&path, DType::F32).unwrap();
-            let actual = read_all(&path);
-            let count = expected
-                .keys()
-                .filter(|k| k.starts_with(&format!("{what}.")))
-                .count();
-            let mut worst = (0.0f64, String::new());
-            for (key, values) in &actual {
-                match expected.get(&format!("{what}.{key}")) {
-                    Some(reference) => {
-                        let err = scaled_error(values, reference);
-                        if err > worst.0 || err.is_nan() {
-                            worst = (err, key.clone());
-                        }
-                    }
-                    None => failures.push(format!("{what}: `{key}` is not in the reference")),
-                }
-            }
-            if count != actual.len() || worst.0 > tolerance || worst.0.is_nan() {
-                failures.push(format!(
-                    "{what}: {} tensors vs {count}; `{}` off by {:e}",
-                    actual.len(),
-                    worst.1,
-                    worst.0
-                ));
-            } else {
-                eprintln!(
-                    "ok  {name} final {what}: {count} tensors, worst scaled error {:e}",
-                    worst.0
-                );
-            }
+            compare_saved(&name, what, &path, &expected, tolerance, &mut failures);
         }
     }
     let _ = std::fs::remove_dir_all(&scratch);
@@ -416,44 +405,7 @@ fn run_vae_case(dir: &Path) {
         let mut tensors = e.weight_tensors();
         tensors.extend(d.weight_tensors());
         sd_core::weights::save_tensors(tensors, &path, DType::F32, None).unwrap();
-        let actual = read_all(&path);
-        let count = expected
-            .keys()
-            .filter(|k| k.starts_with(&format!("{what}.")))
-            .count();
-        let mut worst = (0.0f64, String::new());
-        for (key, v) in &actual {
-            // The attention key bias adds the same `q·b` to every score of a query, which the
-            // softmax cancels: its gradient is 0 in exact arithmetic and rounding noise in
-            // both implementations, which Adam's normalisation turns into ±lr steps of random
-            // sign. Its moments (compared below) are that noise, tiny and equal; its value is
-            // not comparable.
-            if what == "weight" && key.ends_with("to_k.bias") {
-                continue;
-            }
-            match expected.get(&format!("{what}.{key}")) {
-                Some(r) => {
-                    let err = scaled_error(v, r);
-                    if err > worst.0 || err.is_nan() {
-                        worst = (err, key.clone());
-                    }
-                }
-                None => failures.push(format!("{what}: `{key}` is not in the reference")),
-            }
-        }
-        if count != actual.len() || worst.0 > tolerance || worst.0.is_nan() {
-            failures.push(format!(
-                "{what}: {} tensors vs {count}; `{}` off by {:e}",
-                actual.len(),
-                worst.1,
-                worst.0
-            ));
-        } else {
-            eprintln!(
-                "ok  {name} final {what}: {count} tensors, worst scaled error {:e}",
-                worst.0
-            );
-        }
+        compare_saved(&name, what, &path, &expected, tolerance, &mut failures);
     }
     let _ = std::fs::remove_dir_all(&scratch);
     assert!(failures.is_empty(), "{name}:\n{}", failures.join("\n"));
