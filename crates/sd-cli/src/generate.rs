@@ -11,14 +11,24 @@ use sd::conditioner::PromptSyntax;
 use sd::core::weights::SafetensorsFile;
 use sd::{GenerateOptions, Model, StepProgress};
 
+/// `--steps` when neither it nor the built-in model sets it (diffusers' pipelines use 50; 20 is
+/// enough for the multistep samplers every model folder here names).
+const DEFAULT_STEPS: usize = 20;
+
+/// `--guidance` when neither it nor the built-in model sets it (diffusers' default).
+const DEFAULT_GUIDANCE: f64 = 7.5;
+
 #[derive(Args)]
 pub struct GenerateArgs {
     /// What to draw (A1111 syntax: `(word:1.2)`, `[word]`, `BREAK`).
     prompt: String,
     /// A diffusers folder, a single-file .safetensors checkpoint, or a Hugging Face repo id
-    /// already in the local cache.
+    /// already in the local cache. Default: the built-in shapes model (64×64 images of red,
+    /// yellow, green, blue and purple circles, squares and triangles, alone or two in a
+    /// relation: "a red circle above a blue square"), trained from scratch by
+    /// `cargo xtask train-shapes` and embedded in this binary, so nothing is downloaded.
     #[arg(long, short = 'm')]
-    model: String,
+    model: Option<String>,
     /// For a diffusers folder: the weight-file variant to load (e.g. `fp16`).
     #[arg(long)]
     variant: Option<String>,
@@ -36,12 +46,13 @@ pub struct GenerateArgs {
     /// Karras sigmas.
     #[arg(long)]
     karras: bool,
-    /// Sampling steps.
-    #[arg(long, default_value_t = 20, allow_negative_numbers = true)]
-    steps: usize,
-    /// Classifier-free guidance scale (1 turns guidance off).
-    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
-    guidance: f64,
+    /// Sampling steps (default: 20; the built-in shapes model's own default without --model).
+    #[arg(long, allow_negative_numbers = true)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale, 1 turns guidance off (default: 7.5; the built-in
+    /// shapes model's own default without --model).
+    #[arg(long, allow_negative_numbers = true)]
+    guidance: Option<f64>,
     /// Guidance rescale φ (Lin et al. 2023); 0 is off.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     guidance_rescale: f64,
@@ -161,12 +172,29 @@ fn read_mask(path: &Path) -> Result<burn::tensor::TensorData, String> {
 
 pub fn run(args: GenerateArgs) -> Result<String, String> {
     // Settings that need no model are checked first: a bad flag costs no loading time.
-    if !(1..=sd::MAX_STEPS).contains(&args.steps) {
-        return Err(format!(
-            "--steps {} is outside 1..={}",
-            args.steps,
-            sd::MAX_STEPS
-        ));
+    let built_in = args.model.is_none();
+    for (flag, given) in [
+        ("--config", args.config.is_some()),
+        ("--variant", args.variant.is_some()),
+    ] {
+        if built_in && given {
+            return Err(format!(
+                "{flag} needs --model (the built-in model is one folder)"
+            ));
+        }
+    }
+    let steps = args.steps.unwrap_or(if built_in {
+        sd_shapes::model::DEFAULT_STEPS
+    } else {
+        DEFAULT_STEPS
+    });
+    let guidance = args.guidance.unwrap_or(if built_in {
+        sd_shapes::model::DEFAULT_GUIDANCE
+    } else {
+        DEFAULT_GUIDANCE
+    });
+    if !(1..=sd::MAX_STEPS).contains(&steps) {
+        return Err(format!("--steps {steps} is outside 1..={}", sd::MAX_STEPS));
     }
     if !(1..=sd::MAX_IMAGES).contains(&args.num_images) {
         return Err(format!(
@@ -189,10 +217,9 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
             sd::MAX_CLIP_SKIP
         ));
     }
-    if !args.guidance.is_finite() || args.guidance.abs() > sd::MAX_GUIDANCE {
+    if !guidance.is_finite() || guidance.abs() > sd::MAX_GUIDANCE {
         return Err(format!(
-            "--guidance {} is outside [-{1}, {1}]",
-            args.guidance,
+            "--guidance {guidance} is outside [-{0}, {0}]",
             sd::MAX_GUIDANCE
         ));
     }
@@ -271,11 +298,17 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         DTypeArg::F16 => DType::F16,
         DTypeArg::Bf16 => DType::BF16,
     };
-    let model = match &args.config {
-        Some(config) => Model::from_single_file(&args.model, Some(config)),
-        None => Model::open_variant(&args.model, args.variant.as_deref()),
-    }
-    .map_err(|e| e.to_string())?
+    let model = match (&args.model, &args.config) {
+        (None, _) => sd_shapes::model::install(&sd_shapes::model::default_cache())
+            .map_err(|e| format!("the built-in model: {e}"))
+            .and_then(|dir| Model::from_folder(&dir, None).map_err(|e| e.to_string())),
+        (Some(model), Some(config)) => {
+            Model::from_single_file(model, Some(config)).map_err(|e| e.to_string())
+        }
+        (Some(model), None) => {
+            Model::open_variant(model, args.variant.as_deref()).map_err(|e| e.to_string())
+        }
+    }?
     .with_dtype(dtype)
     .with_weight_check(!args.skip_weight_check);
     if args.mask.is_some() && args.init_image.is_none() {
@@ -297,7 +330,7 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
             width: header_size.map(|(w, _)| w as usize).or(args.width),
             height: header_size.map(|(_, h)| h as usize).or(args.height),
             num_images: args.num_images,
-            guidance_scale: args.guidance,
+            guidance_scale: guidance,
             vae_tiling: args.vae_tiling,
             ..GenerateOptions::default()
         };
@@ -318,8 +351,8 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
     let options = GenerateOptions {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
-        steps: args.steps,
-        guidance_scale: args.guidance,
+        steps,
+        guidance_scale: guidance,
         guidance_rescale: args.guidance_rescale,
         seed: args.seed,
         width: args.width,

@@ -31,6 +31,12 @@ pub enum ShapesError {
     /// A prompt outside the dataset's caption grammar.
     #[error("cannot read the prompt {prompt:?}: {reason}")]
     Prompt { prompt: String, reason: String },
+    /// This build was made before the shapes model was trained.
+    #[error(
+        "this build has no built-in model (it was built before `cargo xtask train-shapes` \
+         wrote crates/sd-shapes/model/); pass --model"
+    )]
+    NoModel,
     /// Objects that break the dataset's conventions (sizes, placement, colours, relation).
     #[error("not a dataset scene: {0}")]
     Scene(&'static str),

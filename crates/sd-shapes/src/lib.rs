@@ -18,11 +18,15 @@
 //! [`held_out_prompts`] and [`seen_prompts`] list prompts of both kinds, so that an evaluation
 //! can compare how often the model draws combinations it saw against ones it must compose.
 //!
+//! The third part is the [`model`] trained on the dataset by the project's own `sd train`,
+//! embedded so that `sd generate` works with nothing downloaded.
+//!
 //! Everything is deterministic: the same seed gives the same scenes and byte-identical files.
 
 mod check;
 mod dataset;
 mod error;
+pub mod model;
 mod prompt;
 mod scene;
 
