@@ -2,6 +2,7 @@
 
 mod convert;
 mod dataset;
+mod eval;
 mod generate;
 mod train;
 
@@ -32,6 +33,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Write a synthetic captioned dataset (`sd dataset shapes`: coloured shapes on white).
     Dataset(dataset::DatasetArgs),
+    /// Measure a model (`sd eval shapes`: prompt adherence by the shapes checker).
+    Eval(eval::EvalArgs),
     /// Print a prompt's tokens as the text encoder sees them: the count, the 77-id chunks
     /// (75 tokens each, a new one at BREAK) and the A1111 attention weight of each id, as JSON.
     Tokenize {
@@ -61,6 +64,7 @@ fn run(cli: Cli) -> Result<String, String> {
         Command::Convert(args) => convert::run(args),
         Command::Train(args) => train::run(*args),
         Command::Dataset(args) => dataset::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Tokenize {
             tokenizer,
             padding,

@@ -1,0 +1,50 @@
+//! `sd eval shapes` as a person runs it: on the tiny fixture model (which draws noise, so
+//! nothing passes) the report has every image's verdict and the shares add up.
+
+use std::process::Command;
+
+mod common;
+use common::tiny_model;
+
+#[test]
+fn eval_shapes_reports_every_image_and_the_adherence_of_each_kind() {
+    let dir = std::env::temp_dir().join(format!("sd-cli-{}-eval", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let report = dir.join("report.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_sd"))
+        .args(["eval", "shapes", "--model"])
+        .arg(tiny_model())
+        .args(["--prompts", "2", "--seeds", "2", "--steps", "2", "--out"])
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let whole: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    for kind in ["held_out", "seen"] {
+        let s = &summary["summary"][kind];
+        assert_eq!(s["images"], 4, "{summary}");
+        assert_eq!(s["passed"], 0, "noise passes nothing: {summary}");
+        let images = whole["images"][kind].as_array().unwrap();
+        assert_eq!(images.len(), 4);
+        let held_out = images.iter().all(|i| {
+            let prompt = i["prompt"].as_str().unwrap();
+            prompt.parse::<sd_shapes::Prompt>().unwrap().is_held_out()
+        });
+        assert_eq!(held_out, kind == "held_out");
+    }
+    // A bad setting is one line and a failure, before any model is read.
+    let bad = Command::new(env!("CARGO_BIN_EXE_sd"))
+        .args(["eval", "shapes", "--seeds", "0"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert_eq!(String::from_utf8_lossy(&bad.stderr).lines().count(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
