@@ -1,10 +1,12 @@
 //! `sd eval shapes` as a person runs it: on the tiny fixture model (which draws noise, so
 //! nothing passes) the report has every image's verdict and the shares add up.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-mod common;
-use common::tiny_model;
+fn tiny_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pipeline/tiny_sd1/model")
+}
 
 #[test]
 fn eval_shapes_reports_every_image_and_the_adherence_of_each_kind() {
