@@ -49,19 +49,9 @@ pub fn run(args: EvalArgs) -> Result<String, String> {
     }
     let steps = args.steps.unwrap_or(sd_shapes::model::DEFAULT_STEPS);
     let guidance = args.guidance.unwrap_or(sd_shapes::model::DEFAULT_GUIDANCE);
-    if !(1..=sd::MAX_STEPS).contains(&steps) {
-        return Err(format!("--steps {steps} is outside 1..={}", sd::MAX_STEPS));
-    }
-    if !guidance.is_finite() || guidance.abs() > sd::MAX_GUIDANCE {
-        return Err(format!(
-            "--guidance {guidance} is outside [-{0}, {0}]",
-            sd::MAX_GUIDANCE
-        ));
-    }
+    crate::generate::check_steps_and_guidance(steps, guidance)?;
     let model = match &args.model {
-        None => sd_shapes::model::install(&sd_shapes::model::default_cache())
-            .map_err(|e| format!("the built-in model: {e}"))
-            .and_then(|dir| Model::from_folder(&dir, None).map_err(|e| e.to_string())),
+        None => crate::generate::built_in_model(),
         Some(m) => Model::open(m).map_err(|e| e.to_string()),
     }?;
     let device = Default::default();

@@ -170,6 +170,27 @@ fn read_mask(path: &Path) -> Result<burn::tensor::TensorData, String> {
     Ok(burn::tensor::TensorData::new(values, [1, 1, h, w]))
 }
 
+/// `--steps` and `--guidance` within the pipeline's bounds.
+pub(crate) fn check_steps_and_guidance(steps: usize, guidance: f64) -> Result<(), String> {
+    if !(1..=sd::MAX_STEPS).contains(&steps) {
+        return Err(format!("--steps {steps} is outside 1..={}", sd::MAX_STEPS));
+    }
+    if !guidance.is_finite() || guidance.abs() > sd::MAX_GUIDANCE {
+        return Err(format!(
+            "--guidance {guidance} is outside [-{0}, {0}]",
+            sd::MAX_GUIDANCE
+        ));
+    }
+    Ok(())
+}
+
+/// The built-in shapes model, installed into its cache folder on first use.
+pub(crate) fn built_in_model() -> Result<Model, String> {
+    let dir = sd_shapes::model::install(&sd_shapes::model::default_cache())
+        .map_err(|e| format!("the built-in model: {e}"))?;
+    Model::from_folder(&dir, None).map_err(|e| e.to_string())
+}
+
 pub fn run(args: GenerateArgs) -> Result<String, String> {
     // Settings that need no model are checked first: a bad flag costs no loading time.
     let built_in = args.model.is_none();
@@ -193,9 +214,7 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
     } else {
         DEFAULT_GUIDANCE
     });
-    if !(1..=sd::MAX_STEPS).contains(&steps) {
-        return Err(format!("--steps {steps} is outside 1..={}", sd::MAX_STEPS));
-    }
+    check_steps_and_guidance(steps, guidance)?;
     if !(1..=sd::MAX_IMAGES).contains(&args.num_images) {
         return Err(format!(
             "--num-images {} is outside 1..={}",
@@ -215,12 +234,6 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
             "--clip-skip {} is more than the {} layers any text encoder has",
             args.clip_skip,
             sd::MAX_CLIP_SKIP
-        ));
-    }
-    if !guidance.is_finite() || guidance.abs() > sd::MAX_GUIDANCE {
-        return Err(format!(
-            "--guidance {guidance} is outside [-{0}, {0}]",
-            sd::MAX_GUIDANCE
         ));
     }
     if !(0.0..=1.0).contains(&args.guidance_rescale) {
@@ -299,9 +312,7 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         DTypeArg::Bf16 => DType::BF16,
     };
     let model = match (&args.model, &args.config) {
-        (None, _) => sd_shapes::model::install(&sd_shapes::model::default_cache())
-            .map_err(|e| format!("the built-in model: {e}"))
-            .and_then(|dir| Model::from_folder(&dir, None).map_err(|e| e.to_string())),
+        (None, _) => built_in_model(),
         (Some(model), Some(config)) => {
             Model::from_single_file(model, Some(config)).map_err(|e| e.to_string())
         }
