@@ -57,8 +57,8 @@ pub fn train_shapes(args: &[String]) -> Result<(), String> {
     };
     let recipe = Recipe {
         images: number("--images", 20_000)?,
-        vae_steps: number("--vae-steps", 1000)?,
-        unet_steps: number("--unet-steps", 3000)?,
+        vae_steps: number("--vae-steps", 700)?,
+        unet_steps: number("--unet-steps", 1100)?,
     };
     // A release build: the dev profile leaves the workspace's own crates (the training
     // convolutions, the latent cache) unoptimised, which made a U-Net step 1.3x and the VAE
@@ -157,7 +157,7 @@ pub fn train_shapes(args: &[String]) -> Result<(), String> {
             "--caption-dropout",
             "0.1",
             "--ema-decay",
-            "0.999",
+            "0.995",
         ])
         .args([
             "--seed",

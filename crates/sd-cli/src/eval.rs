@@ -40,6 +40,13 @@ struct ShapesArgs {
     /// Also write the report (every image's verdict) to this JSON file.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// Also draw a PNG grid of the first --grid-prompts prompts of each kind (held-out ones
+    /// marked), each image framed green where it passed and red where it did not.
+    #[arg(long)]
+    grid: Option<std::path::PathBuf>,
+    /// Prompts of each kind in the grid.
+    #[arg(long, default_value_t = 6)]
+    grid_prompts: usize,
 }
 
 pub fn run(args: EvalArgs) -> Result<String, String> {
@@ -57,6 +64,7 @@ pub fn run(args: EvalArgs) -> Result<String, String> {
     let device = Default::default();
     let mut report = serde_json::Map::new();
     let mut summary = serde_json::Map::new();
+    let mut grid = Vec::new();
     for (kind, prompts) in [
         (
             "held_out",
@@ -69,7 +77,7 @@ pub fn run(args: EvalArgs) -> Result<String, String> {
     ] {
         let mut passed = 0usize;
         let mut images = Vec::new();
-        for prompt in &prompts {
+        for (p, prompt) in prompts.iter().enumerate() {
             let options = GenerateOptions {
                 prompt: prompt.clone(),
                 steps,
@@ -81,14 +89,25 @@ pub fn run(args: EvalArgs) -> Result<String, String> {
             let out = sd::generate::<sd::backend::Flex>(&model, &options, &device, None)
                 .map_err(|e| format!("{prompt:?}: {e}"))?;
             let rgb = sd::to_images(out.images).map_err(|e| e.to_string())?;
+            let mut row = Vec::new();
             for (seed, image) in rgb.iter().enumerate() {
                 let verdict = sd_shapes::check(image, prompt);
                 passed += usize::from(verdict.pass);
+                if args.grid.is_some() && p < args.grid_prompts {
+                    row.push((image.clone(), verdict.pass));
+                }
                 images.push(serde_json::json!({
                     "prompt": prompt,
                     "seed": seed,
                     "verdict": verdict.to_json(),
                 }));
+            }
+            if !row.is_empty() {
+                grid.push(crate::eval_grid::Row {
+                    prompt: prompt.clone(),
+                    held_out: kind == "held_out",
+                    images: row,
+                });
             }
         }
         let total = prompts.len() * args.seeds;
@@ -118,6 +137,9 @@ pub fn run(args: EvalArgs) -> Result<String, String> {
             out.write_all(text.as_bytes()).map_err(|e| e.to_string())
         })
         .map_err(|e| e.to_string())?;
+    }
+    if let Some(path) = &args.grid {
+        crate::eval_grid::write_grid(&grid, path)?;
     }
     serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())
 }

@@ -3,6 +3,7 @@
 mod convert;
 mod dataset;
 mod eval;
+mod eval_grid;
 mod generate;
 mod train;
 

@@ -1,5 +1,6 @@
 //! `sd eval shapes` as a person runs it: on the tiny fixture model (which draws noise, so
-//! nothing passes) the report has every image's verdict and the shares add up.
+//! nothing passes) the report has every image's verdict and the shares add up, and the grid
+//! is drawn.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,11 +15,14 @@ fn eval_shapes_reports_every_image_and_the_adherence_of_each_kind() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let report = dir.join("report.json");
+    let grid = dir.join("grid.png");
     let out = Command::new(env!("CARGO_BIN_EXE_sd"))
         .args(["eval", "shapes", "--model"])
         .arg(tiny_model())
         .args(["--prompts", "2", "--seeds", "2", "--steps", "2", "--out"])
         .arg(&report)
+        .arg("--grid")
+        .arg(&grid)
         .output()
         .unwrap();
     assert!(
@@ -41,6 +45,19 @@ fn eval_shapes_reports_every_image_and_the_adherence_of_each_kind() {
         });
         assert_eq!(held_out, kind == "held_out");
     }
+    // The grid: a row per prompt (2 of each kind), the tiny model's 32x32 images drawn at
+    // twice their size with a frame, side by side.
+    let picture = image::open(&grid).unwrap().to_rgb8();
+    assert!(
+        picture.width() >= 2 * (32 * 2 + 6),
+        "{:?}",
+        picture.dimensions()
+    );
+    assert!(
+        picture.height() >= 4 * (32 * 2 + 6),
+        "{:?}",
+        picture.dimensions()
+    );
     // A bad setting is one line and a failure, before any model is read.
     let bad = Command::new(env!("CARGO_BIN_EXE_sd"))
         .args(["eval", "shapes", "--seeds", "0"])
