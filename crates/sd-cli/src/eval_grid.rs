@@ -1,7 +1,7 @@
 //! The picture of an `sd eval shapes` run (`--grid`): one row per prompt with its images side
 //! by side, each framed green where the checker passed it and red where it did not, the
-//! prompt written above the row and held-out prompts marked. Text is drawn with plotters in an
-//! embedded font (DejaVu Sans), so no system font is needed.
+//! prompt written above the row and held-out prompts marked. Text is drawn with plotters in the
+//! font `sd_train::register_font` embeds.
 
 use std::path::Path;
 
@@ -25,20 +25,9 @@ const CAPTION: u32 = 22;
 const PASS: Rgb<u8> = Rgb([40, 170, 60]);
 const FAIL: Rgb<u8> = Rgb([220, 40, 40]);
 
-fn register_font() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = plotters::style::register_font(
-            "sans-serif",
-            FontStyle::Normal,
-            dejavu::sans::regular(),
-        );
-    });
-}
-
 /// Draws `rows` into a PNG at `path`, written atomically.
 pub fn write_grid(rows: &[Row], path: &Path) -> Result<(), String> {
-    register_font();
+    sd_train::register_font();
     let fail = |e: String| format!("{}: {e}", path.display());
     let (tile_w, tile_h) = rows
         .iter()

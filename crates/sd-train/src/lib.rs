@@ -58,7 +58,7 @@ pub use latent_cache::{CachedPosterior, LatentCache};
 pub use lr::{LrSchedule, LrScheduleKind};
 pub use objective::{DenoisingBatch, DenoisingObjective};
 pub use params::{flat_params, with_flat_params};
-pub use plot::plot_loss;
+pub use plot::{plot_loss, register_font};
 pub use run::{Event, Resume, StepLog, read_log, train_unet};
 pub use run_vae::train_vae;
 pub use vae::{Reconstruction, VaeLosses, VaeObjective};

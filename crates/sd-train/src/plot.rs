@@ -11,8 +11,9 @@ use crate::run::StepLog;
 const WIDTH: u32 = 800;
 const HEIGHT: u32 = 480;
 
-/// The font the labels are drawn in, embedded (DejaVu Sans) so that no system font is needed.
-fn register_font() {
+/// Registers the font plotters draws "sans-serif" text in, embedded (DejaVu Sans) so that no
+/// system font is needed; the other pictures the project draws call it too.
+pub fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let _ = plotters::style::register_font(
