@@ -724,7 +724,7 @@ def write_tokenizer_case(root: pathlib.Path, vocab: pathlib.Path, merges: pathli
     print(f"wrote {case} ({len(prompts)} prompts)")
 
 
-KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline", "training", "roundtrip"]
+KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline", "training", "roundtrip", "lora"]
 
 
 def parse_kinds(values: list[str] | None) -> set[str]:
@@ -787,6 +787,10 @@ def main() -> None:
         from roundtrip_fixtures import write_roundtrip_cases
 
         write_roundtrip_cases(args.out)
+    if "lora" in kinds:
+        from lora_fixtures import write_lora_cases
+
+        write_lora_cases(args.out)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,18 @@ pub struct GenerateArgs {
     /// damaged tensor; it costs one pass over the weights).
     #[arg(long)]
     skip_weight_check: bool,
+    /// A LoRA to merge into the model, `FILE` or `FILE:WEIGHT` (weight 1 when absent):
+    /// kohya / A1111, diffusers and PEFT files (LoCon convolutions too). Repeatable.
+    #[arg(long, value_name = "FILE[:WEIGHT]")]
+    lora: Vec<String>,
+    /// Where A1111's `<lora:NAME:WEIGHT>` prompt tags find `NAME.safetensors` (searched in
+    /// subfolders too).
+    #[arg(long, value_name = "DIR")]
+    lora_dir: Option<PathBuf>,
+    /// Leave out LoRA layers that match no module of the model (counted in a warning) instead
+    /// of refusing the file.
+    #[arg(long)]
+    lora_ignore_unmatched: bool,
     /// The memory the run may use (e.g. `12G`, `800M`; default: what the system has
     /// available). Runs estimated to need more are refused before any weights are read.
     #[arg(long, allow_negative_numbers = true)]
@@ -134,6 +146,37 @@ fn output_paths(output: &Path, n: usize) -> Vec<PathBuf> {
     (0..n)
         .map(|i| output.with_file_name(format!("{stem}-{i}.{ext}")))
         .collect()
+}
+
+fn open_lora(path: &Path) -> Result<std::sync::Arc<sd::lora::LoraFile>, String> {
+    sd::lora::LoraFile::open(path)
+        .map(std::sync::Arc::new)
+        .map_err(|e| e.to_string())
+}
+
+/// `NAME.safetensors` under `dir` or one of its subfolders (A1111 searches its Lora folder
+/// recursively); the first found in sorted order, so that the choice is repeatable.
+fn find_lora(dir: &Path, name: &str) -> Result<PathBuf, String> {
+    let wanted = format!("{name}.safetensors");
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(&d)
+            .map_err(|e| format!("--lora-dir {}: {e}", d.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        if let Some(found) = entries
+            .iter()
+            .find(|p| p.is_file() && p.file_name().is_some_and(|n| *n == *wanted))
+        {
+            return Ok(found.clone());
+        }
+        stack.extend(entries.into_iter().rev().filter(|p| p.is_dir()));
+    }
+    Err(format!(
+        "<lora:{name}>: no {wanted} under --lora-dir {}",
+        dir.display()
+    ))
 }
 
 fn read_latents(path: &Path) -> Result<burn::tensor::TensorData, String> {
@@ -321,7 +364,31 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         }
     }?
     .with_dtype(dtype)
-    .with_weight_check(!args.skip_weight_check);
+    .with_weight_check(!args.skip_weight_check)
+    .with_lora_ignore_unmatched(args.lora_ignore_unmatched);
+    // LoRAs from --lora and from the prompt's <lora:…> tags (taken out of the text the text
+    // encoder reads; the PNG's parameters keep them, as A1111's do).
+    let (prompt, tags) = if args.plain_prompt {
+        (args.prompt.clone(), Vec::new())
+    } else {
+        sd::lora::extract_prompt_loras(&args.prompt).map_err(|e| e.to_string())?
+    };
+    let mut loras = Vec::new();
+    for arg in &args.lora {
+        let spec = sd::lora::parse_lora_arg(arg).map_err(|e| e.to_string())?;
+        loras.push((open_lora(Path::new(&spec.file))?, spec.weight));
+    }
+    for tag in tags {
+        let dir = args.lora_dir.as_deref().ok_or_else(|| {
+            format!(
+                "the prompt names <lora:{}>; give --lora-dir (the folder holding {}.safetensors)",
+                tag.file, tag.file
+            )
+        })?;
+        let path = find_lora(dir, &tag.file)?;
+        loras.push((open_lora(&path)?, tag.weight));
+    }
+    let model = model.with_loras(loras).map_err(|e| e.to_string())?;
     if args.mask.is_some() && args.init_image.is_none() {
         return Err("--mask needs --init-image (the image to paint into)".into());
     }
@@ -360,7 +427,7 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         None => None,
     };
     let options = GenerateOptions {
-        prompt: args.prompt.clone(),
+        prompt,
         negative_prompt: args.negative_prompt.clone(),
         steps,
         guidance_scale: guidance,
@@ -483,7 +550,12 @@ fn generate<B: Backend>(
             seed: options.seed.wrapping_add(i as u64),
             ..options.clone()
         };
-        let text = sd::parameters_text(model, &per_image, &out.sampler);
+        // A1111 keeps the <lora:…> tags in the prompt it records.
+        let recorded = GenerateOptions {
+            prompt: args.prompt.clone(),
+            ..per_image
+        };
+        let text = sd::parameters_text(model, &recorded, &out.sampler);
         sd::save_png(image, path, &text).map_err(|e| e.to_string())?;
     }
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();

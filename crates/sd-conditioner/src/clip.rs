@@ -540,6 +540,13 @@ fn checkpoint_key(path: &str, with_projection: bool) -> Option<String> {
     })
 }
 
+/// A module path as transformers names the parameter, always with the `text_model.` level
+/// (`text_model.encoder.layers.0.self_attn.q_proj.weight`): what LoRA files name the weights
+/// they adapt by.
+pub fn text_checkpoint_key(path: &str) -> Option<String> {
+    checkpoint_key(path, true)
+}
+
 /// transformers' key names onto the module: the attention projections live under `self_attn.`
 /// and the MLP under `mlp.` there; the `text_model.` prefix may be missing; the `position_ids`
 /// buffer some files carry is not a weight.

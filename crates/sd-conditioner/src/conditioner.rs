@@ -153,6 +153,12 @@ pub fn padding_of(tokenizer_dir: &Path) -> Padding {
 }
 
 impl<B: Backend> ClipConditioner<B> {
+    /// The stages and the prompt syntax, for changing a stage's model (merging a LoRA into
+    /// it) and building the conditioner again with [`Self::new`].
+    pub fn into_parts(self) -> (Vec<ClipStage<B>>, PromptSyntax) {
+        (self.stages, self.syntax)
+    }
+
     /// From loaded stages: one (SD 1.x/2.x) or two (SDXL, the projected one second). Refuses a
     /// tokenizer with ids past its encoder's token embeddings, naming the tokenizer's file.
     pub fn new(stages: Vec<ClipStage<B>>, syntax: PromptSyntax) -> Result<Self> {

@@ -10,7 +10,9 @@ mod prompt;
 mod tokenizer;
 mod vision;
 
-pub use clip::{ClipEncoderLayer, ClipTextConfig, ClipTextModel, ClipTextOutput, HiddenAct};
+pub use clip::{
+    ClipEncoderLayer, ClipTextConfig, ClipTextModel, ClipTextOutput, HiddenAct, text_checkpoint_key,
+};
 pub use conditioner::{
     ClipConditioner, ClipStage, Conditioner, Conditioning, LayerChoice, PromptSyntax, TextWiring,
     padding_of,

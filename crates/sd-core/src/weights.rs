@@ -104,6 +104,7 @@ pub struct SafetensorsFile {
     path: std::path::PathBuf,
     storage: Storage,
     entries: Vec<TensorEntry>,
+    metadata: BTreeMap<String, String>,
 }
 
 /// The largest header accepted: real checkpoints' are well under 1 MiB.
@@ -111,11 +112,7 @@ const MAX_HEADER: u64 = 100 << 20;
 
 /// Checks a header against the data section's length: JSON, supported dtypes, and byte ranges
 /// that tile the data exactly, each the size of its shape. Every error names the tensor.
-fn parse_header(
-    path: &Path,
-    header: &[u8],
-    data_len: usize,
-) -> Result<(Vec<TensorEntry>, HashMap<String, Span>)> {
+fn parse_header(path: &Path, header: &[u8], data_len: usize) -> Result<Header> {
     let bad = |reason: String| CoreError::Safetensors {
         path: path.to_path_buf(),
         reason,
@@ -124,8 +121,20 @@ fn parse_header(
     let map: BTreeMap<String, serde_json::Value> =
         serde_json::from_slice(header).map_err(|e| bad(format!("header: {e}")))?;
     let mut infos = Vec::new();
+    let mut metadata = BTreeMap::new();
     for (key, value) in map {
         if key == "__metadata__" {
+            // String to string, as the format says; a value of another kind is kept as its
+            // JSON text rather than refusing the file over a field only tools read.
+            if let serde_json::Value::Object(fields) = value {
+                for (k, v) in fields {
+                    let v = match v {
+                        serde_json::Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    metadata.insert(k, v);
+                }
+            }
             continue;
         }
         let info: safetensors::tensor::TensorInfo =
@@ -171,8 +180,15 @@ fn parse_header(
         )));
     }
     entries.sort_by(|a, b| a.key.cmp(&b.key));
-    Ok((entries, spans))
+    Ok((entries, spans, metadata))
 }
+
+/// A parsed header: the entries, each tensor's byte span, and `__metadata__`.
+type Header = (
+    Vec<TensorEntry>,
+    HashMap<String, Span>,
+    BTreeMap<String, String>,
+);
 
 /// The header's length from the first 8 bytes, checked against the file's length.
 fn header_length(path: &Path, first: [u8; 8], len: u64) -> Result<u64> {
@@ -217,7 +233,7 @@ impl SafetensorsFile {
         let mut header = vec![0u8; n as usize];
         file.read_exact(&mut header)
             .map_err(|e| bad(format!("header: {e}")))?;
-        let (entries, spans) = parse_header(&path, &header, (len - 8 - n) as usize)?;
+        let (entries, spans, metadata) = parse_header(&path, &header, (len - 8 - n) as usize)?;
         Ok(Self {
             path,
             storage: Storage {
@@ -226,6 +242,7 @@ impl SafetensorsFile {
                 spans: Arc::new(spans),
             },
             entries,
+            metadata,
         })
     }
 
@@ -241,7 +258,8 @@ impl SafetensorsFile {
                 reason: "shorter than its 8-byte header length".into(),
             })?;
         let n = header_length(&path, first, len)? as usize;
-        let (entries, spans) = parse_header(&path, &bytes[8..8 + n], bytes.len() - 8 - n)?;
+        let (entries, spans, metadata) =
+            parse_header(&path, &bytes[8..8 + n], bytes.len() - 8 - n)?;
         Ok(Self {
             path,
             storage: Storage {
@@ -250,12 +268,18 @@ impl SafetensorsFile {
                 spans: Arc::new(spans),
             },
             entries,
+            metadata,
         })
     }
 
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The header's `__metadata__` (string to string; empty when the file has none).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
     }
 
     /// Every tensor in the file, sorted by key.

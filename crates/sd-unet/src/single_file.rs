@@ -74,9 +74,112 @@ pub fn ldm_to_diffusers_key(key: &str, layers_per_block: usize) -> Option<String
     })
 }
 
+/// A kohya LoRA module name in the original layout (SDXL LoRAs from kohya's sd-scripts:
+/// `input_blocks_4_1_transformer_blocks_0_attn1_to_q`, the `lora_unet_` prefix removed) as
+/// the same name in diffusers' layout, underscored as kohya writes it
+/// (`down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q`). `None` for names outside
+/// the original layout.
+pub fn kohya_ldm_to_diffusers(name: &str, layers_per_block: usize) -> Option<String> {
+    let (group, rest) = [
+        "input_blocks",
+        "middle_block",
+        "output_blocks",
+        "time_embed",
+        "out",
+    ]
+    .iter()
+    .find_map(|g| name.strip_prefix(g)?.strip_prefix('_').map(|r| (*g, r)))?;
+    let number = |s: &str| -> Option<(String, String)> {
+        let (n, tail) = s.split_once('_').unwrap_or((s, ""));
+        n.parse::<usize>().ok()?;
+        Some((n.to_string(), tail.to_string()))
+    };
+    // The layer's own name, with the sequential indices of ResNet sub-layers dotted again so
+    // that the single-file map renames them.
+    let layer = |tail: &str| match tail.rsplit_once('_') {
+        Some((seq, n))
+            if ["in_layers", "out_layers", "emb_layers"].contains(&seq)
+                && n.parse::<usize>().is_ok() =>
+        {
+            format!("{seq}.{n}")
+        }
+        _ => tail.to_string(),
+    };
+    let key = match group {
+        "input_blocks" | "output_blocks" => {
+            let (index, tail) = number(rest)?;
+            let (sub, tail) = number(&tail)?;
+            format!("{group}.{index}.{sub}.{}", layer(&tail))
+        }
+        "middle_block" => {
+            let (index, tail) = number(rest)?;
+            format!("{group}.{index}.{}", layer(&tail))
+        }
+        // `time_embed_0`, `out_2`: whole layers.
+        _ => {
+            let (index, tail) = number(rest)?;
+            if !tail.is_empty() {
+                return None;
+            }
+            format!("{group}.{index}")
+        }
+    };
+    let mapped = ldm_to_diffusers_key(&format!("{LDM_UNET_PREFIX}{key}.weight"), layers_per_block)?;
+    Some(mapped.strip_suffix(".weight")?.replace('.', "_"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::ldm_to_diffusers_key as map;
+
+    #[test]
+    fn maps_kohya_sdxl_names() {
+        let cases = [
+            (
+                "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                "down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+            ),
+            (
+                "input_blocks_8_1_proj_in",
+                "down_blocks_2_attentions_1_proj_in",
+            ),
+            (
+                "middle_block_1_transformer_blocks_3_ff_net_2",
+                "mid_block_attentions_0_transformer_blocks_3_ff_net_2",
+            ),
+            ("middle_block_2_in_layers_2", "mid_block_resnets_1_conv1"),
+            (
+                "input_blocks_1_0_out_layers_3",
+                "down_blocks_0_resnets_0_conv2",
+            ),
+            (
+                "input_blocks_4_0_skip_connection",
+                "down_blocks_1_resnets_0_conv_shortcut",
+            ),
+            ("input_blocks_3_0_op", "down_blocks_0_downsamplers_0_conv"),
+            (
+                "output_blocks_2_1_transformer_blocks_0_attn2_to_k",
+                "up_blocks_0_attentions_2_transformer_blocks_0_attn2_to_k",
+            ),
+            ("output_blocks_5_2_conv", "up_blocks_1_upsamplers_0_conv"),
+            (
+                "output_blocks_0_0_emb_layers_1",
+                "up_blocks_0_resnets_0_time_emb_proj",
+            ),
+            ("time_embed_0", "time_embedding_linear_1"),
+        ];
+        for (kohya, diffusers) in cases {
+            assert_eq!(
+                super::kohya_ldm_to_diffusers(kohya, 2).as_deref(),
+                Some(diffusers),
+                "{kohya}"
+            );
+        }
+        assert_eq!(
+            super::kohya_ldm_to_diffusers("down_blocks_0_attentions_0_proj_in", 2),
+            None
+        );
+    }
 
     #[test]
     fn maps_the_sd15_layout() {

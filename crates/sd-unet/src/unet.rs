@@ -327,8 +327,9 @@ impl<B: Backend> UNet2DConditionModel<B> {
 }
 
 /// diffusers' feed-forward keys (`ff.net.0.proj`, `ff.net.2`) onto [`crate::FeedForward`]'s.
-/// A module path as diffusers names the parameter: the inverse of [`diffusers_key`].
-fn checkpoint_key(path: &str) -> Option<String> {
+/// A module path as diffusers names the parameter: the inverse of [`diffusers_key`], and what
+/// LoRA files name the weights they adapt by.
+pub fn checkpoint_key(path: &str) -> Option<String> {
     Some(
         path.replace(".ff.geglu.", ".ff.net.0.proj.")
             .replace(".ff.proj_out.", ".ff.net.2."),

@@ -6,6 +6,9 @@ pub enum SdError {
     /// Reading weights, configs or images, or a model refusing its input.
     #[error(transparent)]
     Core(#[from] sd_core::CoreError),
+    /// A LoRA file that cannot be read or does not fit the model.
+    #[error(transparent)]
+    Lora(#[from] sd_lora::LoraError),
     /// A sampler name, configuration or step count that does not work.
     #[error(transparent)]
     Scheduler(#[from] sd_schedulers::SchedulerError),

@@ -50,5 +50,6 @@ pub use sd_core::backend;
 pub use sd_decoder as decoder;
 pub use sd_diffusion as diffusion;
 pub use sd_encoder as encoder;
+pub use sd_lora as lora;
 pub use sd_schedulers as schedulers;
 pub use sd_unet as unet;

@@ -3,6 +3,7 @@
 //! id already in the local hub cache.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
@@ -17,8 +18,9 @@ use sd_encoder::VaeEncoder;
 use sd_schedulers::SchedulerConfig;
 use sd_unet::{UNet2DConditionConfig, UNet2DConditionModel};
 
-use crate::error::{Result, model_error};
+use crate::error::{Result, SdError, model_error};
 use crate::single_file::{self, CheckpointLayout, TextPrefix};
+use sd_lora::{Component, LoraFile, MergeOptions};
 
 /// The model families, which differ in how prompts are encoded and in their defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +71,9 @@ pub struct Model {
     dtype: DType,
     /// Refuse weights holding NaN or ±∞ as they load ([`LoadOptions::check_finite`]).
     check_weights: bool,
+    /// LoRAs merged into the U-Net and text encoders as they load, with their weights.
+    loras: Vec<(Arc<LoraFile>, f32)>,
+    lora_options: MergeOptions,
 }
 
 /// Where a text encoder's tokenizer comes from.
@@ -360,6 +365,8 @@ impl Model {
             force_zeros_for_empty_prompt,
             dtype: DType::F32,
             check_weights: true,
+            loras: Vec::new(),
+            lora_options: MergeOptions::default(),
         })
     }
 
@@ -431,6 +438,8 @@ impl Model {
             scheduler_config,
             dtype: DType::F32,
             check_weights: true,
+            loras: Vec::new(),
+            lora_options: MergeOptions::default(),
         })
     }
 
@@ -584,6 +593,36 @@ impl Model {
     /// Loads the text conditioner. `clip_skip` takes the output of an earlier layer
     /// (diffusers' `clip_skip`; 0 is the default layer of the family).
     pub fn load_conditioner<B: Backend>(
+        &self,
+        syntax: PromptSyntax,
+        clip_skip: usize,
+        device: &B::Device,
+    ) -> Result<ClipConditioner<B>> {
+        let conditioner = self.load_base_conditioner(syntax, clip_skip, device)?;
+        if self.loras.is_empty() {
+            return Ok(conditioner);
+        }
+        let (stages, syntax) = conditioner.into_parts();
+        let mut merged = Vec::new();
+        for (i, mut stage) in stages.into_iter().enumerate() {
+            let component = if i == 0 {
+                Component::TextEncoder
+            } else {
+                Component::TextEncoder2
+            };
+            stage.model = self.merge_loras(
+                stage.model,
+                component,
+                &sd_conditioner::text_checkpoint_key,
+                device,
+            )?;
+            merged.push(stage);
+        }
+        Ok(ClipConditioner::new(merged, syntax)?)
+    }
+
+    /// The text conditioner as the model's files hold it (no LoRA).
+    pub fn load_base_conditioner<B: Backend>(
         &self,
         syntax: PromptSyntax,
         clip_skip: usize,
@@ -752,8 +791,99 @@ impl Model {
         }
     }
 
-    /// Loads the U-Net.
+    /// Adds LoRAs (each with its weight) to be merged into the U-Net and text encoders as they
+    /// load. Each file must adapt only components the model has.
+    pub fn with_loras(mut self, loras: Vec<(Arc<LoraFile>, f32)>) -> Result<Self> {
+        for (file, _) in &loras {
+            for component in file.components() {
+                let present = match component {
+                    Component::Unet | Component::TextEncoder => true,
+                    Component::TextEncoder2 => self.text_encoder_count() == 2,
+                };
+                if !present {
+                    return Err(SdError::Lora(sd_lora::LoraError::Format {
+                        path: file.path.clone(),
+                        reason: format!(
+                            "adapts {}, which this {} model does not have",
+                            component.name(),
+                            self.family.name()
+                        ),
+                    }));
+                }
+            }
+        }
+        self.loras.extend(loras);
+        Ok(self)
+    }
+
+    /// Merge LoRA layers whose module the model lacks by leaving them out (counted in
+    /// [`Model::lora_report`]) instead of refusing the file.
+    pub fn with_lora_ignore_unmatched(mut self, ignore: bool) -> Self {
+        self.lora_options.ignore_unmatched = ignore;
+        self
+    }
+
+    /// The LoRAs [`Model::with_loras`] added.
+    pub fn loras(&self) -> &[(Arc<LoraFile>, f32)] {
+        &self.loras
+    }
+
+    /// Merges the LoRAs' layers for `component` into `module`.
+    fn merge_loras<B: Backend, M: burn::module::Module<B>>(
+        &self,
+        module: M,
+        component: Component,
+        key: &dyn Fn(&str) -> Option<String>,
+        device: &B::Device,
+    ) -> Result<M> {
+        let files: Vec<(&LoraFile, f32)> = self
+            .loras
+            .iter()
+            .filter(|(f, _)| f.layers_of(component).next().is_some())
+            .map(|(f, w)| (f.as_ref(), *w))
+            .collect();
+        if files.is_empty() {
+            return Ok(module);
+        }
+        // kohya's SDXL LoRAs name U-Net modules in the original layout.
+        let layers = match self.unet_config.layers_per_block {
+            sd_unet::PerBlock::One(n) => Some(n),
+            _ => None,
+        };
+        let original = move |name: &str| sd_unet::kohya_ldm_to_diffusers(name, layers?);
+        let rename: Option<sd_lora::Rename<'_>> =
+            (component == Component::Unet).then_some(&original as _);
+        let (module, merged) = sd_lora::merge(
+            module,
+            component,
+            &files,
+            key,
+            rename,
+            self.lora_options,
+            device,
+        )?;
+        if !merged.unmatched.is_empty() {
+            eprintln!(
+                "warning: {} LoRA layer(s) for {} match no module and were left out (first: {})",
+                merged.unmatched.len(),
+                component.name(),
+                merged.unmatched[0]
+            );
+        }
+        Ok(module)
+    }
+
+    /// Loads the U-Net, with the LoRAs of [`Model::with_loras`] merged in.
     pub fn load_unet<B: Backend>(&self, device: &B::Device) -> Result<UNet2DConditionModel<B>> {
+        let unet = self.load_base_unet(device)?;
+        self.merge_loras(unet, Component::Unet, &sd_unet::checkpoint_key, device)
+    }
+
+    /// Loads the U-Net as the model's files hold it (no LoRA).
+    pub fn load_base_unet<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<UNet2DConditionModel<B>> {
         let unet = UNet2DConditionModel::new(&self.unet_config, device)?;
         Ok(match &self.source {
             Source::Folder(dir) => {

@@ -47,6 +47,18 @@ pub fn parameters_text(model: &Model, options: &GenerateOptions, sampler: &str) 
     if options.clip_skip > 0 {
         fields.push(format!("Clip skip: {}", options.clip_skip + 1));
     }
+    // A1111's `Lora hashes: "name: hash, …"` (the addnet hash's first 12 hex digits).
+    let hashes: Vec<String> = model
+        .loras()
+        .iter()
+        .filter_map(|(file, _)| {
+            let hash = sd_lora::addnet_hash(&file.path).ok()?;
+            Some(format!("{}: {}", file.name(), &hash[..12]))
+        })
+        .collect();
+    if !hashes.is_empty() {
+        fields.push(format!("Lora hashes: \"{}\"", hashes.join(", ")));
+    }
     fields.push(format!("Version: sd {}", env!("CARGO_PKG_VERSION")));
     text.push('\n');
     text.push_str(&fields.join(", "));

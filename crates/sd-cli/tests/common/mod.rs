@@ -9,6 +9,7 @@ pub fn tiny_model() -> PathBuf {
 }
 
 /// Copies a folder tree (a model to break a copy of).
+#[allow(dead_code)]
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
