@@ -103,6 +103,10 @@ pub struct TrainArgs {
     /// `sd train vae`: at the end, set scaling_factor to 1 / the latents' standard deviation.
     #[arg(long)]
     fit_scaling_factor: bool,
+    /// `sd train vae`: train the decoder alone (the encoder, and so the latents a U-Net was
+    /// trained on, stay as they are).
+    #[arg(long)]
+    decoder_only: bool,
     /// Gradient checkpointing: recompute activations in the backward pass (less memory).
     #[arg(long)]
     gradient_checkpointing: bool,
@@ -247,6 +251,9 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
     }
     if args.fit_scaling_factor {
         c.fit_scaling_factor = true;
+    }
+    if args.decoder_only {
+        c.decoder_only = true;
     }
     if args.gradient_checkpointing {
         c.gradient_checkpointing = true;

@@ -366,6 +366,42 @@ fn the_autoencoder_trains_resumes_and_loads_as_vae() {
             .unwrap();
     let factor = config["scaling_factor"].as_f64().unwrap();
     assert!(factor > 0.0 && factor != 0.18215, "{factor}");
+    // --decoder-only: the encoder half (and so the latents) as it was, the decoder trained.
+    let decoder_only = dir.join("decoder-only");
+    ok(&run(&decoder_only, "2", &["--decoder-only"]));
+    let read = |path: &Path| sd::core::weights::SafetensorsFile::open(path).unwrap();
+    let (before, after) = (
+        read(&model.join("vae/diffusion_pytorch_model.safetensors")),
+        read(&decoder_only.join("vae/diffusion_pytorch_model.safetensors")),
+    );
+    let (mut frozen, mut trained) = (0, 0);
+    for entry in before.entries() {
+        let f32 = burn::tensor::DType::F32;
+        let same = before.tensor_data(&entry.key, f32).unwrap()
+            == after.tensor_data(&entry.key, f32).unwrap();
+        if entry.key.starts_with("encoder.") || entry.key.starts_with("quant_conv.") {
+            assert!(same, "{} changed with --decoder-only", entry.key);
+            frozen += 1;
+        } else if !same {
+            trained += 1;
+        }
+    }
+    assert!(
+        frozen > 10 && trained > 10,
+        "{frozen} frozen, {trained} trained"
+    );
+    let out = run(
+        &dir.join("both"),
+        "1",
+        &["--decoder-only", "--fit-scaling-factor"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--decoder-only") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+
     let original = std::fs::read(model.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
     assert!(
         std::fs::read(straight.join("vae/diffusion_pytorch_model.safetensors")).unwrap()

@@ -2,10 +2,10 @@
 
 use std::collections::HashMap;
 
-use burn::module::{Module, ParamId};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
-use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, TensorSnapshot};
+use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot};
 
 use crate::error::{LoraError, Result};
 use crate::file::{Component, LoraFile, ModuleName};
@@ -21,42 +21,151 @@ pub struct MergeOptions {
     pub ignore_unmatched: bool,
 }
 
-/// A weight as it was before [`merge`] changed it.
-struct Original {
-    path: Vec<String>,
-    containers: Vec<String>,
-    id: ParamId,
-    data: TensorData,
-}
-
 /// What [`merge`] did: how many weights it changed, which layers it left out, and the original
-/// values of the changed weights (so that [`Merged::restore`] undoes it exactly).
-pub struct Merged {
+/// tensors of the changed weights (so that [`Merged::restore`] undoes it exactly).
+pub struct Merged<B: Backend> {
     /// Weights changed (a weight several LoRAs adapt counts once).
     pub weights: usize,
     /// Layers whose module the model lacks, as `file: key` (only with
     /// [`MergeOptions::ignore_unmatched`]).
     pub unmatched: Vec<String>,
-    originals: Vec<Original>,
+    /// The replaced tensors by module path, flattened, in their own dtype and kept on the
+    /// device (restoring copies nothing).
+    originals: HashMap<String, Tensor<B, 1>>,
 }
 
-impl Merged {
+impl<B: Backend> Merged<B> {
     /// Puts the original weights back: the module is bit for bit what it was before the merge.
-    pub fn restore<B: Backend, M: Module<B>>(self, mut module: M) -> Result<M> {
+    pub fn restore<M: Module<B>>(self, module: M) -> Result<M> {
         let count = self.originals.len();
-        let snapshots = self
-            .originals
-            .into_iter()
-            .map(|o| TensorSnapshot::from_data(o.data, o.path, o.containers, o.id))
-            .collect();
-        let result = module.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), false);
-        if !result.errors.is_empty() || result.applied.len() != count {
+        let mut mapper = PathMapper {
+            path: Vec::new(),
+            containers: Vec::new(),
+            visit: Restore {
+                originals: self.originals,
+            },
+            done: 0,
+        };
+        let module = module.map(&mut mapper);
+        if mapper.done != count {
             return Err(LoraError::Spec(format!(
-                "restoring {count} weights after a LoRA failed: {:?}",
-                result.errors
+                "restoring {count} weights after a LoRA found {} of them",
+                mapper.done
             )));
         }
         Ok(module)
+    }
+}
+
+/// One weight's change, given its tensor and whether it sits in a Burn `Linear` (whose weight
+/// is stored `[in, out]`, the transpose of PyTorch's).
+trait ParamChange<B: Backend> {
+    /// `None`: leave the tensor alone.
+    fn change<const D: usize>(
+        &mut self,
+        path: &str,
+        linear: bool,
+        tensor: &Tensor<B, D>,
+    ) -> Option<Tensor<B, D>>;
+}
+
+/// A [`ModuleMapper`] that knows each parameter's module path (as burn-store's collector
+/// writes it) and its container's type.
+struct PathMapper<V> {
+    path: Vec<String>,
+    containers: Vec<String>,
+    visit: V,
+    done: usize,
+}
+
+impl<B: Backend, V: ParamChange<B>> ModuleMapper<B> for PathMapper<V> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push(name.to_string());
+        self.containers.push(container_type.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+        self.containers.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let path = self.path.join(".");
+        // Each entry is the type holding the field entered: the last is the parameter's module.
+        let linear = self.containers.last().is_some_and(|c| c == "Struct:Linear");
+        let (id, tensor, mapper) = param.consume();
+        match self.visit.change(&path, linear, &tensor) {
+            Some(new) => {
+                self.done += 1;
+                Param::from_mapped_value(id, new, mapper)
+            }
+            None => Param::from_mapped_value(id, tensor, mapper),
+        }
+    }
+}
+
+/// The updates of [`merge`]: per module path, the factors and their multipliers.
+struct AddDeltas<'a, B: Backend> {
+    plan: HashMap<String, Vec<(&'a crate::LoraLayer, f32)>>,
+    originals: HashMap<String, Tensor<B, 1>>,
+    device: B::Device,
+}
+
+impl<B: Backend> ParamChange<B> for AddDeltas<'_, B> {
+    fn change<const D: usize>(
+        &mut self,
+        path: &str,
+        linear: bool,
+        tensor: &Tensor<B, D>,
+    ) -> Option<Tensor<B, D>> {
+        let layers = self.plan.get(path)?;
+        let dims = tensor.dims();
+        let dtype = tensor.dtype();
+        let as_f32 = |data: &TensorData, rows: usize, cols: usize| {
+            let mut d = data.clone().convert_dtype(DType::F32);
+            d.shape = vec![rows, cols].into();
+            Tensor::<B, 2>::from_data(d, (&self.device, DType::F32))
+        };
+        let mut sum: Option<Tensor<B, 2>> = None;
+        for (layer, weight) in layers {
+            let (out, inputs) = layer.delta_shape();
+            let rank = layer.rank();
+            let up = as_f32(&layer.up, out, rank).mul_scalar(layer.scale() * weight);
+            let down = as_f32(&layer.down, rank, inputs);
+            // Burn's Linear holds W^T ([in, out]): add (up·down)^T = down^T·up^T.
+            let delta = if linear {
+                down.transpose().matmul(up.transpose())
+            } else {
+                up.matmul(down)
+            };
+            sum = Some(match sum {
+                Some(s) => s + delta,
+                None => delta,
+            });
+        }
+        let sum = sum?;
+        self.originals
+            .insert(path.to_string(), tensor.clone().flatten(0, D - 1));
+        // In f32, then stored in the weight's own dtype.
+        let merged = tensor.clone().cast(DType::F32) + sum.reshape(dims);
+        Some(merged.cast(dtype))
+    }
+}
+
+/// What [`Merged::restore`] puts back.
+struct Restore<B: Backend> {
+    originals: HashMap<String, Tensor<B, 1>>,
+}
+
+impl<B: Backend> ParamChange<B> for Restore<B> {
+    fn change<const D: usize>(
+        &mut self,
+        path: &str,
+        _linear: bool,
+        tensor: &Tensor<B, D>,
+    ) -> Option<Tensor<B, D>> {
+        let original = self.originals.remove(path)?;
+        Some(original.reshape(tensor.dims()))
     }
 }
 
@@ -80,14 +189,14 @@ fn closest<'a>(name: &str, names: impl Iterator<Item = &'a String>) -> Option<&'
 /// fails the merge with every such problem of the file listed. The sums are computed in f32
 /// and stored in each weight's own dtype.
 pub fn merge<B: Backend, M: Module<B>>(
-    mut module: M,
+    module: M,
     component: Component,
     files: &[(&LoraFile, f32)],
     checkpoint_key: &dyn Fn(&str) -> Option<String>,
     rename: Option<Rename<'_>>,
     options: MergeOptions,
     device: &B::Device,
-) -> Result<(M, Merged)> {
+) -> Result<(M, Merged<B>)> {
     let snapshots = module.collect(None, Some(Box::new(BurnToPyTorchAdapter)), false);
     let mut dotted: HashMap<String, usize> = HashMap::new();
     for (i, s) in snapshots.iter().enumerate() {
@@ -164,58 +273,31 @@ pub fn merge<B: Backend, M: Module<B>>(
         }
     }
 
-    // Sum each weight's updates, in f32 on the device.
-    let mut sums: HashMap<usize, Tensor<B, 2>> = HashMap::new();
-    let mut originals = Vec::new();
-    let as_f32 = |data: &TensorData, rows: usize, cols: usize| {
-        let mut d = data.clone().convert_dtype(DType::F32);
-        d.shape = vec![rows, cols].into();
-        Tensor::<B, 2>::from_data(d, (device, DType::F32))
-    };
+    // Add each weight's updates on the device, in one pass over the module.
+    let mut by_path: HashMap<String, Vec<(&crate::LoraLayer, f32)>> = HashMap::new();
     for (index, layer, weight) in plan {
-        let (out, inputs) = layer.delta_shape();
-        let rank = layer.rank();
-        let up = as_f32(&layer.up, out, rank);
-        let down = as_f32(&layer.down, rank, inputs);
-        let delta = up.matmul(down).mul_scalar(layer.scale() * weight);
-        let sum = match sums.remove(&index) {
-            Some(s) => s,
-            None => {
-                let data = snapshots[index].to_data().map_err(|e| {
-                    LoraError::Spec(format!("reading `{}`: {e:?}", snapshots[index].full_path()))
-                })?;
-                let sum = as_f32(&data, out, inputs);
-                originals.push(Original {
-                    path: snapshots[index].path_stack.clone().unwrap_or_default(),
-                    containers: snapshots[index].container_stack.clone().unwrap_or_default(),
-                    id: snapshots[index].tensor_id.unwrap_or_default(),
-                    data,
-                });
-                sum
-            }
-        };
-        sums.insert(index, sum + delta);
+        by_path
+            .entry(snapshots[index].full_path())
+            .or_default()
+            .push((layer, weight));
     }
-
-    let mut updated = Vec::new();
-    for (index, sum) in sums {
-        let s = &snapshots[index];
-        let mut data = sum.into_data().convert_dtype(s.dtype);
-        data.shape = s.shape.clone();
-        updated.push(TensorSnapshot::from_data(
-            data,
-            s.path_stack.clone().unwrap_or_default(),
-            s.container_stack.clone().unwrap_or_default(),
-            s.tensor_id.unwrap_or_default(),
-        ));
-    }
-    let count = updated.len();
     drop(snapshots);
-    let result = module.apply(updated, None, Some(Box::new(PyTorchToBurnAdapter)), false);
-    if !result.errors.is_empty() || result.applied.len() != count {
+    let count = by_path.len();
+    let mut mapper = PathMapper {
+        path: Vec::new(),
+        containers: Vec::new(),
+        visit: AddDeltas {
+            plan: by_path,
+            originals: HashMap::new(),
+            device: device.clone(),
+        },
+        done: 0,
+    };
+    let module = module.map(&mut mapper);
+    if mapper.done != count {
         return Err(LoraError::Spec(format!(
-            "applying {count} merged weights failed: {:?}",
-            result.errors
+            "merging found {} of the {count} weights it had planned",
+            mapper.done
         )));
     }
     Ok((
@@ -223,7 +305,7 @@ pub fn merge<B: Backend, M: Module<B>>(
         Merged {
             weights: count,
             unmatched,
-            originals,
+            originals: mapper.visit.originals,
         },
     ))
 }

@@ -81,6 +81,10 @@ pub struct TrainConfig {
     /// deviation of posterior samples over (up to 512 of) the training images, so that the
     /// U-Net sees unit-variance latents (how Stable Diffusion's 0.18215 was chosen).
     pub fit_scaling_factor: bool,
+    /// `sd train vae`: train the decoder alone, the encoder frozen, so that the latents (and
+    /// a U-Net trained on them) stay valid: how Stability's ft-EMA / ft-MSE decoders were
+    /// made for SD 1.x.
+    pub decoder_only: bool,
     /// Write `checkpoint-<step>/` every this many steps (0: only at the end).
     pub checkpoint_every: u64,
     /// How many checkpoints to keep (the oldest go first; 0 keeps all).
@@ -121,6 +125,7 @@ impl Default for TrainConfig {
             reconstruction: crate::vae::Reconstruction::L1,
             kl_weight: 1e-6,
             fit_scaling_factor: false,
+            decoder_only: false,
             validation_prompts: Vec::new(),
             validation_every: 0,
             validation_steps: 20,
@@ -158,6 +163,13 @@ impl TrainConfig {
         let bad = |m: String| Err(TrainError::Config(m));
         if self.model.is_none() && self.init.is_none() {
             return bad("no model to train: give --model (a diffusers folder) or --init".into());
+        }
+        if self.decoder_only && self.fit_scaling_factor {
+            return bad(
+                "--decoder-only keeps the encoder and so its latents: --fit-scaling-factor would \
+                 change what the U-Net sees"
+                    .into(),
+            );
         }
         if !(self.kl_weight.is_finite() && self.kl_weight >= 0.0) {
             return bad(format!("--kl-weight must be ≥ 0, got {}", self.kl_weight));

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
 use sd_core::AutoencoderKlConfig;
@@ -194,6 +194,11 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
             )
         }
     };
+    // A frozen encoder: its parameters leave the autodiff graph, so the backward pass stops
+    // at the latents and no encoder gradient is computed.
+    if config.decoder_only {
+        encoder = encoder.no_grad();
+    }
     std::fs::write(output.join("train_config.json"), config.to_json())
         .map_err(|e| io(output, e))?;
     let objective = VaeObjective {
@@ -276,7 +281,9 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
             }
             loss_sum += value;
             let mut backward = losses.total.div_scalar(accumulation as f64).backward();
-            ge.accumulate(&encoder, &mut backward);
+            if !config.decoder_only {
+                ge.accumulate(&encoder, &mut backward);
+            }
             gd.accumulate(&decoder, &mut backward);
         }
         let grad_norm =
@@ -288,7 +295,9 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
             )));
         }
         let rate = lr.lr(step);
-        encoder = adam_e.step(encoder, ge, rate);
+        if !config.decoder_only {
+            encoder = adam_e.step(encoder, ge, rate);
+        }
         decoder = adam_d.step(decoder, gd, rate);
         let entry = StepLog {
             step: step + 1,
