@@ -314,3 +314,60 @@ fn kohya_sdxl_names_in_the_original_layout_give_the_same_image() {
     );
     report.finish();
 }
+
+/// Each layout written in kohya's (`LoraFile::save_kohya`, f16 factors, alphas as keys) reads
+/// back as kohya's with the same layers and gives diffusers' image of the original file.
+#[test]
+fn every_layout_converts_to_kohya_and_gives_the_same_image() {
+    use sd::lora::LoraFormat;
+    let dir = std::env::temp_dir().join(format!("sd-lora-kohya-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let device = Default::default();
+    let mut report = Report::default();
+    for (name, file, label) in [
+        ("tiny_sd1", "diffusers.safetensors", "diffusers"),
+        ("tiny_sd1", "peft/adapter_model.safetensors", "peft"),
+        ("tiny_sdxl", "diffusers.safetensors", "diffusers"),
+    ] {
+        let case = case(name);
+        let source = open(&case, file);
+        let path = dir.join(format!("{name}-{label}.safetensors"));
+        source
+            .save_kohya(&path, burn::tensor::DType::F16)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let back = Arc::new(LoraFile::open(&path).unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(back.format, LoraFormat::Kohya);
+        assert_eq!(back.layers.len(), source.layers.len(), "{name} {label}");
+        assert_eq!(back.components(), source.components());
+        assert_eq!(back.metadata["ss_network_module"], "networks.lora");
+        let scales = |f: &LoraFile| {
+            let mut s: Vec<String> = f
+                .layers
+                .iter()
+                .map(|l| format!("{:?} {} {}", l.component, l.rank(), l.scale()))
+                .collect();
+            s.sort();
+            s
+        };
+        assert_eq!(scales(&back), scales(&source), "{name} {label}");
+        let (latents, _) = generate::<Flex>(name, vec![(back, 1.0)], &device);
+        let reference = Reference::open(&case);
+        let tolerance = manifest(&case)["generation"]["tolerance"].as_f64().unwrap() as f32;
+        let expected: Tensor<Flex, 4> = reference.tensor(&format!("{label}.latents_out"), &device);
+        let scale = expected
+            .clone()
+            .abs()
+            .max()
+            .into_scalar()
+            .elem::<f32>()
+            .max(1.0);
+        report.check(
+            &format!("{name} {label} as kohya"),
+            latents,
+            expected,
+            tolerance * scale,
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    report.finish();
+}

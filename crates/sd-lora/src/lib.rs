@@ -11,6 +11,8 @@
 //! whose parameters carry checkpoint key names, and hands back what it replaced so that the
 //! model can be switched back without reloading ([`Merged::restore`]).
 //!
+//! [`LoraFile::save_kohya`] writes any of them in kohya's layout.
+//!
 //! Every unmatched key and every shape that does not fit is reported by name, all at once;
 //! nothing is skipped unless the caller asks for it ([`MergeOptions::ignore_unmatched`]).
 
@@ -19,6 +21,7 @@ mod file;
 mod hash;
 mod merge;
 mod prompt;
+mod save;
 
 pub use error::{LoraError, Result};
 pub use file::{Component, LoraFile, LoraFormat, LoraLayer, ModuleName};
