@@ -53,6 +53,7 @@ const TARGETS: &[&str] = &[
     "tokenizer",
     "prompt",
     "image",
+    "lora",
 ];
 
 /// An execution that takes longer than this is a hang (`SD_FUZZ_HANG_SECS` overrides).
@@ -1955,6 +1956,56 @@ fn single_file_target() -> Target {
     }
 }
 
+/// `sd generate --lora FILE`: a LoRA file read (every layout) and merged into tiny_sd1's U-Net
+/// and text encoder, strictly or leaving unmatched layers out.
+fn lora_target() -> Target {
+    let device = Default::default();
+    let scratch = Scratch::new("lora");
+    let path = scratch.0.join("lora.safetensors");
+    let loras = fixtures().join("lora/tiny_sd1");
+    let corpus = [
+        "kohya.safetensors",
+        "diffusers.safetensors",
+        "peft/adapter_model.safetensors",
+    ]
+    .iter()
+    .map(|f| std::fs::read(loras.join(f)).expect("the fixture LoRAs"))
+    .collect();
+    let model = sd::Model::from_folder(model_dir(), None).expect("tiny_sd1");
+    let exec = move |input: &[u8]| {
+        let _keep = &scratch;
+        std::fs::write(&path, input).unwrap();
+        let v = variant(input);
+        let Some(file) = ok(sd_lora::LoraFile::open(&path)) else {
+            return 0;
+        };
+        let weight = [1.0, -0.5, 2.0][(v % 3) as usize];
+        let Some(with) = ok(model
+            .clone()
+            .with_lora_ignore_unmatched(v.is_multiple_of(2))
+            .with_loras(vec![(Arc::new(file), weight)]))
+        else {
+            return 1;
+        };
+        let mut depth = 2;
+        if ok(with.load_unet::<B>(&device)).is_some() {
+            depth += 1;
+        }
+        if v.is_multiple_of(3)
+            && ok(with.load_conditioner::<B>(PromptSyntax::default(), 0, &device)).is_some()
+        {
+            depth += 1;
+        }
+        depth
+    };
+    Target {
+        name: "lora",
+        corpus,
+        mutate: mutate_safetensors,
+        exec: Box::new(exec),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tokenizer files and prompts.
 
@@ -2280,6 +2331,8 @@ fn prompt_target() -> Target {
             &exclamation
         };
         let _ = sd_conditioner::parse_weights(&prompt);
+        // `sd generate` takes A1111's <lora:…> tags out first.
+        let _ = sd_lora::extract_prompt_loras(&prompt);
         match sd_conditioner::tokenize_prompt(tokenizer, &prompt) {
             Ok(_) => 1,
             Err(_) => 0,
@@ -2568,6 +2621,7 @@ fn make_target(name: &str) -> Target {
         "tokenizer" => tokenizer_target(),
         "prompt" => prompt_target(),
         "image" => image_target(),
+        "lora" => lora_target(),
         other => panic!("no fuzz target `{other}`; the targets are {TARGETS:?}"),
     }
 }
@@ -2643,6 +2697,11 @@ fn fuzz_prompt() {
 #[test]
 fn fuzz_image() {
     short_run("image", 2000);
+}
+
+#[test]
+fn fuzz_lora() {
+    short_run("lora", 300);
 }
 
 /// Every file kept in `tests/fuzz-corpus/<target>/` runs without a panic, an abort or a hang.
