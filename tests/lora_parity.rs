@@ -63,6 +63,11 @@ fn generate<B: Backend>(
     (out.latents, ((out.images + 1.0) / 2.0).clamp(0.0, 1.0))
 }
 
+/// The largest |value| of a reference tensor, at least 1: latents' tolerances scale with it.
+fn magnitude<B: Backend>(t: &Tensor<B, 4>) -> f32 {
+    t.clone().abs().max().into_scalar().elem::<f32>().max(1.0)
+}
+
 fn every_case<B: Backend>(device: &B::Device, backend: &str, models: &[&str]) {
     let mut report = Report::default();
     for &name in models {
@@ -87,13 +92,7 @@ fn every_case<B: Backend>(device: &B::Device, backend: &str, models: &[&str]) {
                 .collect();
             let (latents, image) = generate::<B>(name, loras, device);
             let expected: Tensor<B, 4> = reference.tensor(&format!("{label}.latents_out"), device);
-            let scale = expected
-                .clone()
-                .abs()
-                .max()
-                .into_scalar()
-                .elem::<f32>()
-                .max(1.0);
+            let scale = magnitude(&expected);
             // The LoRA must matter: its latents are far from the base model's.
             let base: Tensor<B, 4> = reference.tensor("base.latents_out", device);
             let moved = (expected.clone() - base)
@@ -354,13 +353,7 @@ fn every_layout_converts_to_kohya_and_gives_the_same_image() {
         let reference = Reference::open(&case);
         let tolerance = manifest(&case)["generation"]["tolerance"].as_f64().unwrap() as f32;
         let expected: Tensor<Flex, 4> = reference.tensor(&format!("{label}.latents_out"), &device);
-        let scale = expected
-            .clone()
-            .abs()
-            .max()
-            .into_scalar()
-            .elem::<f32>()
-            .max(1.0);
+        let scale = magnitude(&expected);
         report.check(
             &format!("{name} {label} as kohya"),
             latents,

@@ -33,19 +33,11 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 from peft import LoraConfig, inject_adapter_in_model, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from roundtrip_fixtures import GENERATION
 from safetensors.torch import load_file, save_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-GENERATION = dict(
-    prompt="a red square on a blue background",
-    negative_prompt="blurry",
-    steps=2,
-    guidance_scale=7.5,
-    height=32,
-    width=32,
-    latent_seed=2024,
-    generator_seed=2025,
-)
+# The roundtrip fixtures' generation (the same prompt, steps, size and seeds).
 TOLERANCE = 1e-4
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]

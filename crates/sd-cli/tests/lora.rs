@@ -3,10 +3,9 @@
 //! tests/lora_parity.rs; here: the command's flags, its PNG record and its errors).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 mod common;
-use common::tiny_model;
+use common::{parameters, sd, tiny_model};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sd-cli-lora-{}-{name}", std::process::id()));
@@ -17,30 +16,6 @@ fn scratch(name: &str) -> PathBuf {
 
 fn loras() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/lora/tiny_sd1")
-}
-
-fn sd(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sd"))
-        .args(args)
-        .output()
-        .expect("runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn parameters(path: &Path) -> String {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let reader = decoder.read_info().unwrap();
-    reader
-        .info()
-        .uncompressed_latin1_text
-        .iter()
-        .find(|t| t.keyword == "parameters")
-        .map(|t| t.text.clone())
-        .expect("a parameters chunk")
 }
 
 fn generate(prompt: &str, extra: &[&str], out: &Path) -> (bool, String) {

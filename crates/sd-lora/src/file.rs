@@ -114,6 +114,8 @@ pub struct LoraFile {
     pub layers: Vec<LoraLayer>,
     /// The header's `__metadata__` (kohya's `ss_network_dim`, `ss_network_alpha`, …).
     pub metadata: BTreeMap<String, String>,
+    /// [`crate::addnet_hash`] of the file, computed on first use (every image of a run records it).
+    hash: std::sync::OnceLock<Option<String>>,
 }
 
 /// Which factor (or alpha) a key holds.
@@ -459,12 +461,31 @@ impl LoraFile {
         if !problems.is_empty() {
             return Err(bad(crate::error::summary(&problems)));
         }
-        Ok(Self {
-            path: path.to_path_buf(),
+        Ok(Self::new(path, format, layers, file.metadata().clone()))
+    }
+
+    /// A LoRA from layers already in memory (to write with [`Self::save_kohya`], or to merge).
+    pub fn new(
+        path: impl AsRef<Path>,
+        format: LoraFormat,
+        layers: Vec<LoraLayer>,
+        metadata: BTreeMap<String, String>,
+    ) -> Self {
+        Self {
+            path: path.as_ref().to_path_buf(),
             format,
             layers,
-            metadata: file.metadata().clone(),
-        })
+            metadata,
+            hash: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The file's addnet hash ([`crate::addnet_hash`]), read once; `None` when the file cannot
+    /// be read.
+    pub fn addnet_hash(&self) -> Option<&str> {
+        self.hash
+            .get_or_init(|| crate::addnet_hash(&self.path).ok())
+            .as_deref()
     }
 
     /// The components the file adapts.

@@ -52,8 +52,8 @@ pub fn parameters_text(model: &Model, options: &GenerateOptions, sampler: &str) 
         .loras()
         .iter()
         .filter_map(|(file, _)| {
-            let hash = sd_lora::addnet_hash(&file.path).ok()?;
-            Some(format!("{}: {}", file.name(), &hash[..12]))
+            let hash = file.addnet_hash()?;
+            Some(format!("{}: {}", file.name(), hash.get(..12)?))
         })
         .collect();
     if !hashes.is_empty() {
