@@ -1,4 +1,5 @@
-//! `sd convert`: a model to a diffusers folder ([`sd::Model::save`]).
+//! `sd convert`: a model to a diffusers folder ([`sd::Model::save`]) or to a single-file
+//! checkpoint in the original layout ([`sd::Model::save_single_file`]).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -11,7 +12,9 @@ use sd::Model;
 pub struct ConvertArgs {
     /// The model to read: a single-file .safetensors checkpoint or a diffusers folder.
     input: PathBuf,
-    /// The diffusers folder to write: must not exist yet (or be empty).
+    /// What to write: a diffusers folder (must not exist yet, or be empty), or, for a path
+    /// ending in `.safetensors`, a single-file checkpoint in the original layout (A1111,
+    /// ComfyUI, stable-diffusion.cpp); an existing file there is replaced.
     output: PathBuf,
     /// For a single-file checkpoint: a diffusers folder whose component configs and tokenizers
     /// to use (as with `sd generate --config`).
@@ -52,13 +55,6 @@ pub fn run(args: ConvertArgs) -> Result<String, String> {
         .output
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
-    if writes_single_file {
-        return Err(format!(
-            "{}: writing single-file checkpoints is not supported yet; give a folder to write a \
-             diffusers model into",
-            args.output.display()
-        ));
-    }
     let input = &args.input;
     let meta = std::fs::metadata(input)
         .map_err(|e| format!("{}: cannot read the model: {e}", input.display()))?;
@@ -68,7 +64,11 @@ pub fn run(args: ConvertArgs) -> Result<String, String> {
             input.display()
         ));
     }
-    sd::check_model_output(&args.output).map_err(|e| e.to_string())?;
+    if writes_single_file {
+        sd_core::files::check_output_path(&args.output).map_err(|e| e.to_string())?;
+    } else {
+        sd::check_model_output(&args.output).map_err(|e| e.to_string())?;
+    }
     let model = if meta.is_dir() {
         Model::from_folder(input, None)
     } else {
@@ -85,13 +85,21 @@ pub fn run(args: ConvertArgs) -> Result<String, String> {
             .unwrap_or(DType::F32),
     };
     let started = Instant::now();
-    model
-        .save::<SaveBackend>(&args.output, dtype, &Default::default())
-        .map_err(|e| e.to_string())?;
+    let what = if writes_single_file {
+        model.save_single_file::<SaveBackend>(&args.output, dtype, &Default::default())
+    } else {
+        model.save::<SaveBackend>(&args.output, dtype, &Default::default())
+    };
+    what.map_err(|e| e.to_string())?;
     Ok(format!(
-        "wrote {} ({} diffusers folder, {} weights) in {:.1} s",
+        "wrote {} ({} {}, {} weights) in {:.1} s",
         args.output.display(),
         model.family().name(),
+        if writes_single_file {
+            "single-file checkpoint"
+        } else {
+            "diffusers folder"
+        },
         dtype_name(dtype),
         started.elapsed().as_secs_f64()
     ))

@@ -27,7 +27,8 @@ enum Command {
     /// an A1111-style `parameters` text chunk).
     Generate(Box<generate::GenerateArgs>),
     /// Write a model (a single-file .safetensors checkpoint or a diffusers folder) as a
-    /// diffusers folder that diffusers' `from_pretrained` opens.
+    /// diffusers folder that diffusers' `from_pretrained` opens, or as a single file in the
+    /// original layout (an output ending in .safetensors).
     Convert(convert::ConvertArgs),
     /// Train a model on a folder of captioned images: fine-tune a diffusers folder's U-Net
     /// (or train one from scratch with --init), with checkpoints, resume and a loss log.

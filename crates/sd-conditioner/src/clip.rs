@@ -424,6 +424,14 @@ impl<B: Backend> ClipTextModel<B> {
         )
     }
 
+    /// The weights under transformers' key names, always with the `text_model.` level
+    /// (`text_model.encoder.layers.0.self_attn.q_proj.weight`, `text_projection.weight`), as
+    /// single-file checkpoints hold a transformers CLIP (`cond_stage_model.transformer.…`);
+    /// read lazily.
+    pub fn weight_tensors(&self) -> Vec<(String, sd_core::weights::TensorSnapshot)> {
+        sd_core::weights::module_tensors(self, &|k| checkpoint_key(k, true))
+    }
+
     /// Fills the weights from a transformers state dict.
     pub fn load_weights(self, file: &SafetensorsFile, options: LoadOptions) -> Result<Self> {
         load_safetensors(self, file, &transformers_key, options)

@@ -17,7 +17,7 @@ pub use conditioner::{
     ClipConditioner, ClipStage, Conditioner, Conditioning, LayerChoice, PromptSyntax, TextWiring,
     padding_of,
 };
-pub use open_clip::open_clip_to_transformers;
+pub use open_clip::{open_clip_to_transformers, transformers_to_open_clip};
 pub use prompt::{
     CHUNK_TOKENS, COMMA_BACKTRACK, MAX_CHUNKS, MAX_NESTING, MAX_PROMPT_CHARS, MAX_WEIGHT,
     PromptError, PromptTokens, Weighted, parse_weights, tokenize_prompt,

@@ -1,9 +1,12 @@
 //! OpenCLIP's text towers (SD 2.x's ViT-H, SDXL's ViT-bigG) as single-file checkpoints store
-//! them, converted to the transformers layout our CLIP model is built with.
+//! them, converted to the transformers layout our CLIP model is built with, and back.
 
-use burn::tensor::DType;
+use std::rc::Rc;
+
+use burn::module::ParamId;
+use burn::tensor::{DType, TensorData};
 use sd_core::CoreError;
-use sd_core::weights::SafetensorsFile;
+use sd_core::weights::{SafetensorsFile, TensorSnapshot};
 
 use sd_core::Result;
 
@@ -148,4 +151,144 @@ pub fn open_clip_to_transformers(
         reason: e.to_string(),
     })?;
     SafetensorsFile::from_bytes(format!("{} ({prefix}*)", file.path().display()), serialized)
+}
+
+/// Concatenates same-dtype tensors along their first dimension (row-major data, so their bytes
+/// one after another): how OpenCLIP's fused `in_proj` holds q, k and v.
+fn stacked(parts: Vec<TensorSnapshot>) -> Result<TensorSnapshot> {
+    let first = parts.first().ok_or_else(|| CoreError::Config {
+        path: "text_encoder".into(),
+        reason: "nothing to stack".into(),
+    })?;
+    let (dtype, rest) = (first.dtype, first.shape.as_slice()[1..].to_vec());
+    if parts
+        .iter()
+        .any(|p| p.dtype != dtype || p.shape.as_slice()[1..] != rest[..])
+    {
+        return Err(CoreError::Config {
+            path: "text_encoder".into(),
+            reason: "q, k and v projections of different shapes or dtypes".into(),
+        });
+    }
+    let rows: usize = parts.iter().map(|p| p.shape.as_slice()[0]).sum();
+    let shape: Vec<usize> = std::iter::once(rows).chain(rest).collect();
+    let fns: Vec<_> = parts.iter().map(TensorSnapshot::clone_data_fn).collect();
+    let target = shape.clone();
+    Ok(TensorSnapshot::from_closure(
+        Rc::new(move || {
+            let mut bytes = Vec::new();
+            for f in &fns {
+                bytes.extend_from_slice(f()?.as_bytes());
+            }
+            Ok(TensorData::from_bytes_vec(bytes, target.clone(), dtype))
+        }),
+        dtype,
+        shape.into(),
+        Vec::new(),
+        Vec::new(),
+        ParamId::new(),
+    ))
+}
+
+/// A 2-D tensor transposed (OpenCLIP's `text_projection` is the transpose of a Linear's
+/// weight).
+fn transposed(t: TensorSnapshot) -> Result<TensorSnapshot> {
+    let [rows, cols] = t.shape.as_slice() else {
+        return Err(CoreError::Config {
+            path: "text_encoder".into(),
+            reason: format!(
+                "text_projection has shape {:?}, not 2-D",
+                t.shape.as_slice()
+            ),
+        });
+    };
+    let (rows, cols, dtype) = (*rows, *cols, t.dtype);
+    let data = t.clone_data_fn();
+    Ok(TensorSnapshot::from_closure(
+        Rc::new(move || {
+            let d = data()?;
+            let bytes = d.as_bytes();
+            let size = bytes.len() / (rows * cols).max(1);
+            let mut out = vec![0u8; bytes.len()];
+            for r in 0..rows {
+                for c in 0..cols {
+                    let (to, from) = ((c * rows + r) * size, (r * cols + c) * size);
+                    out[to..to + size].copy_from_slice(&bytes[from..from + size]);
+                }
+            }
+            Ok(TensorData::from_bytes_vec(out, vec![cols, rows], dtype))
+        }),
+        dtype,
+        vec![cols, rows].into(),
+        Vec::new(),
+        Vec::new(),
+        ParamId::new(),
+    ))
+}
+
+/// A text encoder's weights in transformers' names (`ClipTextModel::weight_tensors`) as an
+/// OpenCLIP text tower under `prefix` (`cond_stage_model.model.` for SD 2.x,
+/// `conditioner.embedders.1.model.` for SDXL): the inverse of [`open_clip_to_transformers`].
+/// q, k and v are fused into `attn.in_proj_*`, `text_projection` is transposed; OpenCLIP's
+/// unused `logit_scale` is not written.
+pub fn transformers_to_open_clip(
+    tensors: Vec<(String, TensorSnapshot)>,
+    prefix: &str,
+) -> Result<Vec<(String, TensorSnapshot)>> {
+    let mut out = Vec::new();
+    // (layer, weight or bias) → q, k, v, in that order once all three are seen.
+    let mut fused: std::collections::BTreeMap<(usize, String), [Option<TensorSnapshot>; 3]> =
+        Default::default();
+    for (key, t) in tensors {
+        let unknown = || CoreError::Config {
+            path: "text_encoder".into(),
+            reason: format!("the text encoder weight `{key}` has no place in OpenCLIP's layout"),
+        };
+        let rest = key.strip_prefix("text_model.");
+        let parts: Vec<&str> = rest.unwrap_or(key.as_str()).split('.').collect();
+        let name = match (rest.is_some(), parts.as_slice()) {
+            (false, ["text_projection", "weight"]) => {
+                out.push((format!("{prefix}text_projection"), transposed(t)?));
+                continue;
+            }
+            (true, ["embeddings", "token_embedding", "weight"]) => "token_embedding.weight".into(),
+            (true, ["embeddings", "position_embedding", "weight"]) => "positional_embedding".into(),
+            (true, ["final_layer_norm", p]) => format!("ln_final.{p}"),
+            (true, ["encoder", "layers", i, tail @ ..]) => {
+                let i: usize = i.parse().map_err(|_| unknown())?;
+                let block = format!("transformer.resblocks.{i}.");
+                match tail {
+                    ["layer_norm1", p] => format!("{block}ln_1.{p}"),
+                    ["layer_norm2", p] => format!("{block}ln_2.{p}"),
+                    ["self_attn", "out_proj", p] => format!("{block}attn.out_proj.{p}"),
+                    ["mlp", "fc1", p] => format!("{block}mlp.c_fc.{p}"),
+                    ["mlp", "fc2", p] => format!("{block}mlp.c_proj.{p}"),
+                    ["self_attn", proj @ ("q_proj" | "k_proj" | "v_proj"), p] => {
+                        let slot = ["q_proj", "k_proj", "v_proj"]
+                            .iter()
+                            .position(|x| x == proj)
+                            .unwrap_or(0);
+                        fused.entry((i, p.to_string())).or_default()[slot] = Some(t);
+                        continue;
+                    }
+                    _ => return Err(unknown()),
+                }
+            }
+            _ => return Err(unknown()),
+        };
+        out.push((format!("{prefix}{name}"), t));
+    }
+    for ((i, p), [q, k, v]) in fused {
+        let (Some(q), Some(k), Some(v)) = (q, k, v) else {
+            return Err(CoreError::Config {
+                path: "text_encoder".into(),
+                reason: format!("layer {i} lacks one of its q, k and v projections ({p})"),
+            });
+        };
+        out.push((
+            format!("{prefix}transformer.resblocks.{i}.attn.in_proj_{p}"),
+            stacked(vec![q, k, v])?,
+        ));
+    }
+    Ok(out)
 }

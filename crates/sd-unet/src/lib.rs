@@ -12,6 +12,8 @@ mod unet;
 pub use blocks::{DownBlock, MidBlock, UpBlock};
 pub use config::{BlockKind, PerBlock, UNet2DConditionConfig};
 pub use embeddings::{TimestepEmbedding, timestep_embedding};
-pub use single_file::{LDM_UNET_PREFIX, kohya_ldm_to_diffusers, ldm_to_diffusers_key};
+pub use single_file::{
+    LDM_UNET_PREFIX, diffusers_to_ldm_key, kohya_ldm_to_diffusers, ldm_to_diffusers_key,
+};
 pub use transformer::{Attention, BasicTransformerBlock, FeedForward, Transformer2d};
 pub use unet::{TextTimeConditioning, UNet2DConditionModel, checkpoint_key};

@@ -74,6 +74,89 @@ pub fn ldm_to_diffusers_key(key: &str, layers_per_block: usize) -> Option<String
     })
 }
 
+/// diffusers' ResNet sub-layer names back onto LDM's sequential indices.
+fn ldm_resnet(rest: &str) -> String {
+    let (layer, param) = rest.split_once('.').unwrap_or((rest, ""));
+    let layer = match layer {
+        "norm1" => "in_layers.0",
+        "conv1" => "in_layers.2",
+        "norm2" => "out_layers.0",
+        "conv2" => "out_layers.3",
+        "time_emb_proj" => "emb_layers.1",
+        "conv_shortcut" => "skip_connection",
+        other => other,
+    };
+    format!("{layer}.{param}")
+}
+
+/// The single-file key (`model.diffusion_model.…`) of a diffusers U-Net key: the inverse of
+/// [`ldm_to_diffusers_key`], as diffusers' `convert_diffusers_to_original_stable_diffusion.py`
+/// writes it. `up_has_attention[b]` says whether up block `b` has transformers (the upsampler
+/// then sits third in its `output_blocks` entry rather than second). `None` for a key that is
+/// not a U-Net weight of that layout.
+pub fn diffusers_to_ldm_key(
+    key: &str,
+    layers_per_block: usize,
+    up_has_attention: &[bool],
+) -> Option<String> {
+    let fixed = [
+        ("time_embedding.linear_1.", "time_embed.0."),
+        ("time_embedding.linear_2.", "time_embed.2."),
+        ("add_embedding.linear_1.", "label_emb.0.0."),
+        ("add_embedding.linear_2.", "label_emb.0.2."),
+        ("conv_in.", "input_blocks.0.0."),
+        ("conv_norm_out.", "out.0."),
+        ("conv_out.", "out.2."),
+    ];
+    for (from, to) in fixed {
+        if let Some(rest) = key.strip_prefix(from) {
+            return Some(format!("{LDM_UNET_PREFIX}{to}{rest}"));
+        }
+    }
+    let per = layers_per_block + 1;
+    let mut parts = key.splitn(4, '.');
+    let (group, first, second, rest) = (parts.next()?, parts.next()?, parts.next()?, parts.next());
+    let ldm = match group {
+        "mid_block" => {
+            let j: usize = second.parse().ok()?;
+            let rest = rest?;
+            match (first, j) {
+                ("resnets", 0 | 1) => format!("middle_block.{}.{}", 2 * j, ldm_resnet(rest)),
+                ("attentions", 0) => format!("middle_block.1.{rest}"),
+                _ => return None,
+            }
+        }
+        "down_blocks" | "up_blocks" => {
+            let b: usize = first.parse().ok()?;
+            let mut tail = rest?.splitn(2, '.');
+            let (j, rest) = (tail.next()?.parse::<usize>().ok()?, tail.next()?);
+            let down = group == "down_blocks";
+            match second {
+                "resnets" | "attentions" if j < per => {
+                    let index = if down { 1 + b * per + j } else { b * per + j };
+                    let (list, sub) = (if down { "input" } else { "output" }, second);
+                    if sub == "resnets" {
+                        format!("{list}_blocks.{index}.0.{}", ldm_resnet(rest))
+                    } else {
+                        format!("{list}_blocks.{index}.1.{rest}")
+                    }
+                }
+                "downsamplers" if down && j == 0 => {
+                    let param = rest.strip_prefix("conv.")?;
+                    format!("input_blocks.{}.0.op.{param}", 1 + b * per + per - 1)
+                }
+                "upsamplers" if !down && j == 0 => {
+                    let slot = if *up_has_attention.get(b)? { 2 } else { 1 };
+                    format!("output_blocks.{}.{slot}.{rest}", b * per + per - 1)
+                }
+                _ => return None,
+            }
+        }
+        _ => return None,
+    };
+    Some(format!("{LDM_UNET_PREFIX}{ldm}"))
+}
+
 /// A kohya LoRA module name in the original layout (SDXL LoRAs from kohya's sd-scripts:
 /// `input_blocks_4_1_transformer_blocks_0_attn1_to_q`, the `lora_unet_` prefix removed) as
 /// the same name in diffusers' layout, underscored as kohya writes it
@@ -179,6 +262,50 @@ mod tests {
             super::kohya_ldm_to_diffusers("down_blocks_0_attentions_0_proj_in", 2),
             None
         );
+    }
+
+    #[test]
+    fn writes_the_layout_it_reads() {
+        // SD 1.5's down blocks: attention in the first three, none in the last; up blocks the
+        // other way round.
+        let up = [false, true, true, true];
+        let p = |k: &str| format!("model.diffusion_model.{k}");
+        let cases = [
+            "time_embed.2.bias",
+            "label_emb.0.0.weight",
+            "input_blocks.0.0.weight",
+            "input_blocks.1.0.in_layers.0.weight",
+            "input_blocks.2.1.proj_in.weight",
+            "input_blocks.3.0.op.bias",
+            "input_blocks.4.0.skip_connection.weight",
+            "input_blocks.11.0.emb_layers.1.weight",
+            "middle_block.0.out_layers.3.weight",
+            "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+            "middle_block.2.emb_layers.1.weight",
+            "output_blocks.2.1.conv.weight",
+            "output_blocks.5.2.conv.bias",
+            "output_blocks.5.1.norm.weight",
+            "output_blocks.11.0.skip_connection.bias",
+            "out.0.weight",
+            "out.2.weight",
+        ];
+        for ldm in cases {
+            let diffusers = map(&p(ldm), 2).unwrap();
+            assert_eq!(
+                super::diffusers_to_ldm_key(&diffusers, 2, &up).as_deref(),
+                Some(p(ldm).as_str()),
+                "{diffusers}"
+            );
+        }
+        for other in [
+            "down_blocks.0.resnets.3.conv1.weight",
+            "up_blocks.0.downsamplers.0.conv.weight",
+            "mid_block.attentions.1.norm.weight",
+            "up_blocks.9.upsamplers.0.conv.weight",
+            "text_model.final_layer_norm.weight",
+        ] {
+            assert_eq!(super::diffusers_to_ldm_key(other, 2, &up), None, "{other}");
+        }
     }
 
     #[test]

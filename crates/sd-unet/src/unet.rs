@@ -7,8 +7,8 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use sd_core::layers::{conv2d, conv2d_forward, group_norm};
 use sd_core::weights::{
-    LoadOptions, SafetensorsFile, diffusers_weights_path, load_safetensors, module_tensors,
-    reshaped, save_tensors,
+    LoadOptions, SafetensorsFile, TensorSnapshot, diffusers_weights_path, load_safetensors,
+    module_tensors, reshaped, save_tensors,
 };
 use sd_core::{CoreError, Result};
 
@@ -160,18 +160,11 @@ impl<B: Backend> UNet2DConditionModel<B> {
         load_safetensors(self, file, &diffusers_key, options)
     }
 
-    /// Saves the weights as diffusers' `diffusion_pytorch_model.safetensors` for a U-Net of
-    /// `config`: its key names (the inverse of [`Self::load_weights`]'s map) and shapes (the
-    /// transformers' projections as 1×1 convolutions unless `use_linear_projection`), in
-    /// `dtype`, written atomically.
-    pub fn save_weights(
-        &self,
-        config: &UNet2DConditionConfig,
-        path: impl AsRef<Path>,
-        dtype: burn::tensor::DType,
-    ) -> Result<()> {
-        let metadata = std::collections::BTreeMap::from([("format".into(), "pt".into())]);
-        let tensors = module_tensors(self, &checkpoint_key)
+    /// The weights under diffusers' key names (the inverse of [`Self::load_weights`]'s map)
+    /// and shapes (the transformers' projections as 1×1 convolutions unless
+    /// `use_linear_projection`), read lazily.
+    pub fn weight_tensors(&self, config: &UNet2DConditionConfig) -> Vec<(String, TensorSnapshot)> {
+        module_tensors(self, &checkpoint_key)
             .into_iter()
             .map(|(key, t)| {
                 let projection =
@@ -184,8 +177,52 @@ impl<B: Backend> UNet2DConditionModel<B> {
                     _ => (key, t),
                 }
             })
+            .collect()
+    }
+
+    /// Saves the weights as diffusers' `diffusion_pytorch_model.safetensors` for a U-Net of
+    /// `config` ([`Self::weight_tensors`]), in `dtype`, written atomically.
+    pub fn save_weights(
+        &self,
+        config: &UNet2DConditionConfig,
+        path: impl AsRef<Path>,
+        dtype: burn::tensor::DType,
+    ) -> Result<()> {
+        let metadata = std::collections::BTreeMap::from([("format".into(), "pt".into())]);
+        save_tensors(self.weight_tensors(config), path, dtype, Some(&metadata))
+    }
+
+    /// The weights under the original single-file layout's keys (`model.diffusion_model.…`,
+    /// [`crate::diffusers_to_ldm_key`]): the inverse of [`Self::load_single_file`].
+    pub fn single_file_tensors(
+        &self,
+        config: &UNet2DConditionConfig,
+    ) -> Result<Vec<(String, TensorSnapshot)>> {
+        let crate::PerBlock::One(layers) = config.layers_per_block else {
+            return Err(CoreError::Config {
+                path: "unet/config.json".into(),
+                reason: "single-file checkpoints need one layers_per_block for every block".into(),
+            });
+        };
+        let up: Vec<bool> = config
+            .up_block_types
+            .iter()
+            .map(|t| t.starts_with("CrossAttn"))
             .collect();
-        save_tensors(tensors, path, dtype, Some(&metadata))
+        self.weight_tensors(config)
+            .into_iter()
+            .map(
+                |(key, t)| match crate::diffusers_to_ldm_key(&key, layers, &up) {
+                    Some(ldm) => Ok((ldm, t)),
+                    None => Err(CoreError::Config {
+                        path: "unet/config.json".into(),
+                        reason: format!(
+                            "the U-Net weight `{key}` has no place in the single-file layout"
+                        ),
+                    }),
+                },
+            )
+            .collect()
     }
 
     /// Fills the weights from a single-file checkpoint in the original layout

@@ -267,6 +267,63 @@ impl Model {
         )
     }
 
+    /// Writes the model as one single-file checkpoint in the original (CompVis / Stability)
+    /// layout at `out`, its weights in `dtype`: the U-Net under `model.diffusion_model.`, the
+    /// VAE under `first_stage_model.`, and the text encoders where the family keeps them
+    /// (SD 1.x: `cond_stage_model.transformer.text_model.`; SD 2.x: OpenCLIP's layout under
+    /// `cond_stage_model.model.`; SDXL: `conditioner.embedders.0.transformer.text_model.` and
+    /// OpenCLIP's under `conditioner.embedders.1.model.`): the layout A1111, ComfyUI and
+    /// stable-diffusion.cpp load, and the inverse of [`Model::from_single_file`]. Configs and
+    /// tokenizers are not part of the layout (a reader takes the family's published ones or a
+    /// config folder, as `--config` gives).
+    ///
+    /// Every component is loaded at once in f32 (one file holds them all), and the file is
+    /// written atomically: beside `out`, then renamed into place.
+    pub fn save_single_file<B: Backend>(
+        &self,
+        out: &Path,
+        dtype: DType,
+        device: &B::Device,
+    ) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(SdError::InvalidOptions(format!(
+                "weights are written in f32, f16 or bf16, not {dtype:?}"
+            )));
+        }
+        sd_core::files::check_output_path(out)?;
+        let source = self.clone().with_dtype(DType::F32);
+        let unet = source.load_unet::<B>(device)?;
+        let mut tensors = unet.single_file_tensors(self.unet_config())?;
+        let encoder = source.load_vae_encoder::<B>(device)?;
+        let decoder = source.load_vae_decoder::<B>(device)?;
+        let mut vae = encoder.weight_tensors();
+        vae.extend(decoder.weight_tensors());
+        let blocks = self.vae_config().block_out_channels.len();
+        tensors.extend(sd_core::vae_keys::vae_single_file_tensors(vae, blocks)?);
+        let mut text_models = Vec::new();
+        for i in 0..self.text_configs()?.len() {
+            let model = source.load_text_encoder::<B>(i, device)?;
+            let weights = model.weight_tensors();
+            tensors.extend(match (self.family(), i) {
+                (ModelFamily::Sd1, _) => prefixed("cond_stage_model.transformer.", weights),
+                (ModelFamily::Sd2, _) => {
+                    sd_conditioner::transformers_to_open_clip(weights, "cond_stage_model.model.")?
+                }
+                (ModelFamily::Sdxl, 0) => prefixed("conditioner.embedders.0.transformer.", weights),
+                (ModelFamily::Sdxl, _) => sd_conditioner::transformers_to_open_clip(
+                    weights,
+                    "conditioner.embedders.1.model.",
+                )?,
+            });
+            // The snapshots read the model's tensors when written: it must live until then.
+            text_models.push(model);
+        }
+        let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        save_tensors(tensors, out, dtype, Some(&metadata))?;
+        drop((unet, encoder, decoder, text_models));
+        Ok(())
+    }
+
     /// `model_index.json` as diffusers writes it for the pipeline class that fits: every
     /// component as `[library, class]`, the optional ones this crate does not write
     /// (`safety_checker`, `feature_extractor`, `image_encoder`) as `[null, null]`.
@@ -301,6 +358,17 @@ impl Model {
         }
         index
     }
+}
+
+/// Tensors under `prefix` + their key.
+fn prefixed(
+    prefix: &str,
+    tensors: Vec<(String, sd_core::weights::TensorSnapshot)>,
+) -> Vec<(String, sd_core::weights::TensorSnapshot)> {
+    tensors
+        .into_iter()
+        .map(|(k, t)| (format!("{prefix}{k}"), t))
+        .collect()
 }
 
 #[cfg(test)]
