@@ -219,13 +219,21 @@ impl ClipTextConfig {
 /// `x + attn(LN(x))`, then `x + MLP(LN(x))`.
 #[derive(Module, Debug)]
 pub struct ClipEncoderLayer<B: Backend> {
+    /// The LayerNorm before self-attention (transformers' `layer_norm1`).
     pub layer_norm1: LayerNorm<B>,
+    /// The query projection (`self_attn.q_proj`).
     pub q_proj: Linear<B>,
+    /// The key projection (`self_attn.k_proj`).
     pub k_proj: Linear<B>,
+    /// The value projection (`self_attn.v_proj`).
     pub v_proj: Linear<B>,
+    /// The attention output projection (`self_attn.out_proj`).
     pub out_proj: Linear<B>,
+    /// The LayerNorm before the MLP (transformers' `layer_norm2`).
     pub layer_norm2: LayerNorm<B>,
+    /// The MLP's first layer, hidden to intermediate width (`mlp.fc1`).
     pub fc1: Linear<B>,
+    /// The MLP's second layer, intermediate back to hidden width (`mlp.fc2`).
     pub fc2: Linear<B>,
     heads: usize,
     quick_gelu: bool,
@@ -274,6 +282,7 @@ impl<B: Backend> ClipEncoderLayer<B> {
         }
     }
 
+    /// The layer on `[batch, tokens, hidden]`: attention, then the MLP, each with its residual.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, n, d] = x.dims();
         // The projections see `[batch·tokens, width]`: one matrix product each rather than a
@@ -338,7 +347,10 @@ pub struct ClipTextOutput<B: Backend> {
 /// `text_projection`.
 #[derive(Module, Debug)]
 pub struct ClipTextModel<B: Backend> {
+    /// The embeddings, encoder layers and final LayerNorm (transformers' `text_model`).
     pub text_model: ClipTextTransformer<B>,
+    /// The projection of the pooled output (`text_projection`), for `CLIPTextModelWithProjection`
+    /// checkpoints.
     pub text_projection: Option<Linear<B>>,
     vocab_size: usize,
     max_positions: usize,

@@ -223,7 +223,10 @@ pub struct ClipVisionOutput<B: Backend> {
 /// transformers' `CLIPVisionModelWithProjection`.
 #[derive(Module, Debug)]
 pub struct ClipVisionModel<B: Backend> {
+    /// The embeddings, encoder layers and LayerNorms (transformers' `vision_model`).
     pub vision_model: ClipVisionTransformer<B>,
+    /// The projection of the pooled class token into the shared embedding space
+    /// (`visual_projection`).
     pub visual_projection: Linear<B>,
     image_size: usize,
     channels: usize,

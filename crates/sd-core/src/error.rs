@@ -12,34 +12,57 @@ pub enum CoreError {
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The underlying I/O error.
         #[source]
         source: std::io::Error,
     },
     /// A safetensors file is malformed (truncated, bad header, offsets out of range).
     #[error("{path}: not a valid safetensors file: {reason}")]
-    Safetensors { path: PathBuf, reason: String },
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A weight tensor has a dtype the models cannot compute with.
     #[error(
         "{path}: tensor `{key}` has dtype {dtype}; only F64, F32, F16 and BF16 weights are supported"
     )]
     UnsupportedDtype {
+        /// The file.
         path: PathBuf,
+        /// The tensor's key in the file.
         key: String,
+        /// The tensor's dtype as the file names it.
         dtype: String,
     },
     /// The weights in a file do not fit the module: every problem found, listed once.
     #[error("{path}: {} weight problem(s):{}", problems.len(), ProblemList(problems))]
     Weights {
+        /// The weight file.
         path: PathBuf,
+        /// Every problem found.
         problems: Vec<WeightProblem>,
     },
     /// A configuration file is missing a field, has a wrong value, or is not JSON.
     #[error("{path}: {reason}")]
-    Config { path: PathBuf, reason: String },
+    Config {
+        /// The configuration file, or a placeholder such as `<ClipTextConfig>` for one built in
+        /// code.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An image file could not be decoded or encoded.
     #[error("{path}: {reason}")]
-    Image { path: PathBuf, reason: String },
+    Image {
+        /// The image file.
+        path: PathBuf,
+        /// Why it could not be decoded or encoded.
+        reason: String,
+    },
     /// A tensor handed to a model has the wrong shape or size.
     #[error("invalid input: {0}")]
     InvalidInput(String),
@@ -49,19 +72,42 @@ pub enum CoreError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WeightProblem {
     /// The module has a parameter the file lacks.
-    Missing { key: String, expected: Vec<usize> },
+    Missing {
+        /// The parameter's path in the module.
+        key: String,
+        /// The parameter's shape.
+        expected: Vec<usize>,
+    },
     /// The file has a tensor the module has no parameter for.
-    Unexpected { key: String, found: Vec<usize> },
+    Unexpected {
+        /// The tensor's key in the file.
+        key: String,
+        /// The tensor's shape.
+        found: Vec<usize>,
+    },
     /// Both have the key, with different shapes.
     ShapeMismatch {
+        /// The tensor's key in the file.
         key: String,
+        /// The parameter's shape in the module.
         expected: Vec<usize>,
+        /// The tensor's shape in the file.
         found: Vec<usize>,
     },
     /// The model needs the tensor as floats; the file stores integers or booleans.
-    NotFloat { key: String, dtype: String },
+    NotFloat {
+        /// The tensor's key in the file.
+        key: String,
+        /// The dtype the file stores it as.
+        dtype: String,
+    },
     /// Anything else reported while applying the tensor (its values refused, for one).
-    Other { key: String, message: String },
+    Other {
+        /// The tensor's key or path; empty when the report names none.
+        key: String,
+        /// What was reported.
+        message: String,
+    },
 }
 
 impl fmt::Display for WeightProblem {

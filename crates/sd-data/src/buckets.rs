@@ -17,10 +17,15 @@ use crate::order::epoch_rng;
 /// `--bucket_reso_steps`, `--bucket_no_upscale`; the area is `resolution²`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketConfig {
+    /// The training resolution in pixels: buckets hold at most `resolution²` pixels.
     pub resolution: u32,
+    /// The smallest bucket side in pixels (`--min_bucket_reso`).
     pub min_size: u32,
+    /// The largest bucket side in pixels (`--max_bucket_reso`).
     pub max_size: u32,
+    /// Every bucket side is a multiple of this (`--bucket_reso_steps`); a multiple of 8.
     pub step: u32,
+    /// Buckets from each image's own size, never enlarging it (`--bucket_no_upscale`).
     pub no_upscale: bool,
 }
 

@@ -11,7 +11,9 @@ pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
 /// means the empty caption).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
+    /// The image file.
     pub image: PathBuf,
+    /// Its captions; empty for the empty caption.
     pub captions: Vec<String>,
 }
 

@@ -8,12 +8,20 @@ pub type Result<T, E = DataError> = std::result::Result<T, E>;
 pub enum DataError {
     /// The data folder is missing, empty or laid out in a way that cannot be read.
     #[error("{}: {reason}", path.display())]
-    Layout { path: PathBuf, reason: String },
+    Layout {
+        /// The folder or file at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A metadata line that is not what diffusers' imagefolder expects.
     #[error("{}:{line}: {reason}", path.display())]
     Metadata {
+        /// The metadata file.
         path: PathBuf,
+        /// The line at fault, counted from 1.
         line: usize,
+        /// What is wrong with it.
         reason: String,
     },
     /// An image that cannot be read (unreadable, truncated, empty, too large).

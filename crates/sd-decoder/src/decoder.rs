@@ -18,12 +18,15 @@ use crate::Tiling;
 /// ResNet blocks at one resolution, then a ×2 upsample (diffusers `UpDecoderBlock2D`).
 #[derive(Module, Debug)]
 pub struct UpDecoderBlock2d<B: Backend> {
+    /// The ResNet blocks at this resolution (`layers_per_block + 1` of them).
     pub resnets: Vec<ResnetBlock2d<B>>,
     /// Empty in the last block.
     pub upsamplers: Vec<Upsample2d<B>>,
 }
 
 impl<B: Backend> UpDecoderBlock2d<B> {
+    /// `x`: `[batch, channels, h, w]`; returns the block's output, twice the size unless it is the
+    /// last block.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let x = self.resnets.iter().fold(x, |x, r| r.forward(x, None));
         self.upsamplers.iter().fold(x, |x, u| u.forward(x))
@@ -33,10 +36,15 @@ impl<B: Backend> UpDecoderBlock2d<B> {
 /// diffusers `Decoder`: `conv_in`, mid block, up blocks, GroupNorm–SiLU–`conv_out`.
 #[derive(Module, Debug)]
 pub struct Decoder<B: Backend> {
+    /// The 3×3 convolution from `latent_channels` to the widest block.
     pub conv_in: Conv2d<B>,
+    /// The ResNet–attention–ResNet block at the lowest resolution.
     pub mid_block: MidBlock2d<B>,
+    /// The up blocks, widest first.
     pub up_blocks: Vec<UpDecoderBlock2d<B>>,
+    /// The GroupNorm before `conv_out`.
     pub conv_norm_out: GroupNorm<B>,
+    /// The 3×3 convolution to `out_channels` (the image's channels).
     pub conv_out: Conv2d<B>,
 }
 
@@ -88,6 +96,8 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
+    /// `z`: latents `[batch, latent_channels, h, w]` after `post_quant_conv`; returns the image
+    /// `[batch, out_channels, f·h, f·w]`, `f` the upsampling factor.
     pub fn forward(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
         let x = conv2d_forward(&self.conv_in, z);
         let x = self.mid_block.forward(x, None);
@@ -103,7 +113,10 @@ impl<B: Backend> Decoder<B> {
 /// parameter names are those of the diffusers state dict (`decoder.*`, `post_quant_conv.*`).
 #[derive(Module, Debug)]
 pub struct VaeDecoder<B: Backend> {
+    /// The 1×1 convolution on the latents before the decoder; `None` when `use_post_quant_conv` is
+    /// false.
     pub post_quant_conv: Option<Conv2d<B>>,
+    /// The decoder proper (`decoder.*`).
     pub decoder: Decoder<B>,
     latent_channels: usize,
     scaling_factor: f64,

@@ -10,7 +10,9 @@ pub enum DiffusionError {
     /// A timestep outside `0..num_train_timesteps`.
     #[error("timestep {timestep} is outside 0..{num_train_timesteps}")]
     TimestepOutOfRange {
+        /// The timestep asked for.
         timestep: usize,
+        /// The schedule's number of training timesteps.
         num_train_timesteps: usize,
     },
     /// Tensors or timestep lists whose sizes do not fit together.

@@ -33,9 +33,13 @@ pub enum PredictionType {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct NoiseScheduleConfig {
+    /// The number of training timesteps (1000 in Stable Diffusion).
     pub num_train_timesteps: usize,
+    /// β at the first timestep.
     pub beta_start: f64,
+    /// β at the last timestep.
     pub beta_end: f64,
+    /// How the betas grow from `beta_start` to `beta_end`.
     pub beta_schedule: BetaSchedule,
     /// Explicit betas, overriding the schedule.
     pub trained_betas: Option<Vec<f64>>,
@@ -133,11 +137,15 @@ pub fn rescale_zero_terminal_snr(betas: &[f64]) -> Vec<f64> {
 /// The training noise schedule: `β_t` and `ᾱ_t = Π_{s≤t} (1 − β_s)`, in f64 on the host.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NoiseSchedule {
+    /// `β_t` per training timestep.
     pub betas: Vec<f64>,
+    /// `ᾱ_t` per training timestep.
     pub alphas_cumprod: Vec<f64>,
 }
 
 impl NoiseSchedule {
+    /// The schedule `config` describes; an error when it has no timesteps, the wrong number of
+    /// `trained_betas` or a beta outside `[0, 1]`.
     pub fn new(config: &NoiseScheduleConfig) -> Result<Self> {
         let n = config.num_train_timesteps;
         if n == 0 {
@@ -199,6 +207,7 @@ impl NoiseSchedule {
         })
     }
 
+    /// The number of training timesteps.
     pub fn num_train_timesteps(&self) -> usize {
         self.betas.len()
     }

@@ -18,12 +18,15 @@ use crate::DiagonalGaussian;
 /// ResNet blocks at one resolution, then a stride-2 downsample (diffusers `DownEncoderBlock2D`).
 #[derive(Module, Debug)]
 pub struct DownEncoderBlock2d<B: Backend> {
+    /// The ResNet blocks at this resolution (`layers_per_block` of them).
     pub resnets: Vec<ResnetBlock2d<B>>,
     /// Empty in the last block.
     pub downsamplers: Vec<Downsample2d<B>>,
 }
 
 impl<B: Backend> DownEncoderBlock2d<B> {
+    /// `x`: `[batch, channels, h, w]`; returns the block's output, half the size unless it is the
+    /// last block.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let x = self.resnets.iter().fold(x, |x, r| r.forward(x, None));
         self.downsamplers.iter().fold(x, |x, d| d.forward(x))
@@ -33,10 +36,15 @@ impl<B: Backend> DownEncoderBlock2d<B> {
 /// diffusers `Encoder`: `conv_in`, down blocks, mid block, GroupNorm–SiLU–`conv_out`.
 #[derive(Module, Debug)]
 pub struct Encoder<B: Backend> {
+    /// The 3×3 convolution from the image's `in_channels` to the first block's width.
     pub conv_in: Conv2d<B>,
+    /// The down blocks, narrowest first.
     pub down_blocks: Vec<DownEncoderBlock2d<B>>,
+    /// The ResNet–attention–ResNet block at the lowest resolution.
     pub mid_block: MidBlock2d<B>,
+    /// The GroupNorm before `conv_out`.
     pub conv_norm_out: GroupNorm<B>,
+    /// The 3×3 convolution to `2 · latent_channels`: the mean and log-variance.
     pub conv_out: Conv2d<B>,
 }
 
@@ -88,6 +96,8 @@ impl<B: Backend> Encoder<B> {
         }
     }
 
+    /// `x`: images `[batch, in_channels, h, w]`; returns the moments `[batch, 2·latent_channels,
+    /// h/f, w/f]` before `quant_conv`, `f` the downsampling factor.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let x = conv2d_forward(&self.conv_in, x);
         let x = self.down_blocks.iter().fold(x, |x, block| block.forward(x));
@@ -103,7 +113,9 @@ impl<B: Backend> Encoder<B> {
 /// names are those of the diffusers state dict (`encoder.*`, `quant_conv.*`).
 #[derive(Module, Debug)]
 pub struct VaeEncoder<B: Backend> {
+    /// The encoder proper (`encoder.*`).
     pub encoder: Encoder<B>,
+    /// The 1×1 convolution on the moments after the encoder; `None` when `use_quant_conv` is false.
     pub quant_conv: Option<Conv2d<B>>,
     in_channels: usize,
     downsample_factor: usize,

@@ -4,10 +4,12 @@ use burn::tensor::backend::Backend;
 /// The posterior `q(z | x) = N(mean, exp(logvar))` the encoder predicts, per latent element.
 #[derive(Debug, Clone)]
 pub struct DiagonalGaussian<B: Backend> {
+    /// The mean: `[batch, latent_channels, h, w]`.
     pub mean: Tensor<B, 4>,
     /// Clamped to `[-30, 20]`, as diffusers does, so that `exp` neither underflows to a zero
     /// standard deviation nor overflows.
     pub logvar: Tensor<B, 4>,
+    /// The standard deviation, `exp(logvar / 2)`.
     pub std: Tensor<B, 4>,
 }
 

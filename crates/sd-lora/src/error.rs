@@ -13,13 +13,21 @@ pub enum LoraError {
     Core(#[from] sd_core::CoreError),
     /// A key the file holds is not one of a LoRA format's.
     #[error("{path}: {reason}")]
-    Format { path: PathBuf, reason: String },
+    Format {
+        /// The LoRA file.
+        path: PathBuf,
+        /// The key at fault and what is wrong with it.
+        reason: String,
+    },
     /// The file's factors do not fit the model: every problem found (the message shows the
     /// first and counts the rest, on one line).
     #[error("{path}: {component}: {}", summary(problems))]
     Mismatch {
+        /// The LoRA file.
         path: PathBuf,
+        /// The model the factors were merged into ([`crate::Component::name`]).
         component: String,
+        /// One message per layer that does not fit.
         problems: Vec<String>,
     },
     /// `<lora:name:weight>` or `--lora FILE:WEIGHT` could not be read or resolved.

@@ -25,6 +25,7 @@ pub enum LoraFormat {
 }
 
 impl LoraFormat {
+    /// The format's name for messages: `kohya`, `diffusers` or `peft`.
     pub fn name(self) -> &'static str {
         match self {
             Self::Kohya => "kohya",
@@ -37,6 +38,7 @@ impl LoraFormat {
 /// The model a LoRA layer belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Component {
+    /// The U-Net.
     Unet,
     /// The (first) text encoder: SD's only one, SDXL's CLIP ViT-L.
     TextEncoder,
@@ -45,6 +47,7 @@ pub enum Component {
 }
 
 impl Component {
+    /// The model's name for messages (`the U-Net`).
     pub fn name(self) -> &'static str {
         match self {
             Self::Unet => "the U-Net",
@@ -65,6 +68,7 @@ pub enum ModuleName {
 }
 
 impl ModuleName {
+    /// The name as the file writes it.
     pub fn as_str(&self) -> &str {
         match self {
             Self::Dotted(s) | Self::Underscored(s) => s,
@@ -75,7 +79,9 @@ impl ModuleName {
 /// One adapted weight: `delta = (alpha / rank) · up · down`.
 #[derive(Debug, Clone)]
 pub struct LoraLayer {
+    /// The model the layer adapts.
     pub component: Component,
+    /// The module in that model whose weight the layer adapts.
     pub module: ModuleName,
     /// The file's key for the layer, without the factor suffix (for messages).
     pub key: String,
@@ -88,6 +94,7 @@ pub struct LoraLayer {
 }
 
 impl LoraLayer {
+    /// The rank: the rows of `down`.
     pub fn rank(&self) -> usize {
         self.down.shape[0]
     }
@@ -109,8 +116,11 @@ impl LoraLayer {
 /// A LoRA file, read and checked: every key understood, every factor paired.
 #[derive(Debug, Clone)]
 pub struct LoraFile {
+    /// The file read (or the name given to [`LoraFile::new`]).
     pub path: PathBuf,
+    /// The key layout it was written in.
     pub format: LoraFormat,
+    /// Its layers, one per adapted weight.
     pub layers: Vec<LoraLayer>,
     /// The header's `__metadata__` (kohya's `ss_network_dim`, `ss_network_alpha`, …).
     pub metadata: BTreeMap<String, String>,

@@ -6,7 +6,9 @@ use crate::error::{LoraError, Result};
 /// weight its product is multiplied by.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraSpec {
+    /// The file as given: a path, or a name to find under a LoRA folder.
     pub file: String,
+    /// The multiplier on the LoRA's product, within ±100; 1 when not given.
     pub weight: f32,
 }
 

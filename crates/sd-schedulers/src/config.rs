@@ -27,7 +27,9 @@ pub enum TimestepSpacing {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinalSigmasType {
+    /// The last sigma is 0: the final step lands on the clean sample (diffusers' default).
     Zero,
+    /// The last sigma is the smallest of the training schedule.
     SigmaMin,
 }
 
@@ -38,17 +40,27 @@ pub struct SchedulerConfig {
     /// The diffusers class the file was written for, e.g. `PNDMScheduler`.
     #[serde(rename = "_class_name")]
     pub class_name: Option<String>,
+    /// The number of training timesteps `T` (1000 in Stable Diffusion).
     pub num_train_timesteps: usize,
+    /// β at the first training timestep.
     pub beta_start: f64,
+    /// β at the last training timestep.
     pub beta_end: f64,
+    /// How the betas grow from `beta_start` to `beta_end`.
     pub beta_schedule: BetaSchedule,
+    /// Explicit betas, one per training timestep, overriding the schedule.
     pub trained_betas: Option<Vec<f64>>,
+    /// What the model predicts: ε, v or x₀.
     pub prediction_type: PredictionType,
+    /// How inference timesteps are spread; `None`: the sampler's own default.
     pub timestep_spacing: Option<TimestepSpacing>,
+    /// Added to every timestep of `leading` spacing (1 in Stable Diffusion 1.x).
     pub steps_offset: usize,
+    /// Rescale the betas to zero terminal SNR (Lin et al. 2023, Algorithm 1).
     pub rescale_betas_zero_snr: bool,
     /// Clamp x̂₀ to `±clip_sample_range`. DDIM and DDPM default to true, the others to false.
     pub clip_sample: Option<bool>,
+    /// The bound x̂₀ is clamped to under `clip_sample`; positive.
     pub clip_sample_range: f64,
     /// DDIM's default is true, PNDM's false: each sampler applies its own when absent.
     pub set_alpha_to_one: Option<bool>,
@@ -58,22 +70,44 @@ pub struct SchedulerConfig {
     /// `dynamic_thresholding_ratio` quantile of |x̂₀| (at least 1, at most `sample_max_value`)
     /// and rescale. DDPM, DDIM, DPM-Solver++, UniPC and LCM support it.
     pub thresholding: bool,
+    /// The quantile of |x̂₀| dynamic thresholding clamps to, in (0, 1).
     pub dynamic_thresholding_ratio: f64,
+    /// The largest threshold dynamic thresholding uses; positive.
     pub sample_max_value: f64,
+    /// Karras et al. (2022) sigmas in place of the training schedule's, in the samplers that
+    /// take them.
     pub use_karras_sigmas: bool,
+    /// Sigmas evenly spaced in log between `sigma_max` and `sigma_min`.
     pub use_exponential_sigmas: bool,
+    /// Beta-distributed sigmas; refused, as not implemented.
     pub use_beta_sigmas: bool,
+    /// What the last sigma is; `None`: zero.
     pub final_sigmas_type: Option<FinalSigmasType>,
+    /// How sigmas between training timesteps are found; only `linear` is supported.
     pub interpolation_type: Option<String>,
+    /// What the model is given as its timestep; only `discrete` is supported.
     pub timestep_type: Option<String>,
+    /// The smallest sigma of a Karras or exponential schedule; `None` (and always, in the
+    /// DPM-Solvers and UniPC): the training schedule's.
     pub sigma_min: Option<f64>,
+    /// The largest sigma of a Karras or exponential schedule; `None` (and always, in the
+    /// DPM-Solvers and UniPC): the training schedule's.
     pub sigma_max: Option<f64>,
+    /// The solvers' order (DPM-Solver, UniPC), 1 to 3; DPM-Solver multistep takes at most 2.
     pub solver_order: usize,
+    /// DPM-Solver's algorithm: `dpmsolver++` (the default) or `sde-dpmsolver++`.
     pub algorithm_type: Option<String>,
+    /// DPM-Solver's second-order update, `midpoint` (the default) or `heun`; UniPC's `bh1` or
+    /// `bh2`.
     pub solver_type: Option<String>,
+    /// Fall back to lower orders over the last steps (in DPM-Solver multistep, only below 15
+    /// steps).
     pub lower_order_final: bool,
+    /// DPM-Solver multistep: take the last step with Euler's method.
     pub euler_at_final: bool,
+    /// DPM-Solver: drop the training timesteps whose log-SNR λ is below this.
     pub lambda_min_clipped: Option<f64>,
+    /// DDPM's variance: `fixed_small` (the default) or `fixed_large`; the learned ones are refused.
     pub variance_type: Option<String>,
     /// UniPC: solve on data predictions (x̂₀, the default) rather than noise predictions.
     pub predict_x0: Option<bool>,
@@ -400,7 +434,7 @@ impl SchedulerConfig {
 
     /// The `scheduler_config.json` diffusers writes for this config, so that `from_pretrained`
     /// opens it: `_class_name`, `_diffusers_version`, and the fields the class takes
-    /// ([`SchedulerConfig::class_fields`]; the [`COMMON_FIELDS`] for a class not known here).
+    /// ([`SchedulerConfig::class_fields`]; the fields every class takes, for one not known here).
     /// An unset field is left out (diffusers then applies the class's default, as the sampler
     /// here does), except those whose default is `None`, written `null`.
     ///

@@ -22,6 +22,8 @@ pub struct DdimScheduler {
 }
 
 impl DdimScheduler {
+    /// The sampler `config` describes; an error when the config sets a field this sampler does not
+    /// implement or its noise schedule is invalid.
     pub fn new(config: SchedulerConfig) -> Result<Self> {
         config.reject_unsupported("DDIMScheduler")?;
         let alphas_cumprod = alphas_cumprod(&config, false)?;

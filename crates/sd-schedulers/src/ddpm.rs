@@ -30,6 +30,8 @@ pub struct DdpmScheduler {
 }
 
 impl DdpmScheduler {
+    /// The sampler `config` describes; an error when the config sets a field this sampler does not
+    /// implement or its noise schedule is invalid.
     pub fn new(config: SchedulerConfig) -> Result<Self> {
         config.reject_unsupported("DDPMScheduler")?;
         let variance = match config.variance_type.as_deref().unwrap_or("fixed_small") {

@@ -43,6 +43,8 @@ pub struct DpmSolverMultistepScheduler<B: Backend> {
 }
 
 impl<B: Backend> DpmSolverMultistepScheduler<B> {
+    /// The sampler `config` describes; an error when the config sets a field this sampler does not
+    /// implement or its noise schedule is invalid.
     pub fn new(config: SchedulerConfig) -> Result<Self> {
         let (algorithm, heun) = solver_variant(&config, NAME)?;
         let alphas_cumprod = alphas_cumprod(&config, true)?;

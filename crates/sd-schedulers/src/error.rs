@@ -6,15 +6,28 @@ pub type Result<T, E = SchedulerError> = std::result::Result<T, E>;
 pub enum SchedulerError {
     /// A `scheduler_config.json` that cannot be read or parsed.
     #[error("{path}: {reason}")]
-    Config { path: String, reason: String },
+    Config {
+        /// The file (`<json>` for text parsed without one).
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A sampler name that is neither a diffusers class nor a known alias.
     #[error("unknown scheduler `{name}`; known: {known}")]
-    UnknownScheduler { name: String, known: String },
+    UnknownScheduler {
+        /// The name asked for.
+        name: String,
+        /// Every accepted name, comma-separated.
+        known: String,
+    },
     /// A configuration value this sampler does not support.
     #[error("{scheduler}: unsupported {field} `{value}`")]
     Unsupported {
+        /// The diffusers class, e.g. `DDIMScheduler`.
         scheduler: &'static str,
+        /// The configuration field.
         field: &'static str,
+        /// Its value.
         value: String,
     },
     /// A step count or strength that cannot be used.

@@ -32,6 +32,8 @@ pub struct HeunDiscreteScheduler<B: Backend> {
 }
 
 impl<B: Backend> HeunDiscreteScheduler<B> {
+    /// The sampler `config` describes; an error when the config sets a field this sampler does not
+    /// implement or its noise schedule is invalid.
     pub fn new(config: SchedulerConfig) -> Result<Self> {
         Ok(Self {
             schedule: SigmaSchedule::new(config, NAME)?,

@@ -48,6 +48,8 @@ fn geometric_mean(a: f64, b: f64) -> f64 {
 }
 
 impl<B: Backend> Kdpm2Scheduler<B> {
+    /// The sampler `config` describes, the ancestral variant when `ancestral`; an error when the
+    /// config sets a field it does not implement or its noise schedule is invalid.
     pub fn new(config: SchedulerConfig, ancestral: bool) -> Result<Self> {
         let name = if ancestral {
             "KDPM2AncestralDiscreteScheduler"

@@ -2,14 +2,32 @@
 //! `scheduler_config.json`, [`Scheduler::set_timesteps`], then for each timestep scale the
 //! model input, call the model, and [`Scheduler::step`].
 //!
-//! ```ignore
+//! ```
+//! use burn::tensor::Tensor;
+//! use sd_core::backend::DefaultBackend as B;
+//! use sd_schedulers::{HostNoise, NoiseSource, SchedulerConfig};
+//!
+//! # fn main() -> sd_schedulers::Result<()> {
+//! // Stable Diffusion 1.5's `scheduler_config.json`, abridged.
+//! let config = SchedulerConfig::from_json(
+//!     r#"{"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}"#,
+//! )?;
+//! // A stand-in for the U-Net: it predicts no noise at all.
+//! let unet = |latents: Tensor<B, 4>, _t: f64| latents.zeros_like();
+//! let device = Default::default();
+//! let mut noise_source = HostNoise::new(42);
+//! let noise = NoiseSource::<B>::standard_normal(&mut noise_source, [1, 4, 8, 8], &device);
+//!
 //! let mut scheduler = sd_schedulers::from_name::<B>("DPM++ 2M Karras", config)?;
 //! scheduler.set_timesteps(20)?;
 //! let mut latents = noise * scheduler.init_noise_sigma();
-//! for &t in scheduler.timesteps().to_vec().iter() {
-//!     let eps = unet.forward(scheduler.scale_model_input(latents.clone()), t, &context);
+//! for t in scheduler.timesteps().to_vec() {
+//!     let eps = unet(scheduler.scale_model_input(latents.clone()), t);
 //!     latents = scheduler.step(eps, latents, &mut noise_source)?.prev_sample;
 //! }
+//! assert_eq!(latents.dims(), [1, 4, 8, 8]);
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! Each sampler's arithmetic is host math on a few scalars plus one tensor update per step.

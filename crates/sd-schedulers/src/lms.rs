@@ -26,6 +26,8 @@ pub struct LmsDiscreteScheduler<B: Backend> {
 }
 
 impl<B: Backend> LmsDiscreteScheduler<B> {
+    /// The sampler `config` describes; an error when the config sets a field this sampler does not
+    /// implement or its noise schedule is invalid.
     pub fn new(config: SchedulerConfig) -> Result<Self> {
         Ok(Self {
             schedule: SigmaSchedule::new(config, NAME)?,

@@ -13,18 +13,31 @@ use crate::{
 /// The samplers this crate implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SamplerKind {
+    /// [`DdpmScheduler`] ("DDPM"), the sampler of Ho et al. (2020).
     Ddpm,
+    /// [`DdimScheduler`] ("DDIM").
     Ddim,
+    /// [`PndmScheduler`] ("PNDM", or "PLMS" without the Runge–Kutta warm-up).
     Pndm,
+    /// [`EulerDiscreteScheduler`] ("Euler").
     Euler,
+    /// [`EulerAncestralDiscreteScheduler`] ("Euler a").
     EulerAncestral,
+    /// [`HeunDiscreteScheduler`] ("Heun").
     Heun,
+    /// [`LmsDiscreteScheduler`] ("LMS").
     Lms,
+    /// [`LcmScheduler`] ("LCM"), for latent consistency models.
     Lcm,
+    /// [`Kdpm2Scheduler`] without noise ("DPM2").
     Kdpm2,
+    /// [`Kdpm2Scheduler`], ancestral ("DPM2 a").
     Kdpm2Ancestral,
+    /// [`DpmSolverMultistepScheduler`] ("DPM++ 2M", "DPM++ 2M SDE").
     DpmSolverMultistep,
+    /// [`DpmSolverSinglestepScheduler`] ("DPM++ 2S").
     DpmSolverSinglestep,
+    /// [`UniPcMultistepScheduler`] ("UniPC").
     UniPc,
 }
 

@@ -11,6 +11,7 @@ use sd_diffusion::noise::host_noise;
 /// A source of standard normal noise for the stochastic samplers (Euler ancestral, SDE
 /// variants, DDIM with η > 0).
 pub trait NoiseSource<B: Backend> {
+    /// Standard normal noise of `shape` on `device`.
     fn standard_normal(&mut self, shape: [usize; 4], device: &B::Device) -> Tensor<B, 4>;
 }
 
@@ -61,6 +62,7 @@ pub struct ReplayNoise<B: Backend> {
 }
 
 impl<B: Backend> ReplayNoise<B> {
+    /// A source that hands out `noise` in order, one tensor per draw.
     pub fn new(noise: impl IntoIterator<Item = Tensor<B, 4>>) -> Self {
         Self {
             queue: noise.into_iter().collect(),

@@ -35,6 +35,8 @@ pub struct PndmScheduler<B: Backend> {
 }
 
 impl<B: Backend> PndmScheduler<B> {
+    /// The sampler `config` describes; an error when the config sets a field this sampler does not
+    /// implement or its noise schedule is invalid.
     pub fn new(config: SchedulerConfig) -> Result<Self> {
         config.reject_unsupported(NAME)?;
         if config.prediction_type == PredictionType::Sample {

@@ -75,6 +75,8 @@ struct Coefficients {
 }
 
 impl<B: Backend> UniPcMultistepScheduler<B> {
+    /// The sampler `config` describes; an error when the config sets a field this sampler does not
+    /// implement or its noise schedule is invalid.
     pub fn new(config: SchedulerConfig) -> Result<Self> {
         config.reject_unsupported(NAME)?;
         let bh2 = match config.solver_type.as_deref().unwrap_or("bh2") {

@@ -100,6 +100,7 @@ fn label(pixel: [u8; 3]) -> Label {
 /// One object found in an image: a connected region of one palette colour.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Detection {
+    /// The palette colour of the region.
     pub colour: Colour,
     /// Pixels in the region.
     pub area: u32,

@@ -13,10 +13,15 @@ use crate::error::{Result, ShapesError};
 /// The five fill colours, each drawn with one exact RGB value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Colour {
+    /// Red: RGB (220, 40, 40).
     Red,
+    /// Yellow: RGB (235, 200, 30).
     Yellow,
+    /// Green: RGB (40, 170, 60).
     Green,
+    /// Blue: RGB (40, 80, 220).
     Blue,
+    /// Purple: RGB (150, 60, 190).
     Purple,
 }
 
@@ -102,9 +107,13 @@ impl fmt::Display for Shape {
 /// centres (image coordinates: `Above` means a smaller y).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Relation {
+    /// `above`: the first centre has the smaller y.
     Above,
+    /// `below`: the first centre has the larger y.
     Below,
+    /// `to the left of`: the first centre has the smaller x.
     LeftOf,
+    /// `to the right of`: the first centre has the larger x.
     RightOf,
 }
 
@@ -158,7 +167,9 @@ impl fmt::Display for Relation {
 /// One object as a caption names it: a colour and a shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectSpec {
+    /// The fill colour.
     pub colour: Colour,
+    /// The shape.
     pub shape: Shape,
 }
 
@@ -185,7 +196,10 @@ impl fmt::Display for ObjectSpec {
 /// ignored; `an` is accepted for `a`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Prompt {
+    /// `a red square`: one object.
     One(ObjectSpec),
+    /// `a red square to the left of a blue circle`: the first object, its relation to the second,
+    /// the second.
     Two(ObjectSpec, Relation, ObjectSpec),
 }
 

@@ -31,10 +31,15 @@ pub const ONE_OBJECT_FRACTION: f64 = 0.4;
 /// in pixels; it covers columns `left..left + size` and rows `top..top + size`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Object {
+    /// The fill colour.
     pub colour: Colour,
+    /// The shape.
     pub shape: Shape,
+    /// The bounding box's first column, in pixels.
     pub left: u32,
+    /// The bounding box's first row, in pixels.
     pub top: u32,
+    /// The side of the square bounding box, in pixels.
     pub size: u32,
 }
 

@@ -41,27 +41,38 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Micro-batches whose gradients are averaged into one optimiser step.
     pub gradient_accumulation: usize,
+    /// The base learning rate (AdamW's), in `[0, 1)`.
     pub learning_rate: f64,
+    /// The learning-rate schedule (diffusers' `--lr_scheduler`).
     pub lr_scheduler: LrScheduleKind,
+    /// Steps of linear warm-up from 0 to `learning_rate` (ignored by `constant`).
     pub lr_warmup_steps: u64,
     /// The square image side trained at (with buckets: the area is `resolution²`).
     pub resolution: u32,
     /// Aspect-ratio buckets (kohya's `--enable_bucket`), `None` for square crops.
     #[serde(with = "bucket_serde")]
     pub bucket: Option<sd_data::BucketConfig>,
+    /// Crop the centre of each image rather than a random square (diffusers' `--center_crop`).
     pub center_crop: bool,
+    /// Mirror each image left-right with probability ½ (`--random_flip`).
     pub random_flip: bool,
+    /// The seed of every random draw of the run: data order, noise, timesteps.
     pub seed: u64,
     /// `epsilon`, `v_prediction` or `sample`; the model's scheduler config decides when unset.
     pub prediction_type: Option<String>,
     /// Min-SNR-γ loss weighting (5 is the paper's recommendation); unset for plain MSE.
     pub snr_gamma: Option<f64>,
+    /// Offset noise (`--noise_offset`): the scale of a per-channel constant added to ε; 0 turns it
+    /// off.
     pub noise_offset: f64,
+    /// Input perturbation (`--input_perturbation`): the scale of extra noise on the noised latents
+    /// only; 0 turns it off.
     pub input_perturbation: f64,
     /// Probability of training on the empty caption.
     pub caption_dropout: f64,
     /// Clip gradients to this global norm.
     pub max_grad_norm: f64,
+    /// AdamW's settings.
     pub adam: AdamWConfig,
     /// Keep an EMA of the U-Net's weights with this decay (diffusers' `--use_ema`); the final
     /// folder then holds the EMA weights, as diffusers saves them.

@@ -21,7 +21,9 @@ pub struct EmaConfig {
     pub update_after_step: u64,
     /// The warm-up form `1 − (1 + step / inv_gamma)^−power` instead of `(1 + step) / (10 + step)`.
     pub use_ema_warmup: bool,
+    /// The warm-up's `inv_gamma`; positive.
     pub inv_gamma: f64,
+    /// The warm-up's `power`.
     pub power: f64,
 }
 

@@ -16,7 +16,9 @@ pub enum TrainError {
     /// The run was asked to stop ([`crate::request_stop`]) and checkpointed.
     #[error("stopped after step {step}; checkpoint {}: continue with --resume latest", checkpoint.display())]
     Stopped {
+        /// The last step taken.
         step: u64,
+        /// The checkpoint folder written on stopping.
         checkpoint: std::path::PathBuf,
     },
     /// Reading or writing the run's files.

@@ -19,7 +19,9 @@ use crate::error::{Result, TrainError};
 /// One image's posterior, `[c, h, w]` each, flat.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CachedPosterior {
+    /// The posterior's mean.
     pub mean: Vec<f32>,
+    /// The posterior's standard deviation.
     pub std: Vec<f32>,
 }
 

@@ -62,8 +62,11 @@ impl LrScheduleKind {
 pub struct LrSchedule {
     /// The base learning rate.
     pub base: f64,
+    /// The schedule's shape.
     pub kind: LrScheduleKind,
+    /// Steps of linear warm-up from 0 (ignored by `constant`).
     pub warmup_steps: u64,
+    /// The run's optimiser steps: where the decaying schedules reach their end.
     pub total_steps: u64,
     /// Cycles of `cosine_with_restarts` (diffusers' `--lr_num_cycles`, default 1).
     pub num_cycles: f64,

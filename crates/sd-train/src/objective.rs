@@ -30,7 +30,9 @@ pub struct DenoisingBatch<B: Backend> {
 /// What the U-Net learns and how the loss is weighted.
 #[derive(Debug, Clone)]
 pub struct DenoisingObjective {
+    /// The training noise schedule the latents are noised with.
     pub schedule: NoiseSchedule,
+    /// What the U-Net predicts, and so the regression target.
     pub prediction: PredictionType,
     /// Min-SNR-γ weighting (Hang et al. 2023); `None` for the plain mean squared error.
     pub snr_gamma: Option<f64>,

@@ -47,15 +47,24 @@ pub enum Resume {
 pub enum Event {
     /// About to run steps `first..total`.
     Started {
+        /// Steps already taken (0 on a fresh start).
         first: u64,
+        /// The step the run ends at (`max_steps`).
         total: u64,
+        /// Examples in the dataset, repeats counted.
         examples: usize,
+        /// The data layout recognised.
         layout: &'static str,
     },
     /// One optimiser step done.
     Step(StepLog),
     /// Latents cached for `done` of `total` images.
-    Caching { done: usize, total: usize },
+    Caching {
+        /// Images cached so far.
+        done: usize,
+        /// Images to cache.
+        total: usize,
+    },
     /// Validation samples were written into this folder.
     Samples(PathBuf),
     /// A checkpoint was written.
@@ -73,6 +82,7 @@ pub struct StepLog {
     pub step: u64,
     /// The mean loss over its micro-batches.
     pub loss: f64,
+    /// The learning rate the step used.
     pub lr: f64,
     /// The gradient norm before clipping.
     pub grad_norm: f64,

@@ -26,6 +26,7 @@ pub enum Reconstruction {
 /// The objective's weights.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct VaeObjective {
+    /// The pixel-wise reconstruction penalty.
     pub reconstruction: Reconstruction,
     /// The KL term's weight (1e-6 in the paper's KL-regularised autoencoders).
     pub kl_weight: f64,
@@ -34,8 +35,11 @@ pub struct VaeObjective {
 /// One batch's losses (scalars): the total to minimise and its two terms.
 #[derive(Debug, Clone)]
 pub struct VaeLosses<B: Backend> {
+    /// The loss minimised: `reconstruction + kl_weight · kl`.
     pub total: Tensor<B, 1>,
+    /// The reconstruction penalty, summed over pixels and averaged over the batch.
     pub reconstruction: Tensor<B, 1>,
+    /// The posterior's KL divergence to the standard normal, averaged over the batch.
     pub kl: Tensor<B, 1>,
 }
 

@@ -42,9 +42,11 @@ impl BlockSettings {
 /// `DownBlock2D` or `CrossAttnDownBlock2D`.
 #[derive(Module, Debug)]
 pub struct DownBlock<B: Backend> {
+    /// The ResNet blocks, `layers_per_block` of them.
     pub resnets: Vec<ResnetBlock2d<B>>,
     /// Empty for `DownBlock2D`.
     pub attentions: Vec<Transformer2d<B>>,
+    /// The stride-2 downsample; empty in the last block.
     pub downsamplers: Vec<Downsample2d<B>>,
 }
 
@@ -108,7 +110,9 @@ impl<B: Backend> DownBlock<B> {
 /// (transformer, ResNet) per layer.
 #[derive(Module, Debug)]
 pub struct MidBlock<B: Backend> {
+    /// The ResNet blocks: one more than the transformers.
     pub resnets: Vec<ResnetBlock2d<B>>,
+    /// The transformers between the ResNets; empty for `UNetMidBlock2D`.
     pub attentions: Vec<Transformer2d<B>>,
 }
 
@@ -125,6 +129,8 @@ impl<B: Backend> MidBlock<B> {
         }
     }
 
+    /// `x`: `[batch, channels, h, w]`, with the time embedding `temb` and the text `context`; same
+    /// shape out.
     pub fn forward(
         &self,
         x: Tensor<B, 4>,
@@ -146,8 +152,11 @@ impl<B: Backend> MidBlock<B> {
 /// channels.
 #[derive(Module, Debug)]
 pub struct UpBlock<B: Backend> {
+    /// The ResNet blocks, `layers_per_block + 1` of them, each taking one skip.
     pub resnets: Vec<ResnetBlock2d<B>>,
+    /// A transformer after each ResNet; empty for `UpBlock2D`.
     pub attentions: Vec<Transformer2d<B>>,
+    /// The ×2 upsample; empty in the last block.
     pub upsamplers: Vec<Upsample2d<B>>,
 }
 
@@ -191,6 +200,8 @@ impl<B: Backend> UpBlock<B> {
         }
     }
 
+    /// Takes one skip per ResNet off the end of `skips`; `upsample_size` is the upsampled size when
+    /// it is not twice the input's (a side was odd on the way down).
     pub fn forward(
         &self,
         mut x: Tensor<B, 4>,

@@ -46,11 +46,14 @@ pub fn timestep_embedding<B: Backend>(
 /// `Linear → SiLU → Linear` (diffusers `TimestepEmbedding`).
 #[derive(Module, Debug)]
 pub struct TimestepEmbedding<B: Backend> {
+    /// The first layer, from the sinusoidal features to the embedding width.
     pub linear_1: Linear<B>,
+    /// The second layer, embedding width to embedding width.
     pub linear_2: Linear<B>,
 }
 
 impl<B: Backend> TimestepEmbedding<B> {
+    /// The MLP with random weights: `in_dim` features to `out_dim`.
     pub fn new(in_dim: usize, out_dim: usize, device: &B::Device) -> Self {
         Self {
             linear_1: LinearConfig::new(in_dim, out_dim).init(device),
@@ -58,6 +61,7 @@ impl<B: Backend> TimestepEmbedding<B> {
         }
     }
 
+    /// `x`: `[batch, in_dim]`; returns `[batch, out_dim]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         self.linear_2.forward(silu(self.linear_1.forward(x)))
     }

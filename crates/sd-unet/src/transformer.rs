@@ -15,15 +15,21 @@ use sd_core::layers::{
 /// self-attention when no context is given, cross-attention otherwise.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
+    /// The query projection, without bias.
     pub to_q: Linear<B>,
+    /// The key projection from the context, without bias.
     pub to_k: Linear<B>,
+    /// The value projection from the context, without bias.
     pub to_v: Linear<B>,
     /// A list, as diffusers' `to_out` (`to_out.0`).
     pub to_out: Vec<Linear<B>>,
+    /// Attention heads; they split `query_dim`.
     pub heads: usize,
 }
 
 impl<B: Backend> Attention<B> {
+    /// Attention with random weights: queries of width `query_dim`, keys and values from a context
+    /// of width `context_dim`.
     pub fn new(query_dim: usize, context_dim: usize, heads: usize, device: &B::Device) -> Self {
         let projection = |from| {
             LinearConfig::new(from, query_dim)
@@ -68,6 +74,7 @@ pub struct FeedForward<B: Backend> {
 }
 
 impl<B: Backend> FeedForward<B> {
+    /// A feed-forward with random weights on tokens of width `dim`.
     pub fn new(dim: usize, device: &B::Device) -> Self {
         let inner = 4 * dim;
         Self {
@@ -108,15 +115,23 @@ impl<B: Backend> FeedForward<B> {
 /// Pre-norm self-attention, cross-attention and feed-forward, each with a residual.
 #[derive(Module, Debug)]
 pub struct BasicTransformerBlock<B: Backend> {
+    /// The LayerNorm before self-attention.
     pub norm1: LayerNorm<B>,
+    /// Self-attention over the tokens.
     pub attn1: Attention<B>,
+    /// The LayerNorm before cross-attention.
     pub norm2: LayerNorm<B>,
+    /// Cross-attention to the text context.
     pub attn2: Attention<B>,
+    /// The LayerNorm before the feed-forward.
     pub norm3: LayerNorm<B>,
+    /// The GEGLU feed-forward.
     pub ff: FeedForward<B>,
 }
 
 impl<B: Backend> BasicTransformerBlock<B> {
+    /// A block with random weights on tokens of width `dim`, attending to a context of width
+    /// `context_dim`.
     pub fn new(dim: usize, heads: usize, context_dim: usize, device: &B::Device) -> Self {
         let norm = || LayerNormConfig::new(dim).with_epsilon(1e-5).init(device);
         Self {
@@ -129,6 +144,8 @@ impl<B: Backend> BasicTransformerBlock<B> {
         }
     }
 
+    /// `x`: `[batch, tokens, dim]`; `context`: `[batch, context tokens, context_dim]`. Same shape
+    /// out.
     pub fn forward(&self, x: Tensor<B, 3>, context: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
         let x = self
@@ -144,13 +161,19 @@ impl<B: Backend> BasicTransformerBlock<B> {
 /// convolutions of SD 1.x checkpoints load into them, since on tokens they are the same map.
 #[derive(Module, Debug)]
 pub struct Transformer2d<B: Backend> {
+    /// The GroupNorm in front (epsilon 1e-6).
     pub norm: GroupNorm<B>,
+    /// The projection of the pixels into tokens.
     pub proj_in: Linear<B>,
+    /// The transformer blocks (more than one in SDXL's deeper levels).
     pub transformer_blocks: Vec<BasicTransformerBlock<B>>,
+    /// The projection of the tokens back onto the channels.
     pub proj_out: Linear<B>,
 }
 
 impl<B: Backend> Transformer2d<B> {
+    /// A transformer with random weights on `channels` channels, with `layers` blocks of `heads`
+    /// heads attending to a context of width `context_dim`.
     pub fn new(
         channels: usize,
         heads: usize,
@@ -169,6 +192,8 @@ impl<B: Backend> Transformer2d<B> {
         }
     }
 
+    /// `x`: `[batch, channels, h, w]`; `context`: `[batch, context tokens, context_dim]`. Same
+    /// shape out.
     pub fn forward(&self, x: Tensor<B, 4>, context: Tensor<B, 3>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
         let normed = sd_core::layers::group_norm_2d(&self.norm, x.clone()).reshape([b, c, h * w]);

@@ -30,14 +30,21 @@ pub struct TextTimeConditioning<B: Backend> {
 /// attending to a text context.
 #[derive(Module, Debug)]
 pub struct UNet2DConditionModel<B: Backend> {
+    /// The convolution from the latent's `in_channels` to the first block's width.
     pub conv_in: Conv2d<B>,
+    /// The MLP that widens the sinusoidal timestep features.
     pub time_embedding: TimestepEmbedding<B>,
     /// SDXL's `add_embedding`, present with `addition_embed_type: "text_time"`.
     pub add_embedding: Option<TimestepEmbedding<B>>,
+    /// The down path, narrowest block first.
     pub down_blocks: Vec<DownBlock<B>>,
+    /// The block at the lowest resolution; `None` when `mid_block_type` is null.
     pub mid_block: Option<MidBlock<B>>,
+    /// The up path, widest block first.
     pub up_blocks: Vec<UpBlock<B>>,
+    /// The GroupNorm before `conv_out`.
     pub conv_norm_out: GroupNorm<B>,
+    /// The convolution to `out_channels`: the prediction.
     pub conv_out: Conv2d<B>,
     in_channels: usize,
     context_dim: usize,
@@ -364,8 +371,8 @@ impl<B: Backend> UNet2DConditionModel<B> {
 }
 
 /// diffusers' feed-forward keys (`ff.net.0.proj`, `ff.net.2`) onto [`crate::FeedForward`]'s.
-/// A module path as diffusers names the parameter: the inverse of [`diffusers_key`], and what
-/// LoRA files name the weights they adapt by.
+/// A module path as diffusers names the parameter: the inverse of the key map the weights load
+/// through, and what LoRA files name the weights they adapt by.
 pub fn checkpoint_key(path: &str) -> Option<String> {
     Some(
         path.replace(".ff.geglu.", ".ff.net.0.proj.")

@@ -14,11 +14,21 @@ pub enum SdError {
     Scheduler(#[from] sd_schedulers::SchedulerError),
     /// A model that cannot be found or is not laid out as expected.
     #[error("{path}: {reason}")]
-    Model { path: PathBuf, reason: String },
+    Model {
+        /// The model folder or file.
+        path: PathBuf,
+        /// What is missing or wrong.
+        reason: String,
+    },
     /// An output that cannot be written where asked (a model folder over one that holds
     /// something), or that failed while being written.
     #[error("{path}: {reason}")]
-    Output { path: PathBuf, reason: String },
+    Output {
+        /// The output path.
+        path: PathBuf,
+        /// Why it cannot be written there, or what failed.
+        reason: String,
+    },
     /// Generation settings that cannot be used together or are out of range.
     #[error("{0}")]
     InvalidOptions(String),
@@ -34,6 +44,7 @@ pub enum SdError {
     Cancelled(usize),
 }
 
+/// Result alias for `sd`.
 pub type Result<T> = std::result::Result<T, SdError>;
 
 pub(crate) fn model_error(path: impl Into<PathBuf>, reason: impl Into<String>) -> SdError {

@@ -35,6 +35,7 @@ pub enum ModelFamily {
 }
 
 impl ModelFamily {
+    /// The family's name for messages: `SD 1.x`, `SD 2.x` or `SDXL`.
     pub fn name(self) -> &'static str {
         match self {
             Self::Sd1 => "SD 1.x",
@@ -495,6 +496,7 @@ impl Model {
         }
     }
 
+    /// The model's family.
     pub fn family(&self) -> ModelFamily {
         self.family
     }
@@ -504,10 +506,13 @@ impl Model {
         self.unet_config.in_channels == 9
     }
 
+    /// The U-Net's configuration: `unet/config.json`, or the family's published one for a single
+    /// file.
     pub fn unet_config(&self) -> &UNet2DConditionConfig {
         &self.unet_config
     }
 
+    /// The VAE's configuration: `vae/config.json`, or the family's published one for a single file.
     pub fn vae_config(&self) -> &AutoencoderKlConfig {
         &self.vae_config
     }
@@ -517,6 +522,8 @@ impl Model {
         &self.scheduler_config
     }
 
+    /// Whether a missing negative prompt is encoded as zeros rather than as the empty prompt
+    /// (`force_zeros_for_empty_prompt` of `model_index.json`; SDXL's default).
     pub fn force_zeros_for_empty_prompt(&self) -> bool {
         self.force_zeros_for_empty_prompt
     }
@@ -816,8 +823,8 @@ impl Model {
         Ok(self)
     }
 
-    /// Merge LoRA layers whose module the model lacks by leaving them out (counted in
-    /// [`Model::lora_report`]) instead of refusing the file.
+    /// Merge LoRA layers whose module the model lacks by leaving them out (counted in a
+    /// warning on standard error) instead of refusing the file.
     pub fn with_lora_ignore_unmatched(mut self, ignore: bool) -> Self {
         self.lora_options.ignore_unmatched = ignore;
         self

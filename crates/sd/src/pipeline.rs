@@ -31,19 +31,25 @@ pub const MAX_CLIP_SKIP: usize = 64;
 /// Everything a generation takes besides the model.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
+    /// The prompt.
     pub prompt: String,
     /// `None`: the empty prompt (SDXL: zeros, when the model says `force_zeros_for_empty_prompt`).
     pub negative_prompt: Option<String>,
+    /// The number of sampling steps, 1 to [`MAX_STEPS`] (img2img runs the last `strength · steps`
+    /// of them).
     pub steps: usize,
     /// Classifier-free guidance scale; at most 1 skips the unconditional half.
     pub guidance_scale: f64,
     /// Rescales the guided prediction's deviation towards the conditional one's (Lin et al.
     /// 2023, sec. 3.4); 0 is off.
     pub guidance_rescale: f64,
+    /// The seed of every random draw of [`generate`]; image `i` of a batch draws from `seed + i`.
     pub seed: u64,
     /// Image size in pixels; `None`: the model's own size.
     pub width: Option<usize>,
+    /// Image height in pixels; `None`: the model's own size.
     pub height: Option<usize>,
+    /// Images generated in one batch, 1 to [`MAX_IMAGES`].
     pub num_images: usize,
     /// A sampler name ([`sd_schedulers::known_names`]); `None`: the model's own scheduler.
     pub scheduler: Option<String>,
@@ -53,6 +59,7 @@ pub struct GenerateOptions {
     pub scheduler_config: Option<SchedulerConfig>,
     /// Layers skipped at the end of the text encoder (diffusers' `clip_skip`).
     pub clip_skip: usize,
+    /// How the prompts are read: A1111's weights and `BREAK`, or diffusers' plain text.
     pub prompt_syntax: PromptSyntax,
     /// Initial latents `[num_images, channels, h/f, w/f]`, as diffusers' `latents=`: before the
     /// scheduler's initial sigma scales them.
@@ -67,7 +74,9 @@ pub struct GenerateOptions {
     pub mask: Option<TensorData>,
     /// SDXL micro-conditioning; `None`: the output size, no crop.
     pub original_size: Option<(usize, usize)>,
+    /// SDXL micro-conditioning: the crop's `(top, left)` in pixels; `(0, 0)` for none.
     pub crops_coords_top_left: (usize, usize),
+    /// SDXL micro-conditioning: `(height, width)`; `None`: the output size.
     pub target_size: Option<(usize, usize)>,
     /// Decode in overlapping tiles: bounded memory for large images.
     pub vae_tiling: bool,
@@ -106,8 +115,11 @@ impl Default for GenerateOptions {
 pub struct StepProgress<'a, B: Backend> {
     /// Steps done (1-based) and in all.
     pub step: usize,
+    /// All the steps of the schedule, including any img2img skips.
     pub total: usize,
+    /// The timestep of the step just taken.
     pub timestep: f64,
+    /// The latents after the step.
     pub latents: &'a Tensor<B, 4>,
     /// The sampler's estimate of the clean latents (for previews).
     pub predicted_clean: &'a Tensor<B, 4>,
@@ -118,7 +130,9 @@ pub type StepCallback<'c, B> = dyn FnMut(&StepProgress<'_, B>) -> bool + 'c;
 
 /// The result: images in `[-1, 1]` (`[n, 3, H, W]`) and the final latents.
 pub struct Generated<B: Backend> {
+    /// The decoded images.
     pub images: Tensor<B, 4>,
+    /// The final latents, before the VAE's scaling is undone.
     pub latents: Tensor<B, 4>,
     /// The sampler's name as used (for the PNG parameters).
     pub sampler: String,
@@ -145,7 +159,10 @@ pub fn check_finite<B: Backend, const D: usize>(t: &Tensor<B, D>, stage: &str) -
 
 /// The conditioning of one generation, batched `[unconditional; conditional]` when guided.
 pub struct PromptConditioning<B: Backend> {
+    /// The text encoders' context (and SDXL's pooled embedding), unconditional half first when
+    /// guided.
     pub conditioning: Conditioning<B>,
+    /// Whether classifier-free guidance is on (`guidance_scale > 1`): the batch holds both halves.
     pub guided: bool,
 }
 
@@ -448,6 +465,7 @@ pub struct InpaintLatents<B: Backend> {
     /// Ordinary U-Nets: the image's latents, put back outside the mask after every step,
     /// noised with `noise`.
     pub image_latents: Option<Tensor<B, 4>>,
+    /// The noise the image's latents are noised with before being put back.
     pub noise: Tensor<B, 4>,
 }
 

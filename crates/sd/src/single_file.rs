@@ -16,6 +16,7 @@ const UNET_IN: &str = "model.diffusion_model.input_blocks.0.0.weight";
 /// Where a text encoder's weights live in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TextPrefix {
+    /// The key prefix, e.g. `cond_stage_model.transformer.`.
     pub prefix: String,
     /// OpenCLIP's layout (fused `in_proj` attention) rather than transformers'.
     pub open_clip: bool,
@@ -24,8 +25,11 @@ pub struct TextPrefix {
 /// What the keys of a checkpoint say about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointLayout {
+    /// The model family the keys tell.
     pub family: ModelFamily,
+    /// The U-Net's input channels, from its first convolution: 4, or 9 for inpainting.
     pub unet_in_channels: usize,
+    /// Where each text encoder's weights live, in the family's order.
     pub text_prefixes: Vec<TextPrefix>,
 }
 

@@ -12,9 +12,13 @@ use super::{SharedOut, multiply};
 /// The sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionShape {
+    /// Independent sequences.
     pub batch: usize,
+    /// Attention heads per sequence.
     pub heads: usize,
+    /// Query tokens per sequence.
     pub len_q: usize,
+    /// Key (and value) tokens per sequence.
     pub len_k: usize,
     /// Channels per head of the queries and keys.
     pub head_dim: usize,

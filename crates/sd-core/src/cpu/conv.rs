@@ -19,11 +19,17 @@ use super::{SharedOut, multiply};
 /// The sizes of one convolution (stride 1, dilation 1, one group).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv2dShape {
+    /// Images in the batch.
     pub batch: usize,
+    /// Channels of the input.
     pub in_channels: usize,
+    /// Channels of the output (the number of filters).
     pub out_channels: usize,
+    /// Input height in pixels, before padding.
     pub height: usize,
+    /// Input width in pixels, before padding.
     pub width: usize,
+    /// Kernel height and width.
     pub kernel: [usize; 2],
     /// Zeros added at the top, left, bottom and right.
     pub padding: [usize; 4],

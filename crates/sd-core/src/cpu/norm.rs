@@ -8,10 +8,13 @@ use super::vector::{group_statistics, normalize_channel};
 /// The sizes of one GroupNorm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupNormShape {
+    /// Maps in the batch.
     pub batch: usize,
+    /// Channels per map; a multiple of `groups`.
     pub channels: usize,
     /// Pixels per channel.
     pub spatial: usize,
+    /// Groups the channels are split into, each normalised on its own.
     pub groups: usize,
 }
 

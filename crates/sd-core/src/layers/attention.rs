@@ -172,14 +172,18 @@ fn chunked_attention_one_thread<B: Backend>(
 /// Configuration of an [`AttentionBlock2d`].
 #[derive(Debug, Clone)]
 pub struct AttentionBlock2dConfig {
+    /// Channels of the feature map, and the width of every projection.
     pub channels: usize,
     /// Channels per head; the VAE uses one head as wide as the block.
     pub head_dim: usize,
+    /// Groups of the GroupNorm in front.
     pub groups: usize,
+    /// The GroupNorm's epsilon.
     pub eps: f64,
 }
 
 impl AttentionBlock2dConfig {
+    /// The block with random weights.
     pub fn init<B: Backend>(&self, device: &B::Device) -> AttentionBlock2d<B> {
         let c = self.channels;
         let linear = || LinearConfig::new(c, c).init(device);
@@ -199,15 +203,22 @@ impl AttentionBlock2dConfig {
 /// `residual_connection=True`). `to_out` is a list, as in diffusers (`to_out.0`).
 #[derive(Module, Debug)]
 pub struct AttentionBlock2d<B: Backend> {
+    /// The GroupNorm in front of the projections.
     pub group_norm: GroupNorm<B>,
+    /// The query projection.
     pub to_q: Linear<B>,
+    /// The key projection.
     pub to_k: Linear<B>,
+    /// The value projection.
     pub to_v: Linear<B>,
+    /// The output projection, as diffusers' one-element list (`to_out.0`).
     pub to_out: Vec<Linear<B>>,
+    /// Attention heads: `channels / head_dim`, at least 1.
     pub heads: usize,
 }
 
 impl<B: Backend> AttentionBlock2d<B> {
+    /// `x`: `[batch, channels, h, w]`; returns `x` plus the attention over its pixels, same shape.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
         let heads = self.heads;

@@ -10,17 +10,22 @@ use super::{add_per_channel, conv2d, conv2d_forward, group_norm, group_norm_silu
 /// "default", SiLU).
 #[derive(Debug, Clone)]
 pub struct ResnetBlock2dConfig {
+    /// Channels of the input.
     pub in_channels: usize,
+    /// Channels of the output.
     pub out_channels: usize,
     /// Width of the time embedding added after the first convolution; `None` in the VAE.
     pub temb_channels: Option<usize>,
+    /// Groups of both GroupNorms.
     pub groups: usize,
+    /// The GroupNorms' epsilon.
     pub eps: f64,
     /// The output is divided by this (1.0 in Stable Diffusion).
     pub output_scale_factor: f64,
 }
 
 impl ResnetBlock2dConfig {
+    /// A block without time embedding and an `output_scale_factor` of 1.
     pub fn new(in_channels: usize, out_channels: usize, groups: usize, eps: f64) -> Self {
         Self {
             in_channels,
@@ -32,6 +37,7 @@ impl ResnetBlock2dConfig {
         }
     }
 
+    /// Sets the width of the time embedding (`None` for none).
     pub fn with_temb_channels(mut self, temb_channels: Option<usize>) -> Self {
         self.temb_channels = temb_channels;
         self
@@ -60,6 +66,7 @@ impl ResnetBlock2dConfig {
             .collect()
     }
 
+    /// The block with random weights.
     pub fn init<B: Backend>(&self, device: &B::Device) -> ResnetBlock2d<B> {
         let (cin, cout) = (self.in_channels, self.out_channels);
         ResnetBlock2d {
@@ -81,12 +88,19 @@ impl ResnetBlock2dConfig {
 /// conditioned on a time embedding (Ho et al. 2020).
 #[derive(Module, Debug)]
 pub struct ResnetBlock2d<B: Backend> {
+    /// The GroupNorm before the first convolution.
     pub norm1: GroupNorm<B>,
+    /// The first 3×3 convolution, `in_channels` to `out_channels`.
     pub conv1: Conv2d<B>,
+    /// The projection of the time embedding onto `out_channels`; `None` in the VAE.
     pub time_emb_proj: Option<Linear<B>>,
+    /// The GroupNorm before the second convolution.
     pub norm2: GroupNorm<B>,
+    /// The second 3×3 convolution, `out_channels` to `out_channels`.
     pub conv2: Conv2d<B>,
+    /// The 1×1 convolution on the residual path, only where the width changes.
     pub conv_shortcut: Option<Conv2d<B>>,
+    /// The output is divided by this (1.0 in Stable Diffusion).
     pub output_scale_factor: f64,
 }
 

@@ -10,7 +10,9 @@ use super::{conv2d, conv2d_forward};
 /// Configuration of a [`Downsample2d`] (diffusers `Downsample2D` with `use_conv=True`).
 #[derive(Debug, Clone)]
 pub struct Downsample2dConfig {
+    /// Channels of the input.
     pub in_channels: usize,
+    /// Channels of the output.
     pub out_channels: usize,
     /// 0: the VAE's asymmetric `(0, 1, 0, 1)` zero pad before an unpadded stride-2 conv;
     /// 1: the U-Net's stride-2 conv with padding 1.
@@ -18,6 +20,7 @@ pub struct Downsample2dConfig {
 }
 
 impl Downsample2dConfig {
+    /// The layer with random weights.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Downsample2d<B> {
         Downsample2d {
             conv: conv2d(
@@ -36,11 +39,15 @@ impl Downsample2dConfig {
 /// Halves the resolution with a 3×3 stride-2 convolution.
 #[derive(Module, Debug)]
 pub struct Downsample2d<B: Backend> {
+    /// The 3×3 stride-2 convolution.
     pub conv: Conv2d<B>,
+    /// Whether a zero row and column go below and right of the map first (the VAE's padding 0).
     pub pad_right_bottom: bool,
 }
 
 impl<B: Backend> Downsample2d<B> {
+    /// `x`: `[batch, in_channels, h, w]`; returns `out_channels` channels at half the height and
+    /// width.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let x = if self.pad_right_bottom {
             // (left, right, top, bottom), as torch.nn.functional.pad(x, (0, 1, 0, 1)).
@@ -55,11 +62,14 @@ impl<B: Backend> Downsample2d<B> {
 /// Configuration of an [`Upsample2d`] (diffusers `Upsample2D` with `use_conv=True`).
 #[derive(Debug, Clone)]
 pub struct Upsample2dConfig {
+    /// Channels of the input.
     pub in_channels: usize,
+    /// Channels of the output.
     pub out_channels: usize,
 }
 
 impl Upsample2dConfig {
+    /// The layer with random weights.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Upsample2d<B> {
         Upsample2d {
             conv: conv2d(self.in_channels, self.out_channels, 3, 1, 1, device),
@@ -70,10 +80,12 @@ impl Upsample2dConfig {
 /// Doubles the resolution: nearest-neighbour ×2, then a 3×3 convolution.
 #[derive(Module, Debug)]
 pub struct Upsample2d<B: Backend> {
+    /// The 3×3 convolution after the upsampling.
     pub conv: Conv2d<B>,
 }
 
 impl<B: Backend> Upsample2d<B> {
+    /// `x`: `[batch, in_channels, h, w]`; returns `[batch, out_channels, 2h, 2w]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         conv2d_forward(&self.conv, upsample_nearest2x(x))
     }
