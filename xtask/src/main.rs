@@ -16,8 +16,8 @@
 //!   random-weight SD 1.5-size model, written once under `target/bench-models/` by the fixture
 //!   venv.
 //! - `fixtures [--only KIND]`: regenerate only one kind of fixture (e.g. `pipeline`).
-//! - `train-shapes [--run-dir DIR] [--images N] [--vae-steps N] [--unet-steps N]
-//!   [--refine-steps N] [--decoder-steps N]`: the shapes
+//! - `train-shapes [--run-dir DIR] [--images N] [--vae-steps N] [--decoder-steps N]
+//!   [--unet-steps N] [--vae DIR]`: the shapes
 //!   model from scratch (`xtask/src/train_shapes.rs` is the recipe), resumable: run it again to
 //!   continue.
 //! - `fuzz [--execs N] [--seed S] [--target NAME[,NAME]]`: the long fuzzing run of every loader
@@ -75,7 +75,7 @@ fn main() -> ExitCode {
              | bench-train [--config sd15|tiny] [--runs N] \
              | bench-clip [--config vit-l|bigg] [--runs N] | bench-generate [--size 512] [--steps 2] [--dtype f32|f16] [--tiling] \
              | fuzz [--execs N] [--seed S] [--target NAME] [--replay PATH] \
-             | train-shapes [--run-dir DIR] [--images N] [--vae-steps N] [--unet-steps N] [--refine-steps N] [--decoder-steps N]\n\
+             | train-shapes [--run-dir DIR] [--images N] [--vae-steps N] [--decoder-steps N] [--unet-steps N] [--vae DIR]\n\
              got: {args:?}"
         )),
     };

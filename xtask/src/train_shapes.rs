@@ -4,24 +4,28 @@
 //! 1. `sd dataset shapes` writes the captioned images;
 //! 2. `sd train vae` trains the autoencoder from `xtask/shapes/init/vae/config.json` and fits
 //!    its scaling factor;
-//! 3. the model folder is assembled: the init configs, the standard CLIP tokenizer files, the
+//! 3. `sd train vae --decoder-only` fine-tunes its decoder, the encoder (and so the latents)
+//!    frozen, as Stability made the ft-MSE decoder for SD 1.x: the first stage's own
+//!    reconstructions had blurred, colour-fringed edges;
+//! 4. the model folder is assembled: the init configs, the standard CLIP tokenizer files, the
 //!    trained `vae/` (the U-Net and text encoder have configs only, so they start random);
-//! 4. `sd train unet --train-text-encoder --cache-latents` trains both on the images (one
-//!    cosine cycle from lr 5e-4);
-//! 5. a second cosine cycle (a warm restart, Loshchilov & Hutter 2017) from lr 3e-4 fine-tunes
-//!    the first's result in f16, the form it was committed in after the first cycle (the
-//!    second cycle was added in a later session, starting from the committed model);
-//! 6. `sd train vae --decoder-only` fine-tunes the VAE's decoder on the same images, the
-//!    encoder frozen so that the latents the U-Net learnt stay as they were (how Stability made
-//!    the ft-MSE decoder for SD 1.x): the first VAE's blurred, colour-fringed edges were what
-//!    kept every image from passing the checker;
-//! 7. `sd convert --dtype f16` writes the second cycle's folder with that decoder to
-//!    `crates/sd-shapes/model/`, where the `sd` binary embeds it as the default model, with
-//!    every stage's configs, logs and loss plots.
+//! 5. `sd train unet --train-text-encoder --cache-latents` trains both on the images, one
+//!    cosine cycle. The scheduler config makes it a v-prediction model on a zero-terminal-SNR
+//!    schedule (Lin et al. 2024, "Common diffusion noise schedules and sample steps are
+//!    flawed"): with Stable Diffusion's schedule the last timestep keeps √ᾱ = 0.068 of the
+//!    image, enough on a 16×16 latent for the model to read the white background's mean and
+//!    the objects' places from the noise it is given; pure noise at inference then showed it
+//!    objects that were not there (the first committed model drew stray blobs and mixed
+//!    colours). Inference starts at that last timestep ("trailing" spacing);
+//! 6. `sd convert --dtype f16` writes the result to `crates/sd-shapes/model/`, where the `sd`
+//!    binary embeds it as the default model, with every stage's configs, logs and loss plots.
+//!
+//! `--vae DIR` takes a VAE folder trained by stages 2-3 of an earlier run (its `config.json`
+//! and weights) instead of running them again: the U-Net stage is the one that changes most
+//! between runs, and the VAE stages take about an hour of the 2.5 h budget.
 //!
 //! The run folder (default `target/shapes-run`, outside the repository's tracked files) keeps
-//! every checkpoint; the trained model ends in `RUN/model2`. Settings are in this file, so the
-//! command is the whole recipe.
+//! every checkpoint. Settings are in this file, so the command is the whole recipe.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,9 +36,8 @@ use crate::{flag, root, run};
 struct Recipe {
     images: u64,
     vae_steps: u64,
-    unet_steps: u64,
-    refine_steps: u64,
     decoder_steps: u64,
+    unet_steps: u64,
 }
 
 fn sd(root: &Path) -> Command {
@@ -69,10 +72,10 @@ pub fn train_shapes(args: &[String]) -> Result<(), String> {
     let recipe = Recipe {
         images: number("--images", 20_000)?,
         vae_steps: number("--vae-steps", 700)?,
-        unet_steps: number("--unet-steps", 1100)?,
-        refine_steps: number("--refine-steps", 1500)?,
         decoder_steps: number("--decoder-steps", 1000)?,
+        unet_steps: number("--unet-steps", 3100)?,
     };
+    let trained_vae = flag(args, "--vae").map(PathBuf::from);
     // A release build: the dev profile leaves the workspace's own crates (the training
     // convolutions, the latent cache) unoptimised, which made a U-Net step 1.3x and the VAE
     // step and latent caching 2-9x slower on the 2-core machine.
@@ -96,36 +99,46 @@ pub fn train_shapes(args: &[String]) -> Result<(), String> {
         std::fs::write(data.join("done"), "").map_err(|e| e.to_string())?;
     }
 
-    let vae = run_dir.join("vae");
-    if !vae.join("vae/config.json").is_file() {
-        run(sd(&root)
-            .args(["train", "vae", "--init"])
-            .arg(&init)
-            .arg("--data")
-            .arg(&data)
-            .arg("--output")
-            .arg(&vae)
-            .args([
-                "--resolution",
-                "64",
-                "--batch-size",
-                "16",
-                "--learning-rate",
-                "5e-4",
-            ])
-            .args(["--kl-weight", "1e-6", "--fit-scaling-factor", "--seed", "0"])
-            .args([
-                "--checkpoint-every",
-                "100",
-                "--keep",
-                "2",
-                "--resume",
-                "latest",
-            ])
-            .arg("--max-steps")
-            .arg(recipe.vae_steps.to_string()))?;
-    }
+    // Stages 2 and 3: the VAE, or the one given.
+    let (vae, vae2) = (run_dir.join("vae"), run_dir.join("vae2"));
+    let vae_folder = match &trained_vae {
+        Some(dir) => dir.clone(),
+        None => {
+            if !vae.join("vae/config.json").is_file() {
+                run(sd(&root)
+                    .args(["train", "vae", "--init"])
+                    .arg(&init)
+                    .arg("--data")
+                    .arg(&data)
+                    .arg("--output")
+                    .arg(&vae)
+                    .args(["--resolution", "64", "--batch-size", "16"])
+                    .args(["--learning-rate", "5e-4", "--kl-weight", "1e-6"])
+                    .args(["--fit-scaling-factor", "--seed", "0"])
+                    .args(["--checkpoint-every", "100", "--keep", "2"])
+                    .args(["--resume", "latest", "--max-steps"])
+                    .arg(recipe.vae_steps.to_string()))?;
+            }
+            if !vae2.join("vae/config.json").is_file() {
+                run(sd(&root)
+                    .args(["train", "vae", "--decoder-only", "--model"])
+                    .arg(&vae)
+                    .arg("--data")
+                    .arg(&data)
+                    .arg("--output")
+                    .arg(&vae2)
+                    .args(["--resolution", "64", "--batch-size", "16"])
+                    .args(["--learning-rate", "2e-4", "--lr-scheduler", "cosine"])
+                    .args(["--lr-warmup-steps", "20", "--seed", "2"])
+                    .args(["--checkpoint-every", "100", "--keep", "2"])
+                    .args(["--resume", "latest", "--max-steps"])
+                    .arg(recipe.decoder_steps.to_string()))?;
+            }
+            vae2.join("vae")
+        }
+    };
 
+    // Stage 4: the folder the U-Net stage starts from.
     let model = run_dir.join("model");
     if !model
         .join("vae/diffusion_pytorch_model.safetensors")
@@ -139,98 +152,33 @@ pub fn train_shapes(args: &[String]) -> Result<(), String> {
                 .map_err(|e| format!("{file}: {e}"))?;
         }
         std::fs::remove_dir_all(model.join("vae")).map_err(|e| e.to_string())?;
-        copy_dir(&vae.join("vae"), &model.join("vae"))?;
+        copy_dir(&vae_folder, &model.join("vae"))?;
     }
 
+    // Stage 5.
     let unet = run_dir.join("unet");
     run(&mut train_unet(
         &root,
         &model,
         &data,
         &unet,
-        Cycle::FIRST,
         recipe.unet_steps,
     ))?;
 
-    // The first cycle's model as the second starts from it: in f16.
-    let half = run_dir.join("unet-f16");
-    if !half.join("unet/config.json").is_file() {
-        let _ = std::fs::remove_dir_all(&half);
-        run(sd(&root)
-            .arg("convert")
-            .arg(&unet)
-            .arg(&half)
-            .args(["--dtype", "f16"]))?;
-    }
-    let unet2 = run_dir.join("unet2");
-    run(&mut train_unet(
-        &root,
-        &half,
-        &data,
-        &unet2,
-        Cycle::SECOND,
-        recipe.refine_steps,
-    ))?;
-
-    let vae2 = run_dir.join("vae2");
-    if !vae2.join("vae/config.json").is_file() {
-        run(sd(&root)
-            .args(["train", "vae", "--decoder-only", "--model"])
-            .arg(&unet2)
-            .arg("--data")
-            .arg(&data)
-            .arg("--output")
-            .arg(&vae2)
-            .args([
-                "--resolution",
-                "64",
-                "--batch-size",
-                "16",
-                "--learning-rate",
-                "2e-4",
-                "--lr-scheduler",
-                "cosine",
-                "--lr-warmup-steps",
-                "20",
-            ])
-            .args(["--seed", "2", "--checkpoint-every", "100", "--keep", "2"])
-            .args(["--resume", "latest", "--max-steps"])
-            .arg(recipe.decoder_steps.to_string()))?;
-    }
-    let model2 = run_dir.join("model2");
-    let _ = std::fs::remove_dir_all(&model2);
-    for part in [
-        "model_index.json",
-        "scheduler",
-        "text_encoder",
-        "tokenizer",
-        "unet",
-    ] {
-        let from = unet2.join(part);
-        if from.is_dir() {
-            copy_dir(&from, &model2.join(part))?;
-        } else {
-            std::fs::create_dir_all(&model2).map_err(|e| e.to_string())?;
-            std::fs::copy(&from, model2.join(part)).map_err(|e| format!("{part}: {e}"))?;
-        }
-    }
-    copy_dir(&vae2.join("vae"), &model2.join("vae"))?;
-
-    // 7. The built-in model: the trained folder in f16 where `sd-shapes` embeds it, with each
-    //    stage's resolved config, log and loss plot beside it.
+    // Stage 6: the built-in model, the trained folder in f16 where `sd-shapes` embeds it, with
+    // each stage's resolved config, log and loss plot beside it.
     let built_in = root.join("crates/sd-shapes/model");
     let _ = std::fs::remove_dir_all(&built_in);
     run(sd(&root)
         .arg("convert")
-        .arg(&model2)
+        .arg(&unet)
         .arg(&built_in)
         .args(["--dtype", "f16"]))?;
-    for (stage, dir) in [
-        ("vae", &vae),
-        ("unet", &unet),
-        ("unet2", &unet2),
-        ("vae2", &vae2),
-    ] {
+    let mut stages = vec![("unet", unet.clone())];
+    if trained_vae.is_none() {
+        stages.extend([("vae", vae), ("vae2", vae2)]);
+    }
+    for (stage, dir) in stages {
         let records = built_in.join("training").join(stage);
         std::fs::create_dir_all(&records).map_err(|e| format!("{}: {e}", records.display()))?;
         for file in ["train_config.json", "train_log.jsonl", "loss.png"] {
@@ -245,78 +193,22 @@ pub fn train_shapes(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// One cosine cycle of U-Net (and text encoder) training.
-struct Cycle {
-    learning_rate: &'static str,
-    warmup: &'static str,
-    ema_decay: &'static str,
-    seed: &'static str,
-    /// `--init` (random weights from the folder's configs) or `--model` (fine-tune it).
-    from_scratch: bool,
-}
-
-impl Cycle {
-    const FIRST: Self = Self {
-        learning_rate: "5e-4",
-        warmup: "100",
-        ema_decay: "0.995",
-        seed: "0",
-        from_scratch: true,
-    };
-    const SECOND: Self = Self {
-        learning_rate: "3e-4",
-        warmup: "50",
-        ema_decay: "0.998",
-        seed: "1",
-        from_scratch: false,
-    };
-}
-
-fn train_unet(
-    root: &Path,
-    model: &Path,
-    data: &Path,
-    output: &Path,
-    cycle: Cycle,
-    steps: u64,
-) -> Command {
+/// The U-Net and text encoder, from scratch: one cosine cycle from lr 5e-4, the EMA weights
+/// kept as the result.
+fn train_unet(root: &Path, model: &Path, data: &Path, output: &Path, steps: u64) -> Command {
     let mut cmd = sd(root);
-    cmd.args(["train", "unet"])
-        .arg(if cycle.from_scratch {
-            "--init"
-        } else {
-            "--model"
-        })
+    cmd.args(["train", "unet", "--init"])
         .arg(model)
         .arg("--data")
         .arg(data)
         .arg("--output")
         .arg(output)
+        .args(["--train-text-encoder", "--cache-latents"])
+        .args(["--resolution", "64", "--batch-size", "32"])
+        .args(["--learning-rate", "5e-4", "--lr-scheduler", "cosine"])
+        .args(["--lr-warmup-steps", "100", "--caption-dropout", "0.1"])
+        .args(["--ema-decay", "0.999", "--seed", "0"])
         .args([
-            "--train-text-encoder",
-            "--cache-latents",
-            "--resolution",
-            "64",
-        ])
-        .args([
-            "--batch-size",
-            "32",
-            "--learning-rate",
-            cycle.learning_rate,
-            "--lr-scheduler",
-            "cosine",
-        ])
-        .args([
-            "--lr-warmup-steps",
-            cycle.warmup,
-            "--caption-dropout",
-            "0.1",
-            "--ema-decay",
-            cycle.ema_decay,
-        ])
-        .args([
-            "--seed",
-            cycle.seed,
             "--checkpoint-every",
             "100",
             "--keep",
@@ -324,7 +216,7 @@ fn train_unet(
             "--resume",
             "latest",
         ])
-        .args(["--validation-every", "1000", "--validation-steps", "20"])
+        .args(["--validation-every", "500", "--validation-steps", "20"])
         .args(["--validation-prompt", "a red circle above a blue square"])
         .args(["--validation-prompt", "a yellow circle"])
         .args([

@@ -34,6 +34,12 @@ struct ShapesArgs {
     /// Classifier-free guidance scale; 1 turns guidance off (default: the built-in model's).
     #[arg(long, allow_negative_numbers = true)]
     guidance: Option<f64>,
+    /// Guidance rescale φ (Lin et al. 2023), as `sd generate --guidance-rescale`.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    guidance_rescale: f64,
+    /// Sampler, as `sd generate --scheduler` (default: the model's own).
+    #[arg(long)]
+    scheduler: Option<String>,
     /// Which prompts: the lists drawn with this seed.
     #[arg(long, default_value_t = 0)]
     prompt_seed: u64,
@@ -82,6 +88,8 @@ pub fn run(args: EvalArgs) -> Result<String, String> {
                 prompt: prompt.clone(),
                 steps,
                 guidance_scale: guidance,
+                guidance_rescale: args.guidance_rescale,
+                scheduler: args.scheduler.clone(),
                 seed: 0,
                 num_images: args.seeds,
                 ..GenerateOptions::default()
@@ -124,6 +132,8 @@ pub fn run(args: EvalArgs) -> Result<String, String> {
     let summary = serde_json::json!({
         "steps": steps,
         "guidance": guidance,
+        "guidance_rescale": args.guidance_rescale,
+        "scheduler": args.scheduler,
         "seeds": args.seeds,
         "prompts": args.prompts,
         "summary": summary,

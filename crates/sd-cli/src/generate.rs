@@ -46,11 +46,11 @@ pub struct GenerateArgs {
     /// Karras sigmas.
     #[arg(long)]
     karras: bool,
-    /// Sampling steps (default: 20; the built-in shapes model's own default without --model).
+    /// Sampling steps (default: 20; the built-in shapes model's own, 30, without --model).
     #[arg(long, allow_negative_numbers = true)]
     steps: Option<usize>,
     /// Classifier-free guidance scale, 1 turns guidance off (default: 7.5; the built-in
-    /// shapes model's own default without --model).
+    /// shapes model's own, 3, without --model).
     #[arg(long, allow_negative_numbers = true)]
     guidance: Option<f64>,
     /// Guidance rescale φ (Lin et al. 2023); 0 is off.

@@ -59,7 +59,7 @@ pub struct TrainArgs {
     resolution: Option<u32>,
     #[arg(long)]
     seed: Option<u64>,
-    /// Write checkpoint-<step>/ every N steps (0: only at the end).
+    /// Write OUTPUT/checkpoint-STEP/ every N steps (0: only at the end).
     #[arg(long)]
     checkpoint_every: Option<u64>,
     /// Keep the newest K checkpoints (0: all).
@@ -147,7 +147,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     mixed_precision: Option<Precision>,
     /// Render this prompt (repeatable) every --validation-every steps and at the end into
-    /// OUTPUT/samples/step-<n>/, at the run's seed with the model's own sampler.
+    /// OUTPUT/samples/step-STEP/, at the run's seed with the model's own sampler.
     #[arg(long)]
     validation_prompt: Vec<String>,
     /// Steps between validation renders (default: only at the end).

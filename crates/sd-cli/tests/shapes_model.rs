@@ -11,12 +11,16 @@ const PROMPTS: &[&str] = &["a red circle above a blue square", "a blue triangle"
 
 /// Prompt, seed: each passes the checker at the model's defaults (chosen from an
 /// `sd eval shapes --out` report of the committed model, and checked to pass with f16 compute
-/// too, so that a CPU with other kernels does not flip them). Only seen single-object prompts
-/// pass yet (7 of 160 seen images, none held out: docs/shapes.md).
+/// too, so that a CPU with other kernels does not flip them): three held-out compositions (no
+/// training image shows a green triangle, or a red and a blue object together) and three
+/// seen ones.
 const PAIRS: &[(&str, u64)] = &[
-    ("a blue triangle", 0),
-    ("a purple triangle", 3),
-    ("a red triangle", 0),
+    ("a green triangle", 0),
+    ("a blue circle below a red triangle", 1),
+    ("a red triangle above a blue triangle", 2),
+    ("a red square", 0),
+    ("a purple circle", 1),
+    ("a red circle to the left of a green square", 0),
 ];
 
 #[test]
