@@ -85,14 +85,7 @@ pub fn open_clip_to_transformers(
                     }
                 };
                 let (values, dtype) = read(&entry.key, entry.dtype)?;
-                let size = values.len() / (d * p).max(1);
-                let mut t = vec![0u8; values.len()];
-                for r in 0..d {
-                    for c in 0..p {
-                        let (to, from) = ((c * d + r) * size, (r * p + c) * size);
-                        t[to..to + size].copy_from_slice(&values[from..from + size]);
-                    }
-                }
+                let t = transpose_bytes(&values, d, p);
                 out.push(("text_projection.weight".into(), t, vec![p, d], dtype));
             }
             ["transformer", "resblocks", i, tail @ ..] => {
@@ -153,6 +146,20 @@ pub fn open_clip_to_transformers(
     SafetensorsFile::from_bytes(format!("{} ({prefix}*)", file.path().display()), serialized)
 }
 
+/// A row-major `[rows, cols]` matrix's bytes as its `[cols, rows]` transpose, whatever the
+/// element size.
+fn transpose_bytes(bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    let size = bytes.len() / (rows * cols).max(1);
+    let mut out = vec![0u8; bytes.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            let (to, from) = ((c * rows + r) * size, (r * cols + c) * size);
+            out[to..to + size].copy_from_slice(&bytes[from..from + size]);
+        }
+    }
+    out
+}
+
 /// Concatenates same-dtype tensors along their first dimension (row-major data, so their bytes
 /// one after another): how OpenCLIP's fused `in_proj` holds q, k and v.
 fn stacked(parts: Vec<TensorSnapshot>) -> Result<TensorSnapshot> {
@@ -206,16 +213,7 @@ fn transposed(t: TensorSnapshot) -> Result<TensorSnapshot> {
     let data = t.clone_data_fn();
     Ok(TensorSnapshot::from_closure(
         Rc::new(move || {
-            let d = data()?;
-            let bytes = d.as_bytes();
-            let size = bytes.len() / (rows * cols).max(1);
-            let mut out = vec![0u8; bytes.len()];
-            for r in 0..rows {
-                for c in 0..cols {
-                    let (to, from) = ((c * rows + r) * size, (r * cols + c) * size);
-                    out[to..to + size].copy_from_slice(&bytes[from..from + size]);
-                }
-            }
+            let out = transpose_bytes(data()?.as_bytes(), rows, cols);
             Ok(TensorData::from_bytes_vec(out, vec![cols, rows], dtype))
         }),
         dtype,

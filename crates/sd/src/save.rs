@@ -292,18 +292,15 @@ impl Model {
         }
         sd_core::files::check_output_path(out)?;
         let source = self.clone().with_dtype(DType::F32);
-        let unet = source.load_unet::<B>(device)?;
-        let mut tensors = unet.single_file_tensors(self.unet_config())?;
-        let encoder = source.load_vae_encoder::<B>(device)?;
-        let decoder = source.load_vae_decoder::<B>(device)?;
-        let mut vae = encoder.weight_tensors();
-        vae.extend(decoder.weight_tensors());
+        let mut tensors = source
+            .load_unet::<B>(device)?
+            .single_file_tensors(self.unet_config())?;
+        let mut vae = source.load_vae_encoder::<B>(device)?.weight_tensors();
+        vae.extend(source.load_vae_decoder::<B>(device)?.weight_tensors());
         let blocks = self.vae_config().block_out_channels.len();
         tensors.extend(sd_core::vae_keys::vae_single_file_tensors(vae, blocks)?);
-        let mut text_models = Vec::new();
         for i in 0..self.text_configs()?.len() {
-            let model = source.load_text_encoder::<B>(i, device)?;
-            let weights = model.weight_tensors();
+            let weights = source.load_text_encoder::<B>(i, device)?.weight_tensors();
             tensors.extend(match (self.family(), i) {
                 (ModelFamily::Sd1, _) => prefixed("cond_stage_model.transformer.", weights),
                 (ModelFamily::Sd2, _) => {
@@ -315,13 +312,10 @@ impl Model {
                     "conditioner.embedders.1.model.",
                 )?,
             });
-            // The snapshots read the model's tensors when written: it must live until then.
-            text_models.push(model);
         }
         let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-        save_tensors(tensors, out, dtype, Some(&metadata))?;
-        drop((unet, encoder, decoder, text_models));
-        Ok(())
+        // The snapshots hold their own (reference-counted) handles on the tensors.
+        Ok(save_tensors(tensors, out, dtype, Some(&metadata))?)
     }
 
     /// `model_index.json` as diffusers writes it for the pipeline class that fits: every
