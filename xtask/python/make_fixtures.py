@@ -724,7 +724,7 @@ def write_tokenizer_case(root: pathlib.Path, vocab: pathlib.Path, merges: pathli
     print(f"wrote {case} ({len(prompts)} prompts)")
 
 
-KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline", "training", "roundtrip", "lora"]
+KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline", "training", "roundtrip", "lora", "metrics"]
 
 
 def parse_kinds(values: list[str] | None) -> set[str]:
@@ -773,6 +773,10 @@ def main() -> None:
         for name, (cls, config, step_kwargs) in sorted(scheduler_cases().items()):
             # A seed from the name alone: adding a case leaves the others' data unchanged.
             write_scheduler_case(args.out, name, cls, config, step_kwargs, seed=zlib.crc32(name.encode()) % 100_000)
+    if "metrics" in kinds:
+        from metrics_fixtures import write_metrics_cases
+
+        write_metrics_cases(args.out)
     if "pipeline" in kinds:
         # Imported here: pipeline_fixtures imports helpers from this module.
         from pipeline_fixtures import write_pipeline_cases

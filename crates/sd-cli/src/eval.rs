@@ -1,5 +1,6 @@
-//! `sd eval shapes`: prompt adherence of a model trained on `sd dataset shapes`, judged by the
-//! dataset's analytic checker ([`sd_shapes::check`]) on held-out and seen prompts.
+//! `sd eval`: image metrics (`fid`, `kid`, `is`, `stats`, in `eval_metrics`) and `shapes`, the
+//! prompt adherence of a model trained on `sd dataset shapes`, judged by the dataset's analytic
+//! checker ([`sd_shapes::check`]) on held-out and seen prompts.
 
 use clap::{Args, Subcommand};
 use sd::{GenerateOptions, Model};
@@ -15,6 +16,15 @@ enum EvalWhat {
     /// Generate each of N held-out and N seen prompts with several seeds and report the share
     /// of images that show exactly what their prompt says, as JSON.
     Shapes(ShapesArgs),
+    /// The Fréchet Inception Distance between two folders of images (or pytorch-fid .npz
+    /// statistics), as pytorch-fid computes it.
+    Fid(crate::eval_metrics::FidArgs),
+    /// The Kernel Inception Distance between two folders, as torch-fidelity computes it.
+    Kid(crate::eval_metrics::KidArgs),
+    /// The Inception Score of a folder, as torch-fidelity computes it.
+    Is(crate::eval_metrics::IsArgs),
+    /// A folder's Inception statistics to a pytorch-fid .npz (for `sd eval fid`).
+    Stats(crate::eval_metrics::StatsArgs),
 }
 
 #[derive(Args)]
@@ -56,7 +66,13 @@ struct ShapesArgs {
 }
 
 pub fn run(args: EvalArgs) -> Result<String, String> {
-    let EvalWhat::Shapes(args) = args.what;
+    let args = match args.what {
+        EvalWhat::Shapes(args) => args,
+        EvalWhat::Fid(args) => return crate::eval_metrics::fid(args),
+        EvalWhat::Kid(args) => return crate::eval_metrics::kid(args),
+        EvalWhat::Is(args) => return crate::eval_metrics::inception_score(args),
+        EvalWhat::Stats(args) => return crate::eval_metrics::stats(args),
+    };
     if !(1..=100).contains(&args.seeds) || !(1..=1000).contains(&args.prompts) {
         return Err("--seeds must be in 1..=100 and --prompts in 1..=1000".into());
     }

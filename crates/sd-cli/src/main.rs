@@ -4,6 +4,7 @@ mod convert;
 mod dataset;
 mod eval;
 mod eval_grid;
+mod eval_metrics;
 mod generate;
 mod train;
 
