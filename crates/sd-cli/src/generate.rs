@@ -21,7 +21,18 @@ const DEFAULT_GUIDANCE: f64 = 7.5;
 #[derive(Args)]
 pub struct GenerateArgs {
     /// What to draw (A1111 syntax: `(word:1.2)`, `[word]`, `BREAK`).
-    prompt: String,
+    #[arg(required_unless_present = "prompts", conflicts_with = "prompts")]
+    prompt: Option<String>,
+    /// A prompt file instead of one prompt: a prompt a line, or JSON lines with "prompt" and
+    /// optionally "seed" and "negative_prompt". One PNG per line, named by its index
+    /// (00000.png, ...) in the --output folder; images already there are skipped, so a
+    /// restarted run resumes. A line without a seed gets --seed plus its index.
+    #[arg(long, value_name = "FILE")]
+    prompts: Option<PathBuf>,
+    /// With --prompts: this run's share I/N of the lines (every N-th from the I-th), so N
+    /// machines split one list with no coordination.
+    #[arg(long, value_name = "I/N", requires = "prompts")]
+    shard: Option<String>,
     /// A diffusers folder, a single-file .safetensors checkpoint, or a Hugging Face repo id
     /// already in the local cache. Default: the built-in shapes model (64×64 images of red,
     /// yellow, green, blue and purple circles, squares and triangles, alone or two in a
@@ -99,9 +110,10 @@ pub struct GenerateArgs {
     /// says `force_upcast`.
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     dtype: DTypeArg,
-    /// Output PNG; with several images, numbered files (`out-0.png`, `out-1.png`, ...).
-    #[arg(long, short = 'o', default_value = "output.png")]
-    output: PathBuf,
+    /// Output PNG (default output.png); with several images, numbered files (`out-0.png`,
+    /// `out-1.png`, ...). With --prompts, a folder (default `outputs`, made if missing).
+    #[arg(long, short = 'o')]
+    output: Option<PathBuf>,
     /// No progress bar.
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -290,12 +302,23 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
     {
         return Err(format!("--strength {s} is outside [0, 1]"));
     }
+    let jobs = jobs(&args)?;
+    if jobs.is_empty() {
+        return Ok("every image of this --prompts share is already written: nothing to do".into());
+    }
     // The prompts' bounds (length, nesting, weights, chunks) before any loading: the built-in
     // vocabulary is the one every SD family's tokenizers share.
-    for (flag, prompt) in [
-        ("the prompt", Some(&args.prompt)),
-        ("--negative-prompt", args.negative_prompt.as_ref()),
-    ] {
+    let checks = jobs.iter().flat_map(|job| {
+        [
+            (job.name.clone(), Some(&job.prompt)),
+            (
+                format!("{}: the negative prompt", job.name),
+                job.negative_prompt.as_ref(),
+            ),
+        ]
+    });
+    for (flag, prompt) in checks {
+        let flag = flag.as_str();
         let Some(prompt) = prompt else { continue };
         if args.plain_prompt {
             let chars = prompt.chars().count();
@@ -311,6 +334,7 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
                     .map_err(|e| e.to_string())?;
             sd::conditioner::tokenize_prompt(&tokenizer, prompt).map_err(|e| match flag {
                 "the prompt" => e.to_string(),
+                "the prompt: the negative prompt" => format!("--negative-prompt: {e}"),
                 _ => format!("{flag}: {e}"),
             })?;
         }
@@ -328,8 +352,8 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
     }
     // Outputs are checked before any work: their folder exists, and none of them is anything
     // but a regular file (a device, a folder, a symlink out of the folder) that we would replace.
-    for path in output_paths(&args.output, args.num_images) {
-        sd::core::files::check_output_path(&path).map_err(|e| e.to_string())?;
+    for path in jobs.iter().flat_map(|job| &job.paths) {
+        sd::core::files::check_output_path(path).map_err(|e| e.to_string())?;
     }
     // Input files must be regular files (a FIFO would block forever), and a starting image's
     // size is read from its header before it is decoded.
@@ -368,10 +392,11 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
     .with_lora_ignore_unmatched(args.lora_ignore_unmatched);
     // LoRAs from --lora and from the prompt's <lora:…> tags (taken out of the text the text
     // encoder reads; the PNG's parameters keep them, as A1111's do).
-    let (prompt, tags) = if args.plain_prompt {
-        (args.prompt.clone(), Vec::new())
+    // (A prompt file's lines hold no tags: `prompt_file::read` refuses them.)
+    let (prompt, tags) = if args.plain_prompt || args.prompts.is_some() {
+        (jobs[0].prompt.clone(), Vec::new())
     } else {
-        sd::lora::extract_prompt_loras(&args.prompt).map_err(|e| e.to_string())?
+        sd::lora::extract_prompt_loras(&jobs[0].prompt).map_err(|e| e.to_string())?
     };
     let mut loras = Vec::new();
     for arg in &args.lora {
@@ -428,11 +453,11 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
     };
     let options = GenerateOptions {
         prompt,
-        negative_prompt: args.negative_prompt.clone(),
+        negative_prompt: jobs[0].negative_prompt.clone(),
         steps,
         guidance_scale: guidance,
         guidance_rescale: args.guidance_rescale,
-        seed: args.seed,
+        seed: jobs[0].seed,
         width: args.width,
         height: args.height,
         num_images: args.num_images,
@@ -457,19 +482,111 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         ..GenerateOptions::default()
     };
     options.size(&model).map_err(|e| e.to_string())?;
-    match backend.as_str() {
-        #[cfg(feature = "cuda")]
-        "cuda" => generate::<sd::backend::Cuda>(&model, &options, &args, &Default::default()),
-        #[cfg(feature = "wgpu")]
-        "wgpu" => {
-            generate::<sd::backend::Wgpu>(&model, &options, &args, &sd::backend::wgpu_device())
-        }
-        #[cfg(feature = "flex")]
-        "flex" => generate::<sd::backend::Flex>(&model, &options, &args, &Default::default()),
-        #[cfg(feature = "ndarray")]
-        "ndarray" => generate::<sd::backend::NdArray>(&model, &options, &args, &Default::default()),
-        other => Err(format!("backend `{other}` is not compiled in")),
+    let started = Instant::now();
+    let mut messages = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        // The first job's prompt had its LoRA tags taken out above; a file's lines have none.
+        let options = GenerateOptions {
+            prompt: if i == 0 {
+                options.prompt.clone()
+            } else {
+                job.prompt.clone()
+            },
+            negative_prompt: job.negative_prompt.clone(),
+            seed: job.seed,
+            ..options.clone()
+        };
+        let message = match backend.as_str() {
+            #[cfg(feature = "cuda")]
+            "cuda" => {
+                generate::<sd::backend::Cuda>(&model, &options, &args, job, &Default::default())
+            }
+            #[cfg(feature = "wgpu")]
+            "wgpu" => generate::<sd::backend::Wgpu>(
+                &model,
+                &options,
+                &args,
+                job,
+                &sd::backend::wgpu_device(),
+            ),
+            #[cfg(feature = "flex")]
+            "flex" => {
+                generate::<sd::backend::Flex>(&model, &options, &args, job, &Default::default())
+            }
+            #[cfg(feature = "ndarray")]
+            "ndarray" => {
+                generate::<sd::backend::NdArray>(&model, &options, &args, job, &Default::default())
+            }
+            other => Err(format!("backend `{other}` is not compiled in")),
+        }?;
+        messages.push(message);
     }
+    match &args.prompts {
+        None => Ok(messages.join("\n")),
+        Some(file) => Ok(format!(
+            "wrote {} image(s) for {} in {:.1} s",
+            jobs.len(),
+            file.display(),
+            started.elapsed().as_secs_f64()
+        )),
+    }
+}
+
+/// One image (or one batch of `--num-images`) to render: a prompt, its seed and where it goes.
+pub struct Job {
+    /// How errors name it: "the prompt" or "FILE: line N".
+    name: String,
+    prompt: String,
+    negative_prompt: Option<String>,
+    seed: u64,
+    paths: Vec<PathBuf>,
+}
+
+/// What the flags ask for: the one prompt, or the lines of `--prompts` of this `--shard` whose
+/// image is not written yet (none when the whole share is done).
+fn jobs(args: &GenerateArgs) -> Result<Vec<Job>, String> {
+    let Some(file) = &args.prompts else {
+        let output = args.output.clone().unwrap_or_else(|| "output.png".into());
+        return Ok(vec![Job {
+            name: "the prompt".into(),
+            prompt: args.prompt.clone().unwrap_or_default(),
+            negative_prompt: args.negative_prompt.clone(),
+            seed: args.seed,
+            paths: output_paths(&output, args.num_images),
+        }]);
+    };
+    if args.num_images != 1 {
+        return Err("--prompts makes one image per line; drop --num-images".into());
+    }
+    let (shard, shards) = match &args.shard {
+        Some(text) => crate::prompt_file::parse_shard(text)?,
+        None => (0, 1),
+    };
+    let dir = args.output.clone().unwrap_or_else(|| "outputs".into());
+    if !dir.is_dir() {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let lines = crate::prompt_file::read(file)?;
+    let mut jobs = Vec::new();
+    for line in lines.iter().filter(|l| l.index % shards == shard) {
+        let path = crate::prompt_file::output_path(&dir, line);
+        if path.is_file() {
+            continue;
+        }
+        jobs.push(Job {
+            name: format!("{}: prompt {}", file.display(), line.index),
+            prompt: line.prompt.clone(),
+            negative_prompt: line
+                .negative_prompt
+                .clone()
+                .or(args.negative_prompt.clone()),
+            seed: line
+                .seed
+                .unwrap_or(args.seed.wrapping_add(line.index as u64)),
+            paths: vec![path],
+        });
+    }
+    Ok(jobs)
 }
 
 /// Refuses a run estimated to need more memory than `budget`, saying how much and what helps.
@@ -514,6 +631,7 @@ fn generate<B: Backend>(
     model: &Model,
     options: &GenerateOptions,
     args: &GenerateArgs,
+    job: &Job,
     device: &B::Device,
 ) -> Result<String, String> {
     if model.dtype() != DType::F32 {
@@ -544,15 +662,15 @@ fn generate<B: Backend>(
         .map_err(|e| e.to_string())?;
     bar.finish_and_clear();
     let images = sd::to_images(out.images).map_err(|e| e.to_string())?;
-    let paths = output_paths(&args.output, images.len());
-    for (i, (image, path)) in images.iter().zip(&paths).enumerate() {
+    let paths = &job.paths;
+    for (i, (image, path)) in images.iter().zip(paths).enumerate() {
         let per_image = GenerateOptions {
             seed: options.seed.wrapping_add(i as u64),
             ..options.clone()
         };
         // A1111 keeps the <lora:…> tags in the prompt it records.
         let recorded = GenerateOptions {
-            prompt: args.prompt.clone(),
+            prompt: job.prompt.clone(),
             ..per_image
         };
         let text = sd::parameters_text(model, &recorded, &out.sampler);

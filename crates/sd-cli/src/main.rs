@@ -6,6 +6,7 @@ mod eval;
 mod eval_grid;
 mod eval_metrics;
 mod generate;
+mod prompt_file;
 mod train;
 
 use std::io::{ErrorKind, Write};

@@ -370,3 +370,68 @@ fn repo_ids_resolve_from_the_hub_cache_and_variants_load() {
         "without --variant the plain files are missing"
     );
 }
+
+#[test]
+fn a_prompt_file_is_rendered_one_png_a_line_split_by_shards_and_resumed() {
+    let dir = scratch("prompts");
+    let model = tiny_model();
+    let model = model.to_str().unwrap();
+    let file = dir.join("prompts.txt");
+    std::fs::write(
+        &file,
+        "a red cat\n{\"prompt\": \"a blue dog\", \"seed\": 42, \"negative_prompt\": \"blurry\"}\n\na green bird\n",
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let run = |shard: &str| {
+        sd(&[
+            "generate",
+            "--prompts",
+            file.to_str().unwrap(),
+            "--model",
+            model,
+            "--steps",
+            "2",
+            "--seed",
+            "10",
+            "--shard",
+            shard,
+            "-q",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+    };
+    // Shard 0/2 takes lines 0 and 2; shard 1/2 line 1.
+    let (ok, stdout, stderr) = run("0/2");
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("wrote 2 image(s)"), "{stdout}");
+    assert!(out.join("00000.png").is_file() && out.join("00002.png").is_file());
+    assert!(!out.join("00001.png").exists());
+    let (ok, _, stderr) = run("1/2");
+    assert!(ok, "{stderr}");
+    let text = parameters(&out.join("00001.png"));
+    assert!(
+        text.starts_with("a blue dog\nNegative prompt: blurry\n"),
+        "{text}"
+    );
+    assert!(text.contains("Seed: 42"), "{text}");
+    assert!(
+        parameters(&out.join("00002.png")).contains("Seed: 12"),
+        "--seed + index"
+    );
+    // A restarted run finds everything written and does nothing.
+    let before = std::fs::read(out.join("00000.png")).unwrap();
+    let (ok, stdout, _) = run("0/2");
+    assert!(ok && stdout.contains("nothing to do"), "{stdout}");
+    assert_eq!(std::fs::read(out.join("00000.png")).unwrap(), before);
+    // Bad shards and bad lines: one line each.
+    let (ok, _, stderr) = run("2/2");
+    assert!(!ok && stderr.contains("--shard 2/2"), "{stderr}");
+    std::fs::write(&file, "fine\n{\"seed\": 1}\n").unwrap();
+    let (ok, _, stderr) = run("0/1");
+    assert!(
+        !ok && stderr.contains("prompts.txt:2: has no \"prompt\""),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
