@@ -441,3 +441,44 @@ fn pytorch_files_are_read_in_both_formats_and_a_partial_one_is_refused_body() {
         assert!(err.contains(name) && err.contains("missing"), "{err}");
     }
 }
+
+#[test]
+fn clean_fids_resize_is_pils_antialiased_bicubic() {
+    let bytes = std::fs::read(dir().join("clean_resize.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let floats = |key: &str| -> Vec<f32> {
+        file.tensor(key)
+            .unwrap()
+            .data()
+            .chunks(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    };
+    let big = file.tensor("clean_big_input").unwrap();
+    let big = image::RgbImage::from_raw(
+        big.shape()[1] as u32,
+        big.shape()[0] as u32,
+        big.data().to_vec(),
+    )
+    .unwrap();
+    let cases = [
+        ("clean_png0_299", images("png").remove(0), (299, 299)),
+        ("clean_jpeg0_37x29", images("jpeg").remove(0), (37, 29)),
+        ("clean_big_150x113", big, (150, 113)),
+    ];
+    for (key, image, (w, h)) in cases {
+        let (iw, ih) = (image.width() as usize, image.height() as usize);
+        let expected = floats(key);
+        let mut worst = 0.0f32;
+        for c in 0..3 {
+            let channel: Vec<f32> = image.pixels().map(|p| p[c] as f32).collect();
+            let resized = sd_metrics::preprocess::pil_bicubic(&channel, iw, ih, w, h);
+            for (i, v) in resized.iter().enumerate() {
+                let e = expected[i * 3 + c];
+                worst = worst.max((v.clamp(0.0, 255.0) - e).abs());
+            }
+        }
+        eprintln!("{key}: max abs error {worst:e}");
+        assert!(worst <= 1e-4, "{key}: max abs error {worst}");
+    }
+}

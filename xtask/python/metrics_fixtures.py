@@ -194,6 +194,21 @@ def write_metrics_cases(root: pathlib.Path) -> None:
     torch.save(sample, case / "sample_zip.pth")
     torch.save(sample, case / "sample_legacy.pth", _use_new_zipfile_serialization=False)
 
+    # clean-fid's "clean" resize (PIL bicubic on float channels): up to 299² (its size), and
+    # down (antialiased) to odd sizes, since the filter's support widens when downscaling.
+    from cleanfid.resize import make_resizer
+
+    png0 = np.asarray(PIL.Image.open(png_files[0]).convert("RGB"))
+    jpeg0 = np.asarray(PIL.Image.open(jpeg_files[0]).convert("RGB"))
+    big = crops(1, (225, 300), seed=4)[0]
+    clean = {
+        "clean_png0_299": make_resizer("PIL", False, "bicubic", (299, 299))(png0),
+        "clean_jpeg0_37x29": make_resizer("PIL", False, "bicubic", (37, 29))(jpeg0),
+        "clean_big_150x113": make_resizer("PIL", False, "bicubic", (150, 113))(big),
+        "clean_big_input": big,
+    }
+    save_file({k: np.ascontiguousarray(v) for k, v in clean.items()}, str(case / "clean_resize.safetensors"))
+
     save_file(
         {
             "fid_png": fid_png.astype(np.float32),

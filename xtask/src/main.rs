@@ -11,6 +11,8 @@
 //!   with random weights, or the tiny fixture U-Net, whose steps per second it also prints).
 //! - `bench-clip [--config vit-l|bigg] [--runs N]`: the CLIP text encoder on 2×77 tokens, Rust
 //!   against transformers.
+//! - `bench-metrics [--runs N]`: the FID Inception's pool3 features for 200 images at 299²
+//!   (batches of 50), Rust against pytorch-fid's network.
 //! - `bench-generate [--size 512] [--steps 2] [--dtype f32|f16] [--tiling]`: peak memory
 //!   (`/usr/bin/time -v`) and wall time of a whole `sd generate` (release, flex) on a
 //!   random-weight SD 1.5-size model, written once under `target/bench-models/` by the fixture
@@ -43,6 +45,14 @@ fn main() -> ExitCode {
             "5",
         ),
         Some("bench-generate") => bench_generate(&args[1..]),
+        Some("bench-metrics") => compare(
+            "FID Inception features",
+            "inception-timing",
+            "bench_inception.py",
+            &args[1..],
+            "fid",
+            "3",
+        ),
         Some("fuzz") => fuzz(&args[1..]),
         Some("train-shapes") => train_shapes::train_shapes(&args[1..]),
         Some("bench-vae") => compare(
@@ -73,7 +83,7 @@ fn main() -> ExitCode {
             "usage: cargo xtask fixtures [--only KIND] | bench-vae [--config sd15|tiny] [--runs N] \
              | bench-unet [--config sd15|sd21] [--runs N] \
              | bench-train [--config sd15|tiny] [--runs N] \
-             | bench-clip [--config vit-l|bigg] [--runs N] | bench-generate [--size 512] [--steps 2] [--dtype f32|f16] [--tiling] \
+             | bench-clip [--config vit-l|bigg] [--runs N] | bench-metrics [--runs N] | bench-generate [--size 512] [--steps 2] [--dtype f32|f16] [--tiling] \
              | fuzz [--execs N] [--seed S] [--target NAME] [--replay PATH] \
              | train-shapes [--run-dir DIR] [--images N] [--vae-steps N] [--decoder-steps N] [--unet-steps N] [--vae DIR]\n\
              got: {args:?}"

@@ -47,6 +47,10 @@ pub struct FidArgs {
     real: PathBuf,
     /// The same for the other set.
     fake: PathBuf,
+    /// clean-fid's preparation ("clean" mode: PIL's antialiased bicubic resize on float
+    /// channels, then (x − 128)/128) instead of pytorch-fid's bilinear resize and 2x − 1.
+    #[arg(long)]
+    clean: bool,
     #[command(flatten)]
     common: InceptionArgs,
 }
@@ -88,6 +92,9 @@ pub struct StatsArgs {
     /// Where to write the statistics (.npz, as pytorch-fid's --save-stats writes them).
     #[arg(long, short = 'o')]
     out: PathBuf,
+    /// clean-fid's preparation instead of pytorch-fid's (see `sd eval fid --clean`).
+    #[arg(long)]
+    clean: bool,
     #[command(flatten)]
     common: InceptionArgs,
 }
@@ -134,7 +141,8 @@ fn extractor(args: &InceptionArgs, preprocess: Preprocess) -> Result<FeatureExtr
     }
     let preferred = match preprocess {
         Preprocess::PytorchFid => FID_WEIGHTS,
-        Preprocess::TorchFidelity => FIDELITY_WEIGHTS,
+        // clean-fid runs the TensorFlow graph, as torch-fidelity's file converts it.
+        Preprocess::TorchFidelity | Preprocess::CleanFid => FIDELITY_WEIGHTS,
     };
     let path = weights(args, preferred)?;
     let device = Default::default();
@@ -181,6 +189,7 @@ fn is_npz(path: &Path) -> bool {
 fn statistics(
     path: &Path,
     extractor: &mut Option<FeatureExtractor<B>>,
+    preprocess: Preprocess,
     args: &InceptionArgs,
 ) -> Result<(Statistics, Option<usize>), String> {
     if is_npz(path) {
@@ -188,7 +197,7 @@ fn statistics(
     }
     let files = list(path)?;
     if extractor.is_none() {
-        *extractor = Some(self::extractor(args, Preprocess::PytorchFid)?);
+        *extractor = Some(self::extractor(args, preprocess)?);
     }
     let extractor = extractor.as_ref().ok_or("no extractor")?;
     let (features, count) = folder_features(extractor, path, &files, args)?;
@@ -218,8 +227,13 @@ fn output(
 /// `sd eval fid REAL FAKE`.
 pub fn fid(args: FidArgs) -> Result<String, String> {
     let mut extractor = None;
-    let (real, real_count) = statistics(&args.real, &mut extractor, &args.common)?;
-    let (fake, fake_count) = statistics(&args.fake, &mut extractor, &args.common)?;
+    let preprocess = if args.clean {
+        Preprocess::CleanFid
+    } else {
+        Preprocess::PytorchFid
+    };
+    let (real, real_count) = statistics(&args.real, &mut extractor, preprocess, &args.common)?;
+    let (fake, fake_count) = statistics(&args.fake, &mut extractor, preprocess, &args.common)?;
     let value = sd_metrics::frechet_distance(&real, &fake).map_err(|e| e.to_string())?;
     output(
         args.common.json,
@@ -284,7 +298,12 @@ pub fn inception_score(args: IsArgs) -> Result<String, String> {
 /// `sd eval stats DIR -o OUT.npz`.
 pub fn stats(args: StatsArgs) -> Result<String, String> {
     let mut extractor = None;
-    let (stats, count) = statistics(&args.dir, &mut extractor, &args.common)?;
+    let preprocess = if args.clean {
+        Preprocess::CleanFid
+    } else {
+        Preprocess::PytorchFid
+    };
+    let (stats, count) = statistics(&args.dir, &mut extractor, preprocess, &args.common)?;
     stats.write_npz(&args.out).map_err(|e| e.to_string())?;
     output(
         args.common.json,

@@ -7,6 +7,10 @@
 //! - torch-fidelity ([`Preprocess::TorchFidelity`]): the `u8` values as f32, its
 //!   TensorFlow-1-style bilinear resize (source `dst·scale`, no half-pixel offset), then
 //!   `(x − 128) / 128`.
+//! - clean-fid ([`Preprocess::CleanFid`], Parmar et al. 2022, "On aliased resizing and
+//!   surprising subtleties in GAN evaluation"): each channel as a float image resized by PIL's
+//!   antialiased bicubic filter ([`pil_bicubic`]), clipped to `[0, 255]`, then
+//!   `(x − 128) / 128` as its TensorFlow Inception does.
 //!
 //! Both resizes are written out here rather than taken from Burn: their sample positions and
 //! f32 rounding are what parity hangs on.
@@ -20,6 +24,90 @@ pub enum Preprocess {
     PytorchFid,
     /// torch-fidelity's: its KID and Inception Score.
     TorchFidelity,
+    /// clean-fid's `clean` mode: PIL's antialiased bicubic resize in float.
+    CleanFid,
+}
+
+/// PIL's bicubic kernel (Keys 1981 with `a = −½`), `bicubic_filter` in Pillow's Resample.c.
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Pillow's `precompute_coeffs`: per output sample, the first input sample and the normalised
+/// weights. Downscaling widens the kernel by the scale (that is the antialiasing).
+fn pil_coefficients(from: usize, to: usize) -> Vec<(usize, Vec<f64>)> {
+    let scale = from as f64 / to as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    (0..to)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            // C's truncating casts, as Pillow rounds.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(from as i64) as usize;
+            let mut weights: Vec<f64> = (xmin..xmax)
+                .map(|x| bicubic((x as f64 - center + 0.5) / filterscale))
+                .collect();
+            let total: f64 = weights.iter().sum();
+            if total != 0.0 {
+                weights.iter_mut().for_each(|w| *w /= total);
+            }
+            (xmin, weights)
+        })
+        .collect()
+}
+
+/// `Image.fromarray(channel, mode="F").resize((to_w, to_h), Image.BICUBIC)`: Pillow's
+/// separable resampling of a float image, the horizontal pass first, each pass summing in f64
+/// and storing f32, a pass skipped when its side does not change.
+pub fn pil_bicubic(
+    channel: &[f32],
+    width: usize,
+    height: usize,
+    to_w: usize,
+    to_h: usize,
+) -> Vec<f32> {
+    let mut image = channel.to_vec();
+    let mut w = width;
+    if to_w != width {
+        let coefficients = pil_coefficients(width, to_w);
+        let mut out = vec![0.0f32; to_w * height];
+        for y in 0..height {
+            let row = &image[y * width..(y + 1) * width];
+            for (xx, (xmin, k)) in coefficients.iter().enumerate() {
+                let mut ss = 0.0f64;
+                for (i, w) in k.iter().enumerate() {
+                    ss += row[xmin + i] as f64 * w;
+                }
+                out[y * to_w + xx] = ss as f32;
+            }
+        }
+        image = out;
+        w = to_w;
+    }
+    if to_h != height {
+        let coefficients = pil_coefficients(height, to_h);
+        let mut out = vec![0.0f32; w * to_h];
+        for (yy, (ymin, k)) in coefficients.iter().enumerate() {
+            for x in 0..w {
+                let mut ss = 0.0f64;
+                for (i, weight) in k.iter().enumerate() {
+                    ss += image[(ymin + i) * w + x] as f64 * weight;
+                }
+                out[yy * w + x] = ss as f32;
+            }
+        }
+        image = out;
+    }
+    image
 }
 
 /// Sample positions and weights of a 1-D linear resize from `from` to `to` samples.
@@ -98,6 +186,16 @@ pub fn inception_input(rgb: &[u8], width: usize, height: usize, how: Preprocess)
                         let v = top + (bottom - top) * dy;
                         out[(c * n + oy) * n + ox] = (v - 128.0) / 128.0;
                     }
+                }
+            }
+        }
+        Preprocess::CleanFid => {
+            for c in 0..3 {
+                let channel: Vec<f32> =
+                    (0..width * height).map(|i| rgb[i * 3 + c] as f32).collect();
+                let resized = pil_bicubic(&channel, width, height, n, n);
+                for (i, v) in resized.into_iter().enumerate() {
+                    out[c * n * n + i] = (v.clamp(0.0, 255.0) - 128.0) / 128.0;
                 }
             }
         }
