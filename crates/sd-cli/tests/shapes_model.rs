@@ -23,6 +23,11 @@ const PAIRS: &[(&str, u64)] = &[
     ("a red circle to the left of a green square", 0),
 ];
 
+/// Prompt, seed, sampler: swapping the sampler (`--scheduler`) keeps the model's schedule
+/// (v-prediction, zero terminal SNR, trailing). DDIM clips x̂₀ to ±1 unless the config says
+/// `clip_sample: false`, as diffusers' does: the model's config says it, or DDIM draws noise.
+const OTHER_SAMPLERS: &[(&str, u64, &str)] = &[("a red square", 0, "DDIMScheduler")];
+
 #[test]
 fn the_built_in_model_draws_what_fixed_prompts_say() {
     if !sd_shapes::model::is_built_in() {
@@ -33,9 +38,14 @@ fn the_built_in_model_draws_what_fixed_prompts_say() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let mut failures = Vec::new();
-    let cases = PROMPTS.iter().map(|p| (*p, 0, false));
-    let cases = cases.chain(PAIRS.iter().map(|(p, s)| (*p, *s, true)));
-    for (i, (prompt, seed, must_pass)) in cases.enumerate() {
+    let cases = PROMPTS.iter().map(|p| (*p, 0, false, None));
+    let cases = cases.chain(PAIRS.iter().map(|(p, s)| (*p, *s, true, None)));
+    let cases = cases.chain(
+        OTHER_SAMPLERS
+            .iter()
+            .map(|(p, s, k)| (*p, *s, true, Some(*k))),
+    );
+    for (i, (prompt, seed, must_pass, scheduler)) in cases.enumerate() {
         let image = dir.join(format!("{i}.png"));
         let out = Command::new(env!("CARGO_BIN_EXE_sd"))
             .env("SD_CACHE", dir.join("cache"))
@@ -48,6 +58,7 @@ fn the_built_in_model_draws_what_fixed_prompts_say() {
                 "-o",
             ])
             .arg(&image)
+            .args(scheduler.map(|s| ["--scheduler", s]).into_iter().flatten())
             .output()
             .unwrap();
         assert!(
@@ -59,7 +70,8 @@ fn the_built_in_model_draws_what_fixed_prompts_say() {
         assert_eq!(picture.dimensions(), (64, 64), "{prompt}");
         let verdict = sd_shapes::check(&picture, prompt);
         if must_pass && !verdict.pass {
-            failures.push(format!("{prompt} (seed {seed}): {}", verdict.reason));
+            let with = scheduler.map(|s| format!(", {s}")).unwrap_or_default();
+            failures.push(format!("{prompt} (seed {seed}{with}): {}", verdict.reason));
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");

@@ -718,3 +718,41 @@ mod pool_tests {
         }
     }
 }
+
+#[cfg(all(test, feature = "flex"))]
+mod strided_pool_tests {
+    use super::*;
+    use burn::tensor::Distribution;
+    use sd_core::backend::Flex;
+
+    #[test]
+    fn strided_max_pools_are_right_on_even_and_odd_maps() {
+        let device = Default::default();
+        for side in [4usize, 9, 20, 22, 35] {
+            let x = Tensor::<Flex, 4>::random(
+                [1, 2, side, side],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            );
+            let xs = x.clone().into_data().into_vec::<f32>().unwrap();
+            let got = max_pool_3x3_s2(x);
+            let out = (side - 3) / 2 + 1;
+            assert_eq!(got.dims(), [1, 2, out, out], "side {side}");
+            let got = got.into_data().into_vec::<f32>().unwrap();
+            for c in 0..2 {
+                for y in 0..out {
+                    for xx in 0..out {
+                        let mut m = f32::NEG_INFINITY;
+                        for dy in 0..3 {
+                            for dx in 0..3 {
+                                m = m.max(xs[(c * side + 2 * y + dy) * side + 2 * xx + dx]);
+                            }
+                        }
+                        let g = got[(c * out + y) * out + xx];
+                        assert_eq!(g, m, "side {side} ({c},{y},{xx})");
+                    }
+                }
+            }
+        }
+    }
+}
