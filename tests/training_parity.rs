@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::backend::Autodiff;
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use burn::tensor::{DType, ElementConversion, Tensor};
 use sd_conditioner::ClipTextModel;
 use sd_core::backend::Flex;
@@ -19,6 +19,7 @@ use sd_core::weights::SafetensorsFile;
 use sd_decoder::VaeDecoder;
 use sd_diffusion::{BetaSchedule, NoiseSchedule, NoiseScheduleConfig, PredictionType};
 use sd_encoder::VaeEncoder;
+use sd_lora::{Component, LoraFile, LoraFormat, LoraNetwork, LoraTargets, TargetSet};
 use sd_train::{
     AdamW, AdamWConfig, DenoisingBatch, DenoisingObjective, Ema, EmaConfig, Gradients, LrSchedule,
     LrScheduleKind,
@@ -135,6 +136,22 @@ impl Case {
     fn str(&self, key: &str) -> &str {
         self.manifest[key].as_str().unwrap()
     }
+    /// The manifest's `schedule` (DDPMScheduler's arguments).
+    fn schedule(&self) -> NoiseSchedule {
+        let schedule = &self.manifest["schedule"];
+        NoiseSchedule::new(&NoiseScheduleConfig {
+            num_train_timesteps: schedule["num_train_timesteps"].as_u64().unwrap() as usize,
+            beta_start: schedule["beta_start"].as_f64().unwrap(),
+            beta_end: schedule["beta_end"].as_f64().unwrap(),
+            beta_schedule: match schedule["beta_schedule"].as_str().unwrap() {
+                "scaled_linear" => BetaSchedule::ScaledLinear,
+                "linear" => BetaSchedule::Linear,
+                other => panic!("schedule {other}"),
+            },
+            ..Default::default()
+        })
+        .unwrap()
+    }
 }
 
 fn run_case(dir: &Path) {
@@ -149,21 +166,8 @@ fn run_case(dir: &Path) {
     let unet_config =
         sd_unet::UNet2DConditionConfig::from_file(dir.join("unet/config.json")).unwrap();
 
-    let schedule = &case.manifest["schedule"];
-    let schedule = NoiseSchedule::new(&NoiseScheduleConfig {
-        num_train_timesteps: schedule["num_train_timesteps"].as_u64().unwrap() as usize,
-        beta_start: schedule["beta_start"].as_f64().unwrap(),
-        beta_end: schedule["beta_end"].as_f64().unwrap(),
-        beta_schedule: match schedule["beta_schedule"].as_str().unwrap() {
-            "scaled_linear" => BetaSchedule::ScaledLinear,
-            "linear" => BetaSchedule::Linear,
-            other => panic!("schedule {other}"),
-        },
-        ..Default::default()
-    })
-    .unwrap();
     let objective = DenoisingObjective {
-        schedule,
+        schedule: case.schedule(),
         prediction: match case.str("prediction_type") {
             "epsilon" => PredictionType::Epsilon,
             "v_prediction" => PredictionType::VPrediction,
@@ -411,11 +415,310 @@ fn run_vae_case(dir: &Path) {
     assert!(failures.is_empty(), "{name}:\n{}", failures.join("\n"));
 }
 
+/// Every LoRA layer of a file by (component, module path as diffusers names it), as f64.
+fn lora_layers(path: &Path) -> BTreeMap<String, (Vec<f64>, Vec<f64>)> {
+    let file = LoraFile::open(path).unwrap_or_else(|e| panic!("{e}"));
+    file.layers
+        .iter()
+        .map(|l| {
+            let module = l.module.as_str();
+            let module = module.strip_prefix("text_model.").unwrap_or(module);
+            let values = |d: &burn::tensor::TensorData| {
+                d.clone().convert_dtype(DType::F64).to_vec::<f64>().unwrap()
+            };
+            (
+                format!("{:?}.{module}", l.component),
+                (values(&l.down), values(&l.up)),
+            )
+        })
+        .collect()
+}
+
+/// A LoRA file our writer saved against the reference's: the same layers, every factor within
+/// `tolerance` ([`scaled_error`]).
+fn compare_lora(
+    name: &str,
+    what: &str,
+    ours: &Path,
+    reference: &Path,
+    tolerance: f64,
+    failures: &mut Vec<String>,
+) {
+    let (actual, expected) = (lora_layers(ours), lora_layers(reference));
+    if actual.keys().ne(expected.keys()) {
+        failures.push(format!(
+            "{what}: layers {:?} vs {:?}",
+            actual.keys().take(3).collect::<Vec<_>>(),
+            expected.keys().take(3).collect::<Vec<_>>()
+        ));
+        return;
+    }
+    let mut worst = (0.0f64, String::new());
+    for (module, (down, up)) in &actual {
+        let (rd, ru) = &expected[module];
+        for (err, which) in [
+            (scaled_error(down, rd), "down"),
+            (scaled_error(up, ru), "up"),
+        ] {
+            if err > worst.0 || err.is_nan() {
+                worst = (err, format!("{module} {which}"));
+            }
+        }
+    }
+    if worst.0 > tolerance || worst.0.is_nan() {
+        failures.push(format!("{what}: `{}` off by {:e}", worst.1, worst.0));
+    } else {
+        eprintln!(
+            "ok  {name} {what}: {} layers, worst scaled error {:e} (`{}`)",
+            actual.len(),
+            worst.0,
+            worst.1
+        );
+    }
+}
+
+/// The raw tensor keys of a safetensors file.
+fn keys_of(path: &Path) -> Vec<String> {
+    let file = SafetensorsFile::open(path).unwrap();
+    let mut keys: Vec<String> = file.entries().iter().map(|e| e.key.clone()).collect();
+    keys.sort();
+    keys
+}
+
+/// A model frozen, a LoRA trained beside it.
+struct Adapted<M> {
+    model: M,
+    targets: LoraTargets,
+    network: LoraNetwork<B>,
+    adamw: AdamW<Inner>,
+}
+
+/// LoRA training (`sd train unet --lora-rank`) against PEFT's layers in diffusers' LoRA
+/// script: the factors start from the ones PEFT drew, the same steps are replayed, and the
+/// factors and Adam moments after the last step, saved by our diffusers-layout writer, must
+/// equal PEFT's; our kohya-layout file has the keys diffusers' `convert_state_dict_to_kohya`
+/// gives, and our diffusers-layout file the keys of `save_lora_weights`.
+fn run_lora_case(dir: &Path) {
+    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let case = Case {
+        manifest: common::manifest(dir),
+    };
+    let tolerance = case.f64("tolerance").unwrap();
+    let device = Default::default();
+    let set = TargetSet::parse(case.str("targets")).unwrap();
+    let (rank, alpha) = (case.usize("rank"), case.f64("alpha").unwrap() as f32);
+    let init = LoraFile::open(dir.join("init.safetensors")).unwrap();
+    let adam = AdamWConfig {
+        weight_decay: case.f64("weight_decay").unwrap(),
+        ..Default::default()
+    };
+    // The factors PEFT drew, and a fresh optimiser.
+    let start = |targets: LoraTargets| {
+        let network = targets.read::<B>(&init, &device).unwrap();
+        (targets, network, AdamW::<Inner>::new(adam).unwrap())
+    };
+    let unet = UNet2DConditionModel::<B>::from_pretrained(dir.join("unet"), None, &device)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .no_grad();
+    let (targets, network, adamw) = start(
+        LoraTargets::find(
+            &unet,
+            Component::Unet,
+            &set,
+            rank,
+            alpha,
+            &sd_unet::checkpoint_key,
+        )
+        .unwrap(),
+    );
+    let mut unet = Adapted {
+        model: unet,
+        targets,
+        network,
+        adamw,
+    };
+    let mut text = dir.join("text_encoder").is_dir().then(|| {
+        let model = ClipTextModel::<B>::from_pretrained(dir.join("text_encoder"), &device)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .no_grad();
+        let key = sd_conditioner::text_checkpoint_key;
+        let (targets, network, adamw) = start(
+            LoraTargets::find(&model, Component::TextEncoder, &set, rank, alpha, &key).unwrap(),
+        );
+        Adapted {
+            model,
+            targets,
+            network,
+            adamw,
+        }
+    });
+    let objective = DenoisingObjective {
+        schedule: case.schedule(),
+        prediction: match case.str("prediction_type") {
+            "epsilon" => PredictionType::Epsilon,
+            _ => PredictionType::VPrediction,
+        },
+        snr_gamma: case.f64("snr_gamma"),
+    };
+    let (steps, accumulation) = (case.usize("steps"), case.usize("accumulation"));
+    let lr = LrSchedule::new(
+        case.f64("lr").unwrap(),
+        LrScheduleKind::from_name(case.str("lr_scheduler")).unwrap(),
+        case.usize("warmup") as u64,
+        steps as u64,
+    )
+    .unwrap();
+    let inputs = SafetensorsFile::open(dir.join("inputs.safetensors")).unwrap();
+    let reference = SafetensorsFile::open(dir.join("reference.safetensors")).unwrap();
+    let mut failures = Vec::new();
+    let mut check = |what: String, actual: f64, expected: f64| {
+        let err = (actual - expected).abs() / expected.abs().max(1e-12);
+        if err > tolerance || err.is_nan() {
+            failures.push(format!("{what}: {actual} vs {expected} (relative {err:e})"));
+        } else {
+            eprintln!("ok  {name} {what}: relative error {err:e}");
+        }
+    };
+    for step in 0..steps {
+        let (mut grads, mut text_grads) = (Gradients::<Inner>::new(), Gradients::<Inner>::new());
+        for micro in 0..accumulation {
+            let k = format!("{step}_{micro}");
+            let context = match &text {
+                None => tensor(&inputs, &format!("context_{k}"), &device),
+                Some(t) => {
+                    let ids: Vec<f64> = values(&inputs, &format!("ids_{k}"));
+                    let n = ids.len() / case.usize("batch");
+                    let ids: Vec<Vec<u32>> = ids
+                        .chunks(n)
+                        .map(|r| r.iter().map(|&x| x as u32).collect())
+                        .collect();
+                    let model = t.targets.apply(&t.network, t.model.clone());
+                    model.forward(&ids).unwrap().last_hidden_state
+                }
+            };
+            let batch = DenoisingBatch {
+                latents: tensor(&inputs, &format!("latents_{k}"), &device),
+                context,
+                noise: tensor(&inputs, &format!("noise_{k}"), &device),
+                timesteps: values(&inputs, &format!("timesteps_{k}"))
+                    .iter()
+                    .map(|&t| t as usize)
+                    .collect(),
+                perturbation: None,
+            };
+            let model = unet.targets.apply(&unet.network, unet.model.clone());
+            let loss = objective.loss(&model, batch).unwrap();
+            let value: f64 = loss.clone().into_scalar().elem();
+            check(
+                format!("loss {k}"),
+                value,
+                values(&reference, "loss")[step * accumulation + micro],
+            );
+            let mut backward = loss.div_scalar(accumulation as f64).backward();
+            grads.accumulate(&unet.network, &mut backward);
+            if let Some(t) = &text {
+                text_grads.accumulate(&t.network, &mut backward);
+            }
+        }
+        let norm = Gradients::clip_global_norm_all(
+            &mut [&mut grads, &mut text_grads],
+            case.f64("max_grad_norm").unwrap(),
+        );
+        check(
+            format!("grad norm {step}"),
+            norm,
+            values(&reference, "grad_norm")[step],
+        );
+        let rate = lr.lr(step as u64);
+        check(format!("lr {step}"), rate, values(&reference, "lr")[step]);
+        unet.network = unet.adamw.step(unet.network, grads, rate);
+        if let Some(t) = text.as_mut() {
+            let network = std::mem::replace(
+                &mut t.network,
+                LoraNetwork {
+                    down: vec![],
+                    up: vec![],
+                },
+            );
+            t.network = t.adamw.step(network, text_grads, rate);
+        }
+    }
+
+    let scratch =
+        std::env::temp_dir().join(format!("sd-lora-parity-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let adapted: Vec<(&LoraTargets, LoraNetwork<Inner>, &AdamW<Inner>)> =
+        std::iter::once((&unet.targets, unet.network.valid(), &unet.adamw))
+            .chain(
+                text.iter()
+                    .map(|t| (&t.targets, t.network.valid(), &t.adamw)),
+            )
+            .collect();
+    let file_of = |pick: &dyn Fn(&LoraNetwork<Inner>, &AdamW<Inner>) -> LoraNetwork<Inner>| {
+        let mut layers = Vec::new();
+        for (targets, network, adamw) in &adapted {
+            layers.extend(targets.to_file(&pick(network, adamw), "x").layers);
+        }
+        LoraFile::new("x", LoraFormat::Kohya, layers, Default::default())
+    };
+    let first = |n: &LoraNetwork<Inner>, a: &AdamW<Inner>| a.moment_modules(n).unwrap().0;
+    let second = |n: &LoraNetwork<Inner>, a: &AdamW<Inner>| a.moment_modules(n).unwrap().1;
+    let weights = |n: &LoraNetwork<Inner>, _: &AdamW<Inner>| n.clone();
+    let picks: [(
+        &str,
+        &dyn Fn(&LoraNetwork<Inner>, &AdamW<Inner>) -> LoraNetwork<Inner>,
+    ); 3] = [
+        ("lora", &weights),
+        ("exp_avg", &first),
+        ("exp_avg_sq", &second),
+    ];
+    for (what, pick) in picks {
+        let path = scratch.join(format!("{what}.safetensors"));
+        file_of(pick).save_diffusers(&path, DType::F32).unwrap();
+        let reference = dir.join(format!("final_{what}.safetensors"));
+        compare_lora(&name, what, &path, &reference, tolerance, &mut failures);
+        if what == "lora" && keys_of(&path) != keys_of(&reference) {
+            failures.push("our diffusers-layout keys differ from save_lora_weights'".into());
+        }
+    }
+    let kohya = scratch.join("kohya.safetensors");
+    file_of(&weights).save_kohya(&kohya, DType::F16).unwrap();
+    // kohya's sd-scripts (and so A1111 and ComfyUI) name the text encoder's modules from
+    // `text_model_`; diffusers' converter, fed transformers 5's names, leaves that out.
+    let mut expected: Vec<String> = case.manifest["kohya_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            let k = k.as_str().unwrap();
+            match k.strip_prefix("lora_te_") {
+                Some(rest) if !rest.starts_with("text_model_") => {
+                    format!("lora_te_text_model_{rest}")
+                }
+                _ => k.to_string(),
+            }
+        })
+        .collect();
+    expected.sort();
+    if keys_of(&kohya) != expected {
+        failures.push(format!(
+            "kohya keys: {:?} vs {:?}",
+            keys_of(&kohya).first(),
+            expected.first()
+        ));
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    assert!(failures.is_empty(), "{name}:\n{}", failures.join("\n"));
+}
+
 #[test]
 fn training_steps_match_diffusers() {
     for case in common::cases("training") {
-        if common::manifest(&case)["objective"] == "vae" {
+        let manifest = common::manifest(&case);
+        if manifest["objective"] == "vae" {
             run_vae_case(&case);
+        } else if manifest["kind"] == "lora_training" {
+            run_lora_case(&case);
         } else {
             run_case(&case);
         }

@@ -318,7 +318,190 @@ def write_vae_training_case(root: pathlib.Path, randomise_norms) -> None:
     print(f"wrote {case}: {manifest['parameters']} parameters, losses {[round(x, 4) for x in losses]}")
 
 
+# LoRA training (`sd train unet --lora-rank`): the U-Net frozen, PEFT's LoRA layers trained
+# as diffusers' `train_text_to_image_lora.py` does (`unet.add_adapter(LoraConfig(...))`, AdamW over
+# the trainable parameters alone, the same loss), and, in the second case, the text encoder's
+# LoRA too, in one optimiser and one gradient norm as `train_dreambooth_lora.py` does. kohya's
+# targets are every linear layer and 1x1 convolution of the transformer blocks.
+KOHYA_UNET_TARGETS = ["proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+DIFFUSERS_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+DIFFUSERS_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+LORA_CASES = {
+    "lora_kohya_targets": dict(
+        prediction_type="epsilon",
+        lr=1e-4,
+        lr_scheduler="constant",
+        warmup=0,
+        steps=5,
+        batch=2,
+        accumulation=1,
+        max_grad_norm=1.0,
+        weight_decay=1e-2,
+        rank=4,
+        alpha=8.0,
+        targets="kohya",
+        init="kohya",
+    ),
+    "lora_text_encoder_diffusers": dict(
+        prediction_type="v_prediction",
+        snr_gamma=5.0,
+        text_encoder=True,
+        lr=2e-4,
+        lr_scheduler="cosine",
+        warmup=1,
+        steps=4,
+        batch=2,
+        accumulation=2,
+        max_grad_norm=0.05,
+        weight_decay=1e-2,
+        rank=2,
+        alpha=2.0,
+        targets="diffusers",
+        init="gaussian",
+    ),
+}
+
+
+def write_lora_training_case(root: pathlib.Path, name: str, spec: dict, randomise_norms) -> None:
+    """`init.safetensors` (the factors PEFT drew, in diffusers' `save_lora_weights` layout),
+    `final_lora.safetensors`, `final_exp_avg.safetensors` and `final_exp_avg_sq.safetensors`
+    (the factors and Adam moments after the last step, in the same layout), the inputs and the
+    per-step references as for the full cases, and in the manifest the keys
+    `convert_state_dict_to_kohya` gives the final factors."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    case = root / "training" / name
+    if case.exists():
+        shutil.rmtree(case)
+    seed = zlib.crc32(name.encode()) % 100_000
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    randomise_norms(unet, generator)
+    unet = unet.half()
+    unet.save_pretrained(case / "unet", safe_serialization=True)
+    unet = unet.float().train()
+    unet.requires_grad_(False)
+    kohya = spec["targets"] == "kohya"
+    unet_targets = KOHYA_UNET_TARGETS if kohya else DIFFUSERS_UNET_TARGETS
+    init = "gaussian" if spec["init"] == "gaussian" else True
+    unet_lora = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], init_lora_weights=init, target_modules=unet_targets)
+    unet.add_adapter(unet_lora)
+    text = None
+    if spec.get("text_encoder"):
+        text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+        randomise_norms(text, generator)
+        text = text.half()
+        text.save_pretrained(case / "text_encoder", safe_serialization=True)
+        text = text.float().train()
+        text.requires_grad_(False)
+        text_lora = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], init_lora_weights=init, target_modules=DIFFUSERS_TEXT_TARGETS)
+        inject_adapter_in_model(text_lora, text)
+    models = [("unet", unet)] + ([("text_encoder", text)] if text is not None else [])
+    params = []
+    for _, model in models:
+        for n, p in model.named_parameters():
+            assert p.requires_grad == ("lora_" in n), n
+            if p.requires_grad:
+                params.append(p)
+
+    def lora_file(path: pathlib.Path, values=None) -> None:
+        """The factors (or, with `values`, one tensor per factor) in save_lora_weights' layout."""
+        layers = {}
+        for prefix, model in models:
+            sd = get_peft_model_state_dict(model)
+            if values is not None:
+                by_param = {id(p): n for n, p in model.named_parameters()}
+                named = dict(model.named_parameters())
+                sd = {k: values(named[k.replace(".weight", ".default.weight")]) for k in sd}
+            layers[prefix] = {k: v.detach().contiguous() for k, v in sd.items()}
+        tmp = case / "tmp"
+        kwargs = dict(unet_lora_layers=layers["unet"], unet_lora_adapter_metadata=unet_lora.to_dict())
+        if "text_encoder" in layers:
+            kwargs.update(text_encoder_lora_layers=layers["text_encoder"], text_encoder_lora_adapter_metadata=text_lora.to_dict())
+        StableDiffusionPipeline.save_lora_weights(tmp, weight_name="lora.safetensors", **kwargs)
+        shutil.move(tmp / "lora.safetensors", path)
+        shutil.rmtree(tmp)
+
+    lora_file(case / "init.safetensors")
+
+    scheduler = DDPMScheduler(prediction_type=spec["prediction_type"], **SCHEDULE)
+    optimizer = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.999), weight_decay=spec["weight_decay"], eps=1e-8)
+    lr_scheduler = get_scheduler(spec["lr_scheduler"], optimizer=optimizer, num_warmup_steps=spec["warmup"], num_training_steps=spec["steps"])
+    b, accumulation = spec["batch"], spec["accumulation"]
+    inputs, losses, lrs, norms = {}, [], [], []
+    for step in range(spec["steps"]):
+        for micro in range(accumulation):
+            k = f"{step}_{micro}"
+            latents = torch.randn(b, 4, 8, 8, generator=generator)
+            if text is None:
+                context = torch.randn(b, TOKENS, UNET_CONFIG["cross_attention_dim"], generator=generator)
+                inputs[f"context_{k}"] = context
+            else:
+                ids = torch.randint(0, TEXT_CONFIG["vocab_size"], (b, TEXT_TOKENS), generator=generator)
+                inputs[f"ids_{k}"] = ids.to(torch.float32)
+                context = text(ids, return_dict=False)[0]
+            noise = torch.randn(b, 4, 8, 8, generator=generator)
+            inputs.update({f"latents_{k}": latents, f"noise_{k}": noise})
+            timesteps = torch.randint(0, SCHEDULE["num_train_timesteps"], (b,), generator=generator)
+            inputs[f"timesteps_{k}"] = timesteps.to(torch.float32)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            target = noise if spec["prediction_type"] == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+            pred = unet(noisy, timesteps, context, return_dict=False)[0]
+            if spec.get("snr_gamma") is None:
+                loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+            else:
+                snr = compute_snr(scheduler, timesteps)
+                weights = torch.stack([snr, spec["snr_gamma"] * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+                weights = weights / snr if spec["prediction_type"] == "epsilon" else weights / (snr + 1)
+                loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+                loss = (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+            losses.append(loss.item())
+            (loss / accumulation).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, spec["max_grad_norm"])))
+        lrs.append(lr_scheduler.get_last_lr()[0])
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+
+    lora_file(case / "final_lora.safetensors")
+    lora_file(case / "final_exp_avg.safetensors", lambda p: optimizer.state[p]["exp_avg"])
+    lora_file(case / "final_exp_avg_sq.safetensors", lambda p: optimizer.state[p]["exp_avg_sq"])
+    prefixed = {}
+    for prefix, model in models:
+        prefixed.update({f"{prefix}.{k}": v for k, v in get_peft_model_state_dict(model).items()})
+    kohya_keys = sorted(k.replace("lora_te1_", "lora_te_", 1) for k in convert_state_dict_to_kohya(prefixed))
+    save_file({k: v.contiguous() for k, v in inputs.items()}, case / "inputs.safetensors")
+    reference = {
+        "loss": torch.tensor(losses, dtype=torch.float64),
+        "lr": torch.tensor(lrs, dtype=torch.float64),
+        "grad_norm": torch.tensor(norms, dtype=torch.float64),
+    }
+    save_file(reference, case / "reference.safetensors")
+    manifest = {
+        "kind": "lora_training",
+        "reference": f"diffusers {diffusers.__version__} train_text_to_image_lora.py step with PEFT {__import__('peft').__version__} LoRA layers, torch {torch.__version__}",
+        "schedule": SCHEDULE,
+        "tokens": TOKENS,
+        "trained_parameters": sum(p.numel() for p in params),
+        "tolerance": 1e-5,
+        "kohya_keys": kohya_keys,
+        **spec,
+    }
+    (case / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"wrote {case}: {manifest['trained_parameters']} LoRA parameters, losses {[round(x, 5) for x in losses]}")
+
+
+def write_lora_training_cases(root: pathlib.Path, randomise_norms) -> None:
+    for name, spec in sorted(LORA_CASES.items()):
+        write_lora_training_case(root, name, spec, randomise_norms)
+
+
 def write_training_cases(root: pathlib.Path, randomise_norms) -> None:
     for name, spec in sorted(CASES.items()):
         write_training_case(root, name, spec, randomise_norms)
     write_vae_training_case(root, randomise_norms)
+    write_lora_training_cases(root, randomise_norms)

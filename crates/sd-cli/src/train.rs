@@ -156,6 +156,25 @@ pub struct TrainArgs {
     /// Sampling steps of a validation render (default 20).
     #[arg(long)]
     validation_steps: Option<usize>,
+    /// Train a LoRA of this rank beside the frozen U-Net (and text encoder, with
+    /// --train-text-encoder) instead of their weights; the run ends with a LoRA file.
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// The LoRA's alpha: updates are scaled by alpha / rank (default: the rank).
+    #[arg(long)]
+    lora_alpha: Option<f32>,
+    /// Which weights the LoRA adapts: `kohya` (default: every linear layer and 1x1 conv of
+    /// the transformer blocks; the text encoder's attention and MLP), `diffusers` (the
+    /// attention projections) or module names, comma-separated (`to_q,to_v`).
+    #[arg(long)]
+    lora_targets: Option<String>,
+    /// How the LoRA's down factors start: `kohya` (Kaiming-uniform, default) or `gaussian`.
+    #[arg(long)]
+    lora_init: Option<String>,
+    /// The LoRA file written: `kohya` (OUTPUT/lora.safetensors, default; A1111, ComfyUI,
+    /// stable-diffusion.cpp) or `diffusers` (OUTPUT/pytorch_lora_weights.safetensors).
+    #[arg(long)]
+    lora_format: Option<String>,
     /// No progress bar.
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -275,6 +294,36 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
     if args.skip_bad_images {
         c.skip_bad_images = true;
     }
+    let lora_flags = args.lora_alpha.is_some()
+        || args.lora_targets.is_some()
+        || args.lora_init.is_some()
+        || args.lora_format.is_some();
+    if args.lora_rank.is_some() || lora_flags {
+        let mut lora = c.lora.clone().unwrap_or_default();
+        if lora_flags && args.lora_rank.is_none() && c.lora.is_none() {
+            return Err(
+                "--lora-alpha, --lora-targets, --lora-init and --lora-format need \
+                        --lora-rank"
+                    .into(),
+            );
+        }
+        if let Some(rank) = args.lora_rank {
+            lora.rank = rank;
+        }
+        if args.lora_alpha.is_some() {
+            lora.alpha = args.lora_alpha;
+        }
+        if let Some(t) = &args.lora_targets {
+            lora.targets = t.clone();
+        }
+        if let Some(i) = &args.lora_init {
+            lora.init = i.clone();
+        }
+        if let Some(f) = &args.lora_format {
+            lora.format = f.clone();
+        }
+        c.lora = Some(lora);
+    }
     if c.data.as_os_str().is_empty() {
         return Err("no training data: give --data DIR".into());
     }
@@ -293,6 +342,10 @@ pub fn run(args: TrainArgs) -> Result<String, String> {
         (
             args.what == What::Vae && !args.validation_prompt.is_empty(),
             "--validation-prompt with `sd train vae`",
+        ),
+        (
+            args.what == What::Vae && args.lora_rank.is_some(),
+            "--lora-rank with `sd train vae`",
         ),
     ];
     if let Some((_, what)) = unsupported.iter().find(|(on, _)| *on) {
@@ -371,8 +424,13 @@ pub fn run(args: TrainArgs) -> Result<String, String> {
     }
     .map_err(|e| e.to_string())?;
     bar.finish_and_clear();
+    let what = if config.lora.is_some() {
+        "the LoRA"
+    } else {
+        "the model"
+    };
     Ok(format!(
-        "trained {} steps in {:.1} s; the model is {}",
+        "trained {} steps in {:.1} s; {what} is {}",
         config.max_steps,
         started.elapsed().as_secs_f64(),
         out.display()

@@ -633,3 +633,162 @@ fn aspect_ratio_buckets_train_and_resume_exactly() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cache-latents"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every tensor of a safetensors file, by name, as bytes (the header's metadata is written
+/// from a hash map, in no fixed order).
+fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut all: Vec<(String, Vec<u8>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.data().to_vec()))
+        .collect();
+    all.sort();
+    all
+}
+
+/// `sd train unet --lora-rank` on the tiny model with the text encoder's LoRA too.
+fn train_lora(data: &Path, output: &Path, steps: u64, extra: &[&str]) -> Output {
+    let model = common::tiny_model();
+    let steps = steps.to_string();
+    let mut args = vec![
+        "train",
+        "unet",
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--max-steps",
+        &steps,
+        "--batch-size",
+        "2",
+        "--resolution",
+        "32",
+        "--checkpoint-every",
+        "2",
+        "--learning-rate",
+        "1e-2",
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "2",
+        "--train-text-encoder",
+        "--random-flip",
+        "-q",
+    ];
+    args.extend_from_slice(extra);
+    Command::new(SD).args(&args).output().unwrap()
+}
+
+#[test]
+fn lora_training_resumes_exactly_and_its_file_loads_in_generate() {
+    let dir = scratch("lora");
+    let data = data(&dir);
+    let straight = dir.join("straight");
+    ok(&train_lora(&data, &straight, 4, &[]));
+    let resumed = dir.join("resumed");
+    ok(&train_lora(&data, &resumed, 2, &[]));
+    ok(&train_lora(&data, &resumed, 4, &["--resume", "latest"]));
+    // A LoRA checkpoint holds the factors and moments alone, never a copy of the model.
+    let state = [
+        "lora_unet.safetensors",
+        "lora_text_encoder.safetensors",
+        "optimizer/lora_unet_exp_avg.safetensors",
+        "optimizer/lora_unet_exp_avg_sq.safetensors",
+        "optimizer/lora_text_encoder_exp_avg.safetensors",
+        "optimizer/lora_text_encoder_exp_avg_sq.safetensors",
+    ];
+    for file in state {
+        assert!(
+            tensors(&straight.join("checkpoint-4").join(file))
+                == tensors(&resumed.join("checkpoint-4").join(file)),
+            "{file} differs after resume"
+        );
+    }
+    assert!(!straight.join("checkpoint-4/unet").exists());
+    let lora = straight.join("lora.safetensors");
+    let file = sd_lora::LoraFile::open(&lora).unwrap();
+    assert_eq!(file.format, sd_lora::LoraFormat::Kohya);
+    assert_eq!(
+        file.components(),
+        vec![sd_lora::Component::Unet, sd_lora::Component::TextEncoder]
+    );
+    assert!(file.layers.iter().all(|l| l.alpha == Some(2.0)));
+    assert!(tensors(&lora) == tensors(&resumed.join("lora.safetensors")));
+
+    // The file loads in `sd generate --lora`, and changes the image.
+    let model = common::tiny_model();
+    let render = |name: &str, lora: Option<&Path>| {
+        let out = dir.join(name);
+        let mut args = vec![
+            "generate".to_string(),
+            "a red circle".into(),
+            "--model".into(),
+            model.display().to_string(),
+            "--steps".into(),
+            "2".into(),
+            "--seed".into(),
+            "1".into(),
+            "-o".into(),
+            out.display().to_string(),
+            "-q".into(),
+        ];
+        if let Some(lora) = lora {
+            args.extend(["--lora".into(), lora.display().to_string()]);
+        }
+        let run = Command::new(SD).args(&args).output().unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        image::open(&out).unwrap().to_rgb8().into_raw()
+    };
+    assert!(
+        render("with.png", Some(&lora)) != render("without.png", None),
+        "the trained LoRA changes nothing"
+    );
+
+    // diffusers' layout on request, U-Net only with diffusers' targets.
+    let diffusers = dir.join("diffusers");
+    let one = [
+        "--lora-format",
+        "diffusers",
+        "--lora-targets",
+        "diffusers",
+        "--lora-init",
+        "gaussian",
+        "--validation-prompt",
+        "a red circle",
+        "--validation-steps",
+        "1",
+    ];
+    ok(&train_lora(&data, &diffusers, 1, &one));
+    let file = sd_lora::LoraFile::open(diffusers.join("pytorch_lora_weights.safetensors")).unwrap();
+    assert_eq!(file.format, sd_lora::LoraFormat::Diffusers);
+    assert!(file.layers.iter().all(|l| {
+        let m = l.module.as_str();
+        [
+            "to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj",
+        ]
+        .iter()
+        .any(|t| m.ends_with(t))
+    }));
+    assert!(diffusers.join("samples/step-1/00.png").is_file());
+    assert!(!diffusers.join(".validation-lora.safetensors").exists());
+
+    // Settings that do not go with a LoRA are one line each.
+    let out = train_lora(&data, &dir.join("bad"), 1, &["--ema-decay", "0.9"]);
+    one_line_error(&out, &["--ema-decay", "--lora-rank"]);
+    let out = train_lora(
+        &data,
+        &dir.join("bad2"),
+        1,
+        &["--lora-targets", "nothing_here"],
+    );
+    one_line_error(&out, &["--lora-targets nothing_here", "matches"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

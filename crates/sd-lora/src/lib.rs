@@ -11,7 +11,8 @@
 //! whose parameters carry checkpoint key names, and hands back what it replaced so that the
 //! model can be switched back without reloading ([`Merged::restore`]).
 //!
-//! [`LoraFile::save_kohya`] writes any of them in kohya's layout.
+//! [`LoraFile::save_kohya`] writes any of them in kohya's layout, [`LoraFile::save_diffusers`]
+//! in diffusers'. [`LoraTargets`] and [`LoraNetwork`] train one: factors beside a frozen model.
 //!
 //! Every unmatched key and every shape that does not fit is reported by name, all at once;
 //! nothing is skipped unless the caller asks for it ([`MergeOptions::ignore_unmatched`]).
@@ -20,6 +21,7 @@ mod error;
 mod file;
 mod hash;
 mod merge;
+mod network;
 mod prompt;
 mod save;
 
@@ -27,4 +29,5 @@ pub use error::{LoraError, Result};
 pub use file::{Component, LoraFile, LoraFormat, LoraLayer, ModuleName};
 pub use hash::addnet_hash;
 pub use merge::{MergeOptions, Merged, Rename, merge};
+pub use network::{LoraInit, LoraNetwork, LoraTarget, LoraTargets, TargetSet};
 pub use prompt::{LoraSpec, extract_prompt_loras, parse_lora_arg};

@@ -59,7 +59,7 @@ impl<B: Backend> Merged<B> {
 
 /// One weight's change, given its tensor and whether it sits in a Burn `Linear` (whose weight
 /// is stored `[in, out]`, the transpose of PyTorch's).
-trait ParamChange<B: Backend> {
+pub(crate) trait ParamChange<B: Backend> {
     /// `None`: leave the tensor alone.
     fn change<const D: usize>(
         &mut self,
@@ -71,11 +71,11 @@ trait ParamChange<B: Backend> {
 
 /// A [`ModuleMapper`] that knows each parameter's module path (as burn-store's collector
 /// writes it) and its container's type.
-struct PathMapper<V> {
-    path: Vec<String>,
-    containers: Vec<String>,
-    visit: V,
-    done: usize,
+pub(crate) struct PathMapper<V> {
+    pub(crate) path: Vec<String>,
+    pub(crate) containers: Vec<String>,
+    pub(crate) visit: V,
+    pub(crate) done: usize,
 }
 
 impl<B: Backend, V: ParamChange<B>> ModuleMapper<B> for PathMapper<V> {

@@ -1,4 +1,5 @@
-//! Writing a LoRA in kohya's layout, the one A1111, ComfyUI and stable-diffusion.cpp load.
+//! Writing a LoRA in kohya's layout, the one A1111, ComfyUI and stable-diffusion.cpp load, or in
+//! diffusers' (`save_lora_weights`'), the one `load_lora_weights` reads.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -47,17 +48,7 @@ impl LoraFile {
     /// kohya's own files have one rank and alpha), atomically.
     pub fn save_kohya(&self, path: impl AsRef<Path>, dtype: DType) -> Result<()> {
         let path = path.as_ref();
-        let st_dtype = match dtype {
-            DType::F32 => Dtype::F32,
-            DType::F16 => Dtype::F16,
-            DType::BF16 => Dtype::BF16,
-            other => {
-                return Err(LoraError::Spec(format!(
-                    "{}: LoRA factors are saved in f32, f16 or bf16, not {other:?}",
-                    path.display()
-                )));
-            }
-        };
+        let st_dtype = safetensors_dtype(path, dtype)?;
         let two = self
             .layers
             .iter()
@@ -87,14 +78,6 @@ impl LoraFile {
                 (Vec::new(), alpha.to_le_bytes().to_vec(), Dtype::F32),
             );
         }
-        let views: Vec<(String, TensorView<'_>)> = buffers
-            .iter()
-            .map(|(k, (shape, bytes, dt))| {
-                TensorView::new(*dt, shape.clone(), bytes)
-                    .map(|v| (k.clone(), v))
-                    .map_err(|e| LoraError::Spec(format!("`{k}`: {e}")))
-            })
-            .collect::<Result<_>>()?;
         let mut metadata = std::collections::HashMap::from([(
             "ss_network_module".to_string(),
             "networks.lora".to_string(),
@@ -104,9 +87,108 @@ impl LoraFile {
             let alpha = first.alpha.unwrap_or(first.rank() as f32);
             metadata.insert("ss_network_alpha".into(), format!("{alpha}"));
         }
-        let bytes = safetensors::serialize(views, Some(metadata))
-            .map_err(|e| LoraError::Spec(format!("{}: {e}", path.display())))?;
-        sd_core::files::write_atomic(path, |out| out.write_all(&bytes).map_err(|e| e.to_string()))?;
-        Ok(())
+        write(path, &buffers, metadata)
     }
+
+    /// Writes the layers in diffusers' layout, as `save_lora_weights` does with PEFT's key
+    /// names: `unet.<module>.lora_A.weight` / `.lora_B.weight` (`text_encoder.` and
+    /// `text_encoder_2.` with the module path as transformers 5 names it, without
+    /// `text_model.`), each component's rank, alpha and modules in the header's
+    /// `lora_adapter_metadata` (so that an alpha other than the rank survives), atomically.
+    pub fn save_diffusers(&self, path: impl AsRef<Path>, dtype: DType) -> Result<()> {
+        let path = path.as_ref();
+        let st_dtype = safetensors_dtype(path, dtype)?;
+        let mut buffers: BTreeMap<String, (Vec<usize>, Vec<u8>, Dtype)> = BTreeMap::new();
+        let mut config: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+        for layer in &self.layers {
+            let ModuleName::Dotted(module) = &layer.module else {
+                return Err(LoraError::Spec(format!(
+                    "{}: `{}` names its module kohya's way, which diffusers' layout cannot \
+                     spell; save it with --lora-format kohya",
+                    path.display(),
+                    layer.key
+                )));
+            };
+            let prefix = match layer.component {
+                Component::Unet => "unet",
+                Component::TextEncoder => "text_encoder",
+                Component::TextEncoder2 => "text_encoder_2",
+            };
+            let module = module.strip_prefix("text_model.").unwrap_or(module);
+            for (suffix, data) in [("lora_A.weight", &layer.down), ("lora_B.weight", &layer.up)] {
+                let shape: Vec<usize> = data.shape.iter().copied().collect();
+                buffers.insert(
+                    format!("{prefix}.{module}.{suffix}"),
+                    (shape, bytes_of(data, dtype)?, st_dtype),
+                );
+            }
+            let alpha = layer.alpha.unwrap_or(layer.rank() as f32);
+            let first = !config.contains_key(&format!("{prefix}.r"));
+            if first {
+                config.insert(format!("{prefix}.r"), layer.rank().into());
+                config.insert(format!("{prefix}.lora_alpha"), f64::from(alpha).into());
+                config.insert(format!("{prefix}.bias"), "none".into());
+                config.insert(format!("{prefix}.lora_dropout"), 0.0.into());
+                config.insert(format!("{prefix}.use_dora"), false.into());
+                config.insert(
+                    format!("{prefix}.target_modules"),
+                    Vec::<String>::new().into(),
+                );
+            } else if config[&format!("{prefix}.r")] != layer.rank()
+                || config[&format!("{prefix}.lora_alpha")] != f64::from(alpha)
+            {
+                return Err(LoraError::Spec(format!(
+                    "{}: `{}` has another rank or alpha than the first layer of {}; diffusers' \
+                     layout holds one per model",
+                    path.display(),
+                    layer.key,
+                    layer.component.name()
+                )));
+            }
+            if let Some(serde_json::Value::Array(list)) =
+                config.get_mut(&format!("{prefix}.target_modules"))
+            {
+                list.push(module.into());
+            }
+        }
+        let adapter = serde_json::to_string_pretty(&config)
+            .map_err(|e| LoraError::Spec(format!("{}: {e}", path.display())))?;
+        let metadata = std::collections::HashMap::from([
+            ("format".to_string(), "pt".to_string()),
+            ("lora_adapter_metadata".to_string(), adapter),
+        ]);
+        write(path, &buffers, metadata)
+    }
+}
+
+fn safetensors_dtype(path: &Path, dtype: DType) -> Result<Dtype> {
+    match dtype {
+        DType::F32 => Ok(Dtype::F32),
+        DType::F16 => Ok(Dtype::F16),
+        DType::BF16 => Ok(Dtype::BF16),
+        other => Err(LoraError::Spec(format!(
+            "{}: LoRA factors are saved in f32, f16 or bf16, not {other:?}",
+            path.display()
+        ))),
+    }
+}
+
+/// Serialises the tensors with the header's metadata and writes the file atomically.
+fn write(
+    path: &Path,
+    buffers: &BTreeMap<String, (Vec<usize>, Vec<u8>, Dtype)>,
+    metadata: std::collections::HashMap<String, String>,
+) -> Result<()> {
+    let views: Vec<(String, TensorView<'_>)> = buffers
+        .iter()
+        .map(|(k, (shape, bytes, dt))| {
+            TensorView::new(*dt, shape.clone(), bytes)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| LoraError::Spec(format!("`{k}`: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| LoraError::Spec(format!("{}: {e}", path.display())))?;
+    sd_core::files::write_atomic(path, |out| out.write_all(&bytes).map_err(|e| e.to_string()))?;
+    Ok(())
 }

@@ -100,6 +100,92 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// How many checkpoints to keep (the oldest go first; 0 keeps all).
     pub keep: usize,
+    /// Train a LoRA beside the frozen U-Net (and text encoder, with `train_text_encoder`)
+    /// instead of their weights (`--lora-rank`); `None` trains the weights.
+    pub lora: Option<LoraConfig>,
+}
+
+/// A LoRA run's settings (`--lora-rank`, `--lora-alpha`, `--lora-targets`, `--lora-init`,
+/// `--lora-format`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    /// The rank `r` of every pair of factors.
+    pub rank: usize,
+    /// The alpha `α` (updates scaled by `α / r`); `None` is the rank, as diffusers' scripts
+    /// set it (kohya's sd-scripts default to 1).
+    pub alpha: Option<f32>,
+    /// `kohya` (every linear layer and 1×1 convolution of the transformer blocks; the text
+    /// encoder's attention and MLP), `diffusers` (the attention projections), or module names.
+    pub targets: String,
+    /// `kohya` (Kaiming-uniform down, PEFT's default too) or `gaussian` (diffusers' scripts).
+    pub init: String,
+    /// The file written at the end: `kohya` (`lora.safetensors`, what A1111, ComfyUI and
+    /// stable-diffusion.cpp load) or `diffusers` (`pytorch_lora_weights.safetensors`).
+    pub format: String,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 4,
+            alpha: None,
+            targets: "kohya".into(),
+            init: "kohya".into(),
+            format: "kohya".into(),
+        }
+    }
+}
+
+impl LoraConfig {
+    /// `alpha`, or the rank when unset.
+    pub fn alpha(&self) -> f32 {
+        self.alpha.unwrap_or(self.rank as f32)
+    }
+
+    /// The targets, parsed.
+    pub fn target_set(&self) -> Result<sd_lora::TargetSet> {
+        Ok(sd_lora::TargetSet::parse(&self.targets)?)
+    }
+
+    /// The initialisation, parsed.
+    pub fn init_kind(&self) -> Result<sd_lora::LoraInit> {
+        Ok(sd_lora::LoraInit::parse(&self.init)?)
+    }
+
+    /// The final file's name in the output folder.
+    pub fn file_name(&self) -> &'static str {
+        if self.format == "diffusers" {
+            "pytorch_lora_weights.safetensors"
+        } else {
+            "lora.safetensors"
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.rank == 0 || self.rank > 1024 {
+            return Err(TrainError::Config(format!(
+                "--lora-rank must be from 1 to 1024, got {}",
+                self.rank
+            )));
+        }
+        if let Some(a) = self.alpha
+            && !(a.is_finite() && a > 0.0)
+        {
+            return Err(TrainError::Config(format!(
+                "--lora-alpha must be positive, got {a}"
+            )));
+        }
+        self.target_set()?;
+        self.init_kind()?;
+        if !matches!(self.format.as_str(), "kohya" | "diffusers") {
+            return Err(TrainError::Config(format!(
+                "--lora-format must be kohya or diffusers, got `{}`",
+                self.format
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl Default for TrainConfig {
@@ -142,6 +228,7 @@ impl Default for TrainConfig {
             validation_steps: 20,
             checkpoint_every: 500,
             keep: 0,
+            lora: None,
         }
     }
 }
@@ -239,6 +326,17 @@ impl TrainConfig {
             return bad(format!(
                 "--prediction-type must be epsilon, v_prediction or sample, got `{p}`"
             ));
+        }
+        if let Some(lora) = &self.lora {
+            lora.validate()?;
+            if self.init.is_some() {
+                return bad(
+                    "--lora-rank adapts a trained model; --init trains one from scratch".into(),
+                );
+            }
+            if self.ema_decay.is_some() {
+                return bad("--ema-decay is for full training, not --lora-rank".into());
+            }
         }
         self.adam.validate()
     }

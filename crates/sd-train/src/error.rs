@@ -36,4 +36,7 @@ pub enum TrainError {
     /// An error from loading the model.
     #[error(transparent)]
     Model(#[from] sd::SdError),
+    /// An error from a LoRA's targets or files.
+    #[error(transparent)]
+    Lora(#[from] sd_lora::LoraError),
 }

@@ -26,6 +26,7 @@ mod ema;
 mod error;
 mod gradients;
 mod latent_cache;
+mod lora;
 mod lr;
 mod objective;
 mod params;
@@ -50,7 +51,7 @@ pub fn request_stop() {
 pub fn stop_requested() -> bool {
     STOP.load(std::sync::atomic::Ordering::SeqCst)
 }
-pub use config::TrainConfig;
+pub use config::{LoraConfig, TrainConfig};
 pub use ema::{Ema, EmaConfig};
 pub use error::{Result, TrainError};
 pub use gradients::Gradients;

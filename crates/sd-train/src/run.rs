@@ -31,6 +31,7 @@ use crate::checkpoint::{
 };
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
+use crate::lora::{LoraTrainee, write_lora};
 use crate::{AdamW, DenoisingBatch, DenoisingObjective, Ema, EmaConfig, Gradients, LrSchedule};
 
 /// Where to resume from.
@@ -148,14 +149,29 @@ fn write_text<B: Backend>(
     Ok(())
 }
 
-/// The text encoder: frozen on the inner backend, or trained with its own optimiser state.
+/// The text encoder: frozen on the inner backend, trained with its own optimiser state, or
+/// frozen with a LoRA trained beside it.
 enum TextEncoder<B: Backend, C: CheckpointStrategy> {
     Frozen(ClipTextModel<B>),
     Trained {
         model: ClipTextModel<Autodiff<B, C>>,
         adamw: AdamW<B>,
     },
+    Lora {
+        trainee: LoraTrainee<Autodiff<B, C>, ClipTextModel<Autodiff<B, C>>>,
+        adamw: AdamW<B>,
+    },
 }
+
+/// What trains of the U-Net: its weights, or a LoRA beside them.
+enum Unet<B: Backend, C: CheckpointStrategy> {
+    Full(UNet2DConditionModel<Autodiff<B, C>>),
+    Lora(LoraTrainee<Autodiff<B, C>, UNet2DConditionModel<Autodiff<B, C>>>),
+}
+
+/// Where the LoRA factors' first draws come from (apart from the U-Net's and text encoder's
+/// own seeds, so that the same `--seed` is an unrelated stream).
+const LORA_SEED: u64 = 0x10a4_5eed;
 
 impl<B: Backend, C: CheckpointStrategy> TextEncoder<B, C> {
     /// `[batch, 77, width]`: the last layer after the final LayerNorm, as
@@ -164,20 +180,18 @@ impl<B: Backend, C: CheckpointStrategy> TextEncoder<B, C> {
         Ok(match self {
             Self::Frozen(model) => Tensor::from_inner(model.forward(ids)?.last_hidden_state),
             Self::Trained { model, .. } => model.forward(ids)?.last_hidden_state,
+            Self::Lora { trainee, .. } => trainee.model().forward(ids)?.last_hidden_state,
         })
     }
 }
 
-/// A trained text encoder and its optimiser.
-type TrainedText<B, C> = (ClipTextModel<Autodiff<B, C>>, AdamW<B>);
-
 /// The state restored from a checkpoint.
 struct Restored<B: Backend, C: CheckpointStrategy> {
     state: TrainingState,
-    unet: UNet2DConditionModel<Autodiff<B, C>>,
+    unet: Unet<B, C>,
     ema: Option<UNet2DConditionModel<B>>,
     adamw: AdamW<B>,
-    text: Option<TrainedText<B, C>>,
+    text: Option<TextEncoder<B, C>>,
 }
 
 fn restore<B: Backend, C: CheckpointStrategy>(
@@ -206,14 +220,80 @@ fn restore<B: Backend, C: CheckpointStrategy>(
             moments("text_encoder_exp_avg_sq")?,
         );
         let adamw = AdamW::from_moment_modules(config.adam, state.step, &first, &second)?;
-        Some((model, adamw))
+        Some(TextEncoder::Trained { model, adamw })
     } else {
         None
     };
     Ok(Restored {
         state,
-        unet,
+        unet: Unet::Full(unet),
         ema,
+        adamw,
+        text,
+    })
+}
+
+/// A LoRA run's fresh U-Net (and text-encoder) trainees: the model's weights frozen, new
+/// factors from the run's seed.
+fn lora_trainees<B: Backend, C: CheckpointStrategy>(
+    model: &Model,
+    config: &TrainConfig,
+    lora: &crate::LoraConfig,
+    device: &B::Device,
+) -> Result<(Unet<B, C>, Option<TextEncoder<B, C>>)> {
+    let unet = LoraTrainee::new(
+        model.load_unet::<Autodiff<B, C>>(device)?,
+        sd_lora::Component::Unet,
+        lora,
+        &sd_unet::checkpoint_key,
+        config.seed ^ LORA_SEED,
+        device,
+    )?;
+    let text = if config.train_text_encoder {
+        let trainee = LoraTrainee::new(
+            model.load_text_encoder::<Autodiff<B, C>>(0, device)?,
+            sd_lora::Component::TextEncoder,
+            lora,
+            &sd::conditioner::text_checkpoint_key,
+            config.seed ^ LORA_SEED ^ 1,
+            device,
+        )?;
+        Some(TextEncoder::Lora {
+            trainee,
+            adamw: AdamW::new(config.adam)?,
+        })
+    } else {
+        None
+    };
+    Ok((Unet::Lora(unet), text))
+}
+
+/// A LoRA run's state from a checkpoint: its factors and moments on fresh trainees.
+fn restore_lora<B: Backend, C: CheckpointStrategy>(
+    dir: &Path,
+    model: &Model,
+    config: &TrainConfig,
+    lora: &crate::LoraConfig,
+    device: &B::Device,
+) -> Result<Restored<B, C>> {
+    let state = read_state(dir)?;
+    let (unet, text) = lora_trainees::<B, C>(model, config, lora, device)?;
+    let Unet::Lora(unet) = unet else {
+        unreachable!("lora_trainees makes LoRA trainees")
+    };
+    let (unet, adamw) = unet.restore(dir, "unet", config.adam, state.step, device)?;
+    let text = match text {
+        Some(TextEncoder::Lora { trainee, .. }) => {
+            let (trainee, adamw) =
+                trainee.restore(dir, "text_encoder", config.adam, state.step, device)?;
+            Some(TextEncoder::Lora { trainee, adamw })
+        }
+        other => other,
+    };
+    Ok(Restored {
+        state,
+        unet: Unet::Lora(unet),
+        ema: None,
         adamw,
         text,
     })
@@ -318,7 +398,8 @@ pub(crate) fn same_run(a: &TrainConfig, b: &TrainConfig) -> bool {
 }
 
 /// Trains the U-Net of `config.model` on `config.data`, writing into `config.output`; returns
-/// the final diffusers folder (the output folder itself). `C` is Burn's checkpointing
+/// the final diffusers folder (the output folder itself), or with `config.lora` the LoRA file
+/// written there. `C` is Burn's checkpointing
 /// strategy: `NoCheckpointing`, or `BalancedCheckpointing` to recompute cheap activations in
 /// the backward pass instead of keeping them (gradient checkpointing: less memory, more time).
 pub fn train_unet<B: Backend, C: CheckpointStrategy>(
@@ -380,7 +461,10 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
         resume.as_ref(),
         config,
         events,
-        |dir| restore::<B, C>(dir, config, &unet_config, device),
+        |dir| match &config.lora {
+            Some(lora) => restore_lora::<B, C>(dir, &model, config, lora, device),
+            None => restore::<B, C>(dir, config, &unet_config, device),
+        },
         |r| &r.state,
     )?;
 
@@ -404,6 +488,11 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
             };
             (r.state.step, r.unet, r.adamw, ema, r.text)
         }
+        None if config.lora.is_some() => {
+            let lora = config.lora.as_ref().expect("checked by the guard");
+            let (unet, text) = lora_trainees::<B, C>(&model, config, lora, device)?;
+            (0, unet, AdamW::new(config.adam)?, None, text)
+        }
         None => {
             let unet: UNet2DConditionModel<Autodiff<B, C>> = match &config.init {
                 Some(_) => {
@@ -424,14 +513,14 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
                 )?),
                 None => None,
             };
-            (0, unet, AdamW::new(config.adam)?, ema, None)
+            (0, Unet::Full(unet), AdamW::new(config.adam)?, ema, None)
         }
     };
     // A text encoder folder with a config but no weights (a from-scratch `--init` folder)
     // starts from random weights; one with weights fine-tunes them.
     let text_weights = base.join("text_encoder/model.safetensors").is_file();
     let mut text = match (config.train_text_encoder, restored_text) {
-        (true, Some((model, adamw))) => TextEncoder::Trained { model, adamw },
+        (_, Some(text)) => text,
         (true, None) => TextEncoder::Trained {
             model: if text_weights {
                 model.load_text_encoder::<Autodiff<B, C>>(0, device)?
@@ -528,7 +617,7 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
         &["unet"]
     };
     let save = |step: u64,
-                unet: &UNet2DConditionModel<Autodiff<B, C>>,
+                unet: &Unet<B, C>,
                 adamw: &AdamW<B>,
                 ema: &Option<Ema<UNet2DConditionModel<B>>>,
                 text: &TextEncoder<B, C>|
@@ -539,6 +628,17 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
             config: config.clone(),
         };
         write_checkpoint(output, &state, config.keep, |dir| {
+            // A LoRA checkpoint holds the factors alone; a full one is a diffusers folder.
+            let unet = match unet {
+                Unet::Lora(trainee) => {
+                    trainee.save(adamw, dir, "unet")?;
+                    if let TextEncoder::Lora { trainee, adamw } = text {
+                        trainee.save(adamw, dir, "text_encoder")?;
+                    }
+                    return Ok(());
+                }
+                Unet::Full(unet) => unet,
+            };
             copy_components(&base, dir, trained)?;
             let inner = unet.valid();
             write_unet(&inner, &unet_config, &dir.join("unet"))?;
@@ -675,7 +775,10 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
                 timesteps,
                 perturbation: perturbation.map(Tensor::from_inner),
             };
-            let loss = objective.loss(&unet, input)?;
+            let loss = match &unet {
+                Unet::Full(unet) => objective.loss(unet, input)?,
+                Unet::Lora(trainee) => objective.loss(&trainee.model(), input)?,
+            };
             let value: f64 = loss.clone().into_scalar().elem();
             if !value.is_finite() {
                 let last = list_checkpoints(output)
@@ -689,9 +792,16 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
             }
             loss_sum += value;
             let mut backward = loss.div_scalar(accumulation as f64).backward();
-            grads.accumulate(&unet, &mut backward);
-            if let TextEncoder::Trained { model, .. } = &text {
-                text_grads.accumulate(model, &mut backward);
+            match &unet {
+                Unet::Full(unet) => grads.accumulate(unet, &mut backward),
+                Unet::Lora(trainee) => grads.accumulate(&trainee.network, &mut backward),
+            }
+            match &text {
+                TextEncoder::Trained { model, .. } => text_grads.accumulate(model, &mut backward),
+                TextEncoder::Lora { trainee, .. } => {
+                    text_grads.accumulate(&trainee.network, &mut backward)
+                }
+                TextEncoder::Frozen(_) => {}
             }
         }
         let grad_norm = Gradients::clip_global_norm_all(
@@ -705,15 +815,28 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
             )));
         }
         let rate = lr.lr(step);
-        unet = adamw.step(unet, grads, rate);
+        unet = match unet {
+            Unet::Full(unet) => Unet::Full(adamw.step(unet, grads, rate)),
+            Unet::Lora(mut trainee) => {
+                trainee.network = adamw.step(trainee.network, grads, rate);
+                Unet::Lora(trainee)
+            }
+        };
         text = match text {
             TextEncoder::Trained { model, mut adamw } => {
                 let model = adamw.step(model, text_grads, rate);
                 TextEncoder::Trained { model, adamw }
             }
+            TextEncoder::Lora {
+                mut trainee,
+                mut adamw,
+            } => {
+                trainee.network = adamw.step(trainee.network, text_grads, rate);
+                TextEncoder::Lora { trainee, adamw }
+            }
             frozen => frozen,
         };
-        if let Some(ema) = ema.as_mut() {
+        if let (Some(ema), Unet::Full(unet)) = (ema.as_mut(), &unet) {
             ema.update(&unet.valid())?;
         }
         let entry = StepLog {
@@ -742,6 +865,15 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
         }
         let validate = config.validation_every > 0 && done.is_multiple_of(config.validation_every);
         if !config.validation_prompts.is_empty() && (validate || done == config.max_steps) {
+            if let Unet::Lora(trainee) = &unet {
+                // The base model with the LoRA as it is now, merged as `sd generate --lora` does.
+                let path = output.join(".validation-lora.safetensors");
+                write_lora(lora_parts(trainee, &text, &path), "kohya", &path)?;
+                let samples = render_samples::<B>(&base, config, done, output, Some(&path), device);
+                let _ = std::fs::remove_file(&path);
+                events(Event::Samples(samples?));
+                continue;
+            }
             // The model as it is now, as a diffusers folder the inference pipeline opens.
             let folder = output.join(".validation-model");
             if folder.exists() {
@@ -749,6 +881,9 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
                     .map_err(|e| TrainError::Io(format!("{}: {e}", folder.display())))?;
             }
             copy_components(&base, &folder, trained)?;
+            let Unet::Full(unet) = &unet else {
+                unreachable!("LoRA runs validated above")
+            };
             match &ema {
                 Some(ema) => write_unet(ema.model(), &unet_config, &folder.join("unet"))?,
                 None => write_unet(&unet.valid(), &unet_config, &folder.join("unet"))?,
@@ -756,12 +891,30 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
             if let TextEncoder::Trained { model, .. } = &text {
                 write_text(&model.valid(), &text_config, &folder.join("text_encoder"))?;
             }
-            let samples = render_samples::<B>(&folder, config, done, output, device)?;
+            let samples = render_samples::<B>(&folder, config, done, output, None, device)?;
             let _ = std::fs::remove_dir_all(&folder);
             events(Event::Samples(samples));
         }
     }
 
+    let plot = || {
+        crate::plot::plot_loss(
+            &crate::read_log(&log_path)?,
+            "sd train unet",
+            &output.join("loss.png"),
+        )
+    };
+    let unet = match (&unet, &config.lora) {
+        (Unet::Lora(trainee), Some(lora)) => {
+            // A LoRA run ends with one LoRA file for `sd generate --lora`.
+            let path = output.join(lora.file_name());
+            write_lora(lora_parts(trainee, &text, &path), &lora.format, &path)?;
+            plot()?;
+            return Ok(path);
+        }
+        (Unet::Full(unet), _) => unet,
+        (Unet::Lora(_), None) => unreachable!("a LoRA trainee comes from a LoRA config"),
+    };
     // The final folder: the base model's components with the trained U-Net (its EMA weights
     // when kept, as diffusers' script saves them).
     copy_components(&base, output, trained)?;
@@ -772,24 +925,38 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
     if let TextEncoder::Trained { model, .. } = &text {
         write_text(&model.valid(), &text_config, &output.join("text_encoder"))?;
     }
-    crate::plot::plot_loss(
-        &crate::read_log(&log_path)?,
-        "sd train unet",
-        &output.join("loss.png"),
-    )?;
+    plot()?;
     Ok(output.clone())
 }
 
+/// The LoRA files of a run's trained parts: the U-Net's, and the text encoder's when it trains.
+fn lora_parts<B: Backend, C: CheckpointStrategy>(
+    unet: &LoraTrainee<Autodiff<B, C>, UNet2DConditionModel<Autodiff<B, C>>>,
+    text: &TextEncoder<B, C>,
+    path: &Path,
+) -> Vec<sd_lora::LoraFile> {
+    let mut parts = vec![unet.file(path)];
+    if let TextEncoder::Lora { trainee, .. } = text {
+        parts.push(trainee.file(path));
+    }
+    parts
+}
+
 /// Renders each validation prompt with the folder's own sampler at the run's seed into
-/// `output/samples/step-<n>/<i>.png`.
+/// `output/samples/step-<n>/<i>.png`, with the LoRA file `lora` merged when given.
 fn render_samples<B: Backend>(
     folder: &Path,
     config: &TrainConfig,
     step: u64,
     output: &Path,
+    lora: Option<&Path>,
     device: &B::Device,
 ) -> Result<PathBuf> {
-    let model = Model::open(&folder.display().to_string())?;
+    let mut model = Model::open(&folder.display().to_string())?;
+    if let Some(path) = lora {
+        let file = std::sync::Arc::new(sd_lora::LoraFile::open(path)?);
+        model = model.with_loras(vec![(file, 1.0)])?;
+    }
     let dir = output.join("samples").join(format!("step-{step}"));
     std::fs::create_dir_all(&dir).map_err(|e| TrainError::Io(format!("{}: {e}", dir.display())))?;
     let side = config.resolution as usize;
