@@ -485,6 +485,9 @@ fn keys_of(path: &Path) -> Vec<String> {
     keys
 }
 
+/// Which state of a trained LoRA to write: its factors or one of its Adam moments.
+type Pick = dyn Fn(&LoraNetwork<Inner>, &AdamW<Inner>) -> LoraNetwork<Inner>;
+
 /// A model frozen, a LoRA trained beside it.
 struct Adapted<M> {
     model: M,
@@ -654,7 +657,7 @@ fn run_lora_case(dir: &Path) {
                     .map(|t| (&t.targets, t.network.valid(), &t.adamw)),
             )
             .collect();
-    let file_of = |pick: &dyn Fn(&LoraNetwork<Inner>, &AdamW<Inner>) -> LoraNetwork<Inner>| {
+    let file_of = |pick: &Pick| {
         let mut layers = Vec::new();
         for (targets, network, adamw) in &adapted {
             layers.extend(targets.to_file(&pick(network, adamw), "x").layers);
@@ -664,10 +667,7 @@ fn run_lora_case(dir: &Path) {
     let first = |n: &LoraNetwork<Inner>, a: &AdamW<Inner>| a.moment_modules(n).unwrap().0;
     let second = |n: &LoraNetwork<Inner>, a: &AdamW<Inner>| a.moment_modules(n).unwrap().1;
     let weights = |n: &LoraNetwork<Inner>, _: &AdamW<Inner>| n.clone();
-    let picks: [(
-        &str,
-        &dyn Fn(&LoraNetwork<Inner>, &AdamW<Inner>) -> LoraNetwork<Inner>,
-    ); 3] = [
+    let picks: [(&str, &Pick); 3] = [
         ("lora", &weights),
         ("exp_avg", &first),
         ("exp_avg_sq", &second),

@@ -233,6 +233,9 @@ fn restore<B: Backend, C: CheckpointStrategy>(
     })
 }
 
+/// What trains in a run: the U-Net's part, and the text encoder's when it trains.
+type Trainees<B, C> = (Unet<B, C>, Option<TextEncoder<B, C>>);
+
 /// A LoRA run's fresh U-Net (and text-encoder) trainees: the model's weights frozen, new
 /// factors from the run's seed.
 fn lora_trainees<B: Backend, C: CheckpointStrategy>(
@@ -240,7 +243,7 @@ fn lora_trainees<B: Backend, C: CheckpointStrategy>(
     config: &TrainConfig,
     lora: &crate::LoraConfig,
     device: &B::Device,
-) -> Result<(Unet<B, C>, Option<TextEncoder<B, C>>)> {
+) -> Result<Trainees<B, C>> {
     let unet = LoraTrainee::new(
         model.load_unet::<Autodiff<B, C>>(device)?,
         sd_lora::Component::Unet,
