@@ -724,7 +724,7 @@ def write_tokenizer_case(root: pathlib.Path, vocab: pathlib.Path, merges: pathli
     print(f"wrote {case} ({len(prompts)} prompts)")
 
 
-KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline", "training", "roundtrip", "lora", "metrics"]
+KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline", "training", "roundtrip", "lora", "metrics", "upscale"]
 
 
 def parse_kinds(values: list[str] | None) -> set[str]:
@@ -795,6 +795,10 @@ def main() -> None:
         from lora_fixtures import write_lora_cases
 
         write_lora_cases(args.out)
+    if "upscale" in kinds:
+        from upscale_fixtures import write_upscale_cases
+
+        write_upscale_cases(args.out)
 
 
 if __name__ == "__main__":

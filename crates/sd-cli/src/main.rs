@@ -8,6 +8,7 @@ mod eval_metrics;
 mod generate;
 mod prompt_file;
 mod train;
+mod upscale;
 
 use std::io::{ErrorKind, Write};
 use std::path::PathBuf;
@@ -39,6 +40,9 @@ enum Command {
     Dataset(dataset::DatasetArgs),
     /// Measure a model (`sd eval shapes`: prompt adherence by the shapes checker).
     Eval(eval::EvalArgs),
+    /// Enlarge an image with a Real-ESRGAN model (RRDBNet ×4/×2 or the compact SRVGGNet),
+    /// tile by tile.
+    Upscale(upscale::UpscaleArgs),
     /// Print a prompt's tokens as the text encoder sees them: the count, the 77-id chunks
     /// (75 tokens each, a new one at BREAK) and the A1111 attention weight of each id, as JSON.
     Tokenize {
@@ -69,6 +73,7 @@ fn run(cli: Cli) -> Result<String, String> {
         Command::Train(args) => train::run(*args),
         Command::Dataset(args) => dataset::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Upscale(args) => upscale::run(args),
         Command::Tokenize {
             tokenizer,
             padding,

@@ -246,6 +246,65 @@ impl SafetensorsFile {
         })
     }
 
+    /// A PyTorch checkpoint (`torch.save`'s zip format or the legacy one), read by burn-store's
+    /// parser, which runs no pickled code, its float tensors re-encoded in memory as f32
+    /// safetensors so that they go through the same strict loading as a `.safetensors` file.
+    /// Nested dicts become dotted keys (`params_ema.conv_first.weight`); the unused buffers of
+    /// [`is_unused_buffer`] are left out.
+    pub fn from_pytorch(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let fail = |reason: String| CoreError::Config {
+            path: path.to_path_buf(),
+            reason,
+        };
+        crate::files::regular_file(path)?;
+        let reader = burn_store::pytorch::PytorchReader::new(path)
+            .map_err(|e| fail(format!("not a readable PyTorch checkpoint ({e})")))?;
+        let mut tensors = Vec::new();
+        let mut keys = reader.keys();
+        keys.sort();
+        for key in &keys {
+            if is_unused_buffer(key) {
+                continue;
+            }
+            let snapshot = reader
+                .get(key)
+                .ok_or_else(|| fail(format!("`{key}` is listed but cannot be read")))?;
+            let data = snapshot
+                .to_data()
+                .map_err(|e| fail(format!("`{key}`: {e:?}")))?
+                .convert::<f32>();
+            let values = data
+                .to_vec::<f32>()
+                .map_err(|e| fail(format!("`{key}`: {e:?}")))?;
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            tensors.push((key.clone(), data.shape.to_vec(), bytes));
+        }
+        let views = tensors
+            .iter()
+            .map(|(key, shape, bytes)| {
+                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
+                    .map(|view| (key.clone(), view))
+                    .map_err(|e| fail(format!("`{key}`: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bytes = safetensors::serialize(views, None).map_err(|e| fail(e.to_string()))?;
+        Self::from_bytes(path, bytes)
+    }
+
+    /// Opens a `.safetensors` file, or any other as a PyTorch checkpoint ([`Self::from_pytorch`]).
+    pub fn open_any(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let is_safetensors = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+        if is_safetensors {
+            Self::open(path)
+        } else {
+            Self::from_pytorch(path)
+        }
+    }
+
     /// Validates bytes already in memory; `path` only names them in errors.
     pub fn from_bytes(path: impl AsRef<Path>, bytes: Vec<u8>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();

@@ -473,14 +473,7 @@ impl<B: Backend> InceptionV3<B> {
     pub fn load(path: impl AsRef<std::path::Path>, device: &B::Device) -> crate::Result<Self> {
         use sd_core::weights::{LoadOptions, SafetensorsFile, load_safetensors};
         let path = path.as_ref();
-        let is_safetensors = path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
-        let file = if is_safetensors {
-            SafetensorsFile::open(path)?
-        } else {
-            SafetensorsFile::from_bytes(path, pytorch_as_safetensors(path)?)?
-        };
+        let file = SafetensorsFile::open_any(path)?;
         let keys = |k: &str| Some(k.to_string());
         let loaded = load_safetensors(Self::new(device), &file, &keys, LoadOptions::default());
         match loaded {
@@ -503,47 +496,6 @@ impl<B: Backend> InceptionV3<B> {
             Err(e) => Err(e.into()),
         }
     }
-}
-
-/// A PyTorch checkpoint's tensors re-encoded as safetensors bytes in memory (f32), so that
-/// they go through the same strict loading as a `.safetensors` file.
-fn pytorch_as_safetensors(path: &std::path::Path) -> crate::Result<Vec<u8>> {
-    let fail = |reason: String| crate::MetricsError::Checkpoint {
-        path: path.to_path_buf(),
-        reason,
-    };
-    sd_core::files::regular_file(path)?;
-    let reader = burn_store::pytorch::PytorchReader::new(path)
-        .map_err(|e| fail(format!("not a readable PyTorch checkpoint ({e})")))?;
-    let mut tensors = Vec::new();
-    let mut keys = reader.keys();
-    keys.sort();
-    for key in &keys {
-        if sd_core::weights::is_unused_buffer(key) {
-            continue;
-        }
-        let snapshot = reader
-            .get(key)
-            .ok_or_else(|| fail(format!("`{key}` is listed but cannot be read")))?;
-        let data = snapshot
-            .to_data()
-            .map_err(|e| fail(format!("`{key}`: {e:?}")))?
-            .convert::<f32>();
-        let values = data
-            .to_vec::<f32>()
-            .map_err(|e| fail(format!("`{key}`: {e:?}")))?;
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        tensors.push((key.clone(), data.shape.to_vec(), bytes));
-    }
-    let views = tensors
-        .iter()
-        .map(|(key, shape, bytes)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .map(|view| (key.clone(), view))
-                .map_err(|e| fail(format!("`{key}`: {e}")))
-        })
-        .collect::<crate::Result<Vec<_>>>()?;
-    safetensors::serialize(views, None).map_err(|e| fail(e.to_string()))
 }
 
 #[cfg(all(test, feature = "flex"))]

@@ -1,0 +1,99 @@
+//! `sd upscale IMAGE --model FILE`: Real-ESRGAN after the decoder, on any image.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use sd_upscale::{TileOptions, Upscaler};
+
+type B = sd::backend::Flex;
+
+#[derive(Args)]
+pub struct UpscaleArgs {
+    /// The image to enlarge (PNG, JPEG or WebP).
+    image: PathBuf,
+    /// A Real-ESRGAN model: `RealESRGAN_x4plus.pth`, `RealESRGAN_x2plus.pth`,
+    /// `realesr-general-x4v3.pth`, the anime models, or a .safetensors with the same keys.
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// Where the PNG goes (default: IMAGE's folder, `<name>-x<scale>.png`).
+    #[arg(long, short = 'o')]
+    output: Option<PathBuf>,
+    /// Tile side in input pixels (0: the whole image at once, which needs the most memory).
+    #[arg(long, default_value_t = TileOptions::default().tile)]
+    tile: usize,
+    /// Input pixels of context around each tile, cut from its output.
+    #[arg(long, default_value_t = TileOptions::default().tile_pad)]
+    tile_pad: usize,
+    /// Pixels of reflection added at the right and bottom edges before upscaling (Real-ESRGAN's
+    /// --pre_pad), cut off after.
+    #[arg(long, default_value_t = TileOptions::default().pre_pad)]
+    pre_pad: usize,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+}
+
+fn default_output(image: &Path, scale: usize) -> PathBuf {
+    let stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    image.with_file_name(format!("{stem}-x{scale}.png"))
+}
+
+pub fn run(args: UpscaleArgs) -> Result<String, String> {
+    let device = Default::default();
+    // The image first: a bad image is reported before the model is read.
+    let image = sd::core::image_io::decode_image(&args.image)
+        .map_err(|e| e.to_string())?
+        .to_rgb8();
+    let model = Upscaler::<B>::load(&args.model, &device).map_err(|e| e.to_string())?;
+    let scale = model.scale();
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| default_output(&args.image, scale));
+    let options = TileOptions {
+        tile: args.tile,
+        tile_pad: args.tile_pad,
+        pre_pad: args.pre_pad,
+    };
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(1)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("upscaling [{bar:30}] {pos}/{len} tiles, eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = std::time::Instant::now();
+    let out = model
+        .upscale(&image, &options, &device, &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        })
+        .map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    let name = args
+        .model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // A1111's extras tab records an upscale in these two fields.
+    let parameters = format!(
+        "Postprocess upscale by: {scale}, Postprocess upscaler: {name} ({})",
+        model.describe()
+    );
+    sd::save_png(&out, &output, &parameters).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "{}×{} → {}×{} in {:.1} s: {}",
+        image.width(),
+        image.height(),
+        out.width(),
+        out.height(),
+        started.elapsed().as_secs_f64(),
+        output.display()
+    ))
+}

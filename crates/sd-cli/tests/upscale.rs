@@ -1,0 +1,99 @@
+//! `sd upscale` on the fixture Real-ESRGAN models: a PNG of the scaled size with the upscale
+//! recorded, the same pixels whatever the tiling where the context covers the network, and one
+//! clear line for what is not an upscaler.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const SD: &str = env!("CARGO_BIN_EXE_sd");
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sd-upscale-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn upscale(args: &[&str]) -> Output {
+    Command::new(SD).arg("upscale").args(args).output().unwrap()
+}
+
+#[test]
+fn upscales_to_a_png_and_tiles_agree() {
+    let dir = scratch("run");
+    let input = dir.join("in.png");
+    image::RgbImage::from_fn(13, 9, |x, y| {
+        image::Rgb([(x * 19) as u8, (y * 27) as u8, 90])
+    })
+    .save(&input)
+    .unwrap();
+    let model = fixtures().join("upscale/compact_x4.pth");
+    let (m, i) = (model.to_str().unwrap(), input.to_str().unwrap());
+    let out = upscale(&[i, "--model", m, "--tile", "0", "-q"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let whole = dir.join("in-x4.png");
+    let picture = image::open(&whole).unwrap().to_rgb8();
+    assert_eq!(picture.dimensions(), (52, 36));
+    let bytes = std::fs::read(&whole).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.contains("Postprocess upscale by: 4") && text.contains("compact_x4"),
+        "the PNG does not record the upscale"
+    );
+    let tiled = dir.join("tiled.png");
+    let out = upscale(&[
+        i,
+        "--model",
+        m,
+        "--tile",
+        "4",
+        "--tile-pad",
+        "5",
+        "-o",
+        tiled.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(image::open(&tiled).unwrap().to_rgb8() == picture);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn what_is_not_an_upscaler_is_one_line() {
+    let dir = scratch("bad");
+    let input = dir.join("in.png");
+    image::RgbImage::new(8, 8).save(&input).unwrap();
+    let not_esrgan =
+        fixtures().join("training/epsilon_constant/unet/diffusion_pytorch_model.safetensors");
+    for (model, needle) in [
+        (not_esrgan.as_path(), "not a Real-ESRGAN model"),
+        (Path::new("/nonexistent.pth"), "/nonexistent.pth"),
+    ] {
+        let out = upscale(&[
+            input.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "-q",
+        ]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(needle), "{stderr}");
+    }
+    let model = fixtures().join("upscale/rrdb_x2.pth");
+    let out = upscale(&["/nonexistent.png", "--model", model.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.png"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
