@@ -137,6 +137,68 @@ pub struct GenerateArgs {
     /// available). Runs estimated to need more are refused before any weights are read.
     #[arg(long, allow_negative_numbers = true)]
     max_memory: Option<String>,
+    /// After decoding, enlarge each image with this Real-ESRGAN model (as `sd upscale`); with
+    /// --hires-scale, the upscaler of the hires fix instead.
+    #[arg(long, value_name = "MODEL")]
+    upscale: Option<PathBuf>,
+    /// A1111's hires fix: enlarge the image by this factor (with --upscale's model, else
+    /// Lanczos), then denoise it again at that size (img2img with --hires-strength).
+    #[arg(long, allow_negative_numbers = true)]
+    hires_scale: Option<f64>,
+    /// How much of the enlarged image the hires pass replaces, in (0, 1] (default 0.7, A1111's).
+    #[arg(long, allow_negative_numbers = true)]
+    hires_strength: Option<f64>,
+    /// Sampling steps of the hires pass (default: --steps).
+    #[arg(long)]
+    hires_steps: Option<usize>,
+}
+
+/// What happens to the decoded images: Real-ESRGAN after decoding, or A1111's hires fix.
+struct After<'a> {
+    upscaler: Option<(&'a sd_upscale::Upscaler<sd::backend::Flex>, String)>,
+    hires: Option<Hires>,
+}
+
+/// The hires fix's second pass.
+#[derive(Clone, Copy)]
+struct Hires {
+    scale: f64,
+    strength: f64,
+    steps: usize,
+    /// The second pass's image size.
+    size: (usize, usize),
+}
+
+/// An image at `size`: through the Real-ESRGAN model first when given (A1111 then resizes its
+/// output to the target), Lanczos-resized otherwise.
+fn enlarge(
+    image: &image::RgbImage,
+    (w, h): (usize, usize),
+    upscaler: Option<&sd_upscale::Upscaler<sd::backend::Flex>>,
+) -> Result<image::RgbImage, String> {
+    let source = match upscaler {
+        Some(model) => model
+            .upscale(
+                image,
+                &sd_upscale::TileOptions::default(),
+                &Default::default(),
+                &mut |_, _| {},
+            )
+            .map_err(|e| e.to_string())?,
+        None => image.clone(),
+    };
+    Ok(image::imageops::resize(
+        &source,
+        w as u32,
+        h as u32,
+        image::imageops::FilterType::Lanczos3,
+    ))
+}
+
+/// The size a hires pass renders at: the first pass's times `scale`, to a multiple of `f`.
+fn hires_size((w, h): (usize, usize), scale: f64, f: usize) -> (usize, usize) {
+    let side = |x: usize| (((x as f64 * scale) / f as f64).round() as usize).max(1) * f;
+    (side(w), side(h))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -270,6 +332,28 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         DEFAULT_GUIDANCE
     });
     check_steps_and_guidance(steps, guidance)?;
+    let hires_flags = args.hires_strength.is_some() || args.hires_steps.is_some();
+    if hires_flags && args.hires_scale.is_none() {
+        return Err("--hires-strength and --hires-steps need --hires-scale".into());
+    }
+    if let Some(scale) = args.hires_scale {
+        if !(scale.is_finite() && scale > 1.0 && scale <= 4.0) {
+            return Err(format!("--hires-scale {scale} is outside (1, 4]"));
+        }
+        if args.init_image.is_some() || args.init_latents.is_some() {
+            return Err(
+                "--hires-scale is for txt2img: leave out --init-image and --init-latents".into(),
+            );
+        }
+    }
+    let hires_strength = args.hires_strength.unwrap_or(0.7);
+    if !(hires_strength > 0.0 && hires_strength <= 1.0) {
+        return Err(format!(
+            "--hires-strength {hires_strength} is outside (0, 1]"
+        ));
+    }
+    let hires_steps = args.hires_steps.unwrap_or(steps);
+    check_steps_and_guidance(hires_steps, guidance)?;
     if !(1..=sd::MAX_IMAGES).contains(&args.num_images) {
         return Err(format!(
             "--num-images {} is outside 1..={}",
@@ -439,7 +523,30 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         };
         let size = probe.size(&model).map_err(|e| e.to_string())?;
         check_memory(&model, &probe, size, budget)?;
+        if let Some(scale) = args.hires_scale {
+            // The hires pass renders one image at a time, at the larger size.
+            let big = hires_size(size, scale, model.vae_scale_factor());
+            let probe = GenerateOptions {
+                width: Some(big.0),
+                height: Some(big.1),
+                num_images: 1,
+                ..probe
+            };
+            check_memory(&model, &probe, big, budget)?;
+        }
     }
+    let upscaler = match &args.upscale {
+        Some(path) => {
+            let model =
+                sd_upscale::Upscaler::load(path, &Default::default()).map_err(|e| e.to_string())?;
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Some((model, name))
+        }
+        None => None,
+    };
     let init_image = match &args.init_image {
         Some(path) => Some(sd::core::image_io::image_to_data(
             &sd::core::image_io::read_rgb(path, model.vae_scale_factor())
@@ -481,7 +588,16 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         mask,
         ..GenerateOptions::default()
     };
-    options.size(&model).map_err(|e| e.to_string())?;
+    let first_size = options.size(&model).map_err(|e| e.to_string())?;
+    let after = After {
+        upscaler: upscaler.as_ref().map(|(m, name)| (m, name.clone())),
+        hires: args.hires_scale.map(|scale| Hires {
+            scale,
+            strength: hires_strength,
+            steps: hires_steps,
+            size: hires_size(first_size, scale, model.vae_scale_factor()),
+        }),
+    };
     let started = Instant::now();
     let mut messages = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
@@ -498,25 +614,41 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         };
         let message = match backend.as_str() {
             #[cfg(feature = "cuda")]
-            "cuda" => {
-                generate::<sd::backend::Cuda>(&model, &options, &args, job, &Default::default())
-            }
+            "cuda" => generate::<sd::backend::Cuda>(
+                &model,
+                &options,
+                &args,
+                &after,
+                job,
+                &Default::default(),
+            ),
             #[cfg(feature = "wgpu")]
             "wgpu" => generate::<sd::backend::Wgpu>(
                 &model,
                 &options,
                 &args,
+                &after,
                 job,
                 &sd::backend::wgpu_device(),
             ),
             #[cfg(feature = "flex")]
-            "flex" => {
-                generate::<sd::backend::Flex>(&model, &options, &args, job, &Default::default())
-            }
+            "flex" => generate::<sd::backend::Flex>(
+                &model,
+                &options,
+                &args,
+                &after,
+                job,
+                &Default::default(),
+            ),
             #[cfg(feature = "ndarray")]
-            "ndarray" => {
-                generate::<sd::backend::NdArray>(&model, &options, &args, job, &Default::default())
-            }
+            "ndarray" => generate::<sd::backend::NdArray>(
+                &model,
+                &options,
+                &args,
+                &after,
+                job,
+                &Default::default(),
+            ),
             other => Err(format!("backend `{other}` is not compiled in")),
         }?;
         messages.push(message);
@@ -631,6 +763,7 @@ fn generate<B: Backend>(
     model: &Model,
     options: &GenerateOptions,
     args: &GenerateArgs,
+    after: &After<'_>,
     job: &Job,
     device: &B::Device,
 ) -> Result<String, String> {
@@ -660,8 +793,63 @@ fn generate<B: Backend>(
     };
     let out = sd::generate::<B>(model, options, device, Some(&mut callback))
         .map_err(|e| e.to_string())?;
+    let mut images = sd::to_images(out.images).map_err(|e| e.to_string())?;
+    let mut notes = String::new();
+    if let Some(hires) = after.hires {
+        // A1111's hires fix: each image enlarged, then denoised again at that size from the
+        // same seed.
+        let (w, h) = hires.size;
+        for (i, image) in images.iter_mut().enumerate() {
+            bar.set_message("hires upscaling");
+            let big = enlarge(image, (w, h), after.upscaler.as_ref().map(|(m, _)| *m))?;
+            let second = GenerateOptions {
+                init_image: Some(sd::core::image_io::image_to_data(&big)),
+                strength: hires.strength,
+                steps: hires.steps,
+                width: Some(w),
+                height: Some(h),
+                num_images: 1,
+                seed: options.seed.wrapping_add(i as u64),
+                ..options.clone()
+            };
+            let mut callback = |p: &StepProgress<'_, B>| {
+                bar.set_length(p.total as u64);
+                bar.set_position(p.step as u64);
+                bar.set_message("hires pass");
+                true
+            };
+            let out = sd::generate::<B>(model, &second, device, Some(&mut callback))
+                .map_err(|e| e.to_string())?;
+            *image = sd::to_images(out.images)
+                .map_err(|e| e.to_string())?
+                .remove(0);
+        }
+        let upscaler = after
+            .upscaler
+            .as_ref()
+            .map_or("Lanczos", |(_, n)| n.as_str());
+        notes = format!(
+            ", Denoising strength: {}, Hires upscale: {}, Hires steps: {}, Hires upscaler: {upscaler}",
+            hires.strength, hires.scale, hires.steps
+        );
+    } else if let Some((upscaler, name)) = &after.upscaler {
+        for image in images.iter_mut() {
+            bar.set_message("upscaling");
+            *image = upscaler
+                .upscale(
+                    image,
+                    &sd_upscale::TileOptions::default(),
+                    &Default::default(),
+                    &mut |_, _| {},
+                )
+                .map_err(|e| e.to_string())?;
+        }
+        notes = format!(
+            ", Postprocess upscale by: {}, Postprocess upscaler: {name}",
+            upscaler.scale()
+        );
+    }
     bar.finish_and_clear();
-    let images = sd::to_images(out.images).map_err(|e| e.to_string())?;
     let paths = &job.paths;
     for (i, (image, path)) in images.iter().zip(paths).enumerate() {
         let per_image = GenerateOptions {
@@ -673,7 +861,7 @@ fn generate<B: Backend>(
             prompt: job.prompt.clone(),
             ..per_image
         };
-        let text = sd::parameters_text(model, &recorded, &out.sampler);
+        let text = sd::parameters_text(model, &recorded, &out.sampler) + &notes;
         sd::save_png(image, path, &text).map_err(|e| e.to_string())?;
     }
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();

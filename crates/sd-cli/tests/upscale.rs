@@ -2,6 +2,8 @@
 //! recorded, the same pixels whatever the tiling where the context covers the network, and one
 //! clear line for what is not an upscaler.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -95,5 +97,100 @@ fn what_is_not_an_upscaler_is_one_line() {
     let model = fixtures().join("upscale/rrdb_x2.pth");
     let out = upscale(&["/nonexistent.png", "--model", model.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.png"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn generate_upscales_after_decoding_and_runs_the_hires_fix() {
+    let dir = scratch("generate");
+    let model = common::tiny_model();
+    let upscaler = fixtures().join("upscale/compact_x4.safetensors");
+    let (m, u) = (model.to_str().unwrap(), upscaler.to_str().unwrap());
+    let plain = dir.join("plain.png");
+    let base = [
+        "generate",
+        "a red circle",
+        "--model",
+        m,
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "-q",
+    ];
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend_from_slice(extra);
+        common::sd(&args)
+    };
+    let (ok, _, err) = run(&["-o", plain.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (w, h) = image::image_dimensions(&plain).unwrap();
+
+    // Real-ESRGAN after decoding: the same image as `sd upscale` of the plain one.
+    let up = dir.join("up.png");
+    let (ok, _, err) = run(&["--upscale", u, "-o", up.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let via_upscale = dir.join("via.png");
+    let out = upscale(&[
+        plain.to_str().unwrap(),
+        "--model",
+        u,
+        "-o",
+        via_upscale.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(out.status.success());
+    let a = image::open(&up).unwrap().to_rgb8();
+    assert_eq!(a.dimensions(), (4 * w, 4 * h));
+    assert!(a == image::open(&via_upscale).unwrap().to_rgb8());
+    assert!(
+        common::parameters(&up)
+            .contains("Postprocess upscale by: 4, Postprocess upscaler: compact_x4")
+    );
+
+    // The hires fix: twice the size, denoised again, recorded as A1111 does.
+    let hires = dir.join("hires.png");
+    let (ok, _, err) = run(&[
+        "--hires-scale",
+        "2",
+        "--hires-strength",
+        "0.5",
+        "-o",
+        hires.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(image::image_dimensions(&hires).unwrap(), (2 * w, 2 * h));
+    let text = common::parameters(&hires);
+    assert!(
+        text.contains(
+            "Denoising strength: 0.5, Hires upscale: 2, Hires steps: 2, Hires upscaler: Lanczos"
+        ),
+        "{text}"
+    );
+    let (ok, _, err) = run(&[
+        "--hires-scale",
+        "2",
+        "--upscale",
+        u,
+        "-o",
+        hires.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(common::parameters(&hires).contains("Hires upscaler: compact_x4"));
+
+    for (extra, needle) in [
+        (
+            &["--hires-scale", "9"][..],
+            "--hires-scale 9 is outside (1, 4]",
+        ),
+        (&["--hires-strength", "0.5"][..], "need --hires-scale"),
+        (&["--upscale", "/nonexistent.pth"][..], "/nonexistent.pth"),
+    ] {
+        let (ok, _, err) = run(extra);
+        assert!(!ok);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "{err}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
