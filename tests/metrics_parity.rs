@@ -482,3 +482,110 @@ fn clean_fids_resize_is_pils_antialiased_bicubic() {
         assert!(worst <= 1e-4, "{key}: max abs error {worst}");
     }
 }
+
+/// The CLIP score against torchmetrics' formula on a random transformers `CLIPModel`
+/// (`tests/fixtures/clip_score/`, `cargo xtask fixtures --only clip_score`): the 8-bit
+/// 224² crops equal `CLIPImageProcessorPil`'s byte for byte (PIL's fixed-point bicubic), the
+/// embeddings agree within 1e-4, each pair's score and the mean within 1e-3; the caption past
+/// 77 tokens keeps its end token.
+#[test]
+fn clip_score_matches_the_torchmetrics_formula() {
+    big_stack(clip_score_body);
+}
+
+fn clip_score_body() {
+    let root = common::fixtures_dir().join("clip_score");
+    let manifest = common::manifest(&root);
+    let tolerance = manifest["tolerance"].as_f64().unwrap();
+    let embeds_tolerance = manifest["embeds_tolerance"].as_f64().unwrap() as f32;
+    let captions: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("captions.json")).unwrap())
+            .unwrap();
+    let reference = SafetensorsFile::open(root.join("reference.safetensors")).unwrap();
+    let device = Default::default();
+    let scorer = sd_metrics::ClipScorer::<B>::load(root.join("model"), &device)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let files: Vec<String> = captions["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect();
+    let pictures: Vec<image::RgbImage> = files
+        .iter()
+        .map(|f| sd_metrics::decode::read_rgb(&dir().join("images").join(f)).unwrap())
+        .collect();
+    let mut report = Report::default();
+
+    // The crops, byte for byte (reference: [n, 3, 224, 224]).
+    let bytes = std::fs::read(root.join("reference.safetensors")).unwrap();
+    let raw = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let resized = raw.tensor("resized").unwrap().data().to_vec();
+    let plane = 224 * 224;
+    let mut differing = 0;
+    for (i, picture) in pictures.iter().enumerate() {
+        let (w, h) = picture.dimensions();
+        let crop = sd_metrics::preprocess::clip_crop(picture.as_raw(), w as usize, h as usize);
+        for (p, pixel) in crop.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                differing += usize::from(pixel[c] != resized[(i * 3 + c) * plane + p]);
+            }
+        }
+    }
+    let total = Tensor::<B, 1>::from_data(TensorData::new(vec![differing as f32], [1]), &device);
+    report.check(
+        "CLIP crops: values that differ from CLIPImageProcessorPil's",
+        total,
+        Tensor::zeros([1], &device),
+        0.0,
+    );
+
+    let images: Vec<(&[u8], usize, usize)> = pictures
+        .iter()
+        .map(|p| {
+            (
+                p.as_raw().as_slice(),
+                p.width() as usize,
+                p.height() as usize,
+            )
+        })
+        .collect();
+    let texts: Vec<&str> = files
+        .iter()
+        .map(|f| captions["captions"][f].as_str().unwrap())
+        .collect();
+    let image_embeds = scorer.image_embeds(&images).unwrap();
+    let text_embeds = scorer.text_embeds(&texts).unwrap();
+    let expected = |key: &str, rows: usize| as_tensor(values(&reference, key), rows);
+    let n = files.len();
+    report.check(
+        "CLIP image embeddings",
+        image_embeds.clone(),
+        expected("image_embeds", n),
+        embeds_tolerance,
+    );
+    report.check(
+        "CLIP text embeddings",
+        text_embeds.clone(),
+        expected("text_embeds", n),
+        embeds_tolerance,
+    );
+    let scores = sd_metrics::ClipScorer::<B>::scores(image_embeds, text_embeds).unwrap();
+    let want = values(&reference, "scores");
+    let got: Vec<f32> = scores.iter().map(|&s| s as f32).collect();
+    report.check(
+        "CLIP scores",
+        as_tensor(got, 1),
+        as_tensor(want, 1),
+        tolerance as f32,
+    );
+    let mean = scores.iter().sum::<f64>() / scores.len() as f64;
+    check_scalar(
+        &mut report,
+        "CLIP score (mean)",
+        mean,
+        f64::from(values(&reference, "mean")[0]),
+        tolerance,
+    );
+    report.finish();
+}

@@ -724,7 +724,7 @@ def write_tokenizer_case(root: pathlib.Path, vocab: pathlib.Path, merges: pathli
     print(f"wrote {case} ({len(prompts)} prompts)")
 
 
-KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline", "training", "roundtrip", "lora", "metrics", "upscale"]
+KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline", "training", "roundtrip", "lora", "metrics", "upscale", "clip_score"]
 
 
 def parse_kinds(values: list[str] | None) -> set[str]:
@@ -799,6 +799,10 @@ def main() -> None:
         from upscale_fixtures import write_upscale_cases
 
         write_upscale_cases(args.out)
+    if "clip_score" in kinds:
+        from clip_score_fixtures import write_clip_score_case
+
+        write_clip_score_case(args.out, randomise_norms)
 
 
 if __name__ == "__main__":

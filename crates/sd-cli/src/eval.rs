@@ -1,4 +1,4 @@
-//! `sd eval`: image metrics (`fid`, `kid`, `is`, `stats`, in `eval_metrics`) and `shapes`, the
+//! `sd eval`: image metrics (`fid`, `kid`, `is`, `stats`, `clip-score`, in `eval_metrics`) and `shapes`, the
 //! prompt adherence of a model trained on `sd dataset shapes`, judged by the dataset's analytic
 //! checker ([`sd_shapes::check`]) on held-out and seen prompts.
 
@@ -25,6 +25,9 @@ enum EvalWhat {
     Is(crate::eval_metrics::IsArgs),
     /// A folder's Inception statistics to a pytorch-fid .npz (for `sd eval fid`).
     Stats(crate::eval_metrics::StatsArgs),
+    /// The CLIP score of a folder of images against their prompts, as torchmetrics defines it
+    /// (100 · cos(image, text) clipped at 0, averaged).
+    ClipScore(crate::eval_metrics::ClipScoreArgs),
 }
 
 #[derive(Args)]
@@ -72,6 +75,7 @@ pub fn run(args: EvalArgs) -> Result<String, String> {
         EvalWhat::Kid(args) => return crate::eval_metrics::kid(args),
         EvalWhat::Is(args) => return crate::eval_metrics::inception_score(args),
         EvalWhat::Stats(args) => return crate::eval_metrics::stats(args),
+        EvalWhat::ClipScore(args) => return crate::eval_metrics::clip_score(args),
     };
     if !(1..=100).contains(&args.seeds) || !(1..=1000).contains(&args.prompts) {
         return Err("--seeds must be in 1..=100 and --prompts in 1..=1000".into());

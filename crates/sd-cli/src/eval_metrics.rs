@@ -316,3 +316,135 @@ pub fn stats(args: StatsArgs) -> Result<String, String> {
         ),
     )
 }
+
+/// `sd eval clip-score`.
+#[derive(Args)]
+pub struct ClipScoreArgs {
+    /// A folder of images: with --prompts, the `sd generate --prompts` output (`00000.png`, …);
+    /// without, every PNG, scored against the prompt in its `parameters` chunk.
+    dir: PathBuf,
+    /// The prompt file the images were generated from (as `sd generate --prompts` reads it).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// A transformers CLIPModel folder (config.json, model.safetensors, tokenizer files), e.g.
+    /// openai/clip-vit-large-patch14 as torchmetrics uses, or its id in the Hugging Face hub
+    /// cache (`openai/clip-vit-large-patch14`).
+    #[arg(long)]
+    clip: String,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Print the result as JSON (with every image's score).
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+}
+
+/// The CLIP folder: a path, or a hub id resolved in the Hugging Face cache.
+fn clip_folder(spec: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(spec);
+    if path.is_dir() {
+        return Ok(path);
+    }
+    sd::hub_cache_snapshot(spec)
+        .filter(|p| p.join("config.json").is_file())
+        .ok_or_else(|| {
+            format!("--clip {spec}: neither a CLIPModel folder nor a model in the hub cache")
+        })
+}
+
+pub fn clip_score(args: ClipScoreArgs) -> Result<String, String> {
+    if args.batch_size == 0 || args.batch_size > 1024 {
+        return Err("--batch-size must be in 1..=1024".into());
+    }
+    // The (image, caption) pairs first: a missing image or prompt costs no loading time.
+    let pairs: Vec<(PathBuf, String)> = match &args.prompts {
+        Some(file) => crate::prompt_file::read(file)?
+            .into_iter()
+            .map(|line| {
+                let path = crate::prompt_file::output_path(&args.dir, &line);
+                if path.is_file() {
+                    Ok((path, line.prompt))
+                } else {
+                    Err(format!(
+                        "{}: line {} has no image ({} is missing)",
+                        file.display(),
+                        line.index,
+                        path.display()
+                    ))
+                }
+            })
+            .collect::<Result<_, _>>()?,
+        None => list(&args.dir)?
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
+            .map(|p| {
+                let text = sd::read_parameters(&p)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| {
+                        format!(
+                            "{}: no `parameters` chunk to take the prompt from; give --prompts",
+                            p.display()
+                        )
+                    })?;
+                Ok((p, sd::prompt_of_parameters(&text)))
+            })
+            .collect::<Result<_, String>>()?,
+    };
+    if pairs.is_empty() {
+        return Err(format!("{}: no PNG images to score", args.dir.display()));
+    }
+    let device = Default::default();
+    let scorer = sd_metrics::ClipScorer::<B>::load(clip_folder(&args.clip)?, &device)
+        .map_err(|e| e.to_string())?;
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(pairs.len() as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("CLIP score [{bar:30}] {pos}/{len} images, eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut scores = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(args.batch_size) {
+        let pictures = chunk
+            .iter()
+            .map(|(p, _)| sd_metrics::decode::read_rgb(p).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let images: Vec<(&[u8], usize, usize)> = pictures
+            .iter()
+            .map(|p| {
+                (
+                    p.as_raw().as_slice(),
+                    p.width() as usize,
+                    p.height() as usize,
+                )
+            })
+            .collect();
+        let captions: Vec<&str> = chunk.iter().map(|(_, c)| c.as_str()).collect();
+        let image_embeds = scorer.image_embeds(&images).map_err(|e| e.to_string())?;
+        let text_embeds = scorer.text_embeds(&captions).map_err(|e| e.to_string())?;
+        scores.extend(
+            sd_metrics::ClipScorer::<B>::scores(image_embeds, text_embeds)
+                .map_err(|e| e.to_string())?,
+        );
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let mean = scores.iter().sum::<f64>() / scores.len() as f64;
+    if args.json {
+        let per_image: Vec<serde_json::Value> = pairs
+            .iter()
+            .zip(&scores)
+            .map(|((p, c), s)| serde_json::json!({"image": p.display().to_string(), "prompt": c, "score": s}))
+            .collect();
+        return Ok(
+            serde_json::json!({"clip_score": mean, "images": scores.len(), "scores": per_image})
+                .to_string(),
+        );
+    }
+    Ok(format!("CLIP score: {mean:.4} ({} images)", scores.len()))
+}

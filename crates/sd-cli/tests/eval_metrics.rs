@@ -129,3 +129,102 @@ fn bad_inputs_are_one_clear_line() {
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
     }
 }
+
+/// `sd eval clip-score` on the CLIP fixture: the score of `sd-metrics` (itself checked against
+/// torchmetrics' formula), from a prompt file or from each PNG's `parameters`; bad input is
+/// one line.
+#[test]
+fn clip_score_from_a_prompt_file_or_the_pngs_parameters() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let clip = fixtures.join("clip_score/model");
+    let dir = std::env::temp_dir().join(format!("sd-clip-score-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sources = ["png/00.png", "jpeg/01.jpg", "png/02.png"];
+    let prompts = [
+        "a red circle",
+        "rocks by the sea",
+        "a blue square above a red circle",
+    ];
+    let mut lines = String::new();
+    for (i, (source, prompt)) in sources.iter().zip(prompts).enumerate() {
+        let picture = image::open(fixtures.join("metrics/images").join(source))
+            .unwrap()
+            .to_rgb8();
+        picture.save(dir.join(format!("{i:05}.png"))).unwrap();
+        lines.push_str(prompt);
+        lines.push('\n');
+    }
+    let file = dir.join("prompts.txt");
+    std::fs::write(&file, lines).unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "clip-score",
+            dir.to_str().unwrap(),
+            "--clip",
+            clip.to_str().unwrap(),
+            "--json",
+            "-q",
+        ];
+        args.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_sd"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--prompts", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["images"], 3);
+    let from_file = json["clip_score"].as_f64().unwrap();
+    assert!(from_file.is_finite() && from_file >= 0.0);
+
+    // The same prompts from the PNGs' parameters (A1111's layout: negative prompt and settings
+    // lines after the prompt).
+    for (i, prompt) in prompts.iter().enumerate() {
+        let path = dir.join(format!("{i:05}.png"));
+        let picture = image::open(&path).unwrap().to_rgb8();
+        let text =
+            format!("{prompt}\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, Seed: 1");
+        sd::save_png(&picture, &path, &text).unwrap();
+    }
+    let out = run(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let from_parameters = json["clip_score"].as_f64().unwrap();
+    assert!(
+        (from_parameters - from_file).abs() < 1e-9,
+        "{from_parameters} vs {from_file}"
+    );
+
+    // A line without its image, and a folder that is not a CLIP model.
+    std::fs::write(&file, "a red circle\nb\nc\nd\n").unwrap();
+    let out = run(&["--prompts", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("line 3 has no image"), "{stderr}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sd"))
+        .args([
+            "eval",
+            "clip-score",
+            dir.to_str().unwrap(),
+            "--clip",
+            dir.to_str().unwrap(),
+            "-q",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

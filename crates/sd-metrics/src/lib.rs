@@ -2,13 +2,15 @@
 //! the Fréchet Inception Distance as pytorch-fid computes it ([`fid`]), the Kernel Inception
 //! Distance and Inception Score as torch-fidelity does ([`kid`], [`inception_score`]), over
 //! the FID InceptionV3 ([`inception`]) fed as each package feeds it ([`preprocess`]), with
-//! feature statistics accumulated in f64 and kept in pytorch-fid's `.npz` files ([`stats`]).
+//! feature statistics accumulated in f64 and kept in pytorch-fid's `.npz` files ([`stats`]),
+//! and the CLIP score as torchmetrics defines it on a transformers CLIP model ([`clip_score`]).
 //!
 //! Why a crate of its own: each reference package resizes images its own way, draws its own
 //! random subsets and takes the matrix square root its own way, and a few hundredths of FID hang
 //! on those details; one crate keeps them exact and in one place, so that `sd eval` and library
 //! users get the number of the paper they compare against.
 
+pub mod clip_score;
 pub mod decode;
 mod error;
 pub mod extract;
@@ -21,6 +23,7 @@ pub mod numpy_random;
 pub mod preprocess;
 pub mod stats;
 
+pub use clip_score::ClipScorer;
 pub use error::{MetricsError, Result};
 pub use extract::{BatchFeatures, FeatureExtractor};
 pub use fid::frechet_distance;

@@ -33,7 +33,7 @@ mod single_file;
 
 pub use error::{Result, SdError};
 pub use model::{Model, ModelFamily, hub_cache_snapshot};
-pub use output::{parameters_text, save_png, to_images};
+pub use output::{parameters_text, prompt_of_parameters, read_parameters, save_png, to_images};
 pub use pipeline::{
     GenerateOptions, Generated, InpaintLatents, MAX_CLIP_SKIP, MAX_GUIDANCE, MAX_IMAGES, MAX_SIDE,
     MAX_STEPS, PromptConditioning, StepCallback, StepProgress, check_finite, decode, denoise,

@@ -92,3 +92,41 @@ pub fn save_png(image: &RgbImage, path: impl AsRef<Path>, parameters: &str) -> R
     })?;
     Ok(())
 }
+
+/// The `parameters` text of a PNG written by [`save_png`] (or by A1111): `None` when the file
+/// has none.
+pub fn read_parameters(path: impl AsRef<Path>) -> Result<Option<String>> {
+    let path = path.as_ref();
+    let fail = |reason: String| sd_core::CoreError::Image {
+        path: path.to_path_buf(),
+        reason,
+    };
+    sd_core::files::regular_file(path)?;
+    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .map_err(|e| fail(format!("not a readable PNG ({e})")))?;
+    let info = reader.info();
+    let latin1 = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+        .map(|t| t.text.clone());
+    let international = || {
+        info.utf8_text
+            .iter()
+            .find(|t| t.keyword == "parameters")
+            .and_then(|t| t.get_text().ok())
+    };
+    Ok(latin1.or_else(international))
+}
+
+/// The prompt of an A1111-style `parameters` text: the lines before `Negative prompt:` or the
+/// settings line (`Steps: …`).
+pub fn prompt_of_parameters(parameters: &str) -> String {
+    parameters
+        .lines()
+        .take_while(|l| !l.starts_with("Negative prompt: ") && !l.starts_with("Steps: "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
