@@ -29,12 +29,16 @@ pub struct UpscaleArgs {
     /// --pre_pad), cut off after.
     #[arg(long, default_value_t = TileOptions::default().pre_pad)]
     pre_pad: usize,
+    /// The final enlargement (Real-ESRGAN's --outscale): the model's output resized (Lanczos)
+    /// to this factor of the input; at most the model's own (default: the model's).
+    #[arg(long, allow_negative_numbers = true)]
+    scale: Option<f64>,
     /// No progress bar.
     #[arg(long, short = 'q')]
     quiet: bool,
 }
 
-fn default_output(image: &Path, scale: usize) -> PathBuf {
+fn default_output(image: &Path, scale: f64) -> PathBuf {
     let stem = image
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -50,15 +54,44 @@ pub fn run(args: UpscaleArgs) -> Result<String, String> {
         .to_rgb8();
     let model = Upscaler::<B>::load(&args.model, &device).map_err(|e| e.to_string())?;
     let scale = model.scale();
+    let outscale = args.scale.unwrap_or(scale as f64);
+    if !(outscale.is_finite() && outscale >= 1.0) {
+        return Err(format!("--scale {outscale} must be at least 1"));
+    }
+    if outscale > scale as f64 {
+        return Err(format!(
+            "--scale {outscale}: {} enlarges ×{scale}, no more; run it again on its output",
+            args.model.display()
+        ));
+    }
     let output = args
         .output
         .clone()
-        .unwrap_or_else(|| default_output(&args.image, scale));
+        .unwrap_or_else(|| default_output(&args.image, outscale));
     let options = TileOptions {
         tile: args.tile,
         tile_pad: args.tile_pad,
         pre_pad: args.pre_pad,
     };
+    let need = model.estimate_bytes(image.width() as usize, image.height() as usize, &options);
+    if let Some(available) = sd::memory::available_memory()
+        && need > available
+    {
+        use sd::memory::Gib;
+        let hint = if options.tile == 0 {
+            "; upscale in tiles (--tile 256)"
+        } else {
+            "; use smaller tiles (--tile)"
+        };
+        return Err(format!(
+            "{}: upscaling this {}×{} image would need about {} of memory but {} is available{hint}",
+            args.image.display(),
+            image.width(),
+            image.height(),
+            Gib(need),
+            Gib(available)
+        ));
+    }
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {
@@ -76,6 +109,17 @@ pub fn run(args: UpscaleArgs) -> Result<String, String> {
         })
         .map_err(|e| e.to_string())?;
     bar.finish_and_clear();
+    let out = if outscale < scale as f64 {
+        let size = |side: u32| ((f64::from(side) * outscale).round() as u32).max(1);
+        image::imageops::resize(
+            &out,
+            size(image.width()),
+            size(image.height()),
+            image::imageops::FilterType::Lanczos3,
+        )
+    } else {
+        out
+    };
     let name = args
         .model
         .file_stem()
@@ -83,7 +127,7 @@ pub fn run(args: UpscaleArgs) -> Result<String, String> {
         .unwrap_or_default();
     // A1111's extras tab records an upscale in these two fields.
     let parameters = format!(
-        "Postprocess upscale by: {scale}, Postprocess upscaler: {name} ({})",
+        "Postprocess upscale by: {outscale}, Postprocess upscaler: {name} ({})",
         model.describe()
     );
     sd::save_png(&out, &output, &parameters).map_err(|e| e.to_string())?;

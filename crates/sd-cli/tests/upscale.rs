@@ -95,6 +95,36 @@ fn what_is_not_an_upscaler_is_one_line() {
         assert!(stderr.contains(needle), "{stderr}");
     }
     let model = fixtures().join("upscale/rrdb_x2.pth");
+    let out = upscale(&[
+        input.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--scale",
+        "3",
+        "-q",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("enlarges ×2, no more"),
+        "{stderr}"
+    );
+    let half = dir.join("x1.5.png");
+    let out = upscale(&[
+        input.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--scale",
+        "1.5",
+        "-o",
+        half.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(image::image_dimensions(&half).unwrap(), (12, 12));
     let out = upscale(&["/nonexistent.png", "--model", model.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.png"));
     let _ = std::fs::remove_dir_all(&dir);

@@ -162,6 +162,48 @@ impl<B: Backend> Upscaler<B> {
         }
     }
 
+    /// About how many bytes of f32 activations one run over a `w × h` input holds at its peak
+    /// (the widest moment: RRDBNet's ×4 features beside their convolution's output, or the
+    /// dense blocks' concatenations; the compact network's pixel-shuffled output beside its
+    /// input's upsampling). An estimate for refusing what cannot fit, not a measurement.
+    pub fn peak_activation_bytes(&self, w: usize, h: usize) -> f64 {
+        let px = (w * h) as f64;
+        match self {
+            Self::Rrdb(_, c) => {
+                let (f, g, s) = (c.features as f64, c.growth as f64, c.scale as f64);
+                let u = c.unshuffle() as f64;
+                let low = px / (u * u) * (3.0 * f + 8.0 * g);
+                let high = px * s * s * (2.0 * f + 3.0);
+                4.0 * low.max(high)
+            }
+            Self::Compact(_, c) => {
+                let (f, s) = (c.features as f64, c.scale as f64);
+                4.0 * (px * 2.0 * f).max(px * s * s * 3.0 * 3.0)
+            }
+        }
+    }
+
+    /// About how many bytes [`Self::upscale`] needs for a `w × h` image with these tiles: the
+    /// peak of one tile's run (with its context) plus the padded input and the whole output
+    /// in f32, and the 8-bit result.
+    pub fn estimate_bytes(&self, w: usize, h: usize, options: &TileOptions) -> f64 {
+        let s = self.scale() as f64;
+        let (tw, th) = if options.tile == 0 {
+            (
+                w + options.pre_pad + self.modulo(),
+                h + options.pre_pad + self.modulo(),
+            )
+        } else {
+            let side = options.tile + 2 * options.tile_pad;
+            (
+                side.min(w + options.pre_pad + self.modulo()),
+                side.min(h + options.pre_pad + self.modulo()),
+            )
+        };
+        let px = (w * h) as f64;
+        self.peak_activation_bytes(tw, th) + 4.0 * 3.0 * px * (1.0 + s * s) + 3.0 * px * s * s
+    }
+
     /// The network on `[N, C, H, W]` in `[0, 1]`, unclamped.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         match self {
