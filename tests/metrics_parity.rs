@@ -540,21 +540,11 @@ fn clip_score_body() {
         0.0,
     );
 
-    let images: Vec<(&[u8], usize, usize)> = pictures
-        .iter()
-        .map(|p| {
-            (
-                p.as_raw().as_slice(),
-                p.width() as usize,
-                p.height() as usize,
-            )
-        })
-        .collect();
     let texts: Vec<&str> = files
         .iter()
         .map(|f| captions["captions"][f].as_str().unwrap())
         .collect();
-    let image_embeds = scorer.image_embeds(&images).unwrap();
+    let image_embeds = scorer.image_embeds(&pictures).unwrap();
     let text_embeds = scorer.text_embeds(&texts).unwrap();
     let expected = |key: &str, rows: usize| as_tensor(values(&reference, key), rows);
     let n = files.len();

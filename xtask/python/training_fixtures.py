@@ -122,6 +122,53 @@ TEXT_CONFIG = dict(
 TEXT_TOKENS = 8
 
 
+def micro_batch_loss(spec: dict, unet, text, scheduler, generator, inputs: dict, k: str) -> torch.Tensor:
+    """One micro-batch of `train_text_to_image.py`'s step: every random draw in a fixed order
+    (latents, context or token ids, noise, offset, perturbation, timesteps), recorded in
+    `inputs` under `<name>_<k>`, and the loss (ε or v target, Min-SNR-γ when set)."""
+    b = spec["batch"]
+    latents = torch.randn(b, 4, 8, 8, generator=generator)
+    if text is None:
+        context = torch.randn(b, TOKENS, UNET_CONFIG["cross_attention_dim"], generator=generator)
+        inputs[f"context_{k}"] = context
+    else:
+        ids = torch.randint(0, TEXT_CONFIG["vocab_size"], (b, TEXT_TOKENS), generator=generator)
+        inputs[f"ids_{k}"] = ids.to(torch.float32)
+        context = text(ids, return_dict=False)[0]
+    noise = torch.randn(b, 4, 8, 8, generator=generator)
+    inputs.update({f"latents_{k}": latents, f"noise_{k}": noise})
+    if spec.get("noise_offset"):
+        draw = torch.randn(b, 4, 1, 1, generator=generator)
+        inputs[f"offset_{k}"] = draw
+        noise = noise + spec["noise_offset"] * draw
+    noisy_noise = noise
+    if spec.get("input_perturbation"):
+        draw = torch.randn(b, 4, 8, 8, generator=generator)
+        inputs[f"perturbation_{k}"] = draw
+        noisy_noise = noise + spec["input_perturbation"] * draw
+    timesteps = torch.randint(0, SCHEDULE["num_train_timesteps"], (b,), generator=generator)
+    inputs[f"timesteps_{k}"] = timesteps.to(torch.float32)  # exact below 2^24
+    noisy = scheduler.add_noise(latents, noisy_noise, timesteps)
+    if spec["prediction_type"] == "epsilon":
+        target = noise
+    else:
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, context, return_dict=False)[0]
+    if spec.get("snr_gamma") is None:
+        loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+    else:
+        # train_text_to_image.py's Min-SNR-γ weighting, v-prediction denominator included.
+        snr = compute_snr(scheduler, timesteps)
+        weights = torch.stack([snr, spec["snr_gamma"] * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+        if spec["prediction_type"] == "epsilon":
+            weights = weights / snr
+        else:
+            weights = weights / (snr + 1)
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+        loss = (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+    return loss
+
+
 def write_training_case(root: pathlib.Path, name: str, spec: dict, randomise_norms) -> None:
     case = root / "training" / name
     if case.exists():
@@ -160,45 +207,7 @@ def write_training_case(root: pathlib.Path, name: str, spec: dict, randomise_nor
     for step in range(spec["steps"]):
         for micro in range(accumulation):
             k = f"{step}_{micro}"
-            latents = torch.randn(b, 4, 8, 8, generator=generator)
-            if text is None:
-                context = torch.randn(b, TOKENS, UNET_CONFIG["cross_attention_dim"], generator=generator)
-                inputs[f"context_{k}"] = context
-            else:
-                ids = torch.randint(0, TEXT_CONFIG["vocab_size"], (b, TEXT_TOKENS), generator=generator)
-                inputs[f"ids_{k}"] = ids.to(torch.float32)
-                context = text(ids, return_dict=False)[0]
-            noise = torch.randn(b, 4, 8, 8, generator=generator)
-            inputs.update({f"latents_{k}": latents, f"noise_{k}": noise})
-            if spec.get("noise_offset"):
-                draw = torch.randn(b, 4, 1, 1, generator=generator)
-                inputs[f"offset_{k}"] = draw
-                noise = noise + spec["noise_offset"] * draw
-            noisy_noise = noise
-            if spec.get("input_perturbation"):
-                draw = torch.randn(b, 4, 8, 8, generator=generator)
-                inputs[f"perturbation_{k}"] = draw
-                noisy_noise = noise + spec["input_perturbation"] * draw
-            timesteps = torch.randint(0, SCHEDULE["num_train_timesteps"], (b,), generator=generator)
-            inputs[f"timesteps_{k}"] = timesteps.to(torch.float32)  # exact below 2^24
-            noisy = scheduler.add_noise(latents, noisy_noise, timesteps)
-            if spec["prediction_type"] == "epsilon":
-                target = noise
-            else:
-                target = scheduler.get_velocity(latents, noise, timesteps)
-            pred = unet(noisy, timesteps, context, return_dict=False)[0]
-            if spec.get("snr_gamma") is None:
-                loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
-            else:
-                # train_text_to_image.py's Min-SNR-γ weighting, v-prediction denominator included.
-                snr = compute_snr(scheduler, timesteps)
-                weights = torch.stack([snr, spec["snr_gamma"] * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
-                if spec["prediction_type"] == "epsilon":
-                    weights = weights / snr
-                else:
-                    weights = weights / (snr + 1)
-                loss = F.mse_loss(pred.float(), target.float(), reduction="none")
-                loss = (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+            loss = micro_batch_loss(spec, unet, text, scheduler, generator, inputs, k)
             losses.append(loss.item())
             # accelerate divides the loss by the accumulation steps before backward.
             (loss / accumulation).backward()
@@ -436,29 +445,7 @@ def write_lora_training_case(root: pathlib.Path, name: str, spec: dict, randomis
     for step in range(spec["steps"]):
         for micro in range(accumulation):
             k = f"{step}_{micro}"
-            latents = torch.randn(b, 4, 8, 8, generator=generator)
-            if text is None:
-                context = torch.randn(b, TOKENS, UNET_CONFIG["cross_attention_dim"], generator=generator)
-                inputs[f"context_{k}"] = context
-            else:
-                ids = torch.randint(0, TEXT_CONFIG["vocab_size"], (b, TEXT_TOKENS), generator=generator)
-                inputs[f"ids_{k}"] = ids.to(torch.float32)
-                context = text(ids, return_dict=False)[0]
-            noise = torch.randn(b, 4, 8, 8, generator=generator)
-            inputs.update({f"latents_{k}": latents, f"noise_{k}": noise})
-            timesteps = torch.randint(0, SCHEDULE["num_train_timesteps"], (b,), generator=generator)
-            inputs[f"timesteps_{k}"] = timesteps.to(torch.float32)
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            target = noise if spec["prediction_type"] == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-            pred = unet(noisy, timesteps, context, return_dict=False)[0]
-            if spec.get("snr_gamma") is None:
-                loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
-            else:
-                snr = compute_snr(scheduler, timesteps)
-                weights = torch.stack([snr, spec["snr_gamma"] * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
-                weights = weights / snr if spec["prediction_type"] == "epsilon" else weights / (snr + 1)
-                loss = F.mse_loss(pred.float(), target.float(), reduction="none")
-                loss = (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+            loss = micro_batch_loss(spec, unet, text, scheduler, generator, inputs, k)
             losses.append(loss.item())
             (loss / accumulation).backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(params, spec["max_grad_norm"])))

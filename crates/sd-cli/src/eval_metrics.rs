@@ -414,18 +414,8 @@ pub fn clip_score(args: ClipScoreArgs) -> Result<String, String> {
             .iter()
             .map(|(p, _)| sd_metrics::decode::read_rgb(p).map_err(|e| e.to_string()))
             .collect::<Result<Vec<_>, _>>()?;
-        let images: Vec<(&[u8], usize, usize)> = pictures
-            .iter()
-            .map(|p| {
-                (
-                    p.as_raw().as_slice(),
-                    p.width() as usize,
-                    p.height() as usize,
-                )
-            })
-            .collect();
         let captions: Vec<&str> = chunk.iter().map(|(_, c)| c.as_str()).collect();
-        let image_embeds = scorer.image_embeds(&images).map_err(|e| e.to_string())?;
+        let image_embeds = scorer.image_embeds(&pictures).map_err(|e| e.to_string())?;
         let text_embeds = scorer.text_embeds(&captions).map_err(|e| e.to_string())?;
         scores.extend(
             sd_metrics::ClipScorer::<B>::scores(image_embeds, text_embeds)

@@ -169,6 +169,17 @@ struct Hires {
     size: (usize, usize),
 }
 
+/// A Real-ESRGAN model on one image, in its default tiles.
+fn run_upscaler(
+    model: &sd_upscale::Upscaler<sd::backend::Flex>,
+    image: &image::RgbImage,
+) -> Result<image::RgbImage, String> {
+    let options = sd_upscale::TileOptions::default();
+    model
+        .upscale(image, &options, &Default::default(), &mut |_, _| {})
+        .map_err(|e| e.to_string())
+}
+
 /// An image at `size`: through the Real-ESRGAN model first when given (A1111 then resizes its
 /// output to the target), Lanczos-resized otherwise.
 fn enlarge(
@@ -177,14 +188,7 @@ fn enlarge(
     upscaler: Option<&sd_upscale::Upscaler<sd::backend::Flex>>,
 ) -> Result<image::RgbImage, String> {
     let source = match upscaler {
-        Some(model) => model
-            .upscale(
-                image,
-                &sd_upscale::TileOptions::default(),
-                &Default::default(),
-                &mut |_, _| {},
-            )
-            .map_err(|e| e.to_string())?,
+        Some(model) => run_upscaler(model, image)?,
         None => image.clone(),
     };
     Ok(image::imageops::resize(
@@ -835,14 +839,7 @@ fn generate<B: Backend>(
     } else if let Some((upscaler, name)) = &after.upscaler {
         for image in images.iter_mut() {
             bar.set_message("upscaling");
-            *image = upscaler
-                .upscale(
-                    image,
-                    &sd_upscale::TileOptions::default(),
-                    &Default::default(),
-                    &mut |_, _| {},
-                )
-                .map_err(|e| e.to_string())?;
+            *image = run_upscaler(upscaler, image)?;
         }
         notes = format!(
             ", Postprocess upscale by: {}, Postprocess upscaler: {name}",

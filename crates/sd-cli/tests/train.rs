@@ -41,7 +41,9 @@ fn data(dir: &Path) -> PathBuf {
     data
 }
 
-fn train(data: &Path, output: &Path, steps: u64, extra: &[&str]) -> Output {
+/// `sd train unet` on the tiny model, 2 images a step at 32², a checkpoint every 2 steps, with
+/// the run's `settings` and then `extra`.
+fn train_with(data: &Path, output: &Path, steps: u64, settings: &[&str], extra: &[&str]) -> Output {
     let model = common::tiny_model();
     let steps = steps.to_string();
     let mut args = vec![
@@ -61,16 +63,24 @@ fn train(data: &Path, output: &Path, steps: u64, extra: &[&str]) -> Output {
         "32",
         "--checkpoint-every",
         "2",
+        "-q",
+    ];
+    args.extend_from_slice(settings);
+    args.extend_from_slice(extra);
+    Command::new(SD).args(&args).output().unwrap()
+}
+
+/// Full training with EMA, random flips and crops.
+fn train(data: &Path, output: &Path, steps: u64, extra: &[&str]) -> Output {
+    let settings = [
         "--ema-decay",
         "0.99",
         "--learning-rate",
         "1e-3",
         "--random-flip",
         "--random-crop",
-        "-q",
     ];
-    args.extend_from_slice(extra);
-    Command::new(SD).args(&args).output().unwrap()
+    train_with(data, output, steps, &settings, extra)
 }
 
 fn ok(out: &Output) {
@@ -650,25 +660,7 @@ fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
 
 /// `sd train unet --lora-rank` on the tiny model with the text encoder's LoRA too.
 fn train_lora(data: &Path, output: &Path, steps: u64, extra: &[&str]) -> Output {
-    let model = common::tiny_model();
-    let steps = steps.to_string();
-    let mut args = vec![
-        "train",
-        "unet",
-        "--data",
-        data.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--max-steps",
-        &steps,
-        "--batch-size",
-        "2",
-        "--resolution",
-        "32",
-        "--checkpoint-every",
-        "2",
+    let settings = [
         "--learning-rate",
         "1e-2",
         "--lora-rank",
@@ -677,10 +669,8 @@ fn train_lora(data: &Path, output: &Path, steps: u64, extra: &[&str]) -> Output 
         "2",
         "--train-text-encoder",
         "--random-flip",
-        "-q",
     ];
-    args.extend_from_slice(extra);
-    Command::new(SD).args(&args).output().unwrap()
+    train_with(data, output, steps, &settings, extra)
 }
 
 #[test]

@@ -95,12 +95,13 @@ impl<B: Backend> ClipScorer<B> {
         })
     }
 
-    /// The projected image embeddings `[n, projection_dim]` of 8-bit RGB images (interleaved,
-    /// with their sizes), each prepared by [`clip_crop`] and [`clip_input`].
-    pub fn image_embeds(&self, images: &[(&[u8], usize, usize)]) -> Result<Tensor<B, 2>> {
+    /// The projected image embeddings `[n, projection_dim]` of RGB images, each prepared by
+    /// [`clip_crop`] and [`clip_input`].
+    pub fn image_embeds(&self, images: &[image::RgbImage]) -> Result<Tensor<B, 2>> {
         let mut pixels = Vec::with_capacity(images.len() * 3 * CLIP_SIZE * CLIP_SIZE);
-        for &(rgb, w, h) in images {
-            pixels.extend(clip_input(&clip_crop(rgb, w, h)));
+        for picture in images {
+            let (w, h) = (picture.width() as usize, picture.height() as usize);
+            pixels.extend(clip_input(&clip_crop(picture.as_raw(), w, h)));
         }
         let x = Tensor::<B, 4>::from_data(
             TensorData::new(pixels, [images.len(), 3, CLIP_SIZE, CLIP_SIZE]),
