@@ -454,6 +454,29 @@ UNET_CASES = {
         context=(11, 32),
         pooled=16,
     ),
+    # The x4 upscaler's shape: 7 input channels (latents + the low-resolution image), the noise
+    # level as a class label, and blocks whose first attention attends to the text too.
+    "upscaler_like": dict(
+        config=dict(
+            block_out_channels=[16, 32, 32],
+            in_channels=7,
+            out_channels=4,
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            only_cross_attention=[True, True, False],
+            num_class_embeds=1000,
+            layers_per_block=1,
+            cross_attention_dim=24,
+            attention_head_dim=8,
+            use_linear_projection=True,
+            norm_num_groups=8,
+            sample_size=16,
+        ),
+        latent=(12, 12),
+        context=(7, 24),
+        class_labels=[20, 350],
+        single_file=False,
+    ),
     "inpainting_like": dict(
         config=dict(
             in_channels=9,
@@ -540,11 +563,12 @@ def write_unet_case(root: pathlib.Path, name: str, spec: dict, seed: int) -> Non
     unet = unet.half()
     unet.save_pretrained(case / "unet", safe_serialization=True)
     state = {k: v.contiguous() for k, v in unet.state_dict().items()}
-    ldm = diffusers_to_ldm_unet(state, unet.config)
-    back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
-    assert back.keys() == state.keys(), set(back) ^ set(state)
-    assert all(torch.equal(back[k], state[k]) for k in state)
-    save_file(ldm, case / "unet_single_file.safetensors")
+    if spec.get("single_file", True):
+        ldm = diffusers_to_ldm_unet(state, unet.config)
+        back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+        assert back.keys() == state.keys(), set(back) ^ set(state)
+        assert all(torch.equal(back[k], state[k]) for k in state)
+        save_file(ldm, case / "unet_single_file.safetensors")
     unet = unet.float().eval()
     h, w = spec["latent"]
     latents = torch.randn(2, unet.config.in_channels, h, w, generator=generator)
@@ -557,6 +581,10 @@ def write_unet_case(root: pathlib.Path, name: str, spec: dict, seed: int) -> Non
         time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0], [48.0, 40.0, 4.0, 2.0, 64.0, 64.0]])
         tensors.update(text_embeds=text_embeds, time_ids=time_ids)
         kwargs["added_cond_kwargs"] = dict(text_embeds=text_embeds, time_ids=time_ids)
+    if "class_labels" in spec:
+        labels = torch.tensor(spec["class_labels"])
+        tensors["class_labels"] = labels.float()
+        kwargs["class_labels"] = labels
     with torch.no_grad():
         for i, t in enumerate(UNET_TIMESTEPS):
             out = unet(latents, torch.tensor(t), encoder_hidden_states=context, **kwargs).sample

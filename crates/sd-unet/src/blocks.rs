@@ -17,8 +17,9 @@ pub(crate) struct BlockSettings {
     pub temb: usize,
     pub groups: usize,
     pub eps: f64,
-    /// `Some((heads, transformer layers, context width))` for cross-attention blocks.
-    pub attention: Option<(usize, usize, usize)>,
+    /// `Some((heads, transformer layers, context width, only cross-attention))` for
+    /// cross-attention blocks.
+    pub attention: Option<(usize, usize, usize, bool)>,
 }
 
 impl BlockSettings {
@@ -33,8 +34,16 @@ impl BlockSettings {
         channels: usize,
         device: &B::Device,
     ) -> Option<Transformer2d<B>> {
-        self.attention.map(|(heads, layers, context)| {
-            Transformer2d::new(channels, heads, layers, context, self.groups, device)
+        self.attention.map(|(heads, layers, context, only_cross)| {
+            Transformer2d::new(
+                channels,
+                heads,
+                layers,
+                context,
+                only_cross,
+                self.groups,
+                device,
+            )
         })
     }
 }

@@ -9,6 +9,22 @@ use sd_core::config_checks::{
 };
 use serde::Deserialize;
 
+/// `only_cross_attention`: one flag for every block or one per block.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum FlagPerBlock {
+    /// The same flag for every block.
+    One(bool),
+    /// One flag per block, in down-block order (the up path reads it reversed).
+    Each(Vec<bool>),
+}
+
+impl Default for FlagPerBlock {
+    fn default() -> Self {
+        Self::One(false)
+    }
+}
+
 /// A config value that is either one number for every block or one per block.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PerBlock {
@@ -129,8 +145,9 @@ pub struct UNet2DConditionConfig {
     pub use_linear_projection: bool,
     /// Attention scores in f32 (SD 2.1).
     pub upcast_attention: bool,
-    /// Not supported: must be false.
-    pub only_cross_attention: bool,
+    /// Blocks whose first attention attends to the context too instead of to the pixels (the x4
+    /// upscaler's `[true, true, true, false]`).
+    pub only_cross_attention: FlagPerBlock,
     /// Not supported: must be null.
     pub class_embed_type: Option<String>,
     /// Whether a class embedding is concatenated to the time embedding rather than added: only
@@ -176,7 +193,8 @@ pub struct UNet2DConditionConfig {
     pub resnet_skip_time_act: bool,
     /// Only `default`.
     pub attention_type: String,
-    /// Not supported (class-conditional U-Nets): must be null.
+    /// Class-conditional U-Nets (the x4 upscaler's noise level): a learnt embedding per class
+    /// added to the time embedding.
     pub num_class_embeds: Option<usize>,
     /// The time embedding width when not 4 × the first block's: only that width is supported.
     pub time_embedding_dim: Option<usize>,
@@ -229,7 +247,7 @@ impl Default for UNet2DConditionConfig {
             num_attention_heads: None,
             use_linear_projection: false,
             upcast_attention: false,
-            only_cross_attention: false,
+            only_cross_attention: FlagPerBlock::One(false),
             class_embed_type: None,
             class_embeddings_concat: false,
             addition_embed_type: None,
@@ -280,6 +298,10 @@ pub(crate) struct Resolved {
     pub cross_dims: Vec<usize>,
     pub transformer_layers: Vec<usize>,
     pub mid_attention: bool,
+    /// Per down block: its transformers' first attention attends to the context.
+    pub only_cross: Vec<bool>,
+    /// The same for the mid block.
+    pub mid_only_cross: bool,
 }
 
 impl UNet2DConditionConfig {
@@ -562,8 +584,25 @@ impl UNet2DConditionConfig {
         if self.time_cond_proj_dim.is_some() || self.encoder_hid_dim.is_some() {
             return Err("time_cond_proj_dim and encoder_hid_dim are not supported".into());
         }
-        if self.only_cross_attention || self.dual_cross_attention {
-            return Err("only_cross_attention and dual_cross_attention are not supported".into());
+        if self.dual_cross_attention {
+            return Err("dual_cross_attention is not supported".into());
+        }
+        let only_cross = match &self.only_cross_attention {
+            FlagPerBlock::One(v) => vec![*v; n],
+            FlagPerBlock::Each(v) if v.len() == n => v.clone(),
+            FlagPerBlock::Each(_) => {
+                return Err(format!(
+                    "only_cross_attention must be one flag or one per block ({n})"
+                ));
+            }
+        };
+        // diffusers: the mid block follows a single flag, and is plain self-attention when the
+        // flags are per block.
+        let mid_only_cross = self
+            .mid_block_only_cross_attention
+            .unwrap_or(matches!(self.only_cross_attention, FlagPerBlock::One(true)));
+        if self.class_embeddings_concat {
+            return Err(unsupported("class_embeddings_concat", "true".into()));
         }
         if let Some(d) = self
             .time_embedding_dim
@@ -574,8 +613,8 @@ impl UNet2DConditionConfig {
                 self.time_embed_dim()
             ));
         }
-        if let Some(n) = self.num_class_embeds {
-            return Err(unsupported("num_class_embeds", n.to_string()));
+        if self.num_class_embeds.is_some() && self.class_embed_type.is_some() {
+            return Err("num_class_embeds with a class_embed_type is not supported".into());
         }
         for (field, value) in [
             ("time_embedding_act_fn", &self.time_embedding_act_fn),
@@ -586,9 +625,6 @@ impl UNet2DConditionConfig {
             if let Some(v) = value {
                 return Err(unsupported(field, v.clone()));
             }
-        }
-        if self.mid_block_only_cross_attention == Some(true) {
-            return Err(unsupported("mid_block_only_cross_attention", "true".into()));
         }
         if let Some(v) = &self.reverse_transformer_layers_per_block {
             return Err(unsupported(
@@ -604,6 +640,8 @@ impl UNet2DConditionConfig {
             cross_dims,
             transformer_layers,
             mid_attention,
+            only_cross,
+            mid_only_cross,
         })
     }
 }

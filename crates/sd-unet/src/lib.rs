@@ -10,7 +10,7 @@ mod transformer;
 mod unet;
 
 pub use blocks::{DownBlock, MidBlock, UpBlock};
-pub use config::{BlockKind, PerBlock, UNet2DConditionConfig};
+pub use config::{BlockKind, FlagPerBlock, PerBlock, UNet2DConditionConfig};
 pub use embeddings::{TimestepEmbedding, timestep_embedding};
 pub use single_file::{
     LDM_UNET_PREFIX, diffusers_to_ldm_key, kohya_ldm_to_diffusers, ldm_to_diffusers_key,

@@ -127,27 +127,38 @@ pub struct BasicTransformerBlock<B: Backend> {
     pub norm3: LayerNorm<B>,
     /// The GEGLU feed-forward.
     pub ff: FeedForward<B>,
+    /// `only_cross_attention`: `attn1` attends to the context too, not to the tokens.
+    only_cross: bool,
 }
 
 impl<B: Backend> BasicTransformerBlock<B> {
     /// A block with random weights on tokens of width `dim`, attending to a context of width
-    /// `context_dim`.
-    pub fn new(dim: usize, heads: usize, context_dim: usize, device: &B::Device) -> Self {
+    /// `context_dim` (with `only_cross`, in its first attention as well).
+    pub fn new(
+        dim: usize,
+        heads: usize,
+        context_dim: usize,
+        only_cross: bool,
+        device: &B::Device,
+    ) -> Self {
         let norm = || LayerNormConfig::new(dim).with_epsilon(1e-5).init(device);
+        let attn1_context = if only_cross { context_dim } else { dim };
         Self {
             norm1: norm(),
-            attn1: Attention::new(dim, dim, heads, device),
+            attn1: Attention::new(dim, attn1_context, heads, device),
             norm2: norm(),
             attn2: Attention::new(dim, context_dim, heads, device),
             norm3: norm(),
             ff: FeedForward::new(dim, device),
+            only_cross,
         }
     }
 
     /// `x`: `[batch, tokens, dim]`; `context`: `[batch, context tokens, context_dim]`. Same shape
     /// out.
     pub fn forward(&self, x: Tensor<B, 3>, context: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
+        let first = self.only_cross.then(|| context.clone());
+        let x = self.attn1.forward(self.norm1.forward(x.clone()), first) + x;
         let x = self
             .attn2
             .forward(self.norm2.forward(x.clone()), Some(context))
@@ -173,12 +184,13 @@ pub struct Transformer2d<B: Backend> {
 
 impl<B: Backend> Transformer2d<B> {
     /// A transformer with random weights on `channels` channels, with `layers` blocks of `heads`
-    /// heads attending to a context of width `context_dim`.
+    /// heads attending to a context of width `context_dim` (`only_cross`: in both attentions).
     pub fn new(
         channels: usize,
         heads: usize,
         layers: usize,
         context_dim: usize,
+        only_cross: bool,
         groups: usize,
         device: &B::Device,
     ) -> Self {
@@ -186,7 +198,9 @@ impl<B: Backend> Transformer2d<B> {
             norm: group_norm(groups, channels, 1e-6, device),
             proj_in: LinearConfig::new(channels, channels).init(device),
             transformer_blocks: (0..layers)
-                .map(|_| BasicTransformerBlock::new(channels, heads, context_dim, device))
+                .map(|_| {
+                    BasicTransformerBlock::new(channels, heads, context_dim, only_cross, device)
+                })
                 .collect(),
             proj_out: LinearConfig::new(channels, channels).init(device),
         }

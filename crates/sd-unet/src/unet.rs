@@ -1,10 +1,10 @@
 use std::path::Path;
 
 use burn::module::Module;
-use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
-use burn::tensor::Tensor;
+use burn::nn::{Embedding, EmbeddingConfig, GroupNorm};
 use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
 use sd_core::layers::{conv2d, conv2d_forward, group_norm};
 use sd_core::weights::{
     LoadOptions, SafetensorsFile, TensorSnapshot, diffusers_weights_path, load_safetensors,
@@ -36,6 +36,9 @@ pub struct UNet2DConditionModel<B: Backend> {
     pub time_embedding: TimestepEmbedding<B>,
     /// SDXL's `add_embedding`, present with `addition_embed_type: "text_time"`.
     pub add_embedding: Option<TimestepEmbedding<B>>,
+    /// A learnt time-embedding offset per class (`num_class_embeds`; the x4 upscaler's noise
+    /// level), added to the time embedding.
+    pub class_embedding: Option<Embedding<B>>,
     /// The down path, narrowest block first.
     pub down_blocks: Vec<DownBlock<B>>,
     /// The block at the lowest resolution; `None` when `mid_block_type` is null.
@@ -67,19 +70,25 @@ impl<B: Backend> UNet2DConditionModel<B> {
         let ch = &config.block_out_channels;
         let n = ch.len();
         let temb = config.time_embed_dim();
-        let settings = |i: usize, kind: BlockKind| BlockSettings {
+        let settings = |i: usize, kind: BlockKind, only_cross: bool| BlockSettings {
             temb,
             groups: config.norm_num_groups,
             eps: config.norm_eps,
-            attention: (kind == BlockKind::CrossAttention)
-                .then(|| (r.heads[i], r.transformer_layers[i], r.cross_dims[i])),
+            attention: (kind == BlockKind::CrossAttention).then(|| {
+                (
+                    r.heads[i],
+                    r.transformer_layers[i],
+                    r.cross_dims[i],
+                    only_cross,
+                )
+            }),
         };
         let mut cin = ch[0];
         let down_blocks = (0..n)
             .map(|i| {
                 let last = i + 1 == n;
                 let block = DownBlock::new(
-                    settings(i, r.down[i]),
+                    settings(i, r.down[i], r.only_cross[i]),
                     cin,
                     ch[i],
                     r.layers[i],
@@ -97,7 +106,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
                 BlockKind::Plain
             };
             MidBlock::new(
-                settings(n - 1, kind),
+                settings(n - 1, kind, r.mid_only_cross),
                 ch[n - 1],
                 config.mid_block_scale_factor,
                 device,
@@ -110,7 +119,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
                 let d = n - 1 - i;
                 let skip_in = ch[d.saturating_sub(1)];
                 let block = UpBlock::new(
-                    settings(d, r.up[i]),
+                    settings(d, r.up[i], r.only_cross[d]),
                     prev,
                     ch[d],
                     skip_in,
@@ -134,6 +143,9 @@ impl<B: Backend> UNet2DConditionModel<B> {
             conv_in: conv2d(config.in_channels, ch[0], kin, 1, kin / 2, device),
             time_embedding: TimestepEmbedding::new(ch[0], temb, device),
             add_embedding,
+            class_embedding: config
+                .num_class_embeds
+                .map(|classes| EmbeddingConfig::new(classes, temb).init(device)),
             down_blocks,
             mid_block,
             up_blocks,
@@ -267,6 +279,20 @@ impl<B: Backend> UNet2DConditionModel<B> {
         context: Tensor<B, 3>,
         text_time: Option<&TextTimeConditioning<B>>,
     ) -> Result<Tensor<B, 4>> {
+        self.forward_with_classes(latents, timesteps, context, text_time, None)
+    }
+
+    /// [`Self::forward`] for class-conditional U-Nets (`num_class_embeds`): `class_labels`, one
+    /// per sample (the x4 upscaler's noise level), are required exactly when the config has
+    /// classes.
+    pub fn forward_with_classes(
+        &self,
+        latents: Tensor<B, 4>,
+        timesteps: &[f64],
+        context: Tensor<B, 3>,
+        text_time: Option<&TextTimeConditioning<B>>,
+        class_labels: Option<&[usize]>,
+    ) -> Result<Tensor<B, 4>> {
         let [b, c, h, w] = latents.dims();
         let [cb, _, cdim] = context.dims();
         let invalid = |m: String| Err(CoreError::InvalidInput(m));
@@ -303,6 +329,31 @@ impl<B: Backend> UNet2DConditionModel<B> {
             &device,
         );
         let mut emb = self.time_embedding.forward(t_emb);
+        match (&self.class_embedding, class_labels) {
+            (Some(table), Some(labels)) => {
+                let classes = table.weight.dims()[0];
+                if labels.len() != b {
+                    return invalid(format!("{} class labels for a batch of {b}", labels.len()));
+                }
+                if let Some(bad) = labels.iter().find(|&&l| l >= classes) {
+                    return invalid(format!(
+                        "class label {bad} is outside the U-Net's {classes} classes"
+                    ));
+                }
+                let ids: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+                let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [b]), &device);
+                let class_emb = table.forward(ids.unsqueeze::<2>()).reshape([b as i32, -1]);
+                emb = emb + class_emb;
+            }
+            (Some(_), None) => {
+                return invalid(
+                    "this U-Net is class-conditional (num_class_embeds): it needs class labels"
+                        .into(),
+                );
+            }
+            (None, Some(_)) => return invalid("this U-Net takes no class labels".into()),
+            (None, None) => {}
+        }
         match (&self.add_embedding, text_time) {
             (Some(add), Some(tt)) => {
                 if tt.time_ids.len() != b || tt.text_embeds.dims()[0] != b {
