@@ -27,7 +27,7 @@ pub const FEATURES: usize = 2048;
 pub const CLASSES: usize = 1008;
 
 /// BatchNorm in inference: `(x − mean) / √(var + ε) · weight + bias`, ε = 0.001 as in
-/// torchvision's `BasicConv2d`.
+/// torchvision's `BasicConv2d`; applied folded into its convolution ([`BasicConv2d`]).
 #[derive(Module, Debug)]
 pub struct BatchNorm2d<B: Backend> {
     /// γ.
@@ -49,13 +49,6 @@ impl<B: Backend> BatchNorm2d<B> {
             running_mean: param(0.0),
             running_var: param(1.0),
         }
-    }
-
-    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let channels = self.weight.dims()[0];
-        let scale = self.weight.val() / (self.running_var.val() + 1e-3).sqrt();
-        let shift = self.bias.val() - self.running_mean.val() * scale.clone();
-        x * scale.reshape([1, channels, 1, 1]) + shift.reshape([1, channels, 1, 1])
     }
 }
 
@@ -93,14 +86,30 @@ impl<B: Backend> BasicConv2d<B> {
         Self::new(cin, cout, [k, k], 1, [k / 2, k / 2], device)
     }
 
+    /// `relu(bn(conv(x)))` with the BatchNorm folded into the convolution (`W·s`, bias `β −
+    /// μ·s`, `s = γ / √(σ² + ε)`): one convolution with a bias instead of two broadcast
+    /// passes over the activations, which on the CPU cost as much as the convolutions.
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        relu(self.bn.forward(conv2d_forward(&self.conv, x)))
+        let bn = &self.bn;
+        let [out, ..] = self.conv.weight.dims();
+        let scale = bn.weight.val() / (bn.running_var.val() + 1e-3).sqrt();
+        let shift = bn.bias.val() - bn.running_mean.val() * scale.clone();
+        let mut fused = self.conv.clone();
+        fused.weight = Param::from_tensor(self.conv.weight.val() * scale.reshape([out, 1, 1, 1]));
+        fused.bias = Some(Param::from_tensor(shift));
+        relu(conv2d_forward(&fused, x))
     }
 }
 
 /// A 3×3, stride-1 pool with padding 1: the average over the cells inside the image
 /// (`count_include_pad=False`, the FID variants' patch) or the maximum.
+/// Through the CPU pooling kernel on Flex (Burn's walks each window element by element and
+/// tracks indices: a quarter of the network's time).
 fn pool3x3_same<B: Backend>(x: Tensor<B, 4>, max: bool) -> Tensor<B, 4> {
+    #[cfg(feature = "flex")]
+    if let Some(out) = sd_core::cpu::try_pool2d(&x, [3, 3], [1, 1], [1, 1], !max) {
+        return out;
+    }
     if max {
         max_pool2d(x, [3, 3], [1, 1], [1, 1], [1, 1], false)
     } else {
@@ -109,6 +118,10 @@ fn pool3x3_same<B: Backend>(x: Tensor<B, 4>, max: bool) -> Tensor<B, 4> {
 }
 
 fn max_pool_3x3_s2<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    #[cfg(feature = "flex")]
+    if let Some(out) = sd_core::cpu::try_pool2d(&x, [3, 3], [2, 2], [0, 0], false) {
+        return out;
+    }
     max_pool2d(x, [3, 3], [2, 2], [0, 0], [1, 1], false)
 }
 

@@ -7,6 +7,7 @@
 //!   for the rest;
 //! - [`linear`]: `x W + b` in one multiply over all rows, onto the broadcast bias;
 //! - [`norm`]: GroupNorm, with the SiLU after it, in two passes;
+//! - [`pool`]: max and average pooling (padding not counted), a plane per task;
 //! - [`vector`]: the element-wise activations (GEGLU, SiLU, quick GELU) in one vectorised pass.
 //!
 //! The layers reach them through the `try_*` functions here, which work on the Flex tensors'
@@ -19,6 +20,7 @@ pub mod attention;
 pub mod conv;
 pub mod linear;
 pub mod norm;
+pub mod pool;
 pub mod winograd;
 
 use std::any::Any;
@@ -146,6 +148,29 @@ fn from_flex<B: Backend, const D: usize>(flex: FlexTensor) -> Tensor<B, D> {
         .downcast::<B::FloatTensorPrimitive>()
         .expect("B is Flex, so a FlexTensor is its float primitive");
     Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+/// Max or average (padding not counted, `count_include_pad=False`) pooling of `[n, c, h, w]`
+/// when `B` is Flex and `x` is f32 (`None` otherwise, or when the window does not fit).
+pub fn try_pool2d<B: Backend>(
+    x: &Tensor<B, 4>,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    average: bool,
+) -> Option<Tensor<B, 4>> {
+    let [n, c, h, w] = x.dims();
+    let shape = pool::PoolShape {
+        planes: n * c,
+        size: [h, w],
+        kernel,
+        stride,
+        padding,
+    };
+    let [oh, ow] = shape.output_size()?;
+    let flex = flex_f32(x)?;
+    let out = pool::pool2d(flex.as_slice()?, shape, average)?;
+    Some(from_f32(out, [n, c, oh, ow]))
 }
 
 /// GEGLU (`h ⊙ GELU(g)` for `[h, g]` the two halves of the last axis) in one pass, when `B` is
