@@ -16,7 +16,9 @@ fn main() -> Result<(), String> {
     let device = Default::default();
     let extractor = FeatureExtractor::new(
         InceptionV3::<B>::new(&device),
-        device,
+        // The same default device (a clone would be `clone_on_copy` on Flex, whose device is
+        // `Copy`; WGPU's is not).
+        Default::default(),
         Preprocess::PytorchFid,
     );
     let x = Tensor::<B, 4>::random(
