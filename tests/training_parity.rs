@@ -60,6 +60,35 @@ fn values(file: &SafetensorsFile, key: &str) -> Vec<f64> {
         .unwrap()
 }
 
+/// The fixture's `[batch, tokens]` token ids (stored as f32, exact below 2²⁴), one row a
+/// sequence.
+fn token_ids(file: &SafetensorsFile, key: &str) -> Vec<Vec<u32>> {
+    let entry = file.entries().iter().find(|e| e.key == key).unwrap();
+    let n = entry.shape[1];
+    values(file, key)
+        .chunks(n)
+        .map(|r| r.iter().map(|&x| x as u32).collect())
+        .collect()
+}
+
+/// A scalar within `tolerance` of the reference, relative; a failure is collected, a pass
+/// printed.
+fn check_relative(
+    name: &str,
+    what: &str,
+    actual: f64,
+    expected: f64,
+    tolerance: f64,
+    failures: &mut Vec<String>,
+) {
+    let err = (actual - expected).abs() / expected.abs().max(1e-12);
+    if err > tolerance || err.is_nan() {
+        failures.push(format!("{what}: {actual} vs {expected} (relative {err:e})"));
+    } else {
+        eprintln!("ok  {name} {what}: relative error {err:e}");
+    }
+}
+
 /// Largest `|a − e| / (1 + |e|)`: absolute for values below 1, relative above.
 fn scaled_error(actual: &[f64], expected: &[f64]) -> f64 {
     if actual.len() != expected.len() {
@@ -221,12 +250,7 @@ fn run_case(dir: &Path) {
     let has = |key: &str| inputs.entries().iter().any(|e| e.key == key);
     let mut failures = Vec::new();
     let mut check = |what: String, actual: f64, expected: f64| {
-        let err = (actual - expected).abs() / expected.abs().max(1e-12);
-        if err > tolerance || err.is_nan() {
-            failures.push(format!("{what}: {actual} vs {expected} (relative {err:e})"));
-        } else {
-            eprintln!("ok  {name} {what}: relative error {err:e}");
-        }
+        check_relative(&name, &what, actual, expected, tolerance, &mut failures)
     };
     for step in 0..steps {
         let mut grads = Gradients::<Inner>::new();
@@ -249,14 +273,7 @@ fn run_case(dir: &Path) {
             let context = match &text {
                 None => tensor(&inputs, &format!("context_{k}"), &device),
                 Some((model, _)) => {
-                    let ids = tensor::<2>(&inputs, &format!("ids_{k}"), &device);
-                    let [b, n] = ids.dims();
-                    let flat: Vec<f32> = ids.into_data().to_vec().unwrap();
-                    let ids: Vec<Vec<u32>> = flat
-                        .chunks(n)
-                        .map(|r| r.iter().map(|&x| x as u32).collect())
-                        .collect();
-                    assert_eq!(ids.len(), b);
+                    let ids = token_ids(&inputs, &format!("ids_{k}"));
                     model.forward(&ids).unwrap().last_hidden_state
                 }
             };
@@ -358,12 +375,7 @@ fn run_vae_case(dir: &Path) {
     let reference = SafetensorsFile::open(dir.join("reference.safetensors")).unwrap();
     let mut failures = Vec::new();
     let mut check = |what: String, actual: f64, expected: f64| {
-        let err = (actual - expected).abs() / expected.abs().max(1e-12);
-        if err > tolerance || err.is_nan() {
-            failures.push(format!("{what}: {actual} vs {expected} (relative {err:e})"));
-        } else {
-            eprintln!("ok  {name} {what}: relative error {err:e}");
-        }
+        check_relative(&name, &what, actual, expected, tolerance, &mut failures)
     };
     let lr = case.f64("lr").unwrap();
     for step in 0..case.usize("steps") {
@@ -575,12 +587,7 @@ fn run_lora_case(dir: &Path) {
     let reference = SafetensorsFile::open(dir.join("reference.safetensors")).unwrap();
     let mut failures = Vec::new();
     let mut check = |what: String, actual: f64, expected: f64| {
-        let err = (actual - expected).abs() / expected.abs().max(1e-12);
-        if err > tolerance || err.is_nan() {
-            failures.push(format!("{what}: {actual} vs {expected} (relative {err:e})"));
-        } else {
-            eprintln!("ok  {name} {what}: relative error {err:e}");
-        }
+        check_relative(&name, &what, actual, expected, tolerance, &mut failures)
     };
     for step in 0..steps {
         let (mut grads, mut text_grads) = (Gradients::<Inner>::new(), Gradients::<Inner>::new());
@@ -589,12 +596,7 @@ fn run_lora_case(dir: &Path) {
             let context = match &text {
                 None => tensor(&inputs, &format!("context_{k}"), &device),
                 Some(t) => {
-                    let ids: Vec<f64> = values(&inputs, &format!("ids_{k}"));
-                    let n = ids.len() / case.usize("batch");
-                    let ids: Vec<Vec<u32>> = ids
-                        .chunks(n)
-                        .map(|r| r.iter().map(|&x| x as u32).collect())
-                        .collect();
+                    let ids = token_ids(&inputs, &format!("ids_{k}"));
                     let model = t.targets.apply(&t.network, t.model.clone());
                     model.forward(&ids).unwrap().last_hidden_state
                 }

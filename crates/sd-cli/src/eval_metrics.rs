@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use sd_metrics::folder::{features_of_files, image_files};
 use sd_metrics::{
     BatchFeatures, FeatureAccumulator, FeatureExtractor, Features, InceptionV3, IsOptions,
@@ -163,14 +162,10 @@ fn folder_features(
     files: &[PathBuf],
     args: &InceptionArgs,
 ) -> Result<(BatchFeatures, usize), String> {
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(files.len() as u64)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images, {per_sec}, eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    let bar = crate::progress_bar(
+        args.quiet,
+        files.len() as u64,
+        "{msg} [{bar:30}] {pos}/{len} images, {per_sec}, eta {eta}",
     );
     bar.set_message(dir.display().to_string());
     let features = features_of_files(extractor, files, args.batch_size, |n| bar.inc(n as u64))
@@ -399,14 +394,10 @@ pub fn clip_score(args: ClipScoreArgs) -> Result<String, String> {
     let device = Default::default();
     let scorer = sd_metrics::ClipScorer::<B>::load(clip_folder(&args.clip)?, &device)
         .map_err(|e| e.to_string())?;
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(pairs.len() as u64)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("CLIP score [{bar:30}] {pos}/{len} images, eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    let bar = crate::progress_bar(
+        args.quiet,
+        pairs.len() as u64,
+        "CLIP score [{bar:30}] {pos}/{len} images, eta {eta}",
     );
     let mut scores = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(args.batch_size) {

@@ -6,7 +6,6 @@ use std::time::Instant;
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
 use sd::conditioner::PromptSyntax;
 use sd::core::weights::SafetensorsFile;
 use sd::{GenerateOptions, Model, StepProgress};
@@ -777,15 +776,10 @@ fn generate<B: Backend>(
         burn::tensor::set_default_dtypes::<B>(device, model.dtype(), DType::I64)
             .map_err(|e| format!("this backend cannot compute in {:?}: {e:?}", model.dtype()))?;
     }
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(options.steps as u64)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, {per_sec}, eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+    let bar = crate::progress_bar(
+        args.quiet,
+        options.steps as u64,
+        "{msg} [{bar:30}] {pos}/{len} steps, {per_sec}, eta {eta}",
     );
     bar.set_message("loading");
     let started = Instant::now();

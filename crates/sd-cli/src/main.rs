@@ -17,6 +17,20 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use sd_conditioner::{ClipTokenizer, Padding, padding_of, tokenize_prompt};
 
+/// A progress bar on standard error with `template` (indicatif's), or a hidden one with `-q`.
+pub(crate) fn progress_bar(quiet: bool, len: u64, template: &str) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
+}
+
 #[derive(Parser)]
 #[command(name = "sd", version, about = "Stable Diffusion in Rust")]
 struct Cli {

@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
 use sd_train::{Event, LrScheduleKind, Resume, TrainConfig};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -365,15 +364,10 @@ pub fn run(args: TrainArgs) -> Result<String, String> {
         "latest" => Resume::Latest,
         path => Resume::Path(PathBuf::from(path)),
     });
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(config.max_steps)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, {per_sec}, eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+    let bar = crate::progress_bar(
+        args.quiet,
+        config.max_steps,
+        "{msg} [{bar:30}] {pos}/{len} steps, {per_sec}, eta {eta}",
     );
     bar.set_message("loading");
     let mut smoothed: Option<f64> = None;

@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use sd_upscale::{TileOptions, Upscaler};
 
 type B = sd::backend::Flex;
@@ -92,14 +91,10 @@ pub fn run(args: UpscaleArgs) -> Result<String, String> {
             Gib(available)
         ));
     }
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(1)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("upscaling [{bar:30}] {pos}/{len} tiles, eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    let bar = crate::progress_bar(
+        args.quiet,
+        1,
+        "upscaling [{bar:30}] {pos}/{len} tiles, eta {eta}",
     );
     let started = std::time::Instant::now();
     let out = model

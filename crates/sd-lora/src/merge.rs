@@ -130,14 +130,9 @@ impl<B: Backend> ParamChange<B> for AddDeltas<'_, B> {
         for (layer, weight) in layers {
             let (out, inputs) = layer.delta_shape();
             let rank = layer.rank();
-            let up = as_f32(&layer.up, out, rank).mul_scalar(layer.scale() * weight);
+            let up = as_f32(&layer.up, out, rank);
             let down = as_f32(&layer.down, rank, inputs);
-            // Burn's Linear holds W^T ([in, out]): add (up·down)^T = down^T·up^T.
-            let delta = if linear {
-                down.transpose().matmul(up.transpose())
-            } else {
-                up.matmul(down)
-            };
+            let delta = delta(up, down, layer.scale() * weight, linear);
             sum = Some(match sum {
                 Some(s) => s + delta,
                 None => delta,
@@ -149,6 +144,22 @@ impl<B: Backend> ParamChange<B> for AddDeltas<'_, B> {
         // In f32, then stored in the weight's own dtype.
         let merged = tensor.clone().cast(DType::F32) + sum.reshape(dims);
         Some(merged.cast(dtype))
+    }
+}
+
+/// `scale · up · down`, the update a LoRA adds to a weight (`[out, in]`), transposed for a
+/// Burn `Linear`, which holds `W^T` (`[in, out]`): then `scale · down^T · up^T`.
+pub(crate) fn delta<B: Backend>(
+    up: Tensor<B, 2>,
+    down: Tensor<B, 2>,
+    scale: f32,
+    linear: bool,
+) -> Tensor<B, 2> {
+    let up = up.mul_scalar(scale);
+    if linear {
+        down.transpose().matmul(up.transpose())
+    } else {
+        up.matmul(down)
     }
 }
 

@@ -20,7 +20,7 @@ use rand_distr::{Distribution, Normal, Uniform};
 
 use crate::error::{LoraError, Result};
 use crate::file::{Component, LoraFile, LoraFormat, LoraLayer, ModuleName};
-use crate::merge::{ParamChange, PathMapper};
+use crate::merge::{ParamChange, PathMapper, delta};
 
 /// Which weights a trained LoRA adapts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -390,12 +390,8 @@ impl<B: Backend> ParamChange<B> for AddFactors<'_, B> {
         tensor: &Tensor<B, D>,
     ) -> Option<Tensor<B, D>> {
         let &i = self.index.get(path)?;
-        let delta = self.network.up[i]
-            .val()
-            .matmul(self.network.down[i].val())
-            .mul_scalar(self.scale);
-        // Burn's Linear holds W^T ([in, out]).
-        let delta = if linear { delta.transpose() } else { delta };
+        let (up, down) = (self.network.up[i].val(), self.network.down[i].val());
+        let delta = delta(up, down, self.scale, linear);
         Some(tensor.clone() + delta.reshape(tensor.dims()))
     }
 }
