@@ -150,6 +150,27 @@ fn check_scalar(report: &mut Report, what: &str, actual: f64, expected: f64, tol
     );
 }
 
+/// KID between two feature sets with the case's subsets, mean and std within 1e-3 of
+/// torch-fidelity's.
+fn check_kid(report: &mut Report, case: &serde_json::Value, (a, b): (&[f32], &[f32]), dim: usize) {
+    let kid = kernel_inception_distance(
+        Features { values: a, dim },
+        Features { values: b, dim },
+        &KidOptions {
+            subsets: case["subsets"].as_u64().unwrap() as usize,
+            subset_size: case["subset_size"].as_u64().unwrap() as usize,
+            ..KidOptions::default()
+        },
+    )
+    .unwrap();
+    for (what, value, key) in [
+        ("KID mean", kid.mean, "kernel_inception_distance_mean"),
+        ("KID std", kid.std, "kernel_inception_distance_std"),
+    ] {
+        check_scalar(report, what, value, case[key].as_f64().unwrap(), 1e-3);
+    }
+}
+
 fn as_tensor(values: Vec<f32>, rows: usize) -> Tensor<B, 2> {
     let cols = values.len() / rows;
     Tensor::from_data(TensorData::new(values, [rows, cols]), &Default::default())
@@ -244,36 +265,11 @@ fn features_fid_kid_and_is_match_the_packages_on_png_and_jpeg_sets_body() {
         pools.push(features.pool3);
         logits.extend(features.logits);
     }
-    let kid_case = &manifest["fidelity_kid_png_jpeg"];
-    let kid = kernel_inception_distance(
-        Features {
-            values: &pools[0],
-            dim: 2048,
-        },
-        Features {
-            values: &pools[1],
-            dim: 2048,
-        },
-        &KidOptions {
-            subsets: kid_case["subsets"].as_u64().unwrap() as usize,
-            subset_size: kid_case["subset_size"].as_u64().unwrap() as usize,
-            ..KidOptions::default()
-        },
-    )
-    .unwrap();
-    check_scalar(
+    check_kid(
         &mut report,
-        "KID mean",
-        kid.mean,
-        kid_case["kernel_inception_distance_mean"].as_f64().unwrap(),
-        1e-3,
-    );
-    check_scalar(
-        &mut report,
-        "KID std",
-        kid.std,
-        kid_case["kernel_inception_distance_std"].as_f64().unwrap(),
-        1e-3,
+        &manifest["fidelity_kid_png_jpeg"],
+        (&pools[0], &pools[1]),
+        2048,
     );
     let is_case = &manifest["fidelity_isc_png_jpeg"];
     let score = inception_score(
@@ -355,37 +351,7 @@ fn the_metrics_match_the_packages_functions_on_larger_feature_sets_body() {
         1e-6,
     );
 
-    let kid_case = &manifest["maths_kid"];
-    let kid = kernel_inception_distance(
-        Features {
-            values: &a,
-            dim: 64,
-        },
-        Features {
-            values: &b,
-            dim: 64,
-        },
-        &KidOptions {
-            subsets: kid_case["subsets"].as_u64().unwrap() as usize,
-            subset_size: kid_case["subset_size"].as_u64().unwrap() as usize,
-            ..KidOptions::default()
-        },
-    )
-    .unwrap();
-    check_scalar(
-        &mut report,
-        "KID mean",
-        kid.mean,
-        kid_case["kernel_inception_distance_mean"].as_f64().unwrap(),
-        1e-3,
-    );
-    check_scalar(
-        &mut report,
-        "KID std",
-        kid.std,
-        kid_case["kernel_inception_distance_std"].as_f64().unwrap(),
-        1e-3,
-    );
+    check_kid(&mut report, &manifest["maths_kid"], (&a, &b), 64);
     let is_case = &manifest["maths_isc"];
     let score = inception_score(
         &values(&reference, "maths_logits"),
