@@ -752,7 +752,7 @@ def write_tokenizer_case(root: pathlib.Path, vocab: pathlib.Path, merges: pathli
     print(f"wrote {case} ({len(prompts)} prompts)")
 
 
-KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline", "training", "roundtrip", "lora", "metrics", "upscale", "clip_score"]
+KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline", "training", "roundtrip", "lora", "metrics", "upscale", "clip_score", "controlnet"]
 
 
 def parse_kinds(values: list[str] | None) -> set[str]:
@@ -831,6 +831,11 @@ def main() -> None:
         from clip_score_fixtures import write_clip_score_case
 
         write_clip_score_case(args.out, randomise_norms)
+    if "controlnet" in kinds:
+        # After the pipeline fixtures: tiny_sd1 and tiny_sdxl are the base pipelines.
+        from controlnet_fixtures import write_controlnet_cases
+
+        write_controlnet_cases(args.out)
 
 
 if __name__ == "__main__":
