@@ -3,8 +3,8 @@ use std::path::Path;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{Embedding, EmbeddingConfig, GroupNorm};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
 use sd_core::layers::{conv2d, conv2d_forward, group_norm};
 use sd_core::weights::{
     LoadOptions, SafetensorsFile, TensorSnapshot, diffusers_weights_path, load_safetensors,
@@ -13,18 +13,9 @@ use sd_core::weights::{
 use sd_core::{CoreError, Result};
 
 use crate::blocks::{BlockSettings, DownBlock, MidBlock, UpBlock};
-use crate::config::{BlockKind, UNet2DConditionConfig};
-use crate::embeddings::{TimestepEmbedding, timestep_embedding};
-
-/// SDXL's extra conditioning: the pooled text embedding and the six size/crop time ids
-/// (original height, width, crop top, left, target height, width).
-#[derive(Debug, Clone)]
-pub struct TextTimeConditioning<B: Backend> {
-    /// `[batch, pooled dim]`.
-    pub text_embeds: Tensor<B, 2>,
-    /// `[batch, 6]` as numbers (pixels).
-    pub time_ids: Vec<[f64; 6]>,
-}
+use crate::conditioning::{TextTimeConditioning, TimeEmbedder, UNetConditioning};
+use crate::config::{BlockKind, Resolved, UNet2DConditionConfig};
+use crate::embeddings::TimestepEmbedding;
 
 /// diffusers' `UNet2DConditionModel`: predicts the noise (or v) in a latent at a timestep,
 /// attending to a text context.
@@ -70,48 +61,8 @@ impl<B: Backend> UNet2DConditionModel<B> {
         let ch = &config.block_out_channels;
         let n = ch.len();
         let temb = config.time_embed_dim();
-        let settings = |i: usize, kind: BlockKind, only_cross: bool| BlockSettings {
-            temb,
-            groups: config.norm_num_groups,
-            eps: config.norm_eps,
-            attention: (kind == BlockKind::CrossAttention).then(|| {
-                (
-                    r.heads[i],
-                    r.transformer_layers[i],
-                    r.cross_dims[i],
-                    only_cross,
-                )
-            }),
-        };
-        let mut cin = ch[0];
-        let down_blocks = (0..n)
-            .map(|i| {
-                let last = i + 1 == n;
-                let block = DownBlock::new(
-                    settings(i, r.down[i], r.only_cross[i]),
-                    cin,
-                    ch[i],
-                    r.layers[i],
-                    (!last).then_some(config.downsample_padding),
-                    device,
-                );
-                cin = ch[i];
-                block
-            })
-            .collect();
-        let mid_block = config.mid_block_type.as_ref().map(|_| {
-            let kind = if r.mid_attention {
-                BlockKind::CrossAttention
-            } else {
-                BlockKind::Plain
-            };
-            MidBlock::new(
-                settings(n - 1, kind, r.mid_only_cross),
-                ch[n - 1],
-                config.mid_block_scale_factor,
-                device,
-            )
-        });
+        let down_blocks = down_path(config, &r, device);
+        let mid_block = mid_block(config, &r, device);
         let mut prev = ch[n - 1];
         let up_blocks = (0..n)
             .map(|i| {
@@ -119,7 +70,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
                 let d = n - 1 - i;
                 let skip_in = ch[d.saturating_sub(1)];
                 let block = UpBlock::new(
-                    settings(d, r.up[i], r.only_cross[d]),
+                    block_settings(config, &r, d, r.up[i], r.only_cross[d]),
                     prev,
                     ch[d],
                     skip_in,
@@ -131,21 +82,12 @@ impl<B: Backend> UNet2DConditionModel<B> {
                 block
             })
             .collect();
-        let add_embedding = config.needs_text_time().then(|| {
-            TimestepEmbedding::new(
-                config.projection_class_embeddings_input_dim.unwrap_or(0),
-                temb,
-                device,
-            )
-        });
         let (kin, kout) = (config.conv_in_kernel, config.conv_out_kernel);
         Ok(Self {
             conv_in: conv2d(config.in_channels, ch[0], kin, 1, kin / 2, device),
             time_embedding: TimestepEmbedding::new(ch[0], temb, device),
-            add_embedding,
-            class_embedding: config
-                .num_class_embeds
-                .map(|classes| EmbeddingConfig::new(classes, temb).init(device)),
+            add_embedding: add_embedding(config, device),
+            class_embedding: class_embedding(config, device),
             down_blocks,
             mid_block,
             up_blocks,
@@ -279,7 +221,11 @@ impl<B: Backend> UNet2DConditionModel<B> {
         context: Tensor<B, 3>,
         text_time: Option<&TextTimeConditioning<B>>,
     ) -> Result<Tensor<B, 4>> {
-        self.forward_with_classes(latents, timesteps, context, text_time, None)
+        let cond = UNetConditioning {
+            text_time,
+            ..UNetConditioning::text(context)
+        };
+        self.forward_conditioned(latents, timesteps, &cond)
     }
 
     /// [`Self::forward`] for class-conditional U-Nets (`num_class_embeds`): `class_labels`, one
@@ -293,7 +239,38 @@ impl<B: Backend> UNet2DConditionModel<B> {
         text_time: Option<&TextTimeConditioning<B>>,
         class_labels: Option<&[usize]>,
     ) -> Result<Tensor<B, 4>> {
+        let cond = UNetConditioning {
+            text_time,
+            class_labels,
+            ..UNetConditioning::text(context)
+        };
+        self.forward_conditioned(latents, timesteps, &cond)
+    }
+
+    /// The time-embedding parts, borrowed.
+    pub(crate) fn time_embedder(&self) -> TimeEmbedder<'_, B> {
+        TimeEmbedder {
+            time_embedding: &self.time_embedding,
+            class_embedding: self.class_embedding.as_ref(),
+            add_embedding: self.add_embedding.as_ref(),
+            time_proj_dim: self.time_proj_dim,
+            add_time_dim: self.add_time_dim,
+            flip_sin_to_cos: self.flip_sin_to_cos,
+            freq_shift: self.freq_shift,
+        }
+    }
+
+    /// One prediction under everything in `cond`: the text context, SDXL's and class
+    /// conditioning, and ControlNet residuals added to the skip connections and the mid block
+    /// (diffusers' `down_block_additional_residuals` / `mid_block_additional_residual`).
+    pub fn forward_conditioned(
+        &self,
+        latents: Tensor<B, 4>,
+        timesteps: &[f64],
+        cond: &UNetConditioning<'_, B>,
+    ) -> Result<Tensor<B, 4>> {
         let [b, c, h, w] = latents.dims();
+        let context = cond.context.clone();
         let [cb, _, cdim] = context.dims();
         let invalid = |m: String| Err(CoreError::InvalidInput(m));
         if c != self.in_channels {
@@ -309,94 +286,25 @@ impl<B: Backend> UNet2DConditionModel<B> {
                 self.context_dim
             ));
         }
-        if timesteps.len() != b && timesteps.len() != 1 {
-            return invalid(format!("{} timesteps for a batch of {b}", timesteps.len()));
-        }
         if h == 0 || w == 0 {
             return invalid("empty latent".into());
         }
         let device = latents.device();
-        let t: Vec<f64> = if timesteps.len() == 1 {
-            vec![timesteps[0]; b]
-        } else {
-            timesteps.to_vec()
-        };
-        let t_emb = timestep_embedding::<B>(
-            &t,
-            self.time_proj_dim,
-            self.flip_sin_to_cos,
-            self.freq_shift,
-            &device,
-        );
-        let mut emb = self.time_embedding.forward(t_emb);
-        match (&self.class_embedding, class_labels) {
-            (Some(table), Some(labels)) => {
-                let classes = table.weight.dims()[0];
-                if labels.len() != b {
-                    return invalid(format!("{} class labels for a batch of {b}", labels.len()));
-                }
-                if let Some(bad) = labels.iter().find(|&&l| l >= classes) {
-                    return invalid(format!(
-                        "class label {bad} is outside the U-Net's {classes} classes"
-                    ));
-                }
-                let ids: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
-                let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [b]), &device);
-                let class_emb = table.forward(ids.unsqueeze::<2>()).reshape([b as i32, -1]);
-                emb = emb + class_emb;
-            }
-            (Some(_), None) => {
-                return invalid(
-                    "this U-Net is class-conditional (num_class_embeds): it needs class labels"
-                        .into(),
-                );
-            }
-            (None, Some(_)) => return invalid("this U-Net takes no class labels".into()),
-            (None, None) => {}
-        }
-        match (&self.add_embedding, text_time) {
-            (Some(add), Some(tt)) => {
-                if tt.time_ids.len() != b || tt.text_embeds.dims()[0] != b {
-                    return invalid(format!("SDXL conditioning is not for a batch of {b}"));
-                }
-                let flat: Vec<f64> = tt.time_ids.iter().flatten().copied().collect();
-                let time_embeds = timestep_embedding::<B>(
-                    &flat,
-                    self.add_time_dim,
-                    self.flip_sin_to_cos,
-                    self.freq_shift,
-                    &device,
-                )
-                .reshape([b as i32, -1]);
-                let add_in = Tensor::cat(vec![tt.text_embeds.clone(), time_embeds], 1);
-                let expected = add.linear_1.weight.dims()[0];
-                if add_in.dims()[1] != expected {
-                    return invalid(format!(
-                        "SDXL add-embedding input is {} wide (pooled text + 6 time ids), the U-Net expects {expected}",
-                        add_in.dims()[1]
-                    ));
-                }
-                emb = emb + add.forward(add_in);
-            }
-            (Some(_), None) => {
-                return invalid(
-                    "this is an SDXL U-Net: it needs the pooled text embedding and the time ids"
-                        .into(),
-                );
-            }
-            (None, Some(_)) => {
-                return invalid("this U-Net takes no SDXL text/time conditioning".into());
-            }
-            (None, None) => {}
-        }
+        let emb = self.time_embedder().embed(timesteps, b, cond, &device)?;
 
         let mut x = conv2d_forward(&self.conv_in, latents);
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
             x = block.forward(x, &emb, &context, &mut skips);
         }
+        if let Some(control) = cond.control {
+            skips = add_residuals(skips, &control.down)?;
+        }
         if let Some(mid) = &self.mid_block {
             x = mid.forward(x, &emb, &context);
+        }
+        if let Some(control) = cond.control {
+            x = add_residuals(vec![x], std::slice::from_ref(&control.mid))?.remove(0);
         }
         // diffusers passes the skip's size to the upsamplers when a side does not divide.
         let uneven = [h, w].iter().any(|s| s % (1 << self.downsamples) != 0);
@@ -421,6 +329,132 @@ impl<B: Backend> UNet2DConditionModel<B> {
     }
 }
 
+/// `states[i] + residuals[i]`, each residual of the state's shape or pooled to `[b, c, 1, 1]`
+/// (a ControlNet with `global_pool_conditions`).
+fn add_residuals<B: Backend>(
+    states: Vec<Tensor<B, 4>>,
+    residuals: &[Tensor<B, 4>],
+) -> Result<Vec<Tensor<B, 4>>> {
+    if states.len() != residuals.len() {
+        return Err(CoreError::InvalidInput(format!(
+            "{} ControlNet residuals for a U-Net with {} skip connections",
+            residuals.len(),
+            states.len()
+        )));
+    }
+    states
+        .into_iter()
+        .zip(residuals)
+        .enumerate()
+        .map(|(i, (state, residual))| {
+            let [sb, sc, sh, sw] = state.dims();
+            let [rb, rc, rh, rw] = residual.dims();
+            if rb != sb || rc != sc || !((rh, rw) == (sh, sw) || (rh, rw) == (1, 1)) {
+                return Err(CoreError::InvalidInput(format!(
+                    "ControlNet residual {i} is [{rb}, {rc}, {rh}, {rw}], the U-Net's state there \
+                     is [{sb}, {sc}, {sh}, {sw}]"
+                )));
+            }
+            Ok(state + residual.clone())
+        })
+        .collect()
+}
+
+/// The settings of block `i` of `kind`, shared by the U-Net and the ControlNet.
+pub(crate) fn block_settings(
+    config: &UNet2DConditionConfig,
+    r: &Resolved,
+    i: usize,
+    kind: BlockKind,
+    only_cross: bool,
+) -> BlockSettings {
+    BlockSettings {
+        temb: config.time_embed_dim(),
+        groups: config.norm_num_groups,
+        eps: config.norm_eps,
+        attention: (kind == BlockKind::CrossAttention).then(|| {
+            (
+                r.heads[i],
+                r.transformer_layers[i],
+                r.cross_dims[i],
+                only_cross,
+            )
+        }),
+    }
+}
+
+/// The down path of a U-Net (or of its ControlNet copy).
+pub(crate) fn down_path<B: Backend>(
+    config: &UNet2DConditionConfig,
+    r: &Resolved,
+    device: &B::Device,
+) -> Vec<DownBlock<B>> {
+    let ch = &config.block_out_channels;
+    let n = ch.len();
+    let mut cin = ch[0];
+    (0..n)
+        .map(|i| {
+            let last = i + 1 == n;
+            let block = DownBlock::new(
+                block_settings(config, r, i, r.down[i], r.only_cross[i]),
+                cin,
+                ch[i],
+                r.layers[i],
+                (!last).then_some(config.downsample_padding),
+                device,
+            );
+            cin = ch[i];
+            block
+        })
+        .collect()
+}
+
+/// The mid block, `None` when `mid_block_type` is null.
+pub(crate) fn mid_block<B: Backend>(
+    config: &UNet2DConditionConfig,
+    r: &Resolved,
+    device: &B::Device,
+) -> Option<MidBlock<B>> {
+    let n = config.block_out_channels.len();
+    config.mid_block_type.as_ref().map(|_| {
+        let kind = if r.mid_attention {
+            BlockKind::CrossAttention
+        } else {
+            BlockKind::Plain
+        };
+        MidBlock::new(
+            block_settings(config, r, n - 1, kind, r.mid_only_cross),
+            config.block_out_channels[n - 1],
+            config.mid_block_scale_factor,
+            device,
+        )
+    })
+}
+
+/// SDXL's `add_embedding`, present with `addition_embed_type: "text_time"`.
+pub(crate) fn add_embedding<B: Backend>(
+    config: &UNet2DConditionConfig,
+    device: &B::Device,
+) -> Option<TimestepEmbedding<B>> {
+    config.needs_text_time().then(|| {
+        TimestepEmbedding::new(
+            config.projection_class_embeddings_input_dim.unwrap_or(0),
+            config.time_embed_dim(),
+            device,
+        )
+    })
+}
+
+/// The class embedding table of class-conditional models.
+pub(crate) fn class_embedding<B: Backend>(
+    config: &UNet2DConditionConfig,
+    device: &B::Device,
+) -> Option<Embedding<B>> {
+    config
+        .num_class_embeds
+        .map(|classes| EmbeddingConfig::new(classes, config.time_embed_dim()).init(device))
+}
+
 /// diffusers' feed-forward keys (`ff.net.0.proj`, `ff.net.2`) onto [`crate::FeedForward`]'s.
 /// A module path as diffusers names the parameter: the inverse of the key map the weights load
 /// through, and what LoRA files name the weights they adapt by.
@@ -431,7 +465,7 @@ pub fn checkpoint_key(path: &str) -> Option<String> {
     )
 }
 
-fn diffusers_key(key: &str) -> Option<String> {
+pub(crate) fn diffusers_key(key: &str) -> Option<String> {
     Some(
         key.replace(".ff.net.0.proj.", ".ff.geglu.")
             .replace(".ff.net.2.", ".ff.proj_out."),

@@ -23,6 +23,7 @@
 //!
 //! The stage crates are re-exported for custom pipelines.
 
+mod control;
 mod error;
 pub mod memory;
 mod model;
@@ -31,6 +32,7 @@ mod pipeline;
 mod save;
 mod single_file;
 
+pub use control::{Control, ControlNetSource, ControlStack, control_image_data};
 pub use error::{Result, SdError};
 pub use model::{Model, ModelFamily, hub_cache_snapshot};
 pub use output::{parameters_text, prompt_of_parameters, read_parameters, save_png, to_images};

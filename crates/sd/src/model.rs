@@ -471,6 +471,12 @@ impl Model {
     }
 
     fn load_options(&self) -> LoadOptions {
+        self.weight_load_options()
+    }
+
+    /// How this model's weights load: its dtype, and the finiteness check unless turned off.
+    /// Components loaded beside the model (ControlNets) use the same.
+    pub fn weight_load_options(&self) -> LoadOptions {
         LoadOptions {
             dtype: self.dtype,
             check_finite: self.check_weights,

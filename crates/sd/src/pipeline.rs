@@ -9,7 +9,9 @@ use sd_conditioner::{Conditioner, Conditioning, PromptSyntax};
 use sd_core::image_io::check_image_size;
 use sd_encoder::VaeEncoder;
 use sd_schedulers::{HostNoise, NoiseSource, Scheduler, SchedulerConfig, img2img_start};
-use sd_unet::{TextTimeConditioning, UNet2DConditionModel};
+use sd_unet::{TextTimeConditioning, UNet2DConditionModel, UNetConditioning};
+
+use crate::control::{Control, ControlStack};
 
 use crate::error::{Result, SdError};
 use crate::model::{Model, ModelFamily};
@@ -80,6 +82,13 @@ pub struct GenerateOptions {
     pub target_size: Option<(usize, usize)>,
     /// Decode in overlapping tiles: bounded memory for large images.
     pub vae_tiling: bool,
+    /// ControlNets, each with its conditioning image, scale and step range; their residuals
+    /// add up.
+    pub controls: Vec<Control>,
+    /// ControlNet guess mode: under guidance the ControlNets see only the conditional half,
+    /// and their shallower residuals are scaled down (for prompts that do not describe the
+    /// conditioning image, or none at all).
+    pub guess_mode: bool,
 }
 
 impl Default for GenerateOptions {
@@ -107,6 +116,8 @@ impl Default for GenerateOptions {
             crops_coords_top_left: (0, 0),
             target_size: None,
             vae_tiling: false,
+            controls: Vec::new(),
+            guess_mode: false,
         }
     }
 }
@@ -299,6 +310,9 @@ impl GenerateOptions {
                 mask.shape.as_slice()
             )));
         }
+        for control in &self.controls {
+            control.check(model, (w, h))?;
+        }
         Ok(())
     }
 
@@ -479,6 +493,7 @@ pub fn denoise<B: Backend>(
     cond: &PromptConditioning<B>,
     text_time: Option<&TextTimeConditioning<B>>,
     inpaint: Option<&InpaintLatents<B>>,
+    control: Option<&ControlStack<B>>,
     options: &GenerateOptions,
     noise: &mut dyn NoiseSource<B>,
     mut callback: Option<&mut StepCallback<'_, B>>,
@@ -496,18 +511,37 @@ pub fn denoise<B: Backend>(
     let mut latents = latents;
     let timesteps = scheduler.timesteps().to_vec();
     let total = timesteps.len();
-    for (i, &t) in timesteps.iter().enumerate().skip(scheduler.step_index()) {
+    let first = scheduler.step_index();
+    for (i, &t) in timesteps.iter().enumerate().skip(first) {
         let input = if cond.guided {
             Tensor::cat(vec![latents.clone(), latents.clone()], 0)
         } else {
             latents.clone()
         };
         let input = scheduler.scale_model_input(input);
+        let mut unet_cond = UNetConditioning {
+            text_time,
+            ..UNetConditioning::text(context.clone())
+        };
+        // ControlNets see the latents without an inpainting U-Net's extra channels, and count
+        // steps from the first one run (diffusers' img2img ControlNet pipeline).
+        let residuals = match control {
+            Some(stack) => stack.residuals(
+                i - first,
+                total - first,
+                input.clone(),
+                t,
+                &unet_cond,
+                cond.guided,
+            )?,
+            None => None,
+        };
+        unet_cond.control = residuals.as_ref();
         let input = match &extra_channels {
             Some(extra) => Tensor::cat(vec![input, extra.clone()], 1),
             None => input,
         };
-        let prediction = unet.forward(input, &[t], context.clone(), text_time)?;
+        let prediction = unet.forward_conditioned(input, &[t], &unet_cond)?;
         let prediction = if cond.guided {
             let uncond = prediction.clone().narrow(0, 0, n);
             let text = prediction.narrow(0, n, n);
@@ -623,6 +657,14 @@ pub fn generate_with_noise<B: Backend>(
     }
     let latents = {
         let unet = model.load_unet::<B>(device)?;
+        let control = ControlStack::load(
+            model,
+            &options.controls,
+            options.guess_mode,
+            options.num_images,
+            cond.guided,
+            device,
+        )?;
         denoise(
             &unet,
             scheduler.as_mut(),
@@ -630,6 +672,7 @@ pub fn generate_with_noise<B: Backend>(
             &cond,
             text_time.as_ref(),
             inpaint.as_ref(),
+            control.as_ref(),
             options,
             noise,
             callback,

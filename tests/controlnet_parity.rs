@@ -1,0 +1,221 @@
+//! ControlNet against diffusers on the tiny fixture ControlNets (`tests/fixtures/controlnet`,
+//! made by `xtask/python/controlnet_fixtures.py`): the model alone (every residual, guess
+//! mode's scales, the U-Net with the residuals added), then whole generations against
+//! `StableDiffusionControlNetPipeline` and the SDXL one with one and two ControlNets, a step
+//! range, guess mode and no guidance.
+
+mod common;
+
+use std::path::Path;
+
+use burn::backend::Flex;
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Tensor};
+use common::{Reference, Report, fixtures_dir, manifest};
+use sd::conditioner::PromptSyntax;
+use sd::core::weights::LoadOptions;
+use sd::schedulers::SchedulerConfig;
+use sd::unet::{
+    ControlNetModel, ControlResiduals, TextTimeConditioning, UNet2DConditionModel, UNetConditioning,
+};
+use sd::{Control, ControlNetSource, GenerateOptions, Model, generate};
+
+type B = Flex;
+
+fn residuals<Bk: Backend>(
+    reference: &Reference,
+    prefix: &str,
+    count: usize,
+    device: &Bk::Device,
+) -> ControlResiduals<Bk> {
+    ControlResiduals {
+        down: (0..count)
+            .map(|i| reference.tensor(&format!("{prefix}.down.{i}"), device))
+            .collect(),
+        mid: reference.tensor(&format!("{prefix}.mid"), device),
+    }
+}
+
+fn check_residuals(
+    report: &mut Report,
+    what: &str,
+    actual: ControlResiduals<B>,
+    expected: ControlResiduals<B>,
+    tolerance: f32,
+) {
+    assert_eq!(
+        actual.down.len(),
+        expected.down.len(),
+        "{what}: residual count"
+    );
+    for (i, (a, e)) in actual.down.into_iter().zip(expected.down).enumerate() {
+        report.check(&format!("{what} down.{i}"), a, e, tolerance);
+    }
+    report.check(&format!("{what} mid"), actual.mid, expected.mid, tolerance);
+}
+
+#[test]
+fn the_controlnet_and_the_unet_with_its_residuals_match_diffusers() {
+    let case = fixtures_dir().join("controlnet");
+    let manifest = manifest(&case);
+    let reference = Reference::open(&case);
+    let device = Default::default();
+    let direct = &manifest["direct"];
+    let t = direct["timestep"].as_f64().unwrap();
+    let scale = direct["scale"].as_f64().unwrap();
+    let guess_scale = direct["guess_scale"].as_f64().unwrap();
+    let tolerance = direct["tolerance"].as_f64().unwrap() as f32;
+    let mut report = Report::default();
+    for net_name in direct["nets"].as_array().unwrap() {
+        let net_name = net_name.as_str().unwrap();
+        let prefix = format!("direct.{net_name}");
+        let net = ControlNetModel::<B>::from_pretrained(
+            case.join(net_name),
+            None,
+            LoadOptions::default(),
+            &device,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let sample: Tensor<B, 4> = reference.tensor(&format!("{prefix}.sample"), &device);
+        let image: Tensor<B, 4> = reference.tensor(&format!("{prefix}.cond"), &device);
+        let text_time = reference.has(&format!("{prefix}.text_embeds")).then(|| {
+            let ids: Tensor<B, 2> = reference.tensor(&format!("{prefix}.time_ids"), &device);
+            let ids = ids.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+            TextTimeConditioning {
+                text_embeds: reference.tensor(&format!("{prefix}.text_embeds"), &device),
+                time_ids: ids
+                    .chunks(6)
+                    .map(|c| std::array::from_fn(|i| f64::from(c[i])))
+                    .collect(),
+            }
+        });
+        let cond = UNetConditioning {
+            text_time: text_time.as_ref(),
+            ..UNetConditioning::text(reference.tensor(&format!("{prefix}.context"), &device))
+        };
+        let count = direct[net_name]["down_shapes"].as_array().unwrap().len();
+        let out = net
+            .forward(sample.clone(), &[t], &cond, image.clone(), scale, false)
+            .unwrap();
+        check_residuals(
+            &mut report,
+            net_name,
+            out.clone(),
+            residuals(&reference, &prefix, count, &device),
+            tolerance,
+        );
+        let guess = net
+            .forward(sample.clone(), &[t], &cond, image, guess_scale, true)
+            .unwrap();
+        check_residuals(
+            &mut report,
+            &format!("{net_name} guess mode"),
+            guess,
+            residuals(&reference, &format!("{prefix}.guess"), count, &device),
+            tolerance,
+        );
+        if let Some(unet_dir) = direct[net_name]["unet"].as_str() {
+            let unet =
+                UNet2DConditionModel::<B>::from_pretrained(case.join(unet_dir), None, &device)
+                    .unwrap();
+            // The reference's own residuals, so that the U-Net side is checked on its own.
+            let given = residuals(&reference, &prefix, count, &device);
+            let with = UNetConditioning {
+                control: Some(&given),
+                ..cond.clone()
+            };
+            report.check(
+                &format!("{net_name} U-Net with residuals"),
+                unet.forward_conditioned(sample, &[t], &with).unwrap(),
+                reference.tensor(&format!("{prefix}.unet_out"), &device),
+                tolerance,
+            );
+        }
+    }
+    report.finish();
+}
+
+fn pair(v: &serde_json::Value) -> Option<(usize, usize)> {
+    let a = v.as_array()?;
+    Some((a[0].as_u64()? as usize, a[1].as_u64()? as usize))
+}
+
+fn read_control_image(path: &Path) -> burn::tensor::TensorData {
+    let image = image::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_rgb8();
+    sd::control_image_data(&image)
+}
+
+#[test]
+fn controlnet_pipelines_match_diffusers() {
+    let case = fixtures_dir().join("controlnet");
+    let manifest = manifest(&case);
+    let reference = Reference::open(&case);
+    let device = Default::default();
+    let mut report = Report::default();
+    for run in manifest["runs"].as_array().unwrap() {
+        let name = run["name"].as_str().unwrap();
+        let model = Model::from_folder(case.join(run["base"].as_str().unwrap()), None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let controls = run["controlnets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| Control {
+                scale: c["scale"].as_f64().unwrap(),
+                start: run["control_guidance_start"].as_f64().unwrap(),
+                end: run["control_guidance_end"].as_f64().unwrap(),
+                ..Control::new(
+                    ControlNetSource::open(case.join(c["folder"].as_str().unwrap()), &model)
+                        .unwrap_or_else(|e| panic!("{e}")),
+                    read_control_image(&case.join(c["image"].as_str().unwrap())),
+                )
+            })
+            .collect();
+        let latents_in: Tensor<B, 4> = reference.tensor(&format!("{name}.latents_in"), &device);
+        let options = GenerateOptions {
+            prompt: run["prompt"].as_str().unwrap().into(),
+            negative_prompt: run["negative_prompt"].as_str().map(String::from),
+            steps: run["steps"].as_u64().unwrap() as usize,
+            guidance_scale: run["guidance_scale"].as_f64().unwrap(),
+            scheduler: Some("DDIMScheduler".into()),
+            scheduler_config: Some(
+                SchedulerConfig::from_json(&run["scheduler_config"].to_string()).unwrap(),
+            ),
+            prompt_syntax: PromptSyntax::Plain,
+            init_latents: Some(latents_in.into_data()),
+            original_size: pair(&run["original_size"]),
+            crops_coords_top_left: pair(&run["crops_coords_top_left"]).unwrap_or((0, 0)),
+            target_size: pair(&run["target_size"]),
+            controls,
+            guess_mode: run["guess_mode"].as_bool().unwrap(),
+            ..GenerateOptions::default()
+        };
+        let out = generate::<B>(&model, &options, &device, None)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let tolerance = run["tolerance"].as_f64().unwrap() as f32;
+        let expected: Tensor<B, 4> = reference.tensor(&format!("{name}.latents_out"), &device);
+        // f32 resolves 1e-4 relative to the values' size (latents reach ~16 here).
+        let scale = expected
+            .clone()
+            .abs()
+            .max()
+            .into_scalar()
+            .elem::<f32>()
+            .max(1.0);
+        report.check(
+            &format!("{name} latents"),
+            out.latents,
+            expected,
+            tolerance * scale,
+        );
+        report.check(
+            &format!("{name} image"),
+            ((out.images + 1.0) / 2.0).clamp(0.0, 1.0),
+            reference.tensor(&format!("{name}.image"), &device),
+            tolerance,
+        );
+    }
+    report.finish();
+}
