@@ -219,3 +219,61 @@ fn controlnet_pipelines_match_diffusers() {
     }
     report.finish();
 }
+
+/// A ControlNet written in the original layout (`control_model.…`, through
+/// `controlnet_ldm_key`) loads through `ldm_controlnet_key` with the encoder's widths read off
+/// the file, and gives the folder's residuals exactly.
+#[test]
+fn an_original_layout_controlnet_gives_the_folders_residuals() {
+    let case = fixtures_dir().join("controlnet");
+    let folder = case.join("sd1_a");
+    let model = Model::from_folder(case.join("../pipeline/tiny_sd1/model"), None).unwrap();
+    let bytes = std::fs::read(folder.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(key, view)| {
+            let ldm = sd::unet::controlnet_ldm_key(&key, 2, 1)
+                .unwrap_or_else(|| panic!("{key} has no original-layout name"));
+            (ldm, view)
+        })
+        .collect();
+    let single = std::env::temp_dir().join(format!(
+        "sd-controlnet-{}-control_tiny.safetensors",
+        std::process::id()
+    ));
+    std::fs::write(&single, safetensors::serialize(renamed, None).unwrap()).unwrap();
+    let source = ControlNetSource::open(&single, &model).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        source.config().extras.conditioning_embedding_out_channels,
+        vec![8, 16]
+    );
+    let device = Default::default();
+    let from_file = source
+        .load::<B>(&model, &device)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let from_folder = ControlNetSource::open(&folder, &model)
+        .unwrap()
+        .load::<B>(&model, &device)
+        .unwrap();
+    std::fs::remove_file(&single).ok();
+    let reference = Reference::open(&case);
+    let prefix = "direct.sd1_a";
+    let sample: Tensor<B, 4> = reference.tensor(&format!("{prefix}.sample"), &device);
+    let image: Tensor<B, 4> = reference.tensor(&format!("{prefix}.cond"), &device);
+    let cond = UNetConditioning::text(reference.tensor(&format!("{prefix}.context"), &device));
+    let run = |net: &ControlNetModel<B>| {
+        net.forward(sample.clone(), &[500.0], &cond, image.clone(), 1.0, false)
+            .unwrap()
+    };
+    let mut report = Report::default();
+    check_residuals(
+        &mut report,
+        "original layout",
+        run(&from_file),
+        run(&from_folder),
+        0.0,
+    );
+    report.finish();
+}

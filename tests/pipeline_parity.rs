@@ -242,6 +242,7 @@ fn run_stages<B: Backend>(
         &cond,
         None,
         None,
+        None,
         options,
         noise,
         None,

@@ -150,6 +150,168 @@ pub struct GenerateArgs {
     /// Sampling steps of the hires pass (default: --steps).
     #[arg(long)]
     hires_steps: Option<usize>,
+    /// A ControlNet: a diffusers folder or a single file in the original layout
+    /// (`control_*.safetensors`). Repeatable; each takes the --control image of its position.
+    #[arg(long, value_name = "MODEL")]
+    controlnet: Vec<PathBuf>,
+    /// The conditioning image of each --controlnet (edges, depth, pose, …). Without --width
+    /// and --height it sets the output size (rounded down to the VAE's multiple), as diffusers
+    /// does; otherwise it is resized to the output size, with a note.
+    #[arg(long, value_name = "IMAGE")]
+    control: Vec<PathBuf>,
+    /// How strongly each ControlNet steers (default 1): one value for all, or one per
+    /// --controlnet.
+    #[arg(long, value_name = "S", allow_negative_numbers = true)]
+    control_scale: Vec<f64>,
+    /// The fraction of the steps before each ControlNet starts, in [0, 1) (default 0): one
+    /// value for all, or one per --controlnet.
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    control_start: Vec<f64>,
+    /// The fraction of the steps after which each ControlNet stops, in (0, 1] (default 1).
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    control_end: Vec<f64>,
+    /// What to make of each --control image first: `none` (use it as given) or `canny`
+    /// (edges, for canny ControlNets). One value for all, or one per --controlnet.
+    #[arg(long, value_enum, value_name = "P")]
+    control_preprocess: Vec<Preprocess>,
+    /// Canny's thresholds on the gradient magnitude, low and high (A1111's 100 and 200).
+    #[arg(long, num_args = 2, value_names = ["LOW", "HIGH"], default_values_t = [100.0, 200.0], allow_negative_numbers = true)]
+    canny_thresholds: Vec<f32>,
+    /// ControlNet guess mode: the ControlNets see only the prompt's half of the guided batch,
+    /// their shallow residuals scaled down (for prompts that do not describe the image, or
+    /// an empty one).
+    #[arg(long)]
+    guess_mode: bool,
+}
+
+/// An image size, `(width, height)`.
+type Size = (usize, usize);
+
+/// How a --control image is prepared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Preprocess {
+    /// Used as given.
+    None,
+    /// Canny edges.
+    Canny,
+}
+
+/// The value for ControlNet `i` of a flag given once for all or once per ControlNet.
+fn per_control<T: Copy>(
+    values: &[T],
+    i: usize,
+    n: usize,
+    flag: &str,
+    default: T,
+) -> Result<T, String> {
+    match values.len() {
+        0 => Ok(default),
+        1 => Ok(values[0]),
+        k if k == n => Ok(values[i]),
+        k => Err(format!(
+            "--{flag} is given {k} times for {n} --controlnet: give it once (for all) or once per \
+             ControlNet"
+        )),
+    }
+}
+
+/// The ControlNets of the run, each with its image read, prepared and sized. `size`: the
+/// output size asked for (--width/--height, or the starting image's); without one the first
+/// image's size, rounded down to the VAE's multiple, becomes the output size (returned).
+fn read_controls(
+    args: &GenerateArgs,
+    model: &Model,
+    size: Option<(usize, usize)>,
+) -> Result<(Vec<sd::Control>, Option<Size>), String> {
+    let n = args.controlnet.len();
+    if args.control.len() != n {
+        return Err(format!(
+            "{} --controlnet and {} --control images: give one image per ControlNet",
+            n,
+            args.control.len()
+        ));
+    }
+    if n == 0 {
+        let stray = [
+            (!args.control_scale.is_empty(), "--control-scale"),
+            (!args.control_start.is_empty(), "--control-start"),
+            (!args.control_end.is_empty(), "--control-end"),
+            (!args.control_preprocess.is_empty(), "--control-preprocess"),
+            (args.guess_mode, "--guess-mode"),
+        ];
+        if let Some((_, flag)) = stray.iter().find(|(given, _)| *given) {
+            return Err(format!("{flag} needs --controlnet and --control"));
+        }
+        return Ok((Vec::new(), size));
+    }
+    // Every per-ControlNet flag's count, before any file is read.
+    per_control(&args.control_scale, 0, n, "control-scale", 1.0)?;
+    per_control(&args.control_start, 0, n, "control-start", 0.0)?;
+    per_control(&args.control_end, 0, n, "control-end", 1.0)?;
+    per_control(
+        &args.control_preprocess,
+        0,
+        n,
+        "control-preprocess",
+        Preprocess::None,
+    )?;
+    let factor = model.vae_scale_factor();
+    let mut size = size;
+    let mut controls = Vec::with_capacity(n);
+    for (i, (net, path)) in args.controlnet.iter().zip(&args.control).enumerate() {
+        let source = sd::ControlNetSource::open(net, model).map_err(|e| e.to_string())?;
+        source.check_fits(model).map_err(|e| e.to_string())?;
+        let mut image = sd::core::image_io::decode_image(path)
+            .map_err(|e| e.to_string())?
+            .to_rgb8();
+        let preprocess = per_control(
+            &args.control_preprocess,
+            i,
+            n,
+            "control-preprocess",
+            Preprocess::None,
+        )?;
+        if preprocess == Preprocess::Canny {
+            let (low, high) = (args.canny_thresholds[0], args.canny_thresholds[1]);
+            if !(low.is_finite() && high.is_finite() && 0.0 <= low && low <= high) {
+                return Err(format!(
+                    "--canny-thresholds {low} {high}: need 0 ≤ low ≤ high"
+                ));
+            }
+            image = sd::canny_edges(&image, low, high);
+        }
+        let (w, h) = (image.width() as usize, image.height() as usize);
+        let (tw, th) = *size.get_or_insert((w / factor * factor, h / factor * factor));
+        if tw == 0 || th == 0 {
+            return Err(format!(
+                "{}: a {w}×{h} conditioning image is smaller than the VAE's {factor}-pixel step",
+                path.display()
+            ));
+        }
+        if (w, h) != (tw, th) {
+            eprintln!(
+                "note: {}: the {w}×{h} conditioning image is resized to {tw}×{th} (Lanczos)",
+                path.display()
+            );
+            image = image::imageops::resize(
+                &image,
+                tw as u32,
+                th as u32,
+                image::imageops::FilterType::Lanczos3,
+            );
+        }
+        controls.push(sd::Control {
+            scale: per_control(&args.control_scale, i, n, "control-scale", 1.0)?,
+            start: per_control(&args.control_start, i, n, "control-start", 0.0)?,
+            end: per_control(&args.control_end, i, n, "control-end", 1.0)?,
+            preprocessor: match preprocess {
+                Preprocess::None => "none".into(),
+                Preprocess::Canny => "canny".into(),
+            },
+            ..sd::Control::new(source, sd::control_image_data(&image))
+        });
+    }
+    Ok((controls, size))
 }
 
 /// What happens to the decoded images: Real-ESRGAN after decoding, or A1111's hires fix.
@@ -447,6 +609,7 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
     for path in [&args.init_image, &args.mask, &args.init_latents]
         .into_iter()
         .flatten()
+        .chain(&args.control)
     {
         sd::core::files::regular_file(path).map_err(|e| e.to_string())?;
     }
@@ -507,6 +670,17 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
     if args.strength.is_some() && args.init_image.is_none() {
         return Err("--strength needs --init-image".into());
     }
+    // ControlNet images are read before the memory check: without a size asked for, the first
+    // one sets the output size.
+    let asked = match (header_size, args.width, args.height) {
+        (Some((w, h)), ..) => Some((w as usize, h as usize)),
+        (None, None, None) => None,
+        (None, w, h) => Some((
+            w.unwrap_or(model.default_size()),
+            h.unwrap_or(model.default_size()),
+        )),
+    };
+    let (controls, control_size) = read_controls(&args, &model, asked)?;
     // The memory check, before any image is decoded or weight read: it applies where the host
     // holds the tensors, and on a GPU backend only when a budget is given. A starting image's
     // size comes from its header.
@@ -517,8 +691,9 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
     };
     if let Some(budget) = budget {
         let probe = GenerateOptions {
-            width: header_size.map(|(w, _)| w as usize).or(args.width),
-            height: header_size.map(|(_, h)| h as usize).or(args.height),
+            width: control_size.map(|(w, _)| w).or(args.width),
+            height: control_size.map(|(_, h)| h).or(args.height),
+            controls: controls.clone(),
             num_images: args.num_images,
             guidance_scale: guidance,
             vae_tiling: args.vae_tiling,
@@ -533,6 +708,7 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
                 width: Some(big.0),
                 height: Some(big.1),
                 num_images: 1,
+                controls: Vec::new(),
                 ..probe
             };
             check_memory(&model, &probe, big, budget)?;
@@ -568,8 +744,8 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         guidance_scale: guidance,
         guidance_rescale: args.guidance_rescale,
         seed: jobs[0].seed,
-        width: args.width,
-        height: args.height,
+        width: control_size.map(|(w, _)| w).or(args.width),
+        height: control_size.map(|(_, h)| h).or(args.height),
         num_images: args.num_images,
         scheduler: args.scheduler.clone(),
         karras: args.karras,
@@ -589,6 +765,8 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
             .strength
             .unwrap_or(if mask.is_some() { 1.0 } else { 0.8 }),
         mask,
+        controls,
+        guess_mode: args.guess_mode,
         ..GenerateOptions::default()
     };
     let first_size = options.size(&model).map_err(|e| e.to_string())?;
@@ -808,6 +986,9 @@ fn generate<B: Backend>(
                 height: Some(h),
                 num_images: 1,
                 seed: options.seed.wrapping_add(i as u64),
+                // The conditioning images are the first pass's size: the hires pass runs
+                // without the ControlNets (the first pass fixed the layout).
+                controls: Vec::new(),
                 ..options.clone()
             };
             let mut callback = |p: &StepProgress<'_, B>| {

@@ -435,3 +435,155 @@ fn a_prompt_file_is_rendered_one_png_a_line_split_by_shards_and_resumed() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--controlnet` with `--control`: the conditioning image sets the size, the ControlNet
+/// changes the image, two ControlNets (one on Canny edges) are recorded as A1111 records them,
+/// and mismatched input is one line.
+#[test]
+fn controlnets_steer_generation_from_the_command_line() {
+    let dir = scratch("controlnet");
+    let model = tiny_model();
+    let model = model.to_str().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/controlnet");
+    let net_a = fixtures.join("sd1_a");
+    let net_b = fixtures.join("sd1_b");
+    let control = dir.join("control.png");
+    image::RgbImage::from_fn(48, 33, |x, y| {
+        image::Rgb(if (8..30).contains(&x) && (6..20).contains(&y) {
+            [255, 255, 255]
+        } else {
+            [0, 0, 0]
+        })
+    })
+    .save(&control)
+    .unwrap();
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "generate", "a cat", "--model", model, "--steps", "3", "--seed", "5", "-q", "-o",
+        ];
+        args.push(out.to_str().unwrap());
+        args.extend_from_slice(extra);
+        sd(&args)
+    };
+    // Without --width/--height the 48×33 image gives a 48×32 output (the VAE's step is 2).
+    let with = dir.join("with.png");
+    let (ok, _, stderr) = run(
+        &with,
+        &[
+            "--controlnet",
+            net_a.to_str().unwrap(),
+            "--control",
+            control.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("resized to 48×32"), "{stderr}");
+    let with_image = image::open(&with).unwrap().to_rgb8();
+    assert_eq!(with_image.dimensions(), (48, 32));
+    let without = dir.join("without.png");
+    let (ok, _, stderr) = run(&without, &["--width", "48", "--height", "32"]);
+    assert!(ok, "{stderr}");
+    let without_image = image::open(&without).unwrap().to_rgb8();
+    let differ = with_image
+        .as_raw()
+        .iter()
+        .zip(without_image.as_raw())
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(differ > 1000, "the ControlNet changed only {differ} values");
+
+    let two = dir.join("two.png");
+    let (ok, _, stderr) = run(
+        &two,
+        &[
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--controlnet",
+            net_a.to_str().unwrap(),
+            "--control",
+            control.to_str().unwrap(),
+            "--controlnet",
+            net_b.to_str().unwrap(),
+            "--control",
+            control.to_str().unwrap(),
+            "--control-preprocess",
+            "none",
+            "--control-preprocess",
+            "canny",
+            "--control-scale",
+            "0.7",
+            "--control-end",
+            "0.5",
+            "--guess-mode",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let text = parameters(&two);
+    assert!(
+        text.contains(r#"ControlNet 0: "Module: none, Model: sd1_a, Weight: 0.7, Guidance Start: 0, Guidance End: 0.5""#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"ControlNet 1: "Module: canny, Model: sd1_b"#),
+        "{text}"
+    );
+    assert!(text.contains("ControlNet guess mode: True"), "{text}");
+
+    let sdxl_net = fixtures.join("sdxl");
+    // At the output size: no resize note beside the error.
+    let control = fixtures.join("control_a.png");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--controlnet", net_a.to_str().unwrap()],
+            "1 --controlnet and 0 --control images",
+        ),
+        (
+            vec![
+                "--controlnet",
+                sdxl_net.to_str().unwrap(),
+                "--control",
+                control.to_str().unwrap(),
+            ],
+            "made for another model family",
+        ),
+        (
+            vec![
+                "--controlnet",
+                net_a.to_str().unwrap(),
+                "--control",
+                control.to_str().unwrap(),
+                "--control-scale",
+                "1",
+                "--control-scale",
+                "2",
+                "--control-scale",
+                "3",
+            ],
+            "--control-scale is given 3 times for 1 --controlnet",
+        ),
+        (vec!["--guess-mode"], "--guess-mode needs --controlnet"),
+        (
+            vec![
+                "--controlnet",
+                net_a.to_str().unwrap(),
+                "--control",
+                control.to_str().unwrap(),
+                "--control-start",
+                "0.6",
+                "--control-end",
+                "0.4",
+            ],
+            "start 0.6 is not before end 0.4",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let out = dir.join("bad.png");
+        let (ok, _, stderr) = run(&out, &extra);
+        assert!(!ok, "{extra:?} succeeded");
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{extra:?}: {stderr}");
+        assert!(!out.exists(), "{extra:?} wrote an image");
+    }
+}

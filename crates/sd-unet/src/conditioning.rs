@@ -22,7 +22,7 @@ pub struct TextTimeConditioning<B: Backend> {
 
 /// A ControlNet's output for one step (Zhang et al. 2023, sec. 3.2): one residual per skip
 /// connection of the U-Net's down path (the `conv_in` output first) and one for the mid block,
-/// already scaled. Several ControlNets add up ([`ControlResiduals::add`]).
+/// already scaled. Several ControlNets add up ([`ControlResiduals::sum`]).
 #[derive(Debug, Clone)]
 pub struct ControlResiduals<B: Backend> {
     /// One per skip connection, in the order the down path produces them.
@@ -33,7 +33,7 @@ pub struct ControlResiduals<B: Backend> {
 
 impl<B: Backend> ControlResiduals<B> {
     /// The sum of two ControlNets' residuals (diffusers' `MultiControlNetModel`).
-    pub fn add(self, other: Self) -> Result<Self> {
+    pub fn sum(self, other: Self) -> Result<Self> {
         if self.down.len() != other.down.len() {
             return Err(CoreError::InvalidInput(format!(
                 "ControlNets with {} and {} residuals cannot be combined",

@@ -39,14 +39,14 @@ impl ControlNetSource {
                 single_file: false,
             });
         }
-        sd_core::files::regular_file(path)?;
-        // The released encoders are [16, 32, 96, 256]: three halvings for a factor-8 VAE.
-        let mut widths = vec![16, 32, 96, 256];
-        let steps = model.vae_scale_factor().trailing_zeros() as usize;
-        widths.truncate(steps + 1);
+        // A single file carries no config: the copied half is the model's U-Net, and the
+        // conditioning encoder's widths are read off its `input_hint_block` convolutions.
+        let file = SafetensorsFile::open(path)?;
+        let (image_channels, widths) = hint_widths(&file)?;
         let config = ControlNetConfig {
             unet: model.unet_config().clone(),
             extras: ControlNetExtras {
+                conditioning_channels: image_channels,
                 conditioning_embedding_out_channels: widths,
                 ..ControlNetExtras::default()
             },
@@ -112,15 +112,15 @@ impl ControlNetSource {
         if c.layers_per_block.expand(n) != u.layers_per_block.expand(n) {
             return mismatch(
                 "layers_per_block",
-                format!("{:?}", c.layers_per_block.expand(n)),
-                format!("{:?}", u.layers_per_block.expand(n)),
+                per_block(&c.layers_per_block, n),
+                per_block(&u.layers_per_block, n),
             );
         }
         if c.cross_attention_dim.expand(n) != u.cross_attention_dim.expand(n) {
             return mismatch(
                 "cross_attention_dim",
-                format!("{:?}", c.cross_attention_dim.expand(n)),
-                format!("{:?}", u.cross_attention_dim.expand(n)),
+                per_block(&c.cross_attention_dim, n),
+                per_block(&u.cross_attention_dim, n),
             );
         }
         if c.addition_embed_type != u.addition_embed_type {
@@ -163,6 +163,55 @@ impl ControlNetSource {
     }
 }
 
+/// The conditioning image's channels and the encoder's widths of an original-layout ControlNet:
+/// `input_hint_block` is conv, (conv, stride-2 conv) × steps, conv at even indices; the widths
+/// are the first conv's outputs and each stride-2 conv's.
+fn hint_widths(file: &SafetensorsFile) -> Result<(usize, Vec<usize>)> {
+    let mut convs: Vec<(usize, &[usize])> = file
+        .entries()
+        .iter()
+        .filter_map(|e| {
+            let key = e.key.strip_prefix("control_model.").unwrap_or(&e.key);
+            let index = key
+                .strip_prefix("input_hint_block.")?
+                .strip_suffix(".weight")?
+                .parse()
+                .ok()?;
+            (e.shape.len() == 4).then_some((index, e.shape.as_slice()))
+        })
+        .collect();
+    convs.sort_by_key(|(i, _)| *i);
+    let not_controlnet = || {
+        model_error(
+            file.path(),
+            "not a ControlNet in the original layout: no `control_model.input_hint_block` \
+             convolutions (conv, then pairs of convs, then the output conv)",
+        )
+    };
+    if convs.len() < 2 || !convs.len().is_multiple_of(2) {
+        return Err(not_controlnet());
+    }
+    let image_channels = convs[0].1[1];
+    let mut widths = vec![convs[0].1[0]];
+    // The stride-2 convs: the 2nd of each pair, i.e. the 3rd, 5th, … conv.
+    widths.extend(
+        convs[..convs.len() - 1]
+            .iter()
+            .skip(2)
+            .step_by(2)
+            .map(|(_, s)| s[0]),
+    );
+    Ok((image_channels, widths))
+}
+
+/// A per-block value as a list for `n` blocks.
+fn per_block(value: &sd_unet::PerBlock, n: usize) -> String {
+    match value.expand(n) {
+        Some(v) => format!("{v:?}"),
+        None => format!("{value:?} (not {n} blocks)"),
+    }
+}
+
 /// One ControlNet of a generation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Control {
@@ -176,6 +225,9 @@ pub struct Control {
     pub start: f64,
     /// `control_guidance_end`: the fraction of the steps after which it stops.
     pub end: f64,
+    /// What made the conditioning image from the user's (`canny`, or `none`), recorded in the
+    /// PNG's parameters as A1111's ControlNet extension does.
+    pub preprocessor: String,
 }
 
 impl Control {
@@ -187,6 +239,7 @@ impl Control {
             scale: 1.0,
             start: 0.0,
             end: 1.0,
+            preprocessor: "none".into(),
         }
     }
 
@@ -228,9 +281,18 @@ impl Control {
     }
 }
 
+/// One loaded ControlNet with its batched image, scale and step range.
+struct LoadedControl<B: Backend> {
+    net: ControlNetModel<B>,
+    image: Tensor<B, 4>,
+    scale: f64,
+    start: f64,
+    end: f64,
+}
+
 /// The loaded ControlNets of one generation and what the loop needs to run them.
 pub struct ControlStack<B: Backend> {
-    nets: Vec<(ControlNetModel<B>, Tensor<B, 4>, f64, f64, f64)>,
+    nets: Vec<LoadedControl<B>>,
     guess_mode: bool,
 }
 
@@ -261,8 +323,13 @@ impl<B: Backend> ControlStack<B> {
             .into_iter()
             .map(|(net, c)| {
                 let image = Tensor::<B, 4>::from_data(c.image.clone(), device).cast(model.dtype());
-                let image = Tensor::cat(vec![image; copies], 0);
-                (net, image, c.scale, c.start, c.end)
+                LoadedControl {
+                    net,
+                    image: Tensor::cat(vec![image; copies], 0),
+                    scale: c.scale,
+                    start: c.start,
+                    end: c.end,
+                }
             })
             .collect();
         Ok(Some(Self {
@@ -306,22 +373,22 @@ impl<B: Backend> ControlStack<B> {
             (input, cond.clone())
         };
         let mut sum: Option<ControlResiduals<B>> = None;
-        for (net, image, scale, start, end) in &self.nets {
+        for c in &self.nets {
             // diffusers' `controlnet_keep`: off before `start` and after `end`.
             let (begin, finish) = (i as f64 / total as f64, (i + 1) as f64 / total as f64);
-            if begin < *start || finish > *end {
+            if begin < c.start || finish > c.end {
                 continue;
             }
-            let r = net.forward(
+            let r = c.net.forward(
                 input.clone(),
                 &[t],
                 &control_cond,
-                image.clone(),
-                *scale,
+                c.image.clone(),
+                c.scale,
                 self.guess_mode,
             )?;
             sum = Some(match sum {
-                Some(s) => s.add(r)?,
+                Some(s) => s.sum(r)?,
                 None => r,
             });
         }
@@ -341,4 +408,14 @@ pub fn control_image_data(image: &image::RgbImage) -> TensorData {
         }
     }
     TensorData::new(values, [1, 3, h, w])
+}
+
+/// Canny edges (Canny 1986) as a ControlNet's conditioning image: white edges on black in all
+/// three channels, what the released "canny" ControlNets were trained on (their annotator ran
+/// OpenCV's Canny at thresholds 100 and 200). imageproc smooths with a Gaussian of σ 1.4 first
+/// and thresholds the gradient magnitude, so edges can differ from OpenCV's by a pixel.
+pub fn canny_edges(image: &image::RgbImage, low: f32, high: f32) -> image::RgbImage {
+    let gray = image::imageops::grayscale(image);
+    let edges = imageproc::edges::canny(&gray, low, high);
+    image::DynamicImage::ImageLuma8(edges).to_rgb8()
 }

@@ -32,7 +32,7 @@ mod pipeline;
 mod save;
 mod single_file;
 
-pub use control::{Control, ControlNetSource, ControlStack, control_image_data};
+pub use control::{Control, ControlNetSource, ControlStack, canny_edges, control_image_data};
 pub use error::{Result, SdError};
 pub use model::{Model, ModelFamily, hub_cache_snapshot};
 pub use output::{parameters_text, prompt_of_parameters, read_parameters, save_png, to_images};

@@ -59,6 +59,21 @@ pub fn parameters_text(model: &Model, options: &GenerateOptions, sampler: &str) 
     if !hashes.is_empty() {
         fields.push(format!("Lora hashes: \"{}\"", hashes.join(", ")));
     }
+    // A1111's ControlNet extension: `ControlNet 0: "Module: canny, Model: …, Weight: 1, …"`.
+    for (i, c) in options.controls.iter().enumerate() {
+        fields.push(format!(
+            "ControlNet {i}: \"Module: {}, Model: {}, Weight: {}, Guidance Start: {}, Guidance \
+             End: {}\"",
+            c.preprocessor,
+            c.net.name(),
+            c.scale,
+            c.start,
+            c.end
+        ));
+    }
+    if options.guess_mode && !options.controls.is_empty() {
+        fields.push("ControlNet guess mode: True".into());
+    }
     fields.push(format!("Version: sd {}", env!("CARGO_PKG_VERSION")));
     text.push('\n');
     text.push_str(&fields.join(", "));
