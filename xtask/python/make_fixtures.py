@@ -752,7 +752,7 @@ def write_tokenizer_case(root: pathlib.Path, vocab: pathlib.Path, merges: pathli
     print(f"wrote {case} ({len(prompts)} prompts)")
 
 
-KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline", "training", "roundtrip", "lora", "metrics", "upscale", "clip_score", "controlnet"]
+KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline", "training", "roundtrip", "lora", "metrics", "upscale", "clip_score", "controlnet", "ip_adapter"]
 
 
 def parse_kinds(values: list[str] | None) -> set[str]:
@@ -836,6 +836,11 @@ def main() -> None:
         from controlnet_fixtures import write_controlnet_cases
 
         write_controlnet_cases(args.out)
+    if "ip_adapter" in kinds:
+        # After the pipeline fixtures: tiny_sd1 is the base pipeline.
+        from ip_adapter_fixtures import write_ip_adapter_cases
+
+        write_ip_adapter_cases(args.out)
 
 
 if __name__ == "__main__":
