@@ -251,9 +251,11 @@ RUNS = [
 ]
 
 
-def call_ip_pipeline(pipe, spec, base_scheduler, image, latents, seed, output_type, scale=None, with_image=True):
+def call_ip_pipeline(pipe, spec, base_scheduler, image, latents, seed, output_type, scale=None, with_image=True,
+                     image_embeds=None):
     """One call; returns (images or latents, the final latents seen by the step callback, the
-    scheduler after the run, the `image_embeds` the U-Net was handed at each step)."""
+    scheduler after the run, the `image_embeds` the U-Net was handed at each step). `image_embeds`
+    (diffusers' ip_adapter_image_embeds, already batched for CFG) replaces the image."""
     if with_image:
         pipe.set_ip_adapter_scale(spec["scale"] if scale is None else scale)
     pipe.scheduler = DDIMScheduler.from_config(base_scheduler.config)
@@ -268,7 +270,9 @@ def call_ip_pipeline(pipe, spec, base_scheduler, image, latents, seed, output_ty
         generator=torch.Generator().manual_seed(seed),
         output_type=output_type,
     )
-    if with_image:
+    if with_image and image_embeds is not None:
+        kwargs["ip_adapter_image_embeds"] = [image_embeds]
+    elif with_image:
         kwargs["ip_adapter_image"] = image
     final, handed = {}, []
 
@@ -295,9 +299,10 @@ def call_ip_pipeline(pipe, spec, base_scheduler, image, latents, seed, output_ty
     return out.images, final["latents"], pipe.scheduler, handed
 
 
-def encode(pipe, image) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pixel_values [1, 3, 224, 224], image_embeds [1, 24]) as the pipeline's encode_image makes them."""
-    pixel_values = pipe.feature_extractor(image, return_tensors="pt").pixel_values
+def encode(pipe, image, processor=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values [1, 3, 224, 224], image_embeds [1, 24]) as the pipeline's encode_image makes them
+    (with `processor` in place of its feature extractor if given)."""
+    pixel_values = (processor or pipe.feature_extractor)(image, return_tensors="pt").pixel_values
     with torch.no_grad():
         embeds = pipe.image_encoder(pixel_values.to(pipe.image_encoder.dtype)).image_embeds
     return pixel_values, embeds
@@ -341,6 +346,12 @@ def write_runs(pipe, pipe64, plain, images: dict, finite_json):
         assert all(h is None for h in handed_plain)
         base_difference = float((without - unscaled).abs().max())
         assert base_difference < 1e-6, (name, base_difference)
+        # The same run with the image embedding from transformers' PIL backend's pixels (Pillow's
+        # own 8-bit bicubic, a level off on a few pixels): what an implementation of that backend gets.
+        _, embeds_pil = encode(pipe, image, CLIPImageProcessorPil())
+        pil_batch = torch.cat([torch.zeros_like(embeds_pil), embeds_pil])[:, None] if cfg else embeds_pil[:, None]
+        pil_latents, _, _, _ = call(pipe, latents, "latent", image_embeds=pil_batch)
+        pil_deviation = float((pil_latents - latents_out).abs().max())
         pipe.set_ip_adapter_scale(spec["scale"])
 
         tensors[f"{name}.latents_in"] = latents
@@ -377,12 +388,14 @@ def write_runs(pipe, pipe64, plain, images: dict, finite_json):
             ),
             zero_scale_deviation=effect,
             zero_scale_vs_base_pipeline=base_difference,
+            pil_backend_latents_deviation=pil_deviation,
         )
         manifest_runs.append(entry)
         print(
             f"  {name}: max |latents| {entry['latents_out_max_abs']:.3f}, f64 deviation latents "
             f"{entry['f64_deviation']['latents_out']:.2e} image {entry['f64_deviation']['image']:.2e}, "
-            f"scale-0 difference {effect:.3f} (scale 0 vs base pipeline {base_difference:.1e})"
+            f"scale-0 difference {effect:.3f} (scale 0 vs base pipeline {base_difference:.1e}), "
+            f"PIL-backend pixels move the latents by {pil_deviation:.1e}"
         )
     return tensors, manifest_runs
 
@@ -438,6 +451,8 @@ def write_direct(pipe, pipe64, images: dict) -> tuple[dict, dict]:
                           added_cond_kwargs={"image_embeds": [outputs["unet_image_embeds"]]}).sample
     for key, value in {**inputs, "pixel_values": pixel_values, **outputs}.items():
         tensors[f"direct.{key}"] = value
+    # transformers' PIL backend's pixels for the same image (Pillow's 8-bit bicubic resize).
+    tensors["direct.pixel_values_pil"] = CLIPImageProcessorPil()(images["image_prompt"], return_tensors="pt").pixel_values
     pixel_values_b, embeds_b = encode(pipe, images["image_prompt_b"])
     tensors["direct_b.pixel_values"] = pixel_values_b
     tensors["direct_b.image_embeds"] = embeds_b
@@ -497,7 +512,17 @@ def feature_extractor_entry(pipe, images: dict) -> dict:
             # The resize works on the uint8 image and rounds back to uint8: (pixel · std + mean) · 255
             # are whole numbers.
             max_distance_from_uint8=float((levels - levels.round()).abs().max()),
-            pil_backend_max_deviation=float((pil(image, return_tensors="pt").pixel_values - pixel_values).abs().max()),
+        )
+        pil_pixels = pil(image, return_tensors="pt").pixel_values
+        pil_levels = ((pil_pixels - pixel_values) * std * 255).round()
+        with torch.no_grad():
+            encoder = pipe.image_encoder
+            embeds_deviation = (encoder(pil_pixels).image_embeds - encoder(pixel_values).image_embeds).abs().max()
+        geometry[name].update(
+            pil_backend_max_deviation=float((pil_pixels - pixel_values).abs().max()),
+            pil_backend_values_off_by_one_level=int((pil_levels != 0).sum()),
+            pil_backend_max_levels=int(pil_levels.abs().max()),
+            pil_backend_image_embeds_deviation=float(embeds_deviation),
         )
         assert geometry[name]["max_distance_from_uint8"] < 1e-3, geometry[name]
     return dict(
@@ -533,7 +558,11 @@ NOTES = [
     "224×320) -> centre crop 224×224 at top = int((H - 224) / 2), left = int((W - 224) / 2) -> (x / 255 - mean) "
     "/ std with the OpenAI CLIP mean/std. feature_extractor.geometry gives the sizes ([width, height]), the crop "
     "offsets and how far transformers' PIL backend (CLIPImageProcessorPil, PIL's own bicubic resize) is from "
-    "this in pixel_values units (about one uint8 level on some pixels: 1 / 255 / std ≈ 0.015)",
+    "this: pil_backend_max_deviation in pixel_values units (one uint8 level: 1 / 255 / std ≈ 0.015), "
+    "pil_backend_values_off_by_one_level how many of the 3·224² values differ, pil_backend_image_embeds_deviation "
+    "the encoder's output moved by it; direct.pixel_values_pil holds the PIL backend's pixel_values for "
+    "image_prompt.png and each run's pil_backend_latents_deviation is its latents_out with the image embedding "
+    "from those pixels instead (diffusers' ip_adapter_image_embeds)",
     "image embeddings: encode_image runs the image encoder on pixel_values and takes image_embeds [1, 24] "
     "(visual_projection of the post-LayerNormed class token); the negative image embedding is torch.zeros_like("
     "image_embeds) (for this adapter type, ImageProjection, diffusers never encodes a blank image: that is only "
