@@ -242,7 +242,7 @@ fn run_stages<B: Backend>(
         &cond,
         None,
         None,
-        None,
+        &sd::ImageConditioning::default(),
         options,
         noise,
         None,

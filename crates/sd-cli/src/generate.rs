@@ -182,6 +182,59 @@ pub struct GenerateArgs {
     /// an empty one).
     #[arg(long)]
     guess_mode: bool,
+    /// An IP-Adapter (`ip-adapter_sd15.safetensors`): --image-prompt steers the image like a
+    /// prompt, with or without text.
+    #[arg(long, value_name = "FILE")]
+    ip_adapter: Option<PathBuf>,
+    /// The image prompt of --ip-adapter.
+    #[arg(long, value_name = "IMAGE")]
+    image_prompt: Option<PathBuf>,
+    /// The image prompt's weight against the text (default 1; 0.5–0.7 keeps more of the text).
+    #[arg(long, value_name = "S", allow_negative_numbers = true)]
+    image_prompt_scale: Option<f64>,
+    /// The CLIP image encoder the IP-Adapter was trained with (a folder with `config.json` and
+    /// `model.safetensors`; default: `image_encoder/` beside the adapter, above it, or in the
+    /// model folder).
+    #[arg(long, value_name = "DIR")]
+    image_encoder: Option<PathBuf>,
+}
+
+/// The IP-Adapter image prompt of the run, if any.
+fn read_image_prompt(
+    args: &GenerateArgs,
+    model: &Model,
+) -> Result<Option<sd::ImagePrompt>, String> {
+    let (adapter, image) = match (&args.ip_adapter, &args.image_prompt) {
+        (Some(adapter), Some(image)) => (adapter, image),
+        (None, None) => {
+            let stray = [
+                (args.image_prompt_scale.is_some(), "--image-prompt-scale"),
+                (args.image_encoder.is_some(), "--image-encoder"),
+            ];
+            if let Some((_, flag)) = stray.iter().find(|(given, _)| *given) {
+                return Err(format!("{flag} needs --ip-adapter and --image-prompt"));
+            }
+            return Ok(None);
+        }
+        (Some(_), None) => return Err("--ip-adapter needs --image-prompt (the image)".into()),
+        (None, Some(_)) => {
+            return Err("--image-prompt needs --ip-adapter (the adapter that reads it)".into());
+        }
+    };
+    sd::core::files::regular_file(adapter).map_err(|e| e.to_string())?;
+    let image_encoder = match &args.image_encoder {
+        Some(dir) => dir.clone(),
+        None => sd::ImagePrompt::find_image_encoder(adapter, model).map_err(|e| e.to_string())?,
+    };
+    let image = sd::core::image_io::decode_image(image)
+        .map_err(|e| e.to_string())?
+        .to_rgb8();
+    Ok(Some(sd::ImagePrompt {
+        adapter: adapter.clone(),
+        image_encoder,
+        image,
+        scale: args.image_prompt_scale.unwrap_or(1.0),
+    }))
 }
 
 /// An image size, `(width, height)`.
@@ -610,6 +663,7 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         .into_iter()
         .flatten()
         .chain(&args.control)
+        .chain(&args.image_prompt)
     {
         sd::core::files::regular_file(path).map_err(|e| e.to_string())?;
     }
@@ -681,6 +735,7 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         )),
     };
     let (controls, control_size) = read_controls(&args, &model, asked)?;
+    let image_prompt = read_image_prompt(&args, &model)?;
     // The memory check, before any image is decoded or weight read: it applies where the host
     // holds the tensors, and on a GPU backend only when a budget is given. A starting image's
     // size comes from its header.
@@ -767,6 +822,7 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         mask,
         controls,
         guess_mode: args.guess_mode,
+        image_prompt,
         ..GenerateOptions::default()
     };
     let first_size = options.size(&model).map_err(|e| e.to_string())?;

@@ -587,3 +587,105 @@ fn controlnets_steer_generation_from_the_command_line() {
         assert!(!out.exists(), "{extra:?} wrote an image");
     }
 }
+
+/// `--ip-adapter` with `--image-prompt`: the image encoder is found beside the adapter, the
+/// image prompt changes the image (with and without a text prompt), the PNG records it, and
+/// an adapter for another model, or a file that is none, is one line.
+#[test]
+fn an_ip_adapter_image_prompt_steers_generation_from_the_command_line() {
+    let dir = scratch("ip_adapter");
+    let model = tiny_model();
+    let model = model.to_str().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let adapter = fixtures.join("ip_adapter/ip_adapter.safetensors");
+    let picture = fixtures.join("ip_adapter/image_prompt.png");
+    let run = |model: &str, prompt: &str, out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "generate", prompt, "--model", model, "--steps", "3", "--seed", "5", "-q", "-o",
+        ];
+        args.push(out.to_str().unwrap());
+        args.extend_from_slice(extra);
+        sd(&args)
+    };
+    let ip = [
+        "--ip-adapter",
+        adapter.to_str().unwrap(),
+        "--image-prompt",
+        picture.to_str().unwrap(),
+    ];
+    let with = dir.join("with.png");
+    let (ok, _, stderr) = run(
+        model,
+        "a cat",
+        &with,
+        &[&ip[..], &["--image-prompt-scale", "0.7"]].concat(),
+    );
+    assert!(ok, "{stderr}");
+    let text = parameters(&with);
+    assert!(
+        text.contains(r#"IP-Adapter: "Model: ip_adapter, Weight: 0.7""#),
+        "{text}"
+    );
+    let without = dir.join("without.png");
+    let (ok, _, stderr) = run(model, "a cat", &without, &[]);
+    assert!(ok, "{stderr}");
+    let (a, b) = (
+        image::open(&with).unwrap().to_rgb8(),
+        image::open(&without).unwrap().to_rgb8(),
+    );
+    let differ = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .filter(|(x, y)| x != y)
+        .count();
+    assert!(
+        differ > 1000,
+        "the image prompt changed only {differ} values"
+    );
+    // An image prompt alone.
+    let alone = dir.join("alone.png");
+    let (ok, _, stderr) = run(model, "", &alone, &ip);
+    assert!(ok, "{stderr}");
+
+    let sdxl = fixtures.join("pipeline/tiny_sdxl/model");
+    let not_adapter = fixtures.join("controlnet/sd1_a/diffusion_pytorch_model.safetensors");
+    let encoder = fixtures.join("ip_adapter/image_encoder");
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        (
+            model,
+            vec!["--ip-adapter", adapter.to_str().unwrap()],
+            "--ip-adapter needs --image-prompt",
+        ),
+        (
+            model,
+            vec!["--image-prompt-scale", "0.5"],
+            "--image-prompt-scale needs --ip-adapter",
+        ),
+        (
+            sdxl.to_str().unwrap(),
+            ip.to_vec(),
+            "made for another model",
+        ),
+        (
+            model,
+            vec![
+                "--ip-adapter",
+                not_adapter.to_str().unwrap(),
+                "--image-prompt",
+                picture.to_str().unwrap(),
+                "--image-encoder",
+                encoder.to_str().unwrap(),
+            ],
+            "not an IP-Adapter",
+        ),
+    ];
+    for (model, extra, expected) in cases {
+        let out = dir.join("bad.png");
+        let (ok, _, stderr) = run(model, "a cat", &out, &extra);
+        assert!(!ok, "{extra:?} succeeded");
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{extra:?}: {stderr}");
+        assert!(!out.exists(), "{extra:?} wrote an image");
+    }
+}

@@ -1,9 +1,11 @@
 //! Conditioning: the CLIP text encoders that turn token ids into the U-Net's cross-attention
 //! context (Radford et al. 2021), as transformers' `CLIPTextModel` and
-//! `CLIPTextModelWithProjection` compute them.
+//! `CLIPTextModelWithProjection` compute them; and the CLIP image tower with its image
+//! processor, which turns images into embeddings (the CLIP score, IP-Adapter image prompts).
 
 mod clip;
 mod conditioner;
+pub mod image_processor;
 mod open_clip;
 mod presets;
 mod prompt;

@@ -16,6 +16,10 @@
 //! f32 rounding are what parity hangs on.
 
 use crate::inception::INPUT_SIZE;
+use sd_conditioner::image_processor::pil_coefficients;
+pub use sd_conditioner::image_processor::{
+    CLIP_MEAN, CLIP_SIZE, CLIP_STD, clip_crop, clip_input, pil_bicubic_rgb8,
+};
 
 /// Which package's input preparation to reproduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,43 +30,6 @@ pub enum Preprocess {
     TorchFidelity,
     /// clean-fid's `clean` mode: PIL's antialiased bicubic resize in float.
     CleanFid,
-}
-
-/// PIL's bicubic kernel (Keys 1981 with `a = −½`), `bicubic_filter` in Pillow's Resample.c.
-fn bicubic(x: f64) -> f64 {
-    const A: f64 = -0.5;
-    let x = x.abs();
-    if x < 1.0 {
-        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-    } else if x < 2.0 {
-        (((x - 5.0) * x + 8.0) * x - 4.0) * A
-    } else {
-        0.0
-    }
-}
-
-/// Pillow's `precompute_coeffs`: per output sample, the first input sample and the normalised
-/// weights. Downscaling widens the kernel by the scale (that is the antialiasing).
-fn pil_coefficients(from: usize, to: usize) -> Vec<(usize, Vec<f64>)> {
-    let scale = from as f64 / to as f64;
-    let filterscale = scale.max(1.0);
-    let support = 2.0 * filterscale;
-    (0..to)
-        .map(|xx| {
-            let center = (xx as f64 + 0.5) * scale;
-            // C's truncating casts, as Pillow rounds.
-            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-            let xmax = ((center + support + 0.5) as i64).min(from as i64) as usize;
-            let mut weights: Vec<f64> = (xmin..xmax)
-                .map(|x| bicubic((x as f64 - center + 0.5) / filterscale))
-                .collect();
-            let total: f64 = weights.iter().sum();
-            if total != 0.0 {
-                weights.iter_mut().for_each(|w| *w /= total);
-            }
-            (xmin, weights)
-        })
-        .collect()
 }
 
 /// `Image.fromarray(channel, mode="F").resize((to_w, to_h), Image.BICUBIC)`: Pillow's
@@ -198,115 +165,6 @@ pub fn inception_input(rgb: &[u8], width: usize, height: usize, how: Preprocess)
                     out[c * n * n + i] = (v.clamp(0.0, 255.0) - 128.0) / 128.0;
                 }
             }
-        }
-    }
-    out
-}
-
-/// Pillow's fixed-point precision for 8-bit resampling (`PRECISION_BITS` in Resample.c).
-const PRECISION_BITS: u32 = 32 - 8 - 2;
-
-/// `Image.resize((to_w, to_h), Image.BICUBIC)` on an 8-bit RGB image (interleaved): Pillow's
-/// `ImagingResample` for 8 bits per channel. The weights become integers scaled by 2²² (rounded
-/// away from zero), each pass sums from ½ in 32-bit integers and clips to `[0, 255]` into an
-/// 8-bit image, the horizontal pass first, a pass skipped when its side does not change. This
-/// differs from [`pil_bicubic`]'s float path by a level here and there, which moves CLIP
-/// embeddings.
-pub fn pil_bicubic_rgb8(
-    rgb: &[u8],
-    width: usize,
-    height: usize,
-    to_w: usize,
-    to_h: usize,
-) -> Vec<u8> {
-    let fixed = |k: &[f64]| -> Vec<i32> {
-        k.iter()
-            .map(|&w| {
-                let v = w * f64::from(1u32 << PRECISION_BITS);
-                (if v < 0.0 { v - 0.5 } else { v + 0.5 }) as i32
-            })
-            .collect()
-    };
-    let clip8 = |ss: i32| (ss >> PRECISION_BITS).clamp(0, 255) as u8;
-    let mut image = rgb.to_vec();
-    let mut w = width;
-    if to_w != width {
-        let coefficients: Vec<(usize, Vec<i32>)> = pil_coefficients(width, to_w)
-            .into_iter()
-            .map(|(xmin, k)| (xmin, fixed(&k)))
-            .collect();
-        let mut out = vec![0u8; to_w * height * 3];
-        for y in 0..height {
-            let row = &image[y * width * 3..(y + 1) * width * 3];
-            for (xx, (xmin, k)) in coefficients.iter().enumerate() {
-                for c in 0..3 {
-                    let mut ss: i32 = 1 << (PRECISION_BITS - 1);
-                    for (i, weight) in k.iter().enumerate() {
-                        ss += i32::from(row[(xmin + i) * 3 + c]) * weight;
-                    }
-                    out[(y * to_w + xx) * 3 + c] = clip8(ss);
-                }
-            }
-        }
-        image = out;
-        w = to_w;
-    }
-    if to_h != height {
-        let coefficients: Vec<(usize, Vec<i32>)> = pil_coefficients(height, to_h)
-            .into_iter()
-            .map(|(ymin, k)| (ymin, fixed(&k)))
-            .collect();
-        let mut out = vec![0u8; w * to_h * 3];
-        for (yy, (ymin, k)) in coefficients.iter().enumerate() {
-            for x in 0..w {
-                for c in 0..3 {
-                    let mut ss: i32 = 1 << (PRECISION_BITS - 1);
-                    for (i, weight) in k.iter().enumerate() {
-                        ss += i32::from(image[((ymin + i) * w + x) * 3 + c]) * weight;
-                    }
-                    out[(yy * w + x) * 3 + c] = clip8(ss);
-                }
-            }
-        }
-        image = out;
-    }
-    image
-}
-
-/// CLIP's input side (`CLIPImageProcessor`'s `crop_size`).
-pub const CLIP_SIZE: usize = 224;
-/// CLIP's per-channel mean (`OPENAI_CLIP_MEAN`).
-pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-/// CLIP's per-channel standard deviation (`OPENAI_CLIP_STD`).
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
-
-/// `CLIPImageProcessor`'s resize and crop (its PIL backend): the shortest side to 224 by
-/// [`pil_bicubic_rgb8`] (the other `int(224 · long / short)`), then the centre 224² (offsets
-/// `(side − 224) // 2`). Interleaved 8-bit RGB in and out.
-pub fn clip_crop(rgb: &[u8], width: usize, height: usize) -> Vec<u8> {
-    let (to_w, to_h) = if width <= height {
-        (CLIP_SIZE, CLIP_SIZE * height / width)
-    } else {
-        (CLIP_SIZE * width / height, CLIP_SIZE)
-    };
-    let resized = pil_bicubic_rgb8(rgb, width, height, to_w, to_h);
-    let (top, left) = ((to_h - CLIP_SIZE) / 2, (to_w - CLIP_SIZE) / 2);
-    let mut out = Vec::with_capacity(CLIP_SIZE * CLIP_SIZE * 3);
-    for y in top..top + CLIP_SIZE {
-        out.extend_from_slice(&resized[(y * to_w + left) * 3..(y * to_w + left + CLIP_SIZE) * 3]);
-    }
-    out
-}
-
-/// A [`clip_crop`] as the vision tower's input: `[3, 224, 224]` channel-first, `v / 255` then
-/// `(x − mean) / std` per channel, in f32 as the processor computes it.
-pub fn clip_input(crop: &[u8]) -> Vec<f32> {
-    let plane = CLIP_SIZE * CLIP_SIZE;
-    let mut out = vec![0f32; 3 * plane];
-    for (i, pixel) in crop.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            let v = (f64::from(pixel[c]) * (1.0 / 255.0)) as f32;
-            out[c * plane + i] = (v - CLIP_MEAN[c]) / CLIP_STD[c];
         }
     }
     out

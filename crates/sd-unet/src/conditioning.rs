@@ -84,6 +84,10 @@ pub struct UNetConditioning<'a, B: Backend> {
     pub class_labels: Option<&'a [usize]>,
     /// ControlNet residuals to add to the skip connections and the mid block (U-Net only).
     pub control: Option<&'a ControlResiduals<B>>,
+    /// IP-Adapter image-prompt tokens `[batch, tokens, cross_attention_dim]`
+    /// ([`crate::IpAdapter::image_tokens`]), for a U-Net with the adapter attached (U-Net
+    /// only).
+    pub image_prompt: Option<Tensor<B, 3>>,
 }
 
 impl<'a, B: Backend> UNetConditioning<'a, B> {
@@ -94,6 +98,7 @@ impl<'a, B: Backend> UNetConditioning<'a, B> {
             text_time: None,
             class_labels: None,
             control: None,
+            image_prompt: None,
         }
     }
 }

@@ -7,6 +7,7 @@ mod conditioning;
 mod config;
 mod controlnet;
 mod embeddings;
+mod ip_adapter;
 mod single_file;
 mod transformer;
 mod unet;
@@ -19,6 +20,7 @@ pub use controlnet::{
     controlnet_ldm_key, ldm_controlnet_key,
 };
 pub use embeddings::{TimestepEmbedding, timestep_embedding};
+pub use ip_adapter::{ImageProjection, IpAdapter, IpAttention};
 pub use single_file::{
     LDM_UNET_PREFIX, diffusers_to_ldm_key, kohya_ldm_to_diffusers, ldm_to_diffusers_key,
 };

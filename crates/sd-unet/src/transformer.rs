@@ -2,6 +2,7 @@
 //! self-attention over the pixels, cross-attention to the text context, and a GEGLU feed-forward
 //! (Rombach et al. 2022, sec. 3.3; Shazeer 2020 for GEGLU).
 
+use crate::ip_adapter::IpAttention;
 use burn::module::Module;
 use burn::nn::{GroupNorm, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::Tensor;
@@ -47,11 +48,25 @@ impl<B: Backend> Attention<B> {
 
     /// `x`: `[batch, tokens, dim]`; `context`: `[batch, context tokens, context dim]`.
     pub fn forward(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
+        self.forward_with_image(x, context, None)
+    }
+
+    /// [`Attention::forward`] plus IP-Adapter's decoupled attention to image tokens, added
+    /// before `to_out` (Ye et al. 2023, eq. 5).
+    pub fn forward_with_image(
+        &self,
+        x: Tensor<B, 3>,
+        context: Option<Tensor<B, 3>>,
+        image: Option<(&IpAttention<B>, Tensor<B, 3>)>,
+    ) -> Tensor<B, 3> {
         let context = context.unwrap_or_else(|| x.clone());
         let q = linear_forward(&self.to_q, x);
         let k = linear_forward(&self.to_k, context.clone());
         let v = linear_forward(&self.to_v, context);
-        let out = multi_head_attention(q, k, v, self.heads, false);
+        let mut out = multi_head_attention(q.clone(), k, v, self.heads, false);
+        if let Some((ip, tokens)) = image {
+            out = out + ip.attend(q, tokens, self.heads);
+        }
         self.to_out
             .iter()
             .fold(out, |t, linear| linear_forward(linear, t))
@@ -127,6 +142,10 @@ pub struct BasicTransformerBlock<B: Backend> {
     pub norm3: LayerNorm<B>,
     /// The GEGLU feed-forward.
     pub ff: FeedForward<B>,
+    /// IP-Adapter's image-prompt projections for `attn2`, when an adapter is attached
+    /// ([`crate::UNet2DConditionModel::with_ip_adapter`]): the context's last tokens are then
+    /// the image prompt's.
+    pub ip: Option<IpAttention<B>>,
     /// `only_cross_attention`: `attn1` attends to the context too, not to the tokens.
     only_cross: bool,
 }
@@ -150,6 +169,7 @@ impl<B: Backend> BasicTransformerBlock<B> {
             attn2: Attention::new(dim, context_dim, heads, device),
             norm3: norm(),
             ff: FeedForward::new(dim, device),
+            ip: None,
             only_cross,
         }
     }
@@ -157,11 +177,21 @@ impl<B: Backend> BasicTransformerBlock<B> {
     /// `x`: `[batch, tokens, dim]`; `context`: `[batch, context tokens, context_dim]`. Same shape
     /// out.
     pub fn forward(&self, x: Tensor<B, 3>, context: Tensor<B, 3>) -> Tensor<B, 3> {
+        // With an IP-Adapter the context is `[text; image tokens]` (the U-Net appends them).
+        let (context, image) = match &self.ip {
+            Some(ip) => {
+                let [_, n, _] = context.dims();
+                let text = n.saturating_sub(ip.tokens);
+                let image = context.clone().narrow(1, text, n - text);
+                (context.narrow(1, 0, text), Some((ip, image)))
+            }
+            None => (context, None),
+        };
         let first = self.only_cross.then(|| context.clone());
         let x = self.attn1.forward(self.norm1.forward(x.clone()), first) + x;
         let x = self
             .attn2
-            .forward(self.norm2.forward(x.clone()), Some(context))
+            .forward_with_image(self.norm2.forward(x.clone()), Some(context), image)
             + x;
         self.ff.forward(self.norm3.forward(x.clone())) + x
     }

@@ -49,6 +49,9 @@ pub struct UNet2DConditionModel<B: Backend> {
     /// How many times the latent is halved: its sides must divide by `2^downsamples` unless
     /// the up path is told the skip sizes (it is, as diffusers does).
     downsamples: usize,
+    /// The image-prompt tokens the cross-attentions expect at the end of the context: 0
+    /// without an IP-Adapter ([`Self::with_ip_adapter`]).
+    pub(crate) image_tokens: usize,
 }
 
 impl<B: Backend> UNet2DConditionModel<B> {
@@ -100,6 +103,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
             flip_sin_to_cos: config.flip_sin_to_cos,
             freq_shift: config.freq_shift,
             downsamples: n - 1,
+            image_tokens: 0,
         })
     }
 
@@ -291,6 +295,30 @@ impl<B: Backend> UNet2DConditionModel<B> {
         }
         let device = latents.device();
         let emb = self.time_embedder().embed(timesteps, b, cond, &device)?;
+        let context = match (&cond.image_prompt, self.image_tokens) {
+            (Some(tokens), n) if n > 0 => {
+                let [tb, tn, tw] = tokens.dims();
+                if (tb, tn, tw) != (b, n, cdim) {
+                    return invalid(format!(
+                        "image-prompt tokens [{tb}, {tn}, {tw}] do not fit a batch of {b} and an \
+                         IP-Adapter of {n} tokens of width {cdim}"
+                    ));
+                }
+                Tensor::cat(vec![context, tokens.clone()], 1)
+            }
+            (Some(_), _) => {
+                return invalid(
+                    "image-prompt tokens for a U-Net without an IP-Adapter attached".into(),
+                );
+            }
+            (None, n) if n > 0 => {
+                return invalid(
+                    "this U-Net has an IP-Adapter attached: it needs the image prompt's tokens"
+                        .into(),
+                );
+            }
+            (None, _) => context,
+        };
 
         let mut x = conv2d_forward(&self.conv_in, latents);
         let mut skips = vec![x.clone()];

@@ -367,6 +367,7 @@ impl<B: Backend> ControlStack<B> {
                     text_time: text_time_half.as_ref(),
                     class_labels: cond.class_labels.map(|l| &l[n..]),
                     control: None,
+                    image_prompt: None,
                 },
             )
         } else {

@@ -25,6 +25,7 @@
 
 mod control;
 mod error;
+mod image_prompt;
 pub mod memory;
 mod model;
 mod output;
@@ -34,13 +35,14 @@ mod single_file;
 
 pub use control::{Control, ControlNetSource, ControlStack, canny_edges, control_image_data};
 pub use error::{Result, SdError};
+pub use image_prompt::ImagePrompt;
 pub use model::{Model, ModelFamily, hub_cache_snapshot};
 pub use output::{parameters_text, prompt_of_parameters, read_parameters, save_png, to_images};
 pub use pipeline::{
-    GenerateOptions, Generated, InpaintLatents, MAX_CLIP_SKIP, MAX_GUIDANCE, MAX_IMAGES, MAX_SIDE,
-    MAX_STEPS, PromptConditioning, StepCallback, StepProgress, check_finite, decode, denoise,
-    encode_prompts, generate, generate_with_noise, initial_latents, inpainting_latents,
-    noised_image_latents,
+    GenerateOptions, Generated, ImageConditioning, InpaintLatents, MAX_CLIP_SKIP, MAX_GUIDANCE,
+    MAX_IMAGES, MAX_SIDE, MAX_STEPS, PromptConditioning, StepCallback, StepProgress, check_finite,
+    decode, denoise, encode_prompts, generate, generate_with_noise, initial_latents,
+    inpainting_latents, noised_image_latents,
 };
 pub use save::check_model_output;
 pub use sd_core::vae_keys::ldm_vae_key;

@@ -71,6 +71,13 @@ pub fn parameters_text(model: &Model, options: &GenerateOptions, sampler: &str) 
             c.end
         ));
     }
+    if let Some(prompt) = &options.image_prompt {
+        fields.push(format!(
+            "IP-Adapter: \"Model: {}, Weight: {}\"",
+            prompt.name(),
+            prompt.scale
+        ));
+    }
     if options.guess_mode && !options.controls.is_empty() {
         fields.push("ControlNet guess mode: True".into());
     }

@@ -12,8 +12,9 @@ use sd_schedulers::{HostNoise, NoiseSource, Scheduler, SchedulerConfig, img2img_
 use sd_unet::{TextTimeConditioning, UNet2DConditionModel, UNetConditioning};
 
 use crate::control::{Control, ControlStack};
+use crate::image_prompt::ImagePrompt;
 
-use crate::error::{Result, SdError};
+use crate::error::{Result, SdError, model_error};
 use crate::model::{Model, ModelFamily};
 
 /// The largest image side accepted, in pixels: 16× SDXL's 1024 (what fits is then the memory
@@ -89,6 +90,8 @@ pub struct GenerateOptions {
     /// and their shallower residuals are scaled down (for prompts that do not describe the
     /// conditioning image, or none at all).
     pub guess_mode: bool,
+    /// An IP-Adapter image prompt, with or without a text prompt.
+    pub image_prompt: Option<ImagePrompt>,
 }
 
 impl Default for GenerateOptions {
@@ -118,6 +121,7 @@ impl Default for GenerateOptions {
             vae_tiling: false,
             controls: Vec::new(),
             guess_mode: false,
+            image_prompt: None,
         }
     }
 }
@@ -313,6 +317,9 @@ impl GenerateOptions {
         for control in &self.controls {
             control.check(model, (w, h))?;
         }
+        if let Some(prompt) = &self.image_prompt {
+            prompt.check()?;
+        }
         Ok(())
     }
 
@@ -470,6 +477,25 @@ fn rescale_guidance<B: Backend>(
     rescaled * phi + guided * (1.0 - phi)
 }
 
+/// What steers the loop from images besides the prompt: ControlNets and an IP-Adapter image
+/// prompt.
+pub struct ImageConditioning<B: Backend> {
+    /// The ControlNets with their images.
+    pub control: Option<ControlStack<B>>,
+    /// IP-Adapter tokens for the whole batch (`[negative; image]` when guided), for a U-Net the
+    /// adapter is attached to.
+    pub image_tokens: Option<Tensor<B, 3>>,
+}
+
+impl<B: Backend> Default for ImageConditioning<B> {
+    fn default() -> Self {
+        Self {
+            control: None,
+            image_tokens: None,
+        }
+    }
+}
+
 /// What inpainting adds to the loop.
 pub struct InpaintLatents<B: Backend> {
     /// `[n, 1, h, w]` at latent resolution: 1 where to paint, 0 where to keep.
@@ -493,7 +519,7 @@ pub fn denoise<B: Backend>(
     cond: &PromptConditioning<B>,
     text_time: Option<&TextTimeConditioning<B>>,
     inpaint: Option<&InpaintLatents<B>>,
-    control: Option<&ControlStack<B>>,
+    image: &ImageConditioning<B>,
     options: &GenerateOptions,
     noise: &mut dyn NoiseSource<B>,
     mut callback: Option<&mut StepCallback<'_, B>>,
@@ -524,8 +550,9 @@ pub fn denoise<B: Backend>(
             ..UNetConditioning::text(context.clone())
         };
         // ControlNets see the latents without an inpainting U-Net's extra channels, and count
-        // steps from the first one run (diffusers' img2img ControlNet pipeline).
-        let residuals = match control {
+        // steps from the first one run (diffusers' img2img ControlNet pipeline); the text
+        // context without the image prompt's tokens.
+        let residuals = match &image.control {
             Some(stack) => stack.residuals(
                 i - first,
                 total - first,
@@ -537,6 +564,7 @@ pub fn denoise<B: Backend>(
             None => None,
         };
         unet_cond.control = residuals.as_ref();
+        unet_cond.image_prompt = image.image_tokens.clone();
         let input = match &extra_channels {
             Some(extra) => Tensor::cat(vec![input, extra.clone()], 1),
             None => input,
@@ -656,15 +684,30 @@ pub fn generate_with_noise<B: Backend>(
         ));
     }
     let latents = {
-        let unet = model.load_unet::<B>(device)?;
-        let control = ControlStack::load(
-            model,
-            &options.controls,
-            options.guess_mode,
-            options.num_images,
-            cond.guided,
-            device,
-        )?;
+        // The image prompt's encoder runs (and is dropped) before the U-Net loads.
+        let (unet, image_tokens) = match &options.image_prompt {
+            Some(prompt) => {
+                let (adapter, tokens) =
+                    prompt.encode::<B>(model, options.num_images, cond.guided, device)?;
+                let unet = model
+                    .load_unet::<B>(device)?
+                    .with_ip_adapter(&adapter, prompt.scale)
+                    .map_err(|e| model_error(&prompt.adapter, e.to_string()))?;
+                (unet, Some(tokens))
+            }
+            None => (model.load_unet::<B>(device)?, None),
+        };
+        let image = ImageConditioning {
+            control: ControlStack::load(
+                model,
+                &options.controls,
+                options.guess_mode,
+                options.num_images,
+                cond.guided,
+                device,
+            )?,
+            image_tokens,
+        };
         denoise(
             &unet,
             scheduler.as_mut(),
@@ -672,7 +715,7 @@ pub fn generate_with_noise<B: Backend>(
             &cond,
             text_time.as_ref(),
             inpaint.as_ref(),
-            control.as_ref(),
+            &image,
             options,
             noise,
             callback,

@@ -1,0 +1,180 @@
+//! IP-Adapter against diffusers' `load_ip_adapter` on a tiny adapter in the released layout and
+//! a tiny CLIP image encoder (`tests/fixtures/ip_adapter`, made by
+//! `xtask/python/ip_adapter_fixtures.py`): the image processor's pixels, the image embedding,
+//! the projected tokens, the U-Net with the adapter attached, then whole generations with and
+//! without a text prompt and guidance.
+
+mod common;
+
+use burn::backend::Flex;
+use burn::tensor::{ElementConversion, Tensor, TensorData};
+use common::{Reference, Report, fixtures_dir, manifest};
+use sd::conditioner::image_processor::{CLIP_SIZE, Resampler, clip_crop_with, clip_input};
+use sd::conditioner::{ClipVisionModel, PromptSyntax};
+use sd::core::weights::LoadOptions;
+use sd::schedulers::SchedulerConfig;
+use sd::unet::{IpAdapter, UNet2DConditionModel, UNetConditioning};
+use sd::{GenerateOptions, ImagePrompt, Model, generate};
+
+type B = Flex;
+
+fn read_rgb(path: &std::path::Path) -> image::RgbImage {
+    image::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_rgb8()
+}
+
+#[test]
+fn the_image_embedding_tokens_and_unet_match_diffusers() {
+    let case = fixtures_dir().join("ip_adapter");
+    let manifest = manifest(&case);
+    let reference = Reference::open(&case);
+    let device = Default::default();
+    let direct = &manifest["direct"];
+    let tolerance = direct["tolerance"].as_f64().unwrap_or(1e-4) as f32;
+    let mut report = Report::default();
+
+    // The processor's pixels: torchvision's 8-bit resize (transformers 5's default, what
+    // diffusers uses), and Pillow's for the PIL backend; both images (landscape, portrait).
+    let pixels_of = |image: &str, resampler: Resampler| {
+        let picture = read_rgb(&case.join(direct[image].as_str().unwrap()));
+        let (w, h) = (picture.width() as usize, picture.height() as usize);
+        Tensor::<B, 4>::from_data(
+            TensorData::new(
+                clip_input(&clip_crop_with(picture.as_raw(), w, h, resampler)),
+                [1, 3, CLIP_SIZE, CLIP_SIZE],
+            ),
+            &device,
+        )
+    };
+    let pixels = pixels_of("image", Resampler::Torchvision);
+    report.check(
+        "pixel values (torchvision)",
+        pixels.clone(),
+        reference.tensor("direct.pixel_values", &device),
+        1e-6,
+    );
+    report.check(
+        "pixel values (Pillow)",
+        pixels_of("image", Resampler::Pillow),
+        reference.tensor("direct.pixel_values_pil", &device),
+        1e-6,
+    );
+    report.check(
+        "portrait pixel values (torchvision)",
+        pixels_of("image_b", Resampler::Torchvision),
+        reference.tensor("direct_b.pixel_values", &device),
+        1e-6,
+    );
+    let encoder =
+        ClipVisionModel::<B>::from_pretrained(case.join("image_encoder"), &device).unwrap();
+    let embeds = encoder.forward(pixels).unwrap().image_embeds;
+    report.check(
+        "image embeds",
+        embeds.clone(),
+        reference.tensor("direct.image_embeds", &device),
+        tolerance,
+    );
+    let adapter = IpAdapter::<B>::load(
+        case.join("ip_adapter.safetensors"),
+        LoadOptions::default(),
+        &device,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let expected_embeds: Tensor<B, 2> = reference.tensor("direct.image_embeds", &device);
+    let tokens = adapter.image_tokens(expected_embeds.clone()).unwrap();
+    report.check(
+        "image tokens",
+        tokens.clone(),
+        reference.tensor("direct.ip_tokens", &device),
+        tolerance,
+    );
+    let negative = adapter.image_tokens(expected_embeds.zeros_like()).unwrap();
+    report.check(
+        "negative image tokens",
+        negative.clone(),
+        reference.tensor("direct.ip_tokens_negative", &device),
+        tolerance,
+    );
+
+    let scale = direct["scale"].as_f64().unwrap();
+    let unet = UNet2DConditionModel::<B>::from_pretrained(
+        case.join(direct["unet"].as_str().unwrap()),
+        None,
+        &device,
+    )
+    .unwrap()
+    .with_ip_adapter(&adapter, scale)
+    .unwrap_or_else(|e| panic!("{e}"));
+    let cond = UNetConditioning {
+        image_prompt: Some(Tensor::cat(vec![negative, tokens], 0)),
+        ..UNetConditioning::text(reference.tensor("direct.context", &device))
+    };
+    let t = direct["timestep"].as_f64().unwrap();
+    report.check(
+        "U-Net with the adapter",
+        unet.forward_conditioned(reference.tensor("direct.sample", &device), &[t], &cond)
+            .unwrap(),
+        reference.tensor("direct.unet_out", &device),
+        tolerance,
+    );
+    report.finish();
+}
+
+#[test]
+fn ip_adapter_pipelines_match_diffusers() {
+    let case = fixtures_dir().join("ip_adapter");
+    let manifest = manifest(&case);
+    let reference = Reference::open(&case);
+    let device = Default::default();
+    let mut report = Report::default();
+    for run in manifest["runs"].as_array().unwrap() {
+        let name = run["name"].as_str().unwrap();
+        let model = Model::from_folder(case.join(run["base"].as_str().unwrap()), None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let latents_in: Tensor<B, 4> = reference.tensor(&format!("{name}.latents_in"), &device);
+        let options = GenerateOptions {
+            prompt: run["prompt"].as_str().unwrap().into(),
+            negative_prompt: run["negative_prompt"].as_str().map(String::from),
+            steps: run["steps"].as_u64().unwrap() as usize,
+            guidance_scale: run["guidance_scale"].as_f64().unwrap(),
+            scheduler: Some("DDIMScheduler".into()),
+            scheduler_config: Some(
+                SchedulerConfig::from_json(&run["scheduler_config"].to_string()).unwrap(),
+            ),
+            prompt_syntax: PromptSyntax::Plain,
+            init_latents: Some(latents_in.into_data()),
+            image_prompt: Some(ImagePrompt {
+                adapter: case.join(run["ip_adapter"].as_str().unwrap()),
+                image_encoder: case.join(run["image_encoder"].as_str().unwrap()),
+                image: read_rgb(&case.join(run["image"].as_str().unwrap())),
+                scale: run["scale"].as_f64().unwrap(),
+            }),
+            ..GenerateOptions::default()
+        };
+        let out = generate::<B>(&model, &options, &device, None)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let tolerance = run["tolerance"].as_f64().unwrap() as f32;
+        let expected: Tensor<B, 4> = reference.tensor(&format!("{name}.latents_out"), &device);
+        let scale = expected
+            .clone()
+            .abs()
+            .max()
+            .into_scalar()
+            .elem::<f32>()
+            .max(1.0);
+        report.check(
+            &format!("{name} latents"),
+            out.latents,
+            expected,
+            tolerance * scale,
+        );
+        report.check(
+            &format!("{name} image"),
+            ((out.images + 1.0) / 2.0).clamp(0.0, 1.0),
+            reference.tensor(&format!("{name}.image"), &device),
+            tolerance,
+        );
+    }
+    report.finish();
+}
