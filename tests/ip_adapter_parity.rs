@@ -178,3 +178,55 @@ fn ip_adapter_pipelines_match_diffusers() {
     }
     report.finish();
 }
+
+/// An IP-Adapter whose image projection takes another embedding width than the image
+/// encoder gives is refused in one sentence naming both files and both widths.
+#[test]
+fn an_adapter_for_another_image_encoder_is_refused_by_name() {
+    let case = fixtures_dir().join("ip_adapter");
+    let bytes = std::fs::read(case.join("ip_adapter.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    // The projection cut to 20 input features: an adapter for a 20-wide image embedding.
+    let narrow: Vec<u8> = {
+        let view = tensors.tensor("image_proj.proj.weight").unwrap();
+        let [rows, cols] = [view.shape()[0], view.shape()[1]];
+        let size = view.data().len() / (rows * cols);
+        (0..rows)
+            .flat_map(|r| view.data()[r * cols * size..(r * cols + 20) * size].to_vec())
+            .collect()
+    };
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| k != "image_proj.proj.weight")
+        .collect();
+    let dtype = tensors.tensor("image_proj.proj.weight").unwrap().dtype();
+    views.push((
+        "image_proj.proj.weight".into(),
+        safetensors::tensor::TensorView::new(dtype, vec![128, 20], &narrow).unwrap(),
+    ));
+    let path =
+        std::env::temp_dir().join(format!("sd-ip-adapter-{}.safetensors", std::process::id()));
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    let model = Model::from_folder(case.join("../pipeline/tiny_sd1/model"), None).unwrap();
+    let options = GenerateOptions {
+        prompt: "a cat".into(),
+        steps: 1,
+        image_prompt: Some(ImagePrompt {
+            adapter: path.clone(),
+            image_encoder: case.join("image_encoder"),
+            image: read_rgb(&case.join("image_prompt.png")),
+            scale: 1.0,
+        }),
+        ..GenerateOptions::default()
+    };
+    let err = generate::<B>(&model, &options, &Default::default(), None)
+        .err()
+        .expect("a mismatched adapter must be refused")
+        .to_string();
+    std::fs::remove_file(&path).ok();
+    assert!(
+        err.contains("image_encoder") && err.contains("24 values") && err.contains("takes 20"),
+        "{err}"
+    );
+}
