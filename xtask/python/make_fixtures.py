@@ -752,7 +752,7 @@ def write_tokenizer_case(root: pathlib.Path, vocab: pathlib.Path, merges: pathli
     print(f"wrote {case} ({len(prompts)} prompts)")
 
 
-KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline", "training", "roundtrip", "lora", "metrics", "upscale", "clip_score", "controlnet", "ip_adapter"]
+KINDS = ["vae", "diffusion", "tokenizer", "clip", "clip_vision", "unet", "schedulers", "pipeline", "training", "roundtrip", "lora", "metrics", "upscale", "clip_score", "controlnet", "ip_adapter", "x4_upscaler"]
 
 
 def parse_kinds(values: list[str] | None) -> set[str]:
@@ -841,6 +841,11 @@ def main() -> None:
         from ip_adapter_fixtures import write_ip_adapter_cases
 
         write_ip_adapter_cases(args.out)
+    if "x4_upscaler" in kinds:
+        # After the pipeline fixtures: tiny_sd1's text encoder and tokenizer are copied.
+        from x4_upscaler_fixtures import write_x4_upscaler_cases
+
+        write_x4_upscaler_cases(args.out)
 
 
 if __name__ == "__main__":
