@@ -1,4 +1,6 @@
-//! `sd upscale IMAGE --model FILE`: Real-ESRGAN after the decoder, on any image.
+//! `sd upscale IMAGE --model FILE|DIR`: Real-ESRGAN after the decoder, on any image, or the
+//! Stable Diffusion x4 upscaler (a diffusers `StableDiffusionUpscalePipeline` folder) guided by
+//! a prompt.
 
 use std::path::{Path, PathBuf};
 
@@ -12,9 +14,35 @@ pub struct UpscaleArgs {
     /// The image to enlarge (PNG, JPEG or WebP).
     image: PathBuf,
     /// A Real-ESRGAN model: `RealESRGAN_x4plus.pth`, `RealESRGAN_x2plus.pth`,
-    /// `realesr-general-x4v3.pth`, the anime models, or a .safetensors with the same keys.
+    /// `realesr-general-x4v3.pth`, the anime models, or a .safetensors with the same keys; or
+    /// the Stable Diffusion x4 upscaler's diffusers folder (`stable-diffusion-x4-upscaler`).
     #[arg(long, short = 'm')]
     model: PathBuf,
+    /// x4 upscaler: what the image shows (it guides the added detail).
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// x4 upscaler: what to steer away from.
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// x4 upscaler: sampling steps (diffusers' default 75).
+    #[arg(long, default_value_t = 75)]
+    steps: usize,
+    /// x4 upscaler: classifier-free guidance scale (diffusers' default 9).
+    #[arg(long, default_value_t = 9.0, allow_negative_numbers = true)]
+    guidance: f64,
+    /// x4 upscaler: how much noise the low-resolution image gets before it guides the model,
+    /// 0 to the model's max_noise_level (350): more lets it invent more detail.
+    #[arg(long, default_value_t = sd::DEFAULT_NOISE_LEVEL, allow_negative_numbers = true)]
+    noise_level: usize,
+    /// x4 upscaler: the seed of every random draw.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// x4 upscaler: a sampler name (default: the model's own).
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// x4 upscaler: decode in tiles (the 4× image in bounded memory).
+    #[arg(long)]
+    vae_tiling: bool,
     /// Where the PNG goes (default: IMAGE's folder, `<name>-x<scale>.png`).
     #[arg(long, short = 'o')]
     output: Option<PathBuf>,
@@ -51,6 +79,9 @@ pub fn run(args: UpscaleArgs) -> Result<String, String> {
     let image = sd::core::image_io::decode_image(&args.image)
         .map_err(|e| e.to_string())?
         .to_rgb8();
+    if args.model.is_dir() {
+        return run_x4(&args, image);
+    }
     let model = Upscaler::<B>::load(&args.model, &device).map_err(|e| e.to_string())?;
     let scale = model.scale();
     let outscale = args.scale.unwrap_or(scale as f64);
@@ -132,6 +163,104 @@ pub fn run(args: UpscaleArgs) -> Result<String, String> {
         image.height(),
         out.width(),
         out.height(),
+        started.elapsed().as_secs_f64(),
+        output.display()
+    ))
+}
+
+/// The Stable Diffusion x4 upscaler on `image`: the image rounded down to a multiple of the
+/// VAE's factor (PIL's bicubic, as diffusers' processor), then the pipeline.
+fn run_x4(args: &UpscaleArgs, image: image::RgbImage) -> Result<String, String> {
+    let model = sd::Model::from_folder(&args.model, None).map_err(|e| e.to_string())?;
+    if model.upscaler().is_none() {
+        return Err(format!(
+            "{}: not an upscaler (a StableDiffusionUpscalePipeline folder); for a Real-ESRGAN \
+             model give its .pth or .safetensors file",
+            args.model.display()
+        ));
+    }
+    let f = model.vae_scale_factor();
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    let (rw, rh) = (w / f * f, h / f * f);
+    if rw == 0 || rh == 0 {
+        return Err(format!(
+            "{}: a {w}×{h} image is smaller than the upscaler's {f}-pixel step",
+            args.image.display()
+        ));
+    }
+    let low = if (rw, rh) != (w, h) {
+        eprintln!(
+            "note: {}: {w}×{h} is rounded down to {rw}×{rh} (bicubic), a multiple of {f}",
+            args.image.display()
+        );
+        let raw = sd::conditioner::image_processor::pil_bicubic_rgb8(image.as_raw(), w, h, rw, rh);
+        image::RgbImage::from_raw(rw as u32, rh as u32, raw).ok_or("internal: resize")?
+    } else {
+        image
+    };
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| default_output(&args.image, f as f64));
+    sd::core::files::check_output_path(&output).map_err(|e| e.to_string())?;
+    let options = sd::GenerateOptions {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        steps: args.steps,
+        guidance_scale: args.guidance,
+        seed: args.seed,
+        scheduler: args.scheduler.clone(),
+        vae_tiling: args.vae_tiling,
+        ..sd::GenerateOptions::default()
+    };
+    let bar = crate::progress_bar(
+        args.quiet,
+        args.steps as u64,
+        "upscaling [{bar:30}] {pos}/{len} steps, eta {eta}",
+    );
+    let mut callback = |p: &sd::StepProgress<'_, B>| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.step as u64);
+        true
+    };
+    let started = std::time::Instant::now();
+    let mut noise = sd::schedulers::HostNoise::per_image(args.seed, 1);
+    let out = sd::upscale_x4_with_noise::<B>(
+        &model,
+        &options,
+        sd::core::image_io::image_to_data(&low),
+        args.noise_level,
+        &Default::default(),
+        &mut noise,
+        Some(&mut callback),
+    )
+    .map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    let picture = sd::to_images(out.images)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .next()
+        .ok_or("internal: no image")?;
+    let name = args
+        .model
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // A1111's extras fields, and the generation settings that made the detail.
+    let mut parameters = args.prompt.clone();
+    if let Some(negative) = &args.negative_prompt {
+        parameters.push_str(&format!("\nNegative prompt: {negative}"));
+    }
+    parameters.push_str(&format!(
+        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Noise level: {}, Postprocess upscale \
+         by: {f}, Postprocess upscaler: {name}",
+        args.steps, out.sampler, args.guidance, args.seed, args.noise_level
+    ));
+    sd::save_png(&picture, &output, &parameters).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "{rw}×{rh} → {}×{} in {:.1} s: {}",
+        picture.width(),
+        picture.height(),
         started.elapsed().as_secs_f64(),
         output.display()
     ))

@@ -224,3 +224,62 @@ fn generate_upscales_after_decoding_and_runs_the_hires_fix() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `sd upscale IMAGE --model DIR` with the x4 upscaler's folder: a 10×10 image is rounded down
+/// to 8×8 with a note and comes out 32×32, the settings in the PNG; a noise level above the
+/// model's maximum and a folder that is not an upscaler are one line each.
+#[test]
+fn the_x4_upscaler_folder_enlarges_an_image_guided_by_a_prompt() {
+    let dir = scratch("x4");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let model = fixtures.join("x4_upscaler/model");
+    let low = fixtures.join("x4_upscaler/low_b.png");
+    let out = dir.join("big.png");
+    let args = |model: &Path, extra: &[&str]| {
+        let mut a = vec![
+            low.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a photo of a cat",
+            "--steps",
+            "2",
+            "-q",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |model: &Path, extra: &[&str]| {
+        let a = args(model, extra);
+        upscale(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let done = run(&model, &["--noise-level", "30", "--seed", "3"]);
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{stderr}");
+    assert!(stderr.contains("rounded down to 8×8"), "{stderr}");
+    let image = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(image.dimensions(), (32, 32));
+    let text = common::parameters(&out);
+    assert!(text.starts_with("a photo of a cat\n"), "{text}");
+    assert!(
+        text.contains("Noise level: 30") && text.contains("Postprocess upscale by: 4"),
+        "{text}"
+    );
+    std::fs::remove_file(&out).unwrap();
+
+    let not_upscaler = fixtures.join("pipeline/tiny_sd1/model");
+    for (folder, extra, expected) in [
+        (&model, vec!["--noise-level", "351"], "max_noise_level 350"),
+        (&not_upscaler, vec![], "not an upscaler"),
+    ] {
+        let done = run(folder, &extra);
+        let stderr = String::from_utf8_lossy(&done.stderr);
+        assert!(!done.status.success(), "{extra:?} succeeded");
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("note:")).collect();
+        assert_eq!(lines.len(), 1, "{extra:?}: {stderr}");
+        assert!(!out.exists(), "{extra:?} wrote an image");
+    }
+}

@@ -32,11 +32,12 @@ mod output;
 mod pipeline;
 mod save;
 mod single_file;
+mod upscale_x4;
 
 pub use control::{Control, ControlNetSource, ControlStack, canny_edges, control_image_data};
 pub use error::{Result, SdError};
 pub use image_prompt::ImagePrompt;
-pub use model::{Model, ModelFamily, hub_cache_snapshot};
+pub use model::{Model, ModelFamily, UpscalerParts, hub_cache_snapshot};
 pub use output::{parameters_text, prompt_of_parameters, read_parameters, save_png, to_images};
 pub use pipeline::{
     GenerateOptions, Generated, ImageConditioning, InpaintLatents, MAX_CLIP_SKIP, MAX_GUIDANCE,
@@ -47,6 +48,7 @@ pub use pipeline::{
 pub use save::check_model_output;
 pub use sd_core::vae_keys::ldm_vae_key;
 pub use single_file::{CheckpointLayout, TextPrefix, detect as detect_checkpoint};
+pub use upscale_x4::{DEFAULT_NOISE_LEVEL, upscale_x4_with_noise};
 
 pub use sd_conditioner as conditioner;
 pub use sd_core as core;

@@ -75,6 +75,19 @@ pub struct Model {
     /// LoRAs merged into the U-Net and text encoders as they load, with their weights.
     loras: Vec<(Arc<LoraFile>, f32)>,
     lora_options: MergeOptions,
+    /// The x4 upscaler's (`StableDiffusionUpscalePipeline`): the schedule that noises the
+    /// low-resolution image, and the highest noise level it allows.
+    upscaler: Option<UpscalerParts>,
+}
+
+/// What a `StableDiffusionUpscalePipeline` folder adds to a model.
+#[derive(Debug, Clone)]
+pub struct UpscalerParts {
+    /// `low_res_scheduler/scheduler_config.json`: the schedule the low-resolution image is
+    /// noised by (its `noise_level` is a timestep of it).
+    pub low_res_scheduler: SchedulerConfig,
+    /// `max_noise_level` of `model_index.json` (350 in the released model).
+    pub max_noise_level: usize,
 }
 
 /// Where a text encoder's tokenizer comes from.
@@ -129,14 +142,17 @@ fn check_components(
             ),
         ));
     }
-    if unet.in_channels != latent && unet.in_channels != 2 * latent + 1 {
+    // The x4 upscaler's U-Net reads the noised low-resolution image beside the latent.
+    let upscaler = unet.num_class_embeds.is_some() && unet.in_channels == latent + vae.in_channels;
+    if unet.in_channels != latent && unet.in_channels != 2 * latent + 1 && !upscaler {
         return Err(model_error(
             unet_at(),
             format!(
                 "field `in_channels` is {}; with latent_channels {latent} in vae/config.json it \
-                 must be {latent} (or {} for inpainting)",
+                 must be {latent} (or {} for inpainting, {} for an upscaler with class labels)",
                 unet.in_channels,
-                2 * latent + 1
+                2 * latent + 1,
+                latent + vae.in_channels
             ),
         ));
     }
@@ -356,7 +372,45 @@ impl Model {
         let force_zeros_for_empty_prompt = index["force_zeros_for_empty_prompt"]
             .as_bool()
             .unwrap_or(family == ModelFamily::Sdxl);
+        let upscaler = if class == "StableDiffusionUpscalePipeline" {
+            let path = dir.join("low_res_scheduler/scheduler_config.json");
+            let low_res_scheduler = SchedulerConfig::from_file(&path)?;
+            let max_noise_level = match &index["max_noise_level"] {
+                serde_json::Value::Null => 350,
+                v => v.as_u64().map(|v| v as usize).ok_or_else(|| {
+                    model_error(&index_path, "field `max_noise_level` is not a whole number")
+                })?,
+            };
+            let classes = unet_config.num_class_embeds.unwrap_or(0);
+            if max_noise_level >= classes
+                || max_noise_level >= low_res_scheduler.num_train_timesteps
+            {
+                return Err(model_error(
+                    &index_path,
+                    format!(
+                        "max_noise_level {max_noise_level} must be below the U-Net's \
+                         num_class_embeds ({classes}) and the low-res scheduler's \
+                         num_train_timesteps ({})",
+                        low_res_scheduler.num_train_timesteps
+                    ),
+                ));
+            }
+            Some(UpscalerParts {
+                low_res_scheduler,
+                max_noise_level,
+            })
+        } else {
+            None
+        };
+        if upscaler.is_none() && unet_config.in_channels == unet_config.out_channels + 3 {
+            return Err(model_error(
+                dir.join("unet/config.json"),
+                "a U-Net that reads a low-resolution image belongs to a \
+                 StableDiffusionUpscalePipeline folder (model_index.json `_class_name`)",
+            ));
+        }
         Ok(Self {
+            upscaler,
             source: Source::Folder(dir),
             family,
             variant: variant.map(String::from),
@@ -441,6 +495,7 @@ impl Model {
             check_weights: true,
             loras: Vec::new(),
             lora_options: MergeOptions::default(),
+            upscaler: None,
         })
     }
 
@@ -510,6 +565,11 @@ impl Model {
     /// Whether the U-Net takes the masked image and mask as extra channels (9 inputs).
     pub fn is_inpainting(&self) -> bool {
         self.unet_config.in_channels == 9
+    }
+
+    /// The x4 upscaler's parts, for a `StableDiffusionUpscalePipeline` folder.
+    pub fn upscaler(&self) -> Option<&UpscalerParts> {
+        self.upscaler.as_ref()
     }
 
     /// The U-Net's configuration: `unet/config.json`, or the family's published one for a single

@@ -485,6 +485,11 @@ pub struct ImageConditioning<B: Backend> {
     /// IP-Adapter tokens for the whole batch (`[negative; image]` when guided), for a U-Net the
     /// adapter is attached to.
     pub image_tokens: Option<Tensor<B, 3>>,
+    /// Channels concatenated to the scaled latents for the whole batch: the x4 upscaler's
+    /// noised low-resolution image.
+    pub extra_channels: Option<Tensor<B, 4>>,
+    /// One class per sample of the whole batch: the x4 upscaler's noise level.
+    pub class_labels: Option<Vec<usize>>,
 }
 
 impl<B: Backend> Default for ImageConditioning<B> {
@@ -492,6 +497,8 @@ impl<B: Backend> Default for ImageConditioning<B> {
         Self {
             control: None,
             image_tokens: None,
+            extra_channels: None,
+            class_labels: None,
         }
     }
 }
@@ -527,12 +534,14 @@ pub fn denoise<B: Backend>(
     let n = latents.dims()[0];
     let halves = if cond.guided { 2 } else { 1 };
     // A 9-channel U-Net sees the mask and the masked image's latents next to the latents.
-    let extra_channels = inpaint.and_then(|p| {
-        p.masked_image_latents.as_ref().map(|masked| {
-            let both = Tensor::cat(vec![p.mask.clone(), masked.clone()], 1);
-            Tensor::cat(vec![both; halves], 0)
+    let extra_channels = inpaint
+        .and_then(|p| {
+            p.masked_image_latents.as_ref().map(|masked| {
+                let both = Tensor::cat(vec![p.mask.clone(), masked.clone()], 1);
+                Tensor::cat(vec![both; halves], 0)
+            })
         })
-    });
+        .or_else(|| image.extra_channels.clone());
     let context = expand_halves(cond.conditioning.context.clone(), cond.guided, n);
     let mut latents = latents;
     let timesteps = scheduler.timesteps().to_vec();
@@ -547,6 +556,7 @@ pub fn denoise<B: Backend>(
         let input = scheduler.scale_model_input(input);
         let mut unet_cond = UNetConditioning {
             text_time,
+            class_labels: image.class_labels.as_deref(),
             ..UNetConditioning::text(context.clone())
         };
         // ControlNets see the latents without an inpainting U-Net's extra channels, and count
@@ -637,6 +647,13 @@ pub fn generate_with_noise<B: Backend>(
     noise: &mut dyn NoiseSource<B>,
     callback: Option<&mut StepCallback<'_, B>>,
 ) -> Result<Generated<B>> {
+    if model.upscaler().is_some() {
+        return Err(SdError::InvalidOptions(
+            "this is the Stable Diffusion x4 upscaler: it enlarges an image (sd upscale IMAGE \
+             --model DIR, or sd::upscale_x4)"
+                .into(),
+        ));
+    }
     options.check(model)?;
     let size = options.size(model)?;
     // Everything that can fail on the options before any weights are read.
@@ -707,6 +724,7 @@ pub fn generate_with_noise<B: Backend>(
                 device,
             )?,
             image_tokens,
+            ..ImageConditioning::default()
         };
         denoise(
             &unet,
@@ -722,23 +740,33 @@ pub fn generate_with_noise<B: Backend>(
         )?
     };
     drop(cond);
-    let images = decode(model, latents.clone(), options.vae_tiling, device)?;
-    // A half-precision VAE can overflow where f32 does not (diffusers' `force_upcast` and
-    // `needs_upcasting`): decode again in f32 before giving up.
-    let images = match check_finite(&images, "the VAE decoder") {
-        Err(_) if model.vae_dtype() != DType::F32 => {
-            let upcast = model.clone().with_vae_upcast();
-            let images = decode(&upcast, latents.clone(), options.vae_tiling, device)?;
-            check_finite(&images, "the VAE decoder (in f32)")?;
-            images
-        }
-        other => other.map(|()| images)?,
-    };
+    let images = decode_checked(model, latents.clone(), options.vae_tiling, device)?;
     Ok(Generated {
         images,
         latents,
         sampler,
     })
+}
+
+/// [`decode`], checked for NaN and ±∞: a half-precision VAE can overflow where f32 does not
+/// (diffusers' `force_upcast` and `needs_upcasting`), so it decodes again in f32 before giving
+/// up.
+pub(crate) fn decode_checked<B: Backend>(
+    model: &Model,
+    latents: Tensor<B, 4>,
+    tiling: bool,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>> {
+    let images = decode(model, latents.clone(), tiling, device)?;
+    match check_finite(&images, "the VAE decoder") {
+        Err(_) if model.vae_dtype() != DType::F32 => {
+            let upcast = model.clone().with_vae_upcast();
+            let images = decode(&upcast, latents, tiling, device)?;
+            check_finite(&images, "the VAE decoder (in f32)")?;
+            Ok(images)
+        }
+        other => other.map(|()| images),
+    }
 }
 
 /// `scaling_factor · (posterior sample)` of images, in the VAE's dtype (f32 when upcast),

@@ -1,0 +1,141 @@
+//! The Stable Diffusion x4 upscaler against diffusers' `StableDiffusionUpscalePipeline` on a
+//! tiny model in the released folder layout (`tests/fixtures/x4_upscaler`, made by
+//! `xtask/python/x4_upscaler_fixtures.py`): the low-resolution image noised by the low-res
+//! schedule, the 7-channel U-Net with the noise level as its class, every random draw replayed
+//! (the image's noise, the stochastic samplers'), the factor-4 VAE; final latents and images.
+
+mod common;
+
+use burn::backend::Flex;
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Tensor};
+use common::{Reference, Report, fixtures_dir, manifest};
+use sd::conditioner::PromptSyntax;
+use sd::conditioner::image_processor::pil_bicubic_rgb8;
+use sd::schedulers::{ReplayNoise, SchedulerConfig};
+use sd::{GenerateOptions, Model, upscale_x4_with_noise};
+
+type B = Flex;
+
+fn unstack<Bk: Backend>(stacked: Tensor<Bk, 5>) -> Vec<Tensor<Bk, 4>> {
+    let n = stacked.dims()[0];
+    (0..n)
+        .map(|i| stacked.clone().narrow(0, i, 1).squeeze_dim::<4>(0))
+        .collect()
+}
+
+#[test]
+fn x4_upscaler_matches_diffusers() {
+    let case = fixtures_dir().join("x4_upscaler");
+    let manifest = manifest(&case);
+    let reference = Reference::open(&case);
+    let device = Default::default();
+    let model = Model::from_folder(case.join("model"), None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(model.vae_scale_factor(), 4);
+    let mut report = Report::default();
+
+    // The 10×10 image rounded down to 8×8 by PIL's bicubic, as the pipeline's processor does.
+    let low_b = image::open(case.join("low_b.png")).unwrap().to_rgb8();
+    let resized = pil_bicubic_rgb8(low_b.as_raw(), 10, 10, 8, 8);
+    let expected: Tensor<B, 4> = reference.tensor("low_b_resized", &device);
+    let expected = expected
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap();
+    let planar: Vec<f32> = (0..3)
+        .flat_map(|c| resized.iter().skip(c).step_by(3).map(|&v| f32::from(v)))
+        .collect();
+    assert_eq!(planar, expected, "PIL's bicubic resize to 8×8");
+
+    for run in manifest["runs"].as_array().unwrap() {
+        let name = run["name"].as_str().unwrap();
+        let latents_in: Tensor<B, 4> = reference.tensor(&format!("{name}.latents_in"), &device);
+        let options = GenerateOptions {
+            prompt: run["prompt"].as_str().unwrap().into(),
+            negative_prompt: run["negative_prompt"].as_str().map(String::from),
+            steps: run["steps"].as_u64().unwrap() as usize,
+            guidance_scale: run["guidance_scale"].as_f64().unwrap(),
+            scheduler: run["scheduler"].as_str().map(String::from),
+            scheduler_config: Some(
+                SchedulerConfig::from_json(&run["scheduler_config"].to_string()).unwrap(),
+            ),
+            prompt_syntax: PromptSyntax::Plain,
+            init_latents: Some(latents_in.into_data()),
+            ..GenerateOptions::default()
+        };
+        let image: Tensor<B, 4> = reference.tensor(&format!("{name}.image_in"), &device);
+        let mut draws = vec![reference.tensor::<B, 4>(&format!("{name}.image_noise"), &device)];
+        let noise_key = format!("{name}.noise");
+        if reference.has(&noise_key) {
+            draws.extend(unstack(reference.tensor::<B, 5>(&noise_key, &device)));
+        }
+        let mut noise = ReplayNoise::new(draws);
+        let out = upscale_x4_with_noise::<B>(
+            &model,
+            &options,
+            image.into_data(),
+            run["noise_level"].as_u64().unwrap() as usize,
+            &device,
+            &mut noise,
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        if noise.remaining() != 0 {
+            report.fail(format!("{name}: {} noise draws unused", noise.remaining()));
+        }
+        let tolerance = run["tolerance"].as_f64().unwrap() as f32;
+        let expected: Tensor<B, 4> = reference.tensor(&format!("{name}.latents_out"), &device);
+        let scale = expected
+            .clone()
+            .abs()
+            .max()
+            .into_scalar()
+            .elem::<f32>()
+            .max(1.0);
+        report.check(
+            &format!("{name} latents"),
+            out.latents,
+            expected,
+            tolerance * scale,
+        );
+        report.check(
+            &format!("{name} image"),
+            ((out.images + 1.0) / 2.0).clamp(0.0, 1.0),
+            reference.tensor(&format!("{name}.image"), &device),
+            tolerance,
+        );
+    }
+    report.finish();
+}
+
+#[test]
+fn a_noise_level_above_the_models_maximum_is_refused() {
+    let case = fixtures_dir().join("x4_upscaler");
+    let model = Model::from_folder(case.join("model"), None).unwrap();
+    let image = burn::tensor::TensorData::new(vec![0f32; 3 * 8 * 8], [1, 3, 8, 8]);
+    let err = upscale_x4_with_noise::<B>(
+        &model,
+        &GenerateOptions::default(),
+        image,
+        351,
+        &Default::default(),
+        &mut ReplayNoise::new(Vec::new()),
+        None,
+    )
+    .err()
+    .expect("noise level 351 must be refused")
+    .to_string();
+    assert!(err.contains("max_noise_level 350"), "{err}");
+    // And the upscaler is not a text-to-image model.
+    let err = sd::generate::<B>(
+        &model,
+        &GenerateOptions::default(),
+        &Default::default(),
+        None,
+    )
+    .err()
+    .expect("generate must refuse the upscaler")
+    .to_string();
+    assert!(err.contains("x4 upscaler"), "{err}");
+}
