@@ -102,6 +102,13 @@ pub struct GenerateArgs {
     /// Decode in tiles (large images in bounded memory).
     #[arg(long)]
     vae_tiling: bool,
+    /// Run the U-Net over overlapping tiles of this many latent pixels, blended
+    /// (MultiDiffusion): large images in bounded memory, a little different from untiled.
+    #[arg(long, value_name = "N")]
+    unet_tile: Option<usize>,
+    /// Latent pixels shared by neighbouring U-Net tiles (default a quarter tile).
+    #[arg(long, value_name = "N")]
+    unet_tile_overlap: Option<usize>,
     /// Compute backend, among those compiled in (default: the most capable).
     #[arg(long)]
     backend: Option<String>,
@@ -235,6 +242,18 @@ fn read_image_prompt(
         image,
         scale: args.image_prompt_scale.unwrap_or(1.0),
     }))
+}
+
+/// `--unet-tile N [--unet-tile-overlap M]`.
+fn unet_tiling(args: &GenerateArgs) -> Result<Option<sd::LatentTiling>, String> {
+    match (args.unet_tile, args.unet_tile_overlap) {
+        (None, Some(_)) => Err("--unet-tile-overlap needs --unet-tile".into()),
+        (None, None) => Ok(None),
+        (Some(tile), overlap) => Ok(Some(sd::LatentTiling {
+            tile,
+            overlap: overlap.unwrap_or(tile / 4),
+        })),
+    }
 }
 
 /// An image size, `(width, height)`.
@@ -419,11 +438,23 @@ fn hires_size((w, h): (usize, usize), scale: f64, f: usize) -> (usize, usize) {
     (side(w), side(h))
 }
 
+/// `--dtype`.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum DTypeArg {
+pub(crate) enum DTypeArg {
     F32,
     F16,
     Bf16,
+}
+
+impl DTypeArg {
+    /// As Burn names it.
+    pub(crate) fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        }
+    }
 }
 
 fn output_paths(output: &Path, n: usize) -> Vec<PathBuf> {
@@ -677,11 +708,7 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         })?),
         None => None,
     };
-    let dtype = match args.dtype {
-        DTypeArg::F32 => DType::F32,
-        DTypeArg::F16 => DType::F16,
-        DTypeArg::Bf16 => DType::BF16,
-    };
+    let dtype = args.dtype.dtype();
     let model = match (&args.model, &args.config) {
         (None, _) => built_in_model(),
         (Some(model), Some(config)) => {
@@ -752,6 +779,7 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
             num_images: args.num_images,
             guidance_scale: guidance,
             vae_tiling: args.vae_tiling,
+            latent_tiling: unet_tiling(&args)?,
             ..GenerateOptions::default()
         };
         let size = probe.size(&model).map_err(|e| e.to_string())?;
@@ -815,6 +843,7 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
             None => None,
         },
         vae_tiling: args.vae_tiling,
+        latent_tiling: unet_tiling(&args)?,
         init_image,
         strength: args
             .strength

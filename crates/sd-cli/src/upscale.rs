@@ -43,6 +43,16 @@ pub struct UpscaleArgs {
     /// x4 upscaler: decode in tiles (the 4× image in bounded memory).
     #[arg(long)]
     vae_tiling: bool,
+    /// x4 upscaler: run the U-Net over overlapping tiles of this many latent (= input)
+    /// pixels, blended (MultiDiffusion): memory follows the tile, not the image.
+    #[arg(long, value_name = "N")]
+    unet_tile: Option<usize>,
+    /// x4 upscaler: latent pixels shared by neighbouring U-Net tiles (default a quarter tile).
+    #[arg(long, value_name = "N")]
+    unet_tile_overlap: Option<usize>,
+    /// The memory the run may use (e.g. `12G`; default: what the system has available).
+    #[arg(long, allow_negative_numbers = true)]
+    max_memory: Option<String>,
     /// Where the PNG goes (default: IMAGE's folder, `<name>-x<scale>.png`).
     #[arg(long, short = 'o')]
     output: Option<PathBuf>,
@@ -63,6 +73,10 @@ pub struct UpscaleArgs {
     /// No progress bar.
     #[arg(long, short = 'q')]
     quiet: bool,
+    /// Compute dtype of a Real-ESRGAN model: f16 or bf16 halve the weights' and activations'
+    /// memory.
+    #[arg(long, value_enum, default_value_t = crate::generate::DTypeArg::F32)]
+    dtype: crate::generate::DTypeArg,
 }
 
 fn default_output(image: &Path, scale: f64) -> PathBuf {
@@ -82,7 +96,8 @@ pub fn run(args: UpscaleArgs) -> Result<String, String> {
     if args.model.is_dir() {
         return run_x4(&args, image);
     }
-    let model = Upscaler::<B>::load(&args.model, &device).map_err(|e| e.to_string())?;
+    let model = Upscaler::<B>::load_in(&args.model, args.dtype.dtype(), &device)
+        .map_err(|e| e.to_string())?;
     let scale = model.scale();
     let outscale = args.scale.unwrap_or(scale as f64);
     if !(outscale.is_finite() && outscale >= 1.0) {
@@ -211,8 +226,45 @@ fn run_x4(args: &UpscaleArgs, image: image::RgbImage) -> Result<String, String> 
         seed: args.seed,
         scheduler: args.scheduler.clone(),
         vae_tiling: args.vae_tiling,
+        latent_tiling: args.unet_tile.map(|tile| sd::LatentTiling {
+            tile,
+            overlap: args.unet_tile_overlap.unwrap_or(tile / 4),
+        }),
+        width: Some(rw * f),
+        height: Some(rh * f),
         ..sd::GenerateOptions::default()
     };
+    if args.unet_tile_overlap.is_some() && args.unet_tile.is_none() {
+        return Err("--unet-tile-overlap needs --unet-tile".into());
+    }
+    // Before any weight is read: the U-Net's activations over the latent (the input's size)
+    // and the 4× decode.
+    let estimate = sd::memory::estimate(&model, &options, (rw * f, rh * f));
+    let budget = match &args.max_memory {
+        Some(text) => Some(sd::memory::parse_size(text).ok_or_else(|| {
+            format!("--max-memory {text}: not a size (bytes, or a number with K, M, G or T)")
+        })?),
+        None => sd::memory::available_memory(),
+    };
+    if let Some(available) = budget
+        && estimate.peak() > available
+    {
+        use sd::memory::Gib;
+        return Err(format!(
+            "{}: upscaling {rw}×{rh} would need about {} of memory (U-Net {}, VAE decode {}) but \
+             {} is available; try --unet-tile 64 and --vae-tiling",
+            args.image.display(),
+            Gib(estimate.peak()),
+            Gib(estimate.unet_weights + estimate.unet_activations),
+            Gib(estimate.vae_weights
+                + if args.vae_tiling {
+                    estimate.vae_activations_tiled
+                } else {
+                    estimate.vae_activations
+                }),
+            Gib(available)
+        ));
+    }
     let bar = crate::progress_bar(
         args.quiet,
         args.steps as u64,

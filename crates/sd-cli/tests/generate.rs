@@ -689,3 +689,32 @@ fn an_ip_adapter_image_prompt_steers_generation_from_the_command_line() {
         assert!(!out.exists(), "{extra:?} wrote an image");
     }
 }
+
+/// `--unet-tile`: a tile covering the latent gives the untiled image exactly; smaller
+/// overlapping tiles give an image of the same size; a bad tile is one line.
+#[test]
+fn unet_tiles_from_the_command_line() {
+    let dir = scratch("unet_tile");
+    let model = tiny_model();
+    let model = model.to_str().unwrap();
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["generate", "a cat", "--model", model, "--steps", "2", "-q", "-o"];
+        args.push(out.to_str().unwrap());
+        args.extend_from_slice(extra);
+        sd(&args)
+    };
+    let (plain, covering, tiled) = (dir.join("a.png"), dir.join("b.png"), dir.join("c.png"));
+    for (out, extra) in [
+        (&plain, vec![]),
+        (&covering, vec!["--unet-tile", "16"]),
+        (&tiled, vec!["--unet-tile", "8", "--unet-tile-overlap", "4"]),
+    ] {
+        let (ok, _, stderr) = run(out, &extra);
+        assert!(ok, "{extra:?}: {stderr}");
+    }
+    let read = |p: &Path| image::open(p).unwrap().to_rgb8();
+    assert_eq!(read(&plain), read(&covering));
+    assert_eq!(read(&tiled).dimensions(), read(&plain).dimensions());
+    let (ok, _, stderr) = run(&dir.join("bad.png"), &["--unet-tile", "8", "--unet-tile-overlap", "8"]);
+    assert!(!ok && stderr.contains("more than its overlap"), "{stderr}");
+}

@@ -269,10 +269,19 @@ fn the_x4_upscaler_folder_enlarges_an_image_guided_by_a_prompt() {
     );
     std::fs::remove_file(&out).unwrap();
 
+    // U-Net tiles: the 8×8 latent in 4-pixel-overlapping tiles of 8 is one tile; a budget
+    // too small for the whole run is refused with the ways to fit it.
+    let done = run(&model, &["--unet-tile", "8", "--unet-tile-overlap", "4", "--vae-tiling"]);
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    std::fs::remove_file(&out).unwrap();
+
     let not_upscaler = fixtures.join("pipeline/tiny_sd1/model");
     for (folder, extra, expected) in [
         (&model, vec!["--noise-level", "351"], "max_noise_level 350"),
         (&not_upscaler, vec![], "not an upscaler"),
+        (&model, vec!["--max-memory", "1M"], "try --unet-tile 64 and --vae-tiling"),
+        (&model, vec!["--unet-tile", "4"], "at least 8 latent pixels"),
+        (&model, vec!["--unet-tile-overlap", "4"], "--unet-tile-overlap needs --unet-tile"),
     ] {
         let done = run(folder, &extra);
         let stderr = String::from_utf8_lossy(&done.stderr);

@@ -38,6 +38,11 @@ pub struct SrVggNetCompact<B: Backend> {
 }
 
 impl<B: Backend> SrVggNetCompact<B> {
+    /// The dtype the weights are in (and the network computes in).
+    pub fn dtype(&self) -> burn::tensor::DType {
+        self.convs[0].weight.val().dtype()
+    }
+
     /// A network of this shape with torch-style random weights.
     pub fn new(config: &SrVggNetCompactConfig, device: &B::Device) -> Self {
         let f = config.features;

@@ -118,6 +118,11 @@ pub struct RrdbNet<B: Backend> {
 }
 
 impl<B: Backend> RrdbNet<B> {
+    /// The dtype the weights are in (and the network computes in).
+    pub fn dtype(&self) -> burn::tensor::DType {
+        self.conv_first.weight.val().dtype()
+    }
+
     /// A network of this shape with torch-style random weights (load real ones over them).
     pub fn new(config: &RrdbNetConfig, device: &B::Device) -> Self {
         let unshuffle = config.unshuffle();

@@ -39,10 +39,21 @@ impl<B: Backend> Upscaler<B> {
     /// `.safetensors` with the same keys), its shape from the weights. Strict: every weight
     /// with its shape, nothing else (BasicSR's `params` beside `params_ema` is left out).
     pub fn load(path: impl AsRef<Path>, device: &B::Device) -> Result<Self> {
+        Self::load_in(path, burn::tensor::DType::F32, device)
+    }
+
+    /// [`Self::load`] with the weights in `dtype` (f16 or bf16 halve the memory; the image is
+    /// computed in the same dtype and returned as 8 bits).
+    pub fn load_in(
+        path: impl AsRef<Path>,
+        dtype: burn::tensor::DType,
+        device: &B::Device,
+    ) -> Result<Self> {
         let path = path.as_ref();
         if path.is_dir() {
             let what = if path.join("model_index.json").is_file() {
-                "a diffusers folder (the Stable Diffusion x4 latent upscaler is not supported yet)"
+                "a diffusers folder (the Stable Diffusion x4 upscaler runs through \
+                 `sd::upscale_x4_with_noise`, or `sd upscale --model DIR`)"
             } else {
                 "a folder"
             };
@@ -71,7 +82,10 @@ impl<B: Backend> Upscaler<B> {
                 ))
             })
         };
-        let options = LoadOptions::default();
+        let options = LoadOptions {
+            dtype,
+            ..LoadOptions::default()
+        };
         // BasicSR files keep `params` beside `params_ema`: keys outside the prefix are left out.
         let strip = |key: &str| key.strip_prefix(prefix).map(str::to_string);
         if entry("conv_first.weight").is_some() {
@@ -204,6 +218,14 @@ impl<B: Backend> Upscaler<B> {
         self.peak_activation_bytes(tw, th) + 4.0 * 3.0 * px * (1.0 + s * s) + 3.0 * px * s * s
     }
 
+    /// The dtype the network computes in.
+    pub fn dtype(&self) -> burn::tensor::DType {
+        match self {
+            Self::Rrdb(net, _) => net.dtype(),
+            Self::Compact(net, _) => net.dtype(),
+        }
+    }
+
     /// The network on `[N, C, H, W]` in `[0, 1]`, unclamped.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         match self {
@@ -231,7 +253,8 @@ impl<B: Backend> Upscaler<B> {
                 planar[c * h * w + y as usize * w + x as usize] = f32::from(pixel[c]) / 255.0;
             }
         }
-        let x = Tensor::<B, 4>::from_data(TensorData::new(planar, [1, 3, h, w]), device);
+        let dtype = self.dtype();
+        let x = Tensor::<B, 4>::from_data(TensorData::new(planar, [1, 3, h, w]), device).cast(dtype);
         let out = upscale_tiled(
             |t| self.forward(t),
             self.scale(),

@@ -183,7 +183,11 @@ pub fn estimate(model: &Model, options: &GenerateOptions, size: (usize, usize)) 
         };
     let unet = model.unet_config();
     let c0 = unet.block_out_channels.first().copied().unwrap_or(0) as f64;
-    let tokens = (w / f) * (h / f);
+    // With U-Net tiles, one tile's feature maps at a time.
+    let tokens = match &options.latent_tiling {
+        Some(t) => ((w / f).min(t.tile as f64)) * ((h / f).min(t.tile as f64)),
+        None => (w / f) * (h / f),
+    };
     let scores_cap = MAX_SCORES as f64 * attention_threads();
     // Feature maps at the first level (the input, the skip connections kept for the up path,
     // a ResNet's norm and convolution outputs, the feed-forward's 8c-wide GEGLU input), and the

@@ -13,6 +13,7 @@ use sd_unet::{TextTimeConditioning, UNet2DConditionModel, UNetConditioning};
 
 use crate::control::{Control, ControlStack};
 use crate::image_prompt::ImagePrompt;
+use crate::latent_tiles::LatentTiling;
 
 use crate::error::{Result, SdError, model_error};
 use crate::model::{Model, ModelFamily};
@@ -83,6 +84,9 @@ pub struct GenerateOptions {
     pub target_size: Option<(usize, usize)>,
     /// Decode in overlapping tiles: bounded memory for large images.
     pub vae_tiling: bool,
+    /// Run the U-Net over overlapping latent tiles, blended (MultiDiffusion): memory follows the
+    /// tile; the image differs a little from an untiled run's.
+    pub latent_tiling: Option<LatentTiling>,
     /// ControlNets, each with its conditioning image, scale and step range; their residuals
     /// add up.
     pub controls: Vec<Control>,
@@ -119,6 +123,7 @@ impl Default for GenerateOptions {
             crops_coords_top_left: (0, 0),
             target_size: None,
             vae_tiling: false,
+            latent_tiling: None,
             controls: Vec::new(),
             guess_mode: false,
             image_prompt: None,
@@ -319,6 +324,9 @@ impl GenerateOptions {
         }
         if let Some(prompt) = &self.image_prompt {
             prompt.check()?;
+        }
+        if let Some(tiling) = &self.latent_tiling {
+            tiling.check()?;
         }
         Ok(())
     }
@@ -579,7 +587,10 @@ pub fn denoise<B: Backend>(
             Some(extra) => Tensor::cat(vec![input, extra.clone()], 1),
             None => input,
         };
-        let prediction = unet.forward_conditioned(input, &[t], &unet_cond)?;
+        let prediction = match &options.latent_tiling {
+            Some(tiling) => tiling.predict(unet, input, t, &unet_cond)?,
+            None => unet.forward_conditioned(input, &[t], &unet_cond)?,
+        };
         let prediction = if cond.guided {
             let uncond = prediction.clone().narrow(0, 0, n);
             let text = prediction.narrow(0, n, n);

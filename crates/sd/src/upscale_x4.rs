@@ -59,6 +59,9 @@ pub fn upscale_x4_with_noise<B: Backend>(
              width]"
         )));
     }
+    if let Some(tiling) = &options.latent_tiling {
+        tiling.check()?;
+    }
     let f = model.vae_scale_factor();
     let options = GenerateOptions {
         width: Some(w * f),
