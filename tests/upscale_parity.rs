@@ -155,8 +155,12 @@ fn half_precision_stays_within_two_levels_of_f32() {
                 pre_pad: 0,
             },
         ] {
-            let a = full.upscale(&picture, &options, &device, &mut |_, _| {}).unwrap();
-            let b = half.upscale(&picture, &options, &device, &mut |_, _| {}).unwrap();
+            let a = full
+                .upscale(&picture, &options, &device, &mut |_, _| {})
+                .unwrap();
+            let b = half
+                .upscale(&picture, &options, &device, &mut |_, _| {})
+                .unwrap();
             assert_eq!(a.dimensions(), b.dimensions());
             let worst = a
                 .as_raw()

@@ -386,9 +386,33 @@ fn read_controls(
     Ok((controls, size))
 }
 
-/// What happens to the decoded images: Real-ESRGAN after decoding, or A1111's hires fix.
+/// What enlarges the decoded images.
+enum PostUpscaler {
+    /// A Real-ESRGAN model.
+    Esrgan(sd_upscale::Upscaler<sd::backend::Flex>),
+    /// The Stable Diffusion x4 upscaler, guided by the generation's prompt.
+    X4(Box<Model>),
+}
+
+impl PostUpscaler {
+    fn scale(&self) -> usize {
+        match self {
+            Self::Esrgan(model) => model.scale(),
+            Self::X4(model) => model.vae_scale_factor(),
+        }
+    }
+
+    fn esrgan(&self) -> Option<&sd_upscale::Upscaler<sd::backend::Flex>> {
+        match self {
+            Self::Esrgan(model) => Some(model),
+            Self::X4(_) => None,
+        }
+    }
+}
+
+/// What happens to the decoded images: an upscaler after decoding, or A1111's hires fix.
 struct After<'a> {
-    upscaler: Option<(&'a sd_upscale::Upscaler<sd::backend::Flex>, String)>,
+    upscaler: Option<(&'a PostUpscaler, String)>,
     hires: Option<Hires>,
 }
 
@@ -798,6 +822,31 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         }
     }
     let upscaler = match &args.upscale {
+        // The Stable Diffusion x4 upscaler's folder: after decoding, guided by the prompt.
+        Some(path) if path.is_dir() => {
+            if args.hires_scale.is_some() {
+                return Err(format!(
+                    "--hires-scale enlarges with Real-ESRGAN or Lanczos; {} is the x4 upscaler: \
+                     use it alone (--upscale) or give a Real-ESRGAN file",
+                    path.display()
+                ));
+            }
+            let x4 = Model::from_folder(path, None)
+                .map_err(|e| e.to_string())?
+                .with_dtype(dtype);
+            if x4.upscaler().is_none() {
+                return Err(format!(
+                    "--upscale {}: not an upscaler (a StableDiffusionUpscalePipeline folder or a \
+                     Real-ESRGAN file)",
+                    path.display()
+                ));
+            }
+            let name = path
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Some((PostUpscaler::X4(Box::new(x4)), name))
+        }
         Some(path) => {
             let model =
                 sd_upscale::Upscaler::load(path, &Default::default()).map_err(|e| e.to_string())?;
@@ -805,7 +854,7 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            Some((model, name))
+            Some((PostUpscaler::Esrgan(model), name))
         }
         None => None,
     };
@@ -1062,7 +1111,11 @@ fn generate<B: Backend>(
         let (w, h) = hires.size;
         for (i, image) in images.iter_mut().enumerate() {
             bar.set_message("hires upscaling");
-            let big = enlarge(image, (w, h), after.upscaler.as_ref().map(|(m, _)| *m))?;
+            let big = enlarge(
+                image,
+                (w, h),
+                after.upscaler.as_ref().and_then(|(m, _)| m.esrgan()),
+            )?;
             let second = GenerateOptions {
                 init_image: Some(sd::core::image_io::image_to_data(&big)),
                 strength: hires.strength,
@@ -1097,9 +1150,42 @@ fn generate<B: Backend>(
             hires.strength, hires.scale, hires.steps
         );
     } else if let Some((upscaler, name)) = &after.upscaler {
-        for image in images.iter_mut() {
+        for (i, image) in images.iter_mut().enumerate() {
             bar.set_message("upscaling");
-            *image = run_upscaler(upscaler, image)?;
+            *image = match upscaler {
+                PostUpscaler::Esrgan(model) => run_upscaler(model, image)?,
+                PostUpscaler::X4(x4) => {
+                    // The generation's prompt and settings guide the added detail; the
+                    // image's seed its noise.
+                    let seed = options.seed.wrapping_add(i as u64);
+                    let settings = GenerateOptions {
+                        num_images: 1,
+                        seed,
+                        init_latents: None,
+                        ..options.clone()
+                    };
+                    let mut noise = sd::schedulers::HostNoise::per_image(seed, 1);
+                    let mut callback = |p: &StepProgress<'_, B>| {
+                        bar.set_length(p.total as u64);
+                        bar.set_position(p.step as u64);
+                        bar.set_message("x4 upscaling");
+                        true
+                    };
+                    let out = sd::upscale_x4_with_noise::<B>(
+                        x4,
+                        &settings,
+                        sd::core::image_io::image_to_data(image),
+                        sd::DEFAULT_NOISE_LEVEL,
+                        device,
+                        &mut noise,
+                        Some(&mut callback),
+                    )
+                    .map_err(|e| e.to_string())?;
+                    sd::to_images(out.images)
+                        .map_err(|e| e.to_string())?
+                        .remove(0)
+                }
+            };
         }
         notes = format!(
             ", Postprocess upscale by: {}, Postprocess upscaler: {name}",

@@ -698,7 +698,9 @@ fn unet_tiles_from_the_command_line() {
     let model = tiny_model();
     let model = model.to_str().unwrap();
     let run = |out: &Path, extra: &[&str]| {
-        let mut args = vec!["generate", "a cat", "--model", model, "--steps", "2", "-q", "-o"];
+        let mut args = vec![
+            "generate", "a cat", "--model", model, "--steps", "2", "-q", "-o",
+        ];
         args.push(out.to_str().unwrap());
         args.extend_from_slice(extra);
         sd(&args)
@@ -715,6 +717,9 @@ fn unet_tiles_from_the_command_line() {
     let read = |p: &Path| image::open(p).unwrap().to_rgb8();
     assert_eq!(read(&plain), read(&covering));
     assert_eq!(read(&tiled).dimensions(), read(&plain).dimensions());
-    let (ok, _, stderr) = run(&dir.join("bad.png"), &["--unet-tile", "8", "--unet-tile-overlap", "8"]);
+    let (ok, _, stderr) = run(
+        &dir.join("bad.png"),
+        &["--unet-tile", "8", "--unet-tile-overlap", "8"],
+    );
     assert!(!ok && stderr.contains("more than its overlap"), "{stderr}");
 }

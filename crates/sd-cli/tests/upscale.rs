@@ -271,17 +271,82 @@ fn the_x4_upscaler_folder_enlarges_an_image_guided_by_a_prompt() {
 
     // U-Net tiles: the 8×8 latent in 4-pixel-overlapping tiles of 8 is one tile; a budget
     // too small for the whole run is refused with the ways to fit it.
-    let done = run(&model, &["--unet-tile", "8", "--unet-tile-overlap", "4", "--vae-tiling"]);
-    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    let done = run(
+        &model,
+        &[
+            "--unet-tile",
+            "8",
+            "--unet-tile-overlap",
+            "4",
+            "--vae-tiling",
+        ],
+    );
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
     std::fs::remove_file(&out).unwrap();
+
+    // After a generation: the tiny SD 1.x model's 32×32 image becomes 128×128.
+    let generated = dir.join("generated.png");
+    let base = fixtures.join("pipeline/tiny_sd1/model");
+    let gen_args = |extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            "a cat",
+            "--model",
+            base.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--upscale",
+            model.to_str().unwrap(),
+            "-q",
+            "-o",
+            generated.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        Command::new(SD).args(a).output().unwrap()
+    };
+    let done = gen_args(&[]);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert_eq!(
+        image::open(&generated).unwrap().to_rgb8().dimensions(),
+        (128, 128)
+    );
+    let text = common::parameters(&generated);
+    assert!(
+        text.contains("Postprocess upscale by: 4, Postprocess upscaler: model"),
+        "{text}"
+    );
+    std::fs::remove_file(&generated).unwrap();
+    let done = gen_args(&["--hires-scale", "2"]);
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(
+        !done.status.success() && stderr.contains("is the x4 upscaler"),
+        "{stderr}"
+    );
+    assert!(!generated.exists());
 
     let not_upscaler = fixtures.join("pipeline/tiny_sd1/model");
     for (folder, extra, expected) in [
         (&model, vec!["--noise-level", "351"], "max_noise_level 350"),
         (&not_upscaler, vec![], "not an upscaler"),
-        (&model, vec!["--max-memory", "1M"], "try --unet-tile 64 and --vae-tiling"),
+        (
+            &model,
+            vec!["--max-memory", "1M"],
+            "try --unet-tile 64 and --vae-tiling",
+        ),
         (&model, vec!["--unet-tile", "4"], "at least 8 latent pixels"),
-        (&model, vec!["--unet-tile-overlap", "4"], "--unet-tile-overlap needs --unet-tile"),
+        (
+            &model,
+            vec!["--unet-tile-overlap", "4"],
+            "--unet-tile-overlap needs --unet-tile",
+        ),
     ] {
         let done = run(folder, &extra);
         let stderr = String::from_utf8_lossy(&done.stderr);

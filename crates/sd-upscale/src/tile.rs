@@ -101,7 +101,8 @@ pub(crate) fn upscale_tiled<B: Backend>(
         let pad = options.tile_pad.div_ceil(modulo) * modulo;
         let (tiles_x, tiles_y) = (w.div_ceil(t), h.div_ceil(t));
         let total = tiles_x * tiles_y;
-        let mut out = Tensor::<B, 4>::zeros([n, c, h * scale, w * scale], &x.device()).cast(x.dtype());
+        let mut out =
+            Tensor::<B, 4>::zeros([n, c, h * scale, w * scale], &x.device()).cast(x.dtype());
         progress(0, total);
         for ty in 0..tiles_y {
             for tx in 0..tiles_x {

@@ -254,7 +254,8 @@ impl<B: Backend> Upscaler<B> {
             }
         }
         let dtype = self.dtype();
-        let x = Tensor::<B, 4>::from_data(TensorData::new(planar, [1, 3, h, w]), device).cast(dtype);
+        let x =
+            Tensor::<B, 4>::from_data(TensorData::new(planar, [1, 3, h, w]), device).cast(dtype);
         let out = upscale_tiled(
             |t| self.forward(t),
             self.scale(),

@@ -49,7 +49,11 @@ impl LatentTiling {
         let ramp = self.overlap.max(1) as f32;
         (0..size)
             .map(|i| {
-                let from_start = if start > 0 { (i as f32 + 1.0) / ramp } else { 1.0 };
+                let from_start = if start > 0 {
+                    (i as f32 + 1.0) / ramp
+                } else {
+                    1.0
+                };
                 let from_end = if start + size < len {
                     (size - i) as f32 / ramp
                 } else {
@@ -89,9 +93,10 @@ impl LatentTiling {
             for &left in &cols {
                 let tw = self.tile.min(w);
                 let wx = self.ramp(left, tw, w);
-                let patch = input
-                    .clone()
-                    .slice([0..b, 0..input.dims()[1], top..top + th, left..left + tw]);
+                let patch =
+                    input
+                        .clone()
+                        .slice([0..b, 0..input.dims()[1], top..top + th, left..left + tw]);
                 let prediction = unet.forward_conditioned(patch, &[t], cond)?;
                 let c = prediction.dims()[1];
                 let mut weight = vec![0f32; th * tw];
@@ -101,8 +106,9 @@ impl LatentTiling {
                         weights[(top + y) * w + left + x] += wyv * wxv;
                     }
                 }
-                let weight = Tensor::<B, 4>::from_data(TensorData::new(weight, [1, 1, th, tw]), &device)
-                    .cast(prediction.dtype());
+                let weight =
+                    Tensor::<B, 4>::from_data(TensorData::new(weight, [1, 1, th, tw]), &device)
+                        .cast(prediction.dtype());
                 let weighted = prediction * weight;
                 let total = sum.unwrap_or_else(|| {
                     Tensor::<B, 4>::zeros([b, c, h, w], &device).cast(weighted.dtype())
@@ -145,7 +151,21 @@ mod tests {
             }
             assert!(total.iter().all(|&w| w > 0.0), "{len}: {total:?}");
         }
-        assert!(LatentTiling { tile: 8, overlap: 8 }.check().is_err());
-        assert!(LatentTiling { tile: 4, overlap: 0 }.check().is_err());
+        assert!(
+            LatentTiling {
+                tile: 8,
+                overlap: 8
+            }
+            .check()
+            .is_err()
+        );
+        assert!(
+            LatentTiling {
+                tile: 4,
+                overlap: 0
+            }
+            .check()
+            .is_err()
+        );
     }
 }
