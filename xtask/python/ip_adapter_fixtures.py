@@ -28,7 +28,7 @@ import diffusers
 import numpy as np
 import torch
 import transformers
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
 from PIL import Image
@@ -40,6 +40,10 @@ from pipeline_fixtures import HEIGHT, SD1_NEGATIVE, SD1_PROMPT, TOLERANCE, WIDTH
 
 BASE = "../pipeline/tiny_sd1/model"
 ADAPTER_FILE = "ip_adapter.safetensors"
+# The SDXL case: the same layout for tiny_sdxl (cross_attention_dim 64, transformer_layers_per_block
+# [1, 2]: every attention of the second level holds two transformer blocks), the same image encoder.
+BASE_SDXL = "../pipeline/tiny_sdxl/model"
+ADAPTER_FILE_SDXL = "ip_adapter_sdxl.safetensors"
 ENCODER_FOLDER = "image_encoder"
 # The released SD 1.5 IP-Adapter: 4 image tokens (ImageProjection), what diffusers picks when the
 # file has `image_proj.proj.weight`.
@@ -166,11 +170,13 @@ def ip_attention_layers(unet) -> list:
     return layers
 
 
-def write_ip_adapter(out: pathlib.Path, unet, layers: list) -> tuple[dict, dict]:
+def write_ip_adapter(out: pathlib.Path, unet, layers: list, file: str = ADAPTER_FILE,
+                     seed_name: str = "ip_adapter.weights") -> tuple[dict, dict]:
     """The released layout (diffusers' load_ip_adapter splits the keys at `image_proj.` and
     `ip_adapter.`). proj: N(0, 1/24) weight, N(0, 0.2²) bias; norm: weight 1 + N(0, 0.2²), bias
-    N(0, 0.2²); to_k_ip / to_v_ip: IP_GAIN · N(0, 1/32) (fan_in = cross_attention_dim); f16."""
-    seed = seed_of("ip_adapter.weights")
+    N(0, 0.2²); to_k_ip / to_v_ip: IP_GAIN · N(0, 1/cross_attention_dim) (its fan_in: 32 for
+    tiny_sd1, 64 for tiny_sdxl); f16."""
+    seed = seed_of(seed_name)
     generator = torch.Generator().manual_seed(seed)
     cross = unet.config.cross_attention_dim
     embed = ENCODER_CONFIG["projection_dim"]
@@ -185,21 +191,24 @@ def write_ip_adapter(out: pathlib.Path, unet, layers: list) -> tuple[dict, dict]
             weight = torch.randn(layer["hidden_size"], cross, generator=generator) * (IP_GAIN * cross**-0.5)
             tensors[f"ip_adapter.{layer['k']}.{which}.weight"] = weight
     tensors = {k: v.half().contiguous() for k, v in tensors.items()}
-    save_file(tensors, out / ADAPTER_FILE, metadata={"format": "pt"})
-    entry = dict(file=ADAPTER_FILE, seed=seed, ip_gain=IP_GAIN, tensors={k: list(v.shape) for k, v in sorted(tensors.items())})
+    save_file(tensors, out / file, metadata={"format": "pt"})
+    entry = dict(file=file, seed=seed, ip_gain=IP_GAIN, tensors={k: list(v.shape) for k, v in sorted(tensors.items())})
     return entry, tensors
 
 
-def load_ip_pipeline(base_dir: pathlib.Path, out: pathlib.Path, dtype: torch.dtype, stored: dict, layers: list):
-    """tiny_sd1 in `dtype` with the IP-Adapter loaded as a user would: load_ip_adapter(folder,
-    subfolder="", weight_name=..., image_encoder_folder=<absolute path>). The pipeline is loaded with
-    feature_extractor=None, so load_ip_adapter makes its own CLIPImageProcessor (size and crop_size =
-    the encoder's image_size, 224). Checks that every IP processor holds the stored weights under the
-    key number the manifest gives it."""
-    pipe = load_pipeline(StableDiffusionPipeline, base_dir, dtype)
+def load_ip_pipeline(base_dir: pathlib.Path, out: pathlib.Path, dtype: torch.dtype, stored: dict, layers: list,
+                     cls=StableDiffusionPipeline, file: str = ADAPTER_FILE):
+    """tiny_sd1 (or tiny_sdxl, cls StableDiffusionXLPipeline) in `dtype` with the IP-Adapter loaded
+    as a user would: load_ip_adapter(folder, subfolder="", weight_name=..., image_encoder_folder=
+    <absolute path>). The pipeline is loaded with feature_extractor=None (tiny_sdxl's model_index has
+    none), so load_ip_adapter makes its own CLIPImageProcessor (size and crop_size = the encoder's
+    image_size, 224). Checks that every IP processor holds the stored weights under the key number the
+    manifest gives it."""
+    pipe = load_pipeline(cls, base_dir, dtype)
+    assert type(pipe) is cls
     assert pipe.image_encoder is None and pipe.feature_extractor is None
     pipe.load_ip_adapter(
-        str(out), subfolder="", weight_name=ADAPTER_FILE,
+        str(out), subfolder="", weight_name=file,
         image_encoder_folder=str((out / ENCODER_FOLDER).resolve()), local_files_only=True,
     )
     pipe.image_encoder.eval()
@@ -249,6 +258,10 @@ RUNS = [
     ip_run("image_only", "image_prompt_b", 1.0, prompt="", negative_prompt=None),
     ip_run("no_guidance", "image_prompt", 0.8, negative_prompt=None, guidance_scale=1.0),
 ]
+# Through StableDiffusionXLPipeline on tiny_sdxl with ip_adapter_sdxl.safetensors.
+SDXL_RUNS = [
+    ip_run("sdxl", "image_prompt", 0.7),
+]
 
 
 def call_ip_pipeline(pipe, spec, base_scheduler, image, latents, seed, output_type, scale=None, with_image=True,
@@ -285,7 +298,8 @@ def call_ip_pipeline(pipe, spec, base_scheduler, image, latents, seed, output_ty
 
     def recording_forward(*args, **kw):
         added = kw.get("added_cond_kwargs")
-        handed.append(None if added is None else [e.clone() for e in added["image_embeds"]])
+        # SDXL always hands text_embeds and time_ids; image_embeds only with an image prompt.
+        handed.append(None if added is None or "image_embeds" not in added else [e.clone() for e in added["image_embeds"]])
         return forward(*args, **kw)
 
     pipeline_module = importlib.import_module(type(pipe).__module__)
@@ -308,10 +322,11 @@ def encode(pipe, image, processor=None) -> tuple[torch.Tensor, torch.Tensor]:
     return pixel_values, embeds
 
 
-def write_runs(pipe, pipe64, plain, images: dict, finite_json):
+def write_runs(pipe, pipe64, plain, images: dict, finite_json, runs: list = RUNS, base: str = BASE,
+               adapter_file: str = ADAPTER_FILE):
     tensors, manifest_runs = {}, []
     base_scheduler = plain.scheduler
-    for spec in RUNS:
+    for spec in runs:
         name = spec["name"]
         image = images[spec["image"]]
         latent_seed = seed_of(f"ip_adapter.run.{name}")
@@ -361,9 +376,9 @@ def write_runs(pipe, pipe64, plain, images: dict, finite_json):
         tensors[f"{name}.image_embeds"] = embeds
         entry = dict(
             name=name,
-            base=BASE,
-            pipeline="StableDiffusionPipeline",
-            ip_adapter=ADAPTER_FILE,
+            base=base,
+            pipeline=type(plain).__name__,
+            ip_adapter=adapter_file,
             image_encoder=ENCODER_FOLDER,
             image=f"{spec['image']}.png",
             scale=spec["scale"],
@@ -601,6 +616,8 @@ NOTES = [
     "(portrait: the crop acts on the other axis). direct.f64_deviation: the same stages in float64",
 ]
 
+NOTES_SDXL = []
+
 
 def write_ip_adapter_cases(out_root: pathlib.Path) -> None:
     from make_fixtures import finite_json
@@ -631,7 +648,30 @@ def write_ip_adapter_cases(out_root: pathlib.Path) -> None:
     tensors.update(direct_tensors)
     features = feature_extractor_entry(pipe, images)
 
-    seeds = [encoder_entry["seed"], adapter_entry["seed"], direct_entry["seed"]]
+    # The SDXL case, after everything above (whose tensors and numbers it leaves as they were).
+    base_sdxl = (out / BASE_SDXL).resolve()
+    assert base_sdxl.is_dir(), f"{base_sdxl}: run `--only pipeline` first"
+    plain_sdxl = load_pipeline(StableDiffusionXLPipeline, base_sdxl, torch.float32)
+    assert plain_sdxl.vae_scale_factor == 2, plain_sdxl.vae_scale_factor
+    assert list(plain_sdxl.unet.config.transformer_layers_per_block) == [1, 2]
+    layers_sdxl = ip_attention_layers(plain_sdxl.unet)
+    adapter_sdxl_entry, stored_sdxl = write_ip_adapter(
+        out, plain_sdxl.unet, layers_sdxl, file=ADAPTER_FILE_SDXL, seed_name="ip_adapter.weights.sdxl"
+    )
+    assert load_file(out / ADAPTER_FILE_SDXL).keys() == stored_sdxl.keys()
+    pipe_sdxl = load_ip_pipeline(base_sdxl, out, torch.float32, stored_sdxl, layers_sdxl,
+                                 cls=StableDiffusionXLPipeline, file=ADAPTER_FILE_SDXL)
+    pipe_sdxl64 = load_ip_pipeline(base_sdxl, out, torch.float64, stored_sdxl, layers_sdxl,
+                                   cls=StableDiffusionXLPipeline, file=ADAPTER_FILE_SDXL)
+    # The same image encoder as the SD 1.x runs: the same image embedding.
+    assert torch.equal(encode(pipe_sdxl, images["image_prompt"])[1], encode(pipe, images["image_prompt"])[1])
+    tensors_sdxl, runs_sdxl = write_runs(pipe_sdxl, pipe_sdxl64, plain_sdxl, images, finite_json, runs=SDXL_RUNS,
+                                         base=BASE_SDXL, adapter_file=ADAPTER_FILE_SDXL)
+    assert not tensors_sdxl.keys() & tensors.keys()
+    tensors.update(tensors_sdxl)
+    runs = runs + runs_sdxl
+
+    seeds = [encoder_entry["seed"], adapter_entry["seed"], direct_entry["seed"], adapter_sdxl_entry["seed"]]
     seeds += [seed_of(f"ip_adapter.image.{name}") for name in IMAGES]
     seeds += [s for r in runs for s in (r["latent_seed"], r["generator_seed"])]
     assert len(seeds) == len(set(seeds)), seeds
@@ -645,15 +685,20 @@ def write_ip_adapter_cases(out_root: pathlib.Path) -> None:
         "width": WIDTH,
         "base": BASE,
         "ip_adapter": adapter_entry,
+        "ip_adapter_sdxl": adapter_sdxl_entry,
         "image_encoder": encoder_entry,
         "num_tokens": NUM_TOKENS,
         "cross_attention_dim": pipe.unet.config.cross_attention_dim,
+        "base_sdxl": BASE_SDXL,
+        "cross_attention_dim_sdxl": pipe_sdxl.unet.config.cross_attention_dim,
         "images": {name: dict(file=f"{name}.png", size=list(image.size)) for name, image in images.items()},
         "feature_extractor": features,
         "attention_layers": layers,
+        "attention_layers_sdxl": layers_sdxl,
         "runs": runs,
         "direct": direct_entry,
         "notes": NOTES,
+        "notes_sdxl": NOTES_SDXL,
     }
     save_file({k: v.detach().contiguous().float() for k, v in sorted(tensors.items())}, out / "reference.safetensors")
     (out / "manifest.json").write_text(json.dumps(finite_json(manifest), indent=2, ensure_ascii=False, allow_nan=False) + "\n")

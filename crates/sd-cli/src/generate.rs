@@ -456,6 +456,43 @@ fn enlarge(
     ))
 }
 
+/// A ControlNet's conditioning image resized (Lanczos) to `(w, h)`.
+fn resize_control(control: &sd::Control, (w, h): (usize, usize)) -> Result<sd::Control, String> {
+    let [_, c, ih, iw] = control.image.shape.as_slice() else {
+        return Err("internal: a conditioning image is not [1, C, H, W]".into());
+    };
+    let (c, ih, iw) = (*c, *ih, *iw);
+    if c != 3 {
+        return Err(format!(
+            "--hires-scale resizes RGB conditioning images; {} takes {c} channels",
+            control.net.path().display()
+        ));
+    }
+    let values = control
+        .image
+        .clone()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .map_err(|e| format!("internal: {e:?}"))?;
+    let plane = ih * iw;
+    let image = image::RgbImage::from_fn(iw as u32, ih as u32, |x, y| {
+        let at = y as usize * iw + x as usize;
+        image::Rgb(std::array::from_fn(|k| {
+            (values[k * plane + at] * 255.0).round().clamp(0.0, 255.0) as u8
+        }))
+    });
+    let big = image::imageops::resize(
+        &image,
+        w as u32,
+        h as u32,
+        image::imageops::FilterType::Lanczos3,
+    );
+    Ok(sd::Control {
+        image: sd::control_image_data(&big),
+        ..control.clone()
+    })
+}
+
 /// The size a hires pass renders at: the first pass's times `scale`, to a multiple of `f`.
 fn hires_size((w, h): (usize, usize), scale: f64, f: usize) -> (usize, usize) {
     let side = |x: usize| (((x as f64 * scale) / f as f64).round() as usize).max(1) * f;
@@ -1124,9 +1161,13 @@ fn generate<B: Backend>(
                 height: Some(h),
                 num_images: 1,
                 seed: options.seed.wrapping_add(i as u64),
-                // The conditioning images are the first pass's size: the hires pass runs
-                // without the ControlNets (the first pass fixed the layout).
-                controls: Vec::new(),
+                // The ControlNets steer the hires pass too, their images resized to its size
+                // (as A1111's extension does).
+                controls: options
+                    .controls
+                    .iter()
+                    .map(|c| resize_control(c, (w, h)))
+                    .collect::<Result<_, _>>()?,
                 ..options.clone()
             };
             let mut callback = |p: &StepProgress<'_, B>| {

@@ -531,6 +531,31 @@ fn controlnets_steer_generation_from_the_command_line() {
     );
     assert!(text.contains("ControlNet guess mode: True"), "{text}");
 
+    // The hires fix keeps the ControlNet, its image resized to the larger pass.
+    let hires = dir.join("hires.png");
+    let (ok, _, stderr) = run(
+        &hires,
+        &[
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--controlnet",
+            net_a.to_str().unwrap(),
+            "--control",
+            control.to_str().unwrap(),
+            "--hires-scale",
+            "2",
+            "--hires-strength",
+            "0.5",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        image::open(&hires).unwrap().to_rgb8().dimensions(),
+        (64, 64)
+    );
+
     let sdxl_net = fixtures.join("sdxl");
     // At the output size: no resize note beside the error.
     let control = fixtures.join("control_a.png");
