@@ -1,19 +1,26 @@
 """IP-Adapter references: a tiny IP-Adapter in the layout of the released `ip-adapter_sd15.safetensors`
 and a tiny CLIP image encoder, loaded into the committed tiny SD 1.x pipeline by diffusers'
-`load_ip_adapter` and run through StableDiffusionPipeline, plus each stage called alone.
+`load_ip_adapter` and run through StableDiffusionPipeline, plus each stage called alone; and a tiny
+IP-Adapter in the same layout for the committed tiny SDXL pipeline, run through
+StableDiffusionXLPipeline with the same image encoder.
 
-Called by make_fixtures.py (`--only ip_adapter`), after the pipeline fixtures, whose tiny_sd1 model
-folder is the base pipeline here (read, never rewritten). tests/fixtures/ip_adapter/ holds
+Called by make_fixtures.py (`--only ip_adapter`), after the pipeline fixtures, whose tiny_sd1 and
+tiny_sdxl model folders are the base pipelines here (read, never rewritten). tests/fixtures/ip_adapter/
+holds
 
 - `image_encoder/`: a `CLIPVisionModelWithProjection.save_pretrained` folder (f16): hidden size 32,
   2 layers, 4 heads, MLP 64, 224×224 images in 32×32 patches, projection 24, gelu;
 - `ip_adapter.safetensors` (f16): `image_proj.proj.{weight,bias}`, `image_proj.norm.{weight,bias}` and
   `ip_adapter.{k}.to_{k,v}_ip.weight` for k = 1, 3, 5, …, one k per cross-attention layer of the base
   U-Net in the order diffusers numbers them (the manifest's `attention_layers`);
+- `ip_adapter_sdxl.safetensors` (f16): the same keys for tiny_sdxl (cross_attention_dim 64; two
+  transformer blocks per attention in its second level, so 8 cross-attention layers, keys 1 … 15, the
+  manifest's `attention_layers_sdxl`);
 - `image_prompt.png` (40×28) and `image_prompt_b.png` (28×40): RGB image prompts (shapes on a
   background plus noise), neither square nor 224, so the CLIP processor's resize and centre crop act;
 - `reference.safetensors` (f32, computed from the f16 weights upcast to f32): per pipeline run
-  `<run>.latents_in`, `<run>.latents_out`, `<run>.image`, `<run>.timesteps`, `<run>.image_embeds`;
+  `<run>.latents_in`, `<run>.latents_out`, `<run>.image`, `<run>.timesteps`, `<run>.image_embeds`
+  (the SDXL run is `sdxl`, its manifest entry naming its base, adapter and pipeline);
   and the stages called alone, `direct.*` (image_prompt.png) and `direct_b.*` (image_prompt_b.png);
 - `manifest.json`: every run's settings, the scheduler config, seeds, tolerances, the float64
   deviations, the feature extractor's config, the attention layers and the conventions (notes).
@@ -616,7 +623,35 @@ NOTES = [
     "(portrait: the crop acts on the other axis). direct.f64_deviation: the same stages in float64",
 ]
 
-NOTES_SDXL = []
+NOTES_SDXL = [
+    "ip_adapter_sdxl.safetensors: the same released layout for tiny_sdxl (cross_attention_dim 64, the width of "
+    "the two text encoders' hidden states concatenated, 32 + 32): image_proj.proj.weight [4·64, 24] N(0, 1/24), "
+    "image_proj.proj.bias [256] N(0, 0.2²), image_proj.norm.weight [64] 1 + N(0, 0.2²), image_proj.norm.bias [64] "
+    "N(0, 0.2²); ip_adapter.{k}.to_k_ip.weight / to_v_ip.weight [64, 64] N(0, 1/64), no bias; f16; the same "
+    "image encoder (image_encoder/, image embedding width 24) as the SD 1.x runs. Tokens: [batch, 4, 64]",
+    "attention_layers_sdxl: tiny_sdxl's U-Net has transformer_layers_per_block [1, 2] (up blocks reversed: [2, 1]), "
+    "layers_per_block 1, down blocks (DownBlock2D, CrossAttnDownBlock2D), up blocks (CrossAttnUpBlock2D, "
+    "UpBlock2D), so every cross-attention block holds attentions.i with two transformer_blocks.j each: "
+    "down_blocks.1 (one attention), up_blocks.0 (layers_per_block + 1 = two attentions), mid_block (one "
+    "attention); 8 attn2 layers. diffusers' attn_processors order (down_blocks, up_blocks, then mid_block; within "
+    "a block attentions.i outer, transformer_blocks.j inner, attn1 before attn2) gives them the keys 1, 3, …, 15: "
+    "a second transformer block's attn2 comes right after the first's, before the next attention. heads 4 "
+    "(tiny_sdxl's attention_head_dim [2, 4] is, in diffusers, the number of heads), head_dim 16",
+    "runs.sdxl: StableDiffusionXLPipeline (add_watermarker=False) on tiny_sdxl in f32 with the adapter loaded by "
+    "pipe.load_ip_adapter(<this folder>, subfolder='', weight_name='ip_adapter_sdxl.safetensors', "
+    "image_encoder_folder=<absolute path of image_encoder>), pipe.set_ip_adapter_scale(0.7), the default "
+    "micro-conditioning (original_size = target_size = (32, 32), crops_coords_top_left (0, 0)), guidance 7.5 "
+    "with negative prompt 'blurry'. The U-Net gets added_cond_kwargs {text_embeds, time_ids, image_embeds}, "
+    "image_embeds = [cat([zeros, image_embeds])[:, None]] ([2, 1, 24]) as in the SD 1.x runs; every other "
+    "convention (image preprocessing, negative image embedding, IPAdapterAttnProcessor2_0 with the scale inside "
+    "before to_out) is the SD 1.x one. zero_scale_vs_base_pipeline compares with tiny_sdxl without the adapter",
+    "runs.sdxl scheduler: DDIMScheduler.from_config(tiny_sdxl's EulerDiscreteScheduler config). That config has "
+    "no clip_sample / set_alpha_to_one, so DDIM's defaults apply (both true): every step clips the predicted "
+    "x0 to [-1, 1] (clip_sample_range 1), and the last step (t = 1, previous alpha_cumprod 1 by "
+    "set_alpha_to_one) returns that clipped x0, so latents_out lies in [-1, 1] (65 of its 1024 values are "
+    "exactly ±1). scheduler_config is the whole config after the run: the Euler-only keys it carries "
+    "(interpolation_type, use_karras_sigmas, …, final_sigmas_type) are ignored by DDIM",
+]
 
 
 def write_ip_adapter_cases(out_root: pathlib.Path) -> None:
@@ -668,6 +703,9 @@ def write_ip_adapter_cases(out_root: pathlib.Path) -> None:
     tensors_sdxl, runs_sdxl = write_runs(pipe_sdxl, pipe_sdxl64, plain_sdxl, images, finite_json, runs=SDXL_RUNS,
                                          base=BASE_SDXL, adapter_file=ADAPTER_FILE_SDXL)
     assert not tensors_sdxl.keys() & tensors.keys()
+    # clip_sample (DDIM's default; tiny_sdxl's Euler config has none): the last step returns the clipped x0.
+    assert float(tensors_sdxl["sdxl.latents_out"].abs().max()) <= 1.0
+    assert int((tensors_sdxl["sdxl.latents_out"].abs() == 1).sum()) == 65, "NOTES_SDXL counts 65 values at ±1"
     tensors.update(tensors_sdxl)
     runs = runs + runs_sdxl
 
