@@ -489,6 +489,70 @@ fn squeezes_to(found: &[usize], expected: &[usize]) -> bool {
         && found[expected.len()..].iter().all(|d| *d == 1)
 }
 
+/// A module's parameters under PyTorch names, with PyTorch shapes, read without materialising
+/// any value. burn-store's `collect` reads every parameter, which runs the random
+/// initialisation of a model whose weights are about to be overwritten: 12.4 s for SD 1.5's
+/// U-Net in the test profile, against milliseconds from the shapes alone.
+pub fn expected_shapes<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, Vec<usize>> {
+    #[derive(Default)]
+    struct Shapes {
+        path: Vec<String>,
+        containers: Vec<String>,
+        found: Vec<TensorSnapshot>,
+    }
+    impl Shapes {
+        fn push(&mut self, shape: burn::tensor::Shape, id: ParamId) {
+            // Never called: only the names and shapes are read.
+            let no_values = Rc::new(|| {
+                Err(burn_store::TensorSnapshotError::DataError(
+                    "shape-only snapshot".into(),
+                ))
+            });
+            self.found.push(TensorSnapshot::from_closure(
+                no_values,
+                DType::F32,
+                shape,
+                self.path.clone(),
+                self.containers.clone(),
+                id,
+            ));
+        }
+    }
+    impl<B: Backend> burn::module::ModuleVisitor<B> for Shapes {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.containers.push(container_type.to_string());
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.containers.pop();
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(
+            &mut self,
+            param: &burn::module::Param<burn::tensor::Tensor<B, D>>,
+        ) {
+            self.push(param.lazy_shape(), param.id);
+        }
+        fn visit_int<const D: usize>(
+            &mut self,
+            param: &burn::module::Param<burn::tensor::Tensor<B, D, burn::tensor::Int>>,
+        ) {
+            self.push(param.lazy_shape(), param.id);
+        }
+    }
+    let mut shapes = Shapes::default();
+    module.visit(&mut shapes);
+    let adapter = BurnToPyTorchAdapter;
+    shapes
+        .found
+        .iter()
+        .map(|s| {
+            let s = burn_store::ModuleAdapter::adapt(&adapter, s);
+            (s.full_path(), s.shape.to_vec())
+        })
+        .collect()
+}
+
 /// Loads `file` into `module`, strictly: every parameter of the module must be in the file with
 /// its shape, and (with [`LoadOptions::reject_unexpected`]) every mapped key of the file must
 /// name a parameter. All problems come back together in one [`CoreError::Weights`].
@@ -499,11 +563,7 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
     options: LoadOptions,
 ) -> Result<M> {
     // What the module expects, in PyTorch naming and layout.
-    let expected: BTreeMap<String, Vec<usize>> = module
-        .collect(None, Some(Box::new(BurnToPyTorchAdapter)), false)
-        .into_iter()
-        .map(|s| (s.full_path(), s.shape.to_vec()))
-        .collect();
+    let expected = expected_shapes(&module);
 
     let mut problems = Vec::new();
     let mut snapshots = Vec::new();
