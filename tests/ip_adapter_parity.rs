@@ -7,12 +7,11 @@
 mod common;
 
 use burn::backend::Flex;
-use burn::tensor::{ElementConversion, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use common::{Reference, Report, fixtures_dir, manifest};
+use sd::conditioner::ClipVisionModel;
 use sd::conditioner::image_processor::{CLIP_SIZE, Resampler, clip_crop_with, clip_input};
-use sd::conditioner::{ClipVisionModel, PromptSyntax};
 use sd::core::weights::LoadOptions;
-use sd::schedulers::SchedulerConfig;
 use sd::unet::{IpAdapter, UNet2DConditionModel, UNetConditioning};
 use sd::{GenerateOptions, ImagePrompt, Model, generate};
 
@@ -132,48 +131,26 @@ fn ip_adapter_pipelines_match_diffusers() {
         let name = run["name"].as_str().unwrap();
         let model = Model::from_folder(case.join(run["base"].as_str().unwrap()), None)
             .unwrap_or_else(|e| panic!("{e}"));
-        let latents_in: Tensor<B, 4> = reference.tensor(&format!("{name}.latents_in"), &device);
         let options = GenerateOptions {
-            prompt: run["prompt"].as_str().unwrap().into(),
-            negative_prompt: run["negative_prompt"].as_str().map(String::from),
-            steps: run["steps"].as_u64().unwrap() as usize,
-            guidance_scale: run["guidance_scale"].as_f64().unwrap(),
-            scheduler: Some("DDIMScheduler".into()),
-            scheduler_config: Some(
-                SchedulerConfig::from_json(&run["scheduler_config"].to_string()).unwrap(),
-            ),
-            prompt_syntax: PromptSyntax::Plain,
-            init_latents: Some(latents_in.into_data()),
             image_prompt: Some(ImagePrompt {
                 adapter: case.join(run["ip_adapter"].as_str().unwrap()),
                 image_encoder: case.join(run["image_encoder"].as_str().unwrap()),
                 image: read_rgb(&case.join(run["image"].as_str().unwrap())),
                 scale: run["scale"].as_f64().unwrap(),
             }),
-            ..GenerateOptions::default()
+            ..common::run_options::<B>(run, &reference, &device)
         };
         let out = generate::<B>(&model, &options, &device, None)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let tolerance = run["tolerance"].as_f64().unwrap() as f32;
-        let expected: Tensor<B, 4> = reference.tensor(&format!("{name}.latents_out"), &device);
-        let scale = expected
-            .clone()
-            .abs()
-            .max()
-            .into_scalar()
-            .elem::<f32>()
-            .max(1.0);
-        report.check(
-            &format!("{name} latents"),
+        common::check_generated(
+            &mut report,
+            &reference,
+            name,
             out.latents,
-            expected,
-            tolerance * scale,
-        );
-        report.check(
-            &format!("{name} image"),
-            ((out.images + 1.0) / 2.0).clamp(0.0, 1.0),
-            reference.tensor(&format!("{name}.image"), &device),
+            out.images,
             tolerance,
+            &device,
         );
     }
     report.finish();

@@ -7,12 +7,11 @@
 mod common;
 
 use burn::backend::Flex;
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Tensor};
 use common::{Reference, Report, fixtures_dir, manifest};
-use sd::conditioner::PromptSyntax;
 use sd::conditioner::image_processor::pil_bicubic_rgb8;
-use sd::schedulers::{ReplayNoise, SchedulerConfig};
+use sd::schedulers::ReplayNoise;
 use sd::{GenerateOptions, Model, upscale_x4_with_noise};
 
 type B = Flex;
@@ -50,20 +49,7 @@ fn x4_upscaler_matches_diffusers() {
 
     for run in manifest["runs"].as_array().unwrap() {
         let name = run["name"].as_str().unwrap();
-        let latents_in: Tensor<B, 4> = reference.tensor(&format!("{name}.latents_in"), &device);
-        let options = GenerateOptions {
-            prompt: run["prompt"].as_str().unwrap().into(),
-            negative_prompt: run["negative_prompt"].as_str().map(String::from),
-            steps: run["steps"].as_u64().unwrap() as usize,
-            guidance_scale: run["guidance_scale"].as_f64().unwrap(),
-            scheduler: run["scheduler"].as_str().map(String::from),
-            scheduler_config: Some(
-                SchedulerConfig::from_json(&run["scheduler_config"].to_string()).unwrap(),
-            ),
-            prompt_syntax: PromptSyntax::Plain,
-            init_latents: Some(latents_in.into_data()),
-            ..GenerateOptions::default()
-        };
+        let options = common::run_options::<B>(run, &reference, &device);
         let image: Tensor<B, 4> = reference.tensor(&format!("{name}.image_in"), &device);
         let mut draws = vec![reference.tensor::<B, 4>(&format!("{name}.image_noise"), &device)];
         let noise_key = format!("{name}.noise");
@@ -85,25 +71,14 @@ fn x4_upscaler_matches_diffusers() {
             report.fail(format!("{name}: {} noise draws unused", noise.remaining()));
         }
         let tolerance = run["tolerance"].as_f64().unwrap() as f32;
-        let expected: Tensor<B, 4> = reference.tensor(&format!("{name}.latents_out"), &device);
-        let scale = expected
-            .clone()
-            .abs()
-            .max()
-            .into_scalar()
-            .elem::<f32>()
-            .max(1.0);
-        report.check(
-            &format!("{name} latents"),
+        common::check_generated(
+            &mut report,
+            &reference,
+            name,
             out.latents,
-            expected,
-            tolerance * scale,
-        );
-        report.check(
-            &format!("{name} image"),
-            ((out.images + 1.0) / 2.0).clamp(0.0, 1.0),
-            reference.tensor(&format!("{name}.image"), &device),
+            out.images,
             tolerance,
+            &device,
         );
     }
     report.finish();

@@ -127,3 +127,70 @@ impl Report {
         );
     }
 }
+
+/// A generation's final latents and decoded images against a run's references
+/// (`{run}.latents_out`, `{run}.image` in `[0, 1]` as diffusers' `output_type="np"`). The latents'
+/// bound scales with their largest reference value: f32 resolves `tolerance` only relative to
+/// the values' size.
+pub fn check_generated<B: Backend>(
+    report: &mut Report,
+    reference: &Reference,
+    run: &str,
+    latents: Tensor<B, 4>,
+    images: Tensor<B, 4>,
+    tolerance: f32,
+    device: &B::Device,
+) {
+    use burn::tensor::ElementConversion;
+    let expected: Tensor<B, 4> = reference.tensor(&format!("{run}.latents_out"), device);
+    let scale = expected
+        .clone()
+        .abs()
+        .max()
+        .into_scalar()
+        .elem::<f32>()
+        .max(1.0);
+    report.check(
+        &format!("{run} latents"),
+        latents,
+        expected,
+        tolerance * scale,
+    );
+    report.check(
+        &format!("{run} image"),
+        ((images + 1.0) / 2.0).clamp(0.0, 1.0),
+        reference.tensor(&format!("{run}.image"), device),
+        tolerance,
+    );
+}
+
+/// The options of a fixture run made by the ControlNet, IP-Adapter and x4 upscaler scripts:
+/// prompt, negative prompt, steps, guidance, the sampler with its whole config after the run,
+/// plain prompt reading, and the run's initial latents.
+pub fn run_options<B: Backend>(
+    run: &serde_json::Value,
+    reference: &Reference,
+    device: &B::Device,
+) -> sd::GenerateOptions {
+    let name = run["name"].as_str().unwrap();
+    let latents_in: Tensor<B, 4> = reference.tensor(&format!("{name}.latents_in"), device);
+    sd::GenerateOptions {
+        prompt: run["prompt"].as_str().unwrap().into(),
+        negative_prompt: run["negative_prompt"].as_str().map(String::from),
+        steps: run["steps"].as_u64().unwrap() as usize,
+        guidance_scale: run["guidance_scale"].as_f64().unwrap(),
+        scheduler: Some(
+            run["scheduler"]
+                .as_str()
+                .unwrap_or("DDIMScheduler")
+                .to_string(),
+        ),
+        scheduler_config: Some(
+            sd::schedulers::SchedulerConfig::from_json(&run["scheduler_config"].to_string())
+                .unwrap(),
+        ),
+        prompt_syntax: sd::conditioner::PromptSyntax::Plain,
+        init_latents: Some(latents_in.into_data()),
+        ..sd::GenerateOptions::default()
+    }
+}

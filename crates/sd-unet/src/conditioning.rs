@@ -103,6 +103,35 @@ impl<'a, B: Backend> UNetConditioning<'a, B> {
     }
 }
 
+/// Checks `latents` and `cond`'s context against a model (`what`: "U-Net", "ControlNet")
+/// taking `in_channels` latent channels and a context `context_dim` wide.
+pub(crate) fn check_inputs<B: Backend>(
+    what: &str,
+    in_channels: usize,
+    context_dim: usize,
+    latents: &Tensor<B, 4>,
+    cond: &UNetConditioning<'_, B>,
+) -> Result<()> {
+    let [b, c, h, w] = latents.dims();
+    let [cb, _, cdim] = cond.context.dims();
+    let invalid = |m: String| Err(CoreError::InvalidInput(m));
+    if c != in_channels {
+        return invalid(format!(
+            "the {what} takes {in_channels} latent channels, got {c}"
+        ));
+    }
+    if cb != b || cdim != context_dim {
+        return invalid(format!(
+            "context [{cb}, _, {cdim}] does not fit latents of batch {b} and a {what} with \
+             cross_attention_dim {context_dim}"
+        ));
+    }
+    if h == 0 || w == 0 {
+        return invalid("empty latent".into());
+    }
+    Ok(())
+}
+
 /// The time-embedding half of a U-Net or ControlNet: the parts that turn the timestep, class
 /// label and SDXL's text/size conditioning into the embedding every ResNet adds.
 pub(crate) struct TimeEmbedder<'m, B: Backend> {

@@ -19,7 +19,7 @@ use sd_core::weights::{LoadOptions, SafetensorsFile, diffusers_weights_path, loa
 use sd_core::{CoreError, Result};
 
 use crate::blocks::{DownBlock, MidBlock};
-use crate::conditioning::{ControlResiduals, TimeEmbedder, UNetConditioning};
+use crate::conditioning::{ControlResiduals, TimeEmbedder, UNetConditioning, check_inputs};
 use crate::config::UNet2DConditionConfig;
 use crate::embeddings::TimestepEmbedding;
 use crate::unet::{add_embedding, class_embedding, down_path, mid_block};
@@ -338,24 +338,17 @@ impl<B: Backend> ControlNetModel<B> {
         scale: f64,
         guess_mode: bool,
     ) -> Result<ControlResiduals<B>> {
+        check_inputs(
+            "ControlNet",
+            self.in_channels,
+            self.context_dim,
+            &latents,
+            cond,
+        )?;
         let [b, c, h, w] = latents.dims();
         let [ib, ic, ih, iw] = image.dims();
         let context = cond.context.clone();
-        let [cb, _, cdim] = context.dims();
         let invalid = |m: String| Err(CoreError::InvalidInput(m));
-        if c != self.in_channels {
-            return invalid(format!(
-                "the ControlNet takes {} latent channels, got {c}",
-                self.in_channels
-            ));
-        }
-        if cb != b || cdim != self.context_dim {
-            return invalid(format!(
-                "context [{cb}, _, {cdim}] does not fit latents of batch {b} and a ControlNet \
-                 with cross_attention_dim {}",
-                self.context_dim
-            ));
-        }
         let f = self.image_factor;
         if ib != b || ic != self.image_channels || ih != h * f || iw != w * f {
             return invalid(format!(

@@ -13,7 +13,7 @@ use sd_core::weights::{
 use sd_core::{CoreError, Result};
 
 use crate::blocks::{BlockSettings, DownBlock, MidBlock, UpBlock};
-use crate::conditioning::{TextTimeConditioning, TimeEmbedder, UNetConditioning};
+use crate::conditioning::{TextTimeConditioning, TimeEmbedder, UNetConditioning, check_inputs};
 use crate::config::{BlockKind, Resolved, UNet2DConditionConfig};
 use crate::embeddings::TimestepEmbedding;
 
@@ -273,26 +273,11 @@ impl<B: Backend> UNet2DConditionModel<B> {
         timesteps: &[f64],
         cond: &UNetConditioning<'_, B>,
     ) -> Result<Tensor<B, 4>> {
-        let [b, c, h, w] = latents.dims();
+        check_inputs("U-Net", self.in_channels, self.context_dim, &latents, cond)?;
+        let [b, _, h, w] = latents.dims();
         let context = cond.context.clone();
-        let [cb, _, cdim] = context.dims();
+        let cdim = self.context_dim;
         let invalid = |m: String| Err(CoreError::InvalidInput(m));
-        if c != self.in_channels {
-            return invalid(format!(
-                "the U-Net takes {} latent channels, got {c}",
-                self.in_channels
-            ));
-        }
-        if cb != b || cdim != self.context_dim {
-            return invalid(format!(
-                "context [{cb}, _, {cdim}] does not fit latents of batch {b} and a U-Net with \
-                 cross_attention_dim {}",
-                self.context_dim
-            ));
-        }
-        if h == 0 || w == 0 {
-            return invalid("empty latent".into());
-        }
         let device = latents.device();
         let emb = self.time_embedder().embed(timesteps, b, cond, &device)?;
         let context = match (&cond.image_prompt, self.image_tokens) {
