@@ -89,13 +89,19 @@ CONTROL_IMAGES = {
 }
 
 
-def make_control_png(path: pathlib.Path, background, shapes, seed: int) -> Image.Image:
-    """Filled rectangles (x0, y0, x1, y1 exclusive) and circles (cx, cy, r) on a plain background,
-    plus seeded noise, stored as an 8-bit PNG; returns the image read back from the file (what both
-    implementations see)."""
-    rgb = np.empty((HEIGHT, WIDTH, 3), dtype=np.float32)
+def make_image_png(path: pathlib.Path, size, background, shapes, seed: int, noise: float = 10.0,
+                   gradient: float = 0.0) -> Image.Image:
+    """Filled rectangles (x0, y0, x1, y1 exclusive) and circles (cx, cy, r) on a plain background
+    (plus a horizontal gradient of `gradient` levels, when given), plus seeded noise of `noise`
+    levels, stored as an 8-bit PNG of `size` = (width, height); returns the image read back from
+    the file (what both implementations see). Shared by the ControlNet, IP-Adapter and x4 upscaler
+    fixtures."""
+    width, height = size
+    rgb = np.empty((height, width, 3), dtype=np.float32)
     rgb[:] = background
-    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    y, x = np.mgrid[0:height, 0:width]
+    if gradient:
+        rgb += (gradient * x / max(width - 1, 1))[..., None]
     for kind, geometry, colour in shapes:
         if kind == "rect":
             x0, y0, x1, y1 = geometry
@@ -105,12 +111,12 @@ def make_control_png(path: pathlib.Path, background, shapes, seed: int) -> Image
             inside = (x - cx) ** 2 + (y - cy) ** 2 <= r * r
         rgb[inside] = colour
     generator = torch.Generator().manual_seed(seed)
-    rgb += 10.0 * torch.randn(HEIGHT, WIDTH, 3, generator=generator).numpy()
+    rgb += noise * torch.randn(height, width, 3, generator=generator).numpy()
     pixels = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
     Image.fromarray(pixels, mode="RGB").save(path)
     with Image.open(path) as image:
         image = image.convert("RGB")
-    assert image.size == (WIDTH, HEIGHT) and (np.asarray(image) == pixels).all()
+    assert image.size == (width, height) and (np.asarray(image) == pixels).all()
     return image
 
 
@@ -519,7 +525,7 @@ def write_controlnet_cases(out_root: pathlib.Path) -> None:
     bases64 = {key: load_pipeline(PIPELINES[key][0], folder, torch.float64) for key, folder in base_dirs.items()}
 
     images = {
-        name: make_control_png(out / f"{name}.png", background, shapes, seed_of(f"controlnet.image.{name}"))
+        name: make_image_png(out / f"{name}.png", (WIDTH, HEIGHT), background, shapes, seed_of(f"controlnet.image.{name}"))
         for name, (background, shapes) in CONTROL_IMAGES.items()
     }
     tensors = {name: control_tensor(image) for name, image in images.items()}

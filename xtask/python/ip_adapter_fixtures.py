@@ -42,7 +42,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessor, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from controlnet_fixtures import NoNoise
+from controlnet_fixtures import NoNoise, make_image_png
 from pipeline_fixtures import HEIGHT, SD1_NEGATIVE, SD1_PROMPT, TOLERANCE, WIDTH, load_pipeline, seed_of
 
 BASE = "../pipeline/tiny_sd1/model"
@@ -100,36 +100,6 @@ IMAGES = {
         ],
     ),
 }
-
-
-def make_image_png(path: pathlib.Path, size, background, shapes, seed: int) -> Image.Image:
-    """Filled rectangles (x0, y0, x1, y1 exclusive) and circles (cx, cy, r) on a plain background,
-    plus seeded noise, stored as an 8-bit PNG of `size` = (width, height); returns the image read back
-    from the file (what both implementations see)."""
-    width, height = size
-    rgb = np.empty((height, width, 3), dtype=np.float32)
-    rgb[:] = background
-    y, x = np.mgrid[0:height, 0:width]
-    for kind, geometry, colour in shapes:
-        if kind == "rect":
-            x0, y0, x1, y1 = geometry
-            inside = (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
-        else:
-            cx, cy, r = geometry
-            inside = (x - cx) ** 2 + (y - cy) ** 2 <= r * r
-        rgb[inside] = colour
-    generator = torch.Generator().manual_seed(seed)
-    rgb += 12.0 * torch.randn(height, width, 3, generator=generator).numpy()
-    pixels = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
-    Image.fromarray(pixels, mode="RGB").save(path)
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-    assert image.size == (width, height) and (np.asarray(image) == pixels).all()
-    return image
-
-
-# ---------------------------------------------------------------------------------------------
-# B. The tiny image encoder and IP-Adapter.
 
 
 def write_image_encoder(out: pathlib.Path) -> dict:
@@ -667,7 +637,7 @@ def write_ip_adapter_cases(out_root: pathlib.Path) -> None:
     assert plain.vae_scale_factor == 2, plain.vae_scale_factor
 
     images = {
-        name: make_image_png(out / f"{name}.png", size, background, shapes, seed_of(f"ip_adapter.image.{name}"))
+        name: make_image_png(out / f"{name}.png", size, background, shapes, seed_of(f"ip_adapter.image.{name}"), noise=12.0)
         for name, (size, background, shapes) in IMAGES.items()
     }
     encoder_entry = write_image_encoder(out)

@@ -42,6 +42,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from controlnet_fixtures import make_image_png
 from pipeline_fixtures import SD1_NEGATIVE, SD1_PROMPT, TOLERANCE, NoiseTape, alias_text_model, seed_of
 
 BASE = "../pipeline/tiny_sd1/model"
@@ -139,32 +140,6 @@ IMAGES = {
         [("circle", (3, 6, 3), (20, 50, 200)), ("rect", (5, 1, 9, 5), (250, 210, 30))],
     ),
 }
-
-
-def make_low_res_png(path: pathlib.Path, size, background, shapes, seed: int) -> Image.Image:
-    """Shapes on a plain background plus a horizontal gradient and seeded noise, stored as an 8-bit
-    PNG; returns the image read back from the file (what both implementations see)."""
-    width, height = size
-    rgb = np.empty((height, width, 3), dtype=np.float32)
-    rgb[:] = background
-    y, x = np.mgrid[0:height, 0:width]
-    rgb += (40.0 * x / max(width - 1, 1))[..., None]
-    for kind, geometry, colour in shapes:
-        if kind == "rect":
-            x0, y0, x1, y1 = geometry
-            inside = (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
-        else:
-            cx, cy, r = geometry
-            inside = (x - cx) ** 2 + (y - cy) ** 2 <= r * r
-        rgb[inside] = colour
-    generator = torch.Generator().manual_seed(seed)
-    rgb += 12.0 * torch.randn(height, width, 3, generator=generator).numpy()
-    pixels = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
-    Image.fromarray(pixels, mode="RGB").save(path)
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-    assert image.size == (width, height) and (np.asarray(image) == pixels).all()
-    return image
 
 
 def rounded_size(image: Image.Image) -> tuple[int, int]:
@@ -561,7 +536,8 @@ def write_x4_upscaler_cases(out_root: pathlib.Path) -> None:
     assert base_dir.is_dir(), f"{base_dir}: run `--only pipeline` first"
 
     images = {
-        name: make_low_res_png(out / f"{name}.png", size, background, shapes, seed_of(f"x4_upscaler.image.{name}"))
+        name: make_image_png(out / f"{name}.png", size, background, shapes, seed_of(f"x4_upscaler.image.{name}"),
+                             noise=12.0, gradient=40.0)
         for name, (size, background, shapes) in IMAGES.items()
     }
     model_entry = build_pipeline(out / "model", base_dir)
