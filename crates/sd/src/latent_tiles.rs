@@ -4,7 +4,9 @@
 //! upscaler needs it most: its latent is as large as its input image.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use std::ops::Range;
+
+use burn::tensor::{DType, Tensor, TensorData};
 use sd_unet::{UNet2DConditionModel, UNetConditioning};
 
 use crate::error::{Result, SdError};
@@ -64,10 +66,64 @@ impl LatentTiling {
             .collect()
     }
 
+    /// The tiles of an `h × w` latent with their blend weights, normalised so that they sum to
+    /// one at every latent pixel, as tensors on `device` in `dtype`: made once per generation
+    /// and used at every step.
+    pub fn plan<B: Backend>(
+        &self,
+        (h, w): (usize, usize),
+        dtype: DType,
+        device: &B::Device,
+    ) -> TilePlan<B> {
+        let (rows, cols) = (self.starts(h), self.starts(w));
+        let (th, tw) = (self.tile.min(h), self.tile.min(w));
+        let weight = |top: usize, left: usize| -> Vec<f32> {
+            let (wy, wx) = (self.ramp(top, th, h), self.ramp(left, tw, w));
+            wy.iter()
+                .flat_map(|a| wx.iter().map(move |b| a * b))
+                .collect()
+        };
+        let mut total = vec![0f32; h * w];
+        for &top in &rows {
+            for &left in &cols {
+                for (i, v) in weight(top, left).into_iter().enumerate() {
+                    total[(top + i / tw) * w + left + i % tw] += v;
+                }
+            }
+        }
+        let tiles = rows
+            .iter()
+            .flat_map(|&top| cols.iter().map(move |&left| (top, left)))
+            .map(|(top, left)| {
+                let normalised: Vec<f32> = weight(top, left)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, v)| v / total[(top + i / tw) * w + left + i % tw])
+                    .collect();
+                let weight =
+                    Tensor::<B, 4>::from_data(TensorData::new(normalised, [1, 1, th, tw]), device)
+                        .cast(dtype);
+                (top..top + th, left..left + tw, weight)
+            })
+            .collect();
+        TilePlan {
+            tiles,
+            size: [h, w],
+        }
+    }
+}
+
+/// A latent's U-Net tiles and their normalised blend weights ([`LatentTiling::plan`]).
+pub struct TilePlan<B: Backend> {
+    tiles: Vec<(Range<usize>, Range<usize>, Tensor<B, 4>)>,
+    size: [usize; 2],
+}
+
+impl<B: Backend> TilePlan<B> {
     /// The U-Net's prediction for `input` (`[batch, channels, h, w]`, extra channels included)
-    /// blended from tiles. ControlNet residuals and other full-size conditioning are not tiled:
-    /// refused.
-    pub fn predict<B: Backend>(
+    /// blended from the tiles. ControlNet residuals and other full-size conditioning are not
+    /// tiled: refused.
+    pub fn predict(
         &self,
         unet: &UNet2DConditionModel<B>,
         input: Tensor<B, 4>,
@@ -79,49 +135,31 @@ impl LatentTiling {
                 "U-Net tiling cannot split ControlNet residuals: use one or the other".into(),
             ));
         }
-        let [b, _, h, w] = input.dims();
-        let (rows, cols) = (self.starts(h), self.starts(w));
-        if rows.len() == 1 && cols.len() == 1 {
+        let [b, c_in, h, w] = input.dims();
+        if [h, w] != self.size {
+            return Err(SdError::InvalidOptions(format!(
+                "internal: U-Net tiles planned for {:?}, latent is {h}×{w}",
+                self.size
+            )));
+        }
+        if self.tiles.len() == 1 {
             return Ok(unet.forward_conditioned(input, &[t], cond)?);
         }
-        let device = input.device();
         let mut sum: Option<Tensor<B, 4>> = None;
-        let mut weights = vec![0f32; h * w];
-        for &top in &rows {
-            let th = self.tile.min(h);
-            let wy = self.ramp(top, th, h);
-            for &left in &cols {
-                let tw = self.tile.min(w);
-                let wx = self.ramp(left, tw, w);
-                let patch =
-                    input
-                        .clone()
-                        .slice([0..b, 0..input.dims()[1], top..top + th, left..left + tw]);
-                let prediction = unet.forward_conditioned(patch, &[t], cond)?;
-                let c = prediction.dims()[1];
-                let mut weight = vec![0f32; th * tw];
-                for (y, wyv) in wy.iter().enumerate() {
-                    for (x, wxv) in wx.iter().enumerate() {
-                        weight[y * tw + x] = wyv * wxv;
-                        weights[(top + y) * w + left + x] += wyv * wxv;
-                    }
-                }
-                let weight =
-                    Tensor::<B, 4>::from_data(TensorData::new(weight, [1, 1, th, tw]), &device)
-                        .cast(prediction.dtype());
-                let weighted = prediction * weight;
-                let total = sum.unwrap_or_else(|| {
-                    Tensor::<B, 4>::zeros([b, c, h, w], &device).cast(weighted.dtype())
-                });
-                let ranges = [0..b, 0..c, top..top + th, left..left + tw];
-                let region = total.clone().slice(ranges.clone()) + weighted;
-                sum = Some(total.slice_assign(ranges, region));
-            }
+        for (rows, cols, weight) in &self.tiles {
+            let patch = input
+                .clone()
+                .slice([0..b, 0..c_in, rows.clone(), cols.clone()]);
+            let weighted = unet.forward_conditioned(patch, &[t], cond)? * weight.clone();
+            let c = weighted.dims()[1];
+            let total = sum.unwrap_or_else(|| {
+                Tensor::<B, 4>::zeros([b, c, h, w], &input.device()).cast(weighted.dtype())
+            });
+            let ranges = [0..b, 0..c, rows.clone(), cols.clone()];
+            let region = total.clone().slice(ranges.clone()) + weighted;
+            sum = Some(total.slice_assign(ranges, region));
         }
-        let sum = sum.ok_or_else(|| SdError::InvalidOptions("empty latent".into()))?;
-        let weights = Tensor::<B, 4>::from_data(TensorData::new(weights, [1, 1, h, w]), &device)
-            .cast(sum.dtype());
-        Ok(sum / weights)
+        sum.ok_or_else(|| SdError::InvalidOptions("empty latent".into()))
     }
 }
 

@@ -38,7 +38,7 @@ mod upscale_x4;
 pub use control::{Control, ControlNetSource, ControlStack, canny_edges, control_image_data};
 pub use error::{Result, SdError};
 pub use image_prompt::ImagePrompt;
-pub use latent_tiles::LatentTiling;
+pub use latent_tiles::{LatentTiling, TilePlan};
 pub use model::{Model, ModelFamily, UpscalerParts, hub_cache_snapshot};
 pub use output::{parameters_text, prompt_of_parameters, read_parameters, save_png, to_images};
 pub use pipeline::{

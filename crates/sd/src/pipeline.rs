@@ -555,6 +555,11 @@ pub fn denoise<B: Backend>(
     let timesteps = scheduler.timesteps().to_vec();
     let total = timesteps.len();
     let first = scheduler.step_index();
+    // U-Net tiles and their weights, once for the whole loop.
+    let tiles = options.latent_tiling.map(|tiling| {
+        let [.., h, w] = latents.dims();
+        tiling.plan::<B>((h, w), latents.dtype(), &latents.device())
+    });
     for (i, &t) in timesteps.iter().enumerate().skip(first) {
         let input = if cond.guided {
             Tensor::cat(vec![latents.clone(), latents.clone()], 0)
@@ -587,8 +592,8 @@ pub fn denoise<B: Backend>(
             Some(extra) => Tensor::cat(vec![input, extra.clone()], 1),
             None => input,
         };
-        let prediction = match &options.latent_tiling {
-            Some(tiling) => tiling.predict(unet, input, t, &unet_cond)?,
+        let prediction = match &tiles {
+            Some(plan) => plan.predict(unet, input, t, &unet_cond)?,
             None => unet.forward_conditioned(input, &[t], &unet_cond)?,
         };
         let prediction = if cond.guided {
