@@ -141,10 +141,10 @@ fn main() -> Result<(), String> {
 }
 
 /// `--convs x`: the 3×3 convolutions of SD 1.5's U-Net (batch 2), through Burn's `Conv2d` and
-/// through each of `sd_core::cpu::conv`'s methods (`--side N`: one level only). Flex only.
+/// through each of `sd_kernels::cpu::conv`'s methods (`--side N`: one level only). Flex only.
 #[cfg(feature = "flex")]
 fn convs(runs: usize, device: &burn::tensor::Device<B>) -> Result<(), String> {
-    use sd_core::cpu::conv::{Conv2dShape, ConvMethod, conv2d_by};
+    use sd_kernels::cpu::conv::{Conv2dShape, ConvMethod, conv2d_by};
     let only: Option<usize> = arg("--side").and_then(|s| s.parse().ok());
     for (cin, cout, side) in [
         (320, 320, 64),

@@ -11,10 +11,10 @@ pub fn arg(name: &str) -> Option<String> {
 }
 
 /// The allocator settings the `sd` command runs with
-/// ([`sd_core::allocator::reuse_freed_memory`]), unless `--malloc-defaults` is given.
+/// ([`sd_kernels::allocator::reuse_freed_memory`]), unless `--malloc-defaults` is given.
 pub fn tune_allocator() {
     if !std::env::args().any(|a| a == "--malloc-defaults") {
-        sd_core::allocator::reuse_freed_memory();
+        sd_kernels::allocator::reuse_freed_memory();
     }
 }
 

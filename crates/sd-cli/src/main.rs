@@ -121,7 +121,7 @@ fn run(cli: Cli) -> Result<String, String> {
 
 fn main() -> ExitCode {
     // Layers free and allocate buffers of tens of MiB: keep them for reuse (fewer page faults).
-    sd_core::allocator::reuse_freed_memory();
+    sd_kernels::allocator::reuse_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // Help and version go to stdout as clap prints them.

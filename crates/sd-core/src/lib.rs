@@ -1,8 +1,6 @@
 //! Shared foundation of the `sd` workspace.
 //!
-//! - [`allocator`]: keeps freed buffers for reuse (called by the `sd` command).
 //! - [`backend`]: the Burn backends compiled in (cargo features `flex`, `ndarray`, `wgpu`, `cuda`).
-//! - `cpu` (with `flex`): fused CPU kernels the layers use on the Flex backend.
 //! - [`layers`]: building blocks shared by the VAE halves and the U-Net.
 //! - [`config_checks`]: reading component configs and checking every field's value.
 //! - [`files`]: inputs that must be regular files, outputs written atomically.
@@ -11,13 +9,15 @@
 //! - [`vae_config`]: the `AutoencoderKL` configuration both VAE halves are built from.
 //! - [`vae_keys`]: the VAE's original single-file key names mapped to diffusers'.
 //!
-//! Every model is generic over `B: Backend` so that it also trains on `Autodiff<B>`.
+//! Every model is generic over `B: Backend` so that it also trains on `Autodiff<B>`. The fused
+//! CPU kernels live in `sd-kernels` (with the libraries' only `unsafe`); the layer entry
+//! points here (`layers::conv2d_forward`, `layers::linear_forward`, …) are the only callers,
+//! and take Burn's ops for every other backend.
 
-pub mod allocator;
+#![forbid(unsafe_code)]
+
 pub mod backend;
 pub mod config_checks;
-#[cfg(feature = "flex")]
-pub mod cpu;
 pub mod error;
 pub mod files;
 pub mod image_io;

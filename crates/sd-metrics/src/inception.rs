@@ -16,8 +16,8 @@ use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::Tensor;
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::{adaptive_avg_pool2d, avg_pool2d, max_pool2d};
-use sd_core::layers::conv2d_forward;
+use burn::tensor::module::adaptive_avg_pool2d;
+use sd_core::layers::{conv2d_forward, pool2d};
 
 /// The side images are resized to.
 pub const INPUT_SIZE: usize = 299;
@@ -106,23 +106,11 @@ impl<B: Backend> BasicConv2d<B> {
 /// Through the CPU pooling kernel on Flex (Burn's walks each window element by element and
 /// tracks indices: a quarter of the network's time).
 fn pool3x3_same<B: Backend>(x: Tensor<B, 4>, max: bool) -> Tensor<B, 4> {
-    #[cfg(feature = "flex")]
-    if let Some(out) = sd_core::cpu::try_pool2d(&x, [3, 3], [1, 1], [1, 1], !max) {
-        return out;
-    }
-    if max {
-        max_pool2d(x, [3, 3], [1, 1], [1, 1], [1, 1], false)
-    } else {
-        avg_pool2d(x, [3, 3], [1, 1], [1, 1], false, false)
-    }
+    pool2d(x, [3, 3], [1, 1], [1, 1], !max)
 }
 
 fn max_pool_3x3_s2<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    #[cfg(feature = "flex")]
-    if let Some(out) = sd_core::cpu::try_pool2d(&x, [3, 3], [2, 2], [0, 0], false) {
-        return out;
-    }
-    max_pool2d(x, [3, 3], [2, 2], [0, 0], [1, 1], false)
+    pool2d(x, [3, 3], [2, 2], [0, 0], false)
 }
 
 /// Mixed_5b/5c/5d (`FIDInceptionA`).

@@ -56,7 +56,7 @@ pub fn multi_head_attention<B: Backend>(
     causal: bool,
 ) -> Tensor<B, 3> {
     #[cfg(feature = "flex")]
-    if let Some(out) = crate::cpu::try_attention(&q, &k, &v, heads, causal) {
+    if let Some(out) = sd_kernels::cpu::try_attention(&q, &k, &v, heads, causal) {
         return out;
     }
     let [b, lq, _] = q.dims();

@@ -28,7 +28,7 @@
 //! `conv_train` compare them with Burn's. Other autodiff backends take `conv_train`'s path,
 //! written in differentiable tensor ops.
 
-use std::any::{Any, TypeId};
+use std::any::TypeId;
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::NodeId;
@@ -40,6 +40,7 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
+use sd_kernels::route::SameType;
 
 use super::conv_train::{Geometry, conv_by_taps, conv_by_taps_padded, zero_pad_columns};
 
@@ -71,36 +72,26 @@ fn on_inner<B: Backend, I: Backend>(
     if TypeId::of::<B>() != TypeId::of::<Autodiff<I>>() {
         return Err(x);
     }
+    let Some(route) = SameType::<B::FloatTensorPrimitive, FloatTensor<Autodiff<I>>>::check() else {
+        return Err(x);
+    };
     let Some(geometry) = Geometry::new(conv, x.dims()).filter(|g| InputGrad::new(g).is_some())
     else {
         return Err(x);
     };
     let x = match x.into_primitive() {
-        TensorPrimitive::Float(x) => cast::<B::FloatTensorPrimitive, FloatTensor<Autodiff<I>>>(x),
+        TensorPrimitive::Float(x) => route.to(x),
         quantized => return Err(Tensor::from_primitive(quantized)),
     };
-    let weight = float_primitive::<B, I, 4>(conv.weight.val());
+    let weight = route.to(conv.weight.val().into_primitive().tensor());
     let bias = conv
         .bias
         .as_ref()
-        .map(|b| float_primitive::<B, I, 1>(b.val()));
+        .map(|b| route.to(b.val().into_primitive().tensor()));
     let out = conv2d_op::<I>(x, weight, bias, geometry);
-    Ok(Tensor::from_primitive(TensorPrimitive::Float(cast(out))))
-}
-
-/// `value` as `T`, which it is (the callers compared the backends' type ids).
-fn cast<S: 'static, T: 'static>(value: S) -> T {
-    let boxed: Box<dyn Any> = Box::new(value);
-    *boxed
-        .downcast::<T>()
-        .expect("B is Autodiff<I>, so their primitives are the same type")
-}
-
-/// The autodiff primitive behind a parameter tensor (dequantized if it were quantized).
-fn float_primitive<B: Backend, I: Backend, const D: usize>(
-    t: Tensor<B, D>,
-) -> FloatTensor<Autodiff<I>> {
-    cast(t.into_primitive().tensor())
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(
+        route.back(out),
+    )))
 }
 
 /// A `Tensor` around an inner primitive.

@@ -32,7 +32,7 @@ use burn::tensor::backend::Backend;
 /// per-element sigmoid is the slower path on CPU backends.
 pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "flex")]
-    let x = match crate::cpu::try_swish(x, 1.0) {
+    let x = match sd_kernels::cpu::try_swish(x, 1.0) {
         Ok(out) => return out,
         Err(x) => x,
     };
@@ -43,7 +43,7 @@ pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 /// eq. 5; exact, erf-based GELU): one vectorised pass on Flex.
 pub fn geglu<B: Backend>(projected: Tensor<B, 3>) -> Tensor<B, 3> {
     #[cfg(feature = "flex")]
-    if let Some(out) = crate::cpu::try_geglu(&projected) {
+    if let Some(out) = sd_kernels::cpu::try_geglu(&projected) {
         return out;
     }
     let [b, n, two_inner] = projected.dims();
@@ -57,7 +57,7 @@ pub fn geglu<B: Backend>(projected: Tensor<B, 3>) -> Tensor<B, 3> {
 /// (cheaper passes than Burn's sigmoid).
 pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "flex")]
-    let x = match crate::cpu::try_swish(x, 1.702) {
+    let x = match sd_kernels::cpu::try_swish(x, 1.702) {
         Ok(out) => return out,
         Err(x) => x,
     };
@@ -65,13 +65,13 @@ pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 }
 
 /// `layer.forward(x)` (`x W + b` over the last axis), through one multiply onto the bias
-/// (`crate::cpu::linear`) on Flex, through Burn's `linear` otherwise.
+/// (`sd_kernels::cpu::linear`) on Flex, through Burn's `linear` otherwise.
 pub fn linear_forward<B: Backend, const D: usize>(
     layer: &Linear<B>,
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
     #[cfg(feature = "flex")]
-    if let Some(out) = crate::cpu::try_linear(layer, &x) {
+    if let Some(out) = sd_kernels::cpu::try_linear(layer, &x) {
         return out;
     }
     layer.forward(x)
@@ -82,7 +82,7 @@ pub fn linear_forward<B: Backend, const D: usize>(
 /// Flex one multiply reads `x` transposed in place.
 pub fn linear_from_channels<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     #[cfg(feature = "flex")]
-    if let Some(out) = crate::cpu::try_linear_from_channels(layer, &x) {
+    if let Some(out) = sd_kernels::cpu::try_linear_from_channels(layer, &x) {
         return out;
     }
     linear_forward(layer, x.swap_dims(1, 2))
@@ -97,14 +97,14 @@ pub fn linear_to_channels<B: Backend>(
     residual: Tensor<B, 3>,
 ) -> Tensor<B, 3> {
     #[cfg(feature = "flex")]
-    if let Some(out) = crate::cpu::try_linear_to_channels(layer, &x, &residual) {
+    if let Some(out) = sd_kernels::cpu::try_linear_to_channels(layer, &x, &residual) {
         return out;
     }
     linear_forward(layer, x).swap_dims(1, 2) + residual
 }
 
-/// `conv.forward(x)`, through the fused CPU kernel (`crate::cpu::conv`) on Flex for stride-1
-/// convolutions (most of the U-Net's and VAE's work); through Burn's `conv2d` otherwise,
+/// `conv.forward(x)`, through the fused CPU kernel (`sd_kernels::cpu::conv`) on Flex for
+/// stride-1 convolutions (most of the U-Net's and VAE's work); through Burn's `conv2d` otherwise,
 /// except under autodiff (training). There Burn's `conv2d` backward runs a transposed
 /// convolution (a naive single-threaded loop on Flex) and strided element-wise copies, so:
 /// on `Autodiff<Flex>` and `Autodiff<NdArray>`, stride 1, an op with its own backward made of
@@ -114,7 +114,7 @@ pub fn linear_to_channels<B: Backend>(
 /// gradients. Maps below 16² outputs stay on Burn's `conv2d`, faster there.
 pub fn conv2d_forward<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     #[cfg(feature = "flex")]
-    if let Some(out) = crate::cpu::try_conv2d(conv, &x) {
+    if let Some(out) = sd_kernels::cpu::try_conv2d(conv, &x) {
         return out;
     }
     let x = if B::ad_enabled(&x.device()) && conv_train::takes(conv, &x) {
@@ -131,6 +131,28 @@ pub fn conv2d_forward<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B
         x
     };
     conv.forward(x)
+}
+
+/// Max or average pooling of `[n, c, h, w]` with zero padding left out of the averages
+/// (`count_include_pad=False`) and no dilation: through the CPU kernel on Flex (Burn's walks
+/// each window element by element and tracks indices), Burn's `max_pool2d`/`avg_pool2d`
+/// otherwise.
+pub fn pool2d<B: Backend>(
+    x: Tensor<B, 4>,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    average: bool,
+) -> Tensor<B, 4> {
+    #[cfg(feature = "flex")]
+    if let Some(out) = sd_kernels::cpu::try_pool2d(&x, kernel, stride, padding, average) {
+        return out;
+    }
+    if average {
+        burn::tensor::module::avg_pool2d(x, kernel, stride, padding, false, false)
+    } else {
+        burn::tensor::module::max_pool2d(x, kernel, stride, padding, [1, 1], false)
+    }
 }
 
 /// A `k`×`k` convolution with symmetric zero padding `padding` and stride `stride`, as

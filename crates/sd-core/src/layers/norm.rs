@@ -23,7 +23,7 @@ pub fn group_norm<B: Backend>(
 /// passes.
 pub fn group_norm_2d<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     #[cfg(feature = "flex")]
-    if let Some(out) = crate::cpu::try_group_norm(norm, &x, false) {
+    if let Some(out) = sd_kernels::cpu::try_group_norm(norm, &x, false) {
         return out;
     }
     let [b, c, h, w] = x.dims();
@@ -49,7 +49,7 @@ pub fn group_norm_2d<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor
 /// `norm → SiLU`): one fused pass on Flex.
 pub fn group_norm_silu_2d<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     #[cfg(feature = "flex")]
-    if let Some(out) = crate::cpu::try_group_norm(norm, &x, true) {
+    if let Some(out) = sd_kernels::cpu::try_group_norm(norm, &x, true) {
         return out;
     }
     super::silu(group_norm_2d(norm, x))

@@ -11,8 +11,9 @@
 //! - [`vector`]: the element-wise activations (GEGLU, SiLU, quick GELU) in one vectorised pass.
 //!
 //! The layers reach them through the `try_*` functions here, which work on the Flex tensors'
-//! own buffers and give their inputs back for any other backend or dtype, and for autodiff
-//! graphs: those take the generic Burn path, so every model still trains.
+//! own buffers (reached through [`crate::route`], with no conversion that can fail) and give
+//! their inputs back for any other backend or dtype, and for autodiff graphs: those take the
+//! generic Burn path, so every model still trains.
 
 #[macro_use]
 pub mod vector;
@@ -23,13 +24,13 @@ pub mod norm;
 pub mod pool;
 pub mod winograd;
 
-use std::any::Any;
-
 use burn::backend::flex::FlexTensor;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear, PaddingConfig2d};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+
+use crate::route::SameType;
 
 pub use attention::AttentionShape;
 pub use conv::Conv2dShape;
@@ -104,50 +105,63 @@ pub fn is_flex<B: Backend>() -> bool {
     std::any::TypeId::of::<B>() == std::any::TypeId::of::<burn::backend::Flex>()
 }
 
-/// The contiguous Flex tensor behind `t`, when `B` is Flex and `t` is f32; a strided view is
-/// copied, a contiguous one shared.
-fn flex_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> {
-    if !is_flex::<B>() || t.dtype() != DType::F32 {
-        return None;
+/// The way from `B`'s tensors to Flex's own and back: it exists only when `B` is Flex.
+struct FlexRoute<B: Backend>(SameType<B::FloatTensorPrimitive, FlexTensor>);
+
+// Manual impls: the derives would ask `B: Copy`.
+impl<B: Backend> Clone for FlexRoute<B> {
+    fn clone(&self) -> Self {
+        *self
     }
-    let primitive: Box<dyn Any> = Box::new(t.clone().into_primitive().tensor());
-    let flex = *primitive.downcast::<FlexTensor>().ok()?;
-    Some(if flex.as_slice::<f32>().is_some() {
-        flex
-    } else {
-        flex.to_contiguous()
-    })
 }
+impl<B: Backend> Copy for FlexRoute<B> {}
 
-/// A `B` tensor (`B` is Flex, checked by the caller) holding `data` in the given shape.
-fn from_f32<B: Backend, const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<B, D> {
-    from_flex(FlexTensor::from_data(TensorData::new(data, shape)))
-}
-
-/// The Flex tensor behind `t` with its own contiguous buffer (copied only when shared or
-/// strided), when `B` is Flex and `t` is f32; `t` back otherwise.
-fn owned_flex_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<FlexTensor, Tensor<B, D>> {
-    if !is_flex::<B>() || t.dtype() != DType::F32 {
-        return Err(t);
+impl<B: Backend> FlexRoute<B> {
+    /// The route when `B` is the plain Flex backend; `None` for every other backend.
+    fn check() -> Option<Self> {
+        if !is_flex::<B>() {
+            return None;
+        }
+        SameType::check().map(Self)
     }
-    let primitive: Box<dyn Any> = Box::new(t.into_primitive().tensor());
-    let flex = *primitive
-        .downcast::<FlexTensor>()
-        .expect("B is Flex, so its float primitive is a FlexTensor");
-    let whole = flex.layout().num_elements() * 4 == flex.bytes().len();
-    Ok(match flex.layout().contiguous_offsets() {
-        Some((0, _)) if whole && flex.is_unique() => flex,
-        _ => flex.to_contiguous(),
-    })
-}
 
-/// A `B` tensor around a Flex tensor; `B` is Flex (the callers checked [`is_flex`]).
-fn from_flex<B: Backend, const D: usize>(flex: FlexTensor) -> Tensor<B, D> {
-    let flex: Box<dyn Any> = Box::new(flex);
-    let primitive = *flex
-        .downcast::<B::FloatTensorPrimitive>()
-        .expect("B is Flex, so a FlexTensor is its float primitive");
-    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+    /// The contiguous Flex tensor behind `t` when it is f32 (a strided view is copied, a
+    /// contiguous one shared).
+    fn input<const D: usize>(self, t: &Tensor<B, D>) -> Option<FlexTensor> {
+        if t.dtype() != DType::F32 {
+            return None;
+        }
+        let flex = self.0.to(t.clone().into_primitive().tensor());
+        Some(if flex.as_slice::<f32>().is_some() {
+            flex
+        } else {
+            flex.to_contiguous()
+        })
+    }
+
+    /// The Flex tensor behind `t` with its own contiguous buffer (copied only when shared or
+    /// strided), when `t` is f32; `t` back otherwise.
+    fn owned<const D: usize>(self, t: Tensor<B, D>) -> Result<FlexTensor, Tensor<B, D>> {
+        if t.dtype() != DType::F32 {
+            return Err(t);
+        }
+        let flex = self.0.to(t.into_primitive().tensor());
+        let whole = flex.layout().num_elements() * 4 == flex.bytes().len();
+        Ok(match flex.layout().contiguous_offsets() {
+            Some((0, _)) if whole && flex.is_unique() => flex,
+            _ => flex.to_contiguous(),
+        })
+    }
+
+    /// A `B` tensor around a Flex tensor.
+    fn output<const D: usize>(self, flex: FlexTensor) -> Tensor<B, D> {
+        Tensor::from_primitive(TensorPrimitive::Float(self.0.back(flex)))
+    }
+
+    /// A `B` tensor holding `data` in the given shape.
+    fn output_f32<const D: usize>(self, data: Vec<f32>, shape: [usize; D]) -> Tensor<B, D> {
+        self.output(FlexTensor::from_data(TensorData::new(data, shape)))
+    }
 }
 
 /// Max or average (padding not counted, `count_include_pad=False`) pooling of `[n, c, h, w]`
@@ -159,6 +173,7 @@ pub fn try_pool2d<B: Backend>(
     padding: [usize; 2],
     average: bool,
 ) -> Option<Tensor<B, 4>> {
+    let route = FlexRoute::<B>::check()?;
     let [n, c, h, w] = x.dims();
     let shape = pool::PoolShape {
         planes: n * c,
@@ -168,21 +183,22 @@ pub fn try_pool2d<B: Backend>(
         padding,
     };
     let [oh, ow] = shape.output_size()?;
-    let flex = flex_f32(x)?;
+    let flex = route.input(x)?;
     let out = pool::pool2d(flex.as_slice()?, shape, average)?;
-    Some(from_f32(out, [n, c, oh, ow]))
+    Some(route.output_f32(out, [n, c, oh, ow]))
 }
 
 /// GEGLU (`h ⊙ GELU(g)` for `[h, g]` the two halves of the last axis) in one pass, when `B` is
 /// Flex and the tensor is f32; `None` otherwise.
 pub fn try_geglu<B: Backend>(projected: &Tensor<B, 3>) -> Option<Tensor<B, 3>> {
+    let route = FlexRoute::<B>::check()?;
     let [b, n, two_inner] = projected.dims();
     if two_inner % 2 != 0 {
         return None;
     }
-    let flex = flex_f32(projected)?;
+    let flex = route.input(projected)?;
     let out = vector::geglu(flex.as_slice()?, two_inner / 2);
-    Some(from_f32(out, [b, n, two_inner / 2]))
+    Some(route.output_f32(out, [b, n, two_inner / 2]))
 }
 
 /// Swish, `x · σ(βx)` (SiLU for β = 1), in place when `B` is Flex and `x` is f32; `x` back
@@ -191,9 +207,12 @@ pub fn try_swish<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     beta: f32,
 ) -> Result<Tensor<B, D>, Tensor<B, D>> {
-    let mut flex = owned_flex_f32(x)?;
+    let Some(route) = FlexRoute::<B>::check() else {
+        return Err(x);
+    };
+    let mut flex = route.owned(x)?;
     vector::swish(flex.storage_mut::<f32>(), beta);
-    Ok(from_flex(flex))
+    Ok(route.output(flex))
 }
 
 /// [`attention::attention`] on token-major tensors (`[batch, tokens, heads · dim]`), when `B`
@@ -205,6 +224,7 @@ pub fn try_attention<B: Backend>(
     heads: usize,
     causal: bool,
 ) -> Option<Tensor<B, 3>> {
+    let route = FlexRoute::<B>::check()?;
     let [batch, len_q, qk_width] = q.dims();
     let [_, len_k, _] = k.dims();
     let [_, _, v_width] = v.dims();
@@ -219,7 +239,7 @@ pub fn try_attention<B: Backend>(
         head_dim: qk_width / heads,
         value_dim: v_width / heads,
     };
-    let (qf, kf, vf) = (flex_f32(q)?, flex_f32(k)?, flex_f32(v)?);
+    let (qf, kf, vf) = (route.input(q)?, route.input(k)?, route.input(v)?);
     let out = attention::attention(
         qf.as_slice()?,
         kf.as_slice()?,
@@ -227,12 +247,13 @@ pub fn try_attention<B: Backend>(
         shape,
         causal,
     )?;
-    Some(from_f32(out, [batch, len_q, v_width]))
+    Some(route.output_f32(out, [batch, len_q, v_width]))
 }
 
 /// [`conv::conv2d`] for a Burn `Conv2d` without dilation and with one group, when `B` is
 /// Flex and the tensors are f32; `None` otherwise.
 pub fn try_conv2d<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
+    let route = FlexRoute::<B>::check()?;
     if conv.stride.contains(&0) || conv.dilation != [1, 1] || conv.groups != 1 {
         return None;
     }
@@ -256,10 +277,10 @@ pub fn try_conv2d<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Option<Tens
         padding,
         stride: conv.stride,
     };
-    let xf = flex_f32(x)?;
-    let wf = flex_f32(&conv.weight.val())?;
+    let xf = route.input(x)?;
+    let wf = route.input(&conv.weight.val())?;
     let bf = match &conv.bias {
-        Some(bias) => Some(flex_f32(&bias.val())?),
+        Some(bias) => Some(route.input(&bias.val())?),
         None => None,
     };
     let bias = match &bf {
@@ -268,14 +289,17 @@ pub fn try_conv2d<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Option<Tens
     };
     let out = conv::conv2d(xf.as_slice()?, wf.as_slice()?, bias, shape)?;
     let [out_h, out_w] = shape.output_size();
-    Some(from_f32(out, [batch, out_channels, out_h, out_w]))
+    Some(route.output_f32(out, [batch, out_channels, out_h, out_w]))
 }
 
 /// A `Linear`'s weight (`[d_in, d_out]`) and bias as Flex f32 tensors.
-fn linear_params<B: Backend>(layer: &Linear<B>) -> Option<(FlexTensor, Option<FlexTensor>)> {
-    let weight = flex_f32(&layer.weight.val())?;
+fn linear_params<B: Backend>(
+    route: FlexRoute<B>,
+    layer: &Linear<B>,
+) -> Option<(FlexTensor, Option<FlexTensor>)> {
+    let weight = route.input(&layer.weight.val())?;
     let bias = match &layer.bias {
-        Some(bias) => Some(flex_f32(&bias.val())?),
+        Some(bias) => Some(route.input(&bias.val())?),
         None => None,
     };
     Some((weight, bias))
@@ -295,13 +319,14 @@ pub fn try_linear<B: Backend, const D: usize>(
     layer: &Linear<B>,
     x: &Tensor<B, D>,
 ) -> Option<Tensor<B, D>> {
+    let route = FlexRoute::<B>::check()?;
     let [d_in, d_out] = layer.weight.dims();
     let mut dims = x.dims();
     if D == 0 || dims[D - 1] != d_in {
         return None;
     }
-    let xf = flex_f32(x)?;
-    let (weight, bias) = linear_params(layer)?;
+    let xf = route.input(x)?;
+    let (weight, bias) = linear_params(route, layer)?;
     let out = linear::linear(
         xf.as_slice()?,
         weight.as_slice()?,
@@ -310,7 +335,7 @@ pub fn try_linear<B: Backend, const D: usize>(
         d_out,
     )?;
     dims[D - 1] = d_out;
-    Some(from_f32(out, dims))
+    Some(route.output_f32(out, dims))
 }
 
 /// [`linear::linear_from_channels`]: `x` `[batch, d_in, tokens]` to `[batch, tokens, d_out]`.
@@ -318,13 +343,14 @@ pub fn try_linear_from_channels<B: Backend>(
     layer: &Linear<B>,
     x: &Tensor<B, 3>,
 ) -> Option<Tensor<B, 3>> {
+    let route = FlexRoute::<B>::check()?;
     let [d_in, d_out] = layer.weight.dims();
     let [batch, channels, tokens] = x.dims();
     if channels != d_in {
         return None;
     }
-    let xf = flex_f32(x)?;
-    let (weight, bias) = linear_params(layer)?;
+    let xf = route.input(x)?;
+    let (weight, bias) = linear_params(route, layer)?;
     let out = linear::linear_from_channels(
         xf.as_slice()?,
         weight.as_slice()?,
@@ -333,7 +359,7 @@ pub fn try_linear_from_channels<B: Backend>(
         d_out,
         tokens,
     )?;
-    Some(from_f32(out, [batch, tokens, d_out]))
+    Some(route.output_f32(out, [batch, tokens, d_out]))
 }
 
 /// [`linear::linear_to_channels`]: `residual + (x W + b)ᵀ`, `x` `[batch, tokens, d_in]`,
@@ -343,13 +369,14 @@ pub fn try_linear_to_channels<B: Backend>(
     x: &Tensor<B, 3>,
     residual: &Tensor<B, 3>,
 ) -> Option<Tensor<B, 3>> {
+    let route = FlexRoute::<B>::check()?;
     let [d_in, d_out] = layer.weight.dims();
     let [batch, tokens, channels] = x.dims();
     if channels != d_in || residual.dims() != [batch, d_out, tokens] {
         return None;
     }
-    let (xf, rf) = (flex_f32(x)?, flex_f32(residual)?);
-    let (weight, bias) = linear_params(layer)?;
+    let (xf, rf) = (route.input(x)?, route.input(residual)?);
+    let (weight, bias) = linear_params(route, layer)?;
     let out = linear::linear_to_channels(
         xf.as_slice()?,
         weight.as_slice()?,
@@ -357,7 +384,7 @@ pub fn try_linear_to_channels<B: Backend>(
         rf.as_slice()?,
         [d_in, d_out, tokens],
     )?;
-    Some(from_f32(out, [batch, d_out, tokens]))
+    Some(route.output_f32(out, [batch, d_out, tokens]))
 }
 
 /// [`norm::group_norm`] for a Burn `GroupNorm` on `x: [batch, channels, h, w]`, followed by
@@ -367,13 +394,14 @@ pub fn try_group_norm<B: Backend>(
     x: &Tensor<B, 4>,
     silu: bool,
 ) -> Option<Tensor<B, 4>> {
+    let route = FlexRoute::<B>::check()?;
     let [batch, channels, h, w] = x.dims();
     if norm.num_channels != channels {
         return None;
     }
-    let xf = flex_f32(x)?;
+    let xf = route.input(x)?;
     let params = match (&norm.gamma, &norm.beta) {
-        (Some(gamma), Some(beta)) => Some((flex_f32(&gamma.val())?, flex_f32(&beta.val())?)),
+        (Some(gamma), Some(beta)) => Some((route.input(&gamma.val())?, route.input(&beta.val())?)),
         (None, None) => None,
         _ => return None,
     };
@@ -388,5 +416,28 @@ pub fn try_group_norm<B: Backend>(
         groups: norm.num_groups,
     };
     let out = norm::group_norm(xf.as_slice()?, shape, norm.epsilon as f32, affine, silu)?;
-    Some(from_f32(out, [batch, channels, h, w]))
+    Some(route.output_f32(out, [batch, channels, h, w]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    /// The typed route finds Flex, so the kernels run (a route that never matched would leave
+    /// every layer on Burn's ops, correct but slow, and no parity test would notice).
+    #[test]
+    fn flex_tensors_take_the_kernels_and_keep_their_values() {
+        let device = Default::default();
+        let x = Tensor::<Flex, 3>::from_floats([[[-1.0, 0.0, 2.0, 3.0]]], &device);
+        let swished = try_swish(x.clone(), 1.0).expect("Flex f32 takes the kernel");
+        let expected = x.clone() / (x.clone().neg().exp() + 1.0);
+        swished
+            .into_data()
+            .assert_approx_eq::<f32>(&expected.into_data(), Default::default());
+        assert!(try_geglu(&x).is_some());
+        // Another dtype gives the input back.
+        let half = x.cast(DType::F16);
+        assert!(try_swish(half, 1.0).is_err());
+    }
 }
