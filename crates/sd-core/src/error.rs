@@ -66,6 +66,20 @@ pub enum CoreError {
     /// A tensor handed to a model has the wrong shape or size.
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// A noise-schedule configuration that cannot produce a valid schedule.
+    #[error("invalid noise schedule: {0}")]
+    InvalidSchedule(String),
+    /// A timestep outside `0..num_train_timesteps`.
+    #[error("timestep {timestep} is outside 0..{num_train_timesteps}")]
+    TimestepOutOfRange {
+        /// The timestep asked for.
+        timestep: usize,
+        /// The schedule's number of training timesteps.
+        num_train_timesteps: usize,
+    },
+    /// Tensors or timestep lists whose sizes do not fit together.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
 }
 
 /// One way in which a weight file does not fit a module.

@@ -6,6 +6,9 @@
 //! - [`files`]: inputs that must be regular files, outputs written atomically.
 //! - [`weights`]: strict safetensors loading with diffusers key names.
 //! - [`image_io`]: images to and from tensors in `[-1, 1]`.
+//! - [`noise_schedule`]: the betas and `ᾱ_t` of the forward process, shared by its training
+//!   side (`sd-diffusion`) and the samplers (`sd-schedulers`); [`noise`]: the seeded noise both
+//!   draw.
 //! - [`vae_config`]: the `AutoencoderKL` configuration both VAE halves are built from.
 //! - [`vae_keys`]: the VAE's original single-file key names mapped to diffusers'.
 //!
@@ -22,6 +25,8 @@ pub mod error;
 pub mod files;
 pub mod image_io;
 pub mod layers;
+pub mod noise;
+pub mod noise_schedule;
 pub mod vae_config;
 pub mod vae_keys;
 pub mod weights;

@@ -5,7 +5,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use rand::{Rng, RngExt};
 
-use crate::error::{DiffusionError, Result};
+use crate::error::Result;
 use crate::{NoiseSchedule, PredictionType};
 
 /// Re-exported for training loops: the one seeded noise function, [`crate::noise`].
@@ -21,7 +21,7 @@ pub fn target<B: Backend>(
 ) -> Result<Tensor<B, 4>> {
     match prediction {
         PredictionType::Epsilon => Ok(noise),
-        PredictionType::VPrediction => schedule.velocity(x0, noise, timesteps),
+        PredictionType::VPrediction => Ok(schedule.velocity(x0, noise, timesteps)?),
         PredictionType::Sample => Ok(x0),
     }
 }
@@ -36,9 +36,10 @@ pub fn min_snr_weights(
     gamma: f64,
 ) -> Result<Vec<f64>> {
     if gamma.is_nan() || gamma <= 0.0 {
-        return Err(DiffusionError::InvalidSchedule(format!(
+        return Err(sd_core::CoreError::InvalidSchedule(format!(
             "Min-SNR gamma must be positive, got {gamma}"
-        )));
+        ))
+        .into());
     }
     timesteps
         .iter()

@@ -6,7 +6,7 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use sd_core::config_checks as checks;
-use sd_diffusion::{BetaSchedule, NoiseScheduleConfig, PredictionType};
+use sd_core::noise_schedule::{BetaSchedule, NoiseScheduleConfig, PredictionType};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, SchedulerError};

@@ -4,7 +4,7 @@
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use sd_diffusion::PredictionType;
+use sd_core::noise_schedule::PredictionType;
 
 use crate::config::{FinalSigmasType, SchedulerConfig, TimestepSpacing};
 use crate::error::{Result, SchedulerError};
@@ -227,7 +227,7 @@ pub(crate) fn multistep_schedule(
             .iter()
             .map(|&s| {
                 let t = sigma_to_t(s, &logs);
-                if c.beta_schedule == sd_diffusion::BetaSchedule::SquaredcosCapV2 {
+                if c.beta_schedule == sd_core::noise_schedule::BetaSchedule::SquaredcosCapV2 {
                     t
                 } else {
                     t.round_ties_even()

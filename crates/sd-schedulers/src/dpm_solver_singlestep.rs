@@ -4,7 +4,7 @@
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use sd_diffusion::PredictionType;
+use sd_core::noise_schedule::PredictionType;
 
 use crate::config::{FinalSigmasType, SchedulerConfig, TimestepSpacing};
 use crate::dpm_solver_multistep::{

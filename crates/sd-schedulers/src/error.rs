@@ -38,5 +38,5 @@ pub enum SchedulerError {
     State(String),
     /// The training noise schedule is invalid.
     #[error(transparent)]
-    Schedule(#[from] sd_diffusion::DiffusionError),
+    Schedule(#[from] sd_core::CoreError),
 }

@@ -104,7 +104,7 @@ impl SigmaSchedule {
         sigma: f64,
         scheduler: &'static str,
     ) -> Result<Tensor<B, 4>> {
-        use sd_diffusion::PredictionType::*;
+        use sd_core::noise_schedule::PredictionType::*;
         // Scalars in float32, in diffusers' order of operations: with zero terminal SNR σ_max is
         // 4096 and the step cancels large terms, so the roundings must be the same ones.
         let s = sigma as f32;

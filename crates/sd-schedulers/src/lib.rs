@@ -68,7 +68,7 @@ pub use lms::LmsDiscreteScheduler;
 pub use names::{SamplerKind, from_config, from_name, known_names};
 pub use noise::{HostNoise, NoiseSource, ReplayNoise};
 pub use pndm::PndmScheduler;
-pub use sd_diffusion::PredictionType;
+pub use sd_core::noise_schedule::PredictionType;
 pub use unipc::UniPcMultistepScheduler;
 
 /// What one sampler step returns.

@@ -6,7 +6,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use sd_diffusion::noise::host_noise;
+use sd_core::noise::host_noise;
 
 /// A source of standard normal noise for the stochastic samplers (Euler ancestral, SDE
 /// variants, DDIM with η > 0).

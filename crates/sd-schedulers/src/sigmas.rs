@@ -1,7 +1,7 @@
 //! Timestep spacing and sigma schedules shared by the samplers, computed on the host in f64 with
 //! the float32 roundings diffusers applies, so that both pick the same timesteps and sigmas.
 
-use sd_diffusion::NoiseSchedule;
+use sd_core::noise_schedule::NoiseSchedule;
 
 use crate::config::{SchedulerConfig, TimestepSpacing};
 use crate::error::{Result, SchedulerError};

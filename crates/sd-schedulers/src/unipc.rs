@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use sd_diffusion::PredictionType;
+use sd_core::noise_schedule::PredictionType;
 
 use crate::config::SchedulerConfig;
 use crate::dpm_solver_multistep::{FinalSigmaMin, alpha_sigma, multistep_schedule};

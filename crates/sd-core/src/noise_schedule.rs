@@ -1,8 +1,13 @@
+//! The noise schedule of the forward process (Ho et al. 2020, sec. 2): the betas, `ᾱ_t`
+//! (`alphas_cumprod`) and what follows from them (`add_noise`, velocity, SNR). Shared by the
+//! training side (`sd-diffusion`, which re-exports it) and the samplers (`sd-schedulers`), so
+//! that neither stage crate depends on the other.
+
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde::Deserialize;
 
-use crate::error::{DiffusionError, Result};
+use crate::error::{CoreError, Result};
 
 /// How the betas grow over the training timesteps (diffusers' `beta_schedule`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -149,14 +154,14 @@ impl NoiseSchedule {
     pub fn new(config: &NoiseScheduleConfig) -> Result<Self> {
         let n = config.num_train_timesteps;
         if n == 0 {
-            return Err(DiffusionError::InvalidSchedule(
+            return Err(CoreError::InvalidSchedule(
                 "num_train_timesteps is 0".into(),
             ));
         }
         let mut betas: Vec<f64> = match (&config.trained_betas, config.beta_schedule) {
             (Some(betas), _) => {
                 if betas.len() != n {
-                    return Err(DiffusionError::InvalidSchedule(format!(
+                    return Err(CoreError::InvalidSchedule(format!(
                         "trained_betas has {} values for {n} timesteps",
                         betas.len()
                     )));
@@ -180,7 +185,7 @@ impl NoiseSchedule {
             .iter()
             .find(|b| !(0.0..=1.0).contains(*b) || b.is_nan())
         {
-            return Err(DiffusionError::InvalidSchedule(format!(
+            return Err(CoreError::InvalidSchedule(format!(
                 "beta {b} is outside [0, 1]"
             )));
         }
@@ -217,7 +222,7 @@ impl NoiseSchedule {
         self.alphas_cumprod
             .get(t)
             .copied()
-            .ok_or(DiffusionError::TimestepOutOfRange {
+            .ok_or(CoreError::TimestepOutOfRange {
                 timestep: t,
                 num_train_timesteps: self.num_train_timesteps(),
             })
@@ -237,7 +242,7 @@ impl NoiseSchedule {
         device: &B::Device,
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>)> {
         if timesteps.len() != batch {
-            return Err(DiffusionError::Shape(format!(
+            return Err(CoreError::Shape(format!(
                 "{} timesteps for a batch of {batch}",
                 timesteps.len()
             )));
@@ -255,7 +260,7 @@ impl NoiseSchedule {
 
     fn check_shapes<B: Backend>(a: &Tensor<B, 4>, b: &Tensor<B, 4>) -> Result<()> {
         if a.dims() != b.dims() {
-            return Err(DiffusionError::Shape(format!(
+            return Err(CoreError::Shape(format!(
                 "sample {:?} and noise {:?} differ",
                 a.dims(),
                 b.dims()
