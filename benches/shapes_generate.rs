@@ -19,8 +19,14 @@ fn shapes_image(c: &mut Criterion) {
     let device = Default::default();
     let options = sd::GenerateOptions {
         prompt: "a red circle above a blue square".into(),
-        steps: sd_shapes::model::DEFAULT_STEPS,
-        guidance_scale: sd_shapes::model::DEFAULT_GUIDANCE,
+        sampling: sd::Sampling {
+            steps: sd_shapes::model::DEFAULT_STEPS,
+            ..Default::default()
+        },
+        guidance: sd::Guidance {
+            scale: sd_shapes::model::DEFAULT_GUIDANCE,
+            ..Default::default()
+        },
         ..sd::GenerateOptions::default()
     };
     c.bench_function("shapes_default_image_64x64", |b| {

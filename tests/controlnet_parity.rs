@@ -172,9 +172,11 @@ fn controlnet_pipelines_match_diffusers() {
             })
             .collect();
         let options = GenerateOptions {
-            original_size: pair(&run["original_size"]),
-            crops_coords_top_left: pair(&run["crops_coords_top_left"]).unwrap_or((0, 0)),
-            target_size: pair(&run["target_size"]),
+            micro_conditioning: sd::MicroConditioning {
+                original_size: pair(&run["original_size"]),
+                crops_coords_top_left: pair(&run["crops_coords_top_left"]).unwrap_or((0, 0)),
+                target_size: pair(&run["target_size"]),
+            },
             controls,
             guess_mode: run["guess_mode"].as_bool().unwrap(),
             ..common::run_options::<B>(run, &reference, &device)

@@ -188,7 +188,10 @@ fn an_adapter_for_another_image_encoder_is_refused_by_name() {
     let model = Model::from_folder(case.join("../pipeline/tiny_sd1/model"), None).unwrap();
     let options = GenerateOptions {
         prompt: "a cat".into(),
-        steps: 1,
+        sampling: sd::Sampling {
+            steps: 1,
+            ..Default::default()
+        },
         image_prompt: Some(ImagePrompt {
             adapter: path.clone(),
             image_encoder: case.join("image_encoder"),

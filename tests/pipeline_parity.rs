@@ -36,18 +36,27 @@ fn pair(v: &serde_json::Value) -> Option<(usize, usize)> {
 
 fn options_for(run: &serde_json::Value, model_dir: &Path) -> GenerateOptions {
     GenerateOptions {
-        prompt: run["prompt"].as_str().unwrap().to_string(),
-        negative_prompt: run["negative_prompt"].as_str().map(String::from),
-        steps: run["steps"].as_u64().unwrap() as usize,
-        guidance_scale: run["guidance_scale"].as_f64().unwrap(),
-        guidance_rescale: run["guidance_rescale"].as_f64().unwrap_or(0.0),
-        scheduler: run["scheduler"].as_str().map(String::from),
-        scheduler_config: Some(scheduler_config(model_dir, &run["overrides"])),
-        clip_skip: run["clip_skip"].as_u64().unwrap_or(0) as usize,
-        prompt_syntax: PromptSyntax::Plain,
-        original_size: pair(&run["original_size"]),
-        crops_coords_top_left: pair(&run["crops_coords_top_left"]).unwrap_or((0, 0)),
-        target_size: pair(&run["target_size"]),
+        prompt: sd::PromptOptions {
+            text: run["prompt"].as_str().unwrap().to_string(),
+            negative: run["negative_prompt"].as_str().map(String::from),
+            clip_skip: run["clip_skip"].as_u64().unwrap_or(0) as usize,
+            syntax: PromptSyntax::Plain,
+        },
+        guidance: sd::Guidance {
+            scale: run["guidance_scale"].as_f64().unwrap(),
+            rescale: run["guidance_rescale"].as_f64().unwrap_or(0.0),
+        },
+        sampling: sd::Sampling {
+            steps: run["steps"].as_u64().unwrap() as usize,
+            scheduler: run["scheduler"].as_str().map(String::from),
+            config: Some(scheduler_config(model_dir, &run["overrides"])),
+            ..Default::default()
+        },
+        micro_conditioning: sd::MicroConditioning {
+            original_size: pair(&run["original_size"]),
+            crops_coords_top_left: pair(&run["crops_coords_top_left"]).unwrap_or((0, 0)),
+            target_size: pair(&run["target_size"]),
+        },
         ..GenerateOptions::default()
     }
 }
@@ -79,12 +88,12 @@ fn check_case<B: Backend>(case: &Path, device: &B::Device, report: &mut Report, 
         let what = format!("{name}/{run_name}");
         let tolerance = run["tolerance"].as_f64().unwrap_or(1e-4) as f32;
         let mut options = options_for(run, &model_dir);
-        if img2img || inpaint {
+        let start_image = || {
             let image = sd::core::image_io::read_rgb(case.join("init.png"), 1).unwrap();
-            options.init_image = Some(sd::core::image_io::image_to_data(&image));
-            options.strength = run["strength"].as_f64().unwrap();
-        }
-        if inpaint {
+            sd::core::image_io::image_to_data(&image)
+        };
+        let strength = || run["strength"].as_f64().unwrap();
+        options.task = if inpaint {
             let mask = image::open(case.join("mask.png")).unwrap().to_luma8();
             let (w, h) = (mask.width() as usize, mask.height() as usize);
             let values: Vec<f32> = mask
@@ -92,25 +101,36 @@ fn check_case<B: Backend>(case: &Path, device: &B::Device, report: &mut Report, 
                 .iter()
                 .map(|&v| f32::from(v) / 255.0)
                 .collect();
-            options.mask = Some(burn::tensor::TensorData::new(values, [1, 1, h, w]));
-        }
-        if !img2img && !inpaint {
+            sd::Task::Inpaint(sd::InpaintTask {
+                image: start_image(),
+                mask: burn::tensor::TensorData::new(values, [1, 1, h, w]),
+                strength: strength(),
+            })
+        } else if img2img {
+            sd::Task::Image(sd::ImageTask {
+                image: start_image(),
+                strength: strength(),
+            })
+        } else {
             let latents_in: Tensor<B, 4> =
                 reference.tensor(&format!("{run_name}.latents_in"), device);
-            options.init_latents = Some(latents_in.into_data());
-        }
+            sd::Task::Text {
+                latents: Some(latents_in.into_data()),
+            }
+        };
 
-        let cond = encode_prompts::<B>(&model, &options, device).unwrap();
+        let cond = encode_prompts::<B>(&model, &options.prompt, &options.guidance, device).unwrap();
         let has_embeddings = reference.has(&format!("{run_name}.prompt_embeds"));
         // diffusers applies `clip_skip` to the prompt only: its negative prompt goes through
         // the last layer (`text_encoder(...)[0]`). The library applies it to both, as A1111
         // does, so for these runs the test builds diffusers' conditioning from the stages.
-        let cond = if options.clip_skip > 0 && cond.guided {
-            let plain = GenerateOptions {
+        let cond = if options.prompt.clip_skip > 0 && cond.guided {
+            let plain = sd::PromptOptions {
                 clip_skip: 0,
-                ..options.clone()
+                ..options.prompt.clone()
             };
-            let last_layer = encode_prompts::<B>(&model, &plain, device).unwrap();
+            let last_layer =
+                encode_prompts::<B>(&model, &plain, &options.guidance, device).unwrap();
             let n = cond.conditioning.context.dims()[0];
             let context = Tensor::cat(
                 vec![
@@ -163,17 +183,19 @@ fn check_case<B: Backend>(case: &Path, device: &B::Device, report: &mut Report, 
         } else {
             Vec::new()
         };
-        if img2img {
+        if let sd::Task::Image(task) = &options.task {
             // The image encoded, sampled and noised to the first step's level.
             let (mut scheduler, _) = options.scheduler::<B>(&model).unwrap();
-            scheduler.set_timesteps(options.steps).unwrap();
-            let begin = sd::schedulers::img2img_start(options.steps, options.strength).unwrap()
+            scheduler.set_timesteps(options.sampling.steps).unwrap();
+            let begin = sd::schedulers::img2img_start(options.sampling.steps, task.strength)
+                .unwrap()
                 * scheduler.order();
             scheduler.set_begin_index(begin).unwrap();
             let mut first_two = ReplayNoise::new(draws.iter().take(2).cloned());
             let noised = sd::noised_image_latents(
                 &model,
-                &options,
+                task,
+                options.num_images,
                 scheduler.as_ref(),
                 &mut first_two,
                 device,
@@ -187,7 +209,7 @@ fn check_case<B: Backend>(case: &Path, device: &B::Device, report: &mut Report, 
             );
         }
         let mut noise = ReplayNoise::new(draws);
-        let out = if options.clip_skip > 0 {
+        let out = if options.prompt.clip_skip > 0 {
             run_stages::<B>(&model, &options, cond, device, &mut noise)
         } else {
             generate_with_noise::<B>(&model, &options, device, &mut noise, None)
@@ -231,22 +253,20 @@ fn run_stages<B: Backend>(
     noise: &mut ReplayNoise<B>,
 ) -> sd::Generated<B> {
     let (mut scheduler, sampler) = options.scheduler::<B>(model).unwrap();
-    scheduler.set_timesteps(options.steps).unwrap();
+    scheduler.set_timesteps(options.sampling.steps).unwrap();
     let latents =
         sd::initial_latents(model, options, noise, device).unwrap() * scheduler.init_noise_sigma();
     let unet = model.load_unet::<B>(device).unwrap();
-    let latents = sd::denoise(
-        &unet,
-        scheduler.as_mut(),
-        latents,
-        &cond,
-        None,
-        None,
-        &sd::ImageConditioning::default(),
-        options,
-        noise,
-        None,
-    )
+    let latents = sd::Denoiser {
+        unet: &unet,
+        prompt: &cond,
+        text_time: None,
+        inpaint: None,
+        image: &sd::ImageConditioning::default(),
+        guidance: options.guidance,
+        latent_tiling: options.latent_tiling,
+    }
+    .run(scheduler.as_mut(), latents, noise, None)
     .unwrap();
     let images = sd::decode(model, latents.clone(), false, device).unwrap();
     sd::Generated {
@@ -335,7 +355,9 @@ fn single_file_checkpoints_give_the_folders_image() {
             .unwrap();
         let mut options = options_for(run, &model_dir);
         let latents: Tensor<Flex, 4> = reference.tensor(&format!("{run_name}.latents_in"), &device);
-        options.init_latents = Some(latents.into_data());
+        options.task = sd::Task::Text {
+            latents: Some(latents.into_data()),
+        };
         let mut noise = ReplayNoise::new(Vec::new());
         let out = generate_with_noise::<Flex>(&model, &options, &device, &mut noise, None)
             .unwrap_or_else(|e| panic!("{case}: {e}"));
@@ -358,8 +380,11 @@ fn the_step_callback_reports_progress_and_cancels() {
         Model::from_folder(common::fixtures_dir().join("pipeline/tiny_sd1/model"), None).unwrap();
     let options = GenerateOptions {
         prompt: "cat".into(),
-        steps: 4,
-        scheduler: Some("Euler".into()),
+        sampling: sd::Sampling {
+            steps: 4,
+            scheduler: Some("Euler".into()),
+            ..Default::default()
+        },
         ..GenerateOptions::default()
     };
     let mut seen = Vec::new();
@@ -383,11 +408,17 @@ fn a_seed_gives_the_same_image_on_flex_and_ndarray() {
     let model =
         Model::from_folder(common::fixtures_dir().join("pipeline/tiny_sd1/model"), None).unwrap();
     let options = GenerateOptions {
-        prompt: "a (red:1.2) cat".into(),
-        negative_prompt: Some("blurry".into()),
-        steps: 4,
-        seed: 11,
-        scheduler: Some("Euler a".into()),
+        prompt: sd::PromptOptions {
+            text: "a (red:1.2) cat".into(),
+            negative: Some("blurry".into()),
+            ..Default::default()
+        },
+        sampling: sd::Sampling {
+            steps: 4,
+            seed: 11,
+            scheduler: Some("Euler a".into()),
+            ..Default::default()
+        },
         ..GenerateOptions::default()
     };
     let flex = sd::generate::<Flex>(&model, &options, &Default::default(), None).unwrap();

@@ -117,15 +117,26 @@ fn trained_folder_image<B: Backend>(device: &B::Device, name: &str) {
     let model = Model::from_folder(&folder, None).unwrap_or_else(|e| panic!("{e}"));
     let latents: Tensor<B, 4> = reference.tensor("latents_in", device);
     let options = GenerateOptions {
-        prompt: g["prompt"].as_str().unwrap().to_string(),
-        negative_prompt: g["negative_prompt"].as_str().map(String::from),
-        steps: g["steps"].as_u64().unwrap() as usize,
-        guidance_scale: g["guidance_scale"].as_f64().unwrap(),
+        prompt: sd::PromptOptions {
+            text: g["prompt"].as_str().unwrap().to_string(),
+            negative: g["negative_prompt"].as_str().map(String::from),
+            ..Default::default()
+        },
+        guidance: sd::Guidance {
+            scale: g["guidance_scale"].as_f64().unwrap(),
+            ..Default::default()
+        },
+        sampling: sd::Sampling {
+            steps: g["steps"].as_u64().unwrap() as usize,
+            // The folder's own scheduler (tiny_sd1's PNDM), as diffusers used it.
+            scheduler: None,
+            ..Default::default()
+        },
         width: g["width"].as_u64().map(|v| v as usize),
         height: g["height"].as_u64().map(|v| v as usize),
-        // The folder's own scheduler (tiny_sd1's PNDM), as diffusers used it.
-        scheduler: None,
-        init_latents: Some(latents.into_data()),
+        task: sd::Task::Text {
+            latents: Some(latents.into_data()),
+        },
         ..GenerateOptions::default()
     };
     let mut noise = ReplayNoise::new(Vec::new());

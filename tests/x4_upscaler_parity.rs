@@ -127,8 +127,11 @@ fn latent_tiles_cover_the_upscale() {
     let run = |tiling: Option<sd::LatentTiling>| {
         let options = GenerateOptions {
             prompt: "a photo of a cat".into(),
-            steps: 2,
-            scheduler: Some("DDIMScheduler".into()),
+            sampling: sd::Sampling {
+                steps: 2,
+                scheduler: Some("DDIMScheduler".into()),
+                ..Default::default()
+            },
             latent_tiling: tiling,
             ..GenerateOptions::default()
         };

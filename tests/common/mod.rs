@@ -175,22 +175,33 @@ pub fn run_options<B: Backend>(
     let name = run["name"].as_str().unwrap();
     let latents_in: Tensor<B, 4> = reference.tensor(&format!("{name}.latents_in"), device);
     sd::GenerateOptions {
-        prompt: run["prompt"].as_str().unwrap().into(),
-        negative_prompt: run["negative_prompt"].as_str().map(String::from),
-        steps: run["steps"].as_u64().unwrap() as usize,
-        guidance_scale: run["guidance_scale"].as_f64().unwrap(),
-        scheduler: Some(
-            run["scheduler"]
-                .as_str()
-                .unwrap_or("DDIMScheduler")
-                .to_string(),
-        ),
-        scheduler_config: Some(
-            sd::schedulers::SchedulerConfig::from_json(&run["scheduler_config"].to_string())
-                .unwrap(),
-        ),
-        prompt_syntax: sd::conditioner::PromptSyntax::Plain,
-        init_latents: Some(latents_in.into_data()),
+        prompt: sd::PromptOptions {
+            text: run["prompt"].as_str().unwrap().into(),
+            negative: run["negative_prompt"].as_str().map(String::from),
+            syntax: sd::conditioner::PromptSyntax::Plain,
+            ..Default::default()
+        },
+        guidance: sd::Guidance {
+            scale: run["guidance_scale"].as_f64().unwrap(),
+            ..Default::default()
+        },
+        sampling: sd::Sampling {
+            steps: run["steps"].as_u64().unwrap() as usize,
+            scheduler: Some(
+                run["scheduler"]
+                    .as_str()
+                    .unwrap_or("DDIMScheduler")
+                    .to_string(),
+            ),
+            config: Some(
+                sd::schedulers::SchedulerConfig::from_json(&run["scheduler_config"].to_string())
+                    .unwrap(),
+            ),
+            ..Default::default()
+        },
+        task: sd::Task::Text {
+            latents: Some(latents_in.into_data()),
+        },
         ..sd::GenerateOptions::default()
     }
 }

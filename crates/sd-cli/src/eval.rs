@@ -105,12 +105,17 @@ pub fn run(args: EvalArgs) -> Result<String, String> {
         let mut images = Vec::new();
         for (p, prompt) in prompts.iter().enumerate() {
             let options = GenerateOptions {
-                prompt: prompt.clone(),
-                steps,
-                guidance_scale: guidance,
-                guidance_rescale: args.guidance_rescale,
-                scheduler: args.scheduler.clone(),
-                seed: 0,
+                prompt: sd::PromptOptions::new(prompt.clone()),
+                guidance: sd::Guidance {
+                    scale: guidance,
+                    rescale: args.guidance_rescale,
+                },
+                sampling: sd::Sampling {
+                    steps,
+                    scheduler: args.scheduler.clone(),
+                    seed: 0,
+                    ..Default::default()
+                },
                 num_images: args.seeds,
                 ..GenerateOptions::default()
             };

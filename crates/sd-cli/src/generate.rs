@@ -8,7 +8,7 @@ use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
 use sd::conditioner::PromptSyntax;
 use sd::core::weights::SafetensorsFile;
-use sd::{GenerateOptions, Model, StepProgress};
+use sd::{GenerateOptions, Model, StepProgress, Task};
 
 /// `--steps` when neither it nor the built-in model sets it (diffusers' pipelines use 50; 20 is
 /// enough for the multistep samplers every model folder here names).
@@ -812,6 +812,13 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
     if args.strength.is_some() && args.init_image.is_none() {
         return Err("--strength needs --init-image".into());
     }
+    if args.init_latents.is_some() && args.init_image.is_some() {
+        return Err(
+            "--init-latents and --init-image exclude each other (the starting image sets the \
+             latents)"
+                .into(),
+        );
+    }
     // ControlNet images are read before the memory check: without a size asked for, the first
     // one sets the output size.
     let asked = match (header_size, args.width, args.height) {
@@ -838,7 +845,10 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
             height: control_size.map(|(_, h)| h).or(args.height),
             controls: controls.clone(),
             num_images: args.num_images,
-            guidance_scale: guidance,
+            guidance: sd::Guidance {
+                scale: guidance,
+                ..Default::default()
+            },
             vae_tiling: args.vae_tiling,
             latent_tiling: unet_tiling(&args)?,
             ..GenerateOptions::default()
@@ -906,35 +916,51 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
         Some(path) => Some(read_mask(path)?),
         None => None,
     };
+    let task = match (init_image, mask) {
+        (Some(image), None) => Task::Image(sd::ImageTask {
+            image,
+            strength: args.strength.unwrap_or(0.8),
+        }),
+        (Some(image), Some(mask)) => Task::Inpaint(sd::InpaintTask {
+            image,
+            mask,
+            strength: args.strength.unwrap_or(1.0),
+        }),
+        (None, _) => Task::Text {
+            latents: match &args.init_latents {
+                Some(path) => Some(read_latents(path)?),
+                None => None,
+            },
+        },
+    };
     let options = GenerateOptions {
-        prompt,
-        negative_prompt: jobs[0].negative_prompt.clone(),
-        steps,
-        guidance_scale: guidance,
-        guidance_rescale: args.guidance_rescale,
-        seed: jobs[0].seed,
+        prompt: sd::PromptOptions {
+            text: prompt,
+            negative: jobs[0].negative_prompt.clone(),
+            clip_skip: args.clip_skip,
+            syntax: if args.plain_prompt {
+                PromptSyntax::Plain
+            } else {
+                PromptSyntax::Weighted
+            },
+        },
+        guidance: sd::Guidance {
+            scale: guidance,
+            rescale: args.guidance_rescale,
+        },
+        sampling: sd::Sampling {
+            steps,
+            seed: jobs[0].seed,
+            scheduler: args.scheduler.clone(),
+            karras: args.karras,
+            config: None,
+        },
+        task,
         width: control_size.map(|(w, _)| w).or(args.width),
         height: control_size.map(|(_, h)| h).or(args.height),
         num_images: args.num_images,
-        scheduler: args.scheduler.clone(),
-        karras: args.karras,
-        clip_skip: args.clip_skip,
-        prompt_syntax: if args.plain_prompt {
-            PromptSyntax::Plain
-        } else {
-            PromptSyntax::Weighted
-        },
-        init_latents: match &args.init_latents {
-            Some(path) => Some(read_latents(path)?),
-            None => None,
-        },
         vae_tiling: args.vae_tiling,
         latent_tiling: unet_tiling(&args)?,
-        init_image,
-        strength: args
-            .strength
-            .unwrap_or(if mask.is_some() { 1.0 } else { 0.8 }),
-        mask,
         controls,
         guess_mode: args.guess_mode,
         image_prompt,
@@ -955,13 +981,19 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
     for (i, job) in jobs.iter().enumerate() {
         // The first job's prompt had its LoRA tags taken out above; a file's lines have none.
         let options = GenerateOptions {
-            prompt: if i == 0 {
-                options.prompt.clone()
-            } else {
-                job.prompt.clone()
+            prompt: sd::PromptOptions {
+                text: if i == 0 {
+                    options.prompt.text.clone()
+                } else {
+                    job.prompt.clone()
+                },
+                negative: job.negative_prompt.clone(),
+                ..options.prompt.clone()
             },
-            negative_prompt: job.negative_prompt.clone(),
-            seed: job.seed,
+            sampling: sd::Sampling {
+                seed: job.seed,
+                ..options.sampling.clone()
+            },
             ..options.clone()
         };
         let message = match backend.as_str() {
@@ -1127,7 +1159,7 @@ fn generate<B: Backend>(
     }
     let bar = crate::progress_bar(
         args.quiet,
-        options.steps as u64,
+        options.sampling.steps as u64,
         "{msg} [{bar:30}] {pos}/{len} steps, {per_sec}, eta {eta}",
     );
     bar.set_message("loading");
@@ -1154,13 +1186,18 @@ fn generate<B: Backend>(
                 after.upscaler.as_ref().and_then(|(m, _)| m.esrgan()),
             )?;
             let second = GenerateOptions {
-                init_image: Some(sd::core::image_io::image_to_data(&big)),
-                strength: hires.strength,
-                steps: hires.steps,
+                task: Task::Image(sd::ImageTask {
+                    image: sd::core::image_io::image_to_data(&big),
+                    strength: hires.strength,
+                }),
+                sampling: sd::Sampling {
+                    steps: hires.steps,
+                    seed: options.sampling.seed.wrapping_add(i as u64),
+                    ..options.sampling.clone()
+                },
                 width: Some(w),
                 height: Some(h),
                 num_images: 1,
-                seed: options.seed.wrapping_add(i as u64),
                 // The ControlNets steer the hires pass too, their images resized to its size
                 // (as A1111's extension does).
                 controls: options
@@ -1198,11 +1235,14 @@ fn generate<B: Backend>(
                 PostUpscaler::X4(x4) => {
                     // The generation's prompt and settings guide the added detail; the
                     // image's seed its noise.
-                    let seed = options.seed.wrapping_add(i as u64);
+                    let seed = options.sampling.seed.wrapping_add(i as u64);
                     let settings = GenerateOptions {
                         num_images: 1,
-                        seed,
-                        init_latents: None,
+                        sampling: sd::Sampling {
+                            seed,
+                            ..options.sampling.clone()
+                        },
+                        task: Task::default(),
                         ..options.clone()
                     };
                     let mut noise = sd::schedulers::HostNoise::per_image(seed, 1);
@@ -1236,14 +1276,17 @@ fn generate<B: Backend>(
     bar.finish_and_clear();
     let paths = &job.paths;
     for (i, (image, path)) in images.iter().zip(paths).enumerate() {
-        let per_image = GenerateOptions {
-            seed: options.seed.wrapping_add(i as u64),
-            ..options.clone()
-        };
         // A1111 keeps the <lora:…> tags in the prompt it records.
         let recorded = GenerateOptions {
-            prompt: job.prompt.clone(),
-            ..per_image
+            prompt: sd::PromptOptions {
+                text: job.prompt.clone(),
+                ..options.prompt.clone()
+            },
+            sampling: sd::Sampling {
+                seed: options.sampling.seed.wrapping_add(i as u64),
+                ..options.sampling.clone()
+            },
+            ..options.clone()
         };
         let text = sd::parameters_text(model, &recorded, &out.sampler) + &notes;
         sd::save_png(image, path, &text).map_err(|e| e.to_string())?;

@@ -47,15 +47,18 @@ enum Command {
     /// diffusers folder that diffusers' `from_pretrained` opens, or as a single file in the
     /// original layout (an output ending in .safetensors).
     Convert(convert::ConvertArgs),
-    /// Train a model on a folder of captioned images: fine-tune a diffusers folder's U-Net
-    /// (or train one from scratch with --init), with checkpoints, resume and a loss log.
+    /// Train on a folder of captioned images: `sd train unet` fine-tunes a diffusers folder's
+    /// U-Net (or trains one from scratch with --init; a LoRA with --lora-rank), `sd train vae`
+    /// the autoencoder; with checkpoints, exact resume and a loss log.
     Train(Box<train::TrainArgs>),
     /// Write a synthetic captioned dataset (`sd dataset shapes`: coloured shapes on white).
     Dataset(dataset::DatasetArgs),
-    /// Measure a model (`sd eval shapes`: prompt adherence by the shapes checker).
+    /// Measure images and models: `fid`, `kid`, `is`, `clip-score`, `stats` (Inception
+    /// statistics to .npz) as the reference packages compute them; `shapes` (prompt adherence
+    /// by the shapes checker).
     Eval(eval::EvalArgs),
-    /// Enlarge an image with a Real-ESRGAN model (RRDBNet ×4/×2 or the compact SRVGGNet),
-    /// tile by tile.
+    /// Enlarge an image: with a Real-ESRGAN file (RRDBNet ×4/×2 or the compact SRVGGNet), tile
+    /// by tile, or with the Stable Diffusion x4 upscaler (a folder, guided by --prompt).
     Upscale(upscale::UpscaleArgs),
     /// Print a prompt's tokens as the text encoder sees them: the count, the 77-id chunks
     /// (75 tokens each, a new one at BREAK) and the A1111 attention weight of each id, as JSON.

@@ -219,12 +219,21 @@ fn run_x4(args: &UpscaleArgs, image: image::RgbImage) -> Result<String, String> 
         .unwrap_or_else(|| default_output(&args.image, f as f64));
     sd::core::files::check_output_path(&output).map_err(|e| e.to_string())?;
     let options = sd::GenerateOptions {
-        prompt: args.prompt.clone(),
-        negative_prompt: args.negative_prompt.clone(),
-        steps: args.steps,
-        guidance_scale: args.guidance,
-        seed: args.seed,
-        scheduler: args.scheduler.clone(),
+        prompt: sd::PromptOptions {
+            text: args.prompt.clone(),
+            negative: args.negative_prompt.clone(),
+            ..Default::default()
+        },
+        guidance: sd::Guidance {
+            scale: args.guidance,
+            ..Default::default()
+        },
+        sampling: sd::Sampling {
+            steps: args.steps,
+            seed: args.seed,
+            scheduler: args.scheduler.clone(),
+            ..Default::default()
+        },
         vae_tiling: args.vae_tiling,
         latent_tiling: args.unet_tile.map(|tile| sd::LatentTiling {
             tile,

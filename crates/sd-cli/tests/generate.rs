@@ -187,6 +187,17 @@ fn bad_input_is_one_line_non_zero_and_writes_nothing() {
             ],
             "",
         ),
+        (
+            vec![
+                "--model",
+                &model_str,
+                "--init-image",
+                good.to_str().unwrap(),
+                "--init-latents",
+                latents.to_str().unwrap(),
+            ],
+            "exclude each other",
+        ),
     ];
     for (extra, needle) in cases {
         let mut args = vec!["generate", "cat", "-q", "-o", &out_str];

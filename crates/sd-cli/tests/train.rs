@@ -351,6 +351,15 @@ fn the_autoencoder_trains_resumes_and_loads_as_vae() {
             .args(extra);
         cmd.output().unwrap()
     };
+    // Buckets are not read by the VAE loop: refused, not ignored, and nothing is written.
+    let bucketed = dir.join("bucketed");
+    let out = run(&bucketed, "2", &["--enable-bucket"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--enable-bucket"),
+        "{stderr}"
+    );
+    assert!(!bucketed.join("checkpoint-2").exists());
     let straight = dir.join("straight");
     ok(&run(&straight, "4", &[]));
     let resumed = dir.join("resumed");

@@ -219,25 +219,39 @@ impl ClipTextConfig {
 /// `x + attn(LN(x))`, then `x + MLP(LN(x))`.
 #[derive(Module, Debug)]
 pub struct ClipEncoderLayer<B: Backend> {
-    /// The LayerNorm before self-attention (transformers' `layer_norm1`).
+    /// The LayerNorm before self-attention.
     pub layer_norm1: LayerNorm<B>,
-    /// The query projection (`self_attn.q_proj`).
-    pub q_proj: Linear<B>,
-    /// The key projection (`self_attn.k_proj`).
-    pub k_proj: Linear<B>,
-    /// The value projection (`self_attn.v_proj`).
-    pub v_proj: Linear<B>,
-    /// The attention output projection (`self_attn.out_proj`).
-    pub out_proj: Linear<B>,
-    /// The LayerNorm before the MLP (transformers' `layer_norm2`).
+    /// Multi-head self-attention over the tokens.
+    pub self_attn: ClipAttention<B>,
+    /// The LayerNorm before the MLP.
     pub layer_norm2: LayerNorm<B>,
-    /// The MLP's first layer, hidden to intermediate width (`mlp.fc1`).
-    pub fc1: Linear<B>,
-    /// The MLP's second layer, intermediate back to hidden width (`mlp.fc2`).
-    pub fc2: Linear<B>,
+    /// The two-layer MLP.
+    pub mlp: ClipMlp<B>,
     heads: usize,
     quick_gelu: bool,
     causal: bool,
+}
+
+/// transformers' `CLIPAttention`: the projections of multi-head self-attention.
+#[derive(Module, Debug)]
+pub struct ClipAttention<B: Backend> {
+    /// The query projection.
+    pub q_proj: Linear<B>,
+    /// The key projection.
+    pub k_proj: Linear<B>,
+    /// The value projection.
+    pub v_proj: Linear<B>,
+    /// The output projection.
+    pub out_proj: Linear<B>,
+}
+
+/// transformers' `CLIPMLP`: hidden → intermediate width, the activation, and back.
+#[derive(Module, Debug)]
+pub struct ClipMlp<B: Backend> {
+    /// Hidden to intermediate width.
+    pub fc1: Linear<B>,
+    /// Intermediate back to hidden width.
+    pub fc2: Linear<B>,
 }
 
 /// The sizes of one encoder layer, shared by the text and vision towers.
@@ -269,13 +283,17 @@ impl<B: Backend> ClipEncoderLayer<B> {
         let linear = |i, o| LinearConfig::new(i, o).init(device);
         Self {
             layer_norm1: norm(),
-            q_proj: linear(d, d),
-            k_proj: linear(d, d),
-            v_proj: linear(d, d),
-            out_proj: linear(d, d),
+            self_attn: ClipAttention {
+                q_proj: linear(d, d),
+                k_proj: linear(d, d),
+                v_proj: linear(d, d),
+                out_proj: linear(d, d),
+            },
             layer_norm2: norm(),
-            fc1: linear(d, c.intermediate),
-            fc2: linear(c.intermediate, d),
+            mlp: ClipMlp {
+                fc1: linear(d, c.intermediate),
+                fc2: linear(c.intermediate, d),
+            },
             heads: c.heads,
             quick_gelu: c.act == HiddenAct::QuickGelu,
             causal,
@@ -290,20 +308,21 @@ impl<B: Backend> ClipEncoderLayer<B> {
         let x = x.reshape([b * n, d]);
         let h = self.layer_norm1.forward(x.clone());
         let tokens = |t: Tensor<B, 2>| t.reshape([b, n, d]);
+        let attn = &self.self_attn;
         let (q, k, v) = (
-            tokens(linear_forward(&self.q_proj, h.clone())),
-            tokens(linear_forward(&self.k_proj, h.clone())),
-            tokens(linear_forward(&self.v_proj, h)),
+            tokens(linear_forward(&attn.q_proj, h.clone())),
+            tokens(linear_forward(&attn.k_proj, h.clone())),
+            tokens(linear_forward(&attn.v_proj, h)),
         );
         let attended = multi_head_attention(q, k, v, self.heads, self.causal);
-        let x = x + linear_forward(&self.out_proj, attended.reshape([b * n, d]));
-        let h = linear_forward(&self.fc1, self.layer_norm2.forward(x.clone()));
+        let x = x + linear_forward(&attn.out_proj, attended.reshape([b * n, d]));
+        let h = linear_forward(&self.mlp.fc1, self.layer_norm2.forward(x.clone()));
         let h = if self.quick_gelu {
             quick_gelu(h)
         } else {
             gelu(h)
         };
-        (x + linear_forward(&self.fc2, h)).reshape([b, n, d])
+        (x + linear_forward(&self.mlp.fc2, h)).reshape([b, n, d])
     }
 }
 
@@ -547,16 +566,9 @@ impl<B: Backend> ClipTextModel<B> {
 /// transformers 5 saves a `CLIPTextModel` without the `text_model.` level and a
 /// `CLIPTextModelWithProjection` with it.
 fn checkpoint_key(path: &str, with_projection: bool) -> Option<String> {
-    let mut key = path.to_string();
-    for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-        key = key.replace(&format!(".{proj}."), &format!(".self_attn.{proj}."));
-    }
-    for fc in ["fc1", "fc2"] {
-        key = key.replace(&format!(".{fc}."), &format!(".mlp.{fc}."));
-    }
-    Some(match key.strip_prefix("text_model.") {
+    Some(match path.strip_prefix("text_model.") {
         Some(rest) if !with_projection => rest.to_string(),
-        _ => key,
+        _ => path.to_string(),
     })
 }
 
@@ -567,9 +579,9 @@ pub fn text_checkpoint_key(path: &str) -> Option<String> {
     checkpoint_key(path, true)
 }
 
-/// transformers' key names onto the module: the attention projections live under `self_attn.`
-/// and the MLP under `mlp.` there; the `text_model.` prefix may be missing; the `position_ids`
-/// buffer some files carry is not a weight.
+/// transformers' key names onto the module (the module tree is the key tree): the
+/// `text_model.` prefix may be missing; the `position_ids` buffer some files carry is not a
+/// weight.
 fn transformers_key(key: &str) -> Option<String> {
     if key.ends_with("position_ids") {
         return None;
@@ -579,7 +591,7 @@ fn transformers_key(key: &str) -> Option<String> {
     } else {
         format!("text_model.{key}")
     };
-    Some(key.replace(".self_attn.", ".").replace(".mlp.", "."))
+    Some(key)
 }
 
 #[cfg(test)]

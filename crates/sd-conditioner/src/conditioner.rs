@@ -1,5 +1,5 @@
-//! Prompts to the U-Net's cross-attention context, wired per model family the way diffusers'
-//! pipelines wire the text encoders: SD 1.x and 2.x take one encoder's last hidden state, SDXL
+//! Step 5 of a prompt's path: the model family's wiring of its text encoders, as diffusers'
+//! pipelines wire them: SD 1.x and 2.x take one encoder's last hidden state, SDXL
 //! concatenates two encoders' penultimate hidden states and adds the second one's projected
 //! pooled embedding.
 
@@ -11,8 +11,9 @@ use sd_core::weights::LoadOptions;
 use sd_core::{CoreError, Result};
 
 use crate::clip::ClipTextModel;
-use crate::prompt::tokenize_prompt;
-use crate::tokenizer::{ClipTokenizer, MAX_LENGTH, Padding};
+use crate::encode::{ClipStage, LayerChoice};
+use crate::syntax::PromptSyntax;
+use crate::tokenizer::{ClipTokenizer, Padding};
 
 /// What a conditioner gives the U-Net.
 #[derive(Debug, Clone)]
@@ -73,36 +74,6 @@ pub trait Conditioner<B: Backend> {
     fn encode(&self, prompts: &[&str]) -> Result<Conditioning<B>>;
 }
 
-/// How prompt text is read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum PromptSyntax {
-    /// A1111's: `(word:1.2)` weights and `BREAK`, any length in 75-token chunks concatenated
-    /// along the sequence (what stable-diffusion-webui and stable-diffusion.cpp users expect).
-    #[default]
-    Weighted,
-    /// diffusers': the text as is, truncated to 75 tokens.
-    Plain,
-}
-
-/// Which hidden state of a CLIP text encoder becomes the context.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LayerChoice {
-    /// Layers dropped from the end: 0 is the last layer.
-    pub skip: usize,
-    /// Apply the final LayerNorm to that layer's output (SD 1.x/2.x do; SDXL does not).
-    pub final_norm: bool,
-}
-
-/// One CLIP tokenizer and text encoder.
-pub struct ClipStage<B: Backend> {
-    /// The tokenizer whose ids the encoder takes.
-    pub tokenizer: ClipTokenizer,
-    /// The text encoder.
-    pub model: ClipTextModel<B>,
-    /// Which of its hidden states becomes the context.
-    pub layer: LayerChoice,
-}
-
 /// Which model family's wiring to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TextWiring {
@@ -119,9 +90,6 @@ pub enum TextWiring {
         clip_skip: usize,
     },
 }
-
-/// One prompt's 77-token chunks of ids and their per-token weights.
-type ChunkedPrompt = (Vec<Vec<u32>>, Vec<Vec<f64>>);
 
 /// The CLIP text conditioner of Stable Diffusion 1.x, 2.x and XL.
 pub struct ClipConditioner<B: Backend> {
@@ -252,92 +220,6 @@ impl<B: Backend> ClipConditioner<B> {
     pub fn stages(&self) -> &[ClipStage<B>] {
         &self.stages
     }
-
-    /// Token ids and weights of each prompt through one tokenizer, all padded to the same
-    /// number of 77-token chunks.
-    fn tokenize(&self, tokenizer: &ClipTokenizer, prompts: &[&str]) -> Result<Vec<ChunkedPrompt>> {
-        let mut out = Vec::with_capacity(prompts.len());
-        for prompt in prompts {
-            out.push(match self.syntax {
-                PromptSyntax::Plain => (
-                    vec![tokenizer.encode_padded(prompt)?],
-                    vec![vec![1.0; MAX_LENGTH]],
-                ),
-                PromptSyntax::Weighted => {
-                    let t = tokenize_prompt(tokenizer, prompt)?;
-                    (t.chunks, t.weights)
-                }
-            });
-        }
-        let chunks = out.iter().map(|(c, _)| c.len()).max().unwrap_or(1);
-        for (ids, weights) in &mut out {
-            while ids.len() < chunks {
-                ids.push(tokenizer.wrap(&[]));
-                weights.push(vec![1.0; MAX_LENGTH]);
-            }
-        }
-        Ok(out)
-    }
-
-    /// One stage's context `[batch, 77·chunks, dim]` and, from the first chunk, its projected
-    /// pooled embedding.
-    fn encode_stage(
-        &self,
-        stage: &ClipStage<B>,
-        prompts: &[&str],
-    ) -> Result<(Tensor<B, 3>, Option<Tensor<B, 2>>)> {
-        let tokens = self.tokenize(&stage.tokenizer, prompts)?;
-        let chunks = tokens.first().map_or(0, |(c, _)| c.len());
-        let mut per_chunk = Vec::with_capacity(chunks);
-        let mut pooled = None;
-        for k in 0..chunks {
-            let ids: Vec<Vec<u32>> = tokens.iter().map(|(c, _)| c[k].clone()).collect();
-            let out = stage.model.forward(&ids)?;
-            let layers = out.hidden_states.len();
-            if stage.layer.skip + 1 >= layers {
-                return Err(CoreError::InvalidInput(format!(
-                    "clip skip {} leaves no layer of a {}-layer text encoder",
-                    stage.layer.skip,
-                    layers - 1
-                )));
-            }
-            let z = if stage.layer.skip == 0 && stage.layer.final_norm {
-                out.last_hidden_state
-            } else {
-                let h = out.hidden_states[layers - 1 - stage.layer.skip].clone();
-                if stage.layer.final_norm {
-                    stage.model.text_model.final_layer_norm.forward(h)
-                } else {
-                    h
-                }
-            };
-            let weights: Vec<&Vec<f64>> = tokens.iter().map(|(_, w)| &w[k]).collect();
-            per_chunk.push(apply_weights(z, &weights));
-            if k == 0 {
-                pooled = out.text_embeds;
-            }
-        }
-        Ok((Tensor::cat(per_chunk, 1), pooled))
-    }
-}
-
-/// A1111's emphasis: scale each token's embedding by its weight, then rescale the whole so its
-/// mean is what it was before. Rows whose weights are all 1 are left untouched.
-fn apply_weights<B: Backend>(z: Tensor<B, 3>, weights: &[&Vec<f64>]) -> Tensor<B, 3> {
-    if weights.iter().all(|w| w.iter().all(|&x| x == 1.0)) {
-        return z;
-    }
-    let [b, n, _] = z.dims();
-    let device = z.device();
-    let flat: Vec<f32> = weights
-        .iter()
-        .flat_map(|w| w.iter().map(|&x| x as f32))
-        .collect();
-    let multipliers = Tensor::<B, 1>::from_floats(flat.as_slice(), &device).reshape([b, n, 1]);
-    let original_mean = z.clone().mean_dim(2).mean_dim(1);
-    let weighted = z * multipliers;
-    let new_mean = weighted.clone().mean_dim(2).mean_dim(1);
-    weighted * (original_mean / new_mean)
 }
 
 impl<B: Backend> Conditioner<B> for ClipConditioner<B> {
@@ -348,7 +230,7 @@ impl<B: Backend> Conditioner<B> for ClipConditioner<B> {
         let mut contexts = Vec::with_capacity(self.stages.len());
         let mut pooled = None;
         for stage in &self.stages {
-            let (context, p) = self.encode_stage(stage, prompts)?;
+            let (context, p) = stage.encode(self.syntax, prompts)?;
             contexts.push(context);
             pooled = p;
         }

@@ -14,15 +14,13 @@ use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizers;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
-use crate::prompt::check_length;
+use crate::limits::{MAX_LENGTH, check_length};
 
 /// CLIP's vocabulary, the same for SD 1.x, 2.x and XL: built by `cargo xtask fixtures` from the
 /// BPE file open_clip ships (MIT), so that a single-file checkpoint needs no tokenizer folder.
 const VOCAB_JSON: &str = include_str!("../vocab/vocab.json");
 const MERGES_TXT: &str = include_str!("../vocab/merges.txt");
 
-/// The longest sequence the CLIP text encoders take, start and end tokens included.
-pub const MAX_LENGTH: usize = 77;
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
 /// CLIP's pre-tokenizer: contractions, letter runs, single digits, other non-space runs.

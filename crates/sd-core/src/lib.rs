@@ -13,7 +13,7 @@
 //! - [`vae_keys`]: the VAE's original single-file key names mapped to diffusers'.
 //!
 //! Every model is generic over `B: Backend` so that it also trains on `Autodiff<B>`. The fused
-//! CPU kernels live in `sd-kernels` (with the libraries' only `unsafe`); the layer entry
+//! CPU kernels live in `sd-kernels` (with all of the libraries' pointer code); the layer entry
 //! points here (`layers::conv2d_forward`, `layers::linear_forward`, …) are the only callers,
 //! and take Burn's ops for every other backend.
 

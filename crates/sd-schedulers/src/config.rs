@@ -81,6 +81,9 @@ pub struct SchedulerConfig {
     pub use_exponential_sigmas: bool,
     /// Beta-distributed sigmas; refused, as not implemented.
     pub use_beta_sigmas: bool,
+    /// Flow-matching sigmas (`σ = 1 − t`, SD3 and Flux-style models); refused, as not
+    /// implemented: read and ignored, they would sample a flow model on the wrong schedule.
+    pub use_flow_sigmas: bool,
     /// What the last sigma is; `None`: zero.
     pub final_sigmas_type: Option<FinalSigmasType>,
     /// How sigmas between training timesteps are found; only `linear` is supported.
@@ -145,6 +148,7 @@ impl Default for SchedulerConfig {
             use_karras_sigmas: false,
             use_exponential_sigmas: false,
             use_beta_sigmas: false,
+            use_flow_sigmas: false,
             final_sigmas_type: None,
             interpolation_type: None,
             timestep_type: None,
@@ -695,6 +699,9 @@ impl SchedulerConfig {
         if self.use_beta_sigmas {
             return Err(unsupported("use_beta_sigmas", "true".into()));
         }
+        if self.use_flow_sigmas {
+            return Err(unsupported("use_flow_sigmas", "true".into()));
+        }
         if let Some(t) = self.timestep_type.as_deref().filter(|t| *t != "discrete") {
             return Err(unsupported("timestep_type", t.into()));
         }
@@ -754,6 +761,28 @@ fn without_non_finite(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Schedules this port does not implement are refused by every sampler, naming the field,
+    /// rather than read and ignored (which would sample on the wrong sigmas).
+    #[test]
+    fn unimplemented_sigma_schedules_are_refused_by_name() {
+        type B = sd_core::backend::Flex;
+        for field in ["use_flow_sigmas", "use_beta_sigmas"] {
+            let config = SchedulerConfig::from_json(&format!(r#"{{"{field}": true}}"#)).unwrap();
+            for name in [
+                "EulerDiscreteScheduler",
+                "DPMSolverMultistepScheduler",
+                "UniPCMultistepScheduler",
+                "DDIMScheduler",
+            ] {
+                let err = crate::from_name::<B>(name, config.clone())
+                    .err()
+                    .unwrap_or_else(|| panic!("{name} took {field}"))
+                    .to_string();
+                assert!(err.contains(field) && err.contains(name), "{err}");
+            }
+        }
+    }
 
     /// Every scheduler config diffusers wrote for the fixtures: the pipelines'
     /// `scheduler_config.json` files and the configs in the scheduler fixtures' manifests, as

@@ -965,9 +965,12 @@ fn render_samples<B: Backend>(
     let side = config.resolution as usize;
     for (i, prompt) in config.validation_prompts.iter().enumerate() {
         let options = sd::GenerateOptions {
-            prompt: prompt.clone(),
-            steps: config.validation_steps,
-            seed: config.seed,
+            prompt: sd::PromptOptions::new(prompt.clone()),
+            sampling: sd::Sampling {
+                steps: config.validation_steps,
+                seed: config.seed,
+                ..Default::default()
+            },
             width: Some(side),
             height: Some(side),
             ..Default::default()

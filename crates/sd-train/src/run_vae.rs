@@ -133,6 +133,15 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
     events: &mut dyn FnMut(Event),
 ) -> Result<PathBuf> {
     config.validate()?;
+    // The VAE loop crops squares; buckets read and ignored would train on other images than
+    // the user asked for.
+    if config.bucket.is_some() {
+        return Err(TrainError::Config(
+            "aspect-ratio buckets (--enable-bucket, `bucket` in train.toml) are not supported \
+             by `sd train vae` yet: it trains on square crops of --resolution"
+                .into(),
+        ));
+    }
     let transform = Transform {
         resolution: config.resolution,
         center_crop: config.center_crop,

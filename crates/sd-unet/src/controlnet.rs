@@ -289,7 +289,7 @@ impl<B: Backend> ControlNetModel<B> {
 
     /// Fills the weights from a file in the diffusers layout.
     pub fn load_weights(self, file: &SafetensorsFile, options: LoadOptions) -> Result<Self> {
-        load_safetensors(self, file, &crate::unet::diffusers_key, options)
+        load_safetensors(self, file, &|key| Some(key.to_string()), options)
     }
 
     /// Fills the weights from a ControlNet in the original layout (`control_*.safetensors`,
@@ -307,9 +307,7 @@ impl<B: Backend> ControlNetModel<B> {
             });
         };
         let steps = config.extras.conditioning_embedding_out_channels.len() - 1;
-        let map = |key: &str| {
-            ldm_controlnet_key(key, layers, steps).and_then(|k| crate::unet::diffusers_key(&k))
-        };
+        let map = |key: &str| ldm_controlnet_key(key, layers, steps);
         load_safetensors(self, file, &map, options)
     }
 

@@ -4,7 +4,9 @@
 
 use crate::ip_adapter::IpAttention;
 use burn::module::Module;
-use burn::nn::{GroupNorm, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{
+    Dropout, DropoutConfig, GroupNorm, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use sd_core::layers::{
@@ -82,10 +84,16 @@ const FF_CHUNK_ELEMENTS: usize = 1 << 22;
 /// GEGLU feed-forward: `W₂ (h ⊙ GELU(g))` with `[h, g] = W₁ x`, 4× wide.
 #[derive(Module, Debug)]
 pub struct FeedForward<B: Backend> {
-    /// diffusers' `ff.net.0.proj`.
-    pub geglu: Linear<B>,
-    /// diffusers' `ff.net.2`.
-    pub proj_out: Linear<B>,
+    /// diffusers' `net` list as it is keyed: the GEGLU projection (`net.0.proj`), the dropout
+    /// (`net.1`, no weights; inference and our training use none) and `W₂` (`net.2`).
+    pub net: (Geglu<B>, Dropout, Linear<B>),
+}
+
+/// diffusers' `GEGLU`: the projection to `[h, g]`, gated in [`FeedForward::forward`].
+#[derive(Module, Debug)]
+pub struct Geglu<B: Backend> {
+    /// `W₁`, `dim` to twice the inner width.
+    pub proj: Linear<B>,
 }
 
 impl<B: Backend> FeedForward<B> {
@@ -93,8 +101,13 @@ impl<B: Backend> FeedForward<B> {
     pub fn new(dim: usize, device: &B::Device) -> Self {
         let inner = 4 * dim;
         Self {
-            geglu: LinearConfig::new(dim, 2 * inner).init(device),
-            proj_out: LinearConfig::new(inner, dim).init(device),
+            net: (
+                Geglu {
+                    proj: LinearConfig::new(dim, 2 * inner).init(device),
+                },
+                DropoutConfig::new(0.0).init(),
+                LinearConfig::new(inner, dim).init(device),
+            ),
         }
     }
 
@@ -123,7 +136,8 @@ impl<B: Backend> FeedForward<B> {
     }
 
     fn forward_all(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        linear_forward(&self.proj_out, geglu(linear_forward(&self.geglu, x)))
+        let (gate, _, out) = &self.net;
+        linear_forward(out, geglu(linear_forward(&gate.proj, x)))
     }
 }
 

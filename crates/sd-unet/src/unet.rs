@@ -122,7 +122,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
 
     /// Fills the weights from a file in the diffusers layout.
     pub fn load_weights(self, file: &SafetensorsFile, options: LoadOptions) -> Result<Self> {
-        load_safetensors(self, file, &diffusers_key, options)
+        load_safetensors(self, file, &|key| Some(key.to_string()), options)
     }
 
     /// The weights under diffusers' key names (the inverse of [`Self::load_weights`]'s map)
@@ -204,9 +204,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
                 reason: "single-file checkpoints need one layers_per_block for every block".into(),
             });
         };
-        let map = |key: &str| {
-            crate::single_file::ldm_to_diffusers_key(key, layers).and_then(|k| diffusers_key(&k))
-        };
+        let map = |key: &str| crate::single_file::ldm_to_diffusers_key(key, layers);
         load_safetensors(self, file, &map, options)
     }
 
@@ -468,19 +466,8 @@ pub(crate) fn class_embedding<B: Backend>(
         .map(|classes| EmbeddingConfig::new(classes, config.time_embed_dim()).init(device))
 }
 
-/// diffusers' feed-forward keys (`ff.net.0.proj`, `ff.net.2`) onto [`crate::FeedForward`]'s.
-/// A module path as diffusers names the parameter: the inverse of the key map the weights load
-/// through, and what LoRA files name the weights they adapt by.
+/// A module path as diffusers names the parameter, and what LoRA files name the weights they
+/// adapt by: the path itself, since the module tree is diffusers' key tree.
 pub fn checkpoint_key(path: &str) -> Option<String> {
-    Some(
-        path.replace(".ff.geglu.", ".ff.net.0.proj.")
-            .replace(".ff.proj_out.", ".ff.net.2."),
-    )
-}
-
-pub(crate) fn diffusers_key(key: &str) -> Option<String> {
-    Some(
-        key.replace(".ff.net.0.proj.", ".ff.geglu.")
-            .replace(".ff.net.2.", ".ff.proj_out."),
-    )
+    Some(path.to_string())
 }

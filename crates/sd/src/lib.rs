@@ -8,8 +8,11 @@
 //! # fn main() -> sd::Result<()> {
 //! let model = Model::open("stable-diffusion-v1-5")?;
 //! let options = GenerateOptions {
-//!     prompt: "a photograph of an astronaut riding a horse".into(),
-//!     seed: 42,
+//!     prompt: sd::PromptOptions::new("a photograph of an astronaut riding a horse"),
+//!     sampling: sd::Sampling {
+//!         seed: 42,
+//!         ..Default::default()
+//!     },
 //!     ..GenerateOptions::default()
 //! };
 //! let device = Default::default();
@@ -42,10 +45,11 @@ pub use latent_tiles::{LatentTiling, TilePlan};
 pub use model::{Model, ModelFamily, UpscalerParts, hub_cache_snapshot};
 pub use output::{parameters_text, prompt_of_parameters, read_parameters, save_png, to_images};
 pub use pipeline::{
-    GenerateOptions, Generated, ImageConditioning, InpaintLatents, MAX_CLIP_SKIP, MAX_GUIDANCE,
-    MAX_IMAGES, MAX_SIDE, MAX_STEPS, PromptConditioning, StepCallback, StepProgress, check_finite,
-    decode, denoise, encode_prompts, generate, generate_with_noise, initial_latents,
-    inpainting_latents, noised_image_latents,
+    Denoiser, GenerateOptions, Generated, Guidance, ImageConditioning, ImageTask, InpaintLatents,
+    InpaintTask, MAX_CLIP_SKIP, MAX_GUIDANCE, MAX_IMAGES, MAX_SIDE, MAX_STEPS, MicroConditioning,
+    PromptConditioning, PromptOptions, Sampling, StepCallback, StepProgress, Task, check_finite,
+    decode, encode_prompts, generate, generate_with_noise, initial_latents, inpainting_latents,
+    noised_image_latents,
 };
 pub use save::check_model_output;
 pub use sd_core::vae_keys::ldm_vae_key;

@@ -176,7 +176,7 @@ pub fn estimate(model: &Model, options: &GenerateOptions, size: (usize, usize)) 
     let f = model.vae_scale_factor().max(1) as f64;
     let images = options.num_images as f64;
     let batch = images
-        * if options.guidance_scale > 1.0 {
+        * if options.guidance.scale > 1.0 {
             2.0
         } else {
             1.0

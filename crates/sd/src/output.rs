@@ -21,19 +21,19 @@ pub fn to_images<B: Backend>(images: Tensor<B, 4>) -> Result<Vec<RgbImage>> {
 /// `Key: value` pairs.
 pub fn parameters_text(model: &Model, options: &GenerateOptions, sampler: &str) -> String {
     let size = options.size(model).unwrap_or((0, 0));
-    let mut text = options.prompt.clone();
-    if let Some(negative) = &options.negative_prompt {
+    let mut text = options.prompt.text.clone();
+    if let Some(negative) = &options.prompt.negative {
         text.push_str(&format!("\nNegative prompt: {negative}"));
     }
     let mut fields = vec![
-        format!("Steps: {}", options.steps),
+        format!("Steps: {}", options.sampling.steps),
         format!("Sampler: {sampler}"),
     ];
-    if options.karras {
+    if options.sampling.karras {
         fields.push("Schedule type: Karras".into());
     }
-    fields.push(format!("CFG scale: {}", options.guidance_scale));
-    fields.push(format!("Seed: {}", options.seed));
+    fields.push(format!("CFG scale: {}", options.guidance.scale));
+    fields.push(format!("Seed: {}", options.sampling.seed));
     fields.push(format!("Size: {}x{}", size.0, size.1));
     if let Some(hash) = model.short_hash() {
         fields.push(format!("Model hash: {hash}"));
@@ -41,11 +41,11 @@ pub fn parameters_text(model: &Model, options: &GenerateOptions, sampler: &str) 
     if let Some(name) = model.path().file_stem().and_then(|n| n.to_str()) {
         fields.push(format!("Model: {name}"));
     }
-    if options.init_image.is_some() {
-        fields.push(format!("Denoising strength: {}", options.strength));
+    if let Some(strength) = options.task.strength() {
+        fields.push(format!("Denoising strength: {strength}"));
     }
-    if options.clip_skip > 0 {
-        fields.push(format!("Clip skip: {}", options.clip_skip + 1));
+    if options.prompt.clip_skip > 0 {
+        fields.push(format!("Clip skip: {}", options.prompt.clip_skip + 1));
     }
     // A1111's `Lora hashes: "name: hash, …"` (the addnet hash's first 12 hex digits).
     let hashes: Vec<String> = model

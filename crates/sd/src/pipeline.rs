@@ -32,56 +32,201 @@ pub const MAX_GUIDANCE: f64 = 1000.0;
 /// The most text-encoder layers `clip_skip` can skip (ViT-bigG has 32).
 pub const MAX_CLIP_SKIP: usize = 64;
 
-/// Everything a generation takes besides the model.
-#[derive(Debug, Clone)]
-pub struct GenerateOptions {
+/// The prompt side of a generation: what [`encode_prompts`] reads.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PromptOptions {
     /// The prompt.
-    pub prompt: String,
+    pub text: String,
     /// `None`: the empty prompt (SDXL: zeros, when the model says `force_zeros_for_empty_prompt`).
-    pub negative_prompt: Option<String>,
-    /// The number of sampling steps, 1 to [`MAX_STEPS`] (img2img runs the last `strength · steps`
-    /// of them).
-    pub steps: usize,
-    /// Classifier-free guidance scale; at most 1 skips the unconditional half.
-    pub guidance_scale: f64,
+    pub negative: Option<String>,
+    /// Layers skipped at the end of the text encoder (diffusers' `clip_skip`).
+    pub clip_skip: usize,
+    /// How the prompts are read: A1111's weights and `BREAK`, or diffusers' plain text.
+    pub syntax: PromptSyntax,
+}
+
+impl PromptOptions {
+    /// `text` read with A1111's syntax, the empty negative prompt, no clip skip.
+    pub fn new(text: impl Into<String>) -> Self {
+        Self {
+            text: text.into(),
+            ..Self::default()
+        }
+    }
+}
+
+impl From<&str> for PromptOptions {
+    fn from(text: &str) -> Self {
+        Self::new(text)
+    }
+}
+
+impl From<String> for PromptOptions {
+    fn from(text: String) -> Self {
+        Self::new(text)
+    }
+}
+
+/// Classifier-free guidance (Ho & Salimans 2022): what [`denoise`] mixes the two halves with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Guidance {
+    /// The guidance scale; at most 1 skips the unconditional half.
+    pub scale: f64,
     /// Rescales the guided prediction's deviation towards the conditional one's (Lin et al.
     /// 2023, sec. 3.4); 0 is off.
-    pub guidance_rescale: f64,
+    pub rescale: f64,
+}
+
+impl Default for Guidance {
+    fn default() -> Self {
+        Self {
+            scale: 7.5,
+            rescale: 0.0,
+        }
+    }
+}
+
+impl Guidance {
+    /// Whether the unconditional half runs (`scale > 1`).
+    pub fn guided(&self) -> bool {
+        self.scale > 1.0
+    }
+}
+
+/// The sampler and its random draws.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    /// The number of sampling steps, 1 to [`MAX_STEPS`] (img2img runs the last
+    /// `strength · steps` of them).
+    pub steps: usize,
     /// The seed of every random draw of [`generate`]; image `i` of a batch draws from `seed + i`.
     pub seed: u64,
-    /// Image size in pixels; `None`: the model's own size.
-    pub width: Option<usize>,
-    /// Image height in pixels; `None`: the model's own size.
-    pub height: Option<usize>,
-    /// Images generated in one batch, 1 to [`MAX_IMAGES`].
-    pub num_images: usize,
     /// A sampler name ([`sd_schedulers::known_names`]); `None`: the model's own scheduler.
     pub scheduler: Option<String>,
     /// Karras sigmas on whatever sampler is chosen.
     pub karras: bool,
     /// Replaces the model's `scheduler_config.json` (e.g. with fields overridden).
-    pub scheduler_config: Option<SchedulerConfig>,
-    /// Layers skipped at the end of the text encoder (diffusers' `clip_skip`).
-    pub clip_skip: usize,
-    /// How the prompts are read: A1111's weights and `BREAK`, or diffusers' plain text.
-    pub prompt_syntax: PromptSyntax,
-    /// Initial latents `[num_images, channels, h/f, w/f]`, as diffusers' `latents=`: before the
-    /// scheduler's initial sigma scales them.
-    pub init_latents: Option<TensorData>,
-    /// img2img: the starting image `[1, 3, H, W]` in `[-1, 1]`; its size is the output size.
-    pub init_image: Option<TensorData>,
-    /// img2img: how much of the starting image is replaced, in `[0, 1]` (diffusers' `strength`:
-    /// the run starts `strength · steps` steps before the end).
+    pub config: Option<SchedulerConfig>,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            steps: 20,
+            seed: 0,
+            scheduler: None,
+            karras: false,
+            config: None,
+        }
+    }
+}
+
+/// What a generation starts from: text alone, a starting image (img2img), or a starting image
+/// and a mask (inpainting). One of the three, so that a mask without an image, or initial
+/// latents with one, cannot be written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Task {
+    /// txt2img.
+    Text {
+        /// Initial latents `[num_images, channels, h/f, w/f]`, as diffusers' `latents=`:
+        /// before the scheduler's initial sigma scales them; `None`: drawn from the seed.
+        latents: Option<TensorData>,
+    },
+    /// img2img.
+    Image(ImageTask),
+    /// Inpainting.
+    Inpaint(InpaintTask),
+}
+
+impl Default for Task {
+    fn default() -> Self {
+        Self::Text { latents: None }
+    }
+}
+
+/// img2img: the starting image and how much of it is replaced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageTask {
+    /// The starting image `[1, 3, H, W]` in `[-1, 1]`; its size is the output size.
+    pub image: TensorData,
+    /// How much of the starting image is replaced, in `(0, 1]` (diffusers' `strength`: the run
+    /// starts `strength · steps` steps before the end).
     pub strength: f64,
-    /// Inpainting: `[1, 1, H, W]` in `[0, 1]`, at least 0.5 where to paint (the starting image
-    /// is kept elsewhere).
-    pub mask: Option<TensorData>,
-    /// SDXL micro-conditioning; `None`: the output size, no crop.
+}
+
+/// Inpainting: the starting image, the mask and how much of the masked region is replaced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InpaintTask {
+    /// The starting image `[1, 3, H, W]` in `[-1, 1]`; its size is the output size.
+    pub image: TensorData,
+    /// `[1, 1, H, W]` in `[0, 1]`, at least 0.5 where to paint (the image is kept elsewhere).
+    pub mask: TensorData,
+    /// As [`ImageTask::strength`]; 1 paints the masked region from pure noise.
+    pub strength: f64,
+}
+
+impl Task {
+    /// The starting image, if any.
+    pub fn image(&self) -> Option<&TensorData> {
+        match self {
+            Self::Text { .. } => None,
+            Self::Image(t) => Some(&t.image),
+            Self::Inpaint(t) => Some(&t.image),
+        }
+    }
+
+    /// The strength, for tasks that start from an image.
+    pub fn strength(&self) -> Option<f64> {
+        match self {
+            Self::Text { .. } => None,
+            Self::Image(t) => Some(t.strength),
+            Self::Inpaint(t) => Some(t.strength),
+        }
+    }
+
+    /// The same task with another strength (txt2img unchanged).
+    pub fn with_strength(self, strength: f64) -> Self {
+        match self {
+            Self::Text { .. } => self,
+            Self::Image(t) => Self::Image(ImageTask { strength, ..t }),
+            Self::Inpaint(t) => Self::Inpaint(InpaintTask { strength, ..t }),
+        }
+    }
+}
+
+/// SDXL's size and crop conditioning (Podell et al. 2023, sec. 2.2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MicroConditioning {
+    /// `(height, width)` of the "original" image; `None`: the output size.
     pub original_size: Option<(usize, usize)>,
-    /// SDXL micro-conditioning: the crop's `(top, left)` in pixels; `(0, 0)` for none.
+    /// The crop's `(top, left)` in pixels; `(0, 0)` for none.
     pub crops_coords_top_left: (usize, usize),
-    /// SDXL micro-conditioning: `(height, width)`; `None`: the output size.
+    /// `(height, width)` aimed at; `None`: the output size.
     pub target_size: Option<(usize, usize)>,
+}
+
+/// Everything a generation takes besides the model, grouped by the stage that reads it: the
+/// prompt (text encoders), guidance and sampling (the loop), the task (the starting latents),
+/// the output size, SDXL's micro-conditioning, memory tiling, and what steers the loop from
+/// images.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// The prompt and negative prompt, and how the text encoders read them.
+    pub prompt: PromptOptions,
+    /// Classifier-free guidance.
+    pub guidance: Guidance,
+    /// The sampler, its step count and seed.
+    pub sampling: Sampling,
+    /// txt2img, img2img or inpainting.
+    pub task: Task,
+    /// Image width in pixels; `None`: the model's own size (or the starting image's).
+    pub width: Option<usize>,
+    /// Image height in pixels; `None`: the model's own size (or the starting image's).
+    pub height: Option<usize>,
+    /// Images generated in one batch, 1 to [`MAX_IMAGES`].
+    pub num_images: usize,
+    /// SDXL's size and crop conditioning (ignored by other families).
+    pub micro_conditioning: MicroConditioning,
     /// Decode in overlapping tiles: bounded memory for large images.
     pub vae_tiling: bool,
     /// Run the U-Net over overlapping latent tiles, blended (MultiDiffusion): memory follows the
@@ -101,27 +246,14 @@ pub struct GenerateOptions {
 impl Default for GenerateOptions {
     fn default() -> Self {
         Self {
-            prompt: String::new(),
-            negative_prompt: None,
-            steps: 20,
-            guidance_scale: 7.5,
-            guidance_rescale: 0.0,
-            seed: 0,
+            prompt: PromptOptions::default(),
+            guidance: Guidance::default(),
+            sampling: Sampling::default(),
+            task: Task::default(),
             width: None,
             height: None,
             num_images: 1,
-            scheduler: None,
-            karras: false,
-            scheduler_config: None,
-            clip_skip: 0,
-            prompt_syntax: PromptSyntax::Weighted,
-            init_latents: None,
-            init_image: None,
-            strength: 0.8,
-            mask: None,
-            original_size: None,
-            crops_coords_top_left: (0, 0),
-            target_size: None,
+            micro_conditioning: MicroConditioning::default(),
             vae_tiling: false,
             latent_tiling: None,
             controls: Vec::new(),
@@ -187,10 +319,6 @@ pub struct PromptConditioning<B: Backend> {
 }
 
 impl GenerateOptions {
-    fn guided(&self) -> bool {
-        self.guidance_scale > 1.0
-    }
-
     /// The output size, checked against the VAE's factor: the starting image's, else the one
     /// asked for, else the model's own.
     pub fn size(&self, model: &Model) -> Result<(usize, usize)> {
@@ -203,7 +331,7 @@ impl GenerateOptions {
                 )));
             }
         }
-        let (w, h) = match &self.init_image {
+        let (w, h) = match self.task.image() {
             Some(image) => {
                 let (iw, ih) = match image.shape.as_slice() {
                     [1, 3, ih, iw] => (*iw, *ih),
@@ -233,13 +361,13 @@ impl GenerateOptions {
     }
 
     fn check(&self, model: &Model) -> Result<()> {
-        if self.steps == 0 {
+        let steps = self.sampling.steps;
+        if steps == 0 {
             return Err(SdError::InvalidOptions("steps must be at least 1".into()));
         }
-        if self.steps > MAX_STEPS {
+        if steps > MAX_STEPS {
             return Err(SdError::InvalidOptions(format!(
-                "{} steps is more than the {MAX_STEPS} supported",
-                self.steps
+                "{steps} steps is more than the {MAX_STEPS} supported"
             )));
         }
         if self.num_images == 0 {
@@ -253,26 +381,28 @@ impl GenerateOptions {
                 self.num_images
             )));
         }
-        if !self.guidance_scale.is_finite() || self.guidance_scale.abs() > MAX_GUIDANCE {
+        let Guidance { scale, rescale } = self.guidance;
+        if !scale.is_finite() || scale.abs() > MAX_GUIDANCE {
             return Err(SdError::InvalidOptions(format!(
-                "guidance {} is outside [-{MAX_GUIDANCE}, {MAX_GUIDANCE}]",
-                self.guidance_scale
+                "guidance {scale} is outside [-{MAX_GUIDANCE}, {MAX_GUIDANCE}]"
             )));
         }
         // diffusers' `rescale_noise_cfg` mixes by φ: a weight in [0, 1].
-        if !(0.0..=1.0).contains(&self.guidance_rescale) {
+        if !(0.0..=1.0).contains(&rescale) {
             return Err(SdError::InvalidOptions(format!(
-                "guidance rescale {} is outside [0, 1]",
-                self.guidance_rescale
+                "guidance rescale {rescale} is outside [0, 1]"
             )));
         }
-        if self.clip_skip > MAX_CLIP_SKIP {
+        if self.prompt.clip_skip > MAX_CLIP_SKIP {
             return Err(SdError::InvalidOptions(format!(
                 "clip skip {} is more than the {MAX_CLIP_SKIP} layers any text encoder has",
-                self.clip_skip
+                self.prompt.clip_skip
             )));
         }
-        if let Some(latents) = &self.init_latents {
+        if let Task::Text {
+            latents: Some(latents),
+        } = &self.task
+        {
             let bad = non_finite_values(latents);
             if bad > 0 {
                 return Err(SdError::InvalidOptions(format!(
@@ -280,38 +410,29 @@ impl GenerateOptions {
                 )));
             }
         }
-        if !(0.0..=1.0).contains(&self.strength) {
-            return Err(SdError::InvalidOptions(format!(
-                "strength {} is outside [0, 1]",
-                self.strength
-            )));
+        if let Some(strength) = self.task.strength() {
+            if !(0.0..=1.0).contains(&strength) {
+                return Err(SdError::InvalidOptions(format!(
+                    "strength {strength} is outside [0, 1]"
+                )));
+            }
+            // diffusers' img2img and inpainting pipelines raise here too: strength 0 keeps the
+            // image as it is and runs no step.
+            if strength <= 0.0 {
+                return Err(SdError::InvalidOptions(
+                    "strength 0 runs no step and returns the starting image: use a strength \
+                     in (0, 1]"
+                        .into(),
+                ));
+            }
         }
-        // diffusers' img2img and inpainting pipelines raise here too: strength 0 keeps the
-        // image as it is and runs no step.
-        if self.init_image.is_some() && self.strength <= 0.0 {
-            return Err(SdError::InvalidOptions(
-                "strength 0 runs no step and returns the starting image: use a strength in \
-                 (0, 1]"
-                    .into(),
-            ));
-        }
-        if self.init_image.is_some() && self.init_latents.is_some() {
-            return Err(SdError::InvalidOptions(
-                "initial latents and a starting image exclude each other".into(),
-            ));
-        }
-        if self.mask.is_some() && self.init_image.is_none() {
-            return Err(SdError::InvalidOptions(
-                "inpainting needs the starting image as well as the mask".into(),
-            ));
-        }
-        if model.is_inpainting() && self.mask.is_none() {
+        if model.is_inpainting() && !matches!(self.task, Task::Inpaint(_)) {
             return Err(SdError::InvalidOptions(
                 "this is an inpainting model: it needs a starting image and a mask".into(),
             ));
         }
         let (w, h) = self.size(model)?;
-        if let Some(mask) = &self.mask
+        if let Task::Inpaint(InpaintTask { mask, .. }) = &self.task
             && mask.shape.as_slice() != [1, 1, h, w]
         {
             return Err(SdError::InvalidOptions(format!(
@@ -335,13 +456,15 @@ impl GenerateOptions {
     /// `scheduler_config.json` (as `SchedulerClass.from_config(pipe.scheduler.config)`).
     pub fn scheduler<B: Backend>(&self, model: &Model) -> Result<(Box<dyn Scheduler<B>>, String)> {
         let mut config: SchedulerConfig = self
-            .scheduler_config
+            .sampling
+            .config
             .clone()
             .unwrap_or_else(|| model.scheduler_config().clone());
-        if self.karras {
+        if self.sampling.karras {
             config.use_karras_sigmas = true;
         }
         let name = self
+            .sampling
             .scheduler
             .clone()
             .or_else(|| config.class_name.clone())
@@ -355,19 +478,18 @@ impl GenerateOptions {
 /// which are dropped on return.
 pub fn encode_prompts<B: Backend>(
     model: &Model,
-    options: &GenerateOptions,
+    prompt: &PromptOptions,
+    guidance: &Guidance,
     device: &B::Device,
 ) -> Result<PromptConditioning<B>> {
-    let conditioner =
-        model.load_conditioner::<B>(options.prompt_syntax, options.clip_skip, device)?;
-    let guided = options.guided();
+    let conditioner = model.load_conditioner::<B>(prompt.syntax, prompt.clip_skip, device)?;
+    let guided = guidance.guided();
     let conditioning = if !guided {
-        conditioner.encode(&[options.prompt.as_str()])?
+        conditioner.encode(&[prompt.text.as_str()])?
     } else {
-        let zero_negative =
-            options.negative_prompt.is_none() && model.force_zeros_for_empty_prompt();
-        let negative = options.negative_prompt.as_deref().unwrap_or("");
-        let both = conditioner.encode(&[negative, options.prompt.as_str()])?;
+        let zero_negative = prompt.negative.is_none() && model.force_zeros_for_empty_prompt();
+        let negative = prompt.negative.as_deref().unwrap_or("");
+        let both = conditioner.encode(&[negative, prompt.text.as_str()])?;
         if zero_negative {
             let positive = split_conditioning(&both, 1);
             Conditioning::cat(vec![positive.zeros_like(), positive])?
@@ -408,8 +530,10 @@ pub fn initial_latents<B: Backend>(
         h / f,
         w / f,
     ];
-    match &options.init_latents {
-        Some(data) => {
+    match &options.task {
+        Task::Text {
+            latents: Some(data),
+        } => {
             if data.shape.as_slice() != shape.as_slice() {
                 return Err(SdError::InvalidOptions(format!(
                     "initial latents have shape {:?}; {} image(s) of {w}×{h} need {shape:?}",
@@ -421,13 +545,13 @@ pub fn initial_latents<B: Backend>(
                     .cast(model.dtype()),
             )
         }
-        None => Ok(noise.standard_normal(shape, device)),
+        _ => Ok(noise.standard_normal(shape, device)),
     }
 }
 
 /// SDXL's size and crop conditioning for a batch: `[unconditional; conditional]` when guided.
 fn text_time<B: Backend>(
-    options: &GenerateOptions,
+    micro: &MicroConditioning,
     size: (usize, usize),
     cond: &PromptConditioning<B>,
     images: usize,
@@ -436,9 +560,9 @@ fn text_time<B: Backend>(
         return Ok(None);
     };
     let (w, h) = size;
-    let (oh, ow) = options.original_size.unwrap_or((h, w));
-    let (ct, cl) = options.crops_coords_top_left;
-    let (th, tw) = options.target_size.unwrap_or((h, w));
+    let (oh, ow) = micro.original_size.unwrap_or((h, w));
+    let (ct, cl) = micro.crops_coords_top_left;
+    let (th, tw) = micro.target_size.unwrap_or((h, w));
     let ids = [oh, ow, ct, cl, th, tw].map(|v| v as f64);
     let pooled = expand_halves(pooled, cond.guided, images);
     let batch = pooled.dims()[0];
@@ -524,133 +648,158 @@ pub struct InpaintLatents<B: Backend> {
     pub noise: Tensor<B, 4>,
 }
 
-/// The denoising loop from the scheduler's current step index: `latents` are at that step's
-/// noise level (txt2img: the initial noise times the initial sigma; img2img: the noised image).
-#[allow(clippy::too_many_arguments)]
-pub fn denoise<B: Backend>(
-    unet: &UNet2DConditionModel<B>,
-    scheduler: &mut dyn Scheduler<B>,
-    latents: Tensor<B, 4>,
-    cond: &PromptConditioning<B>,
-    text_time: Option<&TextTimeConditioning<B>>,
-    inpaint: Option<&InpaintLatents<B>>,
-    image: &ImageConditioning<B>,
-    options: &GenerateOptions,
-    noise: &mut dyn NoiseSource<B>,
-    mut callback: Option<&mut StepCallback<'_, B>>,
-) -> Result<Tensor<B, 4>> {
-    let n = latents.dims()[0];
-    let halves = if cond.guided { 2 } else { 1 };
-    // A 9-channel U-Net sees the mask and the masked image's latents next to the latents.
-    let extra_channels = inpaint
-        .and_then(|p| {
-            p.masked_image_latents.as_ref().map(|masked| {
-                let both = Tensor::cat(vec![p.mask.clone(), masked.clone()], 1);
-                Tensor::cat(vec![both; halves], 0)
-            })
-        })
-        .or_else(|| image.extra_channels.clone());
-    let context = expand_halves(cond.conditioning.context.clone(), cond.guided, n);
-    let mut latents = latents;
-    let timesteps = scheduler.timesteps().to_vec();
-    let total = timesteps.len();
-    let first = scheduler.step_index();
-    // U-Net tiles and their weights, once for the whole loop.
-    let tiles = options.latent_tiling.map(|tiling| {
-        let [.., h, w] = latents.dims();
-        tiling.plan::<B>((h, w), latents.dtype(), &latents.device())
-    });
-    for (i, &t) in timesteps.iter().enumerate().skip(first) {
-        let input = if cond.guided {
-            Tensor::cat(vec![latents.clone(), latents.clone()], 0)
-        } else {
-            latents.clone()
-        };
-        let input = scheduler.scale_model_input(input);
-        let mut unet_cond = UNetConditioning {
-            text_time,
-            class_labels: image.class_labels.as_deref(),
-            ..UNetConditioning::text(context.clone())
-        };
-        // ControlNets see the latents without an inpainting U-Net's extra channels, and count
-        // steps from the first one run (diffusers' img2img ControlNet pipeline); the text
-        // context without the image prompt's tokens.
-        let residuals = match &image.control {
-            Some(stack) => stack.residuals(
-                i - first,
-                total - first,
-                input.clone(),
-                t,
-                &unet_cond,
-                cond.guided,
-            )?,
-            None => None,
-        };
-        unet_cond.control = residuals.as_ref();
-        unet_cond.image_prompt = image.image_tokens.clone();
-        let input = match &extra_channels {
-            Some(extra) => Tensor::cat(vec![input, extra.clone()], 1),
-            None => input,
-        };
-        let prediction = match &tiles {
-            Some(plan) => plan.predict(unet, input, t, &unet_cond)?,
-            None => unet.forward_conditioned(input, &[t], &unet_cond)?,
-        };
-        let prediction = if cond.guided {
-            let uncond = prediction.clone().narrow(0, 0, n);
-            let text = prediction.narrow(0, n, n);
-            let guided = uncond.clone() + (text.clone() - uncond) * options.guidance_scale;
-            if options.guidance_rescale > 0.0 {
-                rescale_guidance(guided, text, options.guidance_rescale)
-            } else {
-                guided
-            }
-        } else {
-            prediction
-        };
-        let out = scheduler.step(prediction, latents, noise)?;
-        latents = out.prev_sample;
-        check_finite(&latents, &format!("U-Net step {} of {total}", i + 1))?;
-        // An ordinary U-Net paints everywhere: put the image back outside the mask, noised to
-        // the next step's level (clean after the last step).
-        if let Some(InpaintLatents {
-            mask,
-            image_latents: Some(image),
-            noise: added,
-            ..
-        }) = inpaint
-        {
-            let kept = if i + 1 < total {
-                scheduler.add_noise(image.clone(), added.clone())?
-            } else {
-                image.clone()
-            };
-            latents = kept * (mask.clone().neg() + 1.0) + latents * mask.clone();
-        }
-        if let Some(cb) = callback.as_deref_mut() {
-            let progress = StepProgress {
-                step: i + 1,
-                total,
-                timestep: t,
-                latents: &latents,
-                predicted_clean: &out.pred_original_sample,
-            };
-            if !cb(&progress) {
-                return Err(SdError::Cancelled(i + 1));
-            }
-        }
-    }
-    Ok(latents)
+/// The denoising loop's fixed inputs: the U-Net and everything that steers its steps.
+pub struct Denoiser<'a, B: Backend> {
+    /// The U-Net (with any IP-Adapter attached).
+    pub unet: &'a UNet2DConditionModel<B>,
+    /// The text conditioning, `[unconditional; conditional]` when guided.
+    pub prompt: &'a PromptConditioning<B>,
+    /// SDXL's pooled embedding and size/crop ids for the whole batch.
+    pub text_time: Option<&'a TextTimeConditioning<B>>,
+    /// Inpainting's mask and image latents.
+    pub inpaint: Option<&'a InpaintLatents<B>>,
+    /// ControlNets, image-prompt tokens, extra channels and class labels.
+    pub image: &'a ImageConditioning<B>,
+    /// How the two halves are mixed.
+    pub guidance: Guidance,
+    /// U-Net tiles, when memory asks for them.
+    pub latent_tiling: Option<LatentTiling>,
 }
 
-/// Text to image with the seeded noise of `options.seed`.
+impl<B: Backend> Denoiser<'_, B> {
+    /// The denoising loop from the scheduler's current step index: `latents` are at that
+    /// step's noise level (txt2img: the initial noise times the initial sigma; img2img: the
+    /// noised image).
+    pub fn run(
+        &self,
+        scheduler: &mut dyn Scheduler<B>,
+        latents: Tensor<B, 4>,
+        noise: &mut dyn NoiseSource<B>,
+        mut callback: Option<&mut StepCallback<'_, B>>,
+    ) -> Result<Tensor<B, 4>> {
+        let Self {
+            unet,
+            prompt: cond,
+            text_time,
+            inpaint,
+            image,
+            guidance,
+            latent_tiling,
+        } = self;
+        let (text_time, inpaint) = (*text_time, *inpaint);
+        let n = latents.dims()[0];
+        let halves = if cond.guided { 2 } else { 1 };
+        // A 9-channel U-Net sees the mask and the masked image's latents next to the latents.
+        let extra_channels = inpaint
+            .and_then(|p| {
+                p.masked_image_latents.as_ref().map(|masked| {
+                    let both = Tensor::cat(vec![p.mask.clone(), masked.clone()], 1);
+                    Tensor::cat(vec![both; halves], 0)
+                })
+            })
+            .or_else(|| image.extra_channels.clone());
+        let context = expand_halves(cond.conditioning.context.clone(), cond.guided, n);
+        let mut latents = latents;
+        let timesteps = scheduler.timesteps().to_vec();
+        let total = timesteps.len();
+        let first = scheduler.step_index();
+        // U-Net tiles and their weights, once for the whole loop.
+        let tiles = latent_tiling.map(|tiling| {
+            let [.., h, w] = latents.dims();
+            tiling.plan::<B>((h, w), latents.dtype(), &latents.device())
+        });
+        for (i, &t) in timesteps.iter().enumerate().skip(first) {
+            let input = if cond.guided {
+                Tensor::cat(vec![latents.clone(), latents.clone()], 0)
+            } else {
+                latents.clone()
+            };
+            let input = scheduler.scale_model_input(input);
+            let mut unet_cond = UNetConditioning {
+                text_time,
+                class_labels: image.class_labels.as_deref(),
+                ..UNetConditioning::text(context.clone())
+            };
+            // ControlNets see the latents without an inpainting U-Net's extra channels, and count
+            // steps from the first one run (diffusers' img2img ControlNet pipeline); the text
+            // context without the image prompt's tokens.
+            let residuals = match &image.control {
+                Some(stack) => stack.residuals(
+                    i - first,
+                    total - first,
+                    input.clone(),
+                    t,
+                    &unet_cond,
+                    cond.guided,
+                )?,
+                None => None,
+            };
+            unet_cond.control = residuals.as_ref();
+            unet_cond.image_prompt = image.image_tokens.clone();
+            let input = match &extra_channels {
+                Some(extra) => Tensor::cat(vec![input, extra.clone()], 1),
+                None => input,
+            };
+            let prediction = match &tiles {
+                Some(plan) => plan.predict(unet, input, t, &unet_cond)?,
+                None => unet.forward_conditioned(input, &[t], &unet_cond)?,
+            };
+            let prediction = if cond.guided {
+                let uncond = prediction.clone().narrow(0, 0, n);
+                let text = prediction.narrow(0, n, n);
+                let guided = uncond.clone() + (text.clone() - uncond) * guidance.scale;
+                if guidance.rescale > 0.0 {
+                    rescale_guidance(guided, text, guidance.rescale)
+                } else {
+                    guided
+                }
+            } else {
+                prediction
+            };
+            let out = scheduler.step(prediction, latents, noise)?;
+            latents = out.prev_sample;
+            check_finite(&latents, &format!("U-Net step {} of {total}", i + 1))?;
+            // An ordinary U-Net paints everywhere: put the image back outside the mask, noised to
+            // the next step's level (clean after the last step).
+            if let Some(InpaintLatents {
+                mask,
+                image_latents: Some(image),
+                noise: added,
+                ..
+            }) = inpaint
+            {
+                let kept = if i + 1 < total {
+                    scheduler.add_noise(image.clone(), added.clone())?
+                } else {
+                    image.clone()
+                };
+                latents = kept * (mask.clone().neg() + 1.0) + latents * mask.clone();
+            }
+            if let Some(cb) = callback.as_deref_mut() {
+                let progress = StepProgress {
+                    step: i + 1,
+                    total,
+                    timestep: t,
+                    latents: &latents,
+                    predicted_clean: &out.pred_original_sample,
+                };
+                if !cb(&progress) {
+                    return Err(SdError::Cancelled(i + 1));
+                }
+            }
+        }
+        Ok(latents)
+    }
+}
+
+/// Text to image with the seeded noise of `options.sampling.seed`.
 pub fn generate<B: Backend>(
     model: &Model,
     options: &GenerateOptions,
     device: &B::Device,
     callback: Option<&mut StepCallback<'_, B>>,
 ) -> Result<Generated<B>> {
-    let mut noise = HostNoise::per_image(options.seed, options.num_images);
+    let mut noise = HostNoise::per_image(options.sampling.seed, options.num_images);
     generate_with_noise(model, options, device, &mut noise, callback)
 }
 
@@ -674,43 +823,40 @@ pub fn generate_with_noise<B: Backend>(
     let size = options.size(model)?;
     // Everything that can fail on the options before any weights are read.
     let (mut scheduler, sampler) = options.scheduler::<B>(model)?;
-    scheduler.set_timesteps(options.steps)?;
-    let begin = match options.init_image {
-        Some(_) => {
-            let begin = img2img_start(options.steps, options.strength)? * scheduler.order();
-            if begin >= scheduler.timesteps().len() {
-                return Err(SdError::InvalidOptions(format!(
-                    "strength {} leaves no step of {} to run",
-                    options.strength, options.steps
-                )));
-            }
-            scheduler.set_begin_index(begin)?;
-            Some(begin)
+    let steps = options.sampling.steps;
+    scheduler.set_timesteps(steps)?;
+    if let Some(strength) = options.task.strength() {
+        let begin = img2img_start(steps, strength)? * scheduler.order();
+        if begin >= scheduler.timesteps().len() {
+            return Err(SdError::InvalidOptions(format!(
+                "strength {strength} leaves no step of {steps} to run"
+            )));
         }
-        None => None,
-    };
-    let (latents, inpaint) = match (begin, &options.mask) {
-        (None, _) => (
+        scheduler.set_begin_index(begin)?;
+    }
+    let n = options.num_images;
+    let (latents, inpaint) = match &options.task {
+        Task::Text { .. } => (
             initial_latents(model, options, noise, device)? * scheduler.init_noise_sigma(),
             None,
         ),
-        (Some(_), None) => (
-            noised_image_latents(model, options, scheduler.as_ref(), noise, device)?,
+        Task::Image(task) => (
+            noised_image_latents(model, task, n, scheduler.as_ref(), noise, device)?,
             None,
         ),
-        (Some(_), Some(_)) => {
+        Task::Inpaint(task) => {
             let (latents, inpaint) =
-                inpainting_latents(model, options, scheduler.as_ref(), noise, device)?;
+                inpainting_latents(model, task, n, scheduler.as_ref(), noise, device)?;
             (latents, Some(inpaint))
         }
     };
 
-    let cond = encode_prompts::<B>(model, options, device)?;
+    let cond = encode_prompts::<B>(model, &options.prompt, &options.guidance, device)?;
     check_finite(&cond.conditioning.context, "the text encoder")?;
     if let Some(pooled) = &cond.conditioning.pooled {
         check_finite(pooled, "the text encoder's pooled output")?;
     }
-    let text_time = text_time(options, size, &cond, options.num_images)?;
+    let text_time = text_time(&options.micro_conditioning, size, &cond, options.num_images)?;
     if model.family() == ModelFamily::Sdxl && text_time.is_none() {
         return Err(SdError::InvalidOptions(
             "an SDXL model needs a pooled text embedding".into(),
@@ -742,18 +888,16 @@ pub fn generate_with_noise<B: Backend>(
             image_tokens,
             ..ImageConditioning::default()
         };
-        denoise(
-            &unet,
-            scheduler.as_mut(),
-            latents,
-            &cond,
-            text_time.as_ref(),
-            inpaint.as_ref(),
-            &image,
-            options,
-            noise,
-            callback,
-        )?
+        Denoiser {
+            unet: &unet,
+            prompt: &cond,
+            text_time: text_time.as_ref(),
+            inpaint: inpaint.as_ref(),
+            image: &image,
+            guidance: options.guidance,
+            latent_tiling: options.latent_tiling,
+        }
+        .run(scheduler.as_mut(), latents, noise, callback)?
     };
     drop(cond);
     let images = decode_checked(model, latents.clone(), options.vae_tiling, device)?;
@@ -806,19 +950,15 @@ fn encode_sample<B: Backend>(
 /// the level of the first step to run. Draws the posterior noise, then the added noise.
 pub fn noised_image_latents<B: Backend>(
     model: &Model,
-    options: &GenerateOptions,
+    task: &ImageTask,
+    num_images: usize,
     scheduler: &dyn Scheduler<B>,
     noise: &mut dyn NoiseSource<B>,
     device: &B::Device,
 ) -> Result<Tensor<B, 4>> {
-    let Some(image) = &options.init_image else {
-        return Err(SdError::InvalidOptions(
-            "img2img needs a starting image".into(),
-        ));
-    };
     let image =
-        Tensor::<B, 4>::from_data(image.clone().convert::<f32>(), device).cast(model.dtype());
-    let image = Tensor::cat(vec![image; options.num_images], 0);
+        Tensor::<B, 4>::from_data(task.image.clone().convert::<f32>(), device).cast(model.dtype());
+    let image = Tensor::cat(vec![image; num_images], 0);
     let encoder = model.load_vae_encoder::<B>(device)?;
     let latents = encode_sample(model, &encoder, image, noise, device)?;
     drop(encoder);
@@ -834,17 +974,18 @@ pub fn noised_image_latents<B: Backend>(
 /// image's posterior sample.
 pub fn inpainting_latents<B: Backend>(
     model: &Model,
-    options: &GenerateOptions,
+    task: &InpaintTask,
+    num_images: usize,
     scheduler: &dyn Scheduler<B>,
     noise: &mut dyn NoiseSource<B>,
     device: &B::Device,
 ) -> Result<(Tensor<B, 4>, InpaintLatents<B>)> {
-    let (Some(image), Some(mask)) = (&options.init_image, &options.mask) else {
-        return Err(SdError::InvalidOptions(
-            "inpainting needs a starting image and a mask".into(),
-        ));
-    };
-    let n = options.num_images;
+    let InpaintTask {
+        image,
+        mask,
+        strength,
+    } = task;
+    let n = num_images;
     let image =
         Tensor::<B, 4>::from_data(image.clone().convert::<f32>(), device).cast(model.dtype());
     let image = Tensor::cat(vec![image; n], 0);
@@ -861,7 +1002,7 @@ pub fn inpainting_latents<B: Backend>(
         .narrow(5, 0, 1)
         .reshape([n, 1, h / f, w / f]);
     let nine_channels = model.is_inpainting();
-    let strength_max = options.strength >= 1.0;
+    let strength_max = *strength >= 1.0;
     let encoder = model.load_vae_encoder::<B>(device)?;
     let encode = |x: Tensor<B, 4>, noise: &mut dyn NoiseSource<B>| {
         encode_sample(model, &encoder, x, noise, device)

@@ -13,8 +13,8 @@ use sd_schedulers::NoiseSource;
 use crate::error::{Result, SdError};
 use crate::model::Model;
 use crate::pipeline::{
-    GenerateOptions, Generated, ImageConditioning, StepCallback, check_finite, decode_checked,
-    denoise, encode_prompts, initial_latents,
+    Denoiser, GenerateOptions, Generated, ImageConditioning, StepCallback, Task, check_finite,
+    decode_checked, encode_prompts, initial_latents,
 };
 
 /// The noise level diffusers' pipeline uses by default.
@@ -66,15 +66,20 @@ pub fn upscale_x4_with_noise<B: Backend>(
     let options = GenerateOptions {
         width: Some(w * f),
         height: Some(h * f),
-        init_image: None,
-        mask: None,
+        // The low-resolution image is the start; given initial latents are kept.
+        task: match &options.task {
+            Task::Text { latents } => Task::Text {
+                latents: latents.clone(),
+            },
+            _ => Task::default(),
+        },
         controls: Vec::new(),
         image_prompt: None,
         ..options.clone()
     };
     let n = options.num_images;
     let (mut scheduler, sampler) = options.scheduler::<B>(model)?;
-    scheduler.set_timesteps(options.steps)?;
+    scheduler.set_timesteps(options.sampling.steps)?;
 
     // The low-resolution image noised to `noise_level` by the low-res schedule.
     let image = Tensor::<B, 4>::from_data(image, device).cast(model.dtype());
@@ -88,7 +93,7 @@ pub fn upscale_x4_with_noise<B: Backend>(
         .map_err(|e| SdError::InvalidOptions(e.to_string()))?;
 
     let latents = initial_latents(model, &options, noise, device)? * scheduler.init_noise_sigma();
-    let cond = encode_prompts::<B>(model, &options, device)?;
+    let cond = encode_prompts::<B>(model, &options.prompt, &options.guidance, device)?;
     check_finite(&cond.conditioning.context, "the text encoder")?;
     let batch = n * if cond.guided { 2 } else { 1 };
     let image_cond = ImageConditioning {
@@ -98,18 +103,16 @@ pub fn upscale_x4_with_noise<B: Backend>(
     };
     let latents = {
         let unet = model.load_unet::<B>(device)?;
-        denoise(
-            &unet,
-            scheduler.as_mut(),
-            latents,
-            &cond,
-            None,
-            None,
-            &image_cond,
-            &options,
-            noise,
-            callback,
-        )?
+        Denoiser {
+            unet: &unet,
+            prompt: &cond,
+            text_time: None,
+            inpaint: None,
+            image: &image_cond,
+            guidance: options.guidance,
+            latent_tiling: options.latent_tiling,
+        }
+        .run(scheduler.as_mut(), latents, noise, callback)?
     };
     drop(cond);
     let images = decode_checked(model, latents.clone(), options.vae_tiling, device)?;

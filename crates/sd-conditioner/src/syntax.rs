@@ -1,118 +1,22 @@
-//! A1111-style prompts: `(word)` ×1.1, `((word))` ×1.21, `[word]` ÷1.1, `(word:1.5)`, `\(` for a
-//! literal bracket, `BREAK` to start a new chunk; and the split of long prompts into 75-token
-//! chunks (broken at a recent comma when there is one), each wrapped in start/end tokens and
-//! padded to 77.
-//!
-//! Prompts are bounded ([`MAX_PROMPT_CHARS`], [`MAX_CHUNKS`], [`MAX_NESTING`], [`MAX_WEIGHT`])
-//! so that no prompt can make the tokenizer or the text encoder run away or overflow: past a
-//! bound the prompt is refused with a [`PromptError`] that names the bound.
+//! Step 1 of a prompt's path: A1111's prompt syntax read into weighted pieces of text:
+//! `(word)` ×1.1, `((word))` ×1.21, `[word]` ÷1.1, `(word:1.5)`, `\(` for a literal bracket,
+//! `BREAK` to start a new chunk.
 
 use std::sync::LazyLock;
 
 use regex::Regex;
-use sd_core::{CoreError, Result};
 
-use crate::tokenizer::{ClipTokenizer, MAX_LENGTH};
+use crate::limits::{MAX_NESTING, MAX_WEIGHT, PromptError, check_length};
 
-/// Tokens per chunk between the start and end tokens.
-pub const CHUNK_TOKENS: usize = MAX_LENGTH - 2;
-
-/// The longest prompt read, in characters (Unicode scalar values). 20,000 characters of
-/// English are about 5,000 tokens, past [`MAX_CHUNKS`] already; the bound refuses a pasted file
-/// before any tokenizing is done on it.
-pub const MAX_PROMPT_CHARS: usize = 20_000;
-
-/// The most 75-token chunks a prompt may make (2,400 tokens). A1111 has no limit, but every
-/// chunk is one more text-encoder call and 77 more cross-attention keys in every U-Net step, so
-/// an unbounded prompt is an unbounded run.
-pub const MAX_CHUNKS: usize = 32;
-
-/// How deep brackets may nest (round and square together, open ones counted until they close or
-/// the prompt ends). 100 is far past any emphasis a person writes (`(((word)))` is 3); deeper
-/// nesting only multiplies weights towards overflow (1.1¹⁰⁰⁰ ≈ 2.5·10⁴¹ is infinite as an f32)
-/// and makes A1111's `multiply_range` quadratic.
-pub const MAX_NESTING: usize = 100;
-
-/// The largest absolute attention weight a piece of text may end up with, after the weights of
-/// all the brackets around it are multiplied. A1111 users write weights up to about 2; 100
-/// already drowns every other token after A1111's mean renormalisation, and keeps the weighted
-/// embeddings far inside f16's range (65,504), so the bound refuses only mistakes and
-/// overflow (`(cat:1000000000000000000000000000000000000000)` is infinite as an f32).
-pub const MAX_WEIGHT: f64 = 100.0;
-
-/// A prompt past one of the bounds of this module.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum PromptError {
-    /// More than [`MAX_PROMPT_CHARS`] characters.
-    #[error("the prompt has {chars} characters; at most {max} are read", max = MAX_PROMPT_CHARS)]
-    TooLong {
-        /// The prompt's length in characters.
-        chars: usize,
-    },
-    /// More than [`MAX_CHUNKS`] chunks of 75 tokens.
-    #[error(
-        "the prompt makes {chunks} chunks of {per} tokens ({tokens} tokens); at most {max} \
-         chunks are encoded",
-        per = CHUNK_TOKENS,
-        max = MAX_CHUNKS
-    )]
-    TooManyChunks {
-        /// How many chunks the prompt makes.
-        chunks: usize,
-        /// How many tokens it has.
-        tokens: usize,
-    },
-    /// Brackets nested deeper than [`MAX_NESTING`].
-    #[error(
-        "the prompt nests brackets {depth} deep; at most {max} levels are read",
-        max = MAX_NESTING
-    )]
-    TooDeep {
-        /// The deepest nesting in the prompt.
-        depth: usize,
-    },
-    /// A weight that is not finite or is larger than [`MAX_WEIGHT`] in absolute value.
-    #[error(
-        "the prompt weights `{text}` by {shown}; a weight must be finite and at most {max} in \
-         absolute value (the weights of nested brackets multiply)",
-        shown = number(.weight),
-        max = MAX_WEIGHT
-    )]
-    Weight {
-        /// The start of the weighted text.
-        text: String,
-        /// Its weight, all brackets around it multiplied.
-        weight: f64,
-    },
-}
-
-impl From<PromptError> for CoreError {
-    fn from(e: PromptError) -> Self {
-        CoreError::InvalidInput(e.to_string())
-    }
-}
-
-/// A weight in a message: plain for ordinary sizes, in exponent form for huge or tiny ones
-/// (1e39 rather than forty digits).
-fn number(x: &f64) -> String {
-    let x = *x;
-    if x.is_finite() && x != 0.0 && !(1e-4..1e6).contains(&x.abs()) {
-        format!("{x:e}")
-    } else {
-        format!("{x}")
-    }
-}
-
-/// Refuses a prompt longer than [`MAX_PROMPT_CHARS`].
-pub(crate) fn check_length(prompt: &str) -> std::result::Result<(), PromptError> {
-    // Bytes bound characters from above: only count when the bytes might be too many.
-    if prompt.len() > MAX_PROMPT_CHARS {
-        let chars = prompt.chars().count();
-        if chars > MAX_PROMPT_CHARS {
-            return Err(PromptError::TooLong { chars });
-        }
-    }
-    Ok(())
+/// How prompt text is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PromptSyntax {
+    /// A1111's: `(word:1.2)` weights and `BREAK`, any length in 75-token chunks concatenated
+    /// along the sequence (what stable-diffusion-webui and stable-diffusion.cpp users expect).
+    #[default]
+    Weighted,
+    /// diffusers': the text as is, truncated to 75 tokens.
+    Plain,
 }
 
 static ATTENTION: LazyLock<Regex> = LazyLock::new(|| {
@@ -287,90 +191,12 @@ pub fn parse_weights(prompt: &str) -> std::result::Result<Vec<Weighted>, PromptE
     Ok(pieces)
 }
 
-/// A prompt as the text encoder takes it: chunks of 77 ids with a weight per id.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PromptTokens {
-    /// How many prompt tokens there are (without start, end and padding).
-    pub token_count: usize,
-    /// The chunks of 77 ids: start, up to 75 prompt tokens, end, padding.
-    pub chunks: Vec<Vec<u32>>,
-    /// The attention weight of each id of each chunk (1 for start, end and padding).
-    pub weights: Vec<Vec<f64>>,
-}
-
-/// How far back (in tokens) a full chunk looks for a comma to break at instead (A1111's
-/// `comma_padding_backtrack` default).
-pub const COMMA_BACKTRACK: usize = 20;
-
-/// Tokenizes a weighted prompt into 75-token chunks as A1111 does: a new chunk at each `BREAK`,
-/// and when a chunk fills up with a comma among its last [`COMMA_BACKTRACK`] tokens, the tokens
-/// after that comma move to the next chunk (phrases stay whole). Each chunk is wrapped in
-/// start/end tokens and padded to 77; start, end and padding get weight 1.
-///
-/// Refuses a prompt that [`parse_weights`] refuses, or that makes more than [`MAX_CHUNKS`]
-/// chunks.
-pub fn tokenize_prompt(tokenizer: &ClipTokenizer, prompt: &str) -> Result<PromptTokens> {
-    let pieces = parse_weights(prompt)?;
-    let comma = tokenizer.encode(",")?.first().copied();
-    let mut chunks: Vec<Vec<(u32, f64)>> = Vec::new();
-    let mut chunk: Vec<(u32, f64)> = Vec::new();
-    let mut last_comma: Option<usize> = None;
-    let mut count = 0;
-    for piece in pieces {
-        let Some(text) = piece.text else {
-            chunks.push(std::mem::take(&mut chunk));
-            last_comma = None;
-            continue;
-        };
-        for id in tokenizer.encode(&text)? {
-            count += 1;
-            if Some(id) == comma {
-                last_comma = Some(chunk.len());
-            } else if chunk.len() == CHUNK_TOKENS
-                && let Some(at) = last_comma
-                && chunk.len() - at <= COMMA_BACKTRACK
-            {
-                let moved = chunk.split_off(at + 1);
-                chunks.push(std::mem::replace(&mut chunk, moved));
-                last_comma = None;
-            }
-            if chunk.len() == CHUNK_TOKENS {
-                chunks.push(std::mem::take(&mut chunk));
-                last_comma = None;
-            }
-            chunk.push((id, piece.weight));
-        }
-    }
-    // A last chunk is added only when it holds tokens (or is the only one), as A1111 does.
-    if !chunk.is_empty() || chunks.is_empty() {
-        chunks.push(chunk);
-    }
-    if chunks.len() > MAX_CHUNKS {
-        return Err(PromptError::TooManyChunks {
-            chunks: chunks.len(),
-            tokens: count,
-        }
-        .into());
-    }
-    let (mut ids, mut weights) = (Vec::new(), Vec::new());
-    for chunk in chunks {
-        let tokens: Vec<u32> = chunk.iter().map(|(t, _)| *t).collect();
-        ids.push(tokenizer.wrap(&tokens));
-        let mut w = vec![1.0];
-        w.extend(chunk.iter().map(|(_, w)| *w));
-        w.resize(MAX_LENGTH, 1.0);
-        weights.push(w);
-    }
-    Ok(PromptTokens {
-        token_count: count,
-        chunks: ids,
-        weights,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunks::tokenize_prompt;
+    use crate::limits::MAX_PROMPT_CHARS;
+    use crate::tokenizer::ClipTokenizer;
 
     /// The pieces of a prompt, a chunk-starting `BREAK` written `<break>` (the text "BREAK"
     /// stays "BREAK").
@@ -591,104 +417,5 @@ mod tests {
         assert!(parse_weights(&")".repeat(MAX_PROMPT_CHARS)).is_ok());
         // Escaped brackets are text.
         assert!(parse_weights(&"\\(".repeat(1000)).is_ok());
-    }
-
-    #[test]
-    fn long_prompts_are_refused_with_their_size() {
-        let tokenizer = ClipTokenizer::embedded(crate::Padding::EndOfText).unwrap();
-        let start = std::time::Instant::now();
-        let word = "a".repeat(100_000);
-        let err = tokenize_prompt(&tokenizer, &word).unwrap_err().to_string();
-        assert!(
-            err.contains("100000 characters") && err.contains("20000"),
-            "{err}"
-        );
-        assert!(tokenizer.encode(&word).is_err(), "plain prompts too");
-        assert!(tokenizer.encode_padded(&word).is_err());
-        // Characters, not bytes: 20,000 accented letters (40,000 bytes) are read.
-        assert!(check_length(&"é".repeat(MAX_PROMPT_CHARS)).is_ok());
-        assert_eq!(
-            check_length(&"é".repeat(MAX_PROMPT_CHARS + 1)),
-            Err(PromptError::TooLong {
-                chars: MAX_PROMPT_CHARS + 1
-            })
-        );
-        // 32 chunks of 75 are encoded, 33 are not.
-        let at_bound = vec!["cat"; MAX_CHUNKS * CHUNK_TOKENS].join(" ");
-        assert_eq!(
-            tokenize_prompt(&tokenizer, &at_bound).unwrap().chunks.len(),
-            MAX_CHUNKS
-        );
-        let past = vec!["cat"; MAX_CHUNKS * CHUNK_TOKENS + 1].join(" ");
-        let err = tokenize_prompt(&tokenizer, &past).unwrap_err().to_string();
-        assert!(
-            err.contains("33 chunks") && err.contains("2401 tokens") && err.contains("at most 32"),
-            "{err}"
-        );
-        // BREAK makes chunks as well.
-        let breaks = vec!["cat"; 40].join(" BREAK ");
-        let err = tokenize_prompt(&tokenizer, &breaks)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("40 chunks"), "{err}");
-        assert!(start.elapsed().as_secs() < 60, "took {:?}", start.elapsed());
-    }
-
-    #[test]
-    fn long_prompts_split_into_chunks() {
-        let tokenizer = ClipTokenizer::embedded(crate::Padding::EndOfText).unwrap();
-        let long = vec!["cat"; 100].join(" ");
-        let t = tokenize_prompt(&tokenizer, &long).unwrap();
-        assert_eq!(t.token_count, 100);
-        assert_eq!(t.chunks.len(), 2);
-        assert!(
-            t.chunks
-                .iter()
-                .all(|c| c.len() == MAX_LENGTH && c[0] == 49406)
-        );
-        assert_eq!(t.chunks[1][26], 49407, "25 tokens then the end token");
-        let t = tokenize_prompt(&tokenizer, "a (cat:1.5) BREAK dog").unwrap();
-        assert_eq!(t.chunks.len(), 2);
-        assert_eq!(t.weights[0][2], 1.5);
-        assert_eq!(&t.chunks[1][..3], &[49406, 1929, 49407]);
-    }
-
-    /// A1111 moves the words after a comma among a full chunk's last 20 tokens to the next
-    /// chunk, and adds no empty chunk after a trailing `BREAK`.
-    #[test]
-    fn full_chunks_break_at_a_recent_comma() {
-        let tokenizer = ClipTokenizer::embedded(crate::Padding::EndOfText).unwrap();
-        let mut words: Vec<&str> = vec!["cat"; 70];
-        words.push(",");
-        words.extend(vec!["dog"; 10]);
-        let t = tokenize_prompt(&tokenizer, &words.join(" ")).unwrap();
-        assert_eq!(t.token_count, 81);
-        assert_eq!(t.chunks.len(), 2);
-        let (cat, comma, dog, eos) = (2368, 267, 1929, 49407);
-        assert_eq!(t.chunks[0][70], cat);
-        assert_eq!(t.chunks[0][71], comma, "the comma ends the first chunk");
-        assert_eq!(t.chunks[0][72], eos);
-        assert!(
-            t.chunks[1][1..11].iter().all(|&id| id == dog),
-            "{:?}",
-            t.chunks[1]
-        );
-        assert_eq!(t.chunks[1][11], eos);
-        // A comma further back than 20 tokens does not move anything.
-        let mut words: Vec<&str> = vec!["cat"; 10];
-        words.push(",");
-        words.extend(vec!["dog"; 70]);
-        let t = tokenize_prompt(&tokenizer, &words.join(" ")).unwrap();
-        assert_eq!(t.chunks[0][76], eos);
-        assert_eq!(t.chunks[0][75], dog, "75 tokens in the first chunk");
-        // `a BREAK` is one chunk.
-        assert_eq!(
-            tokenize_prompt(&tokenizer, "a BREAK").unwrap().chunks.len(),
-            1
-        );
-        assert_eq!(
-            tokenize_prompt(&tokenizer, "BREAK a").unwrap().chunks.len(),
-            2
-        );
     }
 }
