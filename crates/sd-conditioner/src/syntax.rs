@@ -102,9 +102,9 @@ fn nesting(prompt: &str) -> usize {
 /// the end of the prompt; a stray closing one is text). `BREAK` inside brackets is text, as in
 /// A1111: its marker's weight −1 is multiplied by the bracket's and no longer reads as a break.
 ///
-/// Refuses, before any other work, a prompt past [`MAX_PROMPT_CHARS`] or nesting brackets past
-/// [`MAX_NESTING`], then any weight that is not finite or past [`MAX_WEIGHT`]. No input makes it
-/// panic.
+/// Refuses, before any other work, a prompt past [`MAX_PROMPT_CHARS`](crate::MAX_PROMPT_CHARS)
+/// or nesting brackets past [`MAX_NESTING`], then any weight that is not finite or past
+/// [`MAX_WEIGHT`]. No input makes it panic.
 pub fn parse_weights(prompt: &str) -> std::result::Result<Vec<Weighted>, PromptError> {
     check_length(prompt)?;
     let depth = nesting(prompt);

@@ -1,9 +1,9 @@
 //! Image-generation metrics with the numbers of the Python packages researchers quote:
 //! the Fréchet Inception Distance as pytorch-fid computes it ([`fid`]), the Kernel Inception
-//! Distance and Inception Score as torch-fidelity does ([`kid`], [`inception_score`]), over
-//! the FID InceptionV3 ([`inception`]) fed as each package feeds it ([`preprocess`]), with
-//! feature statistics accumulated in f64 and kept in pytorch-fid's `.npz` files ([`stats`]),
-//! and the CLIP score as torchmetrics defines it on a transformers CLIP model ([`clip_score`]).
+//! Distance and Inception Score as torch-fidelity does ([`kid`],
+//! [`inception_score`](mod@inception_score)), over the FID InceptionV3 ([`inception`]) fed as
+//! each package feeds it ([`preprocess`]), with feature statistics accumulated in f64 and kept
+//! in pytorch-fid's `.npz` files ([`stats`]), and the CLIP score as torchmetrics defines it on a transformers CLIP model ([`clip_score`]).
 //!
 //! Why a crate of its own: each reference package resizes images its own way, draws its own
 //! random subsets and takes the matrix square root its own way, and a few hundredths of FID hang

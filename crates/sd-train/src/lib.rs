@@ -33,6 +33,7 @@ mod params;
 mod plot;
 mod run;
 mod run_vae;
+mod train_log;
 mod vae;
 
 pub use adamw::{AdamW, AdamWConfig};
@@ -60,6 +61,7 @@ pub use lr::{LrSchedule, LrScheduleKind};
 pub use objective::{DenoisingBatch, DenoisingObjective};
 pub use params::{flat_params, with_flat_params};
 pub use plot::{plot_loss, register_font};
-pub use run::{Event, Resume, StepLog, read_log, train_unet};
+pub use run::{Event, Resume, train_unet};
 pub use run_vae::train_vae;
+pub use train_log::{StepLog, read_log};
 pub use vae::{Reconstruction, VaeLosses, VaeObjective};

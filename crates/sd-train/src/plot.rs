@@ -6,7 +6,7 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use crate::error::{Result, TrainError};
-use crate::run::StepLog;
+use crate::train_log::StepLog;
 
 const WIDTH: u32 = 800;
 const HEIGHT: u32 = 480;

@@ -32,6 +32,7 @@ use crate::checkpoint::{
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::lora::{LoraTrainee, write_lora};
+use crate::train_log::{StepLog, keep_log};
 use crate::{AdamW, DenoisingBatch, DenoisingObjective, Ema, EmaConfig, Gradients, LrSchedule};
 
 /// Where to resume from.
@@ -74,21 +75,6 @@ pub enum Event {
     Warning(String),
     /// A result worth a line (e.g. the fitted scaling factor).
     Info(String),
-}
-
-/// One line of `train_log.jsonl`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct StepLog {
-    /// The step just taken, from 1.
-    pub step: u64,
-    /// The mean loss over its micro-batches.
-    pub loss: f64,
-    /// The learning rate the step used.
-    pub lr: f64,
-    /// The gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Seconds since the run (or its resume) started.
-    pub time: f64,
 }
 
 /// The seed of step `step`, micro-batch `micro`'s generator.
@@ -902,7 +888,7 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
 
     let plot = || {
         crate::plot::plot_loss(
-            &crate::read_log(&log_path)?,
+            &crate::train_log::read_log(&log_path)?,
             "sd train unet",
             &output.join("loss.png"),
         )
@@ -1017,36 +1003,5 @@ fn file_hash(path: &Path) -> Result<String> {
         .iter()
         .take(8)
         .map(|b| format!("{b:02x}"))
-        .collect())
-}
-
-/// Opens the log for appending, keeping only the lines of steps up to `start` (a resume drops
-/// what the interrupted run logged past its checkpoint).
-pub(crate) fn keep_log(path: &Path, start: u64) -> Result<std::fs::File> {
-    let io = |e: std::io::Error| TrainError::Io(format!("{}: {e}", path.display()));
-    let kept: String = match std::fs::read_to_string(path) {
-        Ok(text) => text
-            .lines()
-            .filter(|line| {
-                serde_json::from_str::<StepLog>(line).is_ok_and(|entry| entry.step <= start)
-            })
-            .map(|line| format!("{line}\n"))
-            .collect(),
-        Err(_) => String::new(),
-    };
-    std::fs::write(path, kept).map_err(io)?;
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(path)
-        .map_err(io)
-}
-
-/// Reads a run's `train_log.jsonl`.
-pub fn read_log(path: &Path) -> Result<Vec<StepLog>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
-    Ok(text
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
         .collect())
 }

@@ -20,9 +20,8 @@ use sd_encoder::VaeEncoder;
 use crate::checkpoint::{TrainingState, read_state, write_checkpoint};
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
-use crate::run::{
-    Event, Resume, StepLog, first_restorable, keep_log, open_dataset, prepare_output, step_rng,
-};
+use crate::run::{Event, Resume, first_restorable, open_dataset, prepare_output, step_rng};
+use crate::train_log::{StepLog, keep_log};
 use crate::vae::VaeObjective;
 use crate::{AdamW, Gradients, LrSchedule};
 
@@ -346,7 +345,7 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
     }
     write_vae(&encoder, &decoder, &vae_config, &out)?;
     crate::plot::plot_loss(
-        &crate::read_log(&log_path)?,
+        &crate::train_log::read_log(&log_path)?,
         "sd train vae",
         &output.join("loss.png"),
     )?;

@@ -11,11 +11,11 @@ use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use sd_core::layers::{linear_forward, multi_head_attention};
+use sd_core::layers::linear_forward;
 use sd_core::weights::{LoadOptions, SafetensorsFile, load_safetensors};
 use sd_core::{CoreError, Result};
 
-use crate::transformer::BasicTransformerBlock;
+use crate::transformer::{BasicTransformerBlock, IpAttention};
 use crate::unet::UNet2DConditionModel;
 
 /// diffusers' `ImageProjection`: the image embedding to `tokens` context tokens, each
@@ -40,36 +40,6 @@ impl<B: Backend> ImageProjection<B> {
     /// How many context tokens one image becomes.
     pub fn tokens(&self) -> usize {
         self.proj.weight.dims()[1] / self.norm.gamma.dims()[0]
-    }
-}
-
-/// One cross-attention's image-prompt projections (diffusers' `IPAdapterAttnProcessor`'s
-/// `to_k_ip.0` / `to_v_ip.0`), with the scale λ and the number of image tokens at the end of the
-/// context they read.
-#[derive(Module, Debug)]
-pub struct IpAttention<B: Backend> {
-    /// The image tokens' keys, without bias.
-    pub to_k_ip: Linear<B>,
-    /// The image tokens' values, without bias.
-    pub to_v_ip: Linear<B>,
-    /// λ: how much the image prompt weighs against the text.
-    pub scale: f64,
-    /// The image tokens at the end of the context.
-    pub tokens: usize,
-}
-
-impl<B: Backend> IpAttention<B> {
-    /// The image part of the cross-attention: `Attention(q, K_ip, V_ip)` on the last
-    /// [`IpAttention::tokens`] tokens of the context, times λ (before `to_out`).
-    pub fn attend(
-        &self,
-        q: Tensor<B, 3>,
-        image_tokens: Tensor<B, 3>,
-        heads: usize,
-    ) -> Tensor<B, 3> {
-        let k = linear_forward(&self.to_k_ip, image_tokens.clone());
-        let v = linear_forward(&self.to_v_ip, image_tokens);
-        multi_head_attention(q, k, v, heads, false) * self.scale
     }
 }
 

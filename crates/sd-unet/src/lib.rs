@@ -20,9 +20,11 @@ pub use controlnet::{
     controlnet_ldm_key, ldm_controlnet_key,
 };
 pub use embeddings::{TimestepEmbedding, timestep_embedding};
-pub use ip_adapter::{ImageProjection, IpAdapter, IpAttention};
+pub use ip_adapter::{ImageProjection, IpAdapter};
 pub use single_file::{
     LDM_UNET_PREFIX, diffusers_to_ldm_key, kohya_ldm_to_diffusers, ldm_to_diffusers_key,
 };
-pub use transformer::{Attention, BasicTransformerBlock, FeedForward, Transformer2d};
+pub use transformer::{
+    Attention, BasicTransformerBlock, FeedForward, Geglu, IpAttention, Transformer2d,
+};
 pub use unet::{UNet2DConditionModel, checkpoint_key};

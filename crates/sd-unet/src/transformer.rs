@@ -2,7 +2,6 @@
 //! self-attention over the pixels, cross-attention to the text context, and a GEGLU feed-forward
 //! (Rombach et al. 2022, sec. 3.3; Shazeer 2020 for GEGLU).
 
-use crate::ip_adapter::IpAttention;
 use burn::module::Module;
 use burn::nn::{
     Dropout, DropoutConfig, GroupNorm, LayerNorm, LayerNormConfig, Linear, LinearConfig,
@@ -138,6 +137,37 @@ impl<B: Backend> FeedForward<B> {
     fn forward_all(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let (gate, _, out) = &self.net;
         linear_forward(out, geglu(linear_forward(&gate.proj, x)))
+    }
+}
+
+/// IP-Adapter's image-prompt projections for one cross-attention ([`crate::IpAdapter`];
+/// diffusers' `IPAdapterAttnProcessor`'s
+/// `to_k_ip.0` / `to_v_ip.0`), with the scale λ and the number of image tokens at the end of the
+/// context they read.
+#[derive(Module, Debug)]
+pub struct IpAttention<B: Backend> {
+    /// The image tokens' keys, without bias.
+    pub to_k_ip: Linear<B>,
+    /// The image tokens' values, without bias.
+    pub to_v_ip: Linear<B>,
+    /// λ: how much the image prompt weighs against the text.
+    pub scale: f64,
+    /// The image tokens at the end of the context.
+    pub tokens: usize,
+}
+
+impl<B: Backend> IpAttention<B> {
+    /// The image part of the cross-attention: `Attention(q, K_ip, V_ip)` on the last
+    /// [`IpAttention::tokens`] tokens of the context, times λ (before `to_out`).
+    pub fn attend(
+        &self,
+        q: Tensor<B, 3>,
+        image_tokens: Tensor<B, 3>,
+        heads: usize,
+    ) -> Tensor<B, 3> {
+        let k = linear_forward(&self.to_k_ip, image_tokens.clone());
+        let v = linear_forward(&self.to_v_ip, image_tokens);
+        multi_head_attention(q, k, v, heads, false) * self.scale
     }
 }
 

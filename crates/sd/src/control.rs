@@ -272,7 +272,7 @@ impl Control {
                 self.image.shape.as_slice()
             )));
         }
-        if crate::pipeline::non_finite_values(&self.image) > 0 {
+        if crate::finite::non_finite_values(&self.image) > 0 {
             return Err(SdError::InvalidOptions(format!(
                 "ControlNet {name}: the conditioning image holds NaN or infinite values"
             )));

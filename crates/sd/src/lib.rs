@@ -28,6 +28,8 @@
 
 mod control;
 mod error;
+mod family;
+mod finite;
 mod image_prompt;
 mod latent_tiles;
 pub mod memory;
@@ -40,15 +42,17 @@ mod upscale_x4;
 
 pub use control::{Control, ControlNetSource, ControlStack, canny_edges, control_image_data};
 pub use error::{Result, SdError};
+pub use family::ModelFamily;
+pub use finite::check_finite;
 pub use image_prompt::ImagePrompt;
 pub use latent_tiles::{LatentTiling, TilePlan};
-pub use model::{Model, ModelFamily, UpscalerParts, hub_cache_snapshot};
+pub use model::{MAX_CLIP_SKIP, Model, UpscalerParts, hub_cache_snapshot};
 pub use output::{parameters_text, prompt_of_parameters, read_parameters, save_png, to_images};
 pub use pipeline::{
     Denoiser, GenerateOptions, Generated, Guidance, ImageConditioning, ImageTask, InpaintLatents,
-    InpaintTask, MAX_CLIP_SKIP, MAX_GUIDANCE, MAX_IMAGES, MAX_SIDE, MAX_STEPS, MicroConditioning,
-    PromptConditioning, PromptOptions, Sampling, StepCallback, StepProgress, Task, check_finite,
-    decode, encode_prompts, generate, generate_with_noise, initial_latents, inpainting_latents,
+    InpaintTask, MAX_GUIDANCE, MAX_IMAGES, MAX_SIDE, MAX_STEPS, MicroConditioning,
+    PromptConditioning, PromptOptions, Sampling, StepCallback, StepProgress, Task, decode,
+    encode_prompts, generate, generate_with_noise, initial_latents, inpainting_latents,
     noised_image_latents,
 };
 pub use save::check_model_output;

@@ -19,31 +19,12 @@ use sd_schedulers::SchedulerConfig;
 use sd_unet::{UNet2DConditionConfig, UNet2DConditionModel};
 
 use crate::error::{Result, SdError, model_error};
+use crate::family::ModelFamily;
 use crate::single_file::{self, CheckpointLayout, TextPrefix};
 use sd_lora::{Component, LoraFile, MergeOptions};
 
-/// The model families, which differ in how prompts are encoded and in their defaults.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ModelFamily {
-    /// Stable Diffusion 1.x: CLIP ViT-L/14 text encoder, 512².
-    Sd1,
-    /// Stable Diffusion 2.x: OpenCLIP ViT-H text encoder, `!` padding, 768² v-prediction or
-    /// 512² ε-prediction.
-    Sd2,
-    /// Stable Diffusion XL: two text encoders, size and crop conditioning, 1024².
-    Sdxl,
-}
-
-impl ModelFamily {
-    /// The family's name for messages: `SD 1.x`, `SD 2.x` or `SDXL`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Sd1 => "SD 1.x",
-            Self::Sd2 => "SD 2.x",
-            Self::Sdxl => "SDXL",
-        }
-    }
-}
+/// The most text-encoder layers `clip_skip` can skip (ViT-bigG has 32).
+pub const MAX_CLIP_SKIP: usize = 64;
 
 #[derive(Debug, Clone)]
 enum Source {
@@ -721,7 +702,7 @@ impl Model {
                     _ => (true, 0),
                 };
                 let layer = LayerChoice {
-                    skip: base_skip + clip_skip.min(crate::pipeline::MAX_CLIP_SKIP),
+                    skip: base_skip + clip_skip.min(MAX_CLIP_SKIP),
                     final_norm,
                 };
                 let mut stages = Vec::new();

@@ -16,7 +16,9 @@ use crate::image_prompt::ImagePrompt;
 use crate::latent_tiles::LatentTiling;
 
 use crate::error::{Result, SdError, model_error};
-use crate::model::{Model, ModelFamily};
+use crate::family::ModelFamily;
+use crate::finite::{check_finite, non_finite_values};
+use crate::model::{MAX_CLIP_SKIP, Model};
 
 /// The largest image side accepted, in pixels: 16× SDXL's 1024 (what fits is then the memory
 /// estimate's call, see [`crate::memory`]); beyond it sizes only overflow.
@@ -29,8 +31,6 @@ pub const MAX_STEPS: usize = 10_000;
 /// The largest guidance scale (or its negative) accepted: real use stays under 30, and a scale
 /// beyond this only turns the latents infinite.
 pub const MAX_GUIDANCE: f64 = 1000.0;
-/// The most text-encoder layers `clip_skip` can skip (ViT-bigG has 32).
-pub const MAX_CLIP_SKIP: usize = 64;
 
 /// The prompt side of a generation: what [`encode_prompts`] reads.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -67,7 +67,7 @@ impl From<String> for PromptOptions {
     }
 }
 
-/// Classifier-free guidance (Ho & Salimans 2022): what [`denoise`] mixes the two halves with.
+/// Classifier-free guidance (Ho & Salimans 2022): how [`Denoiser::run`] mixes the two halves.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Guidance {
     /// The guidance scale; at most 1 skips the unconditional half.
@@ -288,25 +288,6 @@ pub struct Generated<B: Backend> {
     pub latents: Tensor<B, 4>,
     /// The sampler's name as used (for the PNG parameters).
     pub sampler: String,
-}
-
-/// How many values of `data` (any float dtype) are NaN or infinite.
-pub(crate) fn non_finite_values(data: &TensorData) -> usize {
-    match data.clone().convert::<f32>().to_vec::<f32>() {
-        Ok(values) => values.iter().filter(|v| !v.is_finite()).count(),
-        Err(_) => 0,
-    }
-}
-
-/// Stops a run whose numbers went NaN or infinite, naming the stage, rather than writing a black
-/// image: `stage` says where (the text encoder, U-Net step i of n, the VAE decoder).
-pub fn check_finite<B: Backend, const D: usize>(t: &Tensor<B, D>, stage: &str) -> Result<()> {
-    let bad = t.clone().is_finite().bool_not().any().into_scalar();
-    if burn::tensor::ElementConversion::elem::<bool>(bad) {
-        Err(SdError::NonFinite(stage.to_string()))
-    } else {
-        Ok(())
-    }
 }
 
 /// The conditioning of one generation, batched `[unconditional; conditional]` when guided.

@@ -18,7 +18,8 @@ use sd_core::weights::save_tensors;
 use serde_json::{Value, json};
 
 use crate::error::{Result, SdError, model_error, output_error};
-use crate::model::{Model, ModelFamily, TokenizerSource, text_encoder_folder};
+use crate::family::ModelFamily;
+use crate::model::{Model, TokenizerSource, text_encoder_folder};
 
 /// The weights file of a diffusers component (`unet/`, `vae/`).
 const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";

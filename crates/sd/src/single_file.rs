@@ -9,7 +9,7 @@ use sd_schedulers::SchedulerConfig;
 use sd_unet::UNet2DConditionConfig;
 
 use crate::error::{Result, model_error};
-use crate::model::ModelFamily;
+use crate::family::ModelFamily;
 
 const UNET_IN: &str = "model.diffusion_model.input_blocks.0.0.weight";
 

@@ -11,10 +11,11 @@ use sd_diffusion::NoiseSchedule;
 use sd_schedulers::NoiseSource;
 
 use crate::error::{Result, SdError};
+use crate::finite::check_finite;
 use crate::model::Model;
 use crate::pipeline::{
-    Denoiser, GenerateOptions, Generated, ImageConditioning, StepCallback, Task, check_finite,
-    decode_checked, encode_prompts, initial_latents,
+    Denoiser, GenerateOptions, Generated, ImageConditioning, StepCallback, Task, decode_checked,
+    encode_prompts, initial_latents,
 };
 
 /// The noise level diffusers' pipeline uses by default.

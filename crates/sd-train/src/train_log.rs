@@ -1,0 +1,52 @@
+//! `train_log.jsonl`: one JSON line per optimiser step, appended as the run goes, trimmed back
+//! to the checkpoint on resume, read back for the loss plot.
+
+use std::path::Path;
+
+use crate::error::{Result, TrainError};
+
+/// One line of `train_log.jsonl`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepLog {
+    /// The step just taken, from 1.
+    pub step: u64,
+    /// The mean loss over its micro-batches.
+    pub loss: f64,
+    /// The learning rate the step used.
+    pub lr: f64,
+    /// The gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Seconds since the run (or its resume) started.
+    pub time: f64,
+}
+
+/// Opens the log for appending, keeping only the lines of steps up to `start` (a resume drops
+/// what the interrupted run logged past its checkpoint).
+pub(crate) fn keep_log(path: &Path, start: u64) -> Result<std::fs::File> {
+    let io = |e: std::io::Error| TrainError::Io(format!("{}: {e}", path.display()));
+    let kept: String = match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<StepLog>(line).is_ok_and(|entry| entry.step <= start)
+            })
+            .map(|line| format!("{line}\n"))
+            .collect(),
+        Err(_) => String::new(),
+    };
+    std::fs::write(path, kept).map_err(io)?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(io)
+}
+
+/// Reads a run's `train_log.jsonl`.
+pub fn read_log(path: &Path) -> Result<Vec<StepLog>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    Ok(text
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect())
+}
