@@ -19,7 +19,7 @@ use burn::tensor::{ElementConversion, Tensor};
 use common::{Reference, Report, fixtures_dir, manifest};
 use sd::lora::{Component, LoraFile, MergeOptions};
 use sd::schedulers::ReplayNoise;
-use sd::{GenerateOptions, Model, generate_with_noise};
+use sd::{Model, generate_with_noise};
 
 fn case(name: &str) -> PathBuf {
     fixtures_dir().join("lora").join(name)
@@ -47,27 +47,7 @@ fn generate<B: Backend>(
         .and_then(|m| m.with_loras(loras))
         .unwrap_or_else(|e| panic!("{e}"));
     let latents: Tensor<B, 4> = reference.tensor("latents_in", device);
-    let options = GenerateOptions {
-        prompt: sd::PromptOptions {
-            text: g["prompt"].as_str().unwrap().to_string(),
-            negative: g["negative_prompt"].as_str().map(String::from),
-            ..Default::default()
-        },
-        guidance: sd::Guidance {
-            scale: g["guidance_scale"].as_f64().unwrap(),
-            ..Default::default()
-        },
-        sampling: sd::Sampling {
-            steps: g["steps"].as_u64().unwrap() as usize,
-            ..Default::default()
-        },
-        width: g["width"].as_u64().map(|v| v as usize),
-        height: g["height"].as_u64().map(|v| v as usize),
-        task: sd::Task::Text {
-            latents: Some(latents.into_data()),
-        },
-        ..GenerateOptions::default()
-    };
+    let options = common::generation_options(g, latents.into_data());
     let mut noise = ReplayNoise::new(Vec::new());
     let out = generate_with_noise::<B>(&model, &options, device, &mut noise, None)
         .unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -14,7 +14,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor};
 use common::{Reference, Report, fixtures_dir, manifest};
 use sd::schedulers::ReplayNoise;
-use sd::{GenerateOptions, Model, generate_with_noise};
+use sd::{Model, generate_with_noise};
 
 fn case() -> PathBuf {
     fixtures_dir().join("roundtrip")
@@ -116,29 +116,7 @@ fn trained_folder_image<B: Backend>(device: &B::Device, name: &str) {
     let folder = assembled_folder(name);
     let model = Model::from_folder(&folder, None).unwrap_or_else(|e| panic!("{e}"));
     let latents: Tensor<B, 4> = reference.tensor("latents_in", device);
-    let options = GenerateOptions {
-        prompt: sd::PromptOptions {
-            text: g["prompt"].as_str().unwrap().to_string(),
-            negative: g["negative_prompt"].as_str().map(String::from),
-            ..Default::default()
-        },
-        guidance: sd::Guidance {
-            scale: g["guidance_scale"].as_f64().unwrap(),
-            ..Default::default()
-        },
-        sampling: sd::Sampling {
-            steps: g["steps"].as_u64().unwrap() as usize,
-            // The folder's own scheduler (tiny_sd1's PNDM), as diffusers used it.
-            scheduler: None,
-            ..Default::default()
-        },
-        width: g["width"].as_u64().map(|v| v as usize),
-        height: g["height"].as_u64().map(|v| v as usize),
-        task: sd::Task::Text {
-            latents: Some(latents.into_data()),
-        },
-        ..GenerateOptions::default()
-    };
+    let options = common::generation_options(g, latents.into_data());
     let mut noise = ReplayNoise::new(Vec::new());
     let out = generate_with_noise::<B>(&model, &options, device, &mut noise, None)
         .unwrap_or_else(|e| panic!("{e}"));

@@ -164,6 +164,36 @@ pub fn check_generated<B: Backend>(
     );
 }
 
+/// The options of a fixture's `generation` section (prompt, negative prompt, guidance, steps,
+/// size) from the given initial latents with the folder's own scheduler: how the LoRA and
+/// round-trip fixture scripts rendered their reference images.
+pub fn generation_options(
+    g: &serde_json::Value,
+    latents: burn::tensor::TensorData,
+) -> sd::GenerateOptions {
+    sd::GenerateOptions {
+        prompt: sd::PromptOptions {
+            text: g["prompt"].as_str().unwrap().to_string(),
+            negative: g["negative_prompt"].as_str().map(String::from),
+            ..Default::default()
+        },
+        guidance: sd::Guidance {
+            scale: g["guidance_scale"].as_f64().unwrap(),
+            ..Default::default()
+        },
+        sampling: sd::Sampling {
+            steps: g["steps"].as_u64().unwrap() as usize,
+            ..Default::default()
+        },
+        width: g["width"].as_u64().map(|v| v as usize),
+        height: g["height"].as_u64().map(|v| v as usize),
+        task: sd::Task::Text {
+            latents: Some(latents),
+        },
+        ..sd::GenerateOptions::default()
+    }
+}
+
 /// The options of a fixture run made by the ControlNet, IP-Adapter and x4 upscaler scripts:
 /// prompt, negative prompt, steps, guidance, the sampler with its whole config after the run,
 /// plain prompt reading, and the run's initial latents.

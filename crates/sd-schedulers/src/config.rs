@@ -762,6 +762,34 @@ fn without_non_finite(text: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A `steps_offset` that pushes `leading`-spaced steps past the training schedule is refused
+    /// by every sampler's `set_timesteps`, naming it, instead of sampling into NaN (diffusers
+    /// fails indexing `alphas_cumprod` there).
+    #[test]
+    fn leading_steps_past_the_schedule_are_refused_by_every_sampler() {
+        type B = sd_core::backend::Flex;
+        let config = SchedulerConfig::from_json(
+            r#"{"timestep_spacing": "leading", "steps_offset": 999, "skip_prk_steps": true}"#,
+        )
+        .unwrap();
+        let mut checked = 0;
+        for name in crate::known_names() {
+            let Ok(mut scheduler) = crate::from_name::<B>(name, config.clone()) else {
+                continue;
+            };
+            checked += 1;
+            match scheduler.set_timesteps(4) {
+                Err(e) => assert!(e.to_string().contains("steps_offset 999"), "{name}: {e}"),
+                Ok(()) => assert!(
+                    scheduler.timesteps().iter().all(|&t| t < 1000.0),
+                    "{name}: {:?}",
+                    scheduler.timesteps()
+                ),
+            }
+        }
+        assert!(checked >= 13, "{checked}");
+    }
+
     /// Schedules this port does not implement are refused by every sampler, naming the field,
     /// rather than read and ignored (which would sample on the wrong sigmas).
     #[test]

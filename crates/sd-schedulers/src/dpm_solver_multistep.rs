@@ -191,7 +191,7 @@ pub(crate) fn multistep_schedule(
     steps: usize,
     last: usize,
     final_sigma_min: FinalSigmaMin,
-) -> (Vec<f64>, Vec<f64>) {
+) -> Result<(Vec<f64>, Vec<f64>)> {
     let train = c.num_train_timesteps;
     let mut timesteps: Vec<f64> = match c.spacing_or(TimestepSpacing::Linspace) {
         TimestepSpacing::Linspace => {
@@ -205,6 +205,16 @@ pub(crate) fn multistep_schedule(
         }
         TimestepSpacing::Leading => {
             let ratio = last / (steps + 1);
+            let first = steps * ratio + c.steps_offset;
+            // A large offset puts the first step past the schedule (σ would be read beyond the
+            // table and the run would turn NaN): refused, as the other samplers refuse it.
+            if first >= train {
+                return Err(SchedulerError::InvalidSteps(format!(
+                    "with steps_offset {}, {steps} steps start at timestep {first}, past the \
+                     {train} training timesteps",
+                    c.steps_offset
+                )));
+            }
             (1..=steps)
                 .rev()
                 .map(|i| (i * ratio + c.steps_offset) as f64)
@@ -254,10 +264,10 @@ pub(crate) fn multistep_schedule(
     };
     sigmas.push(final_sigma);
     // diffusers stores these timesteps as int64 (truncating any it did not round).
-    (
+    Ok((
         timesteps.into_iter().map(f64::trunc).collect(),
         to_f32(sigmas),
-    )
+    ))
 }
 
 /// `(α_t, σ_t)` of the VP process for a k-diffusion σ: `α = 1/√(σ² + 1)`, `σ_t = σ α`.
@@ -283,7 +293,7 @@ impl<B: Backend> Scheduler<B> for DpmSolverMultistepScheduler<B> {
             steps,
             last,
             FinalSigmaMin::TrainingMinimum,
-        );
+        )?;
         self.timesteps = timesteps;
         self.sigmas = sigmas;
         self.previous = None;

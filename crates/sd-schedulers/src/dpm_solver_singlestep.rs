@@ -99,7 +99,7 @@ impl<B: Backend> Scheduler<B> for DpmSolverSinglestepScheduler<B> {
             steps,
             last,
             FinalSigmaMin::TrainingMinimum,
-        );
+        )?;
         self.timesteps = timesteps;
         self.sigmas = sigmas;
         self.orders = self.order_list(steps);

@@ -278,7 +278,7 @@ impl<B: Backend> Scheduler<B> for UniPcMultistepScheduler<B> {
             steps,
             train,
             FinalSigmaMin::ScheduleLast,
-        );
+        )?;
         self.timesteps = timesteps;
         self.sigmas = sigmas;
         self.outputs.clear();

@@ -183,15 +183,6 @@ impl Task {
             Self::Inpaint(t) => Some(t.strength),
         }
     }
-
-    /// The same task with another strength (txt2img unchanged).
-    pub fn with_strength(self, strength: f64) -> Self {
-        match self {
-            Self::Text { .. } => self,
-            Self::Image(t) => Self::Image(ImageTask { strength, ..t }),
-            Self::Inpaint(t) => Self::Inpaint(InpaintTask { strength, ..t }),
-        }
-    }
 }
 
 /// SDXL's size and crop conditioning (Podell et al. 2023, sec. 2.2).
