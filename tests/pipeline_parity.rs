@@ -9,8 +9,8 @@ mod common;
 use std::path::Path;
 
 use burn::backend::{Flex, NdArray};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Tensor};
 use common::{Reference, Report, cases, manifest};
 use sd::conditioner::PromptSyntax;
 use sd::schedulers::{ReplayNoise, SchedulerConfig};
@@ -218,27 +218,14 @@ fn check_case<B: Backend>(case: &Path, device: &B::Device, report: &mut Report, 
         if noise.remaining() != 0 {
             report.fail(format!("{what}: {} noise draws unused", noise.remaining()));
         }
-        // Latents of a Karras schedule start at σ ≈ 15: f32 resolves 1e-4 only relative to
-        // the values' size, so the bound scales with the largest reference value.
-        let expected: Tensor<B, 4> = reference.tensor(&format!("{run_name}.latents_out"), device);
-        let scale = expected
-            .clone()
-            .abs()
-            .max()
-            .into_scalar()
-            .elem::<f32>()
-            .max(1.0);
-        report.check(
-            &format!("{what} latents"),
-            out.latents,
-            expected,
-            tolerance * scale,
-        );
-        // diffusers' image is in [0, 1].
-        report.check(
-            &format!("{what} image"),
-            ((out.images + 1.0) / 2.0).clamp(0.0, 1.0),
-            reference.tensor(&format!("{run_name}.image"), device),
+        common::check_latents_and_image(
+            report,
+            &what,
+            (out.latents, out.images),
+            (
+                reference.tensor(&format!("{run_name}.latents_out"), device),
+                reference.tensor(&format!("{run_name}.image"), device),
+            ),
             tolerance,
         );
     }

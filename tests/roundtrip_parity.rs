@@ -10,8 +10,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use burn::backend::{Flex, NdArray};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Tensor};
 use common::{Reference, Report, fixtures_dir, manifest};
 use sd::schedulers::ReplayNoise;
 use sd::{Model, generate_with_noise};
@@ -123,24 +123,14 @@ fn trained_folder_image<B: Backend>(device: &B::Device, name: &str) {
     let _ = std::fs::remove_dir_all(&folder);
     let tolerance = g["tolerance"].as_f64().unwrap() as f32;
     let mut report = Report::default();
-    let expected: Tensor<B, 4> = reference.tensor("latents_out", device);
-    let scale = expected
-        .clone()
-        .abs()
-        .max()
-        .into_scalar()
-        .elem::<f32>()
-        .max(1.0);
-    report.check(
-        &format!("{name} trained folder latents"),
-        out.latents,
-        expected,
-        tolerance * scale,
-    );
-    report.check(
-        &format!("{name} trained folder image"),
-        ((out.images + 1.0) / 2.0).clamp(0.0, 1.0),
-        reference.tensor("image", device),
+    common::check_latents_and_image(
+        &mut report,
+        &format!("{name} trained folder"),
+        (out.latents, out.images),
+        (
+            reference.tensor("latents_out", device),
+            reference.tensor("image", device),
+        ),
         tolerance,
     );
     report.finish();

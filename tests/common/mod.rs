@@ -129,9 +129,7 @@ impl Report {
 }
 
 /// A generation's final latents and decoded images against a run's references
-/// (`{run}.latents_out`, `{run}.image` in `[0, 1]` as diffusers' `output_type="np"`). The latents'
-/// bound scales with their largest reference value: f32 resolves `tolerance` only relative to
-/// the values' size.
+/// (`{run}.latents_out`, `{run}.image`), through [`check_latents_and_image`].
 pub fn check_generated<B: Backend>(
     report: &mut Report,
     reference: &Reference,
@@ -141,9 +139,31 @@ pub fn check_generated<B: Backend>(
     tolerance: f32,
     device: &B::Device,
 ) {
+    check_latents_and_image(
+        report,
+        run,
+        (latents, images),
+        (
+            reference.tensor(&format!("{run}.latents_out"), device),
+            reference.tensor(&format!("{run}.image"), device),
+        ),
+        tolerance,
+    );
+}
+
+/// Final latents and decoded images (in `[-1, 1]`) against the reference latents and image (in
+/// `[0, 1]`, as diffusers' `output_type="np"`), reported as `{label} latents` / `{label} image`.
+/// The latents' bound scales with their largest reference value: latents of a Karras schedule
+/// start at σ ≈ 15, and f32 resolves `tolerance` only relative to the values' size.
+pub fn check_latents_and_image<B: Backend>(
+    report: &mut Report,
+    label: &str,
+    (latents, images): (Tensor<B, 4>, Tensor<B, 4>),
+    (expected_latents, expected_image): (Tensor<B, 4>, Tensor<B, 4>),
+    tolerance: f32,
+) {
     use burn::tensor::ElementConversion;
-    let expected: Tensor<B, 4> = reference.tensor(&format!("{run}.latents_out"), device);
-    let scale = expected
+    let scale = expected_latents
         .clone()
         .abs()
         .max()
@@ -151,15 +171,15 @@ pub fn check_generated<B: Backend>(
         .elem::<f32>()
         .max(1.0);
     report.check(
-        &format!("{run} latents"),
+        &format!("{label} latents"),
         latents,
-        expected,
+        expected_latents,
         tolerance * scale,
     );
     report.check(
-        &format!("{run} image"),
+        &format!("{label} image"),
         ((images + 1.0) / 2.0).clamp(0.0, 1.0),
-        reference.tensor(&format!("{run}.image"), device),
+        expected_image,
         tolerance,
     );
 }
