@@ -139,7 +139,7 @@ pub struct TrainArgs {
     #[arg(long)]
     train_text_encoder: bool,
     /// Encode each image once and keep its VAE posterior under OUTPUT/latent_cache/ (needs
-    /// centre crops and no flips).
+    /// centre crops and no flips; with buckets, each image at its bucket's size).
     #[arg(long)]
     cache_latents: bool,
     /// Compute in half precision (only `no` is supported yet).

@@ -619,7 +619,7 @@ fn ctrl_c_checkpoints_the_step_and_the_resume_is_exact() {
 }
 
 #[test]
-fn aspect_ratio_buckets_train_and_resume_exactly() {
+fn aspect_ratio_buckets_train_resume_exactly_and_cache_their_latents() {
     let dir = scratch("buckets");
     let data = data(&dir);
     let buckets = [
@@ -644,12 +644,37 @@ fn aspect_ratio_buckets_train_and_resume_exactly() {
     );
     let config = std::fs::read_to_string(straight.join("train_config.json")).unwrap();
     assert!(config.contains("\"step\": 8"), "{config}");
-    // Buckets and the latent cache do not mix yet: said, not ignored.
-    let mut cached = buckets.to_vec();
-    cached.push("--cache-latents");
-    let out = train(&data, &dir.join("cached"), 1, &cached);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--cache-latents"));
+    // With the latent cache each image is encoded once at its bucket's size, and the run
+    // has the losses of one that encodes every step (centre crops, no flips: the cache's
+    // condition).
+    let settings = ["--learning-rate", "1e-3"];
+    let plain = dir.join("plain");
+    ok(&train_with(&data, &plain, 4, &settings, &buckets));
+    let mut cached_args = buckets.to_vec();
+    cached_args.push("--cache-latents");
+    let cached = dir.join("cached");
+    ok(&train_with(&data, &cached, 4, &settings, &cached_args));
+    let mut shapes: Vec<String> = std::fs::read_dir(cached.join("latent_cache"))
+        .unwrap()
+        .map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            // `{hash}-{w}x{h}-from-{rw}x{rh}-centre-{vae}.safetensors`
+            name.split('-').nth(1).unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(shapes.len(), 3, "one entry per image: {shapes:?}");
+    shapes.sort();
+    shapes.dedup();
+    assert!(shapes.len() > 1, "the images share one bucket: {shapes:?}");
+    let (a, b) = (sd_train_log(&plain), sd_train_log(&cached));
+    assert_eq!(a.len(), 4);
+    for ((s1, a), (s2, b)) in a.iter().zip(&b) {
+        let (a, b): (f64, f64) = (a.parse().unwrap(), b.parse().unwrap());
+        assert!(
+            s1 == s2 && (a - b).abs() <= 1e-5 * a.abs(),
+            "step {s1}: {a} vs {b}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -28,7 +28,7 @@ pub struct TrainConfig {
     /// other components from `model`.
     pub init: Option<PathBuf>,
     /// Encode each image once and keep its VAE posterior under `output/latent_cache/`
-    /// (needs centre crops and no flips).
+    /// (needs centre crops and no flips; with buckets, each image at its bucket's size).
     pub cache_latents: bool,
     /// Train the text encoder too (its own AdamW state, one gradient norm over both).
     pub train_text_encoder: bool,

@@ -3,14 +3,16 @@
 //! transform, so that later runs (and resumes) skip the encoder. An entry is trusted only if
 //! it reads back whole with the expected shapes; anything else is recomputed and rewritten.
 //! The posterior is cached rather than a sample of it, so every step still draws its own
-//! latent, as without the cache.
+//! latent, as without the cache. With aspect-ratio buckets each image is encoded at its
+//! bucket's size (kohya's `--cache_latents` with `--enable_bucket`), and the bucket and the
+//! resize are in the entry's name.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use sd_data::{Dataset, Transform, load_example_image};
+use sd_data::{Dataset, Transform, load_bucketed_image, load_example_image};
 use sd_encoder::VaeEncoder;
 use sha2::Digest;
 
@@ -19,6 +21,8 @@ use crate::error::{Result, TrainError};
 /// One image's posterior, `[c, h, w]` each, flat.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CachedPosterior {
+    /// `[c, h, w]` of `mean` and `std`.
+    pub shape: [usize; 3],
     /// The posterior's mean.
     pub mean: Vec<f32>,
     /// The posterior's standard deviation.
@@ -29,29 +33,52 @@ pub struct CachedPosterior {
 #[derive(Debug, Clone)]
 pub struct LatentCache {
     entries: HashMap<PathBuf, CachedPosterior>,
-    shape: [usize; 3],
+}
+
+/// The pixels an image is encoded from: a square crop at the transform's resolution, or its
+/// aspect-ratio bucket (`(width, height)`) after a resize to `resized`
+/// ([`sd_data::BucketConfig::assign`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheSize {
+    /// The transform's `resolution × resolution` centre crop.
+    Square,
+    /// A bucket and the size the image is resized to before its centre crop.
+    Bucket {
+        /// The crop, `(width, height)`.
+        bucket: (u32, u32),
+        /// The size before the crop, `(width, height)`.
+        resized: (u32, u32),
+    },
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Io(format!("{}: {e}", path.display()))
 }
 
-/// The cache file of an image: its content's SHA-256 and the transform in the name.
-fn entry_name(bytes: &[u8], transform: &Transform, vae_hash: &str) -> String {
+/// The cache file of an image: its content's SHA-256 and the transform (with buckets, the
+/// bucket and the resize) in the name.
+fn entry_name(bytes: &[u8], transform: &Transform, size: CacheSize, vae_hash: &str) -> String {
     let digest = sha2::Sha256::digest(bytes);
     let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{hex}-{}px-{}-{vae_hash}.safetensors",
-        transform.resolution,
-        if transform.center_crop {
-            "centre"
-        } else {
-            "random"
-        }
-    )
+    let crop = if transform.center_crop {
+        "centre"
+    } else {
+        "random"
+    };
+    match size {
+        CacheSize::Square => format!(
+            "{hex}-{}px-{crop}-{vae_hash}.safetensors",
+            transform.resolution
+        ),
+        CacheSize::Bucket {
+            bucket: (bw, bh),
+            resized: (rw, rh),
+        } => format!("{hex}-{bw}x{bh}-from-{rw}x{rh}-{crop}-{vae_hash}.safetensors"),
+    }
 }
 
-fn read_entry(path: &Path, n: usize) -> Option<CachedPosterior> {
+fn read_entry(path: &Path, shape: [usize; 3]) -> Option<CachedPosterior> {
+    let n = shape.iter().product::<usize>();
     let bytes = std::fs::read(path).ok()?;
     let file = safetensors::SafeTensors::deserialize(&bytes).ok()?;
     let read = |name: &str| -> Option<Vec<f32>> {
@@ -67,10 +94,11 @@ fn read_entry(path: &Path, n: usize) -> Option<CachedPosterior> {
         )
     };
     let (mean, std) = (read("mean")?, read("std")?);
-    (mean.iter().chain(&std).all(|v| v.is_finite())).then_some(CachedPosterior { mean, std })
+    (mean.iter().chain(&std).all(|v| v.is_finite())).then_some(CachedPosterior { shape, mean, std })
 }
 
-fn write_entry(path: &Path, entry: &CachedPosterior, shape: [usize; 3]) -> Result<()> {
+fn write_entry(path: &Path, entry: &CachedPosterior) -> Result<()> {
+    let shape = entry.shape;
     let as_bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     let (mean, std) = (as_bytes(&entry.mean), as_bytes(&entry.std));
     let views = [("mean", &mean), ("std", &std)].map(|(name, data)| {
@@ -93,11 +121,13 @@ fn write_entry(path: &Path, entry: &CachedPosterior, shape: [usize; 3]) -> Resul
 
 impl LatentCache {
     /// Fills the cache for every image of `dataset` under `dir`: reads the entries that are
-    /// there and whole, encodes (and writes) the others. `vae_hash` names the encoder's
-    /// weights, so that another VAE never reuses these entries.
+    /// there and whole, encodes (and writes) the others. `size_of(i)` is the crop of the
+    /// dataset's `i`-th example. `vae_hash` names the encoder's weights, so that another VAE
+    /// never reuses these entries.
     pub fn build<B: Backend>(
         dataset: &Dataset,
         transform: &Transform,
+        size_of: &dyn Fn(usize) -> CacheSize,
         (encoder, latent_channels, vae_hash): (&VaeEncoder<B>, usize, &str),
         dir: &Path,
         device: &B::Device,
@@ -111,28 +141,41 @@ impl LatentCache {
             ));
         }
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-        let side = transform.resolution as usize;
-        let latent = side / encoder.downsample_factor();
-        let shape = [latent_channels, latent, latent];
-        let n = shape.iter().product();
-        let mut images: Vec<&PathBuf> = dataset.examples().iter().map(|e| &e.image).collect();
-        images.sort();
-        images.dedup();
+        let factor = encoder.downsample_factor();
+        // One entry per image file (a repeated image is one example several times over, with
+        // one size: the size follows from the file).
+        let mut images: Vec<(&PathBuf, CacheSize)> = dataset
+            .examples()
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (&e.image, size_of(i)))
+            .collect();
+        images.sort_by(|a, b| a.0.cmp(b.0));
+        images.dedup_by(|a, b| a.0 == b.0);
         let mut entries = HashMap::new();
         let total = images.len();
-        for (i, image) in images.into_iter().enumerate() {
+        for (i, (image, size)) in images.into_iter().enumerate() {
+            let (w, h) = match size {
+                CacheSize::Square => (transform.resolution, transform.resolution),
+                CacheSize::Bucket { bucket, .. } => bucket,
+            };
+            let (w, h) = (w as usize, h as usize);
+            let shape = [latent_channels, h / factor, w / factor];
             let bytes = sd_core::files::read_regular(image)?;
-            let path = dir.join(entry_name(&bytes, transform, vae_hash));
-            let entry = match read_entry(&path, n) {
+            let path = dir.join(entry_name(&bytes, transform, size, vae_hash));
+            let entry = match read_entry(&path, shape) {
                 Some(entry) => entry,
                 None => {
                     // Centre crop, no flip: the transform draws nothing from the generator.
                     let mut rng = sd_data::sample_rng(0, 0);
-                    let pixels = load_example_image(image, transform, &mut rng)?;
-                    let x = Tensor::<B, 4>::from_data(
-                        TensorData::new(pixels, [1, 3, side, side]),
-                        device,
-                    );
+                    let pixels = match size {
+                        CacheSize::Square => load_example_image(image, transform, &mut rng)?,
+                        CacheSize::Bucket { bucket, resized } => {
+                            load_bucketed_image(image, bucket, resized, transform, &mut rng)?
+                        }
+                    };
+                    let x =
+                        Tensor::<B, 4>::from_data(TensorData::new(pixels, [1, 3, h, w]), device);
                     let posterior = encoder.encode(x)?;
                     let flat = |t: Tensor<B, 4>| -> Result<Vec<f32>> {
                         t.into_data()
@@ -141,26 +184,22 @@ impl LatentCache {
                             .map_err(|e| TrainError::Io(format!("{e:?}")))
                     };
                     let entry = CachedPosterior {
+                        shape,
                         mean: flat(posterior.mean)?,
                         std: flat(posterior.std)?,
                     };
-                    write_entry(&path, &entry, shape)?;
+                    write_entry(&path, &entry)?;
                     entry
                 }
             };
             entries.insert(image.clone(), entry);
             progress(i + 1, total);
         }
-        Ok(Self { entries, shape })
+        Ok(Self { entries })
     }
 
     /// The posterior of `image`.
     pub fn get(&self, image: &Path) -> Option<&CachedPosterior> {
         self.entries.get(image)
-    }
-
-    /// `[c, h, w]` of every entry.
-    pub fn shape(&self) -> [usize; 3] {
-        self.shape
     }
 }

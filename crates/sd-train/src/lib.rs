@@ -56,7 +56,7 @@ pub use config::{LoraConfig, TrainConfig};
 pub use ema::{Ema, EmaConfig};
 pub use error::{Result, TrainError};
 pub use gradients::Gradients;
-pub use latent_cache::{CachedPosterior, LatentCache};
+pub use latent_cache::{CacheSize, CachedPosterior, LatentCache};
 pub use lr::{LrSchedule, LrScheduleKind};
 pub use objective::{DenoisingBatch, DenoisingObjective};
 pub use params::{flat_params, with_flat_params};

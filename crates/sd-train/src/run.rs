@@ -528,25 +528,6 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
 
     // The VAE is frozen, on the inner backend: no autodiff graph, no gradients.
     let encoder = model.load_vae_encoder::<B>(device)?;
-    let cache = if config.cache_latents {
-        let weights = diffusers_weights_path(base.join("vae"), None)?;
-        let vae_hash = file_hash(&weights)?;
-        let mut progress = |done: usize, total: usize| {
-            if done == total || done.is_multiple_of(100) {
-                events(Event::Caching { done, total });
-            }
-        };
-        Some(crate::LatentCache::build(
-            &dataset,
-            &transform,
-            (&encoder, model.vae_config().latent_channels, &vae_hash),
-            &output.join("latent_cache"),
-            device,
-            &mut progress,
-        )?)
-    } else {
-        None
-    };
     let schedule = NoiseSchedule::new(&model.scheduler_config().noise_schedule())?;
     let objective = DenoisingObjective {
         schedule: schedule.clone(),
@@ -565,11 +546,6 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
     let mut buckets = match config.bucket {
         None => None,
         Some(bucket) => {
-            if config.cache_latents {
-                return Err(TrainError::Config(
-                    "--cache-latents with aspect-ratio buckets is not supported yet".into(),
-                ));
-            }
             bucket.validate()?;
             let factor = model.vae_scale_factor() as u32;
             if !bucket.step.is_multiple_of(factor) {
@@ -587,6 +563,32 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
             let batches = sd_data::BucketBatches::new(&shapes, config.batch_size, config.seed);
             Some((assigned, batches))
         }
+    };
+    let cache = if config.cache_latents {
+        let weights = diffusers_weights_path(base.join("vae"), None)?;
+        let vae_hash = file_hash(&weights)?;
+        let mut progress = |done: usize, total: usize| {
+            if done == total || done.is_multiple_of(100) {
+                events(Event::Caching { done, total });
+            }
+        };
+        Some(crate::LatentCache::build(
+            &dataset,
+            &transform,
+            &|i| match &buckets {
+                Some((assigned, _)) => {
+                    let (bucket, resized) = assigned[i];
+                    crate::CacheSize::Bucket { bucket, resized }
+                }
+                None => crate::CacheSize::Square,
+            },
+            (&encoder, model.vae_config().latent_channels, &vae_hash),
+            &output.join("latent_cache"),
+            device,
+            &mut progress,
+        )?)
+    } else {
+        None
     };
     let log_path = output.join("train_log.jsonl");
     let mut log = keep_log(&log_path, start)?;
@@ -691,6 +693,7 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
             let (w, h) = (width as usize, height as usize);
             let mut images = Vec::with_capacity(n * 3 * w * h);
             let (mut means, mut stds) = (Vec::new(), Vec::new());
+            let mut cache_shape = None;
             let mut texts = Vec::with_capacity(n);
             for &(sample, index) in &members {
                 let example = &dataset.examples()[index];
@@ -703,6 +706,16 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
                                 example.image.display()
                             ))
                         })?;
+                        // A batch is one bucket's: every entry has its shape.
+                        if cache_shape.is_some_and(|s| s != entry.shape) {
+                            return Err(TrainError::Io(format!(
+                                "{}: a cached latent of shape {:?} in a batch of {:?}",
+                                example.image.display(),
+                                entry.shape,
+                                cache_shape
+                            )));
+                        }
+                        cache_shape = Some(entry.shape);
                         means.extend_from_slice(&entry.mean);
                         stds.extend_from_slice(&entry.std);
                     }
@@ -733,8 +746,10 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
             // perturbation, timesteps.
             let mut rng = step_rng(config.seed, step, micro);
             let latents = match &cache {
-                Some(cache) => {
-                    let [c, h, w] = cache.shape();
+                Some(_) => {
+                    let [c, h, w] = cache_shape.ok_or_else(|| {
+                        TrainError::Config("an empty batch from the latent cache".into())
+                    })?;
                     let shape = [n, c, h, w];
                     let mean = Tensor::<B, 4>::from_data(TensorData::new(means, shape), device);
                     let std = Tensor::<B, 4>::from_data(TensorData::new(stds, shape), device);
