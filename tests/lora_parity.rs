@@ -19,7 +19,7 @@ use burn::tensor::{ElementConversion, Tensor};
 use common::{Reference, Report, fixtures_dir, manifest};
 use sd::lora::{Component, LoraFile, MergeOptions};
 use sd::schedulers::ReplayNoise;
-use sd::{Model, generate_with_noise};
+use sd::{LoraApplication, Model, generate_with_noise};
 
 fn case(name: &str) -> PathBuf {
     fixtures_dir().join("lora").join(name)
@@ -33,10 +33,12 @@ fn open(case: &Path, file: &str) -> Arc<LoraFile> {
     Arc::new(LoraFile::open(case.join(file)).unwrap_or_else(|e| panic!("{e}")))
 }
 
-/// The latents and image (in `[0, 1]`) our pipeline gives with `loras` merged.
+/// The latents and image (in `[0, 1]`) our pipeline gives with `loras` merged or applied on
+/// the fly.
 fn generate<B: Backend>(
     name: &str,
     loras: Vec<(Arc<LoraFile>, f32)>,
+    application: LoraApplication,
     device: &B::Device,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let case = case(name);
@@ -45,7 +47,8 @@ fn generate<B: Backend>(
     let reference = Reference::open(&case);
     let model = Model::from_folder(model_folder(name), None)
         .and_then(|m| m.with_loras(loras))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_lora_application(application);
     let latents: Tensor<B, 4> = reference.tensor("latents_in", device);
     let options = common::generation_options(g, latents.into_data());
     let mut noise = ReplayNoise::new(Vec::new());
@@ -59,7 +62,12 @@ fn magnitude<B: Backend>(t: &Tensor<B, 4>) -> f32 {
     t.clone().abs().max().into_scalar().elem::<f32>().max(1.0)
 }
 
-fn every_case<B: Backend>(device: &B::Device, backend: &str, models: &[&str]) {
+fn every_case<B: Backend>(
+    device: &B::Device,
+    backend: &str,
+    models: &[&str],
+    application: LoraApplication,
+) {
     let mut report = Report::default();
     for &name in models {
         let case = case(name);
@@ -81,7 +89,7 @@ fn every_case<B: Backend>(device: &B::Device, backend: &str, models: &[&str]) {
                     )
                 })
                 .collect();
-            let (latents, image) = generate::<B>(name, loras, device);
+            let (latents, image) = generate::<B>(name, loras, application, device);
             let expected: Tensor<B, 4> = reference.tensor(&format!("{label}.latents_out"), device);
             let scale = magnitude(&expected);
             // The LoRA must matter: its latents are far from the base model's.
@@ -115,13 +123,35 @@ fn every_case<B: Backend>(device: &B::Device, backend: &str, models: &[&str]) {
 
 #[test]
 fn every_lora_layout_gives_diffusers_image_on_flex() {
-    every_case::<Flex>(&Default::default(), "flex", &["tiny_sd1", "tiny_sdxl"]);
+    every_case::<Flex>(
+        &Default::default(),
+        "flex",
+        &["tiny_sd1", "tiny_sdxl"],
+        LoraApplication::Merge,
+    );
+}
+
+/// The same cases with the LoRAs kept beside the weights and added at each layer's forward
+/// (diffusers' `load_lora_weights` before `fuse_lora`): the same latents and image.
+#[test]
+fn every_lora_layout_gives_diffusers_image_on_the_fly() {
+    every_case::<Flex>(
+        &Default::default(),
+        "flex on the fly",
+        &["tiny_sd1", "tiny_sdxl"],
+        LoraApplication::OnTheFly,
+    );
 }
 
 /// The second CPU backend on the SD 1.x cases (the slow one: SDXL's adds a minute).
 #[test]
 fn every_lora_layout_gives_diffusers_image_on_ndarray() {
-    every_case::<NdArray>(&Default::default(), "ndarray", &["tiny_sd1"]);
+    every_case::<NdArray>(
+        &Default::default(),
+        "ndarray",
+        &["tiny_sd1"],
+        LoraApplication::Merge,
+    );
 }
 
 /// Each layout is told from its keys, and every factor pairs up.
@@ -200,6 +230,86 @@ fn a_merge_is_restored_exactly() {
         restored.num_params(),
         model.load_base_unet::<B>(&device).unwrap().num_params()
     );
+}
+
+/// LoRAs attached to a loaded U-Net change its output as the merge does and come off again
+/// without a trace: one model, switched between generations without reloading.
+#[test]
+fn attached_loras_switch_per_generation_without_reloading() {
+    type B = Flex;
+    let device = Default::default();
+    let model = Model::from_folder(model_folder("tiny_sd1"), None).unwrap();
+    let unet = model.load_base_unet::<B>(&device).unwrap();
+    let config = model.unet_config();
+    let [c, s] = [config.in_channels, 8];
+    let latents = Tensor::<B, 4>::random(
+        [2, c, s, s],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let context = Tensor::<B, 3>::random(
+        [2, 7, config.cross_attention_dim.expand(1).unwrap()[0]],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let forward = |unet: &sd::unet::UNet2DConditionModel<B>| {
+        unet.forward(latents.clone(), &[500.0, 20.0], context.clone(), None)
+            .unwrap()
+            .into_data()
+    };
+    let max_diff = |a: &burn::tensor::TensorData, b: &burn::tensor::TensorData| {
+        let (a, b) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    };
+    let base = forward(&unet);
+    let kohya = open(&case("tiny_sd1"), "kohya.safetensors");
+    let attach = |weight: f32| {
+        sd::lora::attach(
+            &unet,
+            Component::Unet,
+            &[(kohya.as_ref(), weight)],
+            &sd::unet::checkpoint_key,
+            None,
+            MergeOptions::default(),
+            &device,
+        )
+        .unwrap()
+    };
+    let merged_output = |weight: f32| {
+        let (merged, _) = sd::lora::merge(
+            unet.clone(),
+            Component::Unet,
+            &[(kohya.as_ref(), weight)],
+            &sd::unet::checkpoint_key,
+            None,
+            MergeOptions::default(),
+            &device,
+        )
+        .unwrap();
+        forward(&merged)
+    };
+    for weight in [0.8, -0.5] {
+        let expected = merged_output(weight);
+        let attached = attach(weight);
+        assert!(
+            attached.weights > 20,
+            "{} weights adapted",
+            attached.weights
+        );
+        let out = forward(&unet);
+        let moved = max_diff(&out, &base);
+        let off = max_diff(&out, &expected);
+        assert!(
+            moved > 1e-2,
+            "weight {weight}: the LoRA moved the output {moved}"
+        );
+        assert!(off < 1e-4, "weight {weight}: on the fly vs merged: {off}");
+        attached.detach();
+        assert_eq!(forward(&unet), base, "weight {weight}: not detached");
+    }
 }
 
 /// A LoRA made for another model is refused with the key, the module it wanted and the
@@ -291,7 +401,12 @@ fn kohya_sdxl_names_in_the_original_layout_give_the_same_image() {
     std::fs::write(&path, safetensors::serialize(renamed, None).unwrap()).unwrap();
     let lora = Arc::new(LoraFile::open(&path).unwrap());
     let device = Default::default();
-    let (latents, _) = generate::<Flex>("tiny_sdxl", vec![(lora, 1.0)], &device);
+    let (latents, _) = generate::<Flex>(
+        "tiny_sdxl",
+        vec![(lora, 1.0)],
+        LoraApplication::Merge,
+        &device,
+    );
     let _ = std::fs::remove_dir_all(&dir);
     let reference = Reference::open(&case);
     let mut report = Report::default();
@@ -340,7 +455,8 @@ fn every_layout_converts_to_kohya_and_gives_the_same_image() {
             s
         };
         assert_eq!(scales(&back), scales(&source), "{name} {label}");
-        let (latents, _) = generate::<Flex>(name, vec![(back, 1.0)], &device);
+        let (latents, _) =
+            generate::<Flex>(name, vec![(back, 1.0)], LoraApplication::Merge, &device);
         let reference = Reference::open(&case);
         let tolerance = manifest(&case)["generation"]["tolerance"].as_f64().unwrap() as f32;
         let expected: Tensor<Flex, 4> = reference.tensor(&format!("{label}.latents_out"), &device);

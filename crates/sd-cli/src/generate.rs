@@ -139,6 +139,10 @@ pub struct GenerateArgs {
     /// of refusing the file.
     #[arg(long)]
     lora_ignore_unmatched: bool,
+    /// How LoRAs are applied: merged into the weights as they load (no cost per step), or
+    /// kept beside them and added at each layer's forward (diffusers' unfused adapters).
+    #[arg(long, value_enum, default_value_t = LoraApply::Merge)]
+    lora_apply: LoraApply,
     /// The memory the run may use (e.g. `12G`, `800M`; default: what the system has
     /// available). Runs estimated to need more are refused before any weights are read.
     #[arg(long, allow_negative_numbers = true)]
@@ -258,6 +262,15 @@ fn unet_tiling(args: &GenerateArgs) -> Result<Option<sd::LatentTiling>, String> 
 
 /// An image size, `(width, height)`.
 type Size = (usize, usize);
+
+/// `--lora-apply`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LoraApply {
+    /// Added into the weights as they load.
+    Merge,
+    /// Added at each adapted layer's forward, the weights left as loaded.
+    OnTheFly,
+}
 
 /// How a --control image is prepared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -781,7 +794,11 @@ pub fn run(args: GenerateArgs) -> Result<String, String> {
     }?
     .with_dtype(dtype)
     .with_weight_check(!args.skip_weight_check)
-    .with_lora_ignore_unmatched(args.lora_ignore_unmatched);
+    .with_lora_ignore_unmatched(args.lora_ignore_unmatched)
+    .with_lora_application(match args.lora_apply {
+        LoraApply::Merge => sd::LoraApplication::Merge,
+        LoraApply::OnTheFly => sd::LoraApplication::OnTheFly,
+    });
     // LoRAs from --lora and from the prompt's <lora:…> tags (taken out of the text the text
     // encoder reads; the PNG's parameters keep them, as A1111's do).
     // (A prompt file's lines hold no tags: `prompt_file::read` refuses them.)

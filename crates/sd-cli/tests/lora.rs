@@ -84,6 +84,25 @@ fn a_lora_by_flag_and_by_prompt_tag_gives_the_same_image_and_is_recorded() {
     );
     assert!(ok, "{err}");
     assert!(parameters(&dir.join("two.png")).contains("kohya: "));
+    // Applied on the fly instead of merged: the same image, up to one 8-bit level.
+    let on_the_fly = dir.join("on_the_fly.png");
+    let (ok, err) = generate(
+        "a red cat",
+        &["--lora", &flag, "--lora-apply", "on-the-fly"],
+        &on_the_fly,
+    );
+    assert!(ok, "{err}");
+    let (merged, fly) = (pixels(&by_flag), pixels(&on_the_fly));
+    let worst = merged
+        .iter()
+        .zip(&fly)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(
+        worst <= 1,
+        "merged and on-the-fly images differ by {worst} levels"
+    );
 }
 
 /// SHA-256 of the file after its header, as A1111's addnet hash.

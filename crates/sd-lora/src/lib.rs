@@ -9,7 +9,9 @@
 //! `lora_A`/`lora_B` behind a `unet.` / `text_encoder.` prefix) and PEFT's own state dicts.
 //! [`LoraFile::open`] reads and checks one; [`merge`] adds its products into any Burn module
 //! whose parameters carry checkpoint key names, and hands back what it replaced so that the
-//! model can be switched back without reloading ([`Merged::restore`]).
+//! model can be switched back without reloading ([`Merged::restore`]). [`attach`] keeps the
+//! factors beside the weights instead and adds them at forward time (PEFT's unfused form),
+//! switchable per generation by dropping what it returns.
 //!
 //! [`LoraFile::save_kohya`] writes any of them in kohya's layout, [`LoraFile::save_diffusers`]
 //! in diffusers'. [`LoraTargets`] and [`LoraNetwork`] train one: factors beside a frozen model.
@@ -28,6 +30,6 @@ mod save;
 pub use error::{LoraError, Result};
 pub use file::{Component, LoraFile, LoraFormat, LoraLayer, ModuleName};
 pub use hash::addnet_hash;
-pub use merge::{MergeOptions, Merged, Rename, merge};
+pub use merge::{Attached, MergeOptions, Merged, Rename, attach, merge};
 pub use network::{LoraInit, LoraNetwork, LoraTarget, LoraTargets, TargetSet};
 pub use prompt::{LoraSpec, extract_prompt_loras, parse_lora_arg};

@@ -2,10 +2,11 @@
 
 use std::collections::HashMap;
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot};
+use sd_core::layers::adapters::{AttachedUpdates, LowRankUpdate};
 
 use crate::error::{LoraError, Result};
 use crate::file::{Component, LoraFile, ModuleName};
@@ -208,6 +209,54 @@ pub fn merge<B: Backend, M: Module<B>>(
     options: MergeOptions,
     device: &B::Device,
 ) -> Result<(M, Merged<B>)> {
+    let Plan { by_path, unmatched } =
+        plan(&module, component, files, checkpoint_key, rename, options)?;
+    // Add each weight's updates on the device, in one pass over the module.
+    let count = by_path.len();
+    let mut mapper = PathMapper {
+        path: Vec::new(),
+        containers: Vec::new(),
+        visit: AddDeltas {
+            plan: by_path,
+            originals: HashMap::new(),
+            device: device.clone(),
+        },
+        done: 0,
+    };
+    let module = module.map(&mut mapper);
+    if mapper.done != count {
+        return Err(LoraError::Spec(format!(
+            "merging found {} of the {count} weights it had planned",
+            mapper.done
+        )));
+    }
+    Ok((
+        module,
+        Merged {
+            weights: count,
+            unmatched,
+            originals: mapper.visit.originals,
+        },
+    ))
+}
+
+/// What [`merge`] and [`attach`] change: each adapted weight's layers (by the weight's module
+/// path) and the layers left out.
+struct Plan<'a> {
+    by_path: HashMap<String, Vec<(&'a crate::LoraLayer, f32)>>,
+    unmatched: Vec<String>,
+}
+
+/// Resolves every layer of every file to a weight of `module` and checks its shape, all
+/// problems of a file reported at once (see [`merge`]).
+fn plan<'a, B: Backend, M: Module<B>>(
+    module: &M,
+    component: Component,
+    files: &[(&'a LoraFile, f32)],
+    checkpoint_key: &dyn Fn(&str) -> Option<String>,
+    rename: Option<Rename<'_>>,
+    options: MergeOptions,
+) -> Result<Plan<'a>> {
     let snapshots = module.collect(None, Some(Box::new(BurnToPyTorchAdapter)), false);
     let mut dotted: HashMap<String, usize> = HashMap::new();
     for (i, s) in snapshots.iter().enumerate() {
@@ -230,7 +279,7 @@ pub fn merge<B: Backend, M: Module<B>>(
         .collect();
 
     // Resolve and check every layer of every file first.
-    let mut plan: Vec<(usize, &crate::LoraLayer, f32)> = Vec::new();
+    let mut resolved: Vec<(usize, &crate::LoraLayer, f32)> = Vec::new();
     let mut unmatched = Vec::new();
     for (file, weight) in files {
         let mut problems = Vec::new();
@@ -273,7 +322,7 @@ pub fn merge<B: Backend, M: Module<B>>(
                 ));
                 continue;
             }
-            plan.push((index, layer, *weight));
+            resolved.push((index, layer, *weight));
         }
         if !problems.is_empty() {
             return Err(LoraError::Mismatch {
@@ -284,39 +333,157 @@ pub fn merge<B: Backend, M: Module<B>>(
         }
     }
 
-    // Add each weight's updates on the device, in one pass over the module.
     let mut by_path: HashMap<String, Vec<(&crate::LoraLayer, f32)>> = HashMap::new();
-    for (index, layer, weight) in plan {
+    for (index, layer, weight) in resolved {
         by_path
             .entry(snapshots[index].full_path())
             .or_default()
             .push((layer, weight));
     }
-    drop(snapshots);
+    Ok(Plan { by_path, unmatched })
+}
+
+/// What [`attach`] did: the updates it attached (taken out again when this is dropped or
+/// [`Attached::detach`]ed), how many weights they adapt and which layers it left out.
+#[derive(Debug)]
+pub struct Attached {
+    /// Weights adapted (a weight several LoRAs adapt counts once).
+    pub weights: usize,
+    /// Layers whose module the model lacks, as `file: key` (only with
+    /// [`MergeOptions::ignore_unmatched`]).
+    pub unmatched: Vec<String>,
+    updates: AttachedUpdates,
+}
+
+impl Attached {
+    /// Takes the updates out: the module computes as it did before [`attach`].
+    pub fn detach(self) {
+        self.updates.detach();
+    }
+}
+
+/// Like [`merge`], with the same checks, but leaves the weights alone: each layer's factors are
+/// kept beside the weight it adapts and added at forward time (`x W + (α / r) · w · x Aᵀ Bᵀ`,
+/// as PEFT's unfused adapters; `sd_core::layers::adapters`), so that LoRAs can be switched
+/// between generations without reloading or changing the model. The factors are held in the
+/// weights' dtype. Clones of `module` share its parameters and so the updates.
+pub fn attach<B: Backend, M: Module<B>>(
+    module: &M,
+    component: Component,
+    files: &[(&LoraFile, f32)],
+    checkpoint_key: &dyn Fn(&str) -> Option<String>,
+    rename: Option<Rename<'_>>,
+    options: MergeOptions,
+    device: &B::Device,
+) -> Result<Attached> {
+    let Plan { by_path, unmatched } =
+        plan(module, component, files, checkpoint_key, rename, options)?;
     let count = by_path.len();
-    let mut mapper = PathMapper {
+    let mut visitor = AttachVisitor {
         path: Vec::new(),
         containers: Vec::new(),
-        visit: AddDeltas {
-            plan: by_path,
-            originals: HashMap::new(),
-            device: device.clone(),
-        },
+        plan: by_path,
+        updates: AttachedUpdates::new(),
+        device: device.clone(),
         done: 0,
+        problems: Vec::new(),
     };
-    let module = module.map(&mut mapper);
-    if mapper.done != count {
+    module.visit(&mut visitor);
+    if !visitor.problems.is_empty() {
+        return Err(LoraError::Spec(visitor.problems.join("; ")));
+    }
+    if visitor.done != count {
         return Err(LoraError::Spec(format!(
-            "merging found {} of the {count} weights it had planned",
-            mapper.done
+            "attaching found {} of the {count} weights it had planned",
+            visitor.done
         )));
     }
-    Ok((
-        module,
-        Merged {
-            weights: count,
-            unmatched,
-            originals: mapper.visit.originals,
-        },
-    ))
+    Ok(Attached {
+        weights: count,
+        unmatched,
+        updates: visitor.updates,
+    })
+}
+
+/// Walks a module as [`PathMapper`] does and attaches the planned layers' updates.
+struct AttachVisitor<'a, B: Backend> {
+    path: Vec<String>,
+    containers: Vec<String>,
+    plan: HashMap<String, Vec<(&'a crate::LoraLayer, f32)>>,
+    updates: AttachedUpdates,
+    device: B::Device,
+    done: usize,
+    problems: Vec<String>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for AttachVisitor<'_, B> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push(name.to_string());
+        self.containers.push(container_type.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+        self.containers.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let path = self.path.join(".");
+        let Some(layers) = self.plan.get(&path) else {
+            return;
+        };
+        let linear = self.containers.last().is_some_and(|c| c == "Struct:Linear");
+        let weight = param.val();
+        let (dims, dtype) = (weight.dims(), weight.dtype());
+        let factor = |data: &TensorData, shape: Vec<usize>| {
+            let mut d = data.clone().convert_dtype(DType::F32);
+            d.shape = shape.into();
+            d
+        };
+        for (layer, user_weight) in layers {
+            let (out, inputs) = layer.delta_shape();
+            let rank = layer.rank();
+            let scale = layer.scale() * user_weight;
+            let update = match (linear, dims.as_slice()) {
+                (true, [_, _]) => {
+                    let down = Tensor::<B, 2>::from_data(
+                        factor(&layer.down, vec![rank, inputs]),
+                        (&self.device, DType::F32),
+                    );
+                    let up = Tensor::<B, 2>::from_data(
+                        factor(&layer.up, vec![out, rank]),
+                        (&self.device, DType::F32),
+                    );
+                    LowRankUpdate::Linear {
+                        down: down.transpose().cast(dtype),
+                        up: up.mul_scalar(scale).transpose().cast(dtype),
+                    }
+                }
+                (false, &[o, i, kh, kw]) if o == out && i * kh * kw == inputs => {
+                    let down = Tensor::<B, 4>::from_data(
+                        factor(&layer.down, vec![rank, i, kh, kw]),
+                        (&self.device, DType::F32),
+                    );
+                    let up = Tensor::<B, 4>::from_data(
+                        factor(&layer.up, vec![out, rank, 1, 1]),
+                        (&self.device, DType::F32),
+                    );
+                    LowRankUpdate::Conv {
+                        down: down.cast(dtype),
+                        up: up.mul_scalar(scale).cast(dtype),
+                    }
+                }
+                _ => {
+                    self.problems.push(format!(
+                        "`{}` adapts `{path}` ({dims:?}), which is neither a linear layer nor a \
+                         convolution: it can be merged but not attached",
+                        layer.key
+                    ));
+                    continue;
+                }
+            };
+            self.updates.attach(param.id, update);
+        }
+        self.done += 1;
+    }
 }

@@ -46,7 +46,7 @@ pub use family::ModelFamily;
 pub use finite::check_finite;
 pub use image_prompt::ImagePrompt;
 pub use latent_tiles::{LatentTiling, TilePlan};
-pub use model::{MAX_CLIP_SKIP, Model, UpscalerParts, hub_cache_snapshot};
+pub use model::{LoraApplication, MAX_CLIP_SKIP, Model, UpscalerParts, hub_cache_snapshot};
 pub use output::{parameters_text, prompt_of_parameters, read_parameters, save_png, to_images};
 pub use pipeline::{
     Denoiser, GenerateOptions, Generated, Guidance, ImageConditioning, ImageTask, InpaintLatents,

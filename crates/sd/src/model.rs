@@ -21,7 +21,7 @@ use sd_unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::error::{Result, SdError, model_error};
 use crate::family::ModelFamily;
 use crate::single_file::{self, CheckpointLayout, TextPrefix};
-use sd_lora::{Component, LoraFile, MergeOptions};
+use sd_lora::{Attached, Component, LoraFile, MergeOptions};
 
 /// The most text-encoder layers `clip_skip` can skip (ViT-bigG has 32).
 pub const MAX_CLIP_SKIP: usize = 64;
@@ -35,6 +35,17 @@ enum Source {
         /// A diffusers folder whose component configs replace the built-in ones.
         config_dir: Option<PathBuf>,
     },
+}
+
+/// How the LoRAs of [`Model::with_loras`] reach a generation's U-Net and text encoders.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LoraApplication {
+    /// Added into the weights as they load (no cost per step; kohya's and ComfyUI's way).
+    #[default]
+    Merge,
+    /// Kept beside the weights and added at forward time (PEFT's unfused adapters, diffusers'
+    /// `load_lora_weights` before `fuse_lora`): the loaded weights stay the files' own.
+    OnTheFly,
 }
 
 /// A model on disk: its configuration is read up front, its weights only when a component is
@@ -56,6 +67,7 @@ pub struct Model {
     /// LoRAs merged into the U-Net and text encoders as they load, with their weights.
     loras: Vec<(Arc<LoraFile>, f32)>,
     lora_options: MergeOptions,
+    lora_application: LoraApplication,
     /// The x4 upscaler's (`StableDiffusionUpscalePipeline`): the schedule that noises the
     /// low-resolution image, and the highest noise level it allows.
     upscaler: Option<UpscalerParts>,
@@ -403,6 +415,7 @@ impl Model {
             check_weights: true,
             loras: Vec::new(),
             lora_options: MergeOptions::default(),
+            lora_application: LoraApplication::default(),
         })
     }
 
@@ -476,6 +489,7 @@ impl Model {
             check_weights: true,
             loras: Vec::new(),
             lora_options: MergeOptions::default(),
+            lora_application: LoraApplication::default(),
             upscaler: None,
         })
     }
@@ -673,6 +687,39 @@ impl Model {
             merged.push(stage);
         }
         Ok(ClipConditioner::new(merged, syntax)?)
+    }
+
+    /// Loads the text conditioner for a generation: as [`Model::load_conditioner`], or (with
+    /// [`LoraApplication::OnTheFly`]) with the LoRAs attached for as long as the second value
+    /// lives.
+    pub fn load_conditioner_with_loras<B: Backend>(
+        &self,
+        syntax: PromptSyntax,
+        clip_skip: usize,
+        device: &B::Device,
+    ) -> Result<(ClipConditioner<B>, Vec<Attached>)> {
+        if self.lora_application == LoraApplication::Merge {
+            return Ok((
+                self.load_conditioner(syntax, clip_skip, device)?,
+                Vec::new(),
+            ));
+        }
+        let conditioner = self.load_base_conditioner(syntax, clip_skip, device)?;
+        let mut attached = Vec::new();
+        for (i, stage) in conditioner.stages().iter().enumerate() {
+            let component = if i == 0 {
+                Component::TextEncoder
+            } else {
+                Component::TextEncoder2
+            };
+            attached.extend(self.attach_loras(
+                &stage.model,
+                component,
+                &sd_conditioner::text_checkpoint_key,
+                device,
+            )?);
+        }
+        Ok((conditioner, attached))
     }
 
     /// The text conditioner as the model's files hold it (no LoRA).
@@ -877,9 +924,48 @@ impl Model {
         self
     }
 
+    /// Whether generations merge the LoRAs into the weights or apply them on the fly.
+    pub fn with_lora_application(mut self, application: LoraApplication) -> Self {
+        self.lora_application = application;
+        self
+    }
+
+    /// How generations apply the LoRAs.
+    pub fn lora_application(&self) -> LoraApplication {
+        self.lora_application
+    }
+
     /// The LoRAs [`Model::with_loras`] added.
     pub fn loras(&self) -> &[(Arc<LoraFile>, f32)] {
         &self.loras
+    }
+
+    /// The LoRA files that adapt `component`, with their weights.
+    fn loras_of(&self, component: Component) -> Vec<(&LoraFile, f32)> {
+        self.loras
+            .iter()
+            .filter(|(f, _)| f.layers_of(component).next().is_some())
+            .map(|(f, w)| (f.as_ref(), *w))
+            .collect()
+    }
+
+    /// kohya's SDXL LoRAs name U-Net modules in the original layout: their names in ours.
+    fn kohya_rename(&self) -> impl Fn(&str) -> Option<String> + use<> {
+        let layers = match self.unet_config.layers_per_block {
+            sd_unet::PerBlock::One(n) => Some(n),
+            _ => None,
+        };
+        move |name: &str| sd_unet::kohya_ldm_to_diffusers(name, layers?)
+    }
+
+    fn warn_unmatched(component: Component, unmatched: &[String]) {
+        if let Some(first) = unmatched.first() {
+            eprintln!(
+                "warning: {} LoRA layer(s) for {} match no module and were left out (first: {first})",
+                unmatched.len(),
+                component.name(),
+            );
+        }
     }
 
     /// Merges the LoRAs' layers for `component` into `module`.
@@ -890,21 +976,11 @@ impl Model {
         key: &dyn Fn(&str) -> Option<String>,
         device: &B::Device,
     ) -> Result<M> {
-        let files: Vec<(&LoraFile, f32)> = self
-            .loras
-            .iter()
-            .filter(|(f, _)| f.layers_of(component).next().is_some())
-            .map(|(f, w)| (f.as_ref(), *w))
-            .collect();
+        let files = self.loras_of(component);
         if files.is_empty() {
             return Ok(module);
         }
-        // kohya's SDXL LoRAs name U-Net modules in the original layout.
-        let layers = match self.unet_config.layers_per_block {
-            sd_unet::PerBlock::One(n) => Some(n),
-            _ => None,
-        };
-        let original = move |name: &str| sd_unet::kohya_ldm_to_diffusers(name, layers?);
+        let original = self.kohya_rename();
         let rename: Option<sd_lora::Rename<'_>> =
             (component == Component::Unet).then_some(&original as _);
         let (module, merged) = sd_lora::merge(
@@ -916,15 +992,55 @@ impl Model {
             self.lora_options,
             device,
         )?;
-        if !merged.unmatched.is_empty() {
-            eprintln!(
-                "warning: {} LoRA layer(s) for {} match no module and were left out (first: {})",
-                merged.unmatched.len(),
-                component.name(),
-                merged.unmatched[0]
-            );
-        }
+        Self::warn_unmatched(component, &merged.unmatched);
         Ok(module)
+    }
+
+    /// Attaches the LoRAs' layers for `component` to `module` (applied at forward time until
+    /// the returned value is dropped); `None` when no LoRA adapts it.
+    fn attach_loras<B: Backend, M: burn::module::Module<B>>(
+        &self,
+        module: &M,
+        component: Component,
+        key: &dyn Fn(&str) -> Option<String>,
+        device: &B::Device,
+    ) -> Result<Option<Attached>> {
+        let files = self.loras_of(component);
+        if files.is_empty() {
+            return Ok(None);
+        }
+        let original = self.kohya_rename();
+        let rename: Option<sd_lora::Rename<'_>> =
+            (component == Component::Unet).then_some(&original as _);
+        let attached = sd_lora::attach(
+            module,
+            component,
+            &files,
+            key,
+            rename,
+            self.lora_options,
+            device,
+        )?;
+        Self::warn_unmatched(component, &attached.unmatched);
+        Ok(Some(attached))
+    }
+
+    /// Loads the U-Net for a generation: with the LoRAs merged in, or (with
+    /// [`LoraApplication::OnTheFly`]) as the files hold it with the LoRAs attached for as long
+    /// as the second value lives.
+    pub fn load_unet_with_loras<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<(UNet2DConditionModel<B>, Option<Attached>)> {
+        match self.lora_application {
+            LoraApplication::Merge => Ok((self.load_unet(device)?, None)),
+            LoraApplication::OnTheFly => {
+                let unet = self.load_base_unet(device)?;
+                let attached =
+                    self.attach_loras(&unet, Component::Unet, &sd_unet::checkpoint_key, device)?;
+                Ok((unet, attached))
+            }
+        }
     }
 
     /// Loads the U-Net, with the LoRAs of [`Model::with_loras`] merged in.

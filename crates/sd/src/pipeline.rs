@@ -454,7 +454,9 @@ pub fn encode_prompts<B: Backend>(
     guidance: &Guidance,
     device: &B::Device,
 ) -> Result<PromptConditioning<B>> {
-    let conditioner = model.load_conditioner::<B>(prompt.syntax, prompt.clip_skip, device)?;
+    // With LoRAs on the fly, `_loras` keeps them attached while the prompts encode.
+    let (conditioner, _loras) =
+        model.load_conditioner_with_loras::<B>(prompt.syntax, prompt.clip_skip, device)?;
     let guided = guidance.guided();
     let conditioning = if !guided {
         conditioner.encode(&[prompt.text.as_str()])?
@@ -836,17 +838,21 @@ pub fn generate_with_noise<B: Backend>(
     }
     let latents = {
         // The image prompt's encoder runs (and is dropped) before the U-Net loads.
-        let (unet, image_tokens) = match &options.image_prompt {
+        // With LoRAs on the fly, `_loras` keeps them attached until the latents are done.
+        let (unet, _loras, image_tokens) = match &options.image_prompt {
             Some(prompt) => {
                 let (adapter, tokens) =
                     prompt.encode::<B>(model, options.num_images, cond.guided, device)?;
-                let unet = model
-                    .load_unet::<B>(device)?
+                let (unet, loras) = model.load_unet_with_loras::<B>(device)?;
+                let unet = unet
                     .with_ip_adapter(&adapter, prompt.scale)
                     .map_err(|e| model_error(&prompt.adapter, e.to_string()))?;
-                (unet, Some(tokens))
+                (unet, loras, Some(tokens))
             }
-            None => (model.load_unet::<B>(device)?, None),
+            None => {
+                let (unet, loras) = model.load_unet_with_loras::<B>(device)?;
+                (unet, loras, None)
+            }
         };
         let image = ImageConditioning {
             control: ControlStack::load(

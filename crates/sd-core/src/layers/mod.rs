@@ -1,6 +1,7 @@
 //! Layers shared by the VAE halves and the U-Net. Field names follow diffusers' module names so
 //! that a diffusers state dict maps onto them key for key.
 
+pub mod adapters;
 mod attention;
 #[cfg(all(feature = "autodiff", any(feature = "flex", feature = "ndarray")))]
 mod conv_autodiff;
@@ -65,11 +66,22 @@ pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 }
 
 /// `layer.forward(x)` (`x W + b` over the last axis), through one multiply onto the bias
-/// (`sd_kernels::cpu::linear`) on Flex, through Burn's `linear` otherwise.
+/// (`sd_kernels::cpu::linear`) on Flex, through Burn's `linear` otherwise; plus the low-rank
+/// updates attached to the layer's weight ([`adapters`]), if any.
 pub fn linear_forward<B: Backend, const D: usize>(
     layer: &Linear<B>,
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
+    let delta = adapters::linear_delta(layer, &x);
+    let out = linear_base(layer, x);
+    match delta {
+        Some(delta) => out + delta,
+        None => out,
+    }
+}
+
+/// [`linear_forward`] without the layer's attached low-rank updates.
+fn linear_base<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "flex")]
     if let Some(out) = sd_kernels::cpu::try_linear(layer, &x) {
         return out;
@@ -81,6 +93,9 @@ pub fn linear_forward<B: Backend, const D: usize>(
 /// map's pixels), giving token-major `[batch, tokens, d_out]`: the transformer's way in. On
 /// Flex one multiply reads `x` transposed in place.
 pub fn linear_from_channels<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    if adapters::linear_adapted(layer) {
+        return linear_forward(layer, x.swap_dims(1, 2));
+    }
     #[cfg(feature = "flex")]
     if let Some(out) = sd_kernels::cpu::try_linear_from_channels(layer, &x) {
         return out;
@@ -96,6 +111,9 @@ pub fn linear_to_channels<B: Backend>(
     x: Tensor<B, 3>,
     residual: Tensor<B, 3>,
 ) -> Tensor<B, 3> {
+    if adapters::linear_adapted(layer) {
+        return linear_forward(layer, x).swap_dims(1, 2) + residual;
+    }
     #[cfg(feature = "flex")]
     if let Some(out) = sd_kernels::cpu::try_linear_to_channels(layer, &x, &residual) {
         return out;
@@ -103,7 +121,8 @@ pub fn linear_to_channels<B: Backend>(
     linear_forward(layer, x).swap_dims(1, 2) + residual
 }
 
-/// `conv.forward(x)`, through the fused CPU kernel (`sd_kernels::cpu::conv`) on Flex for
+/// `conv.forward(x)` (plus the low-rank updates attached to its weight, [`adapters`]), through
+/// the fused CPU kernel (`sd_kernels::cpu::conv`) on Flex for
 /// stride-1 convolutions (most of the U-Net's and VAE's work); through Burn's `conv2d` otherwise,
 /// except under autodiff (training). There Burn's `conv2d` backward runs a transposed
 /// convolution (a naive single-threaded loop on Flex) and strided element-wise copies, so:
@@ -113,6 +132,16 @@ pub fn linear_to_channels<B: Backend>(
 /// per-tap matmuls written in differentiable tensor ops (`conv_train`). Both give the exact
 /// gradients. Maps below 16² outputs stay on Burn's `conv2d`, faster there.
 pub fn conv2d_forward<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let delta = adapters::conv_delta(conv, &x);
+    let out = conv2d_base(conv, x);
+    match delta {
+        Some(delta) => out + delta,
+        None => out,
+    }
+}
+
+/// [`conv2d_forward`] without the layer's attached low-rank updates.
+fn conv2d_base<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     #[cfg(feature = "flex")]
     if let Some(out) = sd_kernels::cpu::try_conv2d(conv, &x) {
         return out;
