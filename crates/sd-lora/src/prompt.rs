@@ -64,9 +64,10 @@ pub fn extract_prompt_loras(prompt: &str) -> Result<(String, Vec<LoraSpec>)> {
             continue;
         };
         let Some(end) = body.find('>') else {
+            // The first 40 characters (not bytes: a cut inside a character would panic).
+            let shown: String = tail.chars().take(40).collect();
             return Err(LoraError::Spec(format!(
-                "the prompt's `<{}` has no closing `>`",
-                &tail[..tail.len().min(40)]
+                "the prompt's `<{shown}` has no closing `>`"
             )));
         };
         let tag = &body[..end];
@@ -98,6 +99,19 @@ pub fn extract_prompt_loras(prompt: &str) -> Result<(String, Vec<LoraSpec>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the fuzzer: an unclosed tag cut for the message inside a multi-byte character.
+    #[test]
+    fn an_unclosed_tag_is_cut_at_a_character_boundary() {
+        let prompt = format!("<lora:x{}", "猫".repeat(50));
+        let err = extract_prompt_loras(&prompt).unwrap_err().to_string();
+        assert!(err.contains("no closing `>`"), "{err}");
+        // 40 characters: `lora:x` and 34 of the 50.
+        assert!(
+            err.contains(&format!("<lora:x{}`", "猫".repeat(34))),
+            "{err}"
+        );
+    }
 
     #[test]
     fn arguments() {
