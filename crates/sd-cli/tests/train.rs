@@ -742,6 +742,31 @@ fn lora_training_resumes_exactly_and_its_file_loads_in_generate() {
     );
     assert!(file.layers.iter().all(|l| l.alpha == Some(2.0)));
     assert!(tensors(&lora) == tensors(&resumed.join("lora.safetensors")));
+    // The tiny model is SD 1.x-shaped: its checkpoint holds proj_in/proj_out as 1×1
+    // convolutions, so their factors are 4-D as kohya and PEFT write them (diffusers'
+    // load_lora_weights refuses 2-D ones; tests/roundtrip_parity.rs loads ours there).
+    let proj: Vec<_> = file
+        .layers
+        .iter()
+        .filter(|l| l.key.contains("proj_in") || l.key.contains("proj_out"))
+        .collect();
+    assert!(!proj.is_empty());
+    for layer in proj {
+        assert_eq!(
+            layer.down.shape.len(),
+            4,
+            "{}: {:?}",
+            layer.key,
+            layer.down.shape
+        );
+        assert_eq!(
+            layer.up.shape.len(),
+            4,
+            "{}: {:?}",
+            layer.key,
+            layer.up.shape
+        );
+    }
 
     // The file loads in `sd generate --lora`, and changes the image.
     let model = common::tiny_model();

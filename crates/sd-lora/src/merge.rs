@@ -454,10 +454,10 @@ impl<B: Backend> ModuleVisitor<B> for AttachVisitor<'_, B> {
                         factor(&layer.up, vec![out, rank]),
                         (&self.device, DType::F32),
                     );
-                    LowRankUpdate::Linear {
-                        down: down.transpose().cast(dtype),
-                        up: up.mul_scalar(scale).transpose().cast(dtype),
-                    }
+                    LowRankUpdate::linear(
+                        down.transpose().cast(dtype),
+                        up.mul_scalar(scale).transpose().cast(dtype),
+                    )
                 }
                 (false, &[o, i, kh, kw]) if o == out && i * kh * kw == inputs => {
                     let down = Tensor::<B, 4>::from_data(

@@ -202,6 +202,17 @@ impl LoraTargets {
         })
     }
 
+    /// Marks the linear targets whose checkpoint holds the weight as a 1×1 convolution
+    /// (`stored_as_conv(module)`; SD 1.x's `proj_in`/`proj_out`): their factors are then
+    /// written `[r, in, 1, 1]` / `[out, r, 1, 1]`, the shapes kohya's sd-scripts and PEFT give a
+    /// convolution's LoRA, which diffusers' `load_lora_weights` requires.
+    pub fn with_conv_modules(mut self, stored_as_conv: &dyn Fn(&str) -> bool) -> Self {
+        for target in &mut self.targets {
+            target.conv |= stored_as_conv(&target.module);
+        }
+        self
+    }
+
     /// `α / r`.
     pub fn scale(&self) -> f32 {
         self.alpha / self.rank as f32

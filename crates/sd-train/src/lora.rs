@@ -24,13 +24,19 @@ pub(crate) struct LoraTrainee<AB: AutodiffBackend, M> {
     pub network: LoraNetwork<AB>,
 }
 
+/// How a model's parameters are named in its checkpoint (a Burn path to a key), and which of
+/// its linear modules the checkpoint holds as 1×1 convolutions.
+pub type ModuleNaming<'a> = (&'a dyn Fn(&str) -> Option<String>, &'a dyn Fn(&str) -> bool);
+
 impl<AB: AutodiffBackend, M: Module<AB>> LoraTrainee<AB, M> {
     /// Fresh factors (`down` from `seed`, `up` zero) on `config.targets` of `base`.
+    /// `stored_as_conv` names the linear modules the checkpoint holds as 1×1 convolutions
+    /// ([`LoraTargets::with_conv_modules`]).
     pub fn new(
         base: M,
         component: Component,
         config: &LoraConfig,
-        checkpoint_key: &dyn Fn(&str) -> Option<String>,
+        (checkpoint_key, stored_as_conv): ModuleNaming<'_>,
         seed: u64,
         device: &AB::Device,
     ) -> Result<Self> {
@@ -42,7 +48,8 @@ impl<AB: AutodiffBackend, M: Module<AB>> LoraTrainee<AB, M> {
             config.rank,
             config.alpha(),
             checkpoint_key,
-        )?;
+        )?
+        .with_conv_modules(stored_as_conv);
         let network = targets.init(config.init_kind()?, seed, device);
         Ok(Self {
             base,

@@ -230,11 +230,14 @@ fn lora_trainees<B: Backend, C: CheckpointStrategy>(
     lora: &crate::LoraConfig,
     device: &B::Device,
 ) -> Result<Trainees<B, C>> {
+    let unet_config = model.unet_config();
     let unet = LoraTrainee::new(
         model.load_unet::<Autodiff<B, C>>(device)?,
         sd_lora::Component::Unet,
         lora,
-        &sd_unet::checkpoint_key,
+        (&sd_unet::checkpoint_key, &|m| {
+            unet_config.stores_linear_as_conv(m)
+        }),
         config.seed ^ LORA_SEED,
         device,
     )?;
@@ -243,7 +246,7 @@ fn lora_trainees<B: Backend, C: CheckpointStrategy>(
             model.load_text_encoder::<Autodiff<B, C>>(0, device)?,
             sd_lora::Component::TextEncoder,
             lora,
-            &sd::conditioner::text_checkpoint_key,
+            (&sd::conditioner::text_checkpoint_key, &|_| false),
             config.seed ^ LORA_SEED ^ 1,
             device,
         )?;

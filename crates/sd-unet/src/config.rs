@@ -305,6 +305,15 @@ pub(crate) struct Resolved {
 }
 
 impl UNet2DConditionConfig {
+    /// Whether the checkpoint holds `module`'s weight (`down_blocks.0.attentions.0.proj_in`) as
+    /// a 1×1 convolution, `[out, in, 1, 1]`, where this crate keeps a linear layer: the
+    /// transformers' `proj_in`/`proj_out` unless `use_linear_projection` (SD 1.x). Writers of
+    /// that weight, and of LoRA factors for it, use the convolution's shape.
+    pub fn stores_linear_as_conv(&self, module: &str) -> bool {
+        !self.use_linear_projection
+            && (module.ends_with(".proj_in") || module.ends_with(".proj_out"))
+    }
+
     /// Stable Diffusion 1.5's U-Net.
     pub fn sd15() -> Self {
         Self {

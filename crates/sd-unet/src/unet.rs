@@ -132,10 +132,11 @@ impl<B: Backend> UNet2DConditionModel<B> {
         module_tensors(self, &checkpoint_key)
             .into_iter()
             .map(|(key, t)| {
-                let projection =
-                    key.ends_with(".proj_in.weight") || key.ends_with(".proj_out.weight");
+                let conv = key
+                    .strip_suffix(".weight")
+                    .is_some_and(|m| config.stores_linear_as_conv(m));
                 match t.shape.as_slice() {
-                    [o, i] if projection && !config.use_linear_projection => {
+                    [o, i] if conv => {
                         let shape = vec![*o, *i, 1, 1];
                         (key, reshaped(t, shape))
                     }

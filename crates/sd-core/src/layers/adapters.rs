@@ -31,13 +31,9 @@ use burn::tensor::ops::ConvOptions;
 /// One low-rank update of a weight.
 #[derive(Debug, Clone)]
 pub enum LowRankUpdate<B: Backend> {
-    /// For a Burn `Linear` (`y = x W + b`, `W` stored `[in, out]`): `x · down · up`.
-    Linear {
-        /// `[in, rank]` (PyTorch's `lora_down` transposed).
-        down: Tensor<B, 2>,
-        /// `[rank, out]` (PyTorch's `lora_up` transposed, times the scale).
-        up: Tensor<B, 2>,
-    },
+    /// For a Burn `Linear` (`y = x W + b`, `W` stored `[in, out]`): `x · down · up`, both
+    /// held as bias-free `Linear`s so that they run through the same fast paths as the layer.
+    Linear(Box<LinearUpdate<B>>),
     /// For a `Conv2d`: `down` is a convolution with the layer's kernel size, stride, padding
     /// and dilation into `rank` channels, `up` a 1×1 convolution out of them (LoCon's form;
     /// for a 1×1 layer, plain LoRA).
@@ -47,6 +43,33 @@ pub enum LowRankUpdate<B: Backend> {
         /// `[out, rank, 1, 1]`, times the scale.
         up: Tensor<B, 4>,
     },
+}
+
+/// [`LowRankUpdate::Linear`]'s factors.
+#[derive(Debug, Clone)]
+pub struct LinearUpdate<B: Backend> {
+    /// `[in, rank]` (PyTorch's `lora_down` transposed).
+    pub down: Linear<B>,
+    /// `[rank, out]` (PyTorch's `lora_up` transposed, times the scale).
+    pub up: Linear<B>,
+}
+
+impl<B: Backend> LowRankUpdate<B> {
+    /// The update of a `Linear` from `down` (`[in, rank]`) and `up` (`[rank, out]`, scaled).
+    pub fn linear(down: Tensor<B, 2>, up: Tensor<B, 2>) -> Self {
+        // Laid out afresh (a transposed view would make the fast kernels copy it every call).
+        let layer = |weight: Tensor<B, 2>| {
+            let (device, dtype) = (weight.device(), weight.dtype());
+            Linear {
+                weight: Param::from_tensor(Tensor::from_data(weight.into_data(), (&device, dtype))),
+                bias: None,
+            }
+        };
+        Self::Linear(Box::new(LinearUpdate {
+            down: layer(down),
+            up: layer(up),
+        }))
+    }
 }
 
 type Entry = (u64, Arc<dyn Any + Send + Sync>);
@@ -146,39 +169,15 @@ fn updates_of<B: Backend>(weight: ParamId) -> Vec<LowRankUpdate<B>> {
         .unwrap_or_default()
 }
 
-/// Whether anything is attached to `layer`'s weight (so that its input must be kept).
-pub(crate) fn linear_adapted<B: Backend>(layer: &Linear<B>) -> bool {
-    ATTACHED.load(Ordering::Acquire) != 0 && !updates_of::<B>(layer.weight.id).is_empty()
-}
-
-/// The sum of the updates attached to `layer` applied to `x` (`[…, in]` → `[…, out]`), or
-/// `None` when there are none.
-pub(crate) fn linear_delta<B: Backend, const D: usize>(
-    layer: &Linear<B>,
-    x: &Tensor<B, D>,
-) -> Option<Tensor<B, D>> {
-    let updates = updates_of::<B>(layer.weight.id);
-    if updates.is_empty() {
-        return None;
-    }
-    let dims = x.dims();
-    let inputs = dims[D - 1];
-    let rows = dims[..D - 1].iter().product::<usize>();
-    let flat = x.clone().reshape([rows, inputs]);
-    let mut sum: Option<Tensor<B, 2>> = None;
-    for update in updates {
-        if let LowRankUpdate::Linear { down, up } = update {
-            let delta = flat.clone().matmul(down).matmul(up);
-            sum = Some(match sum {
-                Some(s) => s + delta,
-                None => delta,
-            });
-        }
-    }
-    let sum = sum?;
-    let mut out = dims;
-    out[D - 1] = sum.dims()[1];
-    Some(sum.reshape(out))
+/// The `(down, up)` pairs attached to `layer`'s weight (empty in the common case, cheaply).
+pub(crate) fn linear_updates<B: Backend>(layer: &Linear<B>) -> Vec<(Linear<B>, Linear<B>)> {
+    updates_of::<B>(layer.weight.id)
+        .into_iter()
+        .filter_map(|update| match update {
+            LowRankUpdate::Linear(update) => Some((update.down, update.up)),
+            LowRankUpdate::Conv { .. } => None,
+        })
+        .collect()
 }
 
 /// The sum of the updates attached to `conv` applied to `x`, or `None` when there are none.

@@ -72,12 +72,15 @@ pub fn linear_forward<B: Backend, const D: usize>(
     layer: &Linear<B>,
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    let delta = adapters::linear_delta(layer, &x);
-    let out = linear_base(layer, x);
-    match delta {
-        Some(delta) => out + delta,
-        None => out,
+    let updates = adapters::linear_updates(layer);
+    if updates.is_empty() {
+        return linear_base(layer, x);
     }
+    let mut out = linear_base(layer, x.clone());
+    for (down, up) in &updates {
+        out = out + linear_base(up, linear_base(down, x.clone()));
+    }
+    out
 }
 
 /// [`linear_forward`] without the layer's attached low-rank updates.
@@ -93,14 +96,21 @@ fn linear_base<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -
 /// map's pixels), giving token-major `[batch, tokens, d_out]`: the transformer's way in. On
 /// Flex one multiply reads `x` transposed in place.
 pub fn linear_from_channels<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-    if adapters::linear_adapted(layer) {
-        return linear_forward(layer, x.swap_dims(1, 2));
+    let updates = adapters::linear_updates(layer);
+    let mut out = linear_from_channels_base(layer, x.clone());
+    for (down, up) in &updates {
+        out = out + linear_base(up, linear_from_channels_base(down, x.clone()));
     }
+    out
+}
+
+/// [`linear_from_channels`] without the layer's attached low-rank updates.
+fn linear_from_channels_base<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     #[cfg(feature = "flex")]
     if let Some(out) = sd_kernels::cpu::try_linear_from_channels(layer, &x) {
         return out;
     }
-    linear_forward(layer, x.swap_dims(1, 2))
+    linear_base(layer, x.swap_dims(1, 2))
 }
 
 /// `residual + (x W + b)ᵀ` for token-major `x` (`[batch, tokens, d_in]`) and a channels-first
@@ -111,14 +121,25 @@ pub fn linear_to_channels<B: Backend>(
     x: Tensor<B, 3>,
     residual: Tensor<B, 3>,
 ) -> Tensor<B, 3> {
-    if adapters::linear_adapted(layer) {
-        return linear_forward(layer, x).swap_dims(1, 2) + residual;
+    // Each attached update goes onto the residual the same way: `residual + (x A B)ᵀ`.
+    let mut residual = residual;
+    for (down, up) in &adapters::linear_updates(layer) {
+        residual = linear_to_channels_base(up, linear_base(down, x.clone()), residual);
     }
+    linear_to_channels_base(layer, x, residual)
+}
+
+/// [`linear_to_channels`] without the layer's attached low-rank updates.
+fn linear_to_channels_base<B: Backend>(
+    layer: &Linear<B>,
+    x: Tensor<B, 3>,
+    residual: Tensor<B, 3>,
+) -> Tensor<B, 3> {
     #[cfg(feature = "flex")]
     if let Some(out) = sd_kernels::cpu::try_linear_to_channels(layer, &x, &residual) {
         return out;
     }
-    linear_forward(layer, x).swap_dims(1, 2) + residual
+    linear_base(layer, x).swap_dims(1, 2) + residual
 }
 
 /// `conv.forward(x)` (plus the low-rank updates attached to its weight, [`adapters`]), through
