@@ -11,62 +11,21 @@
 
 use std::time::Duration;
 
-use burn::tensor::{Distribution, Tensor, TensorData};
+use burn::tensor::{Distribution, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
+use sd_benches::kohya_lora;
 use sd_core::backend::DefaultBackend as B;
-use sd_lora::{Component, LoraFile, LoraFormat, LoraLayer, MergeOptions, ModuleName};
+use sd_lora::{Component, MergeOptions};
 use sd_unet::{UNet2DConditionConfig, UNet2DConditionModel};
 
 const RANK: usize = 32;
-
-/// A deterministic pseudo-random factor (the values do not matter to the time).
-fn factor(rows: usize, cols: usize, seed: usize) -> TensorData {
-    let values: Vec<f32> = (0..rows * cols)
-        .map(|i| (((i * 2654435761 + seed * 40503) % 1000) as f32 / 1000.0 - 0.5) * 0.01)
-        .collect();
-    TensorData::new(values, [rows, cols])
-}
-
-fn lora_for(unet: &UNet2DConditionModel<B>) -> LoraFile {
-    let mut layers = Vec::new();
-    for (i, (key, snapshot)) in sd_core::weights::module_tensors(unet, &sd_unet::checkpoint_key)
-        .into_iter()
-        .enumerate()
-    {
-        let Some(module) = key.strip_suffix(".weight") else {
-            continue;
-        };
-        let inside = module.contains(".attentions.");
-        let shape: Vec<usize> = snapshot.shape.iter().copied().collect();
-        let projection = matches!(shape.as_slice(), [_, _] | [_, _, 1, 1]);
-        let norm = module.contains("norm");
-        if !inside || !projection || norm {
-            continue;
-        }
-        let (out, inputs) = (shape[0], shape[1]);
-        layers.push(LoraLayer {
-            component: Component::Unet,
-            module: ModuleName::Dotted(module.to_string()),
-            key: format!("lora_unet_{}", module.replace('.', "_")),
-            down: factor(RANK, inputs, i),
-            up: factor(out, RANK, i + 1),
-            alpha: Some(RANK as f32),
-        });
-    }
-    LoraFile::new(
-        "bench.safetensors",
-        LoraFormat::Kohya,
-        layers,
-        Default::default(),
-    )
-}
 
 fn merge_sd15(c: &mut Criterion) {
     sd_benches::tune_allocator();
     let device = Default::default();
     let unet = UNet2DConditionModel::<B>::new(&UNet2DConditionConfig::sd15(), &device)
         .expect("valid config");
-    let lora = lora_for(&unet);
+    let lora = kohya_lora(&unet, RANK);
     eprintln!("{} LoRA layers of rank {RANK}", lora.layers.len());
     c.bench_function("lora_merge_rank32_sd15_unet", |b| {
         b.iter(|| {
@@ -90,7 +49,7 @@ fn on_the_fly_step_sd15(c: &mut Criterion) {
     let device = Default::default();
     let unet = UNet2DConditionModel::<B>::new(&UNet2DConditionConfig::sd15(), &device)
         .expect("valid config");
-    let lora = lora_for(&unet);
+    let lora = kohya_lora(&unet, RANK);
     for (batch, side) in [(2, 32), (1, 64)] {
         let latents = Tensor::<B, 4>::random(
             [batch, 4, side, side],

@@ -2,6 +2,11 @@
 //! unconditional and conditional halves, 77-token context) on the default backend; prints one
 //! JSON line (`--dtype f16` for half precision). `cargo xtask bench-unet` runs it next to
 //! `xtask/python/bench_unet.py`.
+//!
+//! `--lora-rank R`: each run times the step without and then with a rank-R LoRA on kohya's
+//! default targets attached on the fly (`sd_lora::attach`), back to back, and the line adds
+//! the LoRA's medians and the median of the runs' ratios (pairs taken together, so that a
+//! busy moment of the machine falls on both sides of a ratio).
 
 use burn::tensor::{Distribution, Tensor};
 use sd_benches::{arg, peak_rss_mib, time_runs};
@@ -38,23 +43,71 @@ fn main() -> Result<(), String> {
         Distribution::Normal(0.0, 1.0),
         &device,
     );
-    let (median, min) = time_runs(runs, || {
+    let step = || -> Result<(), String> {
         let out = unet
             .forward(latents.clone(), &[500.0], context.clone(), None)
             .map_err(|e| e.to_string())?;
         let _ = out.slice([0..1, 0..1, 0..1, 0..1]).into_data();
         Ok(())
-    })?;
-    println!(
-        "{}",
-        serde_json::json!({
-            "backend": format!("{} {dtype:?}", std::any::type_name::<B>()),
-            "latent": latents.dims(),
-            "image": [2, 77, context_dim],
-            "median_s": median,
-            "min_s": min,
-            "peak_rss_mib": peak_rss_mib(),
-        })
-    );
+    };
+    let mut line = serde_json::json!({
+        "backend": format!("{} {dtype:?}", std::any::type_name::<B>()),
+        "latent": latents.dims(),
+        "image": [2, 77, context_dim],
+    });
+    match arg("--lora-rank").map(|r| r.parse::<usize>()) {
+        None => {
+            let (median, min) = time_runs(runs, step)?;
+            line["median_s"] = median.into();
+            line["min_s"] = min.into();
+        }
+        Some(rank) => {
+            let rank = rank.map_err(|e| format!("--lora-rank: {e}"))?;
+            let lora = sd_benches::kohya_lora(&unet, rank);
+            let attach = || {
+                sd_lora::attach(
+                    &unet,
+                    sd_lora::Component::Unet,
+                    &[(&lora, 0.8)],
+                    &sd_unet::checkpoint_key,
+                    None,
+                    sd_lora::MergeOptions::default(),
+                    &device,
+                )
+                .map_err(|e| e.to_string())
+            };
+            // One warm-up of each, then the pairs.
+            step()?;
+            let attached = attach()?;
+            step()?;
+            attached.detach();
+            let (mut base, mut with, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..runs.max(1) {
+                let start = std::time::Instant::now();
+                step()?;
+                let b = start.elapsed().as_secs_f64();
+                let attached = attach()?;
+                let start = std::time::Instant::now();
+                step()?;
+                let w = start.elapsed().as_secs_f64();
+                attached.detach();
+                base.push(b);
+                with.push(w);
+                ratios.push(w / b);
+            }
+            let median = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            line["median_s"] = median(&mut base).into();
+            line["lora_rank"] = rank.into();
+            line["lora_layers"] = lora.layers.len().into();
+            line["lora_median_s"] = median(&mut with).into();
+            line["lora_ratios"] = ratios.clone().into();
+            line["lora_median_ratio"] = median(&mut ratios).into();
+        }
+    }
+    line["peak_rss_mib"] = peak_rss_mib().into();
+    println!("{line}");
     Ok(())
 }

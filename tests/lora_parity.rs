@@ -16,7 +16,7 @@ use burn::backend::{Flex, NdArray};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor};
-use common::{Reference, Report, fixtures_dir, manifest};
+use common::{Reference, Report, fixtures_dir, magnitude, manifest};
 use sd::lora::{Component, LoraFile, MergeOptions};
 use sd::schedulers::ReplayNoise;
 use sd::{LoraApplication, Model, generate_with_noise};
@@ -55,11 +55,6 @@ fn generate<B: Backend>(
     let out = generate_with_noise::<B>(&model, &options, device, &mut noise, None)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     (out.latents, ((out.images + 1.0) / 2.0).clamp(0.0, 1.0))
-}
-
-/// The largest |value| of a reference tensor, at least 1: latents' tolerances scale with it.
-fn magnitude<B: Backend>(t: &Tensor<B, 4>) -> f32 {
-    t.clone().abs().max().into_scalar().elem::<f32>().max(1.0)
 }
 
 fn every_case<B: Backend>(

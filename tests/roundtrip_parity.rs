@@ -307,13 +307,7 @@ fn trained_lora_image<B: Backend>(device: &B::Device, backend: &str) {
         // The LoRA matters at this tolerance: diffusers' latents with it are far from those
         // without it.
         let expected: Tensor<B, 4> = reference.tensor("latents_out", device);
-        let scale = expected
-            .clone()
-            .abs()
-            .max()
-            .into_scalar()
-            .elem::<f32>()
-            .max(1.0);
+        let scale = common::magnitude(&expected);
         let base: Tensor<B, 4> = reference.tensor("base.latents_out", device);
         let moved = (expected - base).abs().max().into_scalar().elem::<f32>();
         if moved < min_effect * tolerance * scale {

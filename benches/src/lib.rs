@@ -2,6 +2,11 @@
 
 use std::time::Instant;
 
+use burn::tensor::TensorData;
+use burn::tensor::backend::Backend;
+use sd_lora::{Component, LoraFile, LoraFormat, LoraLayer, ModuleName};
+use sd_unet::UNet2DConditionModel;
+
 /// `--name value` from the command line.
 pub fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -44,4 +49,49 @@ pub fn time_runs(
     }
     times.sort_by(f64::total_cmp);
     Ok((times[times.len() / 2], times[0]))
+}
+
+/// A deterministic pseudo-random factor (the values do not matter to the time).
+fn factor(rows: usize, cols: usize, seed: usize) -> TensorData {
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|i| (((i * 2654435761 + seed * 40503) % 1000) as f32 / 1000.0 - 0.5) * 0.01)
+        .collect();
+    TensorData::new(values, [rows, cols])
+}
+
+/// A LoRA of rank `rank` with kohya's default targets on `unet` (every linear and 1×1
+/// projection inside the transformer blocks: to_q, to_k, to_v, to_out.0, proj_in, proj_out,
+/// the feed-forward's two), pseudo-random factors: what the LoRA benchmarks apply.
+pub fn kohya_lora<B: Backend>(unet: &UNet2DConditionModel<B>, rank: usize) -> LoraFile {
+    let mut layers = Vec::new();
+    for (i, (key, snapshot)) in sd_core::weights::module_tensors(unet, &sd_unet::checkpoint_key)
+        .into_iter()
+        .enumerate()
+    {
+        let Some(module) = key.strip_suffix(".weight") else {
+            continue;
+        };
+        let inside = module.contains(".attentions.");
+        let shape: Vec<usize> = snapshot.shape.iter().copied().collect();
+        let projection = matches!(shape.as_slice(), [_, _] | [_, _, 1, 1]);
+        let norm = module.contains("norm");
+        if !inside || !projection || norm {
+            continue;
+        }
+        let (out, inputs) = (shape[0], shape[1]);
+        layers.push(LoraLayer {
+            component: Component::Unet,
+            module: ModuleName::Dotted(module.to_string()),
+            key: format!("lora_unet_{}", module.replace('.', "_")),
+            down: factor(rank, inputs, i),
+            up: factor(out, rank, i + 1),
+            alpha: Some(rank as f32),
+        });
+    }
+    LoraFile::new(
+        "bench.safetensors",
+        LoraFormat::Kohya,
+        layers,
+        Default::default(),
+    )
 }

@@ -162,14 +162,7 @@ pub fn check_latents_and_image<B: Backend>(
     (expected_latents, expected_image): (Tensor<B, 4>, Tensor<B, 4>),
     tolerance: f32,
 ) {
-    use burn::tensor::ElementConversion;
-    let scale = expected_latents
-        .clone()
-        .abs()
-        .max()
-        .into_scalar()
-        .elem::<f32>()
-        .max(1.0);
+    let scale = magnitude(&expected_latents);
     report.check(
         &format!("{label} latents"),
         latents,
@@ -182,6 +175,12 @@ pub fn check_latents_and_image<B: Backend>(
         expected_image,
         tolerance,
     );
+}
+
+/// The largest |value| of a reference tensor, at least 1: latents' tolerances scale with it.
+pub fn magnitude<B: Backend>(t: &Tensor<B, 4>) -> f32 {
+    use burn::tensor::ElementConversion;
+    t.clone().abs().max().into_scalar().elem::<f32>().max(1.0)
 }
 
 /// The options of a fixture's `generation` section (prompt, negative prompt, guidance, steps,

@@ -40,8 +40,7 @@ impl<B: Backend> Merged<B> {
     pub fn restore<M: Module<B>>(self, module: M) -> Result<M> {
         let count = self.originals.len();
         let mut mapper = PathMapper {
-            path: Vec::new(),
-            containers: Vec::new(),
+            at: ModulePath::default(),
             visit: Restore {
                 originals: self.originals,
             },
@@ -70,30 +69,51 @@ pub(crate) trait ParamChange<B: Backend> {
     ) -> Option<Tensor<B, D>>;
 }
 
-/// A [`ModuleMapper`] that knows each parameter's module path (as burn-store's collector
-/// writes it) and its container's type.
+/// Where a module walk is: the module path (as burn-store's collector writes it) and the
+/// types of the containers entered.
+#[derive(Default)]
+pub(crate) struct ModulePath {
+    path: Vec<String>,
+    containers: Vec<String>,
+}
+
+impl ModulePath {
+    fn enter(&mut self, name: &str, container_type: &str) {
+        self.path.push(name.to_string());
+        self.containers.push(container_type.to_string());
+    }
+
+    fn exit(&mut self) {
+        self.path.pop();
+        self.containers.pop();
+    }
+
+    /// The current parameter's path, and whether its module is a Burn `Linear` (each entry is
+    /// the type holding the field entered: the last is the parameter's module).
+    fn here(&self) -> (String, bool) {
+        let linear = self.containers.last().is_some_and(|c| c == "Struct:Linear");
+        (self.path.join("."), linear)
+    }
+}
+
+/// A [`ModuleMapper`] that knows each parameter's module path and its container's type.
 pub(crate) struct PathMapper<V> {
-    pub(crate) path: Vec<String>,
-    pub(crate) containers: Vec<String>,
+    pub(crate) at: ModulePath,
     pub(crate) visit: V,
     pub(crate) done: usize,
 }
 
 impl<B: Backend, V: ParamChange<B>> ModuleMapper<B> for PathMapper<V> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.push(name.to_string());
-        self.containers.push(container_type.to_string());
+        self.at.enter(name, container_type);
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-        self.containers.pop();
+        self.at.exit();
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let path = self.path.join(".");
-        // Each entry is the type holding the field entered: the last is the parameter's module.
-        let linear = self.containers.last().is_some_and(|c| c == "Struct:Linear");
+        let (path, linear) = self.at.here();
         let (id, tensor, mapper) = param.consume();
         match self.visit.change(&path, linear, &tensor) {
             Some(new) => {
@@ -214,8 +234,7 @@ pub fn merge<B: Backend, M: Module<B>>(
     // Add each weight's updates on the device, in one pass over the module.
     let count = by_path.len();
     let mut mapper = PathMapper {
-        path: Vec::new(),
-        containers: Vec::new(),
+        at: ModulePath::default(),
         visit: AddDeltas {
             plan: by_path,
             originals: HashMap::new(),
@@ -380,8 +399,7 @@ pub fn attach<B: Backend, M: Module<B>>(
         plan(module, component, files, checkpoint_key, rename, options)?;
     let count = by_path.len();
     let mut visitor = AttachVisitor {
-        path: Vec::new(),
-        containers: Vec::new(),
+        at: ModulePath::default(),
         plan: by_path,
         updates: AttachedUpdates::new(),
         device: device.clone(),
@@ -407,8 +425,7 @@ pub fn attach<B: Backend, M: Module<B>>(
 
 /// Walks a module as [`PathMapper`] does and attaches the planned layers' updates.
 struct AttachVisitor<'a, B: Backend> {
-    path: Vec<String>,
-    containers: Vec<String>,
+    at: ModulePath,
     plan: HashMap<String, Vec<(&'a crate::LoraLayer, f32)>>,
     updates: AttachedUpdates,
     device: B::Device,
@@ -418,21 +435,18 @@ struct AttachVisitor<'a, B: Backend> {
 
 impl<B: Backend> ModuleVisitor<B> for AttachVisitor<'_, B> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.push(name.to_string());
-        self.containers.push(container_type.to_string());
+        self.at.enter(name, container_type);
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-        self.containers.pop();
+        self.at.exit();
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let path = self.path.join(".");
+        let (path, linear) = self.at.here();
         let Some(layers) = self.plan.get(&path) else {
             return;
         };
-        let linear = self.containers.last().is_some_and(|c| c == "Struct:Linear");
         let weight = param.val();
         let (dims, dtype) = (weight.dims(), weight.dtype());
         let factor = |data: &TensorData, shape: Vec<usize>| {

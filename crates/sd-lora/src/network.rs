@@ -20,7 +20,7 @@ use rand_distr::{Distribution, Normal, Uniform};
 
 use crate::error::{LoraError, Result};
 use crate::file::{Component, LoraFile, LoraFormat, LoraLayer, ModuleName};
-use crate::merge::{ParamChange, PathMapper, delta};
+use crate::merge::{ModulePath, ParamChange, PathMapper, delta};
 
 /// Which weights a trained LoRA adapts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -318,8 +318,7 @@ impl LoraTargets {
             .map(|(i, t)| (t.burn_path.as_str(), i))
             .collect();
         let mut mapper = PathMapper {
-            path: Vec::new(),
-            containers: Vec::new(),
+            at: ModulePath::default(),
             visit: AddFactors {
                 index,
                 network,

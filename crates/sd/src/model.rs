@@ -37,6 +37,9 @@ enum Source {
     },
 }
 
+/// A [`sd_lora::Rename`] that owns what it needs.
+type OwnedRename = Box<dyn Fn(&str) -> Option<String>>;
+
 /// How the LoRAs of [`Model::with_loras`] reach a generation's U-Net and text encoders.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum LoraApplication {
@@ -949,13 +952,16 @@ impl Model {
             .collect()
     }
 
-    /// kohya's SDXL LoRAs name U-Net modules in the original layout: their names in ours.
-    fn kohya_rename(&self) -> impl Fn(&str) -> Option<String> + use<> {
+    /// kohya's SDXL LoRAs name U-Net modules in the original layout: their names in ours
+    /// (for the U-Net; `None` for the text encoders).
+    fn kohya_rename(&self, component: Component) -> Option<OwnedRename> {
         let layers = match self.unet_config.layers_per_block {
             sd_unet::PerBlock::One(n) => Some(n),
             _ => None,
         };
-        move |name: &str| sd_unet::kohya_ldm_to_diffusers(name, layers?)
+        (component == Component::Unet).then(|| {
+            Box::new(move |name: &str| sd_unet::kohya_ldm_to_diffusers(name, layers?)) as Box<_>
+        })
     }
 
     fn warn_unmatched(component: Component, unmatched: &[String]) {
@@ -980,15 +986,13 @@ impl Model {
         if files.is_empty() {
             return Ok(module);
         }
-        let original = self.kohya_rename();
-        let rename: Option<sd_lora::Rename<'_>> =
-            (component == Component::Unet).then_some(&original as _);
+        let rename = self.kohya_rename(component);
         let (module, merged) = sd_lora::merge(
             module,
             component,
             &files,
             key,
-            rename,
+            rename.as_deref(),
             self.lora_options,
             device,
         )?;
@@ -1009,15 +1013,13 @@ impl Model {
         if files.is_empty() {
             return Ok(None);
         }
-        let original = self.kohya_rename();
-        let rename: Option<sd_lora::Rename<'_>> =
-            (component == Component::Unet).then_some(&original as _);
+        let rename = self.kohya_rename(component);
         let attached = sd_lora::attach(
             module,
             component,
             &files,
             key,
-            rename,
+            rename.as_deref(),
             self.lora_options,
             device,
         )?;
