@@ -39,21 +39,10 @@ impl<B: Backend> Merged<B> {
     /// Puts the original weights back: the module is bit for bit what it was before the merge.
     pub fn restore<M: Module<B>>(self, module: M) -> Result<M> {
         let count = self.originals.len();
-        let mut mapper = PathMapper {
-            at: ModulePath::default(),
-            visit: Restore {
-                originals: self.originals,
-            },
-            done: 0,
+        let visit = Restore {
+            originals: self.originals,
         };
-        let module = module.map(&mut mapper);
-        if mapper.done != count {
-            return Err(LoraError::Spec(format!(
-                "restoring {count} weights after a LoRA found {} of them",
-                mapper.done
-            )));
-        }
-        Ok(module)
+        Ok(PathMapper::run(visit, module, count, "restoring after a LoRA")?.0)
     }
 }
 
@@ -101,6 +90,34 @@ pub(crate) struct PathMapper<V> {
     pub(crate) at: ModulePath,
     pub(crate) visit: V,
     pub(crate) done: usize,
+}
+
+impl<V> PathMapper<V> {
+    /// Maps `module` with `visit`, which must change `expected` weights (an internal check:
+    /// the walk finds every path it planned); `what` names the walk in the error.
+    pub(crate) fn run<B: Backend, M: Module<B>>(
+        visit: V,
+        module: M,
+        expected: usize,
+        what: &str,
+    ) -> Result<(M, V)>
+    where
+        V: ParamChange<B>,
+    {
+        let mut mapper = Self {
+            at: ModulePath::default(),
+            visit,
+            done: 0,
+        };
+        let module = module.map(&mut mapper);
+        if mapper.done != expected {
+            return Err(LoraError::Spec(format!(
+                "{what}: the walk found {} of the {expected} weights it had planned",
+                mapper.done
+            )));
+        }
+        Ok((module, mapper.visit))
+    }
 }
 
 impl<B: Backend, V: ParamChange<B>> ModuleMapper<B> for PathMapper<V> {
@@ -233,28 +250,18 @@ pub fn merge<B: Backend, M: Module<B>>(
         plan(&module, component, files, checkpoint_key, rename, options)?;
     // Add each weight's updates on the device, in one pass over the module.
     let count = by_path.len();
-    let mut mapper = PathMapper {
-        at: ModulePath::default(),
-        visit: AddDeltas {
-            plan: by_path,
-            originals: HashMap::new(),
-            device: device.clone(),
-        },
-        done: 0,
+    let visit = AddDeltas {
+        plan: by_path,
+        originals: HashMap::new(),
+        device: device.clone(),
     };
-    let module = module.map(&mut mapper);
-    if mapper.done != count {
-        return Err(LoraError::Spec(format!(
-            "merging found {} of the {count} weights it had planned",
-            mapper.done
-        )));
-    }
+    let (module, visit) = PathMapper::run(visit, module, count, "merging")?;
     Ok((
         module,
         Merged {
             weights: count,
             unmatched,
-            originals: mapper.visit.originals,
+            originals: visit.originals,
         },
     ))
 }
