@@ -160,9 +160,7 @@ impl<B: Backend> ParamChange<B> for AddDeltas<'_, B> {
         let dims = tensor.dims();
         let dtype = tensor.dtype();
         let as_f32 = |data: &TensorData, rows: usize, cols: usize| {
-            let mut d = data.clone().convert_dtype(DType::F32);
-            d.shape = vec![rows, cols].into();
-            Tensor::<B, 2>::from_data(d, (&self.device, DType::F32))
+            Tensor::<B, 2>::from_data(factor(data, vec![rows, cols]), (&self.device, DType::F32))
         };
         let mut sum: Option<Tensor<B, 2>> = None;
         for (layer, weight) in layers {
@@ -199,6 +197,13 @@ pub(crate) fn delta<B: Backend>(
     } else {
         up.matmul(down)
     }
+}
+
+/// A file's factor in f32, viewed as `shape` (its element count).
+fn factor(data: &TensorData, shape: Vec<usize>) -> TensorData {
+    let mut d = data.clone().convert_dtype(DType::F32);
+    d.shape = shape.into();
+    d
 }
 
 /// What [`Merged::restore`] puts back.
@@ -456,11 +461,6 @@ impl<B: Backend> ModuleVisitor<B> for AttachVisitor<'_, B> {
         };
         let weight = param.val();
         let (dims, dtype) = (weight.dims(), weight.dtype());
-        let factor = |data: &TensorData, shape: Vec<usize>| {
-            let mut d = data.clone().convert_dtype(DType::F32);
-            d.shape = shape.into();
-            d
-        };
         for (layer, user_weight) in layers {
             let (out, inputs) = layer.delta_shape();
             let rank = layer.rank();
