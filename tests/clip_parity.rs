@@ -2,7 +2,7 @@
 //! hidden state, the last hidden state, the pooled output (first EOS, or the largest id for old
 //! configs) and the projection.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! under `tests/fixtures/clip_vision/`: every hidden state, the last one and the projected
 //! image embedding.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

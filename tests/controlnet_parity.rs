@@ -4,7 +4,7 @@
 //! `StableDiffusionControlNetPipeline` and the SDXL one with one and two ControlNets, a step
 //! range, guess mode and no guidance.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! `add_noise`, `get_velocity`) and `training_utils.compute_snr`, on every case under
 //! `tests/fixtures/diffusion/`.
 
-mod common;
+use crate::common;
 
 use burn::tensor::{Tensor, TensorData};
 use common::{Reference, Report, cases, manifest};

@@ -4,7 +4,7 @@
 //! the projected tokens, the U-Net with the adapter attached, then whole generations with and
 //! without a text prompt and guidance.
 
-mod common;
+use crate::common;
 
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};

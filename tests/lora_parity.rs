@@ -7,7 +7,7 @@
 //! `set_adapters` weights; PEFT's `merge_and_unload`) from fixed latents. Ours, merged as the
 //! weights load, must give the same latents and image.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -7,7 +7,7 @@
 //! bit (see the fixture script); its BatchNorm parameters, recomputed on photographs so that the
 //! features vary, are the fixture's `inception_bn.safetensors`.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

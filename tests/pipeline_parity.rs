@@ -4,7 +4,7 @@
 //! draw replayed (VAE posterior samples, added noise, the stochastic samplers' noise), then the
 //! prompt embeddings, the final latents and the decoded image compared.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

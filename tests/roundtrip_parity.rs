@@ -12,7 +12,7 @@
 //! manifest's `lora` verdicts must be passes, and our pipeline with the committed file must give
 //! diffusers' image.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! each timestep spacing: the timesteps, the initial noise scale, every model input and every
 //! intermediate sample. Stochastic samplers replay the noise diffusers drew.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -3,7 +3,7 @@
 //! whitespace runs, the literal special tokens, prompts over 77 tokens): the raw tokens and both
 //! padding rules.
 
-mod common;
+use crate::common;
 
 use sd_conditioner::{ClipTokenizer, Padding};
 

@@ -3,7 +3,7 @@
 //! one backward pass of an MSE reconstruction + 1e-6 · KL loss must give every float parameter
 //! of both halves a finite, non-zero gradient. No other model is checked here.
 
-mod common;
+use crate::common;
 
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;

@@ -5,7 +5,7 @@
 //! weights, EMA weights and Adam moments (each read back from the file our writer saves them
 //! in, under diffusers' keys).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! 2.x (odd latent size), XL and inpainting shapes, timesteps 0, 1, 500, 999 and a fractional
 //! one, a different timestep per sample.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
@@ -135,7 +135,7 @@ fn unet_matches_diffusers_on_cuda() {
 /// The real SD 1.5, 2.1 and XL configurations build with diffusers' parameter counts (diffusers
 /// 0.42.1 on the meta device: 859,520,964; 865,910,724; 2,567,463,684). Allocates every
 /// parameter (13 GB for SDXL, about a minute), so it runs on request:
-/// `cargo test -p sd-tests --test unet_parity -- --ignored`.
+/// `cargo test -p sd-tests --test parity unet_parity:: -- --ignored`.
 #[test]
 #[ignore = "full-size models: about a minute and 13 GB"]
 fn real_size_configs_have_diffusers_parameter_counts() {

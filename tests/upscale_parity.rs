@@ -4,7 +4,7 @@
 //! formats, a bare state dict, safetensors) must give the reference's raw output within 1e-4;
 //! tiled runs must equal whole-image ones where the context covers the receptive field.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! AutoencoderKL parity with diffusers on every case under `tests/fixtures/vae/`: encoder
 //! posterior, sampling with given noise, decoder, full forward and tiled decoding.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

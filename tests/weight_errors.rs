@@ -1,7 +1,7 @@
 //! Bad input gives an error that names the problem, never a panic: files, keys, shapes, dtypes,
 //! configurations and images.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

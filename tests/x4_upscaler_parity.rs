@@ -4,7 +4,7 @@
 //! schedule, the 7-channel U-Net with the noise level as its class, every random draw replayed
 //! (the image's noise, the stochastic samplers'), the factor-4 VAE; final latents and images.
 
-mod common;
+use crate::common;
 
 use burn::backend::Flex;
 use burn::tensor::Tensor;
