@@ -7,14 +7,15 @@
 //! `--config sd15`: the SD 1.5 U-Net's shape with random weights (its training cost); `--config
 //! tiny`: the tiny fixture U-Net (`tests/fixtures/pipeline/tiny_sd1/model/unet`), whose steps
 //! per second say what the test and shapes-model runs pay per step. Batch 1, a 4×32×32 latent
-//! (`--latent N` for another side), 77 context tokens, f32.
+//! (`--latent N` for another side), 77 context tokens, f32; `--mixed-precision bf16` runs the
+//! passes on a bf16 copy of the weights, as `sd train --mixed-precision bf16` does.
 
 use burn::backend::Autodiff;
 use burn::tensor::{Distribution, ElementConversion, Tensor};
 use sd_benches::{arg, peak_rss_mib, time_runs};
 use sd_core::backend::DefaultBackend as Inner;
 use sd_diffusion::{BetaSchedule, NoiseSchedule, NoiseScheduleConfig, PredictionType};
-use sd_train::{AdamW, AdamWConfig, DenoisingBatch, DenoisingObjective, Gradients};
+use sd_train::{AdamW, AdamWConfig, DenoisingBatch, DenoisingObjective, Gradients, MixedPrecision};
 use sd_unet::{PerBlock, UNet2DConditionConfig, UNet2DConditionModel};
 
 /// The training backend: `sd train`'s (autodiff over the default backend, Flex in the default
@@ -40,6 +41,11 @@ fn main() -> Result<(), String> {
     let name = arg("--config").unwrap_or_else(|| "sd15".into());
     let runs: usize = arg("--runs").and_then(|r| r.parse().ok()).unwrap_or(3);
     let side: usize = arg("--latent").and_then(|r| r.parse().ok()).unwrap_or(32);
+    let precision = match arg("--mixed-precision").as_deref() {
+        None | Some("no") => MixedPrecision::No,
+        Some("bf16") => MixedPrecision::Bf16,
+        Some(other) => return Err(format!("--mixed-precision no|bf16, not {other}")),
+    };
     let device = Default::default();
     let (unet, context_dim) = match name.as_str() {
         "sd15" => {
@@ -103,7 +109,9 @@ fn main() -> Result<(), String> {
             timesteps: vec![TIMESTEP],
             perturbation: None,
         };
-        let loss = objective.loss(&model, batch).map_err(|e| e.to_string())?;
+        let loss = objective
+            .loss(&precision.compute_copy(&model), batch)
+            .map_err(|e| e.to_string())?;
         // Reading the loss waits for the forward pass (as `sd train` does to log it).
         last_loss = loss.clone().into_scalar().elem();
         let mut backward = loss.backward();
@@ -124,7 +132,11 @@ fn main() -> Result<(), String> {
     println!(
         "{}",
         serde_json::json!({
-            "backend": format!("{} f32", std::any::type_name::<B>()),
+            "backend": format!(
+                "{} {:?}",
+                std::any::type_name::<B>(),
+                precision.compute_dtype()
+            ),
             "latent": [1, 4, side, side],
             "context": [1, 77, context_dim],
             "median_s": median,

@@ -142,7 +142,8 @@ pub struct TrainArgs {
     /// centre crops and no flips; with buckets, each image at its bucket's size).
     #[arg(long)]
     cache_latents: bool,
-    /// Compute in half precision (only `no` is supported yet).
+    /// `bf16`: the U-Net's (and a trained text encoder's) forward and backward passes in
+    /// bfloat16 on f32 weights, optimiser and loss (accelerate's --mixed_precision bf16).
     #[arg(long, value_enum)]
     mixed_precision: Option<Precision>,
     /// Render this prompt (repeatable) every --validation-every steps and at the end into
@@ -218,6 +219,11 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
         caption_dropout
     );
     set!(gradient_accumulation, max_grad_norm, lr_warmup_steps);
+    match args.mixed_precision {
+        Some(Precision::No) => c.mixed_precision = sd_train::MixedPrecision::No,
+        Some(Precision::Bf16) => c.mixed_precision = sd_train::MixedPrecision::Bf16,
+        Some(Precision::F16) | None => {}
+    }
     if args.model.is_some() {
         c.model = args.model.clone();
     }
@@ -335,8 +341,12 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
 pub fn run(args: TrainArgs) -> Result<String, String> {
     let unsupported = [
         (
-            matches!(args.mixed_precision, Some(Precision::F16 | Precision::Bf16)),
-            "--mixed-precision f16/bf16",
+            args.mixed_precision == Some(Precision::F16),
+            "--mixed-precision f16 (it needs a loss scaler; bf16 does not)",
+        ),
+        (
+            args.what == What::Vae && args.mixed_precision == Some(Precision::Bf16),
+            "--mixed-precision bf16 with `sd train vae`",
         ),
         (
             args.what == What::Vae && !args.validation_prompt.is_empty(),

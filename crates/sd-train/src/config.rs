@@ -72,6 +72,9 @@ pub struct TrainConfig {
     pub caption_dropout: f64,
     /// Clip gradients to this global norm.
     pub max_grad_norm: f64,
+    /// `no` or `bf16` (accelerate's `--mixed_precision`): the trained models' forward and
+    /// backward passes in bf16, their weights, optimiser and loss in f32.
+    pub mixed_precision: crate::precision::MixedPrecision,
     /// AdamW's settings.
     pub adam: AdamWConfig,
     /// Keep an EMA of the U-Net's weights with this decay (diffusers' `--use_ema`); the final
@@ -217,6 +220,7 @@ impl Default for TrainConfig {
             input_perturbation: 0.0,
             caption_dropout: 0.0,
             max_grad_norm: 1.0,
+            mixed_precision: Default::default(),
             adam: AdamWConfig::default(),
             ema_decay: None,
             reconstruction: crate::vae::Reconstruction::L1,

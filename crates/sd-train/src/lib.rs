@@ -17,6 +17,7 @@
 //! - [`DenoisingObjective`]: the loss of `train_text_to_image.py` (ε, v or x₀ targets,
 //!   Min-SNR-γ weighting, input perturbation).
 //! - [`VaeObjective`]: the autoencoder's reconstruction + KL objective.
+//! - [`MixedPrecision`]: forward and backward passes in bf16 on f32 weights.
 //! - [`train_unet`]: the loop that composes them with the data, checkpoints and resume.
 
 mod adamw;
@@ -31,6 +32,7 @@ mod lr;
 mod objective;
 mod params;
 mod plot;
+mod precision;
 mod run;
 mod run_vae;
 mod train_log;
@@ -61,6 +63,7 @@ pub use lr::{LrSchedule, LrScheduleKind};
 pub use objective::{DenoisingBatch, DenoisingObjective};
 pub use params::{flat_params, with_flat_params};
 pub use plot::{plot_loss, register_font};
+pub use precision::{MixedPrecision, to_dtype};
 pub use run::{Event, Resume, train_unet};
 pub use run_vae::train_vae;
 pub use train_log::{StepLog, read_log};

@@ -9,6 +9,7 @@ use sd_diffusion::{NoiseSchedule, PredictionType};
 use sd_unet::UNet2DConditionModel;
 
 use crate::error::{Result, TrainError};
+use crate::precision::to_dtype;
 
 /// One batch's inputs to the objective. The random parts (noise, timesteps, perturbation) are
 /// drawn by the caller, so that a run is reproducible and can replay the reference's draws.
@@ -60,6 +61,7 @@ impl DenoisingObjective {
                 timesteps.len()
             )));
         }
+        let latents_dtype = latents.dtype();
         let input_noise = match perturbation {
             Some(p) => noise.clone() + p,
             None => noise.clone(),
@@ -69,7 +71,16 @@ impl DenoisingObjective {
             .add_noise(latents.clone(), input_noise, &timesteps)?;
         let goal = target(&self.schedule, self.prediction, latents, noise, &timesteps)?;
         let t: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
-        let prediction = unet.forward(noisy, &t, context, None)?;
+        // The U-Net computes in its weights' dtype (a bf16 copy under mixed precision); the
+        // loss is taken in the latents' (f32), as diffusers' `model_pred.float()`.
+        let (compute, dtype) = (unet.conv_in.weight.dtype(), latents_dtype);
+        let prediction = unet.forward(
+            to_dtype(noisy, compute),
+            &t,
+            to_dtype(context, compute),
+            None,
+        )?;
+        let prediction = to_dtype(prediction, dtype);
         let squared = (prediction - goal).powi_scalar(2);
         Ok(match self.snr_gamma {
             None => squared.mean(),

@@ -32,6 +32,7 @@ use crate::checkpoint::{
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::lora::{LoraTrainee, write_lora};
+use crate::precision::MixedPrecision;
 use crate::train_log::{StepLog, keep_log};
 use crate::{AdamW, DenoisingBatch, DenoisingObjective, Ema, EmaConfig, Gradients, LrSchedule};
 
@@ -162,11 +163,26 @@ const LORA_SEED: u64 = 0x10a4_5eed;
 impl<B: Backend, C: CheckpointStrategy> TextEncoder<B, C> {
     /// `[batch, 77, width]`: the last layer after the final LayerNorm, as
     /// `train_text_to_image.py` takes `text_encoder(input_ids)[0]`.
-    fn context(&self, ids: &[Vec<u32>]) -> Result<Tensor<Autodiff<B, C>, 3>> {
+    /// A trained encoder runs on its `precision` copy; a frozen one in f32.
+    fn context(
+        &self,
+        ids: &[Vec<u32>],
+        precision: MixedPrecision,
+    ) -> Result<Tensor<Autodiff<B, C>, 3>> {
         Ok(match self {
             Self::Frozen(model) => Tensor::from_inner(model.forward(ids)?.last_hidden_state),
-            Self::Trained { model, .. } => model.forward(ids)?.last_hidden_state,
-            Self::Lora { trainee, .. } => trainee.model().forward(ids)?.last_hidden_state,
+            Self::Trained { model, .. } => {
+                precision
+                    .compute_copy(model)
+                    .forward(ids)?
+                    .last_hidden_state
+            }
+            Self::Lora { trainee, .. } => {
+                precision
+                    .compute_copy(&trainee.model())
+                    .forward(ids)?
+                    .last_hidden_state
+            }
         })
     }
 }
@@ -744,7 +760,7 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
                 .iter()
                 .map(|t| tokenizer.encode_padded(t))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            let context = text.context(&ids)?;
+            let context = text.context(&ids, config.mixed_precision)?;
             // The draws of this micro-batch, in a fixed order: posterior, noise, offset,
             // perturbation, timesteps.
             let mut rng = step_rng(config.seed, step, micro);
@@ -782,9 +798,12 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
                 timesteps,
                 perturbation: perturbation.map(Tensor::from_inner),
             };
+            let precision = config.mixed_precision;
             let loss = match &unet {
-                Unet::Full(unet) => objective.loss(unet, input)?,
-                Unet::Lora(trainee) => objective.loss(&trainee.model(), input)?,
+                Unet::Full(unet) => objective.loss(&precision.compute_copy(unet), input)?,
+                Unet::Lora(trainee) => {
+                    objective.loss(&precision.compute_copy(&trainee.model()), input)?
+                }
             };
             let value: f64 = loss.clone().into_scalar().elem();
             if !value.is_finite() {

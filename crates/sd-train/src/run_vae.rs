@@ -141,6 +141,13 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
                 .into(),
         ));
     }
+    if config.mixed_precision != crate::MixedPrecision::No {
+        return Err(TrainError::Config(
+            "mixed precision (--mixed-precision, `mixed_precision` in train.toml) is not \
+             supported by `sd train vae` yet: it trains in f32"
+                .into(),
+        ));
+    }
     let transform = Transform {
         resolution: config.resolution,
         center_crop: config.center_crop,

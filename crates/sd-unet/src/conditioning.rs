@@ -5,7 +5,7 @@
 
 use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use sd_core::{CoreError, Result};
 
 use crate::embeddings::{TimestepEmbedding, timestep_embedding};
@@ -169,7 +169,10 @@ impl<B: Backend> TimeEmbedder<'_, B> {
             self.freq_shift,
             device,
         );
-        let mut emb = self.time_embedding.forward(t_emb);
+        // The sinusoids are computed in f32 and cast to the layers' dtype, as diffusers'
+        // `t_emb.to(dtype=sample.dtype)` (a bf16 copy under mixed-precision training).
+        let dtype = self.time_embedding.linear_1.weight.dtype();
+        let mut emb = self.time_embedding.forward(in_dtype(t_emb, dtype));
         match (self.class_embedding, cond.class_labels) {
             (Some(table), Some(labels)) => {
                 let classes = table.weight.dims()[0];
@@ -209,7 +212,13 @@ impl<B: Backend> TimeEmbedder<'_, B> {
                     device,
                 )
                 .reshape([b as i32, -1]);
-                let add_in = Tensor::cat(vec![tt.text_embeds.clone(), time_embeds], 1);
+                let add_in = Tensor::cat(
+                    vec![
+                        in_dtype(tt.text_embeds.clone(), dtype),
+                        in_dtype(time_embeds, dtype),
+                    ],
+                    1,
+                );
                 let expected = add.linear_1.weight.dims()[0];
                 if add_in.dims()[1] != expected {
                     return invalid(format!(
@@ -232,4 +241,9 @@ impl<B: Backend> TimeEmbedder<'_, B> {
         }
         Ok(emb)
     }
+}
+
+/// `t` in `dtype` (itself when it already is).
+fn in_dtype<B: Backend>(t: Tensor<B, 2>, dtype: DType) -> Tensor<B, 2> {
+    if t.dtype() == dtype { t } else { t.cast(dtype) }
 }

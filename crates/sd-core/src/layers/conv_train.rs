@@ -229,11 +229,11 @@ pub(crate) fn zero_pad_columns<B: Backend>(
         return t;
     }
     let after = width - before - columns;
-    let device = t.device();
+    let (device, dtype) = (t.device(), t.dtype());
     let parts = [(before, None), (columns, Some(t)), (after, None)]
         .into_iter()
         .filter(|(n, _)| *n > 0)
-        .map(|(n, t)| t.unwrap_or_else(|| Tensor::zeros([rows, n], &device)))
+        .map(|(n, t)| t.unwrap_or_else(|| Tensor::zeros([rows, n], (&device, dtype))))
         .collect();
     Tensor::cat(parts, 1)
 }

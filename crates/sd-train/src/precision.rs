@@ -1,0 +1,80 @@
+//! Mixed precision (accelerate's `--mixed_precision bf16`, as `train_text_to_image.py` runs
+//! it): the trained weights, their gradients, the optimiser's moments, the EMA and the loss
+//! stay in f32, and each step runs the forward and backward passes on a bf16 copy of the
+//! weights. The copy is cast inside the autodiff graph, so each weight's gradient reaches the
+//! f32 weight through the cast's backward (a cast back to f32) and the optimiser step is the
+//! f32 one.
+//!
+//! PyTorch's autocast picks a dtype per op (matmuls and convolutions in bf16, the
+//! normalisations' statistics, softmax and the loss in f32); here every op of the copy runs in
+//! bf16 and the prediction is cast to f32 before the loss. bf16 keeps f32's exponent range, so
+//! no loss scaling is needed; f16 would need a dynamic loss scaler (PyTorch's `GradScaler`),
+//! which Burn 0.21 does not have and which is not written here yet.
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// The dtype the trained models compute in (`--mixed-precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixedPrecision {
+    /// Everything in f32.
+    #[default]
+    No,
+    /// Forward and backward passes in bfloat16, the weights and optimiser in f32.
+    Bf16,
+}
+
+impl MixedPrecision {
+    /// The dtype of the forward and backward passes.
+    pub fn compute_dtype(self) -> DType {
+        match self {
+            Self::No => DType::F32,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+
+    /// `module` as the step computes with it: a clone in f32, else a copy whose float
+    /// parameters are cast to the compute dtype inside the graph (each keeps its `ParamId`,
+    /// so attached adapters still find their weights).
+    pub fn compute_copy<B: Backend, M: Module<B>>(self, module: &M) -> M {
+        // A lazily initialised parameter's clone draws its own values: initialise `module`'s
+        // in place first, so that the copy holds (or is cast from) the very tensors the
+        // gradients must reach.
+        module.visit(&mut Initialise);
+        match self {
+            Self::No => module.clone(),
+            other => module.clone().map(&mut CastParams(other.compute_dtype())),
+        }
+    }
+}
+
+/// Initialises every lazily initialised float parameter it visits.
+struct Initialise;
+
+impl<B: Backend> ModuleVisitor<B> for Initialise {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let _ = param.val();
+    }
+}
+
+/// Casts every float parameter to one dtype.
+struct CastParams(DType);
+
+impl<B: Backend> ModuleMapper<B> for CastParams {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        Param::from_mapped_value(id, to_dtype(tensor, self.0), mapper)
+    }
+}
+
+/// `tensor` in `dtype` (itself when it already is).
+pub fn to_dtype<B: Backend, const D: usize>(tensor: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if tensor.dtype() == dtype {
+        tensor
+    } else {
+        tensor.cast(dtype)
+    }
+}
