@@ -435,6 +435,16 @@ fn every_layout_converts_to_kohya_and_gives_the_same_image() {
         source
             .save_kohya(&path, burn::tensor::DType::F16)
             .unwrap_or_else(|e| panic!("{e}"));
+        // The same file, byte for byte, every time it is written (the header's metadata
+        // comes from a hash map).
+        let again = dir.join(format!("{name}-{label}-again.safetensors"));
+        for _ in 0..4 {
+            source.save_kohya(&again, burn::tensor::DType::F16).unwrap();
+            assert!(
+                std::fs::read(&again).unwrap() == std::fs::read(&path).unwrap(),
+                "{name} {label}: saved twice, two different files"
+            );
+        }
         let back = Arc::new(LoraFile::open(&path).unwrap_or_else(|e| panic!("{e}")));
         assert_eq!(back.format, LoraFormat::Kohya);
         assert_eq!(back.layers.len(), source.layers.len(), "{name} {label}");

@@ -189,6 +189,40 @@ fn write(
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(views, Some(metadata))
         .map_err(|e| LoraError::Spec(format!("{}: {e}", path.display())))?;
+    let bytes = sorted_header(bytes);
     sd_core::files::write_atomic(path, |out| out.write_all(&bytes).map_err(|e| e.to_string()))?;
     Ok(())
+}
+
+/// `bytes` (a serialised safetensors file) with its JSON header's keys in sorted order.
+///
+/// `safetensors::serialize` takes the metadata as a `HashMap` and writes it in that map's
+/// order, which changes from one map to the next: the same LoRA saved twice gave different
+/// bytes. Sorting the header's keys changes no character, only their order, so the header
+/// keeps its length and every tensor its offset; a header that would not (it cannot happen
+/// with serde_json's compact form on both sides) is left as it was.
+fn sorted_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    let Some(n) = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(|b| u64::from_le_bytes(b) as usize)
+    else {
+        return bytes;
+    };
+    let Some(header) = bytes.get(8..8 + n) else {
+        return bytes;
+    };
+    // serde_json's maps are B-trees here (no `preserve_order`): parsing sorts the keys.
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(header) else {
+        return bytes;
+    };
+    let Ok(sorted) = serde_json::to_vec(&value) else {
+        return bytes;
+    };
+    let padding = header.iter().rev().take_while(|&&b| b == b' ').count();
+    if sorted.len() != n - padding {
+        return bytes;
+    }
+    bytes[8..8 + sorted.len()].copy_from_slice(&sorted);
+    bytes
 }
