@@ -162,8 +162,8 @@ const LORA_SEED: u64 = 0x10a4_5eed;
 
 impl<B: Backend, C: CheckpointStrategy> TextEncoder<B, C> {
     /// `[batch, 77, width]`: the last layer after the final LayerNorm, as
-    /// `train_text_to_image.py` takes `text_encoder(input_ids)[0]`.
-    /// A trained encoder runs on its `precision` copy; a frozen one in f32.
+    /// `train_text_to_image.py` takes `text_encoder(input_ids)[0]`. A trained encoder runs on
+    /// its `precision` copy; a frozen one in f32.
     fn context(
         &self,
         ids: &[Vec<u32>],
