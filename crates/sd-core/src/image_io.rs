@@ -105,6 +105,7 @@ pub fn decode_image(path: impl AsRef<Path>) -> Result<image::DynamicImage> {
             ),
         ));
     }
+    check_png_palette(path)?;
     let mut reader = image::ImageReader::open(path)
         .and_then(|r| r.with_guessed_format())
         .map_err(|e| image_error(path, e))?;
@@ -114,6 +115,43 @@ pub fn decode_image(path: impl AsRef<Path>) -> Result<image::DynamicImage> {
     limits.max_alloc = Some(MAX_IMAGE_ALLOC);
     reader.limits(limits);
     reader.decode().map_err(|e| image_error(path, e))
+}
+
+/// Refuses a PNG whose palette (`PLTE`) is not 1 to 256 whole RGB entries (the PNG
+/// specification, 11.2.3): the `png` crate 0.18 does not check it, and an indexed image with a
+/// 19-byte palette panicked in its palette expansion (found by the `image` fuzz target). Reads
+/// the chunk headers before the first `IDAT` only; other files pass.
+fn check_png_palette(path: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    const SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+    let mut file = std::fs::File::open(path).map_err(|e| image_error(path, e))?;
+    let mut signature = [0u8; 8];
+    if file.read_exact(&mut signature).is_err() || signature != SIGNATURE {
+        return Ok(());
+    }
+    let mut header = [0u8; 8];
+    // A truncated or odd chunk list is the decoder's to report.
+    while file.read_exact(&mut header).is_ok() {
+        let length = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        match &header[4..] {
+            b"PLTE" if length == 0 || length % 3 != 0 || length > 3 * 256 => {
+                return Err(image_error(
+                    path,
+                    format!(
+                        "its PNG palette (PLTE) is {length} bytes: 1 to 256 RGB entries of 3 \
+                         bytes are allowed"
+                    ),
+                ));
+            }
+            b"IDAT" | b"IEND" => break,
+            _ => {
+                if file.seek(SeekFrom::Current(i64::from(length) + 4)).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads a PNG or JPEG file as a `[1, 3, h, w]` tensor in `[-1, 1]`, checking that both sides are
