@@ -73,14 +73,14 @@ impl DenoisingObjective {
         let t: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
         // The U-Net computes in its weights' dtype (a bf16 copy under mixed precision); the
         // loss is taken in the latents' (f32), as diffusers' `model_pred.float()`.
-        let (compute, dtype) = (unet.conv_in.weight.dtype(), latents_dtype);
+        let compute = unet.conv_in.weight.dtype();
         let prediction = unet.forward(
             to_dtype(noisy, compute),
             &t,
             to_dtype(context, compute),
             None,
         )?;
-        let prediction = to_dtype(prediction, dtype);
+        let prediction = to_dtype(prediction, latents_dtype);
         let squared = (prediction - goal).powi_scalar(2);
         Ok(match self.snr_gamma {
             None => squared.mean(),

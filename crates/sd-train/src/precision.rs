@@ -14,6 +14,7 @@
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
+pub use sd_core::layers::to_dtype;
 use serde::{Deserialize, Serialize};
 
 /// The dtype the trained models compute in (`--mixed-precision`).
@@ -67,14 +68,5 @@ impl<B: Backend> ModuleMapper<B> for CastParams {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
         Param::from_mapped_value(id, to_dtype(tensor, self.0), mapper)
-    }
-}
-
-/// `tensor` in `dtype` (itself when it already is).
-pub fn to_dtype<B: Backend, const D: usize>(tensor: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
-    if tensor.dtype() == dtype {
-        tensor
-    } else {
-        tensor.cast(dtype)
     }
 }

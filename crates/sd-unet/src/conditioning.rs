@@ -5,7 +5,8 @@
 
 use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
+use sd_core::layers::to_dtype;
 use sd_core::{CoreError, Result};
 
 use crate::embeddings::{TimestepEmbedding, timestep_embedding};
@@ -172,7 +173,7 @@ impl<B: Backend> TimeEmbedder<'_, B> {
         // The sinusoids are computed in f32 and cast to the layers' dtype, as diffusers'
         // `t_emb.to(dtype=sample.dtype)` (a bf16 copy under mixed-precision training).
         let dtype = self.time_embedding.linear_1.weight.dtype();
-        let mut emb = self.time_embedding.forward(in_dtype(t_emb, dtype));
+        let mut emb = self.time_embedding.forward(to_dtype(t_emb, dtype));
         match (self.class_embedding, cond.class_labels) {
             (Some(table), Some(labels)) => {
                 let classes = table.weight.dims()[0];
@@ -214,8 +215,8 @@ impl<B: Backend> TimeEmbedder<'_, B> {
                 .reshape([b as i32, -1]);
                 let add_in = Tensor::cat(
                     vec![
-                        in_dtype(tt.text_embeds.clone(), dtype),
-                        in_dtype(time_embeds, dtype),
+                        to_dtype(tt.text_embeds.clone(), dtype),
+                        to_dtype(time_embeds, dtype),
                     ],
                     1,
                 );
@@ -241,9 +242,4 @@ impl<B: Backend> TimeEmbedder<'_, B> {
         }
         Ok(emb)
     }
-}
-
-/// `t` in `dtype` (itself when it already is).
-fn in_dtype<B: Backend>(t: Tensor<B, 2>, dtype: DType) -> Tensor<B, 2> {
-    if t.dtype() == dtype { t } else { t.cast(dtype) }
 }

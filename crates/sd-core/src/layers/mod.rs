@@ -25,8 +25,14 @@ pub use sampling::{
 
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, PaddingConfig2d};
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
+
+/// `t` in `dtype`, itself when it already is (a bf16 copy under mixed-precision training
+/// meets f32 inputs built on the host).
+pub fn to_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if t.dtype() == dtype { t } else { t.cast(dtype) }
+}
 
 /// SiLU, `x · σ(x)` (Elfwing et al. 2018): in place on Flex; elsewhere written as
 /// `x / (1 + e^(−x))`, four cheap element-wise passes instead of Burn's `silu`, whose
