@@ -7,15 +7,19 @@
 //! `--config sd15`: the SD 1.5 U-Net's shape with random weights (its training cost); `--config
 //! tiny`: the tiny fixture U-Net (`tests/fixtures/pipeline/tiny_sd1/model/unet`), whose steps
 //! per second say what the test and shapes-model runs pay per step. Batch 1, a 4×32×32 latent
-//! (`--latent N` for another side), 77 context tokens, f32; `--mixed-precision bf16` runs the
-//! passes on a bf16 copy of the weights, as `sd train --mixed-precision bf16` does.
+//! (`--latent N` for another side), 77 context tokens, f32; `--mixed-precision bf16|f16` runs
+//! the passes on a bf16 or f16 copy of the weights, as `sd train --mixed-precision` does (f16
+//! with its loss scaled and the gradients unscaled by the default `GradScaler`).
 
 use burn::backend::Autodiff;
 use burn::tensor::{Distribution, ElementConversion, Tensor};
 use sd_benches::{arg, peak_rss_mib, time_runs};
 use sd_core::backend::DefaultBackend as Inner;
 use sd_diffusion::{BetaSchedule, NoiseSchedule, NoiseScheduleConfig, PredictionType};
-use sd_train::{AdamW, AdamWConfig, DenoisingBatch, DenoisingObjective, Gradients, MixedPrecision};
+use sd_train::{
+    AdamW, AdamWConfig, DenoisingBatch, DenoisingObjective, GradScaler, GradScalerConfig,
+    Gradients, MixedPrecision,
+};
 use sd_unet::{PerBlock, UNet2DConditionConfig, UNet2DConditionModel};
 
 /// The training backend: `sd train`'s (autodiff over the default backend, Flex in the default
@@ -44,8 +48,13 @@ fn main() -> Result<(), String> {
     let precision = match arg("--mixed-precision").as_deref() {
         None | Some("no") => MixedPrecision::No,
         Some("bf16") => MixedPrecision::Bf16,
-        Some(other) => return Err(format!("--mixed-precision no|bf16, not {other}")),
+        Some("f16") => MixedPrecision::F16,
+        Some(other) => return Err(format!("--mixed-precision no|bf16|f16, not {other}")),
     };
+    let scaler = (precision == MixedPrecision::F16)
+        .then(|| GradScaler::new(GradScalerConfig::default()))
+        .transpose()
+        .map_err(|e| e.to_string())?;
     let device = Default::default();
     let (unet, context_dim) = match name.as_str() {
         "sd15" => {
@@ -114,11 +123,17 @@ fn main() -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         // Reading the loss waits for the forward pass (as `sd train` does to log it).
         last_loss = loss.clone().into_scalar().elem();
-        let mut backward = loss.backward();
+        let mut backward = loss
+            .mul_scalar(scaler.as_ref().map_or(1.0, GradScaler::scale))
+            .backward();
         let mut grads = Gradients::<Inner>::new();
         grads.accumulate(&model, &mut backward);
         if grads.is_empty() {
             return Err("the backward pass gave no gradients".into());
+        }
+        if let Some(scaler) = &scaler {
+            // An overflow would skip the step in `sd train`; here every step is applied.
+            let _ = scaler.unscale(&mut [&mut grads]);
         }
         grads.clip_global_norm(MAX_GRAD_NORM);
         let model = adamw.step(model, grads, LR);

@@ -21,8 +21,8 @@ use sd_diffusion::{BetaSchedule, NoiseSchedule, NoiseScheduleConfig, PredictionT
 use sd_encoder::VaeEncoder;
 use sd_lora::{Component, LoraFile, LoraFormat, LoraNetwork, LoraTargets, TargetSet};
 use sd_train::{
-    AdamW, AdamWConfig, DenoisingBatch, DenoisingObjective, Ema, EmaConfig, Gradients, LrSchedule,
-    LrScheduleKind,
+    AdamW, AdamWConfig, DenoisingBatch, DenoisingObjective, Ema, EmaConfig, GradScaler,
+    GradScalerConfig, Gradients, LrSchedule, LrScheduleKind,
 };
 use sd_train::{MixedPrecision, Reconstruction, VaeObjective};
 use sd_unet::UNet2DConditionModel;
@@ -194,7 +194,20 @@ fn run_case(dir: &Path, precision: MixedPrecision) {
             case.f64("tolerance").unwrap(),
         ),
         MixedPrecision::Bf16 => (BF16_TOLERANCE, BF16_NORM_TOLERANCE),
+        MixedPrecision::F16 => (F16_TOLERANCE, F16_TOLERANCE),
     };
+    // The f16 case's loss scaler, with the settings diffusers' run used.
+    let mut scaler = (precision == MixedPrecision::F16).then(|| {
+        let spec = &case.manifest["grad_scaler"];
+        let get = |key: &str| spec[key].as_f64().unwrap();
+        GradScaler::new(GradScalerConfig {
+            init_scale: get("init_scale"),
+            growth_factor: get("growth_factor"),
+            backoff_factor: get("backoff_factor"),
+            growth_interval: get("growth_interval") as u64,
+        })
+        .unwrap()
+    });
     let device = Default::default();
     let mut unet = UNet2DConditionModel::<B>::from_pretrained(dir.join("unet"), None, &device)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -304,27 +317,53 @@ fn run_case(dir: &Path, precision: MixedPrecision) {
                 ref_loss[step * accumulation + micro],
                 tolerance,
             );
-            let mut backward = loss.div_scalar(accumulation as f64).backward();
+            let factor = scaler.as_ref().map_or(1.0, GradScaler::scale) / accumulation as f64;
+            let mut backward = loss.mul_scalar(factor).backward();
             grads.accumulate(&unet, &mut backward);
             if let Some((model, _)) = &text {
                 text_grads.accumulate(model, &mut backward);
             }
         }
+        let mut skipped = false;
+        if let Some(scaler) = &scaler {
+            // The same scale, and the same steps skipped for an f16 overflow, as torch's
+            // GradScaler under autocast.
+            skipped = scaler.unscale(&mut [&mut grads, &mut text_grads]);
+            let (scales, skips) = (
+                values(&reference, "loss_scale"),
+                values(&reference, "skipped"),
+            );
+            check(
+                format!("loss scale {step}"),
+                scaler.scale(),
+                scales[step],
+                0.0,
+            );
+            let skip = if skipped { 1.0 } else { 0.0 };
+            check(format!("skipped {step}"), skip, skips[step], 0.0);
+        }
         let max_norm = case.f64("max_grad_norm").unwrap();
         let norm = Gradients::clip_global_norm_all(&mut [&mut grads, &mut text_grads], max_norm);
-        check(
-            format!("grad norm {step}"),
-            norm,
-            ref_norm[step],
-            norm_tolerance,
-        );
-        let rate = lr.lr(step as u64);
+        if !skipped {
+            check(
+                format!("grad norm {step}"),
+                norm,
+                ref_norm[step],
+                norm_tolerance,
+            );
+        }
+        let rate = lr.lr(step as u64 - scaler.as_ref().map_or(0, GradScaler::skipped_steps));
         check(format!("lr {step}"), rate, ref_lr[step], tolerance);
-        unet = adamw.step(unet, grads, rate);
-        text = text.map(|(model, mut adamw)| {
-            let model = adamw.step(model, text_grads, rate);
-            (model, adamw)
-        });
+        if let Some(scaler) = scaler.as_mut() {
+            scaler.update(skipped);
+        }
+        if !skipped {
+            unet = adamw.step(unet, grads, rate);
+            text = text.map(|(model, mut adamw)| {
+                let model = adamw.step(model, text_grads, rate);
+                (model, adamw)
+            });
+        }
         ema.update(&unet.valid()).unwrap();
     }
 
@@ -741,11 +780,18 @@ fn training_steps_match_diffusers() {
             run_vae_case(&case);
         } else if manifest["kind"] == "lora_training" {
             run_lora_case(&case);
+        } else if manifest["mixed_precision"] == "fp16" {
+            run_case(&case, MixedPrecision::F16);
         } else {
             run_case(&case, MixedPrecision::No);
         }
     }
 }
+
+/// How far the f16 case may go from diffusers' f16 run (torch's autocast with its
+/// GradScaler): f16 keeps 11 bits of mantissa, and autocast runs more ops in f32 than our f16
+/// copy does (see `sd_train::MixedPrecision`).
+const F16_TOLERANCE: f64 = 5e-3;
 
 /// How far bf16 mixed precision may take the losses, gradient norms and final states from
 /// diffusers' f32 run ([`scaled_error`] for the states): bf16 keeps 8 bits of mantissa, a
@@ -763,7 +809,10 @@ const BF16_NORM_TOLERANCE: f64 = 1e-1;
 fn bf16_mixed_precision_training_tracks_diffusers() {
     for case in common::cases("training") {
         let manifest = common::manifest(&case);
-        if manifest["objective"] != "vae" && manifest["kind"] != "lora_training" {
+        if manifest["objective"] != "vae"
+            && manifest["kind"] != "lora_training"
+            && manifest["mixed_precision"].is_null()
+        {
             run_case(&case, MixedPrecision::Bf16);
         }
     }

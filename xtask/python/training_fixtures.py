@@ -101,6 +101,24 @@ CASES = {
         weight_decay=0.1,
         ema=dict(decay=0.99, update_after_step=1),
     ),
+    # accelerate's `--mixed_precision fp16`: f32 weights, the forward under CPU autocast to
+    # f16, torch's GradScaler (a start high enough that the first steps overflow f16 and are
+    # skipped, backing the scale off; growth after two good steps) and the LR schedule, as
+    # accelerate's scheduler does, held still on a skipped step.
+    "f16_grad_scaler": dict(
+        mixed_precision="fp16",
+        grad_scaler=dict(init_scale=2.0**17, growth_factor=2.0, backoff_factor=0.5, growth_interval=2),
+        prediction_type="epsilon",
+        lr=1e-4,
+        lr_scheduler="linear",
+        warmup=1,
+        steps=8,
+        batch=2,
+        accumulation=1,
+        max_grad_norm=1.0,
+        weight_decay=1e-2,
+        ema=dict(decay=0.99),
+    ),
 }
 
 TOKENS = 5
@@ -202,25 +220,46 @@ def write_training_case(root: pathlib.Path, name: str, spec: dict, randomise_nor
     ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config, **spec["ema"])
 
     b, accumulation = spec["batch"], spec["accumulation"]
+    fp16 = spec.get("mixed_precision") == "fp16"
+    scaler = torch.amp.GradScaler("cpu", **spec["grad_scaler"]) if fp16 else None
     inputs, reference = {}, {}
-    losses, lrs, norms = [], [], []
+    losses, lrs, norms, scales, skipped = [], [], [], [], []
     for step in range(spec["steps"]):
         for micro in range(accumulation):
             k = f"{step}_{micro}"
-            loss = micro_batch_loss(spec, unet, text, scheduler, generator, inputs, k)
+            with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+                loss = micro_batch_loss(spec, unet, text, scheduler, generator, inputs, k)
             losses.append(loss.item())
-            # accelerate divides the loss by the accumulation steps before backward.
-            (loss / accumulation).backward()
+            # accelerate divides the loss by the accumulation steps before backward (and
+            # scales it under fp16).
+            loss = loss / accumulation
+            (scaler.scale(loss) if fp16 else loss).backward()
+        if fp16:
+            # accelerator.clip_grad_norm_ unscales first; a non-finite gradient makes the norm
+            # non-finite and scaler.step skip the optimiser.
+            scaler.unscale_(optimizer)
         norms.append(float(torch.nn.utils.clip_grad_norm_(params, spec["max_grad_norm"])))
         lrs.append(lr_scheduler.get_last_lr()[0])
-        optimizer.step()
-        lr_scheduler.step()
+        if fp16:
+            scales.append(scaler.get_scale())
+            found_inf = sum(v.item() for v in scaler._found_inf_per_device(optimizer).values()) > 0
+            skipped.append(float(found_inf))
+            scaler.step(optimizer)
+            scaler.update()
+            if not found_inf:
+                lr_scheduler.step()
+        else:
+            optimizer.step()
+            lr_scheduler.step()
         optimizer.zero_grad()
         ema.step(unet.parameters())
 
     reference["loss"] = torch.tensor(losses, dtype=torch.float64)
     reference["lr"] = torch.tensor(lrs, dtype=torch.float64)
     reference["grad_norm"] = torch.tensor(norms, dtype=torch.float64)
+    if fp16:
+        reference["loss_scale"] = torch.tensor(scales, dtype=torch.float64)
+        reference["skipped"] = torch.tensor(skipped, dtype=torch.float64)
     final = {}
     names = {id(p): n for n, p in unet.named_parameters()}
     for n, p in unet.named_parameters():
@@ -250,6 +289,8 @@ def write_training_case(root: pathlib.Path, name: str, spec: dict, randomise_nor
     }
     (case / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"wrote {case}: {manifest['parameters']} parameters, losses {[round(x, 5) for x in losses]}")
+    if fp16:
+        print(f"  loss scales {scales}, skipped {skipped}")
 
 
 VAE_CONFIG = dict(

@@ -142,8 +142,9 @@ pub struct TrainArgs {
     /// centre crops and no flips; with buckets, each image at its bucket's size).
     #[arg(long)]
     cache_latents: bool,
-    /// `bf16`: the U-Net's (and a trained text encoder's) forward and backward passes in
-    /// bfloat16 on f32 weights, optimiser and loss (accelerate's --mixed_precision bf16).
+    /// `bf16` or `f16`: the U-Net's (and a trained text encoder's) forward and backward passes
+    /// in that precision on f32 weights, optimiser and loss (accelerate's --mixed_precision);
+    /// f16 scales the loss dynamically and skips a step whose gradients overflow.
     #[arg(long, value_enum)]
     mixed_precision: Option<Precision>,
     /// Render this prompt (repeatable) every --validation-every steps and at the end into
@@ -221,8 +222,9 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
     set!(gradient_accumulation, max_grad_norm, lr_warmup_steps);
     match args.mixed_precision {
         Some(Precision::No) => c.mixed_precision = sd_train::MixedPrecision::No,
+        Some(Precision::F16) => c.mixed_precision = sd_train::MixedPrecision::F16,
         Some(Precision::Bf16) => c.mixed_precision = sd_train::MixedPrecision::Bf16,
-        Some(Precision::F16) | None => {}
+        None => {}
     }
     if args.model.is_some() {
         c.model = args.model.clone();
@@ -341,12 +343,9 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
 pub fn run(args: TrainArgs) -> Result<String, String> {
     let unsupported = [
         (
-            args.mixed_precision == Some(Precision::F16),
-            "--mixed-precision f16 (it needs a loss scaler; bf16 does not)",
-        ),
-        (
-            args.what == What::Vae && args.mixed_precision == Some(Precision::Bf16),
-            "--mixed-precision bf16 with `sd train vae`",
+            args.what == What::Vae
+                && matches!(args.mixed_precision, Some(Precision::F16 | Precision::Bf16)),
+            "--mixed-precision f16 or bf16 with `sd train vae`",
         ),
         (
             args.what == What::Vae && !args.validation_prompt.is_empty(),

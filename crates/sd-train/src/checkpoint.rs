@@ -24,8 +24,22 @@ pub struct TrainingState {
     pub step: u64,
     /// EMA updates made (`None` without EMA).
     pub ema_steps: Option<u64>,
+    /// The loss scaler's state under f16 mixed precision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_scaler: Option<crate::grad_scaler::GradScalerState>,
     /// The settings of the run that wrote it.
     pub config: TrainConfig,
+}
+
+impl TrainingState {
+    /// The optimiser steps actually applied: the steps less those an f16 overflow skipped
+    /// (AdamW's bias correction counts these).
+    pub fn optimizer_steps(&self) -> u64 {
+        self.step
+            - self
+                .grad_scaler
+                .map_or(0, |s| s.skipped_steps.min(self.step))
+    }
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {

@@ -72,9 +72,11 @@ pub struct TrainConfig {
     pub caption_dropout: f64,
     /// Clip gradients to this global norm.
     pub max_grad_norm: f64,
-    /// `no` or `bf16` (accelerate's `--mixed_precision`): the trained models' forward and
-    /// backward passes in bf16, their weights, optimiser and loss in f32.
+    /// `no`, `f16` or `bf16` (accelerate's `--mixed_precision`): the trained models' forward
+    /// and backward passes in that precision, their weights, optimiser and loss in f32.
     pub mixed_precision: crate::precision::MixedPrecision,
+    /// The dynamic loss scaler of an f16 run (`torch.amp.GradScaler`'s settings and defaults).
+    pub grad_scaler: crate::grad_scaler::GradScalerConfig,
     /// AdamW's settings.
     pub adam: AdamWConfig,
     /// Keep an EMA of the U-Net's weights with this decay (diffusers' `--use_ema`); the final
@@ -221,6 +223,7 @@ impl Default for TrainConfig {
             caption_dropout: 0.0,
             max_grad_norm: 1.0,
             mixed_precision: Default::default(),
+            grad_scaler: Default::default(),
             adam: AdamWConfig::default(),
             ema_decay: None,
             reconstruction: crate::vae::Reconstruction::L1,
@@ -306,6 +309,7 @@ impl TrainConfig {
                 self.max_grad_norm
             ));
         }
+        self.grad_scaler.validate()?;
         if let Some(g) = self.snr_gamma
             && !(g.is_finite() && g > 0.0)
         {

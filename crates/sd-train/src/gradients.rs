@@ -124,6 +124,19 @@ impl<B: Backend> Gradients<B> {
         norm
     }
 
+    /// Whether any gathered gradient value is ±∞ or NaN (an f16 backward pass that
+    /// overflowed; see [`crate::GradScaler`]).
+    pub fn any_non_finite(&self) -> bool {
+        self.slots.iter().flatten().any(|g| {
+            g.clone()
+                .is_finite()
+                .bool_not()
+                .any()
+                .into_scalar()
+                .elem::<bool>()
+        })
+    }
+
     /// Multiplies every gradient by `factor`.
     pub fn scale(&mut self, factor: f64) {
         for slot in self.slots.iter_mut().flatten() {

@@ -17,7 +17,8 @@
 //! - [`DenoisingObjective`]: the loss of `train_text_to_image.py` (ε, v or x₀ targets,
 //!   Min-SNR-γ weighting, input perturbation).
 //! - [`VaeObjective`]: the autoencoder's reconstruction + KL objective.
-//! - [`MixedPrecision`]: forward and backward passes in bf16 on f32 weights.
+//! - [`MixedPrecision`]: forward and backward passes in bf16 or f16 on f32 weights.
+//! - [`GradScaler`]: `torch.amp.GradScaler`'s dynamic loss scaling, which f16 needs.
 //! - [`train_unet`]: the loop that composes them with the data, checkpoints and resume.
 
 mod adamw;
@@ -25,6 +26,7 @@ pub mod checkpoint;
 mod config;
 mod ema;
 mod error;
+mod grad_scaler;
 mod gradients;
 mod latent_cache;
 mod lora;
@@ -57,6 +59,7 @@ pub fn stop_requested() -> bool {
 pub use config::{LoraConfig, TrainConfig};
 pub use ema::{Ema, EmaConfig};
 pub use error::{Result, TrainError};
+pub use grad_scaler::{GradScaler, GradScalerConfig, GradScalerState};
 pub use gradients::Gradients;
 pub use latent_cache::{CacheSize, CachedPosterior, LatentCache};
 pub use lr::{LrSchedule, LrScheduleKind};

@@ -1,15 +1,16 @@
-//! Mixed precision (accelerate's `--mixed_precision bf16`, as `train_text_to_image.py` runs
-//! it): the trained weights, their gradients, the optimiser's moments, the EMA and the loss
-//! stay in f32, and each step runs the forward and backward passes on a bf16 copy of the
-//! weights. The copy is cast inside the autodiff graph, so each weight's gradient reaches the
+//! Mixed precision (accelerate's `--mixed_precision bf16|fp16`, as `train_text_to_image.py`
+//! runs it): the trained weights, their gradients, the optimiser's moments, the EMA and the
+//! loss stay in f32, and each step runs the forward and backward passes on a bf16 or f16 copy
+//! of the weights. The copy is cast inside the autodiff graph, so each weight's gradient reaches the
 //! f32 weight through the cast's backward (a cast back to f32) and the optimiser step is the
 //! f32 one.
 //!
-//! PyTorch's autocast picks a dtype per op (matmuls and convolutions in bf16, the
+//! PyTorch's autocast picks a dtype per op (matmuls and convolutions in the low precision, the
 //! normalisations' statistics, softmax and the loss in f32); here every op of the copy runs in
-//! bf16 and the prediction is cast to f32 before the loss. bf16 keeps f32's exponent range, so
-//! no loss scaling is needed; f16 would need a dynamic loss scaler (PyTorch's `GradScaler`),
-//! which Burn 0.21 does not have and which is not written here yet.
+//! the low precision except the GroupNorm statistics of an f16 input (f32, see
+//! `sd_core::layers::group_norm_2d`), and the prediction is cast to f32 before the loss. bf16
+//! keeps f32's exponent range, so it needs no loss scaling; f16 runs with
+//! [`crate::GradScaler`], PyTorch's dynamic loss scaler.
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
@@ -24,6 +25,10 @@ pub enum MixedPrecision {
     /// Everything in f32.
     #[default]
     No,
+    /// Forward and backward passes in IEEE half precision, the weights and optimiser in f32,
+    /// the loss scaled by [`crate::GradScaler`] (accelerate's `fp16` is read as well).
+    #[serde(alias = "fp16")]
+    F16,
     /// Forward and backward passes in bfloat16, the weights and optimiser in f32.
     Bf16,
 }
@@ -33,6 +38,7 @@ impl MixedPrecision {
     pub fn compute_dtype(self) -> DType {
         match self {
             Self::No => DType::F32,
+            Self::F16 => DType::F16,
             Self::Bf16 => DType::BF16,
         }
     }

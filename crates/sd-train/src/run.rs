@@ -34,7 +34,9 @@ use crate::error::{Result, TrainError};
 use crate::lora::{LoraTrainee, write_lora};
 use crate::precision::MixedPrecision;
 use crate::train_log::{StepLog, keep_log};
-use crate::{AdamW, DenoisingBatch, DenoisingObjective, Ema, EmaConfig, Gradients, LrSchedule};
+use crate::{
+    AdamW, DenoisingBatch, DenoisingObjective, Ema, EmaConfig, GradScaler, Gradients, LrSchedule,
+};
 
 /// Where to resume from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,7 +212,7 @@ fn restore<B: Backend, C: CheckpointStrategy>(
     };
     let first = read_unet::<B>(unet_config, &dir.join("optimizer/exp_avg"), device)?;
     let second = read_unet::<B>(unet_config, &dir.join("optimizer/exp_avg_sq"), device)?;
-    let adamw = AdamW::from_moment_modules(config.adam, state.step, &first, &second)?;
+    let adamw = AdamW::from_moment_modules(config.adam, state.optimizer_steps(), &first, &second)?;
     let text = if config.train_text_encoder {
         let model =
             ClipTextModel::<Autodiff<B, C>>::from_pretrained(dir.join("text_encoder"), device)?;
@@ -221,7 +223,8 @@ fn restore<B: Backend, C: CheckpointStrategy>(
             moments("text_encoder_exp_avg")?,
             moments("text_encoder_exp_avg_sq")?,
         );
-        let adamw = AdamW::from_moment_modules(config.adam, state.step, &first, &second)?;
+        let adamw =
+            AdamW::from_moment_modules(config.adam, state.optimizer_steps(), &first, &second)?;
         Some(TextEncoder::Trained { model, adamw })
     } else {
         None
@@ -289,11 +292,16 @@ fn restore_lora<B: Backend, C: CheckpointStrategy>(
     let Unet::Lora(unet) = unet else {
         unreachable!("lora_trainees makes LoRA trainees")
     };
-    let (unet, adamw) = unet.restore(dir, "unet", config.adam, state.step, device)?;
+    let (unet, adamw) = unet.restore(dir, "unet", config.adam, state.optimizer_steps(), device)?;
     let text = match text {
         Some(TextEncoder::Lora { trainee, .. }) => {
-            let (trainee, adamw) =
-                trainee.restore(dir, "text_encoder", config.adam, state.step, device)?;
+            let (trainee, adamw) = trainee.restore(
+                dir,
+                "text_encoder",
+                config.adam,
+                state.optimizer_steps(),
+                device,
+            )?;
             Some(TextEncoder::Lora { trainee, adamw })
         }
         other => other,
@@ -481,6 +489,7 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
         .into_iter()
         .next()
         .ok_or_else(|| TrainError::Config("the model has no text encoder".into()))?;
+    let mut scaler_state = None;
     let (start, mut unet, mut adamw, mut ema, restored_text) = match restored {
         Some(r) => {
             let ema = match (r.ema, config.ema_decay) {
@@ -494,6 +503,7 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
                 )?),
                 _ => None,
             };
+            scaler_state = r.state.grad_scaler;
             (r.state.step, r.unet, r.adamw, ema, r.text)
         }
         None if config.lora.is_some() => {
@@ -539,6 +549,13 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
             adamw: AdamW::new(config.adam)?,
         },
         (false, _) => TextEncoder::Frozen(model.load_text_encoder::<B>(0, device)?),
+    };
+    // f16 needs its loss scaled (bf16 and f32 do not): a resumed run goes on with the scale
+    // and skip count its checkpoint kept.
+    let mut scaler = match (config.mixed_precision, scaler_state) {
+        (MixedPrecision::F16, Some(state)) => Some(GradScaler::restore(config.grad_scaler, state)?),
+        (MixedPrecision::F16, None) => Some(GradScaler::new(config.grad_scaler)?),
+        _ => None,
     };
     let tokenizer_dir = base.join("tokenizer");
     let tokenizer = ClipTokenizer::from_folder(&tokenizer_dir, padding_of(&tokenizer_dir))?;
@@ -630,11 +647,13 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
                 unet: &Unet<B, C>,
                 adamw: &AdamW<B>,
                 ema: &Option<Ema<UNet2DConditionModel<B>>>,
-                text: &TextEncoder<B, C>|
+                text: &TextEncoder<B, C>,
+                scaler: &Option<GradScaler>|
      -> Result<PathBuf> {
         let state = TrainingState {
             step,
             ema_steps: ema.as_ref().map(Ema::steps),
+            grad_scaler: scaler.as_ref().map(GradScaler::state),
             config: config.clone(),
         };
         write_checkpoint(output, &state, config.keep, |dir| {
@@ -817,7 +836,10 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
                 )));
             }
             loss_sum += value;
-            let mut backward = loss.div_scalar(accumulation as f64).backward();
+            // Under f16 the loss is scaled so that small gradients survive the f16 backward
+            // pass; they are unscaled before clipping.
+            let factor = scaler.as_ref().map_or(1.0, GradScaler::scale) / accumulation as f64;
+            let mut backward = loss.mul_scalar(factor).backward();
             match &unet {
                 Unet::Full(unet) => grads.accumulate(unet, &mut backward),
                 Unet::Lora(trainee) => grads.accumulate(&trainee.network, &mut backward),
@@ -830,38 +852,51 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
                 TextEncoder::Frozen(_) => {}
             }
         }
+        // An f16 backward pass that overflowed skips the optimiser step (and the learning-rate
+        // schedule's) and backs the scale off; the loss scale the step used is logged.
+        let loss_scale = scaler.as_ref().map(GradScaler::scale);
+        let skipped = match &scaler {
+            Some(scaler) => scaler.unscale(&mut [&mut grads, &mut text_grads]),
+            None => false,
+        };
         let grad_norm = Gradients::clip_global_norm_all(
             &mut [&mut grads, &mut text_grads],
             config.max_grad_norm,
         );
-        if !grad_norm.is_finite() {
+        if !grad_norm.is_finite() && !skipped {
             return Err(TrainError::NonFinite(format!(
                 "step {}: the gradient norm is {grad_norm}: training stopped",
                 step + 1
             )));
         }
-        let rate = lr.lr(step);
-        unet = match unet {
-            Unet::Full(unet) => Unet::Full(adamw.step(unet, grads, rate)),
-            Unet::Lora(mut trainee) => {
-                trainee.network = adamw.step(trainee.network, grads, rate);
-                Unet::Lora(trainee)
-            }
-        };
-        text = match text {
-            TextEncoder::Trained { model, mut adamw } => {
-                let model = adamw.step(model, text_grads, rate);
-                TextEncoder::Trained { model, adamw }
-            }
-            TextEncoder::Lora {
-                mut trainee,
-                mut adamw,
-            } => {
-                trainee.network = adamw.step(trainee.network, text_grads, rate);
-                TextEncoder::Lora { trainee, adamw }
-            }
-            frozen => frozen,
-        };
+        let rate = lr.lr(step - scaler.as_ref().map_or(0, GradScaler::skipped_steps));
+        if let Some(scaler) = scaler.as_mut() {
+            scaler.update(skipped);
+        }
+        // A skipped step still counts, and the EMA still updates, as in diffusers' loop.
+        if !skipped {
+            unet = match unet {
+                Unet::Full(unet) => Unet::Full(adamw.step(unet, grads, rate)),
+                Unet::Lora(mut trainee) => {
+                    trainee.network = adamw.step(trainee.network, grads, rate);
+                    Unet::Lora(trainee)
+                }
+            };
+            text = match text {
+                TextEncoder::Trained { model, mut adamw } => {
+                    let model = adamw.step(model, text_grads, rate);
+                    TextEncoder::Trained { model, adamw }
+                }
+                TextEncoder::Lora {
+                    mut trainee,
+                    mut adamw,
+                } => {
+                    trainee.network = adamw.step(trainee.network, text_grads, rate);
+                    TextEncoder::Lora { trainee, adamw }
+                }
+                frozen => frozen,
+            };
+        }
         if let (Some(ema), Unet::Full(unet)) = (ema.as_mut(), &unet) {
             ema.update(&unet.valid())?;
         }
@@ -871,6 +906,8 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
             lr: rate,
             grad_norm,
             time: started.elapsed().as_secs_f64(),
+            loss_scale,
+            skipped,
         };
         writeln!(log, "{}", serde_json::to_string(&entry).unwrap_or_default())
             .and_then(|()| log.flush())
@@ -880,7 +917,7 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
         let due = config.checkpoint_every > 0 && done % config.checkpoint_every == 0;
         let stop = crate::stop_requested();
         if due || done == config.max_steps || stop {
-            let path = save(done, &unet, &adamw, &ema, &text)?;
+            let path = save(done, &unet, &adamw, &ema, &text, &scaler)?;
             events(Event::Checkpoint(path.clone()));
             if stop && done < config.max_steps {
                 return Err(TrainError::Stopped {

@@ -244,6 +244,7 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
         let state = TrainingState {
             step,
             ema_steps: None,
+            grad_scaler: None,
             config: config.clone(),
         };
         write_checkpoint(output, &state, config.keep, |dir| {
@@ -320,6 +321,8 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
             lr: rate,
             grad_norm,
             time: started.elapsed().as_secs_f64(),
+            loss_scale: None,
+            skipped: false,
         };
         writeln!(log, "{}", serde_json::to_string(&entry).unwrap_or_default())
             .and_then(|()| log.flush())

@@ -14,10 +14,25 @@ pub struct StepLog {
     pub loss: f64,
     /// The learning rate the step used.
     pub lr: f64,
-    /// The gradient norm before clipping.
+    /// The gradient norm before clipping (NaN, written `null`, on a step an f16 overflow
+    /// skipped).
+    #[serde(deserialize_with = "null_as_nan")]
     pub grad_norm: f64,
     /// Seconds since the run (or its resume) started.
     pub time: f64,
+    /// Under f16 mixed precision: the loss scale the step used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// Under f16 mixed precision: the step's gradients overflowed and the optimiser step was
+    /// skipped (weights and learning-rate schedule unchanged).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+}
+
+/// serde_json writes a non-finite number as `null`; read it back as NaN.
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Opens the log for appending, keeping only the lines of steps up to `start` (a resume drops

@@ -1,6 +1,8 @@
 use burn::nn::{GroupNorm, GroupNormConfig};
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
+
+use super::to_dtype;
 
 /// `torch.nn.GroupNorm(groups, channels, eps, affine=True)`. Callers check that `groups`
 /// divides `channels` when they validate their configuration.
@@ -26,23 +28,37 @@ pub fn group_norm_2d<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor
     if let Some(out) = sd_kernels::cpu::try_group_norm(norm, &x, false) {
         return out;
     }
+    // f16 tops out at 65504: a group's sum of squares passes that easily. The statistics of an
+    // f16 input are taken in f32 (as PyTorch's autocast runs `group_norm`) and the result
+    // cast back.
+    let dtype = x.dtype();
+    let stats = if dtype == DType::F16 {
+        DType::F32
+    } else {
+        dtype
+    };
     let [b, c, h, w] = x.dims();
     let g = norm.num_groups;
     let n = c / g * h * w;
-    let grouped = x.reshape([b, g, n]);
+    let grouped = to_dtype(x, stats).reshape([b, g, n]);
     let mean = grouped.clone().sum_dim(2) / n as f64;
     let centred = grouped - mean;
     let var = centred.clone().square().sum_dim(2) / n as f64;
     let normed = centred / (var + norm.epsilon).sqrt();
-    match (&norm.gamma, &norm.beta) {
+    let out = match (&norm.gamma, &norm.beta) {
         (Some(gamma), Some(beta)) => {
-            let per_row =
-                |p: Tensor<B, 1>| p.unsqueeze_dim::<2>(0).repeat_dim(0, b).reshape([b * c, 1]);
+            let per_row = |p: Tensor<B, 1>| {
+                to_dtype(p, stats)
+                    .unsqueeze_dim::<2>(0)
+                    .repeat_dim(0, b)
+                    .reshape([b * c, 1])
+            };
             (normed.reshape([b * c, h * w]) * per_row(gamma.val()) + per_row(beta.val()))
                 .reshape([b, c, h, w])
         }
         _ => normed.reshape([b, c, h, w]),
-    }
+    };
+    to_dtype(out, dtype)
 }
 
 /// [`group_norm_2d`] followed by SiLU (every ResNet block's and the output head's
