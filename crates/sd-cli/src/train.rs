@@ -176,9 +176,33 @@ pub struct TrainArgs {
     /// stable-diffusion.cpp) or `diffusers` (OUTPUT/pytorch_lora_weights.safetensors).
     #[arg(long)]
     lora_format: Option<String>,
+    /// Data-parallel peers (threads) on this machine; --batch-size is per peer, so the
+    /// global batch is devices × nodes × batch-size.
+    #[arg(long)]
+    devices: Option<usize>,
+    /// Machines (processes) training together: each runs `sd train` with the same settings,
+    /// its own --node-rank and the same --orchestrator.
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// This process's index among --nodes, from 0 (node 0 writes the output).
+    #[arg(long, default_value_t = 0)]
+    node_rank: usize,
+    /// With --nodes: HOST:PORT where node 0 listens (it binds it) and the others connect;
+    /// the gradients pass through node 0.
+    #[arg(long)]
+    orchestrator: Option<String>,
+    /// The longest wait, in seconds, for another peer (default 1800): past it the run stops
+    /// with an error rather than wait for a peer that died.
+    #[arg(long)]
+    collective_timeout: Option<u64>,
     /// No progress bar.
     #[arg(long, short = 'q')]
     quiet: bool,
+}
+
+/// Whether the flags ask for several peers (the VAE trains on one).
+fn config_devices(args: &TrainArgs) -> usize {
+    args.devices.unwrap_or(1) * args.nodes.unwrap_or(1)
 }
 
 /// The config: the file's settings, then every flag given over them.
@@ -219,7 +243,13 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
         input_perturbation,
         caption_dropout
     );
-    set!(gradient_accumulation, max_grad_norm, lr_warmup_steps);
+    set!(
+        gradient_accumulation,
+        max_grad_norm,
+        lr_warmup_steps,
+        devices,
+        nodes
+    );
     match args.mixed_precision {
         Some(Precision::No) => c.mixed_precision = sd_train::MixedPrecision::No,
         Some(Precision::F16) => c.mixed_precision = sd_train::MixedPrecision::F16,
@@ -355,6 +385,10 @@ pub fn run(args: TrainArgs) -> Result<String, String> {
             args.what == What::Vae && args.lora_rank.is_some(),
             "--lora-rank with `sd train vae`",
         ),
+        (
+            args.what == What::Vae && (config_devices(&args) > 1),
+            "--devices or --nodes above 1 with `sd train vae`",
+        ),
     ];
     if let Some((_, what)) = unsupported.iter().find(|(on, _)| *on) {
         return Err(format!("{what} is not supported yet"));
@@ -405,15 +439,25 @@ pub fn run(args: TrainArgs) -> Result<String, String> {
     let device = Default::default();
     use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
     type Flex = sd::backend::Flex;
+    let parallel = sd_train::ParallelConfig {
+        node_rank: args.node_rank,
+        orchestrator: args.orchestrator.clone(),
+        timeout: args.collective_timeout.unwrap_or(0),
+    };
     let out = match (args.what, config.gradient_checkpointing) {
-        (What::Unet, false) => {
-            sd_train::train_unet::<Flex, NoCheckpointing>(&config, resume, &device, &mut events)
-        }
-        (What::Unet, true) => sd_train::train_unet::<Flex, BalancedCheckpointing>(
+        (What::Unet, false) => sd_train::train_unet_parallel::<Flex, NoCheckpointing>(
             &config,
             resume,
             &device,
             &mut events,
+            &parallel,
+        ),
+        (What::Unet, true) => sd_train::train_unet_parallel::<Flex, BalancedCheckpointing>(
+            &config,
+            resume,
+            &device,
+            &mut events,
+            &parallel,
         ),
         (What::Vae, false) => {
             sd_train::train_vae::<Flex, NoCheckpointing>(&config, resume, &device, &mut events)

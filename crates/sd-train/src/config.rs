@@ -75,6 +75,10 @@ pub struct TrainConfig {
     /// `no`, `f16` or `bf16` (accelerate's `--mixed_precision`): the trained models' forward
     /// and backward passes in that precision, their weights, optimiser and loss in f32.
     pub mixed_precision: crate::precision::MixedPrecision,
+    /// Data-parallel peers (threads) on each node (`--devices`); `batch_size` is per peer.
+    pub devices: usize,
+    /// Nodes (processes, usually on several machines) training together (`--nodes`).
+    pub nodes: usize,
     /// The dynamic loss scaler of an f16 run (`torch.amp.GradScaler`'s settings and defaults).
     pub grad_scaler: crate::grad_scaler::GradScalerConfig,
     /// AdamW's settings.
@@ -224,6 +228,8 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             mixed_precision: Default::default(),
             grad_scaler: Default::default(),
+            devices: 1,
+            nodes: 1,
             adam: AdamWConfig::default(),
             ema_decay: None,
             reconstruction: crate::vae::Reconstruction::L1,
@@ -310,6 +316,12 @@ impl TrainConfig {
             ));
         }
         self.grad_scaler.validate()?;
+        if self.devices == 0 || self.devices > 256 || self.nodes == 0 || self.nodes > 4096 {
+            return bad(format!(
+                "--devices must be from 1 to 256 and --nodes from 1 to 4096, got {} and {}",
+                self.devices, self.nodes
+            ));
+        }
         if let Some(g) = self.snr_gamma
             && !(g.is_finite() && g > 0.0)
         {

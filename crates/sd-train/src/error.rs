@@ -21,6 +21,9 @@ pub enum TrainError {
         /// The checkpoint folder written on stopping.
         checkpoint: std::path::PathBuf,
     },
+    /// A data-parallel peer could not be reached or stopped answering.
+    #[error("data-parallel training: {0}")]
+    Parallel(String),
     /// Reading or writing the run's files.
     #[error("{0}")]
     Io(String),

@@ -73,6 +73,11 @@ impl<B: Backend> Gradients<B> {
         std::mem::take(&mut self.slots)
     }
 
+    /// Puts slots back (those [`Self::take`] took, transformed).
+    pub fn restore(&mut self, slots: Vec<Option<Tensor<B, 1>>>) {
+        self.slots = slots;
+    }
+
     /// Whether no gradient has been gathered.
     pub fn is_empty(&self) -> bool {
         self.slots.iter().all(Option::is_none)

@@ -19,6 +19,8 @@
 //! - [`VaeObjective`]: the autoencoder's reconstruction + KL objective.
 //! - [`MixedPrecision`]: forward and backward passes in bf16 or f16 on f32 weights.
 //! - [`GradScaler`]: `torch.amp.GradScaler`'s dynamic loss scaling, which f16 needs.
+//! - [`Peer`]: data-parallel training on `burn-collective` (gradients averaged across
+//!   threads and machines before each step).
 //! - [`train_unet`]: the loop that composes them with the data, checkpoints and resume.
 
 mod adamw;
@@ -31,7 +33,9 @@ mod gradients;
 mod latent_cache;
 mod lora;
 mod lr;
+mod node_link;
 mod objective;
+mod parallel;
 mod params;
 mod plot;
 mod precision;
@@ -64,10 +68,11 @@ pub use gradients::Gradients;
 pub use latent_cache::{CacheSize, CachedPosterior, LatentCache};
 pub use lr::{LrSchedule, LrScheduleKind};
 pub use objective::{DenoisingBatch, DenoisingObjective};
+pub use parallel::{ParallelConfig, Peer};
 pub use params::{flat_params, with_flat_params};
 pub use plot::{plot_loss, register_font};
 pub use precision::{MixedPrecision, to_dtype};
-pub use run::{Event, Resume, train_unet};
+pub use run::{Event, Resume, train_unet, train_unet_parallel};
 pub use run_vae::train_vae;
 pub use train_log::{StepLog, read_log};
 pub use vae::{Reconstruction, VaeLosses, VaeObjective};

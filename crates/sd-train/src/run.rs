@@ -32,6 +32,7 @@ use crate::checkpoint::{
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::lora::{LoraTrainee, write_lora};
+use crate::parallel::{ParallelConfig, Peer};
 use crate::precision::MixedPrecision;
 use crate::train_log::{StepLog, keep_log};
 use crate::{
@@ -424,7 +425,78 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
     device: &B::Device,
     events: &mut dyn FnMut(Event),
 ) -> Result<PathBuf> {
+    train_unet_parallel::<B, C>(config, resume, device, events, &ParallelConfig::default())
+}
+
+/// [`train_unet`] as one node of a data-parallel run: `config.devices` peers on threads of
+/// this process (peer 0 on the calling thread, the one that reports `events`), and with
+/// `config.nodes` above 1 this process as node `parallel.node_rank` of several, which find
+/// each other through the orchestrator. Node 0's first peer writes the output; the result of
+/// every peer is the same.
+pub fn train_unet_parallel<B: Backend, C: CheckpointStrategy>(
+    config: &TrainConfig,
+    resume: Option<Resume>,
+    device: &B::Device,
+    events: &mut dyn FnMut(Event),
+    parallel: &ParallelConfig,
+) -> Result<PathBuf> {
     config.validate()?;
+    let (devices, nodes) = (config.devices, config.nodes);
+    if devices * nodes == 1 {
+        return run_unet::<B, C>(config, resume, device, events, &Peer::single());
+    }
+    let peer_run = |local: usize, events: &mut dyn FnMut(Event)| -> Result<PathBuf> {
+        let peer = Peer::<B>::register(devices, nodes, local, parallel, device)?;
+        let result = run_unet::<B, C>(config, resume.clone(), device, events, &peer);
+        peer.finish(result.is_err());
+        result
+    };
+    std::thread::scope(|scope| {
+        let others: Vec<_> = (1..devices)
+            .map(|local| scope.spawn(move || peer_run(local, &mut |_| {})))
+            .collect();
+        let first = peer_run(0, events);
+        let mut results = vec![first];
+        for handle in others {
+            results.push(
+                handle.join().unwrap_or_else(|_| {
+                    Err(TrainError::Parallel("a peer's thread panicked".into()))
+                }),
+            );
+        }
+        // The first failure that is not a consequence of another peer's (those report the
+        // collective that broke).
+        let failures = || results.iter().filter_map(|r| r.as_ref().err());
+        if let Some(i) = results
+            .iter()
+            .position(|r| matches!(r, Err(e) if !matches!(e, TrainError::Parallel(_))))
+        {
+            return results.swap_remove(i);
+        }
+        if failures().next().is_some() {
+            let i = results.iter().position(Result::is_err).unwrap_or(0);
+            return results.swap_remove(i);
+        }
+        results.swap_remove(0)
+    })
+}
+
+/// One peer's run (the only one without data parallelism).
+fn run_unet<B: Backend, C: CheckpointStrategy>(
+    config: &TrainConfig,
+    resume: Option<Resume>,
+    device: &B::Device,
+    events: &mut dyn FnMut(Event),
+    peer: &Peer<B>,
+) -> Result<PathBuf> {
+    config.validate()?;
+    let root = peer.is_root();
+    if peer.world() > 1 && (config.cache_latents || config.bucket.is_some()) {
+        return Err(TrainError::Config(
+            "--cache-latents and aspect-ratio buckets are not supported with several devices              or nodes yet"
+                .into(),
+        ));
+    }
     let transform = Transform {
         resolution: config.resolution,
         center_crop: config.center_crop,
@@ -470,7 +542,9 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
         )));
     }
     let output = &config.output;
-    prepare_output(output, resume.as_ref())?;
+    if root {
+        prepare_output(output, resume.as_ref())?;
+    }
 
     let restored = first_restorable(
         output,
@@ -534,6 +608,16 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
             (0, Unet::Full(unet), AdamW::new(config.adam)?, ema, None)
         }
     };
+    if peer.world() > 1 {
+        // Every peer must go on from the same checkpoint.
+        let mean = peer.mean(&[start as f64], device)?[0];
+        if mean != start as f64 {
+            return Err(TrainError::Parallel(format!(
+                "the peers resume from different steps (this one from {start}): give each the \
+                 same --output contents"
+            )));
+        }
+    }
     // A text encoder folder with a config but no weights (a from-scratch `--init` folder)
     // starts from random weights; one with weights fine-tunes them.
     let text_weights = base.join("text_encoder/model.safetensors").is_file();
@@ -559,8 +643,10 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
     };
     let tokenizer_dir = base.join("tokenizer");
     let tokenizer = ClipTokenizer::from_folder(&tokenizer_dir, padding_of(&tokenizer_dir))?;
-    std::fs::write(output.join("train_config.json"), config.to_json())
-        .map_err(|e| TrainError::Io(format!("{}: {e}", output.display())))?;
+    if root {
+        std::fs::write(output.join("train_config.json"), config.to_json())
+            .map_err(|e| TrainError::Io(format!("{}: {e}", output.display())))?;
+    }
 
     // The VAE is frozen, on the inner backend: no autodiff graph, no gradients.
     let encoder = model.load_vae_encoder::<B>(device)?;
@@ -627,7 +713,12 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
         None
     };
     let log_path = output.join("train_log.jsonl");
-    let mut log = keep_log(&log_path, start)?;
+    // Peer 0 alone writes: the log, checkpoints, samples and the final folder.
+    let mut log = if root {
+        Some(keep_log(&log_path, start)?)
+    } else {
+        None
+    };
     events(Event::Started {
         first: start,
         total: config.max_steps,
@@ -703,12 +794,15 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
         for micro in 0..accumulation {
             // This micro-batch's (run position, example) pairs and its image size: `batch`
             // examples in the run's order, or one bucket's batch (which may be shorter).
+            // With data parallelism, this peer's `batch` examples of the global batch.
             let global = step * accumulation + micro;
+            let world_batch = (batch * peer.world()) as u64;
+            let first = (peer.rank() * batch) as u64;
             let (members, (width, height)): (Vec<(u64, usize)>, (u32, u32)) = match &mut buckets {
                 None => (
                     (0..batch as u64)
                         .map(|j| {
-                            let sample = global * batch as u64 + j;
+                            let sample = global * world_batch + first + j;
                             (sample, order.example(sample))
                         })
                         .collect(),
@@ -781,8 +875,10 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             let context = text.context(&ids, config.mixed_precision)?;
             // The draws of this micro-batch, in a fixed order: posterior, noise, offset,
-            // perturbation, timesteps.
+            // perturbation, timesteps; each for the whole global batch, of which this peer
+            // takes its rows (all of them without data parallelism).
             let mut rng = step_rng(config.seed, step, micro);
+            let whole = |[n, c, h, w]: [usize; 4]| [n * peer.world(), c, h, w];
             let latents = match &cache {
                 Some(_) => {
                     let [c, h, w] = cache_shape.ok_or_else(|| {
@@ -791,25 +887,29 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
                     let shape = [n, c, h, w];
                     let mean = Tensor::<B, 4>::from_data(TensorData::new(means, shape), device);
                     let std = Tensor::<B, 4>::from_data(TensorData::new(stds, shape), device);
-                    let draw = host_noise::<B, 4>(shape, &mut rng, device);
+                    let draw = peer.rows(host_noise::<B, 4>(whole(shape), &mut rng, device), n);
                     encoder.scale_latents(mean + std * draw)
                 }
                 None => {
                     let images =
                         Tensor::<B, 4>::from_data(TensorData::new(images, [n, 3, h, w]), device);
                     let posterior = encoder.encode(images)?;
-                    let draw = host_noise::<B, 4>(posterior.mean.dims(), &mut rng, device);
+                    let dims = whole(posterior.mean.dims());
+                    let draw = peer.rows(host_noise::<B, 4>(dims, &mut rng, device), n);
                     encoder.scale_latents(posterior.sample(draw))
                 }
             };
-            let mut noise = host_noise::<B, 4>(latents.dims(), &mut rng, device);
+            let mut noise = host_noise::<B, 4>(whole(latents.dims()), &mut rng, device);
             if config.noise_offset > 0.0 {
                 noise = offset_noise(noise, config.noise_offset, &mut rng);
             }
             let perturbation = (config.input_perturbation > 0.0).then(|| {
-                host_noise::<B, 4>(latents.dims(), &mut rng, device) * config.input_perturbation
+                let draw = host_noise::<B, 4>(whole(latents.dims()), &mut rng, device);
+                peer.rows(draw * config.input_perturbation, n)
             });
-            let timesteps = sample_timesteps(&schedule, n, &mut rng);
+            let noise = peer.rows(noise, n);
+            let mut timesteps = sample_timesteps(&schedule, n * peer.world(), &mut rng);
+            timesteps = timesteps.split_off(peer.rank() * n)[..n].to_vec();
             let input = DenoisingBatch {
                 latents: Tensor::from_inner(latents),
                 context,
@@ -824,7 +924,10 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
                     objective.loss(&precision.compute_copy(&trainee.model()), input)?
                 }
             };
+            // The global batch's loss: the mean of the peers' (equal-sized) batches' losses,
+            // so that every peer sees a non-finite one and stops together.
             let value: f64 = loss.clone().into_scalar().elem();
+            let value = peer.mean(&[value], device)?[0];
             if !value.is_finite() {
                 let last = list_checkpoints(output)
                     .last()
@@ -852,6 +955,8 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
                 TextEncoder::Frozen(_) => {}
             }
         }
+        // Data parallelism: every peer steps with the mean of the peers' gradients.
+        peer.mean_gradients(&mut [&mut grads, &mut text_grads])?;
         // An f16 backward pass that overflowed skips the optimiser step (and the learning-rate
         // schedule's) and backs the scale off; the loss scale the step used is logged.
         let loss_scale = scaler.as_ref().map(GradScaler::scale);
@@ -909,16 +1014,27 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
             loss_scale,
             skipped,
         };
-        writeln!(log, "{}", serde_json::to_string(&entry).unwrap_or_default())
-            .and_then(|()| log.flush())
-            .map_err(|e| TrainError::Io(format!("{}: {e}", log_path.display())))?;
+        if let Some(log) = log.as_mut() {
+            writeln!(log, "{}", serde_json::to_string(&entry).unwrap_or_default())
+                .and_then(|()| log.flush())
+                .map_err(|e| TrainError::Io(format!("{}: {e}", log_path.display())))?;
+        }
         events(Event::Step(entry));
         let done = step + 1;
         let due = config.checkpoint_every > 0 && done % config.checkpoint_every == 0;
-        let stop = crate::stop_requested();
+        let mut stop = crate::stop_requested();
+        if peer.world() > 1 {
+            // One peer asked to stop (Ctrl-C reaches each process): all stop at this step.
+            stop = peer.mean(&[if stop { 1.0 } else { 0.0 }], device)?[0] > 0.0;
+        }
         if due || done == config.max_steps || stop {
-            let path = save(done, &unet, &adamw, &ema, &text, &scaler)?;
-            events(Event::Checkpoint(path.clone()));
+            let path = if root {
+                let path = save(done, &unet, &adamw, &ema, &text, &scaler)?;
+                events(Event::Checkpoint(path.clone()));
+                path
+            } else {
+                crate::checkpoint::checkpoint_dir(output, done)
+            };
             if stop && done < config.max_steps {
                 return Err(TrainError::Stopped {
                     step: done,
@@ -927,7 +1043,7 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
             }
         }
         let validate = config.validation_every > 0 && done.is_multiple_of(config.validation_every);
-        if !config.validation_prompts.is_empty() && (validate || done == config.max_steps) {
+        if root && !config.validation_prompts.is_empty() && (validate || done == config.max_steps) {
             if let Unet::Lora(trainee) = &unet {
                 // The base model with the LoRA as it is now, merged as `sd generate --lora` does.
                 let path = output.join(".validation-lora.safetensors");
@@ -960,6 +1076,13 @@ pub fn train_unet<B: Backend, C: CheckpointStrategy>(
         }
     }
 
+    if !root {
+        // The other peers hold the same weights; peer 0 writes them.
+        return Ok(match &config.lora {
+            Some(lora) => output.join(lora.file_name()),
+            None => output.clone(),
+        });
+    }
     let plot = || {
         crate::plot::plot_loss(
             &crate::train_log::read_log(&log_path)?,

@@ -1,0 +1,248 @@
+//! Data-parallel `sd train unet` on the tiny fixture model (burn-collective): two peers with
+//! batch 2 each, as threads of one process (`--devices 2`) and as two processes on loopback
+//! (`--nodes 2`, node 0 listening at `--orchestrator`), end with the weights of one process with batch 4;
+//! a node killed mid-run makes the other stop with one clear line, not wait forever.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const SD: &str = env!("CARGO_BIN_EXE_sd");
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sd-parallel-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Five small captioned PNGs.
+fn data(dir: &Path) -> PathBuf {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..5u32 {
+        let image = image::RgbImage::from_fn(32, 32, |x, y| {
+            let inside = (x as i32 - 8 - 3 * i as i32).pow(2) + (y as i32 - 14).pow(2) < 60;
+            image::Rgb([if inside { 230 } else { 30 }, (50 * i) as u8, (x * 6) as u8])
+        });
+        image.save(data.join(format!("img{i}.png"))).unwrap();
+        std::fs::write(data.join(format!("img{i}.txt")), format!("a circle {i}\n")).unwrap();
+    }
+    data
+}
+
+/// `sd train unet` for `steps` steps with caption dropout, offset noise and input perturbation on
+/// (every random draw of the step is split between the peers), then `extra`.
+fn command(data: &Path, output: &Path, batch: usize, steps: u64, extra: &[&str]) -> Command {
+    let model = common::tiny_model();
+    let mut c = Command::new(SD);
+    c.args(["train", "unet", "--data"])
+        .arg(data)
+        .arg("--output")
+        .arg(output)
+        .arg("--model")
+        .arg(&model)
+        .args(["--max-steps", &steps.to_string()])
+        .args(["--batch-size", &batch.to_string()])
+        .args([
+            "--resolution",
+            "32",
+            "--learning-rate",
+            "1e-4",
+            "--seed",
+            "7",
+        ])
+        .args(["--caption-dropout", "0.3", "--noise-offset", "0.1"])
+        .args(["--input-perturbation", "0.1", "--ema-decay", "0.9", "-q"])
+        .args(extra);
+    c
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "sd train failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every tensor of a safetensors file as f32 values, by name.
+fn weights(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut all: Vec<(String, Vec<f32>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, values)
+        })
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
+/// The weights, EMA weights and Adam moments of two runs' last checkpoints agree within
+/// `1e-5 · (1 + |x|)`, and the logged losses within 1e-5 relative.
+fn same_training(a: &Path, b: &Path) {
+    for file in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet_ema/diffusion_pytorch_model.safetensors",
+        "optimizer/exp_avg/diffusion_pytorch_model.safetensors",
+        "optimizer/exp_avg_sq/diffusion_pytorch_model.safetensors",
+    ] {
+        let (x, y) = (
+            weights(&a.join("checkpoint-3").join(file)),
+            weights(&b.join("checkpoint-3").join(file)),
+        );
+        assert_eq!(x.len(), y.len());
+        let mut worst = (0.0f32, String::new());
+        for ((name, x), (_, y)) in x.iter().zip(&y) {
+            for (p, q) in x.iter().zip(y) {
+                let e = (p - q).abs() / (1.0 + q.abs());
+                if e > worst.0 {
+                    worst = (e, name.clone());
+                }
+            }
+        }
+        assert!(worst.0 <= 1e-5, "{file}: {} at {}", worst.0, worst.1);
+        eprintln!("{file}: worst {:e} at {}", worst.0, worst.1);
+    }
+    let losses = |dir: &Path| -> Vec<f64> {
+        std::fs::read_to_string(dir.join("train_log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (x, y) = (losses(a), losses(b));
+    assert_eq!(x.len(), 3);
+    for (p, q) in x.iter().zip(&y) {
+        assert!((p - q).abs() <= 1e-5 * q.abs(), "losses {x:?} vs {y:?}");
+    }
+}
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the child when dropped (a failed assertion leaves no process behind).
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Node `rank` of two; node 0 listens at `orchestrator`.
+fn node(data: &Path, output: &Path, rank: usize, steps: u64, orchestrator: &str) -> Command {
+    let mut c = command(
+        data,
+        output,
+        2,
+        steps,
+        &[
+            "--nodes",
+            "2",
+            "--node-rank",
+            &rank.to_string(),
+            "--orchestrator",
+            orchestrator,
+            "--collective-timeout",
+            "120",
+        ],
+    );
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    c
+}
+
+#[test]
+fn two_peers_train_as_one_process_with_their_batches_together() {
+    let dir = scratch("equal");
+    let data = data(&dir);
+    let single = dir.join("single");
+    ok(&command(&data, &single, 4, 3, &[]).output().unwrap());
+
+    let threads = dir.join("threads");
+    ok(&command(&data, &threads, 2, 3, &["--devices", "2"])
+        .output()
+        .unwrap());
+    same_training(&threads, &single);
+    let config = std::fs::read_to_string(threads.join("train_config.json")).unwrap();
+    assert!(config.contains("\"devices\": 2"), "{config}");
+
+    // Two processes (nodes) on loopback; node 1 writes nothing.
+    let address = format!("127.0.0.1:{}", free_port());
+    let nodes = dir.join("nodes");
+    let other = dir.join("nodes-1");
+    let second = node(&data, &other, 1, 3, &address).spawn().unwrap();
+    let first = node(&data, &nodes, 0, 3, &address).output().unwrap();
+    let second = second.wait_with_output().unwrap();
+    ok(&first);
+    ok(&second);
+    same_training(&nodes, &single);
+    assert!(
+        !other.join("checkpoint-3").exists() && !other.join("train_log.jsonl").exists(),
+        "node 1 wrote output"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_node_killed_mid_run_stops_the_other_with_one_line() {
+    let dir = scratch("killed");
+    let data = data(&dir);
+    let address = format!("127.0.0.1:{}", free_port());
+    let output = dir.join("out");
+    let long =
+        |rank: usize, output: &Path| node(&data, output, rank, 1000, &address).spawn().unwrap();
+    let first = long(0, &output);
+    let mut second = Reaped(long(1, &dir.join("out-1")));
+    // Once a step has been taken together, node 1 dies.
+    let started = Instant::now();
+    while !output.join("train_log.jsonl").is_file()
+        || std::fs::read_to_string(output.join("train_log.jsonl"))
+            .unwrap()
+            .is_empty()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no step was taken"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    second.0.kill().unwrap();
+    let _ = second.0.wait();
+    let killed_at = Instant::now();
+    let out = first.wait_with_output().unwrap();
+    let waited = killed_at.elapsed();
+    assert!(!out.status.success(), "node 0 went on without node 1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr.trim_end();
+    assert_eq!(line.lines().count(), 1, "not one line: {stderr}");
+    assert!(line.contains("data-parallel training"), "{line}");
+    // Well inside the 120 s bound when the lost connection is noticed.
+    eprintln!(
+        "node 0 stopped {:.1} s after node 1 died: {line}",
+        waited.as_secs_f64()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
