@@ -471,6 +471,14 @@ pub fn run(args: TrainArgs) -> Result<String, String> {
     }
     .map_err(|e| e.to_string())?;
     bar.finish_and_clear();
+    if config.nodes > 1 && args.node_rank > 0 {
+        return Ok(format!(
+            "node {}: trained {} steps in {:.1} s; node 0 wrote the output",
+            args.node_rank,
+            config.max_steps,
+            started.elapsed().as_secs_f64()
+        ));
+    }
     let what = if config.lora.is_some() {
         "the LoRA"
     } else {

@@ -198,6 +198,8 @@ fn two_peers_train_as_one_process_with_their_batches_together() {
     let second = second.wait_with_output().unwrap();
     ok(&first);
     ok(&second);
+    let said = String::from_utf8_lossy(&second.stdout);
+    assert!(said.contains("node 1: trained 3 steps"), "{said}");
     same_training(&nodes, &single);
     assert!(
         !other.join("checkpoint-3").exists() && !other.join("train_log.jsonl").exists(),
