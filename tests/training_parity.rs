@@ -872,3 +872,56 @@ fn bf16_copy_computes_in_bf16_and_its_gradients_reach_the_f32_weights() {
     );
     assert!(diff > 0.0, "the copy computed in f32");
 }
+
+/// Under f16 a LayerNorm normalises in f32 (`sd_core::layers::layer_norm`, as autocast runs
+/// `layer_norm`): an activation of 300 (CLIP's residual stream holds such) squares past f16's
+/// 65504 in Burn's decomposed LayerNorm on the autodiff backend, not in ours, and the gradient
+/// still reaches the f32 weights.
+#[test]
+fn f16_layer_norm_of_large_activations_matches_f32() {
+    use burn::nn::LayerNormConfig;
+    use burn::tensor::{Distribution, TensorData};
+    let device = Default::default();
+    let norm = LayerNormConfig::new(64).init::<B>(&device);
+    let mut values = Tensor::<B, 2>::random([4, 64], Distribution::Normal(0.0, 1.0), &device)
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    for row in 0..4 {
+        values[row * 64 + 7] = 300.0;
+    }
+    let x = Tensor::<B, 2>::from_data(TensorData::new(values, [4, 64]), &device);
+    let reference = norm.forward(x.clone()).into_data().to_vec::<f32>().unwrap();
+    let copy = MixedPrecision::F16.compute_copy(&norm);
+    let x16 = x.cast(DType::F16);
+    let error = |t: Tensor<B, 2>| {
+        let v = t.cast(DType::F32).into_data().to_vec::<f32>().unwrap();
+        v.iter()
+            .zip(&reference)
+            .map(|(a, b)| {
+                if a.is_finite() {
+                    (a - b).abs()
+                } else {
+                    f32::INFINITY
+                }
+            })
+            .fold(0.0f32, f32::max)
+    };
+    let burn_error = error(copy.forward(x16.clone()));
+    let ours = sd_core::layers::layer_norm(&copy, x16);
+    let our_error = error(ours.clone());
+    assert!(our_error < 1e-2, "f16 layer norm off by {our_error}");
+    assert!(
+        burn_error > 0.5,
+        "Burn's f16 layer norm is fine now ({burn_error}): drop ours?"
+    );
+    let mut grads = ours.cast(DType::F32).sum().backward();
+    let gamma = norm
+        .gamma
+        .val()
+        .grad_remove(&mut grads)
+        .expect("no gradient on gamma");
+    assert_eq!(gamma.dtype(), DType::F32);
+    let g = gamma.into_data().to_vec::<f32>().unwrap();
+    assert!(g.iter().all(|v| v.is_finite()), "{g:?}");
+}

@@ -8,7 +8,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use sd_core::config_checks::{
     self as checks, MAX_CHANNELS, MAX_FACTOR, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH,
 };
-use sd_core::layers::{linear_forward, multi_head_attention, quick_gelu};
+use sd_core::layers::{layer_norm, linear_forward, multi_head_attention, quick_gelu};
 use sd_core::weights::{LoadOptions, SafetensorsFile, load_safetensors};
 use sd_core::{CoreError, Result};
 use serde::{Deserialize, Serialize};
@@ -306,7 +306,7 @@ impl<B: Backend> ClipEncoderLayer<B> {
         // The projections see `[batch·tokens, width]`: one matrix product each rather than a
         // batch of small ones.
         let x = x.reshape([b * n, d]);
-        let h = self.layer_norm1.forward(x.clone());
+        let h = layer_norm(&self.layer_norm1, x.clone());
         let tokens = |t: Tensor<B, 2>| t.reshape([b, n, d]);
         let attn = &self.self_attn;
         let (q, k, v) = (
@@ -316,7 +316,7 @@ impl<B: Backend> ClipEncoderLayer<B> {
         );
         let attended = multi_head_attention(q, k, v, self.heads, self.causal);
         let x = x + linear_forward(&attn.out_proj, attended.reshape([b * n, d]));
-        let h = linear_forward(&self.mlp.fc1, self.layer_norm2.forward(x.clone()));
+        let h = linear_forward(&self.mlp.fc1, layer_norm(&self.layer_norm2, x.clone()));
         let h = if self.quick_gelu {
             quick_gelu(h)
         } else {
@@ -518,7 +518,7 @@ impl<B: Backend> ClipTextModel<B> {
             x = layer.forward(x);
             hidden_states.push(x.clone());
         }
-        let last = self.text_model.final_layer_norm.forward(x);
+        let last = layer_norm(&self.text_model.final_layer_norm, x);
         // The pooled position: the first end-of-text token (the largest id for old configs whose
         // eos_token_id is 2), as transformers picks it.
         let pool_at: Vec<usize> = ids

@@ -58,7 +58,7 @@ impl<B: Backend> ClipStage<B> {
             } else {
                 let h = out.hidden_states[layers - 1 - self.layer.skip].clone();
                 if self.layer.final_norm {
-                    self.model.text_model.final_layer_norm.forward(h)
+                    sd_core::layers::layer_norm(&self.model.text_model.final_layer_norm, h)
                 } else {
                     h
                 }

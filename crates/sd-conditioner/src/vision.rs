@@ -342,14 +342,14 @@ impl<B: Backend> ClipVisionModel<B> {
             .unsqueeze::<2>()
             .repeat_dim(0, b);
         let x = x + emb.position_embedding.forward(positions);
-        let mut x = self.vision_model.pre_layrnorm.forward(x);
+        let mut x = sd_core::layers::layer_norm(&self.vision_model.pre_layrnorm, x);
         let mut hidden_states = vec![x.clone()];
         for layer in &self.vision_model.encoder.layers {
             x = layer.forward(x);
             hidden_states.push(x.clone());
         }
         let class_token = x.clone().narrow(1, 0, 1).reshape([b, d]);
-        let pooled = self.vision_model.post_layernorm.forward(class_token);
+        let pooled = sd_core::layers::layer_norm(&self.vision_model.post_layernorm, class_token);
         Ok(ClipVisionOutput {
             last_hidden_state: x,
             hidden_states,

@@ -7,8 +7,8 @@
 //!
 //! PyTorch's autocast picks a dtype per op (matmuls and convolutions in the low precision, the
 //! normalisations' statistics, softmax and the loss in f32); here every op of the copy runs in
-//! the low precision except the GroupNorm statistics of an f16 input (f32, see
-//! `sd_core::layers::group_norm_2d`), and the prediction is cast to f32 before the loss. bf16
+//! the low precision except the GroupNorm and LayerNorm of an f16 input (in f32, see
+//! `sd_core::layers::{group_norm_2d, layer_norm}`), and the prediction is cast to f32 before the loss. bf16
 //! keeps f32's exponent range, so it needs no loss scaling; f16 runs with
 //! [`crate::GradScaler`], PyTorch's dynamic loss scaler.
 

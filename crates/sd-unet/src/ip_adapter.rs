@@ -34,7 +34,7 @@ impl<B: Backend> ImageProjection<B> {
         let [b, _] = embeds.dims();
         let width = self.norm.gamma.dims()[0];
         let tokens = linear_forward(&self.proj, embeds).reshape([b as i32, -1, width as i32]);
-        self.norm.forward(tokens)
+        sd_core::layers::layer_norm(&self.norm, tokens)
     }
 
     /// How many context tokens one image becomes.

@@ -9,7 +9,7 @@ use burn::nn::{
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use sd_core::layers::{
-    geglu, group_norm, linear_forward, linear_from_channels, linear_to_channels,
+    geglu, group_norm, layer_norm, linear_forward, linear_from_channels, linear_to_channels,
     multi_head_attention,
 };
 
@@ -232,12 +232,15 @@ impl<B: Backend> BasicTransformerBlock<B> {
             None => (context, None),
         };
         let first = self.only_cross.then(|| context.clone());
-        let x = self.attn1.forward(self.norm1.forward(x.clone()), first) + x;
         let x = self
-            .attn2
-            .forward_with_image(self.norm2.forward(x.clone()), Some(context), image)
+            .attn1
+            .forward(layer_norm(&self.norm1, x.clone()), first)
             + x;
-        self.ff.forward(self.norm3.forward(x.clone())) + x
+        let x =
+            self.attn2
+                .forward_with_image(layer_norm(&self.norm2, x.clone()), Some(context), image)
+                + x;
+        self.ff.forward(layer_norm(&self.norm3, x.clone())) + x
     }
 }
 

@@ -16,7 +16,7 @@ pub use attention::{
     multi_head_attention, scaled_dot_product_attention,
 };
 pub use mid_block::{MidBlock2d, MidBlock2dConfig};
-pub use norm::{add_per_channel, group_norm, group_norm_2d, group_norm_silu_2d};
+pub use norm::{add_per_channel, group_norm, group_norm_2d, group_norm_silu_2d, layer_norm};
 
 pub use resnet::{ResnetBlock2d, ResnetBlock2dConfig};
 pub use sampling::{

@@ -1,4 +1,4 @@
-use burn::nn::{GroupNorm, GroupNormConfig};
+use burn::nn::{GroupNorm, GroupNormConfig, LayerNorm};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 
@@ -77,4 +77,24 @@ pub fn group_norm_silu_2d<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> T
 pub fn add_per_channel<B: Backend>(x: Tensor<B, 4>, v: Tensor<B, 2>) -> Tensor<B, 4> {
     let [b, c, h, w] = x.dims();
     (x.reshape([b * c, h * w]) + v.reshape([b * c, 1])).reshape([b, c, h, w])
+}
+
+/// `norm(x)` (torch's `layer_norm` over the last axis), with an f16 input normalised in f32 and
+/// the result cast back, as PyTorch's autocast and its f16 kernels do. Burn's own LayerNorm
+/// squares the centred values in the input's dtype where a backend has no fused kernel (the
+/// autodiff backend, so an f16 mixed-precision training copy): one activation of 256 already
+/// squares past f16's 65504, and CLIP's residual stream holds larger ones.
+pub fn layer_norm<B: Backend, const D: usize>(
+    norm: &LayerNorm<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    if x.dtype() != DType::F16 {
+        return norm.forward(x);
+    }
+    // A copy of the module in f32 (its epsilon is private); the casts sit in the autodiff
+    // graph, so gradients still reach the f16 parameters.
+    let mut f32_norm = norm.clone();
+    f32_norm.gamma = f32_norm.gamma.map(|t| to_dtype(t, DType::F32));
+    f32_norm.beta = f32_norm.beta.map(|b| b.map(|t| to_dtype(t, DType::F32)));
+    to_dtype(f32_norm.forward(to_dtype(x, DType::F32)), DType::F16)
 }
