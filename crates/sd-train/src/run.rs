@@ -464,20 +464,14 @@ pub fn train_unet_parallel<B: Backend, C: CheckpointStrategy>(
                 }),
             );
         }
-        // The first failure that is not a consequence of another peer's (those report the
-        // collective that broke).
-        let failures = || results.iter().filter_map(|r| r.as_ref().err());
-        if let Some(i) = results
+        // The cause: the first failure that is not another peer's reaction to it (those name
+        // the collective that broke), else the first failure, else peer 0's result.
+        let cause = results
             .iter()
             .position(|r| matches!(r, Err(e) if !matches!(e, TrainError::Parallel(_))))
-        {
-            return results.swap_remove(i);
-        }
-        if failures().next().is_some() {
-            let i = results.iter().position(Result::is_err).unwrap_or(0);
-            return results.swap_remove(i);
-        }
-        results.swap_remove(0)
+            .or_else(|| results.iter().position(Result::is_err))
+            .unwrap_or(0);
+        results.swap_remove(cause)
     })
 }
 
@@ -489,7 +483,7 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
     events: &mut dyn FnMut(Event),
     peer: &Peer<B>,
 ) -> Result<PathBuf> {
-    config.validate()?;
+    // `config` was validated by `train_unet_parallel`, the only caller.
     let root = peer.is_root();
     if peer.world() > 1 && (config.cache_latents || config.bucket.is_some()) {
         return Err(TrainError::Config(
