@@ -140,12 +140,105 @@ fn main() -> Result<(), String> {
     Ok(())
 }
 
+/// A convolution to time: in, out, side, kernel, padding (top and bottom, left and right),
+/// stride.
+type ConvCase = (usize, usize, usize, [usize; 2], [usize; 2], usize);
+
+/// Every convolution shape of the FID Inception (299² input).
+const INCEPTION_CONVS: &[ConvCase] = &[
+    (3, 32, 299, [3, 3], [0, 0], 2),
+    (32, 32, 149, [3, 3], [0, 0], 1),
+    (32, 64, 147, [3, 3], [1, 1], 1),
+    (64, 80, 73, [1, 1], [0, 0], 1),
+    (80, 192, 73, [3, 3], [0, 0], 1),
+    (192, 64, 35, [1, 1], [0, 0], 1),
+    (288, 64, 35, [1, 1], [0, 0], 1),
+    (48, 64, 35, [5, 5], [2, 2], 1),
+    (64, 96, 35, [3, 3], [1, 1], 1),
+    (96, 96, 35, [3, 3], [1, 1], 1),
+    (288, 384, 35, [3, 3], [0, 0], 2),
+    (768, 192, 17, [1, 1], [0, 0], 1),
+    (192, 192, 17, [1, 7], [0, 3], 1),
+    (192, 192, 17, [7, 1], [3, 0], 1),
+    (160, 160, 17, [1, 7], [0, 3], 1),
+    (192, 320, 17, [3, 3], [0, 0], 2),
+    (2048, 448, 8, [1, 1], [0, 0], 1),
+    (384, 384, 8, [1, 3], [0, 1], 1),
+    (448, 384, 8, [3, 3], [1, 1], 1),
+];
+
+/// SD 1.5's convolutions that are not 3×3 with padding 1 (U-Net downsamplers and shortcuts,
+/// VAE shortcuts), at 512².
+const SD_OTHER_CONVS: &[ConvCase] = &[
+    (320, 320, 64, [3, 3], [1, 1], 2),
+    (640, 640, 32, [3, 3], [1, 1], 2),
+    (1280, 1280, 16, [3, 3], [1, 1], 2),
+    (320, 640, 32, [1, 1], [0, 0], 1),
+    (960, 320, 64, [1, 1], [0, 0], 1),
+    (1920, 640, 32, [1, 1], [0, 0], 1),
+    (2560, 1280, 8, [1, 1], [0, 0], 1),
+    (512, 256, 256, [1, 1], [0, 0], 1),
+    (256, 128, 512, [1, 1], [0, 0], 1),
+];
+
+/// `--convs inception` (pytorch-fid's batch of 50) and `--convs sd-other` (batch 2, `--batch`
+/// overrides): each shape by each method that applies, in GFLOP/s, and the method `choose`
+/// picks.
+#[cfg(feature = "flex")]
+fn other_convs(runs: usize, shapes: &[ConvCase], batch: usize) -> Result<(), String> {
+    use sd_kernels::cpu::conv::{Conv2dShape, ConvMethod, conv2d_by};
+    let batch: usize = arg("--batch").and_then(|s| s.parse().ok()).unwrap_or(batch);
+    for &(cin, cout, side, kernel, [ph, pw], stride) in shapes {
+        let shape = Conv2dShape {
+            batch,
+            in_channels: cin,
+            out_channels: cout,
+            height: side,
+            width: side,
+            kernel,
+            padding: [ph, pw, ph, pw],
+            stride: [stride, stride],
+        };
+        let [oh, ow] = shape.output_size();
+        let flops = 2.0 * (batch * oh * ow * cin * cout * kernel[0] * kernel[1]) as f64;
+        let xs: Vec<f32> = (0..batch * cin * side * side)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let ws: Vec<f32> = (0..cout * cin * kernel[0] * kernel[1])
+            .map(|i| ((i * 104729) % 1000) as f32 / 5e4 - 0.01)
+            .collect();
+        let mut row = serde_json::json!({
+            "conv": format!("{cin}→{cout} {}×{} s{stride} at {side}²", kernel[0], kernel[1]),
+            "chosen": format!("{:?}", ConvMethod::choose(shape)),
+        });
+        let winograd = kernel == [3, 3] && [ph, pw] == [1, 1] && stride == 1;
+        let mut methods = vec![ConvMethod::Blocked];
+        if winograd {
+            methods.extend([ConvMethod::Winograd4x4, ConvMethod::Winograd2x2]);
+        }
+        for method in methods {
+            let (t, _) = time_runs(runs, || {
+                conv2d_by(method, &xs, &ws, None, shape).ok_or("sizes")?;
+                Ok(())
+            })?;
+            row[format!("{method:?}")] = format!("{:.1}", flops / t / 1e9).into();
+        }
+        println!("{row}");
+    }
+    Ok(())
+}
+
 /// `--convs x`: the 3×3 convolutions of SD 1.5's U-Net (batch 2), through Burn's `Conv2d` and
 /// through each of `sd_kernels::cpu::conv`'s methods (`--side N`: one level only). Flex only.
 #[cfg(feature = "flex")]
 fn convs(runs: usize, device: &burn::tensor::Device<B>) -> Result<(), String> {
     use sd_kernels::cpu::conv::{Conv2dShape, ConvMethod, conv2d_by};
     let only: Option<usize> = arg("--side").and_then(|s| s.parse().ok());
+    match arg("--convs").as_deref() {
+        Some("inception") => return other_convs(runs, INCEPTION_CONVS, 50),
+        Some("sd-other") => return other_convs(runs, SD_OTHER_CONVS, 2),
+        _ => {}
+    }
     for (cin, cout, side) in [
         (320, 320, 64),
         (960, 320, 64),
@@ -192,15 +285,14 @@ fn convs(runs: usize, device: &burn::tensor::Device<B>) -> Result<(), String> {
             "burn_gflops": flops / burn / 1e9,
             "chosen": format!("{:?}", ConvMethod::choose(shape)),
         });
-        // Each method's largest difference from the shifted multiplies' (direct) result,
-        // relative to the largest output.
-        let direct = conv2d_by(ConvMethod::Shifted, &xs, &ws, None, shape).ok_or("sizes")?;
+        // Each method's largest difference from the blocks' (direct) result, relative to the
+        // largest output.
+        let direct = conv2d_by(ConvMethod::Blocked, &xs, &ws, None, shape).ok_or("sizes")?;
         let largest = direct.iter().fold(0f32, |m, v| m.max(v.abs()));
         for method in [
             ConvMethod::Winograd4x4,
             ConvMethod::Winograd2x2,
-            ConvMethod::Im2col,
-            ConvMethod::Shifted,
+            ConvMethod::Blocked,
         ] {
             let (t, _) = time_runs(runs, || {
                 conv2d_by(method, &xs, &ws, None, shape).ok_or("sizes")?;

@@ -210,8 +210,31 @@ fn features_fid_kid_and_is_match_the_packages_on_png_and_jpeg_sets_body() {
     let manifest = manifest();
     let model = inception();
     let device = Default::default();
-    let fid_extractor = FeatureExtractor::new(model, device, Preprocess::PytorchFid);
     let mut report = Report::default();
+    // The network alone on 96² inputs (pixels / 255 · 2 − 1, HWC to CHW): maps down to 1×1
+    // after Mixed_7a, every pool's window clipped.
+    let bytes = std::fs::read(dir().join("reference.safetensors")).unwrap();
+    let raw = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let small = raw.tensor("small_input").unwrap().data().to_vec();
+    let (count, side) = (2, 96);
+    let chw: Vec<f32> = (0..count * 3 * side * side)
+        .map(|i| {
+            let (b, c, p) = (
+                i / (3 * side * side),
+                i / (side * side) % 3,
+                i % (side * side),
+            );
+            f32::from(small[(b * side * side + p) * 3 + c]) / 255.0 * 2.0 - 1.0
+        })
+        .collect();
+    let input = Tensor::<B, 4>::from_data(TensorData::new(chw, [count, 3, side, side]), &device);
+    report.check(
+        "network pool3 at 96²",
+        model.forward(input).pool3,
+        as_tensor(values(&reference, "small_pool3"), count),
+        1e-4,
+    );
+    let fid_extractor = FeatureExtractor::new(model, device, Preprocess::PytorchFid);
     let mut stats = Vec::new();
     let mut fidelity = Vec::new();
     for set in ["png", "jpeg"] {

@@ -161,6 +161,15 @@ def write_metrics_cases(root: pathlib.Path) -> None:
     stats = [(np.mean(a, axis=0), np.cov(a, rowvar=False)) for a in (fid_png, fid_jpeg)]
     fid_value = fid_score.calculate_frechet_distance(stats[0][0], stats[0][1], stats[1][0], stats[1][1])
 
+    # The network alone (no resize) on 96² inputs, a size below 299² where every map is
+    # smaller than pytorch-fid's: Mixed_7a's stride-2 convolutions leave 1×1 maps.
+    small = np.stack(crops(2, (96, 96), seed=5))
+    with torch.no_grad():
+        h = torch.from_numpy(small).permute(0, 3, 1, 2).float() / 255.0 * 2.0 - 1.0
+        for block in model.blocks:
+            h = block(h)
+    small_pool3 = h.reshape(len(small), -1).numpy()
+
     # torch-fidelity: its extractor on the same weights (its own resize and normalisation).
     with tempfile.TemporaryDirectory() as tmp:
         weights = pathlib.Path(tmp) / "inception.pth"
@@ -212,6 +221,8 @@ def write_metrics_cases(root: pathlib.Path) -> None:
     save_file(
         {
             "fid_png": fid_png.astype(np.float32),
+            "small_input": np.ascontiguousarray(small),
+            "small_pool3": small_pool3,
             "fid_jpeg": fid_jpeg.astype(np.float32),
             "fidelity_png_pool3": fidelity["png"][0].numpy(),
             "fidelity_png_logits": fidelity["png"][1].numpy(),

@@ -14,10 +14,9 @@ use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::Tensor;
-use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::adaptive_avg_pool2d;
-use sd_core::layers::{conv2d_forward, pool2d};
+use sd_core::layers::{conv2d_affine_relu, pool2d};
 
 /// The side images are resized to.
 pub const INPUT_SIZE: usize = 299;
@@ -86,18 +85,15 @@ impl<B: Backend> BasicConv2d<B> {
         Self::new(cin, cout, [k, k], 1, [k / 2, k / 2], device)
     }
 
-    /// `relu(bn(conv(x)))` with the BatchNorm folded into the convolution (`W·s`, bias `β −
-    /// μ·s`, `s = γ / √(σ² + ε)`): one convolution with a bias instead of two broadcast
-    /// passes over the activations, which on the CPU cost as much as the convolutions.
+    /// `relu(bn(conv(x)))` as `relu(conv(x) · s + β − μ·s)`, `s = γ / √(σ² + ε)`: on the CPU
+    /// one kernel that applies the BatchNorm and the ReLU to each output as it is written,
+    /// instead of two broadcast passes over the activations that cost as much as the
+    /// convolutions.
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let bn = &self.bn;
-        let [out, ..] = self.conv.weight.dims();
         let scale = bn.weight.val() / (bn.running_var.val() + 1e-3).sqrt();
         let shift = bn.bias.val() - bn.running_mean.val() * scale.clone();
-        let mut fused = self.conv.clone();
-        fused.weight = Param::from_tensor(self.conv.weight.val() * scale.reshape([out, 1, 1, 1]));
-        fused.bias = Some(Param::from_tensor(shift));
-        relu(conv2d_forward(&fused, x))
+        conv2d_affine_relu(&self.conv, x, scale, shift)
     }
 }
 
@@ -504,6 +500,7 @@ mod tests {
     use super::*;
     use burn::tensor::Distribution;
     use sd_core::backend::Flex;
+    use sd_core::layers::conv2d_forward;
 
     /// A direct sum over the taps, zero padding.
     fn naive(x: &[f32], dims: [usize; 4], w: &[f32], wd: [usize; 4], pad: [usize; 2]) -> Vec<f32> {

@@ -180,6 +180,11 @@ pub(crate) fn linear_updates<B: Backend>(layer: &Linear<B>) -> Vec<(Linear<B>, L
         .collect()
 }
 
+/// Whether low-rank updates are attached to `conv`'s weight.
+pub(crate) fn has_updates<B: Backend>(conv: &Conv2d<B>) -> bool {
+    !updates_of::<B>(conv.weight.id).is_empty()
+}
+
 /// The sum of the updates attached to `conv` applied to `x`, or `None` when there are none.
 pub(crate) fn conv_delta<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
     let updates = updates_of::<B>(conv.weight.id);

@@ -167,6 +167,31 @@ pub fn conv2d_forward<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B
     }
 }
 
+/// `relu(conv(x) · scale + shift)` with one `scale` and `shift` per output channel: a
+/// bias-free convolution followed by an inference BatchNorm and a ReLU (Inception's
+/// `BasicConv2d`), in one CPU kernel on Flex (the scale and shift applied to each output as it
+/// is written, in PyTorch's order: convolution, then the affine map); through
+/// [`conv2d_forward`] and broadcast ops otherwise (other backends, autodiff, attached
+/// low-rank updates, a convolution with a bias).
+pub fn conv2d_affine_relu<B: Backend>(
+    conv: &Conv2d<B>,
+    x: Tensor<B, 4>,
+    scale: Tensor<B, 1>,
+    shift: Tensor<B, 1>,
+) -> Tensor<B, 4> {
+    #[cfg(feature = "flex")]
+    if !adapters::has_updates(conv)
+        && let Some(out) = sd_kernels::cpu::try_conv2d_affine_relu(conv, &x, &scale, &shift)
+    {
+        return out;
+    }
+    let [channels] = scale.dims();
+    let y = conv2d_forward(conv, x);
+    burn::tensor::activation::relu(
+        y * scale.reshape([1, channels, 1, 1]) + shift.reshape([1, channels, 1, 1]),
+    )
+}
+
 /// [`conv2d_forward`] without the layer's attached low-rank updates.
 fn conv2d_base<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     #[cfg(feature = "flex")]
@@ -230,7 +255,8 @@ pub fn conv2d<B: Backend>(
 }
 
 /// The Flex kernels behind the entry points against Burn's own ops on the same backend, at
-/// sizes that reach each kernel's paths (Winograd, im2col, strided and 1×1 convolutions;
+/// sizes that reach each kernel's paths (Winograd, blocks of one image's rows or of whole
+/// images, strided and 1×1 convolutions;
 /// multi-block attention).
 #[cfg(all(test, feature = "flex"))]
 mod tests {
@@ -252,8 +278,9 @@ mod tests {
     #[test]
     fn convolutions_match_burns() {
         let device = Default::default();
-        // (in, out, side, kernel, stride, padding): Winograd (2·32² pixels), im2col (small),
-        // shifted multiplies (large, kernel 3 with padding 0), 1×1, and a stride-2 downsampler.
+        // (in, out, side, kernel, stride, padding): Winograd (2·32² pixels), blocks of whole
+        // images (small), of rows (large, kernel 3 with padding 0), 1×1, and a stride-2
+        // downsampler.
         for (cin, cout, side, kernel, stride, padding) in [
             (8, 12, 32, 3, 1, 1),
             (16, 8, 8, 3, 1, 1),

@@ -1,22 +1,25 @@
 //! 2-D convolution by the method [`ConvMethod::choose`] picks for the shape: Winograd
-//! (`super::winograd`) for 3×3 kernels with padding 1 on maps of 16² and up, one multiply on the
-//! im2col matrix for small maps and strided kernels, and otherwise a sum of shifted matrix
-//! multiplies, without im2col:
+//! (`super::winograd`) for 3×3 kernels with padding 1 on maps of 16² and up, and otherwise
+//! blocks of output positions, each taken by one core from its input to its finished output:
 //!
-//! The input is copied once into a zero-padded buffer of `Hp × Wp` pixels per channel. On that
-//! grid, the output pixel `(y, x)` sits at position `y·Wp + x`, and for the kernel tap `(i, j)`
-//! it reads the padded input at position `y·Wp + x + i·Wp + j`: for every tap, the inputs of all
-//! output positions form one `channels × positions` matrix with unit position stride, a plain
-//! view of the padded buffer shifted by `i·Wp + j`. The convolution is then `kh·kw` multiplies
-//! `W[:, :, i, j] · X_shift(i, j)` accumulated into one output, computed on `Ho × Wp` positions
-//! (the `Wp − Wo` extra columns of each row are dropped when the bias is added).
+//! The output positions `(image, y, x)` are cut into blocks of whole rows of one image (large
+//! maps) or of whole images (small ones), sized so that a block's im2col columns (`in · taps`
+//! rows of the block's positions, gathered from the unpadded input with zeros where a tap
+//! falls outside) stay near 4 MiB. Each block gathers its columns (none for a 1×1 kernel at
+//! stride 1 inside one image: the input planes are the matrix), runs one `out × in·taps` by
+//! `in·taps × positions` multiply, and applies the [`Epilogue`] (a bias, or a BatchNorm's
+//! scale and shift, and a ReLU) as it writes the output. No padded copy of the input, no
+//! batch-sized im2col matrix and no pass over the output afterwards: on Inception's 1×1, 1×7,
+//! 7×1, 5×5, valid and strided convolutions (batch 50) this ran 1.1-5× the GFLOP/s of one
+//! batch-wide im2col multiply or per-tap multiplies on a padded copy, and 1.1-2.4× on SD 1.5's
+//! downsamplers and shortcuts (`layer-timing --convs inception|sd-other`, 2-core AVX2 EPYC).
 
 use rayon::prelude::*;
 
 use super::winograd::Tile;
 use super::{SharedOut, multiply};
 
-/// The sizes of one convolution (stride 1, dilation 1, one group).
+/// The sizes of one convolution (dilation 1, one group).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv2dShape {
     /// Images in the batch.
@@ -33,7 +36,7 @@ pub struct Conv2dShape {
     pub kernel: [usize; 2],
     /// Zeros added at the top, left, bottom and right.
     pub padding: [usize; 4],
-    /// Steps between output pixels, down and across (only im2col takes other than 1).
+    /// Steps between output pixels, down and across (Winograd takes only 1).
     pub stride: [usize; 2],
 }
 
@@ -54,6 +57,87 @@ impl Conv2dShape {
     }
 }
 
+/// What each output becomes after the sum over inputs and taps: `acc · scale[o] + shift[o]`
+/// for output channel `o` (no scale: `acc + shift[o]`, a convolution's bias), then the ReLU if
+/// asked. An inference BatchNorm after the convolution is the scale and shift; applying them
+/// here, rather than folding the scale into the weights, keeps PyTorch's order of rounding.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// The per-channel factor (`γ / √(σ² + ε)` for a BatchNorm).
+    pub scale: Option<&'a [f32]>,
+    /// The per-channel term added after the scale (the bias; `β − μ · scale` for a BatchNorm).
+    pub shift: Option<&'a [f32]>,
+    /// `max(y, 0)` at the end (a NaN stays NaN).
+    pub relu: bool,
+}
+
+impl<'a> Epilogue<'a> {
+    /// Only a bias added (the plain convolution).
+    pub fn bias(bias: Option<&'a [f32]>) -> Self {
+        Self {
+            shift: bias,
+            ..Self::default()
+        }
+    }
+
+    /// Nothing but a bias: what the Winograd output transform adds by itself.
+    pub(super) fn bias_only(&self) -> bool {
+        self.scale.is_none() && !self.relu
+    }
+
+    /// Channel `o`'s scale and shift (1 and 0 where absent: `acc · 1 + 0` is `acc + 0`
+    /// exactly).
+    #[inline(always)]
+    fn params(&self, o: usize) -> (f32, f32) {
+        (
+            self.scale.map_or(1.0, |s| s[o]),
+            self.shift.map_or(0.0, |t| t[o]),
+        )
+    }
+
+    #[inline(always)]
+    fn apply(relu: bool, acc: f32, (scale, shift): (f32, f32)) -> f32 {
+        let y = acc * scale + shift;
+        if relu && y < 0.0 { 0.0 } else { y }
+    }
+
+    /// `dst[i] = epilogue(src[i])` for outputs of channel `o`.
+    #[inline(always)]
+    fn write(&self, o: usize, src: &[f32], dst: &mut [f32]) {
+        let p = self.params(o);
+        if self.relu {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = Self::apply(true, s, p);
+            }
+        } else {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = Self::apply(false, s, p);
+            }
+        }
+    }
+
+    /// The epilogue in place on outputs of channel `o`.
+    #[inline(always)]
+    pub(super) fn finish(&self, o: usize, values: &mut [f32]) {
+        let p = self.params(o);
+        if self.relu {
+            for v in values {
+                *v = Self::apply(true, *v, p);
+            }
+        } else {
+            for v in values {
+                *v = Self::apply(false, *v, p);
+            }
+        }
+    }
+
+    /// Sizes agree with `out_channels`.
+    fn fits(&self, out_channels: usize) -> bool {
+        self.scale.is_none_or(|s| s.len() == out_channels)
+            && self.shift.is_none_or(|t| t.len() == out_channels)
+    }
+}
+
 /// Pixels (over the batch) from which Winograd pays for transforming the weights (16/9 of
 /// them, every call, for F(2×2, 3×3)): SD 1.5's 16² level at batch 2.
 const WINOGRAD_MIN_PIXELS: usize = 2 * 16 * 16;
@@ -62,9 +146,6 @@ const WINOGRAD_MIN_PIXELS: usize = 2 * 16 * 16;
 /// batch 2.
 const WINOGRAD_4X4_MIN_PIXELS: usize = 2 * 32 * 32;
 
-/// The largest im2col matrix built, in floats (64 MiB).
-const IM2COL_MAX: usize = 1 << 24;
-
 /// How a convolution is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvMethod {
@@ -72,37 +153,31 @@ pub enum ConvMethod {
     Winograd2x2,
     /// F(4×4, 3×3) Winograd: the same, on the largest maps.
     Winograd4x4,
-    /// One multiply on the im2col matrix: small maps (the deep levels), where that matrix is
-    /// small and the weights large.
-    Im2col,
-    /// One multiply per kernel tap on shifted views of the padded input: the rest.
-    Shifted,
+    /// Cache-sized blocks of output positions, each gathered, multiplied and finished on one
+    /// core (see the module's notes): every other shape.
+    Blocked,
 }
 
 impl ConvMethod {
     /// The fastest method for `shape`, as measured on SD 1.5's U-Net (batch 2, 2 cores; `cargo
     /// run --release -p sd-benches --bin layer-timing -- --convs x`): F(4×4, 3×3) runs the 32²
     /// and 64² levels' 3×3 convolutions 1.2-1.6× faster than F(2×2, 3×3), which runs the 16²
-    /// level's 1.3× faster than im2col; im2col runs the 8² level at 190-200 GFLOP/s, where
-    /// Winograd's weight transforms cost more than they save, and the shifted multiplies beat
-    /// im2col on large maps.
+    /// level's faster than the blocks. Below 16² (the 8² level), and for every other kernel,
+    /// padding or stride, the blocks.
     pub fn choose(shape: Conv2dShape) -> Self {
-        let [out_h, out_w] = shape.output_size();
-        let taps = shape.kernel[0] * shape.kernel[1];
         let pixels = shape.batch * shape.height * shape.width;
-        if shape.stride != [1, 1] {
-            ConvMethod::Im2col
-        } else if shape.kernel == [3, 3] && shape.padding == [1; 4] && pixels >= WINOGRAD_MIN_PIXELS
+        if shape.stride == [1, 1]
+            && shape.kernel == [3, 3]
+            && shape.padding == [1; 4]
+            && pixels >= WINOGRAD_MIN_PIXELS
         {
             if pixels >= WINOGRAD_4X4_MIN_PIXELS {
                 ConvMethod::Winograd4x4
             } else {
                 ConvMethod::Winograd2x2
             }
-        } else if shape.batch * out_h * out_w * shape.in_channels * taps <= IM2COL_MAX {
-            ConvMethod::Im2col
         } else {
-            ConvMethod::Shifted
+            ConvMethod::Blocked
         }
     }
 }
@@ -119,13 +194,24 @@ pub fn conv2d(
     conv2d_by(ConvMethod::choose(shape), x, weight, bias, shape)
 }
 
-/// [`conv2d`] by the given method (Winograd falls back to the shifted multiplies where it
-/// does not apply).
+/// [`conv2d`] by the given method (Winograd falls back to the blocks where it does not
+/// apply).
 pub fn conv2d_by(
     method: ConvMethod,
     x: &[f32],
     weight: &[f32],
     bias: Option<&[f32]>,
+    shape: Conv2dShape,
+) -> Option<Vec<f32>> {
+    conv2d_with(method, x, weight, Epilogue::bias(bias), shape)
+}
+
+/// [`conv2d_by`] with a whole [`Epilogue`] (`None` also when its sizes do not match).
+pub fn conv2d_with(
+    method: ConvMethod,
+    x: &[f32],
+    weight: &[f32],
+    epilogue: Epilogue,
     shape: Conv2dShape,
 ) -> Option<Vec<f32>> {
     let Conv2dShape {
@@ -135,7 +221,6 @@ pub fn conv2d_by(
         height,
         width,
         kernel: [kh, kw],
-        padding: [top, left, bottom, right],
         ..
     } = shape;
     let [out_h, out_w] = shape.output_size();
@@ -153,240 +238,210 @@ pub fn conv2d_by(
     .contains(&0)
         || x.len() != batch * in_channels * height * width
         || weight.len() != out_channels * in_channels * kh * kw
-        || bias.is_some_and(|b| b.len() != out_channels)
+        || !epilogue.fits(out_channels)
     {
         return None;
     }
-    let unit_stride = shape.stride == [1, 1];
-    let tile = match method {
+    let winograd = match method {
         ConvMethod::Winograd2x2 => Some(Tile::Two),
         ConvMethod::Winograd4x4 => Some(Tile::Four),
-        _ => None,
+        ConvMethod::Blocked => None,
     };
-    if let Some(tile) = tile
-        && unit_stride
+    if let Some(tile) = winograd
+        && shape.stride == [1, 1]
         && [kh, kw] == [3, 3]
         && shape.padding == [1; 4]
     {
-        return Some(super::winograd::conv3x3(tile, x, weight, bias, shape));
+        return Some(super::winograd::conv3x3(tile, x, weight, epilogue, shape));
     }
-    let (padded_h, padded_w) = (height + top + bottom, width + left + right);
-    let image_len = padded_h * padded_w;
-    // Per input channel, the padded images one after another; the last tap of the last
-    // position reads `kw − 1` past them.
-    let channel_len = batch * image_len + kw - 1;
-    let mut padded = vec![0f32; in_channels * channel_len];
-    padded
-        .par_chunks_mut(channel_len)
-        .enumerate()
-        .for_each(|(c, dst)| {
-            for b in 0..batch {
-                let src = &x[(b * in_channels + c) * height * width..][..height * width];
-                for (y, row) in src.chunks_exact(width).enumerate() {
-                    let start = b * image_len + (y + top) * padded_w + left;
-                    dst[start..start + width].copy_from_slice(row);
-                }
-            }
-        });
-
-    let taps = kh * kw;
-    if method == ConvMethod::Im2col || !unit_stride {
-        return Some(conv2d_im2col(
-            &padded,
-            weight,
-            bias,
-            shape,
-            channel_len,
-            [padded_h, padded_w],
-        ));
-    }
-
-    // The weights with the taps ahead of the input channels (`[out, tap, in]`), so that each
-    // tap's `out × in` matrix has unit stride along `in` and is read in order.
-    let mut tap_weights = vec![0f32; weight.len()];
-    tap_weights
-        .par_chunks_mut(taps * in_channels)
-        .zip(weight.par_chunks(in_channels * taps))
-        .for_each(|(dst, src)| {
-            for (c, filter) in src.chunks_exact(taps).enumerate() {
-                for (t, &w) in filter.iter().enumerate() {
-                    dst[t * in_channels + c] = w;
-                }
-            }
-        });
-
-    // Output positions run over all images (`b·Hp·Wp + y·Wp + x`); the rows between images
-    // (`y ≥ Ho`) are computed and dropped, except the last image's.
-    let positions = batch * image_len - (padded_h - out_h) * padded_w;
-    let grid = batch * image_len;
-    let mut full = vec![0f32; out_channels * grid];
-    let split = Split::choose(rayon::current_num_threads(), out_channels, positions);
-    let out_ptr = SharedOut(full.as_mut_ptr());
-    (0..split.channel_blocks * split.position_blocks)
-        .into_par_iter()
-        .for_each(|task| {
-            let channels = split.range(
-                task / split.position_blocks,
-                split.channel_blocks,
-                out_channels,
-            );
-            let range = split.range(
-                task % split.position_blocks,
-                split.position_blocks,
-                positions,
-            );
-            if channels.is_empty() || range.is_empty() {
-                return;
-            }
-            for t in 0..taps {
-                let shift = (t / kw) * padded_w + t % kw;
-                // SAFETY: the destination is output channels `channels` × positions `range`,
-                // which no other task touches (tasks split channels × positions); reads are
-                // rows `channels` of the tap's weight matrix and, for each input channel,
-                // padded positions `range.start + shift .. range.end + shift`, which end at
-                // most at `positions − 1 + (kh − 1)·Wp + kw − 1 = batch·Hp·Wp + kw − 2`,
-                // inside `channel_len`.
-                unsafe {
-                    multiply(
-                        [channels.len(), range.len(), in_channels],
-                        (
-                            out_ptr.get().add(channels.start * grid + range.start),
-                            [grid, 1],
-                        ),
-                        (
-                            tap_weights
-                                .as_ptr()
-                                .add((channels.start * taps + t) * in_channels),
-                            [taps * in_channels, 1],
-                        ),
-                        (padded.as_ptr().add(range.start + shift), [channel_len, 1]),
-                        t > 0,
-                        1.0,
-                        false,
-                    );
-                }
-            }
-        });
-
-    // Drop the extra columns and rows, add the bias, and go back to `[batch, out, Ho, Wo]`.
-    let mut out = vec![0f32; batch * out_channels * out_h * out_w];
-    out.par_chunks_mut(out_h * out_w)
-        .enumerate()
-        .for_each(|(i, dst)| {
-            let (b, o) = (i / out_channels, i % out_channels);
-            let bias = bias.map_or(0.0, |bias| bias[o]);
-            let src = &full[o * grid + b * image_len..][..out_h * padded_w];
-            for (d, s) in dst.chunks_exact_mut(out_w).zip(src.chunks_exact(padded_w)) {
-                for (d, &s) in d.iter_mut().zip(s) {
-                    *d = s + bias;
-                }
-            }
-        });
-    Some(out)
+    Some(conv2d_blocked(x, weight, epilogue, shape))
 }
 
-/// The convolution as one multiply `weights [out × in·taps] · columns [in·taps × positions]`,
-/// with the columns gathered from the padded images (rows in the weights' `(in, i, j)` order).
-fn conv2d_im2col(
-    padded: &[f32],
-    weight: &[f32],
-    bias: Option<&[f32]>,
-    shape: Conv2dShape,
-    channel_len: usize,
-    [padded_h, padded_w]: [usize; 2],
-) -> Vec<f32> {
+/// Floats of im2col columns one block gathers (4 MiB): blocks hold this many divided by
+/// `in · taps` positions, and never fewer than [`BLOCK_MIN_POSITIONS`].
+const BLOCK_COLUMN_FLOATS: usize = 1 << 20;
+
+/// The fewest positions a block multiplies: below it, packing the weights for each block
+/// would cost more than the block's multiply-adds repay.
+const BLOCK_MIN_POSITIONS: usize = 512;
+
+/// [`ConvMethod::Blocked`]. Positions run over `(image, y, x)`; a block is a run of whole
+/// output rows of one image when an image is large, or of whole images when they are small.
+fn conv2d_blocked(x: &[f32], weight: &[f32], epilogue: Epilogue, shape: Conv2dShape) -> Vec<f32> {
     let Conv2dShape {
         batch,
         in_channels,
         out_channels,
+        height,
+        width,
         kernel: [kh, kw],
-        stride,
         ..
     } = shape;
     let [out_h, out_w] = shape.output_size();
-    let image_len = padded_h * padded_w;
-    let (taps, map) = (kh * kw, out_h * out_w);
-    let positions = batch * map;
-    let mut columns = vec![0f32; in_channels * taps * positions];
-    columns
-        .par_chunks_mut(positions)
-        .enumerate()
-        .for_each(|(row, dst)| {
-            let (c, t) = (row / taps, row % taps);
-            let (i, j) = (t / kw, t % kw);
-            for (b, dst) in dst.chunks_exact_mut(map).enumerate() {
-                let image = &padded[c * channel_len + b * image_len..][..image_len];
-                let [sy, sx] = stride;
-                for (y, dst) in dst.chunks_exact_mut(out_w).enumerate() {
-                    let row = &image[(y * sy + i) * padded_w + j..];
-                    if sx == 1 {
-                        dst.copy_from_slice(&row[..out_w]);
-                    } else {
-                        for (x, d) in dst.iter_mut().enumerate() {
-                            *d = row[x * sx];
-                        }
+    let (taps, map, plane) = (kh * kw, out_h * out_w, height * width);
+    let k = in_channels * taps;
+    // The input is its own column matrix: a 1×1 kernel at stride 1 without padding, read
+    // within one image.
+    let direct = taps == 1 && shape.stride == [1, 1] && shape.padding == [0; 4];
+    let wanted = (BLOCK_COLUMN_FLOATS / k).max(BLOCK_MIN_POSITIONS);
+    let threads = rayon::current_num_threads().max(1);
+    // Whole rows of one image, or whole images; at least two blocks per thread when the
+    // batch has them, for the balance.
+    let (rows_per_block, images_per_block) = if map >= wanted {
+        let rows = (wanted / out_w).clamp(1, out_h);
+        let blocks = batch * out_h.div_ceil(rows);
+        let rows = if blocks < 2 * threads {
+            out_h.div_ceil((2 * threads).div_ceil(batch)).max(1)
+        } else {
+            rows
+        };
+        (rows, 1)
+    } else {
+        let images = wanted.div_ceil(map).min(batch.div_ceil(2 * threads)).max(1);
+        (out_h, images)
+    };
+    let row_blocks = out_h.div_ceil(rows_per_block);
+    let blocks = if images_per_block == 1 {
+        batch * row_blocks
+    } else {
+        batch.div_ceil(images_per_block)
+    };
+    let mut out = vec![0f32; batch * out_channels * map];
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    (0..blocks).into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(columns, product): &mut (Vec<f32>, Vec<f32>), block| {
+            // Images `b0..b1`, output rows `y0..y1` of each.
+            let (b0, b1, y0, y1) = if images_per_block == 1 {
+                let (b, r) = (block / row_blocks, block % row_blocks);
+                let y0 = r * rows_per_block;
+                (b, b + 1, y0, (y0 + rows_per_block).min(out_h))
+            } else {
+                let b0 = block * images_per_block;
+                (b0, (b0 + images_per_block).min(batch), 0, out_h)
+            };
+            let per_image = (y1 - y0) * out_w;
+            let n = (b1 - b0) * per_image;
+            let rhs: *const f32 = if direct && b1 == b0 + 1 {
+                x[b0 * in_channels * plane + y0 * out_w..].as_ptr()
+            } else {
+                columns.resize(k * n, 0.0);
+                gather(x, shape, [b0, b1], [y0, y1], columns);
+                columns.as_ptr()
+            };
+            let rhs_row = if direct && b1 == b0 + 1 { plane } else { n };
+            if b1 == b0 + 1 {
+                // One image: straight into its output rows, finished in place.
+                let dst = out_ptr
+                    .get()
+                    .wrapping_add(b0 * out_channels * map + y0 * out_w);
+                // SAFETY: `weight` is `out × k`; the columns are `k × n` with row stride
+                // `rhs_row` (the gathered block, or this image's input planes from row `y0`,
+                // `n` pixels each inside the plane); the destination is rows `y0..y1` of every
+                // output channel of image `b0`, which only this block writes.
+                unsafe {
+                    multiply(
+                        [out_channels, n, k],
+                        (dst, [map, 1]),
+                        (weight.as_ptr(), [k, 1]),
+                        (rhs, [rhs_row, 1]),
+                        false,
+                        1.0,
+                        false,
+                    );
+                }
+                for o in 0..out_channels {
+                    // SAFETY: as above, this block's own `n` outputs of channel `o`.
+                    let values =
+                        unsafe { std::slice::from_raw_parts_mut(dst.wrapping_add(o * map), n) };
+                    epilogue.finish(o, values);
+                }
+            } else {
+                product.resize(out_channels * n, 0.0);
+                // SAFETY: `weight` is `out × k`, the gathered columns `k × n`, `product`
+                // `out × n`, all row-major and sized so.
+                unsafe {
+                    multiply(
+                        [out_channels, n, k],
+                        (product.as_mut_ptr(), [n, 1]),
+                        (weight.as_ptr(), [k, 1]),
+                        (rhs, [rhs_row, 1]),
+                        false,
+                        1.0,
+                        false,
+                    );
+                }
+                for b in b0..b1 {
+                    for o in 0..out_channels {
+                        // SAFETY: channel `o` of image `b`, which only this block writes.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                out_ptr.get().wrapping_add((b * out_channels + o) * map),
+                                map,
+                            )
+                        };
+                        epilogue.write(o, &product[o * n + (b - b0) * map..][..map], dst);
                     }
                 }
             }
-        });
-    let mut product = vec![0f32; out_channels * positions];
-    // SAFETY: `weight` is `out × in·taps`, `columns` `in·taps × positions` and `product`
-    // `out × positions`, all row-major and sized so above.
-    unsafe {
-        multiply(
-            [out_channels, positions, in_channels * taps],
-            (product.as_mut_ptr(), [positions, 1]),
-            (weight.as_ptr(), [in_channels * taps, 1]),
-            (columns.as_ptr(), [positions, 1]),
-            false,
-            1.0,
-            true,
-        );
-    }
-    let mut out = vec![0f32; batch * out_channels * map];
-    out.par_chunks_mut(map).enumerate().for_each(|(i, dst)| {
-        let (b, o) = (i / out_channels, i % out_channels);
-        let bias = bias.map_or(0.0, |bias| bias[o]);
-        for (d, &s) in dst
-            .iter_mut()
-            .zip(&product[o * positions + b * map..][..map])
-        {
-            *d = s + bias;
-        }
-    });
+        },
+    );
     out
 }
 
-/// How the output is cut into tasks: blocks of output channels × blocks of positions.
-struct Split {
-    channel_blocks: usize,
-    position_blocks: usize,
-}
-
-impl Split {
-    /// One task per core. Every position block packs the weights of its channels again, and
-    /// every channel block the inputs of its positions: pick the cut that reads the least,
-    /// `position_blocks · out_channels + channel_blocks · positions` (both times `in · taps`).
-    /// Large maps split by positions, small deep ones (8×8 at 1280 channels) by channels.
-    fn choose(threads: usize, out_channels: usize, positions: usize) -> Self {
-        let threads = threads.max(1);
-        (1..=threads)
-            .map(|position_blocks| Split {
-                channel_blocks: threads.div_ceil(position_blocks),
-                position_blocks,
-            })
-            .min_by_key(|s| s.position_blocks * out_channels + s.channel_blocks * positions)
-            .unwrap_or(Split {
-                channel_blocks: 1,
-                position_blocks: 1,
-            })
-    }
-
-    /// Block `i` of `blocks` over `0..len`, in multiples of 16 where the length allows.
-    fn range(&self, i: usize, blocks: usize, len: usize) -> std::ops::Range<usize> {
-        let step = len.div_ceil(blocks).next_multiple_of(16).min(len);
-        let start = (i * step).min(len);
-        start..((i + 1) * step).min(len)
+/// The im2col columns of images `b0..b1`, output rows `y0..y1`: row `(c, i, j)` of `columns`
+/// (`in · taps` rows of `n` positions) holds, for each of those output pixels `(b, y, x)`, input
+/// pixel `(y·sy + i − top, x·sx + j − left)` of channel `c` of image `b`, or 0 outside.
+fn gather(
+    x: &[f32],
+    shape: Conv2dShape,
+    [b0, b1]: [usize; 2],
+    [y0, y1]: [usize; 2],
+    columns: &mut [f32],
+) {
+    let Conv2dShape {
+        in_channels,
+        height,
+        width,
+        kernel: [kh, kw],
+        padding: [top, left, ..],
+        stride: [sy, sx],
+        ..
+    } = shape;
+    let [_, out_w] = shape.output_size();
+    let n = (b1 - b0) * (y1 - y0) * out_w;
+    let taps = kh * kw;
+    for (r, dst) in columns.chunks_exact_mut(n).enumerate() {
+        let (c, i, j) = (r / taps, r % taps / kw, r % kw);
+        // Output columns whose tap lies inside the image: `x·sx + j − left ∈ [0, width)`.
+        let lo = left.saturating_sub(j).div_ceil(sx).min(out_w);
+        let hi = (width + left)
+            .saturating_sub(j)
+            .div_ceil(sx)
+            .clamp(lo, out_w);
+        let mut rows = dst.chunks_exact_mut(out_w);
+        for b in b0..b1 {
+            let image = &x[(b * in_channels + c) * height * width..][..height * width];
+            for y in y0..y1 {
+                let row = rows.next().expect("n rows of out_w");
+                let iy = (y * sy + i).wrapping_sub(top);
+                if iy >= height {
+                    row.fill(0.0);
+                    continue;
+                }
+                let src = &image[iy * width..][..width];
+                row[..lo].fill(0.0);
+                row[hi..].fill(0.0);
+                let first = lo * sx + j - left;
+                if sx == 1 {
+                    row[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
+                } else {
+                    for (d, &v) in row[lo..hi].iter_mut().zip(src[first..].iter().step_by(sx)) {
+                        *d = v;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -482,6 +537,10 @@ mod tests {
             // A downsampler's stride 2 (with the U-Net's one-sided padding, and even/odd sizes).
             shape(2, [3, 5], [9, 8], [3, 3], [1, 1, 1, 1], [2, 2]),
             shape(1, [2, 2], [8, 8], [3, 3], [0, 0, 1, 1], [2, 2]),
+            // Inception's factorised kernels and a 5×5.
+            shape(2, [3, 4], [6, 5], [1, 7], [0, 3, 0, 3], [1, 1]),
+            shape(2, [3, 4], [6, 5], [7, 1], [3, 0, 3, 0], [1, 1]),
+            shape(3, [2, 3], [7, 7], [5, 5], [2; 4], [1, 1]),
         ] {
             let [kh, kw] = shape.kernel;
             let x = pseudo_random(
@@ -494,8 +553,7 @@ mod tests {
             for method in [
                 ConvMethod::Winograd2x2,
                 ConvMethod::Winograd4x4,
-                ConvMethod::Im2col,
-                ConvMethod::Shifted,
+                ConvMethod::Blocked,
             ] {
                 let ours = conv2d_by(method, &x, &w, Some(&bias), shape).expect("consistent sizes");
                 assert_eq!(ours.len(), expected.len());
@@ -505,6 +563,69 @@ mod tests {
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max);
                 assert!(worst < 1e-5, "{method:?} {shape:?}: {worst}");
+            }
+        }
+    }
+
+    /// The scale, shift and ReLU, by every method, on maps large enough for blocks of rows of
+    /// one image (1×1 read straight from the input, and gathered 3×3, 1×7 and strided ones)
+    /// as well as blocks of whole images.
+    #[test]
+    fn every_method_applies_the_epilogue() {
+        for shape in [
+            shape(2, [2048, 3], [24, 24], [1, 1], [0; 4], [1, 1]),
+            shape(2, [228, 3], [26, 26], [3, 3], [0; 4], [1, 1]),
+            shape(2, [228, 3], [24, 24], [3, 3], [1; 4], [1, 1]),
+            shape(1, [300, 2], [24, 30], [1, 7], [0, 3, 0, 3], [1, 1]),
+            shape(2, [60, 2], [49, 49], [3, 3], [0; 4], [2, 2]),
+            shape(5, [6, 3], [5, 6], [1, 1], [0; 4], [1, 1]),
+        ] {
+            let [kh, kw] = shape.kernel;
+            let x = pseudo_random(
+                shape.batch * shape.in_channels * shape.height * shape.width,
+                4,
+            );
+            let w = pseudo_random(shape.out_channels * shape.in_channels * kh * kw, 5);
+            let scale: Vec<f32> = pseudo_random(shape.out_channels, 6)
+                .iter()
+                .map(|v| v + 1.0)
+                .collect();
+            let shift = pseudo_random(shape.out_channels, 7);
+            let plain = reference(&x, &w, &vec![0.0; shape.out_channels], shape);
+            let per_channel = plain.len() / (shape.batch * shape.out_channels);
+            let expected: Vec<f32> = plain
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let o = i / per_channel % shape.out_channels;
+                    (v * scale[o] + shift[o]).max(0.0)
+                })
+                .collect();
+            let epilogue = Epilogue {
+                scale: Some(&scale),
+                shift: Some(&shift),
+                relu: true,
+            };
+            let winograd = shape.kernel == [3, 3] && shape.padding == [1; 4];
+            for method in [
+                ConvMethod::Winograd2x2,
+                ConvMethod::Winograd4x4,
+                ConvMethod::Blocked,
+            ] {
+                if !winograd && method != ConvMethod::Blocked {
+                    continue;
+                }
+                let ours = conv2d_with(method, &x, &w, epilogue, shape).expect("consistent sizes");
+                assert_eq!(ours.len(), expected.len());
+                assert!(ours.contains(&0.0) && ours.iter().any(|&v| v > 0.0));
+                let worst = ours
+                    .iter()
+                    .zip(&expected)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                // F(4×4, 3×3) is good to about 1e-5 of the largest output.
+                let largest = expected.iter().fold(1f32, |m, v| m.max(v.abs()));
+                assert!(worst < 2e-5 * largest, "{method:?} {shape:?}: {worst}");
             }
         }
     }

@@ -15,7 +15,7 @@
 
 use rayon::prelude::*;
 
-use super::conv::Conv2dShape;
+use super::conv::{Conv2dShape, Epilogue};
 use super::{SharedOut, multiply};
 
 /// Transformed inputs kept at a time (28 MiB): tiles are transformed and multiplied in groups
@@ -421,7 +421,7 @@ pub(super) fn conv3x3(
     tile: Tile,
     x: &[f32],
     weight: &[f32],
-    bias: Option<&[f32]>,
+    epilogue: Epilogue,
     shape: Conv2dShape,
 ) -> Vec<f32> {
     let Conv2dShape {
@@ -541,7 +541,13 @@ pub(super) fn conv3x3(
                     // This block's runs: the group's, cut to tiles `t0..t0 + tn`.
                     runs_of(first + t0, tn, [tiles_h, tiles_w], block_runs);
                     for o in 0..on {
-                        let bias = bias.map_or(0.0, |b| b[o0 + o]);
+                        // A bias is added by the output transform; the rest of the epilogue
+                        // goes over the rows it wrote, still in cache.
+                        let bias_only = epilogue.bias_only();
+                        let bias = match epilogue.shift {
+                            Some(b) if bias_only => b[o0 + o],
+                            _ => 0.0,
+                        };
                         for run in block_runs.iter() {
                             let (y, x0) = (m * run.row, m * run.col);
                             let cols = (x0 + m * run.len).min(width) - x0;
@@ -568,6 +574,11 @@ pub(super) fn conv3x3(
                                 bias,
                                 &mut pixel_rows[..m],
                             );
+                            if !bias_only {
+                                for row in pixel_rows.iter_mut().take(m).flatten() {
+                                    epilogue.finish(o0 + o, row);
+                                }
+                            }
                         }
                     }
                 },
