@@ -1,5 +1,6 @@
 //! `sd convert`: a model to a diffusers folder ([`sd::Model::save`]) or to a single-file
-//! checkpoint in the original layout ([`sd::Model::save_single_file`]).
+//! checkpoint in the original layout ([`sd::Model::save_single_file`]); with `--inception`, the
+//! FID Inception's pickled PyTorch weights to a `.safetensors` with the same keys.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -23,6 +24,13 @@ pub struct ConvertArgs {
     /// The dtype of the written weights (default: the source's).
     #[arg(long, value_enum)]
     dtype: Option<DTypeArg>,
+    /// The input is the FID Inception's weights (pytorch-fid's
+    /// pt_inception-2015-12-05-6726825d.pth or torch-fidelity's
+    /// weights-inception-2015-12-05-6726825d.pth, read without running pickled code): checked
+    /// key for key and written as a .safetensors with the same keys, which `sd eval
+    /// --inception` reads.
+    #[arg(long)]
+    inception: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -50,6 +58,9 @@ fn dtype_name(dtype: DType) -> &'static str {
 }
 
 pub fn run(args: ConvertArgs) -> Result<String, String> {
+    if args.inception {
+        return convert_inception(&args);
+    }
     // Everything that needs no weights is checked first: a bad output costs no loading time.
     let writes_single_file = args
         .output
@@ -100,6 +111,44 @@ pub fn run(args: ConvertArgs) -> Result<String, String> {
         } else {
             "diffusers folder"
         },
+        dtype_name(dtype),
+        started.elapsed().as_secs_f64()
+    ))
+}
+
+/// `sd convert --inception IN OUT.safetensors`: the weights go through [`InceptionV3::load`]
+/// (every key with its shape, nothing else) and out under the same keys.
+///
+/// [`InceptionV3::load`]: sd_metrics::InceptionV3::load
+fn convert_inception(args: &ConvertArgs) -> Result<String, String> {
+    let output = &args.output;
+    if !output
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+    {
+        return Err(format!(
+            "{}: --inception writes a .safetensors file; name the output *.safetensors",
+            output.display()
+        ));
+    }
+    if args.config.is_some() {
+        return Err("--config is for Stable Diffusion checkpoints, not with --inception".into());
+    }
+    sd_core::files::check_output_path(output).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let model = sd_metrics::InceptionV3::<SaveBackend>::load(&args.input, &Default::default())
+        .map_err(|e| e.to_string())?;
+    let dtype = match args.dtype {
+        Some(DTypeArg::F16) => DType::F16,
+        Some(DTypeArg::Bf16) => DType::BF16,
+        Some(DTypeArg::F32) | None => DType::F32,
+    };
+    let keys = |k: &str| Some(k.to_string());
+    sd_core::weights::save_safetensors(&model, output, &keys, dtype, None)
+        .map_err(|e| e.to_string())?;
+    Ok(format!(
+        "wrote {} (the FID Inception, {} weights) in {:.1} s",
+        output.display(),
         dtype_name(dtype),
         started.elapsed().as_secs_f64()
     ))

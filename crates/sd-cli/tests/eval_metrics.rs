@@ -228,3 +228,92 @@ fn clip_score_from_a_prompt_file_or_the_pngs_parameters() {
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `sd convert --inception`: the weights checked key for key and written under the same keys
+/// (here in f16), which `sd eval --inception` and `InceptionV3::load` read back; a file of
+/// other weights, or an output that is not `.safetensors`, is one line.
+#[test]
+fn convert_writes_the_inception_as_safetensors() {
+    use burn::tensor::DType;
+    use sd_core::backend::Flex;
+    std::thread::Builder::new()
+        .stack_size(64 << 20)
+        .spawn(|| {
+            let device = Default::default();
+            let source = temp("inception.safetensors");
+            let model = sd_metrics::InceptionV3::<Flex>::new(&device);
+            let keys = |k: &str| Some(k.to_string());
+            sd_core::weights::save_safetensors(&model, &source, &keys, DType::F32, None).unwrap();
+            let out = temp("converted.safetensors");
+            let s = |p: &Path| p.to_str().unwrap().to_string();
+            let (ok, stdout, err) = sd(&[
+                "convert",
+                "--inception",
+                &s(&source),
+                &s(&out),
+                "--dtype",
+                "f16",
+            ]);
+            assert!(ok, "{err}");
+            assert!(stdout.contains("the FID Inception, f16"), "{stdout}");
+            let written = sd_core::weights::SafetensorsFile::open(&out).unwrap();
+            let original = sd_core::weights::SafetensorsFile::open(&source).unwrap();
+            assert_eq!(written.entries().len(), original.entries().len());
+            for key in [
+                "Conv2d_1a_3x3.conv.weight",
+                "Mixed_7c.branch_pool.bn.running_var",
+                "fc.weight",
+            ] {
+                let a = written
+                    .tensor_data(key, DType::F32)
+                    .unwrap()
+                    .to_vec::<f32>()
+                    .unwrap();
+                let b = original
+                    .tensor_data(key, DType::F32)
+                    .unwrap()
+                    .to_vec::<f32>()
+                    .unwrap();
+                let worst = a
+                    .iter()
+                    .zip(&b)
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    worst <= 1e-3 * b.iter().fold(0f32, |m, v| m.max(v.abs())),
+                    "{key}: {worst}"
+                );
+            }
+            sd_metrics::InceptionV3::<Flex>::load(&out, &device).unwrap();
+
+            for (args, expected) in [
+                (
+                    vec![
+                        "convert".into(),
+                        "--inception".into(),
+                        s(&fixtures().join("sample_zip.pth")),
+                        s(&temp("partial.safetensors")),
+                    ],
+                    "weight problem",
+                ),
+                (
+                    vec![
+                        "convert".into(),
+                        "--inception".into(),
+                        s(&source),
+                        s(&temp("x.pth")),
+                    ],
+                    "name the output *.safetensors",
+                ),
+            ] {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let (ok, _, err) = sd(&args);
+                assert!(!ok, "{args:?} succeeded");
+                assert!(err.contains(expected), "{args:?}: {err}");
+                assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+            }
+            assert!(!temp("partial.safetensors").exists());
+        })
+        .unwrap()
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+}
