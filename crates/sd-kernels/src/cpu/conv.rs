@@ -322,14 +322,14 @@ fn conv2d_blocked(x: &[f32], weight: &[f32], epilogue: Epilogue, shape: Conv2dSh
             };
             let per_image = (y1 - y0) * out_w;
             let n = (b1 - b0) * per_image;
-            let rhs: *const f32 = if direct && b1 == b0 + 1 {
-                x[b0 * in_channels * plane + y0 * out_w..].as_ptr()
+            // The columns and their row stride.
+            let (rhs, rhs_row): (*const f32, usize) = if direct && b1 == b0 + 1 {
+                (x[b0 * in_channels * plane + y0 * out_w..].as_ptr(), plane)
             } else {
                 columns.resize(k * n, 0.0);
                 gather(x, shape, [b0, b1], [y0, y1], columns);
-                columns.as_ptr()
+                (columns.as_ptr(), n)
             };
-            let rhs_row = if direct && b1 == b0 + 1 { plane } else { n };
             if b1 == b0 + 1 {
                 // One image: straight into its output rows, finished in place.
                 let dst = out_ptr

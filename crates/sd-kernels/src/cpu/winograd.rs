@@ -540,10 +540,10 @@ pub(super) fn conv3x3(
                     }
                     // This block's runs: the group's, cut to tiles `t0..t0 + tn`.
                     runs_of(first + t0, tn, [tiles_h, tiles_w], block_runs);
+                    // A bias is added by the output transform; the rest of the epilogue goes
+                    // over the rows it wrote, still in cache.
+                    let bias_only = epilogue.bias_only();
                     for o in 0..on {
-                        // A bias is added by the output transform; the rest of the epilogue
-                        // goes over the rows it wrote, still in cache.
-                        let bias_only = epilogue.bias_only();
                         let bias = match epilogue.shift {
                             Some(b) if bias_only => b[o0 + o],
                             _ => 0.0,
