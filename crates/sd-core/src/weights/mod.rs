@@ -2,23 +2,28 @@
 //!
 //! The file is parsed and checked here (header, offsets, dtypes, every key and shape) before
 //! burn-store applies it, so that a bad file comes back as one [`CoreError`] listing every
-//! problem instead of a panic deep inside a backend. burn-store's [`PyTorchToBurnAdapter`]
-//! turns PyTorch's `[out, in]` linear weights and `weight`/`bias` norm names into Burn's.
+//! problem instead of a panic deep inside a backend. Every tensor is then read, cast and (for
+//! PyTorch's `[out, in]` linear weights) transposed in one pass, in parallel ([`values`]), and
+//! burn-store puts the values into the parameters, renaming the norms' `weight`/`bias` to
+//! Burn's `gamma`/`beta`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::Path;
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use burn::module::{Module, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, TensorData};
 pub use burn_store::TensorSnapshot;
 use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter};
+use rayon::prelude::*;
 use safetensors::Dtype;
 
 use crate::error::{CoreError, Result, WeightProblem};
+
+mod values;
 
 /// How a file's keys become module paths: `None` leaves a key out (it belongs to another
 /// component), `Some(path)` names the parameter it fills, in PyTorch naming
@@ -86,8 +91,8 @@ type Span = (Dtype, Vec<usize>, usize, usize);
 enum Bytes {
     /// The whole file, in memory.
     Memory(Arc<Vec<u8>>),
-    /// The open file, read tensor by tensor.
-    File(Arc<Mutex<std::fs::File>>),
+    /// The open file, read tensor by tensor (positioned reads, from any thread).
+    File(std::fs::File),
 }
 
 /// Where a file's tensor bytes are: the source, the offset of its data section, and each
@@ -237,7 +242,7 @@ impl SafetensorsFile {
         Ok(Self {
             path,
             storage: Storage {
-                bytes: Arc::new(Bytes::File(Arc::new(Mutex::new(file)))),
+                bytes: Arc::new(Bytes::File(file)),
                 data_start: 8 + n as usize,
                 spans: Arc::new(spans),
             },
@@ -383,88 +388,64 @@ fn stored_dtype(dtype: Dtype) -> Option<DType> {
     })
 }
 
-/// How many of the values in `data` (one of the float dtypes) are NaN or infinite. Reads the
-/// exponent bits directly: every dtype, no conversion.
-fn count_non_finite(data: &TensorData) -> usize {
-    let bytes = data.as_bytes();
-    match data.dtype {
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .filter(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000)
-            .count(),
-        DType::F64 => bytes
-            .chunks_exact(8)
-            .filter(|b| {
-                let bits = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
-                bits & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000
-            })
-            .count(),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .filter(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00)
-            .count(),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .filter(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80)
-            .count(),
-        _ => 0,
-    }
-}
-
 fn read_tensor(
     storage: &Storage,
     key: &str,
     dtype: DType,
 ) -> std::result::Result<TensorData, String> {
-    let (stored, shape, s, e) = storage
+    read_tensor_as(storage, key, dtype, false).map(|(data, _)| data)
+}
+
+/// A tensor's values cast to `dtype` and how many of them are NaN or ±∞; with `transpose`, a
+/// 2-D tensor comes back transposed.
+fn read_tensor_as(
+    storage: &Storage,
+    key: &str,
+    dtype: DType,
+    transpose: bool,
+) -> std::result::Result<(TensorData, usize), String> {
+    let (stored, shape, s, _) = storage
         .spans
         .get(key)
-        .ok_or_else(|| format!("no tensor `{key}`"))?
-        .clone();
-    let source = float_dtype(stored).ok_or_else(|| {
+        .ok_or_else(|| format!("no tensor `{key}`"))?;
+    let source = float_dtype(*stored).ok_or_else(|| {
         format!("tensor `{key}` is stored as {stored:?}, not as floating-point values")
     })?;
-    let raw = match storage.bytes.as_ref() {
-        Bytes::Memory(bytes) => bytes[storage.data_start + s..storage.data_start + e].to_vec(),
-        Bytes::File(file) => {
-            let mut raw = vec![0u8; e - s];
-            let mut file = file
-                .lock()
-                .map_err(|_| "the file lock is poisoned".to_string())?;
-            file.seek(SeekFrom::Start((storage.data_start + s) as u64))
-                .and_then(|_| file.read_exact(&mut raw))
-                .map_err(|e| format!("reading `{key}`: {e}"))?;
-            raw
-        }
+    let start = storage.data_start + s;
+    let bytes = match storage.bytes.as_ref() {
+        Bytes::Memory(bytes) => values::Source::Memory(&bytes[start..]),
+        Bytes::File(file) => values::Source::File(file, start as u64),
     };
-    let data = TensorData::from_bytes_vec(raw, shape, source);
-    Ok(if source == dtype {
-        data
-    } else {
-        data.convert_dtype(dtype)
-    })
+    // A 1×1 convolution's `[out, in, 1, 1]` read into a linear layer is transposed as
+    // `[out, in]`.
+    let mut dims = &shape[..];
+    while transpose && dims.len() > 2 && dims.last() == Some(&1) {
+        dims = &dims[..dims.len() - 1];
+    }
+    values::read_values(bytes, source, dtype, dims, transpose)
+        .map_err(|e| format!("reading `{key}`: {e}"))
 }
 
 /// Starts the message of a non-finite tensor, so that it can be found inside burn-store's
 /// wrapping of it.
 const NON_FINITE_MARK: &str = "non-finite: ";
 
-/// Refuses a tensor holding NaN or ±∞, naming it and saying whether the file holds them or the
-/// cast to a narrower dtype made them (an f32 value beyond f16's range).
+/// Refuses a tensor holding `bad` NaN or ±∞ values, naming it and saying whether the file
+/// holds them or the cast to a narrower dtype made them (an f32 value beyond f16's range).
 fn check_finite_values(
     storage: &Storage,
     key: &str,
     data: &TensorData,
+    bad: usize,
 ) -> std::result::Result<(), String> {
-    let bad = count_non_finite(data);
     if bad == 0 {
         return Ok(());
     }
     let total = data.num_elements();
     let stored = storage.spans.get(key).and_then(|s| float_dtype(s.0));
     let in_file = match stored {
-        Some(stored) if stored != data.dtype => read_tensor(storage, key, stored)
-            .map(|d| count_non_finite(&d) > 0)
+        Some(stored) if stored != data.dtype => read_tensor_as(storage, key, stored, false)
+            .map(|(_, bad)| bad > 0)
             .unwrap_or(true),
         _ => true,
     };
@@ -494,6 +475,15 @@ fn squeezes_to(found: &[usize], expected: &[usize]) -> bool {
 /// initialisation of a model whose weights are about to be overwritten: 12.4 s for SD 1.5's
 /// U-Net in the test profile, against milliseconds from the shapes alone.
 pub fn expected_shapes<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, Vec<usize>> {
+    expected_params(module)
+        .into_iter()
+        .map(|(path, (shape, _))| (path, shape))
+        .collect()
+}
+
+/// [`expected_shapes`], with whether Burn holds each parameter transposed from PyTorch's
+/// layout (a linear weight: `[in, out]` against `[out, in]`, burn-store's adapter rule).
+fn expected_params<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, (Vec<usize>, bool)> {
     #[derive(Default)]
     struct Shapes {
         path: Vec<String>,
@@ -547,10 +537,55 @@ pub fn expected_shapes<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String,
         .found
         .iter()
         .map(|s| {
+            let transposed = is_linear_weight(s);
             let s = burn_store::ModuleAdapter::adapt(&adapter, s);
-            (s.full_path(), s.shape.to_vec())
+            (s.full_path(), (s.shape.to_vec(), transposed))
         })
         .collect()
+}
+
+/// Whether burn-store's PyTorch adapters transpose this parameter: a `Linear`'s 2-D weight.
+fn is_linear_weight(snapshot: &TensorSnapshot) -> bool {
+    snapshot.shape.len() == 2
+        && snapshot.module_type().as_deref() == Some("Struct:Linear")
+        && snapshot
+            .path_stack
+            .as_ref()
+            .and_then(|p| p.last())
+            .is_some_and(|name| name == "weight")
+}
+
+/// burn-store's [`PyTorchToBurnAdapter`] without its transpose: [`load_safetensors`] reads
+/// linear weights already transposed (in the same pass as the cast), so only the norms'
+/// `weight`/`bias` → `gamma`/`beta` renaming is left to do.
+#[derive(Clone)]
+struct RenameNorms;
+
+impl burn_store::ModuleAdapter for RenameNorms {
+    fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
+        if is_linear_weight(snapshot) {
+            snapshot.clone()
+        } else {
+            PyTorchToBurnAdapter.adapt(snapshot)
+        }
+    }
+
+    fn get_alternative_param_name(&self, param_name: &str, container_type: &str) -> Option<String> {
+        PyTorchToBurnAdapter.get_alternative_param_name(param_name, container_type)
+    }
+
+    fn clone_box(&self) -> Box<dyn burn_store::ModuleAdapter> {
+        Box::new(self.clone())
+    }
+}
+
+/// One tensor [`load_safetensors`] reads: its key in the file, the parameter's path and
+/// (PyTorch) shape, and whether Burn holds it transposed.
+struct Job {
+    key: String,
+    path: String,
+    shape: Vec<usize>,
+    transposed: bool,
 }
 
 /// Loads `file` into `module`, strictly: every parameter of the module must be in the file with
@@ -563,10 +598,10 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
     options: LoadOptions,
 ) -> Result<M> {
     // What the module expects, in PyTorch naming and layout.
-    let expected = expected_shapes(&module);
+    let expected = expected_params(&module);
 
     let mut problems = Vec::new();
-    let mut snapshots = Vec::new();
+    let mut jobs = Vec::new();
     let mut present = BTreeSet::new();
     for entry in &file.entries {
         if !entry.is_float() && is_unused_buffer(&entry.key) {
@@ -589,10 +624,13 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
         // on tokens the two are the same map (SD 1.x's transformer projections, the
         // original-layout VAE attention).
         let shape = match expected.get(&path) {
-            Some(e) if squeezes_to(&entry.shape, e) => e.clone(),
+            Some((e, _)) if squeezes_to(&entry.shape, e) => e.clone(),
             _ => entry.shape.clone(),
         };
-        match expected.get(&path) {
+        match expected
+            .get(&path)
+            .map(|(shape, transposed)| (shape, *transposed))
+        {
             None => {
                 if options.reject_unexpected {
                     problems.push(WeightProblem::Unexpected {
@@ -601,41 +639,22 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
                     });
                 }
             }
-            Some(expected_shape) if *expected_shape != shape => {
+            Some((expected_shape, _)) if *expected_shape != shape => {
                 problems.push(WeightProblem::ShapeMismatch {
                     key: entry.key.clone(),
                     expected: expected_shape.clone(),
                     found: entry.shape.clone(),
                 })
             }
-            Some(_) => {
-                let bytes = file.storage.clone();
-                let key = entry.key.clone();
-                let dtype = options.dtype;
-                let target_shape = shape.clone();
-                let check_finite = options.check_finite;
-                let data_fn = Rc::new(move || {
-                    let mut data = read_tensor(&bytes, &key, dtype)
-                        .map_err(burn_store::TensorSnapshotError::DataError)?;
-                    if check_finite {
-                        check_finite_values(&bytes, &key, &data)
-                            .map_err(burn_store::TensorSnapshotError::DataError)?;
-                    }
-                    data.shape = target_shape.clone().into();
-                    Ok(data)
-                });
-                snapshots.push(TensorSnapshot::from_closure(
-                    data_fn,
-                    options.dtype,
-                    shape.clone().into(),
-                    path.split('.').map(str::to_string).collect(),
-                    Vec::new(),
-                    ParamId::new(),
-                ));
-            }
+            Some((_, transposed)) => jobs.push(Job {
+                key: entry.key.clone(),
+                path,
+                shape,
+                transposed,
+            }),
         }
     }
-    for (path, shape) in &expected {
+    for (path, (shape, _)) in &expected {
         if !present.contains(path) {
             problems.push(WeightProblem::Missing {
                 key: path.clone(),
@@ -650,7 +669,51 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
         });
     }
 
-    let result = module.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), false);
+    // Every tensor read, cast (and transposed) at once, in parallel: each is read with
+    // positioned reads into the buffer the model will hold, so there is no more memory in use
+    // than the model's own. burn-store then puts each into its parameter.
+    let storage = &file.storage;
+    let loaded: Vec<std::result::Result<TensorData, String>> = jobs
+        .par_iter()
+        .map(|job| {
+            let (mut data, bad) = read_tensor_as(storage, &job.key, options.dtype, job.transposed)?;
+            if options.check_finite {
+                check_finite_values(storage, &job.key, &data, bad)?;
+            }
+            let mut shape = job.shape.clone();
+            if job.transposed {
+                shape.reverse();
+            }
+            data.shape = shape.into();
+            Ok(data)
+        })
+        .collect();
+    let snapshots = jobs
+        .into_iter()
+        .zip(loaded)
+        .map(|(job, data)| {
+            let data = std::cell::RefCell::new(Some(data));
+            let data_fn = Rc::new(move || {
+                data.borrow_mut()
+                    .take()
+                    .unwrap_or_else(|| Err("read twice".into()))
+                    .map_err(burn_store::TensorSnapshotError::DataError)
+            });
+            let mut shape = job.shape;
+            if job.transposed {
+                shape.reverse();
+            }
+            TensorSnapshot::from_closure(
+                data_fn,
+                options.dtype,
+                shape.into(),
+                job.path.split('.').map(str::to_string).collect(),
+                Vec::new(),
+                ParamId::new(),
+            )
+        })
+        .collect();
+    let result = module.apply(snapshots, None, Some(Box::new(RenameNorms)), false);
     // Everything but the values was checked above; what burn-store still reports is a tensor
     // whose values were refused (non-finite) or a mapping bug, and is returned as an error
     // rather than leaving a parameter at its random initial value.
