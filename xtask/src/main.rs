@@ -13,10 +13,12 @@
 //!   against transformers.
 //! - `bench-metrics [--runs N]`: the FID Inception's pool3 features for 200 images at 299²
 //!   (batches of 50), Rust against pytorch-fid's network.
-//! - `bench-generate [--size 512] [--steps 2] [--dtype f32|f16] [--tiling]`: peak memory
+//! - `bench-generate [--size 512] [--steps 4] [--dtype f32|f16] [--tiling]`: peak memory
 //!   (`/usr/bin/time -v`) and wall time of a whole `sd generate` (release, flex) on a
 //!   random-weight SD 1.5-size model, written once under `target/bench-models/` by the fixture
-//!   venv.
+//!   venv; and the time from the start to the first U-Net step (`sd generate -v`) against
+//!   the time to read the weight files it needs once (text encoder and U-Net), with a cold
+//!   page cache where it can be dropped (root) and a warm one.
 //! - `fixtures [--only KIND]`: regenerate only one kind of fixture (e.g. `pipeline`).
 //! - `train-shapes [--run-dir DIR] [--images N] [--vae-steps N] [--decoder-steps N]
 //!   [--unet-steps N] [--vae DIR]`: the shapes
@@ -83,7 +85,7 @@ fn main() -> ExitCode {
             "usage: cargo xtask fixtures [--only KIND] | bench-vae [--config sd15|tiny] [--runs N] \
              | bench-unet [--config sd15|sd21] [--runs N] \
              | bench-train [--config sd15|tiny] [--runs N] \
-             | bench-clip [--config vit-l|bigg] [--runs N] | bench-metrics [--runs N] | bench-generate [--size 512] [--steps 2] [--dtype f32|f16] [--tiling] \
+             | bench-clip [--config vit-l|bigg] [--runs N] | bench-metrics [--runs N] | bench-generate [--size 512] [--steps 4] [--dtype f32|f16] [--tiling] \
              | fuzz [--execs N] [--seed S] [--target NAME] [--replay PATH] \
              | train-shapes [--run-dir DIR] [--images N] [--vae-steps N] [--decoder-steps N] [--unet-steps N] [--vae DIR]\n\
              got: {args:?}"
@@ -164,7 +166,9 @@ fn fixtures(args: &[String]) -> Result<(), String> {
 /// Peak RSS and wall time of one whole generation on a random-weight SD 1.5-size model.
 fn bench_generate(args: &[String]) -> Result<(), String> {
     let size = flag(args, "--size").unwrap_or("512");
-    let steps = flag(args, "--steps").unwrap_or("2");
+    // Four steps (five U-Net calls with the model's PNDM) give the time to the first step a
+    // mean of four later steps to subtract.
+    let steps = flag(args, "--steps").unwrap_or("4");
     let dtype = flag(args, "--dtype").unwrap_or("f32");
     let root = root();
     let model = root.join("target/bench-models/sd15-random");
@@ -183,42 +187,112 @@ fn bench_generate(args: &[String]) -> Result<(), String> {
         "sd-cli",
     ]))?;
     let out = root.join("target/bench-models/bench.png");
-    let mut cmd = Command::new("/usr/bin/time");
-    cmd.arg("-v")
-        .arg(root.join("target/release/sd"))
-        .args([
-            "generate",
-            "a photograph of an astronaut riding a horse",
-            "-q",
-        ])
-        .arg("--model")
-        .arg(&model)
-        .args([
-            "--width", size, "--height", size, "--steps", steps, "--dtype", dtype, "-o",
-        ])
-        .arg(&out);
-    if args.iter().any(|a| a == "--tiling") {
-        cmd.arg("--vae-tiling");
-    }
-    let result = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    let stderr = String::from_utf8_lossy(&result.stderr);
-    if !result.status.success() {
-        return Err(format!("{cmd:?} failed:\n{stderr}"));
-    }
-    let field = |name: &str| {
+    let generate = || -> Result<String, String> {
+        let mut cmd = Command::new("/usr/bin/time");
+        cmd.arg("-v")
+            .arg(root.join("target/release/sd"))
+            .args([
+                "generate",
+                "a photograph of an astronaut riding a horse",
+                "-q",
+                "-v",
+            ])
+            .arg("--model")
+            .arg(&model)
+            .args([
+                "--width", size, "--height", size, "--steps", steps, "--dtype", dtype, "-o",
+            ])
+            .arg(&out);
+        if args.iter().any(|a| a == "--tiling") {
+            cmd.arg("--vae-tiling");
+        }
+        let result = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+        let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
+        if !result.status.success() {
+            return Err(format!("{cmd:?} failed:\n{stderr}"));
+        }
+        Ok(stderr)
+    };
+    let field = |stderr: &str, name: &str| {
         stderr
             .lines()
             .find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_string()))
             .unwrap_or_default()
     };
-    let kib: f64 = field("Maximum resident set size (kbytes):")
+    // `sd generate -v`: "timings: first step began X s after the start, …".
+    let first_step = |stderr: &str| -> f64 {
+        field(stderr, "timings: first step began")
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    // What is read before the first step: the text encoder's and the U-Net's weights.
+    let weights: Vec<PathBuf> = ["text_encoder", "unet"]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(model.join(dir)).into_iter().flatten())
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    // Read as `cat` reads, through one reused buffer: the time of the I/O alone (reading into
+    // fresh memory would add the faulting-in of that memory, which loading pays as well).
+    let read_all = || -> Result<(f64, u64), String> {
+        use std::io::Read;
+        let start = std::time::Instant::now();
+        let mut buffer = vec![0u8; 8 << 20];
+        let mut bytes = 0;
+        for path in &weights {
+            let mut file =
+                std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            loop {
+                match file.read(&mut buffer) {
+                    Ok(0) => break,
+                    Ok(n) => bytes += n as u64,
+                    Err(e) => return Err(format!("{}: {e}", path.display())),
+                }
+            }
+        }
+        Ok((start.elapsed().as_secs_f64(), bytes))
+    };
+    // Cold: the page cache dropped before each measurement (root only; otherwise skipped).
+    let drop_caches = || {
+        let _ = Command::new("sync").status();
+        std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+    };
+    let cold = if drop_caches() {
+        let (read, bytes) = read_all()?;
+        drop_caches();
+        Some((read, bytes, first_step(&generate()?)))
+    } else {
+        None
+    };
+    let (read, bytes) = read_all()?;
+    let stderr = generate()?;
+    let kib: f64 = field(&stderr, "Maximum resident set size (kbytes):")
         .parse()
         .unwrap_or(f64::NAN);
     println!(
         "sd generate {size}x{size}, {steps} steps, SD 1.5-size random weights (flex, {dtype}): \
          peak RSS {:.0} MiB, wall {}",
         kib / 1024.0,
-        field("Elapsed (wall clock) time (h:mm:ss or m:ss):")
+        field(&stderr, "Elapsed (wall clock) time (h:mm:ss or m:ss):")
+    );
+    let gb = bytes as f64 / 1e9;
+    let warm = first_step(&stderr);
+    if let Some((cold_read, _, cold_first)) = cold {
+        println!(
+            "cold page cache: reading the text encoder's and U-Net's files ({gb:.2} GB) {cold_read:.2} s; \
+             first U-Net step began {cold_first:.2} s after the start ({:.2}x the read)",
+            cold_first / cold_read
+        );
+    } else {
+        println!("(not root: the page cache could not be dropped, so no cold figures)");
+    }
+    println!(
+        "warm page cache: reading them {read:.2} s; first U-Net step began {warm:.2} s after the \
+         start ({:.2}x the read)",
+        warm / read
     );
     Ok(())
 }

@@ -123,6 +123,13 @@ pub struct GenerateArgs {
     /// No progress bar.
     #[arg(long, short = 'q')]
     quiet: bool,
+    /// Also print how long the run took before its first U-Net step (loading the models and
+    /// encoding the prompt, from the start of the process), per step, and after the last step
+    /// (decoding and writing), as stable-diffusion.cpp does. The step time is the mean of the
+    /// steps after the first, so at least two are needed to separate the first from the
+    /// loading.
+    #[arg(long, short = 'v')]
+    verbose: bool,
     /// Load weights without checking them for NaN and infinite values (the check names the
     /// damaged tensor; it costs one pass over the weights).
     #[arg(long)]
@@ -1181,10 +1188,13 @@ fn generate<B: Backend>(
     );
     bar.set_message("loading");
     let started = Instant::now();
+    // When each step ended, for --verbose.
+    let mut step_ends = Vec::new();
     let mut callback = |p: &StepProgress<'_, B>| {
         bar.set_length(p.total as u64);
         bar.set_position(p.step as u64);
         bar.set_message("denoising");
+        step_ends.push(Instant::now());
         true
     };
     let out = sd::generate::<B>(model, options, device, Some(&mut callback))
@@ -1309,9 +1319,40 @@ fn generate<B: Backend>(
         sd::save_png(image, path, &text).map_err(|e| e.to_string())?;
     }
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    if args.verbose {
+        bar.suspend(|| eprintln!("{}", stage_times(crate::process_start(), &step_ends)));
+    }
     Ok(format!(
         "wrote {} in {:.1} s",
         names.join(", "),
         started.elapsed().as_secs_f64()
     ))
+}
+
+/// `--verbose`'s line: seconds from `start` to the first U-Net step (the loading and the
+/// prompt encoding), per step, and from the last step to now, from the instants the steps
+/// ended. A step's time is the mean of the steps after the first (the first also faults in
+/// its buffers); the first began that long before it ended.
+fn stage_times(start: Instant, step_ends: &[Instant]) -> String {
+    let Some(&first_end) = step_ends.first() else {
+        return format!(
+            "timings: no step, {:.2} s in all",
+            start.elapsed().as_secs_f64()
+        );
+    };
+    let last_end = step_ends[step_ends.len() - 1];
+    let after = last_end.elapsed().as_secs_f64();
+    let later = step_ends.len() - 1;
+    match (last_end - first_end).as_secs_f64() / later as f64 {
+        step if later > 0 => format!(
+            "timings: first step began {:.2} s after the start, {} steps of {step:.2} s (mean \
+             of the later ones), {after:.2} s after the last",
+            (first_end - start).as_secs_f64() - step,
+            step_ends.len()
+        ),
+        _ => format!(
+            "timings: the one step ended {:.2} s after the start, {after:.2} s after it",
+            (first_end - start).as_secs_f64()
+        ),
+    }
 }

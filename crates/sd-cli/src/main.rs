@@ -122,7 +122,16 @@ fn run(cli: Cli) -> Result<String, String> {
     }
 }
 
+/// When the process started (as near as `main` can tell), for `sd generate --verbose`.
+static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// See [`PROCESS_START`].
+fn process_start() -> std::time::Instant {
+    *PROCESS_START.get_or_init(std::time::Instant::now)
+}
+
 fn main() -> ExitCode {
+    process_start();
     // Layers free and allocate buffers of tens of MiB: keep them for reuse (fewer page faults).
     sd_kernels::allocator::reuse_freed_memory();
     let cli = match Cli::try_parse() {

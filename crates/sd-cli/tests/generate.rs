@@ -96,9 +96,14 @@ fn several_images_are_numbered_and_image_i_is_seed_plus_i() {
     assert!(ok, "{stderr}");
     let single = dir.join("single.png");
     let mut args = common.to_vec();
-    args.extend(["--seed", "4", "-o", single.to_str().unwrap()]);
+    // -v: the stage times, the first step separated from the loading by the second.
+    args.extend(["--seed", "4", "-v", "-o", single.to_str().unwrap()]);
     let (ok, _, stderr) = sd(&args);
     assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("timings: first step began") && stderr.contains("2 steps of"),
+        "{stderr}"
+    );
     let second = image::open(dir.join("batch-1.png")).unwrap().to_rgb8();
     let alone = image::open(&single).unwrap().to_rgb8();
     let worst = second
