@@ -294,6 +294,7 @@ fn bench_generate(args: &[String]) -> Result<(), String> {
          start ({:.2}x the read)",
         warm / read
     );
+    println!("{}", machine());
     Ok(())
 }
 
@@ -412,5 +413,41 @@ fn compare(
         "  memory ratio rust/pytorch: {:.2}×",
         mib(&rust) / mib(&torch)
     );
+    println!("  {}", machine());
     Ok(())
+}
+
+/// The machine a figure comes from: CPU model, the widest x86 vector instructions it has (the
+/// kernels' AVX-512 paths run only where `avx512f` is listed), cores, and the load average
+/// (another process running beside a benchmark changes its times).
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split(':').nth(1))
+            .map(str::trim)
+            .unwrap_or("?")
+            .to_string()
+    };
+    let flags = field("flags");
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    let isa = if has("avx512f") {
+        "AVX-512"
+    } else if has("avx2") && has("fma") {
+        "AVX2 + FMA (no AVX-512)"
+    } else if has("avx2") {
+        "AVX2"
+    } else {
+        "no AVX2"
+    };
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "machine: {}, {isa}, {} cores; load average {} (1, 5, 15 min)",
+        field("model name"),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load.join(" ")
+    )
 }

@@ -530,6 +530,9 @@ mod tests {
             shape(2, [3, 4], [33, 32], [3, 3], [1, 1, 1, 0], [1, 1]),
             shape(2, [5, 7], [9, 11], [3, 3], [1, 1, 1, 1], [1, 1]),
             shape(1, [3, 4], [40, 33], [3, 3], [1, 1, 1, 1], [1, 1]),
+            // Deep and small (the U-Net's deep levels in miniature): more filters than tiles,
+            // so each task transforms its own block of them.
+            shape(1, [16, 32], [4, 5], [3, 3], [1, 1, 1, 1], [1, 1]),
             // Rows of more tiles than the transforms take at once, the last one partial.
             shape(1, [2, 3], [7, 66], [3, 3], [1, 1, 1, 1], [1, 1]),
             shape(2, [6, 3], [5, 6], [1, 1], [0, 0, 0, 0], [1, 1]),

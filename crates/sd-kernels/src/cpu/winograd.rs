@@ -459,21 +459,32 @@ pub(super) fn conv3x3(
     let channel_blocks = out_channels.div_ceil(channels);
 
     // U, one piece per channel block: `[out][P²][in]`, each of the P² `out × in` matrices
-    // with unit stride along `in`.
-    let filters: Vec<Vec<f32>> = (0..channel_blocks)
-        .map(|cb| {
-            let (o0, on) = (cb * channels, channels.min(out_channels - cb * channels));
-            let mut piece = vec![0f32; on * per_tile];
-            piece
-                .par_chunks_mut(per_tile)
-                .zip(
-                    weight[o0 * in_channels * 9..][..on * in_channels * 9]
-                        .par_chunks(in_channels * 9),
-                )
-                .for_each(|(dst, src)| transform_filters(tile, src, dst, in_channels));
-            piece
-        })
-        .collect();
+    // with unit stride along `in`. Where each piece is multiplied once (one group of tiles in
+    // one block: the deep levels), its task transforms it into a buffer of its own just
+    // before: no model-sized set of transformed filters is written out and read back. Where
+    // pieces are used again (large maps), they are transformed once, up front.
+    let transform_piece = |cb: usize, piece: &mut Vec<f32>| {
+        let (o0, on) = (cb * channels, channels.min(out_channels - cb * channels));
+        piece.clear();
+        piece.resize(on * per_tile, 0f32);
+        piece
+            .chunks_mut(per_tile)
+            .zip(weight[o0 * in_channels * 9..][..on * in_channels * 9].chunks(in_channels * 9))
+            .for_each(|(dst, src)| transform_filters(tile, src, dst, in_channels));
+    };
+    let in_task = tile_blocks == 1 && group == tiles;
+    let filters: Vec<Vec<f32>> = if in_task {
+        Vec::new()
+    } else {
+        (0..channel_blocks)
+            .into_par_iter()
+            .map(|cb| {
+                let mut piece = Vec::new();
+                transform_piece(cb, &mut piece);
+                piece
+            })
+            .collect()
+    };
 
     let mut out = vec![0f32; batch * out_channels * height * width];
     let out_ptr = SharedOut(out.as_mut_ptr());
@@ -512,12 +523,17 @@ pub(super) fn conv3x3(
         (0..tile_blocks * channel_blocks)
             .into_par_iter()
             .for_each_init(
-                || (Vec::new(), Vec::new()),
-                |(products, block_runs), task| {
+                || (Vec::new(), Vec::new(), Vec::new()),
+                |(products, block_runs, own_piece), task| {
                     let (tb, cb) = (task / channel_blocks, task % channel_blocks);
                     let (t0, o0) = (tb * block, cb * channels);
                     let (tn, on) = (block.min(n - t0), channels.min(out_channels - o0));
-                    let piece = &filters[cb];
+                    let piece = if in_task {
+                        transform_piece(cb, own_piece);
+                        &own_piece[..]
+                    } else {
+                        &filters[cb][..]
+                    };
                     // M_k = V_kᵀ U_kᵀ: `[P²][on][tn]`, tiles along the matrix kernels' rows.
                     products.resize(products_per_tile * on * tn, 0f32);
                     for k in 0..products_per_tile {
