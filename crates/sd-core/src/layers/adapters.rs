@@ -180,7 +180,9 @@ pub(crate) fn linear_updates<B: Backend>(layer: &Linear<B>) -> Vec<(Linear<B>, L
         .collect()
 }
 
-/// Whether low-rank updates are attached to `conv`'s weight.
+/// Whether low-rank updates are attached to `conv`'s weight (asked only before a Flex
+/// kernel).
+#[cfg(feature = "flex")]
 pub(crate) fn has_updates<B: Backend>(conv: &Conv2d<B>) -> bool {
     !updates_of::<B>(conv.weight.id).is_empty()
 }
