@@ -463,6 +463,7 @@ pub(super) fn conv3x3(
     // one block: the deep levels), its task transforms it into a buffer of its own just
     // before: no model-sized set of transformed filters is written out and read back. Where
     // pieces are used again (large maps), they are transformed once, up front.
+    // One task's piece, on that task's core.
     let transform_piece = |cb: usize, piece: &mut Vec<f32>| {
         let (o0, on) = (cb * channels, channels.min(out_channels - cb * channels));
         piece.clear();
@@ -476,11 +477,19 @@ pub(super) fn conv3x3(
     let filters: Vec<Vec<f32>> = if in_task {
         Vec::new()
     } else {
+        // Piece by piece, each piece's output channels over the cores (a single piece, as
+        // the VAE's levels often have, still uses them all).
         (0..channel_blocks)
-            .into_par_iter()
             .map(|cb| {
-                let mut piece = Vec::new();
-                transform_piece(cb, &mut piece);
+                let (o0, on) = (cb * channels, channels.min(out_channels - cb * channels));
+                let mut piece = vec![0f32; on * per_tile];
+                piece
+                    .par_chunks_mut(per_tile)
+                    .zip(
+                        weight[o0 * in_channels * 9..][..on * in_channels * 9]
+                            .par_chunks(in_channels * 9),
+                    )
+                    .for_each(|(dst, src)| transform_filters(tile, src, dst, in_channels));
                 piece
             })
             .collect()
