@@ -579,13 +579,13 @@ impl burn_store::ModuleAdapter for RenameNorms {
     }
 }
 
-/// One tensor [`load_safetensors`] reads: its key in the file, the parameter's path and
-/// (PyTorch) shape, and whether Burn holds it transposed.
+/// One tensor [`load_safetensors`] reads: its key in the file, the parameter's path, whether
+/// Burn holds it transposed, and the shape Burn holds it in.
 struct Job {
     key: String,
     path: String,
-    shape: Vec<usize>,
     transposed: bool,
+    burn_shape: Vec<usize>,
 }
 
 /// Loads `file` into `module`, strictly: every parameter of the module must be in the file with
@@ -646,12 +646,18 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
                     found: entry.shape.clone(),
                 })
             }
-            Some((_, transposed)) => jobs.push(Job {
-                key: entry.key.clone(),
-                path,
-                shape,
-                transposed,
-            }),
+            Some((_, transposed)) => {
+                let mut burn_shape = shape;
+                if transposed {
+                    burn_shape.reverse();
+                }
+                jobs.push(Job {
+                    key: entry.key.clone(),
+                    path,
+                    transposed,
+                    burn_shape,
+                })
+            }
         }
     }
     for (path, (shape, _)) in &expected {
@@ -680,11 +686,7 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
             if options.check_finite {
                 check_finite_values(storage, &job.key, &data, bad)?;
             }
-            let mut shape = job.shape.clone();
-            if job.transposed {
-                shape.reverse();
-            }
-            data.shape = shape.into();
+            data.shape = job.burn_shape.clone().into();
             Ok(data)
         })
         .collect();
@@ -699,14 +701,10 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
                     .unwrap_or_else(|| Err("read twice".into()))
                     .map_err(burn_store::TensorSnapshotError::DataError)
             });
-            let mut shape = job.shape;
-            if job.transposed {
-                shape.reverse();
-            }
             TensorSnapshot::from_closure(
                 data_fn,
                 options.dtype,
-                shape.into(),
+                job.burn_shape.into(),
                 job.path.split('.').map(str::to_string).collect(),
                 Vec::new(),
                 ParamId::new(),
