@@ -7,6 +7,10 @@
 //! default targets attached on the fly (`sd_lora::attach`), back to back, and the line adds
 //! the LoRA's medians and the median of the runs' ratios (pairs taken together, so that a
 //! busy moment of the machine falls on both sides of a ratio).
+//!
+//! `--matrix-dtype f16|bf16`: the same pairs, the second step with the U-Net's matrices held
+//! in that dtype under f32 arithmetic (`sd_core::weights::hold_matrices_in`, what `sd generate
+//! --dtype f16` loads on the CPU): the kernels widen the weights as they read them.
 
 use burn::tensor::{Distribution, Tensor};
 use sd_benches::{arg, peak_rss_mib, time_runs};
@@ -55,6 +59,48 @@ fn main() -> Result<(), String> {
         "latent": latents.dims(),
         "image": [2, 77, context_dim],
     });
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    if let Some(narrow) = arg("--matrix-dtype") {
+        let narrow = match narrow.as_str() {
+            "f16" => burn::tensor::DType::F16,
+            "bf16" => burn::tensor::DType::BF16,
+            other => return Err(format!("--matrix-dtype {other}: f16 or bf16")),
+        };
+        let half = sd_core::weights::hold_matrices_in(unet.clone(), narrow);
+        let half_step = || -> Result<(), String> {
+            let out = half
+                .forward(latents.clone(), &[500.0], context.clone(), None)
+                .map_err(|e| e.to_string())?;
+            let _ = out.slice([0..1, 0..1, 0..1, 0..1]).into_data();
+            Ok(())
+        };
+        // One warm-up of each, then the pairs.
+        step()?;
+        half_step()?;
+        let (mut full, mut narrowed, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs.max(1) {
+            let start = std::time::Instant::now();
+            step()?;
+            let f = start.elapsed().as_secs_f64();
+            let start = std::time::Instant::now();
+            half_step()?;
+            let h = start.elapsed().as_secs_f64();
+            full.push(f);
+            narrowed.push(h);
+            ratios.push(h / f);
+        }
+        line["median_s"] = median(&mut full).into();
+        line["matrix_dtype"] = format!("{narrow:?}").into();
+        line["matrix_median_s"] = median(&mut narrowed).into();
+        line["matrix_ratios"] = ratios.clone().into();
+        line["matrix_median_ratio"] = median(&mut ratios).into();
+        line["peak_rss_mib"] = peak_rss_mib().into();
+        println!("{line}");
+        return Ok(());
+    }
     match arg("--lora-rank").map(|r| r.parse::<usize>()) {
         None => {
             let (median, min) = time_runs(runs, step)?;
@@ -95,10 +141,6 @@ fn main() -> Result<(), String> {
                 with.push(w);
                 ratios.push(w / b);
             }
-            let median = |v: &mut Vec<f64>| {
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            };
             line["median_s"] = median(&mut base).into();
             line["lora_rank"] = rank.into();
             line["lora_layers"] = lora.layers.len().into();

@@ -1472,6 +1472,7 @@ fn safetensors_target() -> Target {
                 },
                 reject_unexpected: !v.is_multiple_of(5),
                 check_finite: !v.is_multiple_of(7),
+                matrix_dtype: (v % 4 == 1).then_some(DType::BF16),
             };
             if decoder.clone().load_weights(file, options).is_ok() {
                 depth = 2;

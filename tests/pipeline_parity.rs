@@ -9,8 +9,8 @@ use crate::common;
 use std::path::Path;
 
 use burn::backend::{Flex, NdArray};
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Tensor};
 use common::{Reference, Report, cases, manifest};
 use sd::conditioner::PromptSyntax;
 use sd::schedulers::{ReplayNoise, SchedulerConfig};
@@ -422,4 +422,89 @@ fn a_seed_gives_the_same_image_on_flex_and_ndarray() {
         .max()
         .unwrap();
     assert!(worst <= 2, "flex and ndarray differ by {worst}/255");
+}
+
+/// The bytes a module's float parameters hold, by dtype width: (held in 2 bytes, in 4).
+fn parameter_bytes<B: Backend, M: burn::module::Module<B>>(module: &M) -> (usize, usize) {
+    struct Count(usize, usize);
+    impl<B: Backend> burn::module::ModuleVisitor<B> for Count {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            let t = param.val();
+            let n = t.shape().num_elements();
+            match t.dtype().size() {
+                2 => self.0 += 2 * n,
+                _ => self.1 += 4 * n,
+            }
+        }
+    }
+    let mut count = Count(0, 0);
+    module.visit(&mut count);
+    (count.0, count.1)
+}
+
+/// The layers' matrices held in f16 under f32 arithmetic (`Model::with_matrix_dtype`, what
+/// `sd generate --dtype f16` does on the CPU) give the f32 model's image exactly: the fixtures'
+/// weights are stored in f16, so the values each kernel widens as it reads them (flex), or each
+/// layer casts where no kernel runs (autodiff), are the ones the f32 load holds. SD 1.x and
+/// SDXL (its text projection and added embeddings), with classifier-free guidance; nearly all
+/// the weight bytes are then held in f16. NdArray, which holds no f16, loads them in f32.
+#[test]
+fn f16_matrices_under_f32_arithmetic_give_the_f32_image() {
+    fn check<B: Backend>(case: &str, device: &B::Device, holds_f16: bool) {
+        let dir = common::fixtures_dir()
+            .join("pipeline")
+            .join(case)
+            .join("model");
+        let full = Model::from_folder(&dir, None).unwrap();
+        assert_eq!(
+            full.stored_dtype(),
+            Some(burn::tensor::DType::F16),
+            "{case}"
+        );
+        let half = full.clone().with_matrix_dtype(burn::tensor::DType::F16);
+        assert_eq!(half.dtype(), burn::tensor::DType::F32);
+        let options = GenerateOptions {
+            prompt: sd::PromptOptions {
+                text: "a red cat".into(),
+                negative: Some("blurry".into()),
+                ..Default::default()
+            },
+            sampling: sd::Sampling {
+                steps: 3,
+                seed: 5,
+                scheduler: Some("Euler".into()),
+                ..Default::default()
+            },
+            ..GenerateOptions::default()
+        };
+        let a = sd::generate::<B>(&full, &options, device, None).unwrap();
+        let b = sd::generate::<B>(&half, &options, device, None)
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let worst = (a.images - b.images)
+            .abs()
+            .max()
+            .into_scalar()
+            .elem::<f32>();
+        assert_eq!(
+            worst, 0.0,
+            "{case}: f16 matrices moved the image by {worst}"
+        );
+
+        let (narrow, wide) = parameter_bytes(&half.load_unet::<B>(device).unwrap());
+        if holds_f16 {
+            assert!(
+                narrow > 4 * wide,
+                "{case}: U-Net holds {narrow} bytes in f16, {wide} in f32"
+            );
+        } else {
+            assert_eq!(narrow, 0, "{case}: f16 weights on a backend without f16");
+        }
+        let (narrow, _) = parameter_bytes(&full.load_unet::<B>(device).unwrap());
+        assert_eq!(narrow, 0, "{case}: the f32 model holds f16 weights");
+    }
+    for case in ["tiny_sd1", "tiny_sdxl"] {
+        check::<Flex>(case, &Default::default(), true);
+        check::<burn::backend::Autodiff<Flex>>(case, &Default::default(), true);
+        check::<NdArray>(case, &Default::default(), false);
+    }
 }

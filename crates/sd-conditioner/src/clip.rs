@@ -552,7 +552,7 @@ impl<B: Backend> ClipTextModel<B> {
         let text_embeds = self
             .text_projection
             .as_ref()
-            .map(|proj| proj.forward(pooled.clone()));
+            .map(|proj| linear_forward(proj, pooled.clone()));
         Ok(ClipTextOutput {
             last_hidden_state: last,
             hidden_states,

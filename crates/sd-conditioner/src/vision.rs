@@ -12,6 +12,7 @@ use burn::tensor::{Int, Tensor};
 use sd_core::config_checks::{
     self as checks, MAX_CHANNELS, MAX_FACTOR, MAX_LAYERS, MAX_POSITIONS, MAX_SAMPLE_SIZE, MAX_WIDTH,
 };
+use sd_core::layers::{conv2d_forward, linear_forward};
 use sd_core::weights::{LoadOptions, SafetensorsFile, load_safetensors};
 use sd_core::{CoreError, Result};
 use serde::Deserialize;
@@ -327,7 +328,7 @@ impl<B: Backend> ClipVisionModel<B> {
             )));
         }
         let emb = &self.vision_model.embeddings;
-        let patches = emb.patch_embedding.forward(pixels);
+        let patches = conv2d_forward(&emb.patch_embedding, pixels);
         let [_, d, gh, gw] = patches.dims();
         let patches = patches.reshape([b, d, gh * gw]).swap_dims(1, 2);
         let class = emb
@@ -353,7 +354,7 @@ impl<B: Backend> ClipVisionModel<B> {
         Ok(ClipVisionOutput {
             last_hidden_state: x,
             hidden_states,
-            image_embeds: self.visual_projection.forward(pooled),
+            image_embeds: linear_forward(&self.visual_projection, pooled),
         })
     }
 }

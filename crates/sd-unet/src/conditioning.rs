@@ -171,8 +171,13 @@ impl<B: Backend> TimeEmbedder<'_, B> {
             device,
         );
         // The sinusoids are computed in f32 and cast to the layers' dtype, as diffusers'
-        // `t_emb.to(dtype=sample.dtype)` (a bf16 copy under mixed-precision training).
-        let dtype = self.time_embedding.linear_1.weight.dtype();
+        // `t_emb.to(dtype=sample.dtype)` (a bf16 copy under mixed-precision training). The
+        // bias's: the weight may be held narrower than the arithmetic (f16 matrices).
+        let linear_1 = &self.time_embedding.linear_1;
+        let dtype = match &linear_1.bias {
+            Some(bias) => bias.dtype(),
+            None => linear_1.weight.dtype(),
+        };
         let mut emb = self.time_embedding.forward(to_dtype(t_emb, dtype));
         match (self.class_embedding, cond.class_labels) {
             (Some(table), Some(labels)) => {

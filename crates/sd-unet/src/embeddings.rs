@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use sd_core::layers::silu;
+use sd_core::layers::{linear_forward, silu};
 
 /// diffusers' `get_timestep_embedding`: `[sin(t ω_k), cos(t ω_k)]` with
 /// `ω_k = 10000^(−k / (half − shift))`, swapped to cos first when `flip_sin_to_cos`.
@@ -63,6 +63,6 @@ impl<B: Backend> TimestepEmbedding<B> {
 
     /// `x`: `[batch, in_dim]`; returns `[batch, out_dim]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.linear_2.forward(silu(self.linear_1.forward(x)))
+        linear_forward(&self.linear_2, silu(linear_forward(&self.linear_1, x)))
     }
 }

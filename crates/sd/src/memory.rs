@@ -181,6 +181,11 @@ fn attention_threads() -> f64 {
 pub fn estimate(model: &Model, options: &GenerateOptions, size: (usize, usize)) -> MemoryEstimate {
     let s = bytes_of(model.dtype());
     let s_vae = bytes_of(model.vae_dtype());
+    // Weights may be held narrower than the arithmetic (f16 matrices under f32 on the CPU).
+    let (s_weights, s_vae_weights) = (
+        bytes_of(model.matrix_dtype()),
+        bytes_of(model.vae_matrix_dtype()),
+    );
     let (w, h) = (size.0 as f64, size.1 as f64);
     let f = model.vae_scale_factor().max(1) as f64;
     let images = options.num_images as f64;
@@ -219,12 +224,12 @@ pub fn estimate(model: &Model, options: &GenerateOptions, size: (usize, usize)) 
     let controlnets: f64 = options
         .controls
         .iter()
-        .map(|c| 0.42 * unet_parameters(&c.net.config().unet) * s)
+        .map(|c| 0.42 * unet_parameters(&c.net.config().unet) * s_weights)
         .sum();
     MemoryEstimate {
-        unet_weights: unet_parameters(unet) * s + controlnets,
+        unet_weights: unet_parameters(unet) * s_weights + controlnets,
         unet_activations,
-        vae_weights: vae_half_parameters(vae) * s_vae,
+        vae_weights: vae_half_parameters(vae) * s_vae_weights,
         vae_activations: decode(w, h, images) + image,
         vae_activations_tiled: decode(tile, tile, images) + image,
         tiled: options.vae_tiling,

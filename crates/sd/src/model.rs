@@ -65,6 +65,9 @@ pub struct Model {
     force_zeros_for_empty_prompt: bool,
     /// The dtype weights are loaded in (and computed in).
     dtype: DType,
+    /// The dtype the layers' matrices are held in when narrower than `dtype`
+    /// ([`Model::with_matrix_dtype`]).
+    matrix_dtype: Option<DType>,
     /// Refuse weights holding NaN or ±∞ as they load ([`LoadOptions::check_finite`]).
     check_weights: bool,
     /// LoRAs merged into the U-Net and text encoders as they load, with their weights.
@@ -415,6 +418,7 @@ impl Model {
             scheduler_config,
             force_zeros_for_empty_prompt,
             dtype: DType::F32,
+            matrix_dtype: None,
             check_weights: true,
             loras: Vec::new(),
             lora_options: MergeOptions::default(),
@@ -489,6 +493,7 @@ impl Model {
             vae_config,
             scheduler_config,
             dtype: DType::F32,
+            matrix_dtype: None,
             check_weights: true,
             loras: Vec::new(),
             lora_options: MergeOptions::default(),
@@ -507,6 +512,21 @@ impl Model {
     /// The dtype weights are loaded and computed in.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Holds the layers' matrices (every `Linear` and `Conv2d` weight: nearly all of a model's
+    /// bytes) in `dtype` (f16 or bf16) while the arithmetic stays in [`Model::dtype`]: half the
+    /// weight memory at f32's precision. On the CPU (`flex`) each layer's kernel widens the
+    /// weights it multiplies (F16C on x86); other backends cast a layer's weights before using
+    /// them. `sd generate --dtype f16` on the CPU does this.
+    pub fn with_matrix_dtype(mut self, dtype: DType) -> Self {
+        self.matrix_dtype = Some(dtype);
+        self
+    }
+
+    /// The dtype the matrices are held in: [`Model::with_matrix_dtype`]'s, else the model's.
+    pub fn matrix_dtype(&self) -> DType {
+        self.matrix_dtype.unwrap_or(self.dtype)
     }
 
     /// Whether weights are checked for NaN and ±∞ as they load (the default): a damaged file is
@@ -533,6 +553,7 @@ impl Model {
         LoadOptions {
             dtype: self.dtype,
             check_finite: self.check_weights,
+            matrix_dtype: self.matrix_dtype.filter(|d| *d != self.dtype),
             ..LoadOptions::default()
         }
     }
@@ -547,10 +568,19 @@ impl Model {
         }
     }
 
+    /// The dtype the VAE's matrices are held in: the model's matrix dtype when it was set
+    /// apart from the arithmetic's ([`Model::with_matrix_dtype`]), else the VAE's own.
+    pub fn vae_matrix_dtype(&self) -> DType {
+        self.matrix_dtype
+            .filter(|d| *d != self.dtype)
+            .unwrap_or(self.vae_dtype())
+    }
+
     fn vae_load_options(&self) -> LoadOptions {
         LoadOptions {
             dtype: self.vae_dtype(),
             check_finite: self.check_weights,
+            matrix_dtype: Some(self.vae_matrix_dtype()).filter(|d| *d != self.vae_dtype()),
             ..LoadOptions::default()
         }
     }

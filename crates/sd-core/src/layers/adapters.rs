@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
+use super::to_dtype;
 use burn::module::{Param, ParamId};
 use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
@@ -196,6 +197,9 @@ pub(crate) fn conv_delta<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Opti
     let mut sum: Option<Tensor<B, 4>> = None;
     for update in updates {
         if let LowRankUpdate::Conv { down, up } = update {
+            // In the input's dtype: updates take the weight's, which may be held narrower
+            // than the arithmetic (`LoadOptions::matrix_dtype`).
+            let (down, up) = (to_dtype(down, x.dtype()), to_dtype(up, x.dtype()));
             // The layer's own stride, padding and dilation, through Burn's convolution.
             let [rank, _, kh, kw] = down.dims();
             let into_rank = Conv2d {

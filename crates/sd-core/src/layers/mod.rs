@@ -95,7 +95,34 @@ fn linear_base<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -
     if let Some(out) = sd_kernels::cpu::try_linear(layer, &x) {
         return out;
     }
-    layer.forward(x)
+    match widened_linear(layer, x.dtype()) {
+        Some(wide) => wide.forward(x),
+        None => layer.forward(x),
+    }
+}
+
+/// `layer` with its weight and bias cast to `dtype`, when they are held in another (the
+/// matrices kept in f16 under f32 arithmetic, `LoadOptions::matrix_dtype`) and no kernel
+/// widened them as it multiplied; `None` when they already match (the usual case).
+fn widened_linear<B: Backend>(layer: &Linear<B>, dtype: DType) -> Option<Linear<B>> {
+    if layer.weight.val().dtype() == dtype {
+        return None;
+    }
+    let mut wide = layer.clone();
+    wide.weight = wide.weight.map(|w| w.cast(dtype));
+    wide.bias = wide.bias.map(|b| b.map(|b| to_dtype(b, dtype)));
+    Some(wide)
+}
+
+/// [`widened_linear`] for a convolution.
+fn widened_conv<B: Backend>(conv: &Conv2d<B>, dtype: DType) -> Option<Conv2d<B>> {
+    if conv.weight.val().dtype() == dtype {
+        return None;
+    }
+    let mut wide = conv.clone();
+    wide.weight = wide.weight.map(|w| w.cast(dtype));
+    wide.bias = wide.bias.map(|b| b.map(|b| to_dtype(b, dtype)));
+    Some(wide)
 }
 
 /// A linear map over the channels of a channels-first `x` (`[batch, d_in, tokens]`, a feature
@@ -197,6 +224,9 @@ fn conv2d_base<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     #[cfg(feature = "flex")]
     if let Some(out) = sd_kernels::cpu::try_conv2d(conv, &x) {
         return out;
+    }
+    if let Some(wide) = widened_conv(conv, x.dtype()) {
+        return conv2d_base(&wide, x);
     }
     let x = if B::ad_enabled(&x.device()) && conv_train::takes(conv, &x) {
         #[cfg(all(feature = "autodiff", any(feature = "flex", feature = "ndarray")))]

@@ -4,7 +4,9 @@ use burn::nn::{GroupNorm, Linear, LinearConfig};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
-use super::{add_per_channel, conv2d, conv2d_forward, group_norm, group_norm_silu_2d, silu};
+use super::{
+    add_per_channel, conv2d, conv2d_forward, group_norm, group_norm_silu_2d, linear_forward, silu,
+};
 
 /// Configuration of a [`ResnetBlock2d`] (diffusers `ResnetBlock2D`, `time_embedding_norm`
 /// "default", SiLU).
@@ -110,7 +112,7 @@ impl<B: Backend> ResnetBlock2d<B> {
     pub fn forward(&self, x: Tensor<B, 4>, temb: Option<Tensor<B, 2>>) -> Tensor<B, 4> {
         let mut h = conv2d_forward(&self.conv1, group_norm_silu_2d(&self.norm1, x.clone()));
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t: Tensor<B, 2> = proj.forward(silu(temb));
+            let t: Tensor<B, 2> = linear_forward(proj, silu(temb));
             h = add_per_channel(h, t);
         }
         let h = conv2d_forward(&self.conv2, group_norm_silu_2d(&self.norm2, h));

@@ -41,6 +41,12 @@ pub struct LoadOptions {
     /// that overflows f16 is caught too). One pass over bytes already in memory: cheap next to
     /// reading them, and the only way to tell a damaged file from a black image.
     pub check_finite: bool,
+    /// The dtype the matrices (`Linear` and `Conv2d` weights, nearly all of a model's bytes)
+    /// are held in instead of [`LoadOptions::dtype`]: f16 or bf16 weights under f32 arithmetic,
+    /// half the memory, each layer's CPU kernel widening the weights it multiplies (the
+    /// layers' entry points in [`crate::layers`] cast them on any other path). `None`, or a
+    /// dtype the backend cannot hold (NdArray's f16): every weight in `dtype`.
+    pub matrix_dtype: Option<DType>,
 }
 
 impl Default for LoadOptions {
@@ -49,6 +55,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             reject_unexpected: true,
             check_finite: true,
+            matrix_dtype: None,
         }
     }
 }
@@ -477,13 +484,14 @@ fn squeezes_to(found: &[usize], expected: &[usize]) -> bool {
 pub fn expected_shapes<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, Vec<usize>> {
     expected_params(module)
         .into_iter()
-        .map(|(path, (shape, _))| (path, shape))
+        .map(|(path, e)| (path, e.shape))
         .collect()
 }
 
 /// [`expected_shapes`], with whether Burn holds each parameter transposed from PyTorch's
-/// layout (a linear weight: `[in, out]` against `[out, in]`, burn-store's adapter rule).
-fn expected_params<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, (Vec<usize>, bool)> {
+/// layout (a linear weight: `[in, out]` against `[out, in]`, burn-store's adapter rule) and
+/// whether it is a layer's matrix.
+fn expected_params<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, Expected> {
     #[derive(Default)]
     struct Shapes {
         path: Vec<String>,
@@ -538,10 +546,38 @@ fn expected_params<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, (Ve
         .iter()
         .map(|s| {
             let transposed = is_linear_weight(s);
+            let matrix = transposed || is_conv_weight(s);
             let s = burn_store::ModuleAdapter::adapt(&adapter, s);
-            (s.full_path(), (s.shape.to_vec(), transposed))
+            let expected = Expected {
+                shape: s.shape.to_vec(),
+                transposed,
+                matrix,
+            };
+            (s.full_path(), expected)
         })
         .collect()
+}
+
+/// What [`expected_params`] knows of one parameter.
+struct Expected {
+    /// Its shape in PyTorch's layout.
+    shape: Vec<usize>,
+    /// Whether Burn holds it transposed (a `Linear`'s weight).
+    transposed: bool,
+    /// Whether it is a layer's matrix (a `Linear`'s or `Conv2d`'s weight), which
+    /// [`LoadOptions::matrix_dtype`] applies to.
+    matrix: bool,
+}
+
+/// A `Conv2d`'s 4-D weight.
+fn is_conv_weight(snapshot: &TensorSnapshot) -> bool {
+    snapshot.shape.len() == 4
+        && snapshot.module_type().as_deref() == Some("Struct:Conv2d")
+        && snapshot
+            .path_stack
+            .as_ref()
+            .and_then(|p| p.last())
+            .is_some_and(|name| name == "weight")
 }
 
 /// Whether burn-store's PyTorch adapters transpose this parameter: a `Linear`'s 2-D weight.
@@ -586,6 +622,54 @@ struct Job {
     path: String,
     transposed: bool,
     burn_shape: Vec<usize>,
+    dtype: DType,
+}
+
+/// `module` with its matrices (every `Linear` and `Conv2d` weight) cast to `dtype`, the rest
+/// left as they are: what [`LoadOptions::matrix_dtype`] gives at load time, for a module built
+/// in memory (a benchmark's random model, say).
+pub fn hold_matrices_in<B: Backend, M: Module<B>>(module: M, dtype: DType) -> M {
+    struct Narrow {
+        dtype: DType,
+        names: Vec<String>,
+        containers: Vec<String>,
+    }
+    impl<B: Backend> burn::module::ModuleMapper<B> for Narrow {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.names.push(name.to_string());
+            self.containers.push(container_type.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.names.pop();
+            self.containers.pop();
+        }
+        fn map_float<const D: usize>(
+            &mut self,
+            param: burn::module::Param<burn::tensor::Tensor<B, D>>,
+        ) -> burn::module::Param<burn::tensor::Tensor<B, D>> {
+            let owner = self
+                .containers
+                .iter()
+                .rev()
+                .find(|c| c.starts_with("Struct:") || c.starts_with("Enum:"));
+            let matrix = self.names.last().is_some_and(|n| n == "weight")
+                && matches!(
+                    (owner.map(String::as_str), D),
+                    (Some("Struct:Linear"), 2) | (Some("Struct:Conv2d"), 4)
+                );
+            if matrix {
+                let dtype = self.dtype;
+                param.map(|t| t.cast(dtype))
+            } else {
+                param
+            }
+        }
+    }
+    module.map(&mut Narrow {
+        dtype,
+        names: Vec::new(),
+        containers: Vec::new(),
+    })
 }
 
 /// Loads `file` into `module`, strictly: every parameter of the module must be in the file with
@@ -599,6 +683,12 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
 ) -> Result<M> {
     // What the module expects, in PyTorch naming and layout.
     let expected = expected_params(&module);
+    // Matrices narrower than the arithmetic only where the backend holds that dtype (NdArray
+    // holds no f16): elsewhere they load in `dtype` like the rest. Asked of the default device
+    // (support is the backend's): the module's own would initialise every lazy parameter.
+    let matrix_dtype = options
+        .matrix_dtype
+        .filter(|d| B::supports_dtype(&Default::default(), *d));
 
     let mut problems = Vec::new();
     let mut jobs = Vec::new();
@@ -624,12 +714,12 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
         // on tokens the two are the same map (SD 1.x's transformer projections, the
         // original-layout VAE attention).
         let shape = match expected.get(&path) {
-            Some((e, _)) if squeezes_to(&entry.shape, e) => e.clone(),
+            Some(e) if squeezes_to(&entry.shape, &e.shape) => e.shape.clone(),
             _ => entry.shape.clone(),
         };
         match expected
             .get(&path)
-            .map(|(shape, transposed)| (shape, *transposed))
+            .map(|e| (&e.shape, e.transposed, e.matrix))
         {
             None => {
                 if options.reject_unexpected {
@@ -639,32 +729,37 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
                     });
                 }
             }
-            Some((expected_shape, _)) if *expected_shape != shape => {
+            Some((expected_shape, _, _)) if *expected_shape != shape => {
                 problems.push(WeightProblem::ShapeMismatch {
                     key: entry.key.clone(),
                     expected: expected_shape.clone(),
                     found: entry.shape.clone(),
                 })
             }
-            Some((_, transposed)) => {
+            Some((_, transposed, matrix)) => {
                 let mut burn_shape = shape;
                 if transposed {
                     burn_shape.reverse();
                 }
+                let dtype = match matrix_dtype {
+                    Some(dtype) if matrix => dtype,
+                    _ => options.dtype,
+                };
                 jobs.push(Job {
                     key: entry.key.clone(),
                     path,
                     transposed,
                     burn_shape,
+                    dtype,
                 })
             }
         }
     }
-    for (path, (shape, _)) in &expected {
+    for (path, e) in &expected {
         if !present.contains(path) {
             problems.push(WeightProblem::Missing {
                 key: path.clone(),
-                expected: shape.clone(),
+                expected: e.shape.clone(),
             });
         }
     }
@@ -682,7 +777,7 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
     let loaded: Vec<std::result::Result<TensorData, String>> = jobs
         .par_iter()
         .map(|job| {
-            let (mut data, bad) = read_tensor_as(storage, &job.key, options.dtype, job.transposed)?;
+            let (mut data, bad) = read_tensor_as(storage, &job.key, job.dtype, job.transposed)?;
             if options.check_finite {
                 check_finite_values(storage, &job.key, &data, bad)?;
             }
@@ -703,7 +798,7 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
             });
             TensorSnapshot::from_closure(
                 data_fn,
-                options.dtype,
+                job.dtype,
                 job.burn_shape.into(),
                 job.path.split('.').map(str::to_string).collect(),
                 Vec::new(),
@@ -980,6 +1075,32 @@ mod tests {
             ("norm.weight", vec![2], vec![2.0, 3.0]),
             ("norm.bias", vec![2], vec![-1.0, 1.0]),
         ]
+    }
+
+    /// `matrix_dtype` holds the linear weight in f16 (transposed as ever) and leaves its bias
+    /// and the norm in f32; `hold_matrices_in` does the same to a module in memory.
+    #[test]
+    fn matrices_load_narrower_than_the_rest() {
+        let file = file(Dtype::F32, &tiny_tensors());
+        let options = LoadOptions {
+            matrix_dtype: Some(DType::F16),
+            ..LoadOptions::default()
+        };
+        let model = load_safetensors(tiny(), &file, &|k| Some(k.to_string()), options).unwrap();
+        let weight = model.proj.weight.val();
+        assert_eq!((weight.dtype(), weight.dims()), (DType::F16, [3, 2]));
+        assert_eq!(
+            values(weight.cast(DType::F32)),
+            vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]
+        );
+        let bias = model.proj.bias.as_ref().unwrap().val();
+        assert_eq!(bias.dtype(), DType::F32);
+        assert_eq!(model.norm.gamma.as_ref().unwrap().val().dtype(), DType::F32);
+
+        let held = hold_matrices_in(tiny(), DType::BF16);
+        assert_eq!(held.proj.weight.val().dtype(), DType::BF16);
+        assert_eq!(held.proj.bias.unwrap().val().dtype(), DType::F32);
+        assert_eq!(held.norm.gamma.unwrap().val().dtype(), DType::F32);
     }
 
     #[test]

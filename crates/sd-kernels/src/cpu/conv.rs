@@ -16,7 +16,7 @@
 
 use rayon::prelude::*;
 
-use super::winograd::Tile;
+use super::winograd::{Filters, Tile};
 use super::{SharedOut, multiply};
 
 /// The sizes of one convolution (dilation 1, one group).
@@ -214,6 +214,32 @@ pub fn conv2d_with(
     epilogue: Epilogue,
     shape: Conv2dShape,
 ) -> Option<Vec<f32>> {
+    conv2d_filters(method, x, Filters::F32(weight), epilogue, shape)
+}
+
+impl ConvMethod {
+    /// The Winograd tile this method runs `shape` with: `None` for the blocks, and where
+    /// Winograd does not apply (not a 3×3, stride-1, padding-1 convolution).
+    pub fn winograd_tile(self, shape: Conv2dShape) -> Option<Tile> {
+        let tile = match self {
+            ConvMethod::Winograd2x2 => Tile::Two,
+            ConvMethod::Winograd4x4 => Tile::Four,
+            ConvMethod::Blocked => return None,
+        };
+        (shape.stride == [1, 1] && shape.kernel == [3, 3] && shape.padding == [1; 4])
+            .then_some(tile)
+    }
+}
+
+/// [`conv2d_with`] for filters held in f32, f16 or bf16: Winograd widens them a filter at a
+/// time as it transforms them; the blocks take them widened whole.
+pub fn conv2d_filters(
+    method: ConvMethod,
+    x: &[f32],
+    weight: Filters<'_>,
+    epilogue: Epilogue,
+    shape: Conv2dShape,
+) -> Option<Vec<f32>> {
     let Conv2dShape {
         batch,
         in_channels,
@@ -242,18 +268,11 @@ pub fn conv2d_with(
     {
         return None;
     }
-    let winograd = match method {
-        ConvMethod::Winograd2x2 => Some(Tile::Two),
-        ConvMethod::Winograd4x4 => Some(Tile::Four),
-        ConvMethod::Blocked => None,
-    };
-    if let Some(tile) = winograd
-        && shape.stride == [1, 1]
-        && [kh, kw] == [3, 3]
-        && shape.padding == [1; 4]
-    {
+    if let Some(tile) = method.winograd_tile(shape) {
         return Some(super::winograd::conv3x3(tile, x, weight, epilogue, shape));
     }
+    let mut wide = Vec::new();
+    let weight = weight.chunk(0, weight.len(), &mut wide);
     Some(conv2d_blocked(x, weight, epilogue, shape))
 }
 
@@ -566,6 +585,46 @@ mod tests {
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max);
                 assert!(worst < 1e-5, "{method:?} {shape:?}: {worst}");
+            }
+        }
+    }
+
+    /// Filters held in f16 or bf16 give, by every method, exactly what their values widened to
+    /// f32 give: Winograd widens them a filter at a time (up front, and in its tasks on deep
+    /// and small maps), the blocks all at once.
+    #[test]
+    fn narrow_filters_give_their_widened_values_result() {
+        for shape in [
+            shape(2, [3, 4], [33, 32], [3, 3], [1; 4], [1, 1]),
+            shape(1, [16, 32], [4, 5], [3, 3], [1, 1, 1, 1], [1, 1]),
+            shape(2, [6, 3], [5, 6], [1, 1], [0, 0, 0, 0], [1, 1]),
+        ] {
+            let [kh, kw] = shape.kernel;
+            let x = pseudo_random(
+                shape.batch * shape.in_channels * shape.height * shape.width,
+                1,
+            );
+            let w = pseudo_random(shape.out_channels * shape.in_channels * kh * kw, 2);
+            let halves: Vec<half::f16> = w.iter().map(|v| half::f16::from_f32(*v)).collect();
+            let brains: Vec<half::bf16> = w.iter().map(|v| half::bf16::from_f32(*v)).collect();
+            let widened_halves: Vec<f32> = halves.iter().map(|v| v.to_f32()).collect();
+            let widened_brains: Vec<f32> = brains.iter().map(|v| v.to_f32()).collect();
+            let bias = pseudo_random(shape.out_channels, 3);
+            for method in [
+                ConvMethod::Winograd2x2,
+                ConvMethod::Winograd4x4,
+                ConvMethod::Blocked,
+            ] {
+                for (narrow, widened) in [
+                    (Filters::F16(&halves), &widened_halves),
+                    (Filters::Bf16(&brains), &widened_brains),
+                ] {
+                    let expected =
+                        conv2d_with(method, &x, widened, Epilogue::bias(Some(&bias)), shape);
+                    let ours =
+                        conv2d_filters(method, &x, narrow, Epilogue::bias(Some(&bias)), shape);
+                    assert_eq!(ours, expected, "{method:?} {shape:?} {narrow:?}");
+                }
             }
         }
     }

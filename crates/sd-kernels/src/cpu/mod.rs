@@ -29,6 +29,8 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear, PaddingConfig2d};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
 
 use crate::route::SameType;
 
@@ -153,6 +155,45 @@ impl<B: Backend> FlexRoute<B> {
         })
     }
 
+    /// A layer's weight as f32 values: the tensor's own buffer when it is f32; widened into a
+    /// new one when it is held in f16 or bf16 (a model loaded with its matrices narrower than
+    /// its arithmetic, half the memory), which costs one pass over the weight per call (F16C
+    /// on x86), next to the multiply's `rows` passes.
+    fn weight<const D: usize>(self, t: &Tensor<B, D>) -> Option<Weight> {
+        match t.dtype() {
+            DType::F32 => self.input(t).map(Weight::Shared),
+            DType::F16 | DType::BF16 => {
+                let flex = self.narrow(t);
+                let len = flex.layout().num_elements();
+                let mut wide = Widened::take(len);
+                const CHUNK: usize = 1 << 15;
+                let out = &mut wide.buffer[..len];
+                if let Some(narrow) = flex.as_slice::<half::f16>() {
+                    out.par_chunks_mut(CHUNK)
+                        .zip(narrow.par_chunks(CHUNK))
+                        .for_each(|(w, n)| n.convert_to_f32_slice(w));
+                } else {
+                    let narrow = flex.as_slice::<half::bf16>()?;
+                    out.par_chunks_mut(CHUNK)
+                        .zip(narrow.par_chunks(CHUNK))
+                        .for_each(|(w, n)| n.convert_to_f32_slice(w));
+                }
+                Some(Weight::Widened(wide))
+            }
+            _ => None,
+        }
+    }
+
+    /// The contiguous Flex tensor behind `t`, whatever its dtype.
+    fn narrow<const D: usize>(self, t: &Tensor<B, D>) -> FlexTensor {
+        let flex = self.0.to(t.clone().into_primitive().tensor());
+        if flex.layout().contiguous_offsets().is_some() {
+            flex
+        } else {
+            flex.to_contiguous()
+        }
+    }
+
     /// A `B` tensor around a Flex tensor.
     fn output<const D: usize>(self, flex: FlexTensor) -> Tensor<B, D> {
         Tensor::from_primitive(TensorPrimitive::Float(self.0.back(flex)))
@@ -254,10 +295,7 @@ pub fn try_attention<B: Backend>(
 /// Flex and the tensors are f32; `None` otherwise.
 pub fn try_conv2d<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
     let route = FlexRoute::<B>::check()?;
-    let bias = match &conv.bias {
-        Some(bias) => Some(route.input(&bias.val())?),
-        None => None,
-    };
+    let bias = optional_weight(route, conv.bias.as_ref().map(|b| b.val()))?;
     conv2d_route(route, conv, x, &None, &bias, false, None)
 }
 
@@ -278,7 +316,7 @@ pub fn try_conv2d_affine_relu<B: Backend>(
     if conv.bias.is_some() {
         return None;
     }
-    let (scale, shift) = (route.input(scale)?, route.input(shift)?);
+    let (scale, shift) = (route.weight(scale)?, route.weight(shift)?);
     let exact = Some(conv::ConvMethod::Blocked);
     conv2d_route(route, conv, x, &Some(scale), &Some(shift), true, exact)
 }
@@ -288,8 +326,8 @@ fn conv2d_route<B: Backend>(
     route: FlexRoute<B>,
     conv: &Conv2d<B>,
     x: &Tensor<B, 4>,
-    scale: &Option<FlexTensor>,
-    shift: &Option<FlexTensor>,
+    scale: &Option<Weight>,
+    shift: &Option<Weight>,
     relu: bool,
     method: Option<conv::ConvMethod>,
 ) -> Option<Tensor<B, 4>> {
@@ -317,41 +355,113 @@ fn conv2d_route<B: Backend>(
         stride: conv.stride,
     };
     let xf = route.input(x)?;
-    let wf = route.input(&conv.weight.val())?;
     let epilogue = conv::Epilogue {
         scale: bias_slice(scale)?,
         shift: bias_slice(shift)?,
         relu,
     };
-    let out = conv::conv2d_with(
-        method.unwrap_or_else(|| conv::ConvMethod::choose(shape)),
-        xf.as_slice()?,
-        wf.as_slice()?,
-        epilogue,
-        shape,
-    )?;
+    let method = method.unwrap_or_else(|| conv::ConvMethod::choose(shape));
+    let weight = conv.weight.val();
+    let out = match weight.dtype() {
+        // Narrow filters go to Winograd as they are (widened a filter at a time, in cache, as
+        // they are transformed); the blocks take them widened whole.
+        DType::F16 | DType::BF16 if method.winograd_tile(shape).is_some() => {
+            let flex = route.narrow(&weight);
+            let filters = match flex.as_slice::<half::f16>() {
+                Some(w) => winograd::Filters::F16(w),
+                None => winograd::Filters::Bf16(flex.as_slice::<half::bf16>()?),
+            };
+            conv::conv2d_filters(method, xf.as_slice()?, filters, epilogue, shape)?
+        }
+        _ => {
+            let wf = route.weight(&weight)?;
+            conv::conv2d_with(method, xf.as_slice()?, wf.as_slice()?, epilogue, shape)?
+        }
+    };
     let [out_h, out_w] = shape.output_size();
     Some(route.output_f32(out, [batch, out_channels, out_h, out_w]))
 }
 
-/// A `Linear`'s weight (`[d_in, d_out]`) and bias as Flex f32 tensors.
+/// A layer's weight as f32 values ([`FlexRoute::weight`]).
+enum Weight {
+    /// The parameter's own f32 buffer.
+    Shared(FlexTensor),
+    /// An f16 or bf16 parameter, widened for this call.
+    Widened(Widened),
+}
+
+impl Weight {
+    fn as_slice(&self) -> Option<&[f32]> {
+        match self {
+            Weight::Shared(t) => t.as_slice::<f32>(),
+            Weight::Widened(w) => Some(&w.buffer[..w.len]),
+        }
+    }
+}
+
+/// The buffer widened weights are written into, kept between calls: the layers run one after
+/// another, and a new buffer the size of a large layer (52 MB for SD 1.5's widest) would be
+/// faulted in page by page at every call, costing more than the widening itself. At most one
+/// is kept (the largest asked for); a call that finds it taken (another thread's model) makes
+/// its own.
+static SPARE: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec::new());
+
+/// A widened weight: the first `len` values of `buffer`.
+struct Widened {
+    buffer: Vec<f32>,
+    len: usize,
+}
+
+impl Widened {
+    /// A buffer of at least `len` values (their contents are overwritten).
+    fn take(len: usize) -> Self {
+        let mut buffer = SPARE
+            .try_lock()
+            .map(|mut spare| std::mem::take(&mut *spare))
+            .unwrap_or_default();
+        if buffer.len() < len {
+            buffer = vec![0f32; len];
+        }
+        Self { buffer, len }
+    }
+}
+
+impl Drop for Widened {
+    fn drop(&mut self) {
+        if let Ok(mut spare) = SPARE.try_lock()
+            && spare.len() < self.buffer.len()
+        {
+            *spare = std::mem::take(&mut self.buffer);
+        }
+    }
+}
+
+/// The `Option<FlexTensor>` of an optional bias (or scale), widened like a weight.
+fn optional_weight<B: Backend, const D: usize>(
+    route: FlexRoute<B>,
+    t: Option<Tensor<B, D>>,
+) -> Option<Option<Weight>> {
+    match t {
+        Some(t) => Some(Some(route.weight(&t)?)),
+        None => Some(None),
+    }
+}
+
+/// A `Linear`'s weight (`[d_in, d_out]`) and bias as f32 values.
 fn linear_params<B: Backend>(
     route: FlexRoute<B>,
     layer: &Linear<B>,
-) -> Option<(FlexTensor, Option<FlexTensor>)> {
-    let weight = route.input(&layer.weight.val())?;
-    let bias = match &layer.bias {
-        Some(bias) => Some(route.input(&bias.val())?),
-        None => None,
-    };
+) -> Option<(Weight, Option<Weight>)> {
+    let weight = route.weight(&layer.weight.val())?;
+    let bias = optional_weight(route, layer.bias.as_ref().map(|b| b.val()))?;
     Some((weight, bias))
 }
 
 /// The elements of a bias (or scale), if any (`None` inside when it is not a plain f32
 /// buffer).
-fn bias_slice(bias: &Option<FlexTensor>) -> Option<Option<&[f32]>> {
+fn bias_slice(bias: &Option<Weight>) -> Option<Option<&[f32]>> {
     match bias {
-        Some(b) => Some(Some(b.as_slice::<f32>()?)),
+        Some(b) => Some(Some(b.as_slice()?)),
         None => Some(None),
     }
 }

@@ -33,6 +33,59 @@ const BLOCK_FLOATS: usize = 1 << 21;
 /// Tiles transformed together: one AVX-512 register of f32, two AVX2 ones.
 const LANES: usize = 16;
 
+/// A convolution's filters (`[out][in][3][3]`) as held: f32, or f16/bf16 (a model whose
+/// matrices are held narrower than its arithmetic), widened one output channel at a time as
+/// they are transformed, in a buffer that stays in cache.
+#[derive(Debug, Clone, Copy)]
+pub enum Filters<'a> {
+    /// Held in f32: read in place.
+    F32(&'a [f32]),
+    /// Held in f16.
+    F16(&'a [half::f16]),
+    /// Held in bf16.
+    Bf16(&'a [half::bf16]),
+}
+
+impl<'a> Filters<'a> {
+    /// How many values.
+    pub fn len(&self) -> usize {
+        match self {
+            Filters::F32(w) => w.len(),
+            Filters::F16(w) => w.len(),
+            Filters::Bf16(w) => w.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values `start..start + len` in f32: borrowed when held in f32, widened into `buffer`
+    /// otherwise.
+    pub(super) fn chunk<'b>(
+        &'b self,
+        start: usize,
+        len: usize,
+        buffer: &'b mut Vec<f32>,
+    ) -> &'b [f32] {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            Filters::F32(w) => &w[start..][..len],
+            Filters::F16(w) => {
+                buffer.resize(len, 0.0);
+                w[start..][..len].convert_to_f32_slice(buffer);
+                buffer
+            }
+            Filters::Bf16(w) => {
+                buffer.resize(len, 0.0);
+                w[start..][..len].convert_to_f32_slice(buffer);
+                buffer
+            }
+        }
+    }
+}
+
 /// The output tile sizes implemented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tile {
@@ -420,7 +473,7 @@ fn pad_rows(src: &[f32], width: usize, m: usize, row: usize, phase_len: usize, r
 pub(super) fn conv3x3(
     tile: Tile,
     x: &[f32],
-    weight: &[f32],
+    weight: Filters<'_>,
     epilogue: Epilogue,
     shape: Conv2dShape,
 ) -> Vec<f32> {
@@ -464,14 +517,15 @@ pub(super) fn conv3x3(
     // before: no model-sized set of transformed filters is written out and read back. Where
     // pieces are used again (large maps), they are transformed once, up front.
     // One task's piece, on that task's core.
-    let transform_piece = |cb: usize, piece: &mut Vec<f32>| {
+    let filter_len = in_channels * 9;
+    let transform_piece = |cb: usize, piece: &mut Vec<f32>, wide: &mut Vec<f32>| {
         let (o0, on) = (cb * channels, channels.min(out_channels - cb * channels));
         piece.clear();
         piece.resize(on * per_tile, 0f32);
-        piece
-            .chunks_mut(per_tile)
-            .zip(weight[o0 * in_channels * 9..][..on * in_channels * 9].chunks(in_channels * 9))
-            .for_each(|(dst, src)| transform_filters(tile, src, dst, in_channels));
+        for (i, dst) in piece.chunks_mut(per_tile).enumerate() {
+            let src = weight.chunk((o0 + i) * filter_len, filter_len, wide);
+            transform_filters(tile, src, dst, in_channels);
+        }
     };
     let in_task = tile_blocks == 1 && group == tiles;
     let filters: Vec<Vec<f32>> = if in_task {
@@ -483,13 +537,13 @@ pub(super) fn conv3x3(
             .map(|cb| {
                 let (o0, on) = (cb * channels, channels.min(out_channels - cb * channels));
                 let mut piece = vec![0f32; on * per_tile];
-                piece
-                    .par_chunks_mut(per_tile)
-                    .zip(
-                        weight[o0 * in_channels * 9..][..on * in_channels * 9]
-                            .par_chunks(in_channels * 9),
-                    )
-                    .for_each(|(dst, src)| transform_filters(tile, src, dst, in_channels));
+                piece.par_chunks_mut(per_tile).enumerate().for_each_init(
+                    Vec::new,
+                    |wide, (i, dst)| {
+                        let src = weight.chunk((o0 + i) * filter_len, filter_len, wide);
+                        transform_filters(tile, src, dst, in_channels);
+                    },
+                );
                 piece
             })
             .collect()
@@ -532,13 +586,13 @@ pub(super) fn conv3x3(
         (0..tile_blocks * channel_blocks)
             .into_par_iter()
             .for_each_init(
-                || (Vec::new(), Vec::new(), Vec::new()),
-                |(products, block_runs, own_piece), task| {
+                || (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+                |(products, block_runs, own_piece, wide), task| {
                     let (tb, cb) = (task / channel_blocks, task % channel_blocks);
                     let (t0, o0) = (tb * block, cb * channels);
                     let (tn, on) = (block.min(n - t0), channels.min(out_channels - o0));
                     let piece = if in_task {
-                        transform_piece(cb, own_piece);
+                        transform_piece(cb, own_piece, wide);
                         &own_piece[..]
                     } else {
                         &filters[cb][..]
