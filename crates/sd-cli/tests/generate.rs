@@ -274,16 +274,17 @@ fn img2img_and_inpainting_run_from_the_command_line() {
     assert!(out.is_file());
 }
 
-/// Half precision gives the f32 image up to rounding: f16 within 2/255, bf16 (8 mantissa
-/// bits) within 8/255, on the SD 1.x- and SDXL-shaped tiny models.
+/// Half precision gives the f32 image up to rounding, on the SD 1.x- and SDXL-shaped tiny
+/// models. On the CPU it holds the weights and computes in f32: the fixtures' weights are f16,
+/// so f16 gives f32's image exactly; bf16 (8 mantissa bits) rounds them, within 8/255.
 #[test]
 fn half_precision_stays_close_to_f32() {
     let dir = scratch("dtype");
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pipeline");
     for (case, dtype, bound) in [
-        ("tiny_sd1", "f16", 2u8),
+        ("tiny_sd1", "f16", 0u8),
         ("tiny_sd1", "bf16", 8),
-        ("tiny_sdxl", "f16", 2),
+        ("tiny_sdxl", "f16", 0),
     ] {
         let model = fixtures.join(case).join("model");
         let mut images = Vec::new();

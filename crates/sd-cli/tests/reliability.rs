@@ -489,6 +489,9 @@ fn prompts_past_their_bounds_are_refused_before_loading() {
     }
 }
 
+/// On the CPU `--dtype f16` holds the weights in f16 and computes in f32, so the VAE decodes
+/// the first time; on a GPU, where it computes in f16, the decode overflows and runs again in
+/// f32 (`sd::pipeline`'s retry, which this CPU-only suite no longer reaches).
 #[test]
 fn an_f16_vae_that_overflows_decodes_again_in_f32() {
     let dir = scratch("upcast");
