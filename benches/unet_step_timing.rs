@@ -47,13 +47,14 @@ fn main() -> Result<(), String> {
         Distribution::Normal(0.0, 1.0),
         &device,
     );
-    let step = || -> Result<(), String> {
+    let step_of = |unet: &UNet2DConditionModel<B>| -> Result<(), String> {
         let out = unet
             .forward(latents.clone(), &[500.0], context.clone(), None)
             .map_err(|e| e.to_string())?;
         let _ = out.slice([0..1, 0..1, 0..1, 0..1]).into_data();
         Ok(())
     };
+    let step = || step_of(&unet);
     let mut line = serde_json::json!({
         "backend": format!("{} {dtype:?}", std::any::type_name::<B>()),
         "latent": latents.dims(),
@@ -70,13 +71,7 @@ fn main() -> Result<(), String> {
             other => return Err(format!("--matrix-dtype {other}: f16 or bf16")),
         };
         let half = sd_core::weights::hold_matrices_in(unet.clone(), narrow);
-        let half_step = || -> Result<(), String> {
-            let out = half
-                .forward(latents.clone(), &[500.0], context.clone(), None)
-                .map_err(|e| e.to_string())?;
-            let _ = out.slice([0..1, 0..1, 0..1, 0..1]).into_data();
-            Ok(())
-        };
+        let half_step = || step_of(&half);
         // One warm-up of each, then the pairs.
         step()?;
         half_step()?;
