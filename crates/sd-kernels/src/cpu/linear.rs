@@ -4,13 +4,37 @@ use rayon::prelude::*;
 
 use super::multiply;
 
-/// `rows × d_out` output rows holding the bias (zeros without one), for the multiply to
-/// accumulate onto.
-fn bias_rows(rows: usize, d_out: usize, bias: Option<&[f32]>) -> Vec<f32> {
-    let mut out = vec![0f32; rows * d_out];
-    if let Some(bias) = bias {
-        out.par_chunks_mut(d_out)
-            .for_each(|row| row.copy_from_slice(bias));
+/// The `rows × d_out` output: `multiply(out, accumulate)` accumulates onto rows holding the
+/// bias, or, without one, writes every element of the buffer without reading any (no zero
+/// fill first: for the transformer's 84 MB projections it was a pass over memory as long as
+/// the bias's).
+fn with_bias_rows(
+    rows: usize,
+    d_out: usize,
+    bias: Option<&[f32]>,
+    multiply: impl FnOnce(*mut f32, bool),
+) -> Vec<f32> {
+    let len = rows * d_out;
+    let mut out = Vec::with_capacity(len);
+    match bias {
+        Some(bias) => {
+            out.spare_capacity_mut()[..len]
+                .par_chunks_mut(d_out)
+                .for_each(|row| {
+                    for (v, b) in row.iter_mut().zip(bias) {
+                        v.write(*b);
+                    }
+                });
+            // SAFETY: every element was written just above.
+            unsafe { out.set_len(len) };
+            multiply(out.as_mut_ptr(), true);
+        }
+        None => {
+            multiply(out.as_mut_ptr(), false);
+            // SAFETY: a multiply that does not accumulate writes every element of its `rows ×
+            // d_out` output (the callers' contract with `multiply`).
+            unsafe { out.set_len(len) };
+        }
     }
     out
 }
@@ -33,21 +57,21 @@ pub fn linear(
         return None;
     }
     let rows = x.len() / d_in;
-    let mut out = bias_rows(rows, d_out, bias);
-    // SAFETY: `x` is `rows × d_in`, `weight` `d_in × d_out` and `out` `rows × d_out`, all
-    // row-major, as checked above.
-    unsafe {
-        multiply(
-            [rows, d_out, d_in],
-            (out.as_mut_ptr(), [d_out, 1]),
-            (x.as_ptr(), [d_in, 1]),
-            (weight.as_ptr(), [d_out, 1]),
-            bias.is_some(),
-            1.0,
-            true,
-        );
-    }
-    Some(out)
+    Some(with_bias_rows(rows, d_out, bias, |out, accumulate| {
+        // SAFETY: `x` is `rows × d_in`, `weight` `d_in × d_out` and `out` room for `rows ×
+        // d_out`, all row-major, as checked above.
+        unsafe {
+            multiply(
+                [rows, d_out, d_in],
+                (out, [d_out, 1]),
+                (x.as_ptr(), [d_in, 1]),
+                (weight.as_ptr(), [d_out, 1]),
+                accumulate,
+                1.0,
+                true,
+            );
+        }
+    }))
 }
 
 /// [`linear`] on channels-first input: `x`: `[batch, d_in, tokens]` (a feature map's
@@ -70,27 +94,30 @@ pub fn linear_from_channels(
         return None;
     }
     let batch = x.len() / (d_in * tokens);
-    let mut out = bias_rows(batch * tokens, d_out, bias);
-    for (x, out) in x
-        .chunks_exact(d_in * tokens)
-        .zip(out.chunks_exact_mut(tokens * d_out))
-    {
-        // SAFETY: `x` is this image's `d_in × tokens` (read as its transpose, `tokens × d_in`
-        // with row stride 1 and column stride `tokens`), `weight` `d_in × d_out` and `out`
-        // `tokens × d_out`, all inside the slices checked above.
-        unsafe {
-            multiply(
-                [tokens, d_out, d_in],
-                (out.as_mut_ptr(), [d_out, 1]),
-                (x.as_ptr(), [1, tokens]),
-                (weight.as_ptr(), [d_out, 1]),
-                bias.is_some(),
-                1.0,
-                true,
-            );
-        }
-    }
-    Some(out)
+    Some(with_bias_rows(
+        batch * tokens,
+        d_out,
+        bias,
+        |out, accumulate| {
+            for (image, x) in x.chunks_exact(d_in * tokens).enumerate() {
+                // SAFETY: `x` is this image's `d_in × tokens` (read as its transpose, `tokens ×
+                // d_in` with row stride 1 and column stride `tokens`), `weight` `d_in × d_out` and
+                // the image's `tokens × d_out` rows of `out` (room for `batch · tokens` of them),
+                // all inside the sizes checked above.
+                unsafe {
+                    multiply(
+                        [tokens, d_out, d_in],
+                        (out.add(image * tokens * d_out), [d_out, 1]),
+                        (x.as_ptr(), [1, tokens]),
+                        (weight.as_ptr(), [d_out, 1]),
+                        accumulate,
+                        1.0,
+                        true,
+                    );
+                }
+            }
+        },
+    ))
 }
 
 /// [`linear`] written channels-first onto a residual: `x`: token-major `[batch, tokens,

@@ -165,9 +165,9 @@ impl<B: Backend> FlexRoute<B> {
             DType::F16 | DType::BF16 => {
                 let flex = self.narrow(t);
                 let len = flex.layout().num_elements();
-                let mut wide = Widened::take(len);
+                let mut wide = WIDENED.take(len);
                 const CHUNK: usize = 1 << 15;
-                let out = &mut wide.buffer[..len];
+                let out = &mut wide[..];
                 if let Some(narrow) = flex.as_slice::<half::f16>() {
                     out.par_chunks_mut(CHUNK)
                         .zip(narrow.par_chunks(CHUNK))
@@ -387,54 +387,79 @@ enum Weight {
     /// The parameter's own f32 buffer.
     Shared(FlexTensor),
     /// An f16 or bf16 parameter, widened for this call.
-    Widened(Widened),
+    Widened(Scratch),
 }
 
 impl Weight {
     fn as_slice(&self) -> Option<&[f32]> {
         match self {
             Weight::Shared(t) => t.as_slice::<f32>(),
-            Weight::Widened(w) => Some(&w.buffer[..w.len]),
+            Weight::Widened(w) => Some(w),
         }
     }
 }
 
-/// The buffer widened weights are written into, kept between calls: the layers run one after
-/// another, and a new buffer the size of a large layer (52 MB for SD 1.5's widest) would be
-/// faulted in page by page at every call, costing more than the widening itself. At most one
-/// is kept (the largest asked for); a call that finds it taken (another thread's model) makes
-/// its own.
-static SPARE: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec::new());
+/// A buffer kept between calls for a kernel's scratch values: the layers run one after
+/// another, and a new buffer the size of a large layer's (52 MB for SD 1.5's widest weight)
+/// would be zeroed, or faulted in page by page, at every call. At most one is kept per use
+/// (the largest asked for); a call that finds it taken (another thread's model) makes its own.
+pub(crate) struct Spare(std::sync::Mutex<Vec<f32>>);
 
-/// A widened weight: the first `len` values of `buffer`.
-struct Widened {
-    buffer: Vec<f32>,
-    len: usize,
-}
+impl Spare {
+    pub(crate) const fn new() -> Self {
+        Self(std::sync::Mutex::new(Vec::new()))
+    }
 
-impl Widened {
-    /// A buffer of at least `len` values (their contents are overwritten).
-    fn take(len: usize) -> Self {
-        let mut buffer = SPARE
+    /// At least `len` values, whatever an earlier call left in them.
+    pub(crate) fn take(&'static self, len: usize) -> Scratch {
+        let mut buffer = self
+            .0
             .try_lock()
             .map(|mut spare| std::mem::take(&mut *spare))
             .unwrap_or_default();
         if buffer.len() < len {
             buffer = vec![0f32; len];
         }
-        Self { buffer, len }
+        Scratch {
+            home: self,
+            buffer,
+            len,
+        }
     }
 }
 
-impl Drop for Widened {
+/// The first `len` values of a [`Spare`]'s buffer, given back when dropped.
+pub(crate) struct Scratch {
+    home: &'static Spare,
+    buffer: Vec<f32>,
+    len: usize,
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buffer[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buffer[..self.len]
+    }
+}
+
+impl Drop for Scratch {
     fn drop(&mut self) {
-        if let Ok(mut spare) = SPARE.try_lock()
+        if let Ok(mut spare) = self.home.0.try_lock()
             && spare.len() < self.buffer.len()
         {
             *spare = std::mem::take(&mut self.buffer);
         }
     }
 }
+
+/// Where widened weights are written.
+static WIDENED: Spare = Spare::new();
 
 /// The `Option<FlexTensor>` of an optional bias (or scale), widened like a weight.
 fn optional_weight<B: Backend, const D: usize>(

@@ -16,12 +16,15 @@
 use rayon::prelude::*;
 
 use super::conv::{Conv2dShape, Epilogue};
-use super::{SharedOut, multiply};
+use super::{SharedOut, Spare, multiply};
 
 /// Transformed inputs kept at a time (28 MiB): tiles are transformed and multiplied in groups
 /// of this size, so that large maps (the VAE's 512² levels) need no more. Under glibc's
 /// largest `mmap` threshold (32 MiB), so that the buffer is reused rather than faulted in.
 const GROUP_FLOATS: usize = 7 << 20;
+
+/// The transformed inputs' buffer, kept between calls (28 MiB at most: [`GROUP_FLOATS`]).
+static INPUTS: Spare = Spare::new();
 
 /// Transformed filters per piece (28 MiB, for the same reason): the output channels are split
 /// into blocks whose filters fit.
@@ -551,7 +554,8 @@ pub(super) fn conv3x3(
 
     let mut out = vec![0f32; batch * out_channels * height * width];
     let out_ptr = SharedOut(out.as_mut_ptr());
-    let mut inputs = vec![0f32; per_tile * group];
+    // Every value a group uses is written by its input transform before it is read.
+    let mut inputs = INPUTS.take(per_tile * group);
     let mut runs = Vec::new();
     for first in (0..tiles).step_by(group) {
         let n = group.min(tiles - first);
