@@ -29,7 +29,6 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear, PaddingConfig2d};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::route::SameType;
@@ -164,20 +163,12 @@ impl<B: Backend> FlexRoute<B> {
             DType::F32 => self.input(t).map(Weight::Shared),
             DType::F16 | DType::BF16 => {
                 let flex = self.narrow(t);
-                let len = flex.layout().num_elements();
-                let mut wide = WIDENED.take(len);
+                let narrow = narrow_values(&flex)?;
+                let mut wide = WIDENED.take(narrow.len());
                 const CHUNK: usize = 1 << 15;
-                let out = &mut wide[..];
-                if let Some(narrow) = flex.as_slice::<half::f16>() {
-                    out.par_chunks_mut(CHUNK)
-                        .zip(narrow.par_chunks(CHUNK))
-                        .for_each(|(w, n)| n.convert_to_f32_slice(w));
-                } else {
-                    let narrow = flex.as_slice::<half::bf16>()?;
-                    out.par_chunks_mut(CHUNK)
-                        .zip(narrow.par_chunks(CHUNK))
-                        .for_each(|(w, n)| n.convert_to_f32_slice(w));
-                }
+                wide.par_chunks_mut(CHUNK)
+                    .enumerate()
+                    .for_each(|(i, w)| narrow.widen_into(i * CHUNK, w));
                 Some(Weight::Widened(wide))
             }
             _ => None,
@@ -367,11 +358,13 @@ fn conv2d_route<B: Backend>(
         // they are transformed); the blocks take them widened whole.
         DType::F16 | DType::BF16 if method.winograd_tile(shape).is_some() => {
             let flex = route.narrow(&weight);
-            let filters = match flex.as_slice::<half::f16>() {
-                Some(w) => winograd::Filters::F16(w),
-                None => winograd::Filters::Bf16(flex.as_slice::<half::bf16>()?),
-            };
-            conv::conv2d_filters(method, xf.as_slice()?, filters, epilogue, shape)?
+            conv::conv2d_filters(
+                method,
+                xf.as_slice()?,
+                narrow_values(&flex)?,
+                epilogue,
+                shape,
+            )?
         }
         _ => {
             let wf = route.weight(&weight)?;
@@ -380,6 +373,14 @@ fn conv2d_route<B: Backend>(
     };
     let [out_h, out_w] = shape.output_size();
     Some(route.output_f32(out, [batch, out_channels, out_h, out_w]))
+}
+
+/// The values of a contiguous f16 or bf16 Flex tensor.
+fn narrow_values(flex: &FlexTensor) -> Option<winograd::Filters<'_>> {
+    match flex.as_slice::<half::f16>() {
+        Some(w) => Some(winograd::Filters::F16(w)),
+        None => flex.as_slice::<half::bf16>().map(winograd::Filters::Bf16),
+    }
 }
 
 /// A layer's weight as f32 values ([`FlexRoute::weight`]).

@@ -64,6 +64,17 @@ impl<'a> Filters<'a> {
         self.len() == 0
     }
 
+    /// Values `start..start + dst.len()`, widened to f32 into `dst`.
+    pub(super) fn widen_into(&self, start: usize, dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        let len = dst.len();
+        match self {
+            Filters::F32(w) => dst.copy_from_slice(&w[start..][..len]),
+            Filters::F16(w) => w[start..][..len].convert_to_f32_slice(dst),
+            Filters::Bf16(w) => w[start..][..len].convert_to_f32_slice(dst),
+        }
+    }
+
     /// Values `start..start + len` in f32: borrowed when held in f32, widened into `buffer`
     /// otherwise.
     pub(super) fn chunk<'b>(
@@ -72,20 +83,12 @@ impl<'a> Filters<'a> {
         len: usize,
         buffer: &'b mut Vec<f32>,
     ) -> &'b [f32] {
-        use half::slice::HalfFloatSliceExt;
-        match self {
-            Filters::F32(w) => &w[start..][..len],
-            Filters::F16(w) => {
-                buffer.resize(len, 0.0);
-                w[start..][..len].convert_to_f32_slice(buffer);
-                buffer
-            }
-            Filters::Bf16(w) => {
-                buffer.resize(len, 0.0);
-                w[start..][..len].convert_to_f32_slice(buffer);
-                buffer
-            }
+        if let Filters::F32(w) = self {
+            return &w[start..][..len];
         }
+        buffer.resize(len, 0.0);
+        self.widen_into(start, buffer);
+        buffer
     }
 }
 
