@@ -1,7 +1,9 @@
 use std::path::Path;
 
-use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::module::{Module, Param};
+use burn::nn::{
+    Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+};
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -262,6 +264,9 @@ pub(crate) struct LayerShape {
     pub heads: usize,
     pub act: HiddenAct,
     pub eps: f64,
+    /// The tower's layer count and `initializer_factor`: they set the initial weights' spread.
+    pub layers: usize,
+    pub factor: f64,
 }
 
 impl From<&ClipTextConfig> for LayerShape {
@@ -272,27 +277,67 @@ impl From<&ClipTextConfig> for LayerShape {
             heads: c.num_attention_heads,
             act: c.hidden_act,
             eps: c.layer_norm_eps,
+            layers: c.num_hidden_layers,
+            factor: c.initializer_factor,
         }
     }
+}
+
+/// A linear layer initialised as transformers' `CLIPPreTrainedModel._init_weights` does:
+/// weights from N(0, std²), biases zero.
+pub(crate) fn normal_linear<B: Backend>(
+    input: usize,
+    output: usize,
+    std: f64,
+    bias: bool,
+    device: &B::Device,
+) -> Linear<B> {
+    let mut linear = LinearConfig::new(input, output)
+        .with_bias(false)
+        .with_initializer(Initializer::Normal { mean: 0.0, std })
+        .init(device);
+    linear.bias = bias.then(|| Param::from_tensor(Tensor::zeros([output], device)));
+    linear
+}
+
+/// An embedding table from N(0, std²), as transformers initialises CLIP's (std 0.02 × the
+/// factor), not N(0, 1) as Burn's default: embeddings that large swamp what the layers add to
+/// the residual stream, and a text encoder trained from them stayed near a bag of words.
+pub(crate) fn normal_embedding<B: Backend>(
+    rows: usize,
+    width: usize,
+    std: f64,
+    device: &B::Device,
+) -> Embedding<B> {
+    EmbeddingConfig::new(rows, width)
+        .with_initializer(Initializer::Normal { mean: 0.0, std })
+        .init(device)
 }
 
 impl<B: Backend> ClipEncoderLayer<B> {
     pub(crate) fn new(c: LayerShape, causal: bool, device: &B::Device) -> Self {
         let d = c.hidden;
         let norm = || LayerNormConfig::new(d).with_epsilon(c.eps).init(device);
-        let linear = |i, o| LinearConfig::new(i, o).init(device);
+        // transformers' `CLIPAttention` and `CLIPMLP` initial spreads: the projections into the
+        // residual stream's sublayers shrink with depth, as in GPT-2.
+        let width = (d as f64).powf(-0.5);
+        let depth = ((2 * c.layers) as f64).powf(-0.5);
+        let in_proj = width * depth * c.factor;
+        let out_proj = width * c.factor;
+        let fc1 = ((2 * d) as f64).powf(-0.5) * c.factor;
+        let linear = |i, o, std| normal_linear(i, o, std, true, device);
         Self {
             layer_norm1: norm(),
             self_attn: ClipAttention {
-                q_proj: linear(d, d),
-                k_proj: linear(d, d),
-                v_proj: linear(d, d),
-                out_proj: linear(d, d),
+                q_proj: linear(d, d, in_proj),
+                k_proj: linear(d, d, in_proj),
+                v_proj: linear(d, d, in_proj),
+                out_proj: linear(d, d, out_proj),
             },
             layer_norm2: norm(),
             mlp: ClipMlp {
-                fc1: linear(d, c.intermediate),
-                fc2: linear(c.intermediate, d),
+                fc1: linear(d, c.intermediate, fc1),
+                fc2: linear(c.intermediate, d, in_proj),
             },
             heads: c.heads,
             quick_gelu: c.act == HiddenAct::QuickGelu,
@@ -377,19 +422,26 @@ pub struct ClipTextModel<B: Backend> {
 }
 
 impl<B: Backend> ClipTextModel<B> {
-    /// A text encoder with random weights; `with_projection` adds `text_projection`.
+    /// A text encoder with random weights, drawn as transformers initialises `CLIPTextModel`
+    /// (embeddings N(0, 0.02²), the layers' spreads from the width and depth, biases zero, all
+    /// scaled by `initializer_factor`); `with_projection` adds `text_projection`.
     pub fn new(config: &ClipTextConfig, with_projection: bool, device: &B::Device) -> Result<Self> {
         config.validate().map_err(|reason| CoreError::Config {
             path: "<ClipTextConfig>".into(),
             reason,
         })?;
         let d = config.hidden_size;
+        let embedding_std = 0.02 * config.initializer_factor;
         Ok(Self {
             text_model: ClipTextTransformer {
                 embeddings: ClipTextEmbeddings {
-                    token_embedding: EmbeddingConfig::new(config.vocab_size, d).init(device),
-                    position_embedding: EmbeddingConfig::new(config.max_position_embeddings, d)
-                        .init(device),
+                    token_embedding: normal_embedding(config.vocab_size, d, embedding_std, device),
+                    position_embedding: normal_embedding(
+                        config.max_position_embeddings,
+                        d,
+                        embedding_std,
+                        device,
+                    ),
                 },
                 encoder: ClipEncoder {
                     layers: (0..config.num_hidden_layers)
@@ -401,9 +453,8 @@ impl<B: Backend> ClipTextModel<B> {
                     .init(device),
             },
             text_projection: with_projection.then(|| {
-                LinearConfig::new(d, config.projection_dim)
-                    .with_bias(false)
-                    .init(device)
+                let std = (d as f64).powf(-0.5) * config.initializer_factor;
+                normal_linear(d, config.projection_dim, std, false, device)
             }),
             vocab_size: config.vocab_size,
             max_positions: config.max_position_embeddings,
@@ -691,5 +742,84 @@ mod tests {
         );
         let err = checks::parse::<ClipTextConfig>(r#"{"pad_token_id": -1}"#, &[]).unwrap_err();
         assert!(err.starts_with("field `pad_token_id`:"), "{err}");
+    }
+
+    /// A from-scratch text encoder has transformers' initial spreads (`CLIPPreTrainedModel.
+    /// _init_weights`): token and position embeddings 0.02, q/k/v and fc2 d^-½·(2L)^-½,
+    /// out_proj d^-½, fc1 (2d)^-½, the projection d^-½, all × `initializer_factor`; biases 0,
+    /// LayerNorms 1 and 0.
+    #[test]
+    fn random_weights_have_transformers_initial_spreads() {
+        type B = sd_core::backend::Flex;
+        let (d, layers, factor) = (64, 4, 1.5);
+        let config = ClipTextConfig {
+            vocab_size: 1000,
+            eos_token_id: 999,
+            hidden_size: d,
+            intermediate_size: 256,
+            projection_dim: 32,
+            num_hidden_layers: layers,
+            num_attention_heads: 4,
+            initializer_factor: factor,
+            ..Default::default()
+        };
+        let model = ClipTextModel::<B>::new(&config, true, &Default::default()).unwrap();
+        let stats = |t: Tensor<B, 2>| {
+            let v: Vec<f32> = t.into_data().to_vec().unwrap();
+            let n = v.len() as f64;
+            let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+            let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+            (mean, var.sqrt())
+        };
+        let check = |name: &str, t: Tensor<B, 2>, want: f64| {
+            let (mean, std) = stats(t);
+            assert!(mean.abs() < 0.1 * want, "{name}: mean {mean}");
+            assert!(
+                (std / want - 1.0).abs() < 0.05,
+                "{name}: std {std}, want {want}"
+            );
+        };
+        let zero = |name: &str, bias: &Option<Param<Tensor<B, 1>>>| {
+            let v: Vec<f32> = bias.as_ref().unwrap().val().into_data().to_vec().unwrap();
+            assert!(v.iter().all(|&x| x == 0.0), "{name}: bias not zero");
+        };
+        let text = &model.text_model;
+        check(
+            "token_embedding",
+            text.embeddings.token_embedding.weight.val(),
+            0.02 * factor,
+        );
+        check(
+            "position_embedding",
+            text.embeddings.position_embedding.weight.val(),
+            0.02 * factor,
+        );
+        let in_proj = (d as f64).powf(-0.5) * ((2 * layers) as f64).powf(-0.5) * factor;
+        let out_proj = (d as f64).powf(-0.5) * factor;
+        let fc1 = ((2 * d) as f64).powf(-0.5) * factor;
+        for (i, layer) in text.encoder.layers.iter().enumerate() {
+            let attn = &layer.self_attn;
+            for (name, linear, want) in [
+                ("q_proj", &attn.q_proj, in_proj),
+                ("k_proj", &attn.k_proj, in_proj),
+                ("v_proj", &attn.v_proj, in_proj),
+                ("out_proj", &attn.out_proj, out_proj),
+                ("fc1", &layer.mlp.fc1, fc1),
+                ("fc2", &layer.mlp.fc2, in_proj),
+            ] {
+                let name = format!("layers.{i}.{name}");
+                check(&name, linear.weight.val(), want);
+                zero(&name, &linear.bias);
+            }
+            let gamma: Vec<f32> = layer.layer_norm1.gamma.val().into_data().to_vec().unwrap();
+            assert!(gamma.iter().all(|&x| x == 1.0), "layers.{i}.layer_norm1");
+        }
+        let projection = model.text_projection.as_ref().unwrap();
+        check(
+            "text_projection",
+            projection.weight.val(),
+            (d as f64).powf(-0.5) * factor,
+        );
+        assert!(projection.bias.is_none());
     }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, Initializer, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use sd_core::config_checks::{
@@ -17,7 +17,9 @@ use sd_core::weights::{LoadOptions, SafetensorsFile, load_safetensors};
 use sd_core::{CoreError, Result};
 use serde::Deserialize;
 
-use crate::clip::{ClipEncoder, ClipEncoderLayer, HiddenAct, LayerShape};
+use crate::clip::{
+    ClipEncoder, ClipEncoderLayer, HiddenAct, LayerShape, normal_embedding, normal_linear,
+};
 
 /// transformers' `CLIPVisionConfig`. Every value is checked by
 /// [`ClipVisionConfig::validate`] before anything is built; no field is required, as a
@@ -234,7 +236,9 @@ pub struct ClipVisionModel<B: Backend> {
 }
 
 impl<B: Backend> ClipVisionModel<B> {
-    /// A vision tower with random weights.
+    /// A vision tower with random weights, drawn as transformers initialises
+    /// `CLIPVisionModel` (embeddings from `initializer_range`, the class token and projection
+    /// from the width, the layers as the text tower's).
     pub fn new(config: &ClipVisionConfig, device: &B::Device) -> Result<Self> {
         config
             .validate()
@@ -246,7 +250,12 @@ impl<B: Backend> ClipVisionModel<B> {
             heads: config.num_attention_heads,
             act: config.hidden_act,
             eps: config.layer_norm_eps,
+            layers: config.num_hidden_layers,
+            factor: config.initializer_factor,
         };
+        // transformers' `CLIPVisionEmbeddings` and projection spreads.
+        let range = config.initializer_range * config.initializer_factor;
+        let width = (d as f64).powf(-0.5) * config.initializer_factor;
         let norm = || {
             LayerNormConfig::new(d)
                 .with_epsilon(config.layer_norm_eps)
@@ -259,13 +268,17 @@ impl<B: Backend> ClipVisionModel<B> {
                     patch_embedding: Conv2dConfig::new([config.num_channels, d], [p, p])
                         .with_stride([p, p])
                         .with_bias(false)
+                        .with_initializer(Initializer::Normal {
+                            mean: 0.0,
+                            std: range,
+                        })
                         .init(device),
                     class_embedding: Param::from_tensor(Tensor::random(
                         [d],
-                        burn::tensor::Distribution::Normal(0.0, 1.0),
+                        burn::tensor::Distribution::Normal(0.0, width),
                         device,
                     )),
-                    position_embedding: EmbeddingConfig::new(config.patches() + 1, d).init(device),
+                    position_embedding: normal_embedding(config.patches() + 1, d, range, device),
                 },
                 pre_layrnorm: norm(),
                 encoder: ClipEncoder {
@@ -275,9 +288,7 @@ impl<B: Backend> ClipVisionModel<B> {
                 },
                 post_layernorm: norm(),
             },
-            visual_projection: LinearConfig::new(d, config.projection_dim)
-                .with_bias(false)
-                .init(device),
+            visual_projection: normal_linear(d, config.projection_dim, width, false, device),
             image_size: config.image_size,
             channels: config.num_channels,
         })
