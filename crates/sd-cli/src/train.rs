@@ -142,6 +142,10 @@ pub struct TrainArgs {
     /// centre crops and no flips; with buckets, each image at its bucket's size).
     #[arg(long)]
     cache_latents: bool,
+    /// Keep the frozen text encoder's output for each caption under OUTPUT/text_cache/,
+    /// computed once (not with --train-text-encoder).
+    #[arg(long)]
+    cache_text_embeddings: bool,
     /// `bf16` or `f16`: the U-Net's (and a trained text encoder's) forward and backward passes
     /// in that precision on f32 weights, optimiser and loss (accelerate's --mixed_precision);
     /// f16 scales the loss dynamically and skips a step whose gradients overflow.
@@ -316,6 +320,9 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
     }
     if args.cache_latents {
         c.cache_latents = true;
+    }
+    if args.cache_text_embeddings {
+        c.cache_text_embeddings = true;
     }
     if args.train_text_encoder {
         c.train_text_encoder = true;

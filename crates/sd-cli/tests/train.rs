@@ -465,7 +465,7 @@ fn the_autoencoder_trains_resumes_and_loads_as_vae() {
 }
 
 #[test]
-fn cached_latents_train_like_encoded_ones_and_a_damaged_entry_is_recomputed() {
+fn cached_latents_and_text_embeddings_train_like_encoded_ones_and_a_damaged_entry_is_recomputed() {
     let dir = scratch("cache");
     let data = data(&dir);
     let model = common::tiny_model();
@@ -492,12 +492,20 @@ fn cached_latents_train_like_encoded_ones_and_a_damaged_entry_is_recomputed() {
     let plain = dir.join("plain");
     ok(&run(&plain, "4", &[]));
     let cached = dir.join("cached");
-    ok(&run(&cached, "4", &["--cache-latents"]));
-    let entries: Vec<PathBuf> = std::fs::read_dir(cached.join("latent_cache"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    assert_eq!(entries.len(), 3, "one entry per image: {entries:?}");
+    let caches = ["--cache-latents", "--cache-text-embeddings"];
+    ok(&run(&cached, "4", &caches));
+    let entries = |dir: &Path| -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        found.sort();
+        found
+    };
+    let latents = entries(&cached.join("latent_cache"));
+    assert_eq!(latents.len(), 3, "one entry per image: {latents:?}");
+    let texts = entries(&cached.join("text_cache"));
+    assert_eq!(texts.len(), 3, "one entry per caption: {texts:?}");
     // The same losses as encoding every step (up to the batch's rounding).
     for ((s1, a), (s2, b)) in sd_train_log(&plain)
         .iter()
@@ -509,27 +517,55 @@ fn cached_latents_train_like_encoded_ones_and_a_damaged_entry_is_recomputed() {
             "step {s1}: {a} vs {b}"
         );
     }
-    // A damaged entry is recomputed on resume, and the run ends where the first one did.
+    // A damaged entry of each cache is recomputed on resume, and the run ends where the
+    // first one did.
     let resumed = dir.join("resumed");
-    ok(&run(&resumed, "2", &["--cache-latents"]));
-    let entry = std::fs::read_dir(resumed.join("latent_cache"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let bytes = std::fs::read(&entry).unwrap();
-    std::fs::write(&entry, &bytes[..bytes.len() / 3]).unwrap();
+    ok(&run(&resumed, "2", &caches));
+    // (Every image is encoded before the first step; a caption's entry is read when the
+    // caption is first met, so the text entries the last two steps do not meet stay as left.)
+    let latent = entries(&resumed.join("latent_cache"))[0].clone();
+    let texts = entries(&resumed.join("text_cache"));
+    let damage = |entry: &Path| {
+        let bytes = std::fs::read(entry).unwrap();
+        std::fs::write(entry, &bytes[..bytes.len() / 3]).unwrap();
+        bytes
+    };
+    let latent_bytes = damage(&latent);
+    let text_bytes: Vec<Vec<u8>> = texts.iter().map(|t| damage(t)).collect();
     ok(&run(
         &resumed,
         "4",
-        &["--cache-latents", "--resume", "latest"],
+        &[
+            "--cache-latents",
+            "--cache-text-embeddings",
+            "--resume",
+            "latest",
+        ],
     ));
     assert_eq!(
-        std::fs::read(&entry).unwrap(),
-        bytes,
-        "the entry was not rewritten whole"
+        std::fs::read(&latent).unwrap(),
+        latent_bytes,
+        "the latent entry was not rewritten whole"
     );
+    let mut rewritten = 0;
+    for (entry, bytes) in texts.iter().zip(&text_bytes) {
+        let now = std::fs::read(entry).unwrap();
+        if now == *bytes {
+            rewritten += 1;
+        } else {
+            assert_eq!(now.len(), bytes.len() / 3, "{} changed", entry.display());
+        }
+    }
+    assert!(rewritten > 0, "no damaged text entry was rewritten");
+    // The text encoder must be frozen for its outputs to be kept.
+    let out = run(
+        &dir.join("trained-text"),
+        "1",
+        &["--cache-text-embeddings", "--train-text-encoder"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--cache-text-embeddings"), "{err}");
     let weights = "checkpoint-4/unet/diffusion_pytorch_model.safetensors";
     assert!(
         std::fs::read(cached.join(weights)).unwrap()

@@ -30,6 +30,9 @@ pub struct TrainConfig {
     /// Encode each image once and keep its VAE posterior under `output/latent_cache/`
     /// (needs centre crops and no flips; with buckets, each image at its bucket's size).
     pub cache_latents: bool,
+    /// Keep the frozen text encoder's output for each caption under `output/text_cache/`
+    /// (not with `train_text_encoder`, whose outputs change every step).
+    pub cache_text_embeddings: bool,
     /// Train the text encoder too (its own AdamW state, one gradient norm over both).
     pub train_text_encoder: bool,
     /// Recompute activations in the backward pass instead of keeping them all (Burn's
@@ -208,6 +211,7 @@ impl Default for TrainConfig {
             init: None,
             train_text_encoder: false,
             cache_latents: false,
+            cache_text_embeddings: false,
             gradient_checkpointing: false,
             max_steps: 1000,
             batch_size: 1,
@@ -284,6 +288,13 @@ impl TrainConfig {
         }
         if !(self.kl_weight.is_finite() && self.kl_weight >= 0.0) {
             return bad(format!("--kl-weight must be ≥ 0, got {}", self.kl_weight));
+        }
+        if self.cache_text_embeddings && self.train_text_encoder {
+            return bad(
+                "--cache-text-embeddings keeps a frozen text encoder's outputs: not with \
+                 --train-text-encoder, which changes them every step"
+                    .into(),
+            );
         }
         if self.max_steps == 0 {
             return bad("--max-steps must be at least 1".into());

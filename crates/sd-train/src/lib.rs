@@ -41,6 +41,7 @@ mod plot;
 mod precision;
 mod run;
 mod run_vae;
+mod text_cache;
 mod train_log;
 mod vae;
 

@@ -485,9 +485,12 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
 ) -> Result<PathBuf> {
     // `config` was validated by `train_unet_parallel`, the only caller.
     let root = peer.is_root();
-    if peer.world() > 1 && (config.cache_latents || config.bucket.is_some()) {
+    if peer.world() > 1
+        && (config.cache_latents || config.cache_text_embeddings || config.bucket.is_some())
+    {
         return Err(TrainError::Config(
-            "--cache-latents and aspect-ratio buckets are not supported with several devices              or nodes yet"
+            "--cache-latents, --cache-text-embeddings and aspect-ratio buckets are not \
+             supported with several devices or nodes yet"
                 .into(),
         ));
     }
@@ -706,6 +709,21 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
     } else {
         None
     };
+    let mut text_cache = match (&text, config.cache_text_embeddings) {
+        (TextEncoder::Frozen(_), true) => Some(crate::text_cache::TextCache::new(
+            &output.join("text_cache"),
+            &folder_weights_hash(&base.join("text_encoder"))?,
+            text_config.max_position_embeddings,
+            text_config.hidden_size,
+        )?),
+        (_, true) => {
+            return Err(TrainError::Config(
+                "--cache-text-embeddings needs a frozen text encoder (no --train-text-encoder)"
+                    .into(),
+            ));
+        }
+        (_, false) => None,
+    };
     let log_path = output.join("train_log.jsonl");
     // Peer 0 alone writes: the log, checkpoints, samples and the final folder.
     let mut log = if root {
@@ -867,7 +885,12 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                 .iter()
                 .map(|t| tokenizer.encode_padded(t))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            let context = text.context(&ids, config.mixed_precision)?;
+            let context = match (&mut text_cache, &text) {
+                (Some(cache), TextEncoder::Frozen(model)) => {
+                    Tensor::from_inner(cache.context(model, &ids, device)?)
+                }
+                _ => text.context(&ids, config.mixed_precision)?,
+            };
             // The draws of this micro-batch, in a fixed order: posterior, noise, offset,
             // perturbation, timesteps; each for the whole global batch, of which this peer
             // takes its rows (all of them without data parallelism).
@@ -1173,6 +1196,33 @@ fn render_samples<B: Backend>(
 }
 
 /// The first 16 hex digits of a file's SHA-256 (read in 1 MiB pieces).
+/// The weights of a component folder (every `.safetensors` file in it, by name), as
+/// [`file_hash`] names one file.
+fn folder_weights_hash(dir: &Path) -> Result<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| TrainError::Io(format!("{}: {e}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(TrainError::Io(format!(
+            "{}: no .safetensors weights in this folder",
+            dir.display()
+        )));
+    }
+    let mut hashes = String::new();
+    for file in &files {
+        hashes.push_str(&file_hash(file)?);
+    }
+    use sha2::Digest;
+    Ok(sha2::Sha256::digest(hashes.as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 fn file_hash(path: &Path) -> Result<String> {
     use sha2::Digest;
     use std::io::Read;
