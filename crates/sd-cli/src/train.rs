@@ -53,6 +53,10 @@ pub struct TrainArgs {
     batch_size: Option<usize>,
     #[arg(long, allow_negative_numbers = true)]
     learning_rate: Option<f64>,
+    /// The text encoder's base learning rate, on the same schedule (kohya's
+    /// --text_encoder_lr; default: --learning-rate).
+    #[arg(long, allow_negative_numbers = true)]
+    text_encoder_lr: Option<f64>,
     /// Square image side.
     #[arg(long)]
     resolution: Option<u32>,
@@ -254,6 +258,9 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
         devices,
         nodes
     );
+    if args.text_encoder_lr.is_some() {
+        c.text_encoder_lr = args.text_encoder_lr;
+    }
     match args.mixed_precision {
         Some(Precision::No) => c.mixed_precision = sd_train::MixedPrecision::No,
         Some(Precision::F16) => c.mixed_precision = sd_train::MixedPrecision::F16,

@@ -975,3 +975,43 @@ fn lora_training_resumes_exactly_and_its_file_loads_in_generate() {
     one_line_error(&out, &["--lora-targets nothing_here", "matches"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_text_encoder_trains_at_its_own_learning_rate() {
+    let dir = scratch("text-lr");
+    let data = data(&dir);
+    let settings = ["--learning-rate", "1e-3", "--train-text-encoder"];
+    let run = |name: &str, steps: u64, extra: &[&str]| -> PathBuf {
+        let output = dir.join(name);
+        ok(&train_with(&data, &output, steps, &settings, extra));
+        output
+    };
+    let text = |run: &Path, step: u64| {
+        tensors(&run.join(format!("checkpoint-{step}/text_encoder/model.safetensors")))
+    };
+    let unet = |run: &Path, step: u64| {
+        tensors(&run.join(format!(
+            "checkpoint-{step}/unet/diffusion_pytorch_model.safetensors"
+        )))
+    };
+    // The same rate as the U-Net's is the default's run, to the bit.
+    let default = run("default", 2, &[]);
+    let same = run("same", 2, &["--text-encoder-lr", "1e-3"]);
+    assert!(text(&default, 2) == text(&same, 2));
+    // At rate 0 the text encoder stays as it was from step to step while the U-Net trains.
+    let frozen = run("frozen", 4, &["--text-encoder-lr", "0"]);
+    assert!(text(&frozen, 2) == text(&frozen, 4));
+    assert!(unet(&frozen, 2) != unet(&frozen, 4));
+    assert!(text(&default, 2) != text(&frozen, 2));
+    let out = train_with(
+        &data,
+        &dir.join("bad"),
+        1,
+        &settings,
+        &["--text-encoder-lr", "2"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--text-encoder-lr must be in [0, 1)"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

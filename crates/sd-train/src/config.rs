@@ -46,6 +46,9 @@ pub struct TrainConfig {
     pub gradient_accumulation: usize,
     /// The base learning rate (AdamW's), in `[0, 1)`.
     pub learning_rate: f64,
+    /// The text encoder's own base learning rate (kohya's `--text_encoder_lr`), on the same
+    /// schedule; `None`: `learning_rate`.
+    pub text_encoder_lr: Option<f64>,
     /// The learning-rate schedule (diffusers' `--lr_scheduler`).
     pub lr_scheduler: LrScheduleKind,
     /// Steps of linear warm-up from 0 to `learning_rate` (ignored by `constant`).
@@ -217,6 +220,7 @@ impl Default for TrainConfig {
             batch_size: 1,
             gradient_accumulation: 1,
             learning_rate: 1e-4,
+            text_encoder_lr: None,
             lr_scheduler: LrScheduleKind::Constant,
             lr_warmup_steps: 0,
             resolution: 512,
@@ -311,14 +315,14 @@ impl TrainConfig {
                 self.gradient_accumulation
             ));
         }
-        if !(self.learning_rate.is_finite()
-            && self.learning_rate >= 0.0
-            && self.learning_rate < 1.0)
-        {
-            return bad(format!(
-                "--learning-rate must be in [0, 1), got {}",
-                self.learning_rate
-            ));
+        for (name, rate) in [
+            ("--learning-rate", Some(self.learning_rate)),
+            ("--text-encoder-lr", self.text_encoder_lr),
+        ] {
+            let Some(rate) = rate else { continue };
+            if !(rate.is_finite() && rate >= 0.0 && rate < 1.0) {
+                return bad(format!("{name} must be in [0, 1), got {rate}"));
+            }
         }
         if !(self.max_grad_norm.is_finite() && self.max_grad_norm > 0.0) {
             return bad(format!(

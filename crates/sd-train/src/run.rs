@@ -659,6 +659,14 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
         config.lr_warmup_steps,
         config.max_steps,
     )?;
+    // The text encoder's rate follows the same schedule from its own base (kohya's
+    // `--text_encoder_lr`: one scheduler over two parameter groups).
+    let text_lr = LrSchedule::new(
+        config.text_encoder_lr.unwrap_or(config.learning_rate),
+        config.lr_scheduler,
+        config.lr_warmup_steps,
+        config.max_steps,
+    )?;
     let mut order = Order::new(dataset.len(), config.seed);
     // Aspect-ratio buckets: each example's (bucket, resized size) from its header, and the
     // run's batches drawn bucket by bucket.
@@ -991,7 +999,8 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                 step + 1
             )));
         }
-        let rate = lr.lr(step - scaler.as_ref().map_or(0, GradScaler::skipped_steps));
+        let scheduled = step - scaler.as_ref().map_or(0, GradScaler::skipped_steps);
+        let (rate, text_rate) = (lr.lr(scheduled), text_lr.lr(scheduled));
         if let Some(scaler) = scaler.as_mut() {
             scaler.update(skipped);
         }
@@ -1006,14 +1015,14 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
             };
             text = match text {
                 TextEncoder::Trained { model, mut adamw } => {
-                    let model = adamw.step(model, text_grads, rate);
+                    let model = adamw.step(model, text_grads, text_rate);
                     TextEncoder::Trained { model, adamw }
                 }
                 TextEncoder::Lora {
                     mut trainee,
                     mut adamw,
                 } => {
-                    trainee.network = adamw.step(trainee.network, text_grads, rate);
+                    trainee.network = adamw.step(trainee.network, text_grads, text_rate);
                     TextEncoder::Lora { trainee, adamw }
                 }
                 frozen => frozen,
