@@ -320,7 +320,7 @@ impl TrainConfig {
             ("--text-encoder-lr", self.text_encoder_lr),
         ] {
             let Some(rate) = rate else { continue };
-            if !(rate.is_finite() && rate >= 0.0 && rate < 1.0) {
+            if !(rate.is_finite() && (0.0..1.0).contains(&rate)) {
                 return bad(format!("{name} must be in [0, 1), got {rate}"));
             }
         }
