@@ -102,6 +102,9 @@ pub fn run(args: EvalArgs) -> Result<String, String> {
         ),
     ] {
         let mut passed = 0usize;
+        // Passed and total images of one- and two-object prompts, and the failures by kind.
+        let mut by_objects = [(0usize, 0usize); 2];
+        let mut failures = std::collections::BTreeMap::<sd_shapes::Failure, usize>::new();
         let mut images = Vec::new();
         for (p, prompt) in prompts.iter().enumerate() {
             let options = GenerateOptions {
@@ -126,6 +129,15 @@ pub fn run(args: EvalArgs) -> Result<String, String> {
             for (seed, image) in rgb.iter().enumerate() {
                 let verdict = sd_shapes::check(image, prompt);
                 passed += usize::from(verdict.pass);
+                let two = prompt
+                    .parse::<sd_shapes::Prompt>()
+                    .is_ok_and(|p| p.relation().is_some());
+                let tally = &mut by_objects[usize::from(two)];
+                tally.0 += usize::from(verdict.pass);
+                tally.1 += 1;
+                if let Some(kind) = verdict.failure {
+                    *failures.entry(kind).or_default() += 1;
+                }
                 if args.grid.is_some() && p < args.grid_prompts {
                     row.push((image.clone(), verdict.pass));
                 }
@@ -150,6 +162,12 @@ pub fn run(args: EvalArgs) -> Result<String, String> {
                 "passed": passed,
                 "images": total,
                 "adherence": passed as f64 / total as f64,
+                "one_object": {"passed": by_objects[0].0, "images": by_objects[0].1},
+                "two_objects": {"passed": by_objects[1].0, "images": by_objects[1].1},
+                "failures": failures
+                    .iter()
+                    .map(|(kind, n)| (kind.name().to_string(), serde_json::json!(n)))
+                    .collect::<serde_json::Map<_, _>>(),
             }),
         );
         report.insert(kind.into(), images.into());

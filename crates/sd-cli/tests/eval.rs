@@ -37,6 +37,17 @@ fn eval_shapes_reports_every_image_and_the_adherence_of_each_kind() {
         let s = &summary["summary"][kind];
         assert_eq!(s["images"], 4, "{summary}");
         assert_eq!(s["passed"], 0, "noise passes nothing: {summary}");
+        // Every failure is counted once, by kind, and the one- and two-object prompts add up.
+        let failed: u64 = s["failures"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|n| n.as_u64().unwrap())
+            .sum();
+        assert_eq!(failed, 4, "{summary}");
+        let split = s["one_object"]["images"].as_u64().unwrap()
+            + s["two_objects"]["images"].as_u64().unwrap();
+        assert_eq!(split, 4, "{summary}");
         let images = whole["images"][kind].as_array().unwrap();
         assert_eq!(images.len(), 4);
         let held_out = images.iter().all(|i| {
@@ -44,6 +55,7 @@ fn eval_shapes_reports_every_image_and_the_adherence_of_each_kind() {
             prompt.parse::<sd_shapes::Prompt>().unwrap().is_held_out()
         });
         assert_eq!(held_out, kind == "held_out");
+        assert!(images.iter().all(|i| i["verdict"]["failure"].is_string()));
     }
     // The grid: a row per prompt (2 of each kind), the tiny model's 32x32 images drawn at
     // twice their size with a frame, side by side.

@@ -311,11 +311,61 @@ pub fn detect(image: &RgbImage) -> Vec<Detection> {
     analyse(image, &segment(image)).objects
 }
 
+/// The first thing wrong with an image that fails [`check`], in the order the checker looks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Failure {
+    /// The prompt is outside the dataset's grammar, or the image is empty.
+    Input,
+    /// Less than half of the image is white background (noise, black, a flood of colour).
+    Background,
+    /// An object in no palette colour.
+    Stray,
+    /// Not exactly one object of each named colour and nothing else.
+    Objects,
+    /// The named colours are there, one of them in the wrong shape.
+    Shape,
+    /// The right objects, in the opposite relation (`a above b` drawn as `a below b`): the
+    /// words are followed and their order is not.
+    Reversed,
+    /// The right objects, in neither the named relation nor its opposite (too close, or
+    /// further apart across the axis than along it).
+    Placement,
+}
+
+impl Failure {
+    /// Every kind, in the checker's order.
+    pub const ALL: [Failure; 7] = [
+        Failure::Input,
+        Failure::Background,
+        Failure::Stray,
+        Failure::Objects,
+        Failure::Shape,
+        Failure::Reversed,
+        Failure::Placement,
+    ];
+
+    /// Its name in reports (`input`, `background`, `stray`, `objects`, `shape`, `reversed`,
+    /// `placement`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Failure::Input => "input",
+            Failure::Background => "background",
+            Failure::Stray => "stray",
+            Failure::Objects => "objects",
+            Failure::Shape => "shape",
+            Failure::Reversed => "reversed",
+            Failure::Placement => "placement",
+        }
+    }
+}
+
 /// The checker's judgement of an image against a prompt.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Verdict {
     /// Whether the image shows exactly what the prompt says.
     pub pass: bool,
+    /// What kind of mistake it makes, for an image that fails.
+    pub failure: Option<Failure>,
     /// Why: what was found, or the first thing that is wrong.
     pub reason: String,
     /// The objects found.
@@ -323,10 +373,12 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    /// The verdict as JSON (`pass`, `reason`, `objects` with their measurements), for logs.
+    /// The verdict as JSON (`pass`, `failure`, `reason`, `objects` with their measurements),
+    /// for logs.
     pub fn to_json(&self) -> Value {
         json!({
             "pass": self.pass,
+            "failure": self.failure.map(Failure::name),
             "reason": self.reason,
             "objects": self.objects.iter().map(|d| d.to_json()).collect::<Vec<_>>(),
         })
@@ -343,10 +395,10 @@ impl Verdict {
 pub fn check(image: &RgbImage, prompt: &str) -> Verdict {
     let prompt = match prompt.parse::<Prompt>() {
         Ok(prompt) => prompt,
-        Err(e) => return verdict(false, e.to_string(), Vec::new()),
+        Err(e) => return failed(Failure::Input, e.to_string(), Vec::new()),
     };
     if image.width() == 0 || image.height() == 0 {
-        return verdict(false, "the image is empty".into(), Vec::new());
+        return failed(Failure::Input, "the image is empty".into(), Vec::new());
     }
     let labels = segment(image);
     // First, as it is cheap and decides noise, black and floods of colour outright (no objects
@@ -358,13 +410,13 @@ pub fn check(image: &RgbImage, prompt: &str) -> Verdict {
             background * 100.0,
             MIN_BACKGROUND_SHARE * 100.0
         );
-        return verdict(false, reason, Vec::new());
+        return failed(Failure::Background, reason, Vec::new());
     }
     let analysis = analyse(image, &labels);
     let objects = analysis.objects;
     if analysis.stray > 0 {
         let reason = format!("found {} object(s) in no palette colour", analysis.stray);
-        return verdict(false, reason, objects);
+        return failed(Failure::Stray, reason, objects);
     }
 
     // Each named colour exactly once and nothing else (the prompt's colours differ).
@@ -390,14 +442,14 @@ pub fn check(image: &RgbImage, prompt: &str) -> Verdict {
                 if objects.is_empty() { "" } else { ": " },
                 list(objects.iter().map(Detection::describe).collect()),
             );
-            return verdict(false, reason, objects);
+            return failed(Failure::Objects, reason, objects);
         }
     };
 
     for (spec, detection) in named.iter().zip(&found) {
         if detection.shape != Some(spec.shape) {
             let reason = format!("expected {spec}; found {}", detection.describe());
-            return verdict(false, reason, objects);
+            return failed(Failure::Shape, reason, objects);
         }
     }
 
@@ -415,10 +467,21 @@ pub fn check(image: &RgbImage, prompt: &str) -> Verdict {
                 b.shape,
                 across.abs(),
             );
-            return verdict(false, reason, objects);
+            // The opposite relation would pass: the same test read the other way.
+            let kind = if -along >= margin && -along > across.abs() {
+                Failure::Reversed
+            } else {
+                Failure::Placement
+            };
+            return failed(kind, reason, objects);
         }
     }
-    verdict(true, format!("found {prompt}"), objects)
+    Verdict {
+        pass: true,
+        failure: None,
+        reason: format!("found {prompt}"),
+        objects,
+    }
 }
 
 /// How far `first` lies from `second` in the relation's direction (negative: the other way),
@@ -433,9 +496,10 @@ fn offsets(first: (f32, f32), relation: Relation, second: (f32, f32)) -> (f32, f
     }
 }
 
-fn verdict(pass: bool, reason: String, objects: Vec<Detection>) -> Verdict {
+fn failed(failure: Failure, reason: String, objects: Vec<Detection>) -> Verdict {
     Verdict {
-        pass,
+        pass: false,
+        failure: Some(failure),
         reason,
         objects,
     }
@@ -466,6 +530,18 @@ mod tests {
     fn fails(image: &RgbImage, prompt: &str) {
         let verdict = check(image, prompt);
         assert!(!verdict.pass, "{prompt:?} passed: {}", verdict.reason);
+        assert!(verdict.failure.is_some());
+    }
+
+    fn fails_with(image: &RgbImage, prompt: &str, kind: Failure) {
+        let verdict = check(image, prompt);
+        assert_eq!(
+            verdict.failure,
+            Some(kind),
+            "{prompt:?}: {}",
+            verdict.reason
+        );
+        assert!(!verdict.pass);
     }
 
     /// Every rendered shape of every size reads as itself, with room to spare.
@@ -522,8 +598,8 @@ mod tests {
         let white = RgbImage::from_pixel(64, 64, Rgb([255, 255, 255]));
         let black = RgbImage::from_pixel(64, 64, Rgb([0, 0, 0]));
         for prompt in &prompts {
-            fails(&white, prompt);
-            fails(&black, prompt);
+            fails_with(&white, prompt, Failure::Objects);
+            fails_with(&black, prompt, Failure::Background);
         }
         let mut rng = StdRng::seed_from_u64(4);
         for i in 0..50 {
@@ -542,7 +618,12 @@ mod tests {
                 unreachable!()
             };
             for other in Relation::ALL.into_iter().filter(|&r| r != relation) {
-                fails(&image, &Prompt::Two(a, other, b).to_string());
+                let kind = if other == relation.reversed() {
+                    Failure::Reversed
+                } else {
+                    Failure::Placement
+                };
+                fails_with(&image, &Prompt::Two(a, other, b).to_string(), kind);
             }
             // The same relation read from the other object is the reverse, and true.
             let flipped = Prompt::Two(b, relation.reversed(), a).to_string();
@@ -563,7 +644,13 @@ mod tests {
                 relation,
                 ObjectSpec { colour: ca, ..b },
             );
-            fails(&image, &swap_colours.to_string());
+            // Each colour on the other's shape: with two shapes alike, the scene reversed.
+            let kind = if a.shape == b.shape {
+                Failure::Reversed
+            } else {
+                Failure::Shape
+            };
+            fails_with(&image, &swap_colours.to_string(), kind);
             if a.shape != b.shape {
                 let swap_shapes = Prompt::Two(
                     ObjectSpec {
@@ -576,27 +663,30 @@ mod tests {
                         ..b
                     },
                 );
-                fails(&image, &swap_shapes.to_string());
+                fails_with(&image, &swap_shapes.to_string(), Failure::Shape);
             }
             for colour in Colour::ALL.into_iter().filter(|&c| c != ca && c != cb) {
-                fails(
+                fails_with(
                     &image,
                     &Prompt::Two(ObjectSpec { colour, ..a }, relation, b).to_string(),
+                    Failure::Objects,
                 );
-                fails(
+                fails_with(
                     &image,
                     &Prompt::Two(a, relation, ObjectSpec { colour, ..b }).to_string(),
+                    Failure::Objects,
                 );
             }
             for shape in Shape::ALL.into_iter().filter(|&s| s != a.shape) {
-                fails(
+                fails_with(
                     &image,
                     &Prompt::Two(ObjectSpec { shape, ..a }, relation, b).to_string(),
+                    Failure::Shape,
                 );
             }
             // Naming one of the two objects is not enough: the other is an extra object.
-            fails(&image, &Prompt::One(a).to_string());
-            fails(&image, &Prompt::One(b).to_string());
+            fails_with(&image, &Prompt::One(a).to_string(), Failure::Objects);
+            fails_with(&image, &Prompt::One(b).to_string(), Failure::Objects);
         }
         let mut rng = StdRng::seed_from_u64(7);
         for _ in 0..200 {
@@ -606,10 +696,12 @@ mod tests {
             };
             let image = scene.render();
             for colour in Colour::ALL.into_iter().filter(|&c| c != a.colour) {
-                fails(&image, &Prompt::One(ObjectSpec { colour, ..a }).to_string());
+                let prompt = Prompt::One(ObjectSpec { colour, ..a }).to_string();
+                fails_with(&image, &prompt, Failure::Objects);
             }
             for shape in Shape::ALL.into_iter().filter(|&s| s != a.shape) {
-                fails(&image, &Prompt::One(ObjectSpec { shape, ..a }).to_string());
+                let prompt = Prompt::One(ObjectSpec { shape, ..a }).to_string();
+                fails_with(&image, &prompt, Failure::Shape);
             }
             // One object is not two.
             let other = ObjectSpec {
@@ -620,7 +712,8 @@ mod tests {
                 },
                 ..a
             };
-            fails(&image, &Prompt::Two(a, Relation::Above, other).to_string());
+            let prompt = Prompt::Two(a, Relation::Above, other).to_string();
+            fails_with(&image, &prompt, Failure::Objects);
         }
     }
 
@@ -635,7 +728,11 @@ mod tests {
         };
         let image = Scene::one(object).unwrap().render();
         assert!(check(&image, "a purple triangle").pass);
-        fails(&imageops::flip_vertical(&image), "a purple triangle");
+        fails_with(
+            &imageops::flip_vertical(&image),
+            "a purple triangle",
+            Failure::Shape,
+        );
     }
 
     /// A generated image is not exact: colours a little off, soft edges, specks, other sizes.
@@ -706,7 +803,7 @@ mod tests {
         };
         let mut image = Scene::one(object).unwrap().render();
         assert!(check(&image, "a red square").pass);
-        fails(&image, "a red hexagon");
+        fails_with(&image, "a red hexagon", Failure::Input);
         // A black 8×8 square far from the red one is an object the prompt does not name.
         for y in 40..48 {
             for x in 40..48 {

@@ -30,7 +30,7 @@ pub mod model;
 mod prompt;
 mod scene;
 
-pub use check::{COLOUR_TOLERANCE, Detection, Label, Verdict, check, detect, segment};
+pub use check::{COLOUR_TOLERANCE, Detection, Failure, Label, Verdict, check, detect, segment};
 pub use dataset::write_dataset;
 pub use error::{Result, ShapesError};
 pub use prompt::{
