@@ -1204,7 +1204,6 @@ fn render_samples<B: Backend>(
     Ok(dir)
 }
 
-/// The first 16 hex digits of a file's SHA-256 (read in 1 MiB pieces).
 /// The weights of a component folder (every `.safetensors` file in it, by name), as
 /// [`file_hash`] names one file.
 fn folder_weights_hash(dir: &Path) -> Result<String> {
@@ -1232,6 +1231,7 @@ fn folder_weights_hash(dir: &Path) -> Result<String> {
         .collect())
 }
 
+/// The first 16 hex digits of a file's SHA-256 (read in 1 MiB pieces).
 fn file_hash(path: &Path) -> Result<String> {
     use sha2::Digest;
     use std::io::Read;
