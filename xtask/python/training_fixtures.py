@@ -368,6 +368,132 @@ def write_vae_training_case(root: pathlib.Path, randomise_norms) -> None:
     print(f"wrote {case}: {manifest['parameters']} parameters, losses {[round(x, 4) for x in losses]}")
 
 
+# The autoencoder with the latent diffusion paper's adversarial term (its
+# `LPIPSWithDiscriminator` with the perceptual weight 0, logvar 0): a PatchGAN discriminator (the
+# `NLayerDiscriminator` of pix2pix / taming-transformers: 4x4 convolutions, BatchNorm, LeakyReLU
+# 0.2), the generator's hinge term `-mean(D(x̂))` weighted adaptively by the ratio of the
+# reconstruction's and the adversarial term's gradient norms at the decoder's last layer, from
+# `start` on; the discriminator's hinge loss on real images and on a fresh reconstruction by the
+# updated autoencoder (Lightning runs the two optimisers' steps one after the other), Adam with
+# betas (0.5, 0.9) as the paper's code. Written here from the paper's code's structure.
+VAE_GAN_SPEC = dict(objective="vae", reconstruction="l1", kl_weight=1e-3, lr=1e-3, steps=4, batch=2, max_grad_norm=50.0, weight_decay=1e-2, discriminator=dict(start=1, weight=0.5, factor=1.0, channels=8, layers=2))
+
+
+def patch_discriminator(channels: int, layers: int) -> torch.nn.Module:
+    class NLayerDiscriminator(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            seq = [torch.nn.Conv2d(3, channels, 4, 2, 1), torch.nn.LeakyReLU(0.2, True)]
+            mult = 1
+            for n in range(1, layers + 1):
+                prev, mult = mult, min(2**n, 8)
+                stride = 2 if n < layers else 1
+                seq += [torch.nn.Conv2d(channels * prev, channels * mult, 4, stride, 1, bias=False), torch.nn.BatchNorm2d(channels * mult), torch.nn.LeakyReLU(0.2, True)]
+            seq += [torch.nn.Conv2d(channels * mult, 1, 4, 1, 1)]
+            self.main = torch.nn.Sequential(*seq)
+
+        def forward(self, x):
+            return self.main(x)
+
+    d = NLayerDiscriminator()
+    for m in d.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.normal_(m.weight, 1.0, 0.02)
+            torch.nn.init.constant_(m.bias, 0)
+    return d
+
+
+def write_vae_gan_training_case(root: pathlib.Path, randomise_norms) -> None:
+    name = "vae_discriminator"
+    spec = VAE_GAN_SPEC
+    ds = spec["discriminator"]
+    case = root / "training" / name
+    if case.exists():
+        shutil.rmtree(case)
+    seed = zlib.crc32(name.encode()) % 100_000
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    randomise_norms(vae, generator)
+    vae = vae.half()
+    vae.save_pretrained(case / "vae", safe_serialization=True)
+    vae = vae.float().train()
+    disc = patch_discriminator(ds["channels"], ds["layers"]).half().float().train()
+    (case / "discriminator").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in disc.state_dict().items() if not k.endswith("num_batches_tracked")}, case / "discriminator" / "diffusion_pytorch_model.safetensors")
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=spec["lr"], betas=(0.9, 0.999), weight_decay=spec["weight_decay"], eps=1e-8)
+    optimizer_d = torch.optim.Adam(disc.parameters(), lr=spec["lr"], betas=(0.5, 0.9), eps=1e-8)
+    last_layer = vae.decoder.conv_out.weight
+    inputs, rows = {}, {k: [] for k in ["loss", "reconstruction", "kl", "g_loss", "d_weight", "d_loss", "grad_norm"]}
+    b = spec["batch"]
+    for step in range(spec["steps"]):
+        factor = ds["factor"] if step >= ds["start"] else 0.0
+        images = torch.rand(b, 3, 16, 16, generator=generator) * 2 - 1
+        posterior = vae.encode(images).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator)
+        inputs.update({f"images_{step}": images, f"noise_{step}": noise})
+        z = posterior.mean + posterior.std * noise
+        reconstructed = vae.decode(z).sample
+        rec = (images - reconstructed).abs().sum() / b
+        kl = posterior.kl().sum() / b
+        for p in disc.parameters():
+            p.requires_grad_(False)
+        g_loss = -disc(reconstructed).mean()
+        rec_grads = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
+        g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+        d_weight = torch.clamp(torch.norm(rec_grads) / (torch.norm(g_grads) + 1e-4), 0.0, 1e4).detach() * ds["weight"]
+        loss = rec + spec["kl_weight"] * kl + d_weight * factor * g_loss
+        loss.backward()
+        rows["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(vae.parameters(), spec["max_grad_norm"])))
+        optimizer.step()
+        optimizer.zero_grad()
+        for p in disc.parameters():
+            p.requires_grad_(True)
+        d_loss = torch.zeros(())
+        if factor > 0:
+            noise2 = torch.randn(posterior.mean.shape, generator=generator)
+            inputs[f"discriminator_noise_{step}"] = noise2
+            with torch.no_grad():
+                posterior2 = vae.encode(images).latent_dist
+                fake = vae.decode(posterior2.mean + posterior2.std * noise2).sample
+            logits_real, logits_fake = disc(images), disc(fake)
+            d_loss = factor * 0.5 * (torch.relu(1.0 - logits_real).mean() + torch.relu(1.0 + logits_fake).mean())
+            d_loss.backward()
+        # Before `start` Lightning still steps the discriminator's optimiser on the zero loss:
+        # zero gradients, so its moments and weights stay, and its step count goes on.
+        for p in disc.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        optimizer_d.step()
+        optimizer_d.zero_grad()
+        for k, v in [("loss", loss), ("reconstruction", rec), ("kl", kl), ("g_loss", g_loss), ("d_weight", d_weight * factor), ("d_loss", d_loss)]:
+            rows[k].append(float(v.detach()))
+    final = {}
+    for n, p in vae.named_parameters():
+        final[f"weight.{n}"] = p.detach()
+        final[f"exp_avg.{n}"] = optimizer.state[p]["exp_avg"]
+        final[f"exp_avg_sq.{n}"] = optimizer.state[p]["exp_avg_sq"]
+    for n, p in disc.named_parameters():
+        final[f"discriminator.weight.{n}"] = p.detach()
+        final[f"discriminator.exp_avg.{n}"] = optimizer_d.state[p]["exp_avg"]
+        final[f"discriminator.exp_avg_sq.{n}"] = optimizer_d.state[p]["exp_avg_sq"]
+    reference = {k: torch.tensor(v, dtype=torch.float64) for k, v in rows.items()}
+    save_file({k: v.contiguous() for k, v in inputs.items()}, case / "inputs.safetensors")
+    save_file({k: v.contiguous() for k, v in reference.items()}, case / "reference.safetensors")
+    save_file({k: v.contiguous().float() for k, v in final.items()}, case / "final.safetensors")
+    manifest = {
+        "kind": "training",
+        "reference": f"diffusers {diffusers.__version__} AutoencoderKL, the latent diffusion first-stage objective with its PatchGAN discriminator (hinge loss, adaptive weight), torch {torch.__version__}",
+        "parameters": sum(p.numel() for p in vae.parameters()) + sum(p.numel() for p in disc.parameters()),
+        "tolerance": 1e-5,
+        **spec,
+    }
+    (case / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"wrote {case}: {manifest['parameters']} parameters, losses {[round(x, 4) for x in rows['loss']]}, d losses {[round(x, 4) for x in rows['d_loss']]}")
+
+
 # LoRA training (`sd train unet --lora-rank`): the U-Net frozen, PEFT's LoRA layers trained
 # as diffusers' `train_text_to_image_lora.py` does (`unet.add_adapter(LoraConfig(...))`, AdamW over
 # the trainable parameters alone, the same loss), and, in the second case, the text encoder's
@@ -532,4 +658,5 @@ def write_training_cases(root: pathlib.Path, randomise_norms) -> None:
     for name, spec in sorted(CASES.items()):
         write_training_case(root, name, spec, randomise_norms)
     write_vae_training_case(root, randomise_norms)
+    write_vae_gan_training_case(root, randomise_norms)
     write_lora_training_cases(root, randomise_norms)

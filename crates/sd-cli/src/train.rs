@@ -103,6 +103,14 @@ pub struct TrainArgs {
     /// `sd train vae`: the KL term's weight (default 1e-6).
     #[arg(long, allow_negative_numbers = true)]
     kl_weight: Option<f64>,
+    /// `sd train vae`: add the latent diffusion paper's adversarial term against a patch
+    /// discriminator from this step on (the paper: 50001); before it, reconstruction and KL
+    /// alone.
+    #[arg(long)]
+    discriminator_start: Option<u64>,
+    /// `sd train vae`: the adversarial term's weight, times its adaptive weight (default 0.5).
+    #[arg(long, allow_negative_numbers = true)]
+    discriminator_weight: Option<f64>,
     /// `sd train vae`: at the end, set scaling_factor to 1 / the latents' standard deviation.
     #[arg(long)]
     fit_scaling_factor: bool,
@@ -285,6 +293,15 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
     }
     if args.kl_weight.is_some() {
         c.kl_weight = args.kl_weight.unwrap_or_default();
+    }
+    if args.discriminator_start.is_some() || args.discriminator_weight.is_some() {
+        let d = c.discriminator.get_or_insert_with(Default::default);
+        if let Some(start) = args.discriminator_start {
+            d.start = start;
+        }
+        if let Some(weight) = args.discriminator_weight {
+            d.weight = weight;
+        }
     }
     if args.caption_column.is_some() {
         c.caption_column = args.caption_column.clone();

@@ -464,6 +464,110 @@ fn the_autoencoder_trains_resumes_and_loads_as_vae() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `sd train vae` with the latent diffusion paper's discriminator: it joins at its start
+/// (set in train.toml, its weight by flag), the log shows its loss from then on, and runs
+/// interrupted before and after the start resume to the straight run's weights, discriminator
+/// and moments, byte for byte.
+#[test]
+fn the_discriminator_joins_at_its_start_and_resumes_exactly() {
+    let dir = scratch("vae-discriminator");
+    let data = data(&dir);
+    let model = common::tiny_model();
+    let toml = dir.join("train.toml");
+    std::fs::write(
+        &toml,
+        "[discriminator]\nstart = 2\nchannels = 8\nlayers = 2\n",
+    )
+    .unwrap();
+    let run = |output: &Path, steps: &str, extra: &[&str]| {
+        let mut cmd = Command::new(SD);
+        cmd.args(["train", "vae", "--data"])
+            .arg(&data)
+            .arg("--output")
+            .arg(output)
+            .arg("--model")
+            .arg(&model)
+            .arg("--config")
+            .arg(&toml)
+            .args(["--max-steps", steps, "--batch-size", "2"])
+            .args(["--checkpoint-every", "1", "--learning-rate", "1e-3"])
+            .args(["--discriminator-weight", "0.8", "--random-flip", "-q"])
+            .args(extra);
+        cmd.output().unwrap()
+    };
+    let straight = dir.join("straight");
+    ok(&run(&straight, "4", &["--resolution", "32"]));
+    let resumed = dir.join("resumed");
+    ok(&run(&resumed, "1", &["--resolution", "32"]));
+    ok(&run(
+        &resumed,
+        "3",
+        &["--resolution", "32", "--resume", "latest"],
+    ));
+    ok(&run(
+        &resumed,
+        "4",
+        &["--resolution", "32", "--resume", "latest"],
+    ));
+    for file in [
+        "vae/diffusion_pytorch_model.safetensors",
+        "discriminator/diffusion_pytorch_model.safetensors",
+        "checkpoint-4/optimizer/discriminator/exp_avg_sq.safetensors",
+        "checkpoint-4/optimizer/exp_avg/diffusion_pytorch_model.safetensors",
+    ] {
+        assert!(
+            std::fs::read(straight.join(file)).unwrap()
+                == std::fs::read(resumed.join(file)).unwrap(),
+            "{file} differs after resume"
+        );
+    }
+    let log = std::fs::read_to_string(straight.join("train_log.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for (i, line) in lines.iter().enumerate() {
+        let d = &line["discriminator_loss"];
+        let w = &line["adversarial_weight"];
+        if i < 2 {
+            assert!(d.is_null() && w.is_null(), "step {}: {line}", i + 1);
+        } else {
+            assert!(d.as_f64().unwrap() > 0.0, "step {}: {line}", i + 1);
+            assert!(w.as_f64().unwrap() > 0.0, "step {}: {line}", i + 1);
+        }
+    }
+    // The discriminator's weights moved from their start.
+    let read = |p: &Path| sd::core::weights::SafetensorsFile::open(p).unwrap();
+    let f32 = burn::tensor::DType::F32;
+    let (early, late) = (
+        read(&straight.join("checkpoint-2/discriminator/diffusion_pytorch_model.safetensors")),
+        read(&straight.join("discriminator/diffusion_pytorch_model.safetensors")),
+    );
+    assert!(
+        early.tensor_data("main.0.weight", f32).unwrap()
+            != late.tensor_data("main.0.weight", f32).unwrap()
+    );
+    // Images too small for its patches: one line naming the setting.
+    let out = run(&dir.join("small"), "1", &["--resolution", "8"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--resolution 8")
+            && err.contains("discriminator")
+            && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    // Not part of the U-Net's objective: refused there, not ignored.
+    let out = train(&data, &dir.join("unet"), 1, &["--discriminator-start", "0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("sd train vae") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn cached_latents_and_text_embeddings_train_like_encoded_ones_and_a_damaged_entry_is_recomputed() {
     let dir = scratch("cache");

@@ -99,13 +99,17 @@ impl<B: Backend> Decoder<B> {
     /// `z`: latents `[batch, latent_channels, h, w]` after `post_quant_conv`; returns the image
     /// `[batch, out_channels, f·h, f·w]`, `f` the upsampling factor.
     pub fn forward(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
+        conv2d_forward(&self.conv_out, self.features(z))
+    }
+
+    /// What `conv_out` reads: everything before it, the last GroupNorm and SiLU included.
+    /// Training needs it apart where a loss is weighed by its gradient at `conv_out`'s weight
+    /// (the latent diffusion autoencoder's adaptive adversarial weight).
+    pub fn features(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
         let x = conv2d_forward(&self.conv_in, z);
         let x = self.mid_block.forward(x, None);
         let x = self.up_blocks.iter().fold(x, |x, block| block.forward(x));
-        conv2d_forward(
-            &self.conv_out,
-            sd_core::layers::group_norm_silu_2d(&self.conv_norm_out, x),
-        )
+        sd_core::layers::group_norm_silu_2d(&self.conv_norm_out, x)
     }
 }
 
@@ -231,11 +235,17 @@ impl<B: Backend> VaeDecoder<B> {
 
     /// The decoder without input checks (for training loops).
     pub fn forward(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
+        conv2d_forward(&self.decoder.conv_out, self.features(latents))
+    }
+
+    /// [`Self::forward`] up to the input of the last convolution (`decoder.conv_out`), which
+    /// maps it to the image.
+    pub fn features(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
         let z = match &self.post_quant_conv {
             Some(conv) => conv2d_forward(conv, latents),
             None => latents,
         };
-        self.decoder.forward(z)
+        self.decoder.features(z)
     }
 
     fn check(&self, latents: &Tensor<B, 4>) -> Result<()> {

@@ -81,6 +81,23 @@ impl<B: Backend> AdamW<B> {
         })
     }
 
+    /// A fresh optimiser that has counted `steps` steps on all-zero gradients, as torch's does
+    /// when a loss weighted by 0 is stepped (Lightning steps the latent diffusion
+    /// discriminator's optimiser every batch, its loss 0 before `disc_start`). With weight
+    /// decay 0 such steps leave the moments and weights as they were; only the count, and so
+    /// the later bias corrections, move.
+    pub fn after_zero_steps(config: AdamWConfig, steps: u64) -> Result<Self> {
+        if config.weight_decay != 0.0 {
+            return Err(TrainError::Config(
+                "steps on zero gradients change the weights when weight decay is not 0".into(),
+            ));
+        }
+        Ok(Self {
+            step: steps,
+            ..Self::new(config)?
+        })
+    }
+
     /// The hyper-parameters.
     pub fn config(&self) -> &AdamWConfig {
         &self.config

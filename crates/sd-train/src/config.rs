@@ -96,6 +96,10 @@ pub struct TrainConfig {
     pub reconstruction: crate::vae::Reconstruction,
     /// `sd train vae`: the KL term's weight (the latent diffusion paper's 1e-6).
     pub kl_weight: f64,
+    /// `sd train vae`: the latent diffusion paper's adversarial term against a patch
+    /// discriminator, from `start` on (`--discriminator-start`); `None` trains on
+    /// reconstruction and KL alone.
+    pub discriminator: Option<crate::discriminator::DiscriminatorConfig>,
     /// Prompts rendered (fixed seed, the model's own sampler) into `samples/step-<n>/` every
     /// `validation_every` steps and at the end, to watch training.
     pub validation_prompts: Vec<String>,
@@ -242,6 +246,7 @@ impl Default for TrainConfig {
             ema_decay: None,
             reconstruction: crate::vae::Reconstruction::L1,
             kl_weight: 1e-6,
+            discriminator: None,
             fit_scaling_factor: false,
             decoder_only: false,
             validation_prompts: Vec::new(),
@@ -292,6 +297,9 @@ impl TrainConfig {
         }
         if !(self.kl_weight.is_finite() && self.kl_weight >= 0.0) {
             return bad(format!("--kl-weight must be ≥ 0, got {}", self.kl_weight));
+        }
+        if let Some(d) = &self.discriminator {
+            d.validate()?;
         }
         if self.cache_text_embeddings && self.train_text_encoder {
             return bad(

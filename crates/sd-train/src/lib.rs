@@ -16,7 +16,8 @@
 //! - [`Ema`]: diffusers' `EMAModel` (its decay rule and warm-up form).
 //! - [`DenoisingObjective`]: the loss of `train_text_to_image.py` (ε, v or x₀ targets,
 //!   Min-SNR-γ weighting, input perturbation).
-//! - [`VaeObjective`]: the autoencoder's reconstruction + KL objective.
+//! - [`VaeObjective`]: the autoencoder's reconstruction + KL objective, optionally with the
+//!   adversarial term of a [`PatchDiscriminator`].
 //! - [`MixedPrecision`]: forward and backward passes in bf16 or f16 on f32 weights.
 //! - [`GradScaler`]: `torch.amp.GradScaler`'s dynamic loss scaling, which f16 needs.
 //! - [`Peer`]: data-parallel training on `burn-collective` (gradients averaged across
@@ -26,6 +27,7 @@
 mod adamw;
 pub mod checkpoint;
 mod config;
+mod discriminator;
 mod ema;
 mod error;
 mod grad_scaler;
@@ -62,6 +64,10 @@ pub fn stop_requested() -> bool {
     STOP.load(std::sync::atomic::Ordering::SeqCst)
 }
 pub use config::{LoraConfig, TrainConfig};
+pub use discriminator::{
+    DiscriminatorBlock, DiscriminatorConfig, PatchDiscriminator, discriminator_hinge_loss,
+    generator_hinge_loss,
+};
 pub use ema::{Ema, EmaConfig};
 pub use error::{Result, TrainError};
 pub use grad_scaler::{GradScaler, GradScalerConfig, GradScalerState};
@@ -76,4 +82,4 @@ pub use precision::{MixedPrecision, to_dtype};
 pub use run::{Event, Resume, train_unet, train_unet_parallel};
 pub use run_vae::train_vae;
 pub use train_log::{StepLog, read_log};
-pub use vae::{Reconstruction, VaeLosses, VaeObjective};
+pub use vae::{AdversarialLosses, Reconstruction, VaeLosses, VaeObjective};

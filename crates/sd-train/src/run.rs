@@ -441,6 +441,13 @@ pub fn train_unet_parallel<B: Backend, C: CheckpointStrategy>(
     parallel: &ParallelConfig,
 ) -> Result<PathBuf> {
     config.validate()?;
+    if config.discriminator.is_some() {
+        return Err(TrainError::Config(
+            "the discriminator (--discriminator-start, `discriminator` in train.toml) is part \
+             of `sd train vae`'s objective, not the U-Net's"
+                .into(),
+        ));
+    }
     let (devices, nodes) = (config.devices, config.nodes);
     if devices * nodes == 1 {
         return run_unet::<B, C>(config, resume, device, events, &Peer::single());
@@ -1039,6 +1046,8 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
             time: started.elapsed().as_secs_f64(),
             loss_scale,
             skipped,
+            adversarial_weight: None,
+            discriminator_loss: None,
         };
         if let Some(log) = log.as_mut() {
             writeln!(log, "{}", serde_json::to_string(&entry).unwrap_or_default())

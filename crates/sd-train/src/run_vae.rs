@@ -19,11 +19,12 @@ use sd_encoder::VaeEncoder;
 
 use crate::checkpoint::{TrainingState, read_state, write_checkpoint};
 use crate::config::TrainConfig;
+use crate::discriminator::{PatchDiscriminator, discriminator_hinge_loss};
 use crate::error::{Result, TrainError};
 use crate::run::{Event, Resume, first_restorable, open_dataset, prepare_output, step_rng};
 use crate::train_log::{StepLog, keep_log};
 use crate::vae::VaeObjective;
-use crate::{AdamW, Gradients, LrSchedule};
+use crate::{AdamW, AdamWConfig, Gradients, LrSchedule};
 
 fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Io(format!("{}: {e}", path.display()))
@@ -120,8 +121,36 @@ fn vae_config_dir(config: &TrainConfig) -> Result<(PathBuf, bool)> {
 
 type Halves<B> = (VaeEncoder<B>, VaeDecoder<B>);
 
-/// What a checkpoint restores: where the run stood, both halves and their optimisers.
-type Restored<B, C> = (TrainingState, Halves<Autodiff<B, C>>, AdamW<B>, AdamW<B>);
+/// The discriminator with its optimiser, where the run has one.
+type Critic<B, C> = Option<(PatchDiscriminator<Autodiff<B, C>>, AdamW<B>)>;
+
+/// What a checkpoint restores: where the run stood, both halves and their optimisers, and the
+/// discriminator with its own.
+type Restored<B, C> = (
+    TrainingState,
+    Halves<Autodiff<B, C>>,
+    AdamW<B>,
+    AdamW<B>,
+    Critic<B, C>,
+);
+
+/// The discriminator's optimiser: Adam with β (0.5, 0.9), as the latent diffusion code's
+/// `opt_disc`, at the run's learning rate.
+const DISCRIMINATOR_ADAM: AdamWConfig = AdamWConfig {
+    beta1: 0.5,
+    beta2: 0.9,
+    epsilon: 1e-8,
+    weight_decay: 0.0,
+};
+
+/// Where a checkpoint keeps the discriminator and its moments.
+fn discriminator_files(dir: &Path) -> [PathBuf; 3] {
+    [
+        dir.join("discriminator/diffusion_pytorch_model.safetensors"),
+        dir.join("optimizer/discriminator/exp_avg.safetensors"),
+        dir.join("optimizer/discriminator/exp_avg_sq.safetensors"),
+    ]
+}
 
 /// Trains the autoencoder of `config.model` (or a random one from `config.init`) on
 /// `config.data`; returns the trained `vae/` folder (`output/vae`).
@@ -147,6 +176,16 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
              supported by `sd train vae` yet: it trains in f32"
                 .into(),
         ));
+    }
+    if let Some(d) = &config.discriminator
+        && (config.resolution as usize) < d.min_side()
+    {
+        return Err(TrainError::Config(format!(
+            "--resolution {} is smaller than the {}-layer discriminator's smallest input, {} px",
+            config.resolution,
+            d.layers,
+            d.min_side()
+        )));
     }
     let transform = Transform {
         resolution: config.resolution,
@@ -185,11 +224,32 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
         let (ve, vd) = load_inner(&dir.join("optimizer/exp_avg_sq"))?;
         let ae = AdamW::from_moment_modules(config.adam, state.step, &me, &ve)?;
         let ad = AdamW::from_moment_modules(config.adam, state.step, &md, &vd)?;
-        Ok((state, halves, ae, ad))
+        let critic = match &config.discriminator {
+            None => None,
+            Some(d) => {
+                let [weights, m, v] = discriminator_files(dir);
+                let template = || PatchDiscriminator::<B>::new(d, device);
+                let disc = PatchDiscriminator::new(d, device)?.load(&weights)?;
+                // Before its first step the optimiser has no moments; it counts the steps
+                // on zero gradients when it takes one.
+                let adam = if state.step <= d.start {
+                    AdamW::new(DISCRIMINATOR_ADAM)?
+                } else {
+                    AdamW::from_moment_modules(
+                        DISCRIMINATOR_ADAM,
+                        state.step,
+                        &template()?.load(&m)?,
+                        &template()?.load(&v)?,
+                    )?
+                };
+                Some((disc, adam))
+            }
+        };
+        Ok((state, halves, ae, ad, critic))
     };
     let restored = first_restorable(output, resume.as_ref(), config, events, restore, |r| &r.0)?;
-    let (start, (mut encoder, mut decoder), mut adam_e, mut adam_d) = match restored {
-        Some((state, halves, ae, ad)) => (state.step, halves, ae, ad),
+    let (start, (mut encoder, mut decoder), mut adam_e, mut adam_d, mut critic) = match restored {
+        Some((state, halves, ae, ad, critic)) => (state.step, halves, ae, ad, critic),
         None => {
             let halves = if from_scratch {
                 // Random initial weights from the run's seed.
@@ -201,11 +261,23 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
             } else {
                 load(&vae_dir)?
             };
+            // The discriminator's random weights, from the seed whatever the halves came from.
+            let critic = match &config.discriminator {
+                None => None,
+                Some(d) => {
+                    <Autodiff<B, C> as Backend>::seed(device, config.seed.wrapping_add(1));
+                    Some((
+                        PatchDiscriminator::new(d, device)?,
+                        AdamW::new(DISCRIMINATOR_ADAM)?,
+                    ))
+                }
+            };
             (
                 0,
                 halves,
                 AdamW::new(config.adam)?,
                 AdamW::new(config.adam)?,
+                critic,
             )
         }
     };
@@ -239,7 +311,8 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
                 encoder: &VaeEncoder<Autodiff<B, C>>,
                 decoder: &VaeDecoder<Autodiff<B, C>>,
                 adam_e: &AdamW<B>,
-                adam_d: &AdamW<B>|
+                adam_d: &AdamW<B>,
+                critic: &Critic<B, C>|
      -> Result<PathBuf> {
         let state = TrainingState {
             step,
@@ -254,6 +327,18 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
             let (md, vd) = adam_d.moment_modules(&d)?;
             write_vae(&me, &md, &vae_config, &dir.join("optimizer/exp_avg"))?;
             write_vae(&ve, &vd, &vae_config, &dir.join("optimizer/exp_avg_sq"))?;
+            if let Some((disc, adam)) = critic {
+                let [weights, m, v] = discriminator_files(dir);
+                for file in [&weights, &m] {
+                    let parent = file.parent().unwrap_or(dir);
+                    std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+                }
+                let disc = disc.valid();
+                disc.save(&weights)?;
+                let (first, second) = adam.moment_modules(&disc)?;
+                first.save(&m)?;
+                second.save(&v)?;
+            }
             Ok(())
         })
     };
@@ -266,6 +351,13 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
     for step in start..config.max_steps {
         let (mut ge, mut gd) = (Gradients::<B>::new(), Gradients::<B>::new());
         let mut loss_sum = 0.0;
+        // From its start, the adversarial term: the step's factor and weight.
+        let adversarial = config
+            .discriminator
+            .filter(|d| step >= d.start && d.factor > 0.0);
+        let mut adversarial_weight = 0.0;
+        // Each micro-batch's images and second posterior draw, for the discriminator's step.
+        let mut seen = Vec::new();
         for micro in 0..accumulation {
             let mut images = Vec::with_capacity(batch * 3 * side * side);
             for j in 0..batch as u64 {
@@ -287,8 +379,28 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
                 &mut rng,
                 device,
             );
-            let losses = objective.losses(&encoder, &decoder, images, noise)?;
-            let value: f64 = losses.total.clone().into_scalar().elem();
+            let (value, to_minimise) = match (&adversarial, &critic) {
+                (Some(d), Some((disc, _))) => {
+                    let shape = noise.dims();
+                    let losses = objective.adversarial_losses(
+                        &encoder,
+                        &decoder,
+                        disc,
+                        d.weight,
+                        d.factor,
+                        images.clone(),
+                        noise,
+                    )?;
+                    adversarial_weight += losses.adversarial_weight / accumulation as f64;
+                    let second = host_noise::<B, 4>(shape, &mut rng, device);
+                    seen.push((images.inner(), second));
+                    (losses.total, losses.objective)
+                }
+                _ => {
+                    let losses = objective.losses(&encoder, &decoder, images, noise)?;
+                    (losses.total.clone().into_scalar().elem(), losses.total)
+                }
+            };
             if !value.is_finite() {
                 return Err(TrainError::NonFinite(format!(
                     "step {}: the loss is {value}: training stopped",
@@ -296,7 +408,7 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
                 )));
             }
             loss_sum += value;
-            let mut backward = losses.total.div_scalar(accumulation as f64).backward();
+            let mut backward = to_minimise.div_scalar(accumulation as f64).backward();
             if !config.decoder_only {
                 ge.accumulate(&encoder, &mut backward);
             }
@@ -315,6 +427,29 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
             encoder = adam_e.step(encoder, ge, rate);
         }
         decoder = adam_d.step(decoder, gd, rate);
+        let mut discriminator_loss = None;
+        if let (Some(d), Some((disc, adam))) = (&adversarial, &mut critic) {
+            let (loss, grads) = discriminator_step(
+                disc,
+                &encoder.valid(),
+                &decoder.valid(),
+                seen,
+                d.factor,
+                accumulation,
+                device,
+            )?;
+            if !loss.is_finite() {
+                return Err(TrainError::NonFinite(format!(
+                    "step {}: the discriminator's loss is {loss}: training stopped",
+                    step + 1
+                )));
+            }
+            if adam.steps() < step {
+                *adam = AdamW::after_zero_steps(DISCRIMINATOR_ADAM, step)?;
+            }
+            *disc = adam.step(disc.clone(), grads, rate);
+            discriminator_loss = Some(loss);
+        }
         let entry = StepLog {
             step: step + 1,
             loss: loss_sum / accumulation as f64,
@@ -323,6 +458,8 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
             time: started.elapsed().as_secs_f64(),
             loss_scale: None,
             skipped: false,
+            adversarial_weight: adversarial.map(|_| adversarial_weight),
+            discriminator_loss,
         };
         writeln!(log, "{}", serde_json::to_string(&entry).unwrap_or_default())
             .and_then(|()| log.flush())
@@ -332,7 +469,7 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
         let due = config.checkpoint_every > 0 && done % config.checkpoint_every == 0;
         let stop = crate::stop_requested();
         if due || done == config.max_steps || stop {
-            let path = save(done, &encoder, &decoder, &adam_e, &adam_d)?;
+            let path = save(done, &encoder, &decoder, &adam_e, &adam_d, &critic)?;
             events(Event::Checkpoint(path.clone()));
             if stop && done < config.max_steps {
                 return Err(TrainError::Stopped {
@@ -354,10 +491,48 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
         )));
     }
     write_vae(&encoder, &decoder, &vae_config, &out)?;
+    // Beside the VAE, so that a later run can take the discriminator up again.
+    if let Some((disc, _)) = &critic {
+        let [weights, ..] = discriminator_files(output);
+        let parent = weights.parent().unwrap_or(output);
+        std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+        disc.valid().save(&weights)?;
+    }
     crate::plot::plot_loss(
         &crate::train_log::read_log(&log_path)?,
         "sd train vae",
         &output.join("loss.png"),
     )?;
     Ok(out)
+}
+
+/// The discriminator's half of a step, as the latent diffusion code's second optimiser runs
+/// it after the autoencoder's update: each micro-batch reconstructed again by the updated
+/// autoencoder (a fresh posterior draw, no gradient), both real and reconstructed images
+/// scored (BatchNorm on each batch alone), the hinge loss times `factor`; returns the mean
+/// loss and the discriminator's gradients.
+fn discriminator_step<B: Backend, C: CheckpointStrategy>(
+    disc: &PatchDiscriminator<Autodiff<B, C>>,
+    encoder: &VaeEncoder<B>,
+    decoder: &VaeDecoder<B>,
+    seen: Vec<(Tensor<B, 4>, Tensor<B, 4>)>,
+    factor: f64,
+    accumulation: u64,
+    device: &B::Device,
+) -> Result<(f64, Gradients<B>)> {
+    let mut grads = Gradients::<B>::new();
+    let mut sum = 0.0;
+    for (images, noise) in seen {
+        let fake = decoder.forward(encoder.encode(images.clone())?.sample(noise));
+        let real = Tensor::<Autodiff<B, C>, 4>::from_inner(images);
+        let fake = Tensor::<Autodiff<B, C>, 4>::from_inner(fake);
+        let loss =
+            discriminator_hinge_loss(disc.forward(real), disc.forward(fake)).mul_scalar(factor);
+        let value: f64 = loss.clone().into_scalar().elem();
+        sum += value;
+        let mut backward = loss.div_scalar(accumulation as f64).backward();
+        grads.accumulate(disc, &mut backward);
+    }
+    let _ = device;
+    Ok((sum / accumulation as f64, grads))
 }

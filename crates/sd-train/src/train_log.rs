@@ -27,6 +27,13 @@ pub struct StepLog {
     /// skipped (weights and learning-rate schedule unchanged).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
+    /// `sd train vae` with a discriminator, from its start: the adversarial term's weight
+    /// (factor × weight × the adaptive ratio; the mean over micro-batches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adversarial_weight: Option<f64>,
+    /// `sd train vae` with a discriminator, from its start: the discriminator's hinge loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discriminator_loss: Option<f64>,
 }
 
 /// serde_json writes a non-finite number as `null`; read it back as NaN.
