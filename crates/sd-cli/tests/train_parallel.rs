@@ -248,3 +248,65 @@ fn a_node_killed_mid_run_stops_the_other_with_one_line() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The sorted file names of a folder.
+fn names(dir: &Path) -> Vec<String> {
+    let mut all: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    all.sort();
+    all
+}
+
+/// With `--cache-latents` and `--cache-text-embeddings` the peers fill the caches together
+/// (each encodes its share of the images, then every peer reads them all) and still train as
+/// one process with their batches together; a node whose output folder is its own encodes the
+/// rest of its latent cache itself.
+#[test]
+fn peers_fill_the_caches_together_and_train_as_one_process() {
+    let dir = scratch("caches");
+    let data = data(&dir);
+    let caches = ["--cache-latents", "--cache-text-embeddings"];
+    let single = dir.join("single");
+    ok(&command(&data, &single, 4, 3, &caches).output().unwrap());
+    let threads = dir.join("threads");
+    ok(&command(
+        &data,
+        &threads,
+        2,
+        3,
+        &[&caches[..], &["--devices", "2"]].concat(),
+    )
+    .output()
+    .unwrap());
+    same_training(&threads, &single);
+    for cache in ["latent_cache", "text_cache"] {
+        assert_eq!(
+            names(&threads.join(cache)),
+            names(&single.join(cache)),
+            "{cache}"
+        );
+    }
+    assert_eq!(names(&single.join("latent_cache")).len(), 5);
+
+    let address = format!("127.0.0.1:{}", free_port());
+    let nodes = dir.join("nodes");
+    let other = dir.join("nodes-1");
+    let mut cmd = |out: &Path, rank: usize| {
+        let mut c = node(&data, out, rank, 3, &address);
+        c.args(caches);
+        c
+    };
+    let second = cmd(&other, 1).spawn().unwrap();
+    let first = cmd(&nodes, 0).output().unwrap();
+    let second = second.wait_with_output().unwrap();
+    ok(&first);
+    ok(&second);
+    same_training(&nodes, &single);
+    assert_eq!(
+        names(&other.join("latent_cache")),
+        names(&single.join("latent_cache"))
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -154,7 +154,11 @@ where
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "output".into());
-    let partial = output_dir(path).join(format!(".{name}.{}.partial", std::process::id()));
+    // The process and a per-process count: two threads writing the same path (peers filling
+    // one cache) each write their own partial file, and the last rename wins whole.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let partial = output_dir(path).join(format!(".{name}.{}.{n}.partial", std::process::id()));
     let fail = |reason: String| CoreError::io(path, std::io::Error::other(reason));
     let result = (|| -> std::result::Result<(), String> {
         // `create_new`: never open (and truncate) something that appeared in the meantime.

@@ -123,7 +123,10 @@ impl LatentCache {
     /// Fills the cache for every image of `dataset` under `dir`: reads the entries that are
     /// there and whole, encodes (and writes) the others. `size_of(i)` is the crop of the
     /// dataset's `i`-th example. `vae_hash` names the encoder's weights, so that another VAE
-    /// never reuses these entries.
+    /// never reuses these entries. With `share = Some((rank, world))` only every `world`-th
+    /// image from the `rank`-th is taken (data-parallel peers filling one cache together
+    /// before each reads all of it).
+    #[allow(clippy::too_many_arguments)]
     pub fn build<B: Backend>(
         dataset: &Dataset,
         transform: &Transform,
@@ -131,6 +134,7 @@ impl LatentCache {
         (encoder, latent_channels, vae_hash): (&VaeEncoder<B>, usize, &str),
         dir: &Path,
         device: &B::Device,
+        share: Option<(usize, usize)>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         if !transform.center_crop || transform.random_flip {
@@ -152,6 +156,14 @@ impl LatentCache {
             .collect();
         images.sort_by(|a, b| a.0.cmp(b.0));
         images.dedup_by(|a, b| a.0 == b.0);
+        if let Some((rank, world)) = share {
+            images = images
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| i % world.max(1) == rank)
+                .map(|(_, image)| image)
+                .collect();
+        }
         let mut entries = HashMap::new();
         let total = images.len();
         for (i, (image, size)) in images.into_iter().enumerate() {

@@ -492,13 +492,9 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
 ) -> Result<PathBuf> {
     // `config` was validated by `train_unet_parallel`, the only caller.
     let root = peer.is_root();
-    if peer.world() > 1
-        && (config.cache_latents || config.cache_text_embeddings || config.bucket.is_some())
-    {
+    if peer.world() > 1 && config.bucket.is_some() {
         return Err(TrainError::Config(
-            "--cache-latents, --cache-text-embeddings and aspect-ratio buckets are not \
-             supported with several devices or nodes yet"
-                .into(),
+            "aspect-ratio buckets are not supported with several devices or nodes yet".into(),
         ));
     }
     let transform = Transform {
@@ -706,19 +702,39 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                 events(Event::Caching { done, total });
             }
         };
+        let size_of = |i: usize| match &buckets {
+            Some((assigned, _)) => {
+                let (bucket, resized) = assigned[i];
+                crate::CacheSize::Bucket { bucket, resized }
+            }
+            None => crate::CacheSize::Square,
+        };
+        let vae = (&encoder, model.vae_config().latent_channels, vae_hash.as_str());
+        let dir = output.join("latent_cache");
+        // Several peers: each encodes its share first; once all have, each reads the whole
+        // cache (and encodes what is missing, where nodes do not share the folder).
+        if peer.world() > 1 {
+            let share = Some((peer.rank(), peer.world()));
+            crate::LatentCache::build(
+                &dataset,
+                &transform,
+                &size_of,
+                vae,
+                &dir,
+                device,
+                share,
+                &mut progress,
+            )?;
+            peer.mean(&[0.0], device)?;
+        }
         Some(crate::LatentCache::build(
             &dataset,
             &transform,
-            &|i| match &buckets {
-                Some((assigned, _)) => {
-                    let (bucket, resized) = assigned[i];
-                    crate::CacheSize::Bucket { bucket, resized }
-                }
-                None => crate::CacheSize::Square,
-            },
-            (&encoder, model.vae_config().latent_channels, &vae_hash),
-            &output.join("latent_cache"),
+            &size_of,
+            vae,
+            &dir,
             device,
+            None,
             &mut progress,
         )?)
     } else {
