@@ -293,7 +293,7 @@ fn peers_fill_the_caches_together_and_train_as_one_process() {
     let address = format!("127.0.0.1:{}", free_port());
     let nodes = dir.join("nodes");
     let other = dir.join("nodes-1");
-    let mut cmd = |out: &Path, rank: usize| {
+    let cmd = |out: &Path, rank: usize| {
         let mut c = node(&data, out, rank, 3, &address);
         c.args(caches);
         c
