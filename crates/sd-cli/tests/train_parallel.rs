@@ -310,3 +310,78 @@ fn peers_fill_the_caches_together_and_train_as_one_process() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With aspect-ratio buckets each peer trains on its own bucket batch (kohya's scripts under
+/// accelerate), with its own draws; such a run (with the latent cache too) resumes exactly and
+/// is not peer 0's run alone.
+#[test]
+fn peers_train_on_their_own_bucket_batches_and_resume_exactly() {
+    let dir = scratch("buckets");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..6u32 {
+        let (w, h) = if i % 2 == 0 { (48, 32) } else { (32, 40) };
+        let image = image::RgbImage::from_fn(w, h, |x, y| {
+            let inside = (x as i32 - 12 - 2 * i as i32).pow(2) + (y as i32 - 14).pow(2) < 60;
+            image::Rgb([if inside { 230 } else { 30 }, (40 * i) as u8, (x * 5) as u8])
+        });
+        image.save(data.join(format!("img{i}.png"))).unwrap();
+        std::fs::write(data.join(format!("img{i}.txt")), format!("a circle {i}\n")).unwrap();
+    }
+    let buckets = [
+        "--enable-bucket",
+        "--min-bucket-reso",
+        "16",
+        "--max-bucket-reso",
+        "64",
+        "--bucket-reso-steps",
+        "8",
+        "--cache-latents",
+        "--checkpoint-every",
+        "1",
+    ];
+    fn with<'a>(buckets: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        [buckets, extra].concat()
+    }
+    let straight = dir.join("straight");
+    ok(
+        &command(&data, &straight, 1, 3, &with(&buckets, &["--devices", "2"]))
+            .output()
+            .unwrap(),
+    );
+    let resumed = dir.join("resumed");
+    ok(
+        &command(&data, &resumed, 1, 2, &with(&buckets, &["--devices", "2"]))
+            .output()
+            .unwrap(),
+    );
+    ok(&command(
+        &data,
+        &resumed,
+        1,
+        3,
+        &with(&buckets, &["--devices", "2", "--resume", "latest"]),
+    )
+    .output()
+    .unwrap());
+    for file in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet_ema/diffusion_pytorch_model.safetensors",
+        "optimizer/exp_avg_sq/diffusion_pytorch_model.safetensors",
+    ] {
+        assert!(
+            std::fs::read(straight.join("checkpoint-3").join(file)).unwrap()
+                == std::fs::read(resumed.join("checkpoint-3").join(file)).unwrap(),
+            "{file} differs after resume"
+        );
+    }
+    let alone = dir.join("alone");
+    ok(&command(&data, &alone, 1, 3, &buckets).output().unwrap());
+    let losses = |d: &Path| std::fs::read_to_string(d.join("train_log.jsonl")).unwrap();
+    let first = |log: String| -> f64 {
+        let line: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+        line["loss"].as_f64().unwrap()
+    };
+    assert_ne!(first(losses(&straight)), first(losses(&alone)));
+    let _ = std::fs::remove_dir_all(&dir);
+}

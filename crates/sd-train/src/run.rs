@@ -492,11 +492,6 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
 ) -> Result<PathBuf> {
     // `config` was validated by `train_unet_parallel`, the only caller.
     let root = peer.is_root();
-    if peer.world() > 1 && config.bucket.is_some() {
-        return Err(TrainError::Config(
-            "aspect-ratio buckets are not supported with several devices or nodes yet".into(),
-        ));
-    }
     let transform = Transform {
         resolution: config.resolution,
         center_crop: config.center_crop,
@@ -709,7 +704,11 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
             }
             None => crate::CacheSize::Square,
         };
-        let vae = (&encoder, model.vae_config().latent_channels, vae_hash.as_str());
+        let vae = (
+            &encoder,
+            model.vae_config().latent_channels,
+            vae_hash.as_str(),
+        );
         let dir = output.join("latent_cache");
         // Several peers: each encodes its share first; once all have, each reads the whole
         // cache (and encodes what is missing, where nodes do not share the folder).
@@ -837,7 +836,9 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
         for micro in 0..accumulation {
             // This micro-batch's (run position, example) pairs and its image size: `batch`
             // examples in the run's order, or one bucket's batch (which may be shorter).
-            // With data parallelism, this peer's `batch` examples of the global batch.
+            // With data parallelism, this peer's `batch` examples of the global batch, or with
+            // buckets this peer's own bucket batch (as kohya's scripts under accelerate: each
+            // process its batches, their gradients averaged).
             let global = step * accumulation + micro;
             let world_batch = (batch * peer.world()) as u64;
             let first = (peer.rank() * batch) as u64;
@@ -852,13 +853,14 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                     (config.resolution, config.resolution),
                 ),
                 Some((assigned, batches)) => {
-                    let picked = batches.batch(global);
+                    let index = global * peer.world() as u64 + peer.rank() as u64;
+                    let picked = batches.batch(index);
                     let size = picked.first().map_or((0, 0), |&e| assigned[e].0);
                     (
                         picked
                             .into_iter()
                             .enumerate()
-                            .map(|(j, e)| (global * batch as u64 + j as u64, e))
+                            .map(|(j, e)| (index * batch as u64 + j as u64, e))
                             .collect(),
                         size,
                     )
@@ -924,9 +926,17 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
             };
             // The draws of this micro-batch, in a fixed order: posterior, noise, offset,
             // perturbation, timesteps; each for the whole global batch, of which this peer
-            // takes its rows (all of them without data parallelism).
-            let mut rng = step_rng(config.seed, step, micro);
-            let whole = |[n, c, h, w]: [usize; 4]| [n * peer.world(), c, h, w];
+            // takes its rows (all of them without data parallelism). With buckets the peers'
+            // batches differ in size and shape: each draws its own, from a stream of its own.
+            let (draw_world, draw_rank, stream) = match &buckets {
+                Some(_) => (1, 0, micro * peer.world() as u64 + peer.rank() as u64),
+                None => (peer.world(), peer.rank(), micro),
+            };
+            let mut rng = step_rng(config.seed, step, stream);
+            let whole = |[n, c, h, w]: [usize; 4]| [n * draw_world, c, h, w];
+            let rows = |t: Tensor<B, 4>, n: usize| {
+                if draw_world == 1 { t } else { peer.rows(t, n) }
+            };
             let latents = match &cache {
                 Some(_) => {
                     let [c, h, w] = cache_shape.ok_or_else(|| {
@@ -935,7 +945,7 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                     let shape = [n, c, h, w];
                     let mean = Tensor::<B, 4>::from_data(TensorData::new(means, shape), device);
                     let std = Tensor::<B, 4>::from_data(TensorData::new(stds, shape), device);
-                    let draw = peer.rows(host_noise::<B, 4>(whole(shape), &mut rng, device), n);
+                    let draw = rows(host_noise::<B, 4>(whole(shape), &mut rng, device), n);
                     encoder.scale_latents(mean + std * draw)
                 }
                 None => {
@@ -943,7 +953,7 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                         Tensor::<B, 4>::from_data(TensorData::new(images, [n, 3, h, w]), device);
                     let posterior = encoder.encode(images)?;
                     let dims = whole(posterior.mean.dims());
-                    let draw = peer.rows(host_noise::<B, 4>(dims, &mut rng, device), n);
+                    let draw = rows(host_noise::<B, 4>(dims, &mut rng, device), n);
                     encoder.scale_latents(posterior.sample(draw))
                 }
             };
@@ -953,11 +963,11 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
             }
             let perturbation = (config.input_perturbation > 0.0).then(|| {
                 let draw = host_noise::<B, 4>(whole(latents.dims()), &mut rng, device);
-                peer.rows(draw * config.input_perturbation, n)
+                rows(draw * config.input_perturbation, n)
             });
-            let noise = peer.rows(noise, n);
-            let mut timesteps = sample_timesteps(&schedule, n * peer.world(), &mut rng);
-            timesteps = timesteps.split_off(peer.rank() * n)[..n].to_vec();
+            let noise = rows(noise, n);
+            let mut timesteps = sample_timesteps(&schedule, n * draw_world, &mut rng);
+            timesteps = timesteps.split_off(draw_rank * n)[..n].to_vec();
             let input = DenoisingBatch {
                 latents: Tensor::from_inner(latents),
                 context,
