@@ -216,11 +216,6 @@ pub struct TrainArgs {
     quiet: bool,
 }
 
-/// Whether the flags ask for several peers (the VAE trains on one).
-fn config_devices(args: &TrainArgs) -> usize {
-    args.devices.unwrap_or(1) * args.nodes.unwrap_or(1)
-}
-
 /// The config: the file's settings, then every flag given over them.
 fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
     let mut c = match &args.config {
@@ -416,10 +411,6 @@ pub fn run(args: TrainArgs) -> Result<String, String> {
             args.what == What::Vae && args.lora_rank.is_some(),
             "--lora-rank with `sd train vae`",
         ),
-        (
-            args.what == What::Vae && (config_devices(&args) > 1),
-            "--devices or --nodes above 1 with `sd train vae`",
-        ),
     ];
     if let Some((_, what)) = unsupported.iter().find(|(on, _)| *on) {
         return Err(format!("{what} is not supported yet"));
@@ -490,14 +481,19 @@ pub fn run(args: TrainArgs) -> Result<String, String> {
             &mut events,
             &parallel,
         ),
-        (What::Vae, false) => {
-            sd_train::train_vae::<Flex, NoCheckpointing>(&config, resume, &device, &mut events)
-        }
-        (What::Vae, true) => sd_train::train_vae::<Flex, BalancedCheckpointing>(
+        (What::Vae, false) => sd_train::train_vae_parallel::<Flex, NoCheckpointing>(
             &config,
             resume,
             &device,
             &mut events,
+            &parallel,
+        ),
+        (What::Vae, true) => sd_train::train_vae_parallel::<Flex, BalancedCheckpointing>(
+            &config,
+            resume,
+            &device,
+            &mut events,
+            &parallel,
         ),
     }
     .map_err(|e| e.to_string())?;

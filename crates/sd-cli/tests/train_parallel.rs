@@ -385,3 +385,83 @@ fn peers_train_on_their_own_bucket_batches_and_resume_exactly() {
     assert_ne!(first(losses(&straight)), first(losses(&alone)));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `sd train vae` on two peers (threads) with batch 2 each ends with the weights, Adam
+/// moments and losses of one process with batch 4.
+#[test]
+fn two_peers_train_the_autoencoder_as_one_process() {
+    let dir = scratch("vae");
+    let data = data(&dir);
+    let model = common::tiny_model();
+    let run = |output: &Path, batch: &str, extra: &[&str]| {
+        let mut c = Command::new(SD);
+        c.args(["train", "vae", "--data"])
+            .arg(&data)
+            .arg("--output")
+            .arg(output)
+            .arg("--model")
+            .arg(&model)
+            .args([
+                "--max-steps",
+                "3",
+                "--batch-size",
+                batch,
+                "--resolution",
+                "32",
+            ])
+            .args([
+                "--learning-rate",
+                "1e-3",
+                "--kl-weight",
+                "1e-4",
+                "--seed",
+                "3",
+            ])
+            .args(["--random-flip", "-q"])
+            .args(extra);
+        c.output().unwrap()
+    };
+    let single = dir.join("single");
+    ok(&run(&single, "4", &[]));
+    let threads = dir.join("threads");
+    ok(&run(&threads, "2", &["--devices", "2"]));
+    for file in [
+        "vae/diffusion_pytorch_model.safetensors",
+        "optimizer/exp_avg/diffusion_pytorch_model.safetensors",
+        "optimizer/exp_avg_sq/diffusion_pytorch_model.safetensors",
+    ] {
+        let (x, y) = (
+            weights(&threads.join("checkpoint-3").join(file)),
+            weights(&single.join("checkpoint-3").join(file)),
+        );
+        assert_eq!(x.len(), y.len());
+        let mut worst = (0.0f32, String::new());
+        for ((name, x), (_, y)) in x.iter().zip(&y) {
+            for (p, q) in x.iter().zip(y) {
+                let e = (p - q).abs() / (1.0 + q.abs());
+                if e > worst.0 {
+                    worst = (e, name.clone());
+                }
+            }
+        }
+        assert!(worst.0 <= 1e-5, "{file}: {} at {}", worst.0, worst.1);
+        eprintln!("{file}: worst {:e} at {}", worst.0, worst.1);
+    }
+    let losses = |d: &Path| -> Vec<f64> {
+        std::fs::read_to_string(d.join("train_log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (a, b) = (losses(&threads), losses(&single));
+    assert_eq!(a.len(), 3);
+    for (p, q) in a.iter().zip(&b) {
+        assert!((p - q).abs() <= 1e-5 * q.abs(), "losses {a:?} vs {b:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

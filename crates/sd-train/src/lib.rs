@@ -80,6 +80,6 @@ pub use params::{flat_params, with_flat_params};
 pub use plot::{plot_loss, register_font};
 pub use precision::{MixedPrecision, to_dtype};
 pub use run::{Event, Resume, train_unet, train_unet_parallel};
-pub use run_vae::train_vae;
+pub use run_vae::{train_vae, train_vae_parallel};
 pub use train_log::{StepLog, read_log};
 pub use vae::{AdversarialLosses, Reconstruction, VaeLosses, VaeObjective};

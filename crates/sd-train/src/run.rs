@@ -448,13 +448,33 @@ pub fn train_unet_parallel<B: Backend, C: CheckpointStrategy>(
                 .into(),
         ));
     }
+    run_peers::<B>(config, device, events, parallel, &|peer, events| {
+        run_unet::<B, C>(config, resume.clone(), device, events, peer)
+    })
+}
+
+/// One peer's whole run, given its peer and its event sink.
+pub(crate) type PeerRun<'a, B> =
+    dyn Fn(&Peer<B>, &mut dyn FnMut(Event)) -> Result<PathBuf> + Sync + 'a;
+
+/// Runs `run` as every peer of this node: `config.devices` threads (peer 0 on the calling
+/// thread, the one that reports `events`), each registered with the others (and, with
+/// `config.nodes` above 1, with the other nodes through the orchestrator); the one failure
+/// that caused the others is returned.
+pub(crate) fn run_peers<B: Backend>(
+    config: &TrainConfig,
+    device: &B::Device,
+    events: &mut dyn FnMut(Event),
+    parallel: &ParallelConfig,
+    run: &PeerRun<'_, B>,
+) -> Result<PathBuf> {
     let (devices, nodes) = (config.devices, config.nodes);
     if devices * nodes == 1 {
-        return run_unet::<B, C>(config, resume, device, events, &Peer::single());
+        return run(&Peer::single(), events);
     }
     let peer_run = |local: usize, events: &mut dyn FnMut(Event)| -> Result<PathBuf> {
         let peer = Peer::<B>::register(devices, nodes, local, parallel, device)?;
-        let result = run_unet::<B, C>(config, resume.clone(), device, events, &peer);
+        let result = run(&peer, events);
         peer.finish(result.is_err());
         result
     };

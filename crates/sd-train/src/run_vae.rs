@@ -21,7 +21,10 @@ use crate::checkpoint::{TrainingState, read_state, write_checkpoint};
 use crate::config::TrainConfig;
 use crate::discriminator::{PatchDiscriminator, discriminator_hinge_loss};
 use crate::error::{Result, TrainError};
-use crate::run::{Event, Resume, first_restorable, open_dataset, prepare_output, step_rng};
+use crate::parallel::{ParallelConfig, Peer};
+use crate::run::{
+    Event, Resume, first_restorable, open_dataset, prepare_output, run_peers, step_rng,
+};
 use crate::train_log::{StepLog, keep_log};
 use crate::vae::VaeObjective;
 use crate::{AdamW, AdamWConfig, Gradients, LrSchedule};
@@ -160,7 +163,36 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
     device: &B::Device,
     events: &mut dyn FnMut(Event),
 ) -> Result<PathBuf> {
+    train_vae_parallel::<B, C>(config, resume, device, events, &ParallelConfig::default())
+}
+
+/// [`train_vae`] as one node of a data-parallel run, as [`crate::train_unet_parallel`]: the
+/// peers' gradients (and the discriminator's) averaged before each step, every random draw
+/// made for the global batch and split between them, so that the run equals one process with
+/// their batches together, except where the discriminator's BatchNorm and adaptive weight see
+/// each peer's batch alone (as under PyTorch's DDP without SyncBatchNorm).
+pub fn train_vae_parallel<B: Backend, C: CheckpointStrategy>(
+    config: &TrainConfig,
+    resume: Option<Resume>,
+    device: &B::Device,
+    events: &mut dyn FnMut(Event),
+    parallel: &ParallelConfig,
+) -> Result<PathBuf> {
     config.validate()?;
+    run_peers::<B>(config, device, events, parallel, &|peer, events| {
+        run_vae::<B, C>(config, resume.clone(), device, events, peer)
+    })
+}
+
+/// One peer's run (the only one without data parallelism).
+fn run_vae<B: Backend, C: CheckpointStrategy>(
+    config: &TrainConfig,
+    resume: Option<Resume>,
+    device: &B::Device,
+    events: &mut dyn FnMut(Event),
+    peer: &Peer<B>,
+) -> Result<PathBuf> {
+    let root = peer.is_root();
     // The VAE loop crops squares; buckets read and ignored would train on other images than
     // the user asked for.
     if config.bucket.is_some() {
@@ -204,7 +236,9 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
         )));
     }
     let output = &config.output;
-    prepare_output(output, resume.as_ref())?;
+    if root {
+        prepare_output(output, resume.as_ref())?;
+    }
     let load = |dir: &Path| -> Result<Halves<Autodiff<B, C>>> {
         Ok((
             VaeEncoder::from_pretrained(dir, None, device)?,
@@ -286,8 +320,20 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
     if config.decoder_only {
         encoder = encoder.no_grad();
     }
-    std::fs::write(output.join("train_config.json"), config.to_json())
-        .map_err(|e| io(output, e))?;
+    if peer.world() > 1 {
+        // Every peer must go on from the same checkpoint.
+        let mean = peer.mean(&[start as f64], device)?[0];
+        if mean != start as f64 {
+            return Err(TrainError::Parallel(format!(
+                "the peers resume from different steps (this one from {start}): give each the \
+                 same --output contents"
+            )));
+        }
+    }
+    if root {
+        std::fs::write(output.join("train_config.json"), config.to_json())
+            .map_err(|e| io(output, e))?;
+    }
     let objective = VaeObjective {
         reconstruction: config.reconstruction,
         kl_weight: config.kl_weight,
@@ -300,7 +346,11 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
     )?;
     let mut order = Order::new(dataset.len(), config.seed);
     let log_path = output.join("train_log.jsonl");
-    let mut log = keep_log(&log_path, start)?;
+    let mut log = if root {
+        Some(keep_log(&log_path, start)?)
+    } else {
+        None
+    };
     events(Event::Started {
         first: start,
         total: config.max_steps,
@@ -359,9 +409,13 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
         // Each micro-batch's images and second posterior draw, for the discriminator's step.
         let mut seen = Vec::new();
         for micro in 0..accumulation {
+            // This peer's `batch` examples of the global batch (all of it with one peer).
+            let global = step * accumulation + micro;
+            let world_batch = (batch * peer.world()) as u64;
+            let first = (peer.rank() * batch) as u64;
             let mut images = Vec::with_capacity(batch * 3 * side * side);
             for j in 0..batch as u64 {
-                let sample = (step * accumulation + micro) * batch as u64 + j;
+                let sample = global * world_batch + first + j;
                 let example = &dataset.examples()[order.example(sample)];
                 let mut rng = sample_rng(config.seed, sample);
                 images.extend(load_example_image(&example.image, &transform, &mut rng)?);
@@ -372,16 +426,20 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
                 TensorData::new(images, [batch, 3, side, side]),
                 device,
             );
+            // The draws for the whole global batch, of which this peer takes its rows.
             let mut rng = step_rng(config.seed, step, micro);
             let latent = side / factor;
-            let noise = host_noise::<Autodiff<B, C>, 4>(
-                [batch, vae_config.latent_channels, latent, latent],
-                &mut rng,
-                device,
+            let whole = [
+                batch * peer.world(),
+                vae_config.latent_channels,
+                latent,
+                latent,
+            ];
+            let noise = Tensor::<Autodiff<B, C>, 4>::from_inner(
+                peer.rows(host_noise::<B, 4>(whole, &mut rng, device), batch),
             );
             let (value, to_minimise) = match (&adversarial, &critic) {
                 (Some(d), Some((disc, _))) => {
-                    let shape = noise.dims();
                     let losses = objective.adversarial_losses(
                         &encoder,
                         &decoder,
@@ -392,7 +450,7 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
                         noise,
                     )?;
                     adversarial_weight += losses.adversarial_weight / accumulation as f64;
-                    let second = host_noise::<B, 4>(shape, &mut rng, device);
+                    let second = peer.rows(host_noise::<B, 4>(whole, &mut rng, device), batch);
                     seen.push((images.inner(), second));
                     (losses.total, losses.objective)
                 }
@@ -401,6 +459,8 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
                     (losses.total.clone().into_scalar().elem(), losses.total)
                 }
             };
+            // The global batch's loss, so that every peer sees a non-finite one.
+            let value = peer.mean(&[value], device)?[0];
             if !value.is_finite() {
                 return Err(TrainError::NonFinite(format!(
                     "step {}: the loss is {value}: training stopped",
@@ -414,6 +474,7 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
             }
             gd.accumulate(&decoder, &mut backward);
         }
+        peer.mean_gradients(&mut [&mut ge, &mut gd])?;
         let grad_norm =
             Gradients::clip_global_norm_all(&mut [&mut ge, &mut gd], config.max_grad_norm);
         if !grad_norm.is_finite() {
@@ -429,7 +490,7 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
         decoder = adam_d.step(decoder, gd, rate);
         let mut discriminator_loss = None;
         if let (Some(d), Some((disc, adam))) = (&adversarial, &mut critic) {
-            let (loss, grads) = discriminator_step(
+            let (loss, mut grads) = discriminator_step(
                 disc,
                 &encoder.valid(),
                 &decoder.valid(),
@@ -438,6 +499,8 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
                 accumulation,
                 device,
             )?;
+            peer.mean_gradients(&mut [&mut grads])?;
+            let loss = peer.mean(&[loss], device)?[0];
             if !loss.is_finite() {
                 return Err(TrainError::NonFinite(format!(
                     "step {}: the discriminator's loss is {loss}: training stopped",
@@ -461,16 +524,27 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
             adversarial_weight: adversarial.map(|_| adversarial_weight),
             discriminator_loss,
         };
-        writeln!(log, "{}", serde_json::to_string(&entry).unwrap_or_default())
-            .and_then(|()| log.flush())
-            .map_err(|e| io(&log_path, e))?;
+        if let Some(log) = log.as_mut() {
+            writeln!(log, "{}", serde_json::to_string(&entry).unwrap_or_default())
+                .and_then(|()| log.flush())
+                .map_err(|e| io(&log_path, e))?;
+        }
         events(Event::Step(entry));
         let done = step + 1;
         let due = config.checkpoint_every > 0 && done % config.checkpoint_every == 0;
-        let stop = crate::stop_requested();
+        let mut stop = crate::stop_requested();
+        if peer.world() > 1 {
+            // One peer asked to stop (Ctrl-C reaches each process): all stop at this step.
+            stop = peer.mean(&[if stop { 1.0 } else { 0.0 }], device)?[0] > 0.0;
+        }
         if due || done == config.max_steps || stop {
-            let path = save(done, &encoder, &decoder, &adam_e, &adam_d, &critic)?;
-            events(Event::Checkpoint(path.clone()));
+            let path = if root {
+                let path = save(done, &encoder, &decoder, &adam_e, &adam_d, &critic)?;
+                events(Event::Checkpoint(path.clone()));
+                path
+            } else {
+                crate::checkpoint::checkpoint_dir(output, done)
+            };
             if stop && done < config.max_steps {
                 return Err(TrainError::Stopped {
                     step: done,
@@ -480,6 +554,10 @@ pub fn train_vae<B: Backend, C: CheckpointStrategy>(
         }
     }
     let out = output.join("vae");
+    // The other peers hold the same weights; peer 0 writes them.
+    if !root {
+        return Ok(out);
+    }
     let (encoder, decoder) = (encoder.valid(), decoder.valid());
     let mut vae_config = vae_config;
     if config.fit_scaling_factor {
