@@ -465,3 +465,50 @@ fn two_peers_train_the_autoencoder_as_one_process() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Two processes (nodes) of two threads (devices) each, batch 1 per peer, end with the
+/// weights of one process with batch 4: the threads reduce together, their first thread with
+/// the other node, and hand the result back.
+#[test]
+fn two_nodes_of_two_threads_train_as_one_process() {
+    let dir = scratch("both");
+    let data = data(&dir);
+    let single = dir.join("single");
+    ok(&command(&data, &single, 4, 3, &[]).output().unwrap());
+    let address = format!("127.0.0.1:{}", free_port());
+    let run = |output: &Path, rank: usize| {
+        let mut c = command(
+            &data,
+            output,
+            1,
+            3,
+            &[
+                "--devices",
+                "2",
+                "--nodes",
+                "2",
+                "--node-rank",
+                &rank.to_string(),
+                "--orchestrator",
+                &address,
+                "--collective-timeout",
+                "120",
+            ],
+        );
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        c
+    };
+    let nodes = dir.join("nodes");
+    let second = run(&dir.join("nodes-1"), 1).spawn().unwrap();
+    let first = run(&nodes, 0).output().unwrap();
+    let second = second.wait_with_output().unwrap();
+    ok(&first);
+    ok(&second);
+    same_training(&nodes, &single);
+    let config = std::fs::read_to_string(nodes.join("train_config.json")).unwrap();
+    assert!(
+        config.contains("\"devices\": 2") && config.contains("\"nodes\": 2"),
+        "{config}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -10,6 +10,9 @@
 //! node) hung on its second all-reduce between two processes here: every transfer of an
 //! operation reuses the ids 0 and 1, and its tensor service waits for an exposed tensor on a
 //! `Notify::notify_waiters` that a request arriving just before the tensor misses.
+//! With both (`--devices D --nodes N`), each node's threads reduce through burn-collective,
+//! the first thread takes the node's mean to the other nodes, and hands the result back to its
+//! siblings in a second local reduce.
 //!
 //! Every random draw of a step is made for the whole global batch on every peer and each takes
 //! its rows ([`Peer::rows`]), and example `j` of peer `r` is the global batch's example
@@ -70,6 +73,15 @@ enum Transport {
     Threads(PeerId),
     /// A process among several, through node 0.
     Nodes(Mutex<NodeLink>),
+    /// A thread of one of several processes: the threads reduce through burn-collective, the
+    /// first thread of each process (which holds the link) with the other processes through
+    /// node 0, and hands the result back to its siblings through burn-collective again.
+    Both {
+        /// This thread among the process's.
+        id: PeerId,
+        /// The link to the other nodes, on the first thread alone.
+        link: Option<Mutex<NodeLink>>,
+    },
 }
 
 /// One peer of a data-parallel run, or the only one.
@@ -116,13 +128,6 @@ impl<B: Backend> Peer<B> {
         }
         let timeout = parallel.timeout();
         if nodes > 1 {
-            if devices > 1 {
-                return Err(TrainError::Config(
-                    "--devices above 1 together with --nodes above 1 is not supported yet: run \
-                     one process per device"
-                        .into(),
-                ));
-            }
             let Some(address) = &parallel.orchestrator else {
                 return Err(TrainError::Config(
                     "--nodes above 1 needs --orchestrator HOST:PORT (where node 0 listens)".into(),
@@ -134,6 +139,25 @@ impl<B: Backend> Peer<B> {
                     parallel.node_rank
                 )));
             }
+            if devices > 1 {
+                let id = local_collective::<B>(rank, devices, device, timeout)?;
+                let link = match local {
+                    0 => Some(Mutex::new(NodeLink::connect(
+                        address,
+                        parallel.node_rank,
+                        nodes,
+                        timeout,
+                    )?)),
+                    _ => None,
+                };
+                return Ok(Self {
+                    transport: Transport::Both { id, link },
+                    rank,
+                    world,
+                    timeout,
+                    _backend: PhantomData,
+                });
+            }
             let link = NodeLink::connect(address, parallel.node_rank, nodes, timeout)?;
             return Ok(Self {
                 transport: Transport::Nodes(Mutex::new(link)),
@@ -143,14 +167,7 @@ impl<B: Backend> Peer<B> {
                 _backend: PhantomData,
             });
         }
-        let config = CollectiveConfig::default()
-            .with_num_devices(devices)
-            .with_local_all_reduce_strategy(AllReduceStrategy::Tree(2));
-        let id = PeerId::from(rank);
-        let device = device.clone();
-        wait(timeout, "registering with the other peers", move || {
-            register::<B>(id, device, config)
-        })?;
+        let id = local_collective::<B>(rank, devices, device, timeout)?;
         Ok(Self {
             transport: Transport::Threads(id),
             rank,
@@ -245,30 +262,57 @@ impl<B: Backend> Peer<B> {
                 })?;
                 Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
             }
-            Transport::Nodes(link) => {
-                let device = t.device();
-                let values = t
-                    .into_data()
-                    .convert::<f32>()
-                    .into_vec::<f32>()
-                    .map_err(|e| {
-                        TrainError::Parallel(format!("{what}: a tensor not in f32 ({e:?})"))
-                    })?;
-                let n = values.len();
-                let mean = link
-                    .lock()
-                    .map_err(|_| TrainError::Parallel(format!("{what}: the link is poisoned")))?
-                    .mean(values)
-                    .map_err(|e| TrainError::Parallel(format!("{what}: {e}")))?;
-                Ok(Tensor::from_data(TensorData::new(mean, [n]), &device))
+            Transport::Nodes(link) => self.link_mean(link, t, what),
+            Transport::Both { id, link } => {
+                let id = *id;
+                // The process's mean (every node has as many threads: the mean of the nodes'
+                // means is the mean over every peer).
+                let primitive = t.into_primitive().tensor();
+                let local = wait(self.timeout, what, move || {
+                    all_reduce::<B>(id, primitive, ReduceOperation::Mean)
+                })?;
+                let local = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(local));
+                // The first thread takes it to the other nodes; the siblings add zeros to what
+                // it brings back, so that all of them get the same numbers.
+                let share = match link {
+                    Some(link) => self.link_mean(link, local, what)?,
+                    None => local.zeros_like(),
+                };
+                let primitive = share.into_primitive().tensor();
+                let out = wait(self.timeout, what, move || {
+                    all_reduce::<B>(id, primitive, ReduceOperation::Sum)
+                })?;
+                Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
             }
         }
+    }
+
+    /// The mean over the nodes of `t`, through node 0.
+    fn link_mean(
+        &self,
+        link: &Mutex<NodeLink>,
+        t: Tensor<B, 1>,
+        what: &str,
+    ) -> Result<Tensor<B, 1>> {
+        let device = t.device();
+        let values = t
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| TrainError::Parallel(format!("{what}: a tensor not in f32 ({e:?})")))?;
+        let n = values.len();
+        let mean = link
+            .lock()
+            .map_err(|_| TrainError::Parallel(format!("{what}: the link is poisoned")))?
+            .mean(values)
+            .map_err(|e| TrainError::Parallel(format!("{what}: {e}")))?;
+        Ok(Tensor::from_data(TensorData::new(mean, [n]), &device))
     }
 
     /// Leaves the collective at the end of a run; after a failure on a thread, resets it so
     /// that the sibling threads waiting on this one stop with an error instead of waiting.
     pub fn finish(&self, failed: bool) {
-        if let Transport::Threads(id) = &self.transport {
+        if let Transport::Threads(id) | Transport::Both { id, .. } = &self.transport {
             if failed {
                 reset_collective::<B>();
             } else {
@@ -280,6 +324,25 @@ impl<B: Backend> Peer<B> {
             }
         }
     }
+}
+
+/// Registers thread `rank` (its global rank: unique in the run) with the `devices` threads of
+/// this process in burn-collective.
+fn local_collective<B: Backend>(
+    rank: usize,
+    devices: usize,
+    device: &B::Device,
+    timeout: Duration,
+) -> Result<PeerId> {
+    let config = CollectiveConfig::default()
+        .with_num_devices(devices)
+        .with_local_all_reduce_strategy(AllReduceStrategy::Tree(2));
+    let id = PeerId::from(rank);
+    let device = device.clone();
+    wait(timeout, "registering with the other peers", move || {
+        register::<B>(id, device, config)
+    })?;
+    Ok(id)
 }
 
 /// Runs `f` (a blocking collective call) on its own thread and waits at most `timeout` for it.
