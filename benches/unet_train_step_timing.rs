@@ -117,6 +117,7 @@ fn main() -> Result<(), String> {
             noise: noise.clone(),
             timesteps: vec![TIMESTEP],
             perturbation: None,
+            conditioning: None,
         };
         let loss = objective
             .loss(&precision.compute_copy(&model), batch)

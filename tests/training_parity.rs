@@ -316,12 +316,23 @@ fn run_case(dir: &Path, precision: MixedPrecision) {
                         .last_hidden_state
                 }
             };
+            // An inpainting case's mask and masked-image latents, after the noisy latents.
+            let conditioning = case.manifest.get("inpainting").map(|_| {
+                Tensor::cat(
+                    vec![
+                        tensor(&inputs, &format!("mask_{k}"), &device),
+                        tensor(&inputs, &format!("masked_latents_{k}"), &device),
+                    ],
+                    1,
+                )
+            });
             let batch = DenoisingBatch {
                 latents: tensor(&inputs, &format!("latents_{k}"), &device),
                 context,
                 noise,
                 timesteps,
                 perturbation,
+                conditioning,
             };
             let loss = objective
                 .loss(&precision.compute_copy(&unet), batch)
@@ -777,6 +788,7 @@ fn run_lora_case(dir: &Path) {
                     .map(|&t| t as usize)
                     .collect(),
                 perturbation: None,
+                conditioning: None,
             };
             let model = unet.targets.apply(&unet.network, unet.model.clone());
             let loss = objective.loss(&model, batch).unwrap();

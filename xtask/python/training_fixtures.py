@@ -119,6 +119,23 @@ CASES = {
         weight_decay=1e-2,
         ema=dict(decay=0.99),
     ),
+    # An inpainting U-Net (9 input channels), as diffusers' inpainting training scripts feed it:
+    # `torch.cat([noisy_latents, mask, masked_latents], dim=1)`, the mask at latent resolution
+    # (1 where the image is to be filled in) and the masked image's latents; the target is the
+    # noise of the 4 latent channels alone.
+    "inpainting_epsilon": dict(
+        inpainting=True,
+        prediction_type="epsilon",
+        lr=1e-4,
+        lr_scheduler="constant",
+        warmup=0,
+        steps=4,
+        batch=2,
+        accumulation=1,
+        max_grad_norm=1.0,
+        weight_decay=1e-2,
+        ema=dict(decay=0.999),
+    ),
 }
 
 TOKENS = 5
@@ -167,6 +184,11 @@ def micro_batch_loss(spec: dict, unet, text, scheduler, generator, inputs: dict,
     timesteps = torch.randint(0, SCHEDULE["num_train_timesteps"], (b,), generator=generator)
     inputs[f"timesteps_{k}"] = timesteps.to(torch.float32)  # exact below 2^24
     noisy = scheduler.add_noise(latents, noisy_noise, timesteps)
+    if spec.get("inpainting"):
+        mask = (torch.rand(b, 1, 8, 8, generator=generator) < 0.4).float()
+        masked_latents = torch.randn(b, 4, 8, 8, generator=generator)
+        inputs.update({f"mask_{k}": mask, f"masked_latents_{k}": masked_latents})
+        noisy = torch.cat([noisy, mask, masked_latents], dim=1)
     if spec["prediction_type"] == "epsilon":
         target = noise
     else:
@@ -194,7 +216,7 @@ def write_training_case(root: pathlib.Path, name: str, spec: dict, randomise_nor
     seed = zlib.crc32(name.encode()) % 100_000
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**{**UNET_CONFIG, "in_channels": 9 if spec.get("inpainting") else 4})
     randomise_norms(unet, generator)
     unet = unet.half()
     unet.save_pretrained(case / "unet", safe_serialization=True)

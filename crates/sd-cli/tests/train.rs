@@ -568,6 +568,94 @@ fn the_discriminator_joins_at_its_start_and_resumes_exactly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An inpainting model (9-channel U-Net) trains on random masks over its images, resumes
+/// exactly, and the folder it writes inpaints with `sd generate --init-image --mask`; its
+/// latents cannot be cached (the masked images change every step).
+#[test]
+fn an_inpainting_unet_trains_on_random_masks_resumes_and_inpaints() {
+    let dir = scratch("inpainting");
+    let data = data(&dir);
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/pipeline/tiny_sd1_inpaint");
+    let model = fixture.join("model");
+    let run = |output: &Path, steps: &str, extra: &[&str]| {
+        Command::new(SD)
+            .args(["train", "unet", "--data"])
+            .arg(&data)
+            .arg("--output")
+            .arg(output)
+            .arg("--model")
+            .arg(&model)
+            .args([
+                "--max-steps",
+                steps,
+                "--batch-size",
+                "2",
+                "--resolution",
+                "32",
+            ])
+            .args([
+                "--checkpoint-every",
+                "2",
+                "--learning-rate",
+                "1e-3",
+                "--ema-decay",
+                "0.99",
+            ])
+            .args(["--random-flip", "-q"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let straight = dir.join("straight");
+    ok(&run(&straight, "4", &[]));
+    let resumed = dir.join("resumed");
+    ok(&run(&resumed, "2", &[]));
+    ok(&run(&resumed, "4", &["--resume", "latest"]));
+    same_state(
+        &straight.join("checkpoint-4"),
+        &resumed.join("checkpoint-4"),
+    );
+    let read = |p: &Path| sd::core::weights::SafetensorsFile::open(p).unwrap();
+    let f32 = burn::tensor::DType::F32;
+    let key = "conv_in.weight";
+    let (before, after) = (
+        read(&model.join("unet/diffusion_pytorch_model.safetensors")),
+        read(&straight.join("unet/diffusion_pytorch_model.safetensors")),
+    );
+    assert_eq!(
+        after.tensor_data(key, f32).unwrap().shape,
+        [32, 9, 3, 3].into()
+    );
+    assert!(before.tensor_data(key, f32).unwrap() != after.tensor_data(key, f32).unwrap());
+    let png = dir.join("inpainted.png");
+    let out = Command::new(SD)
+        .args(["generate", "a red circle", "--steps", "2", "-q"])
+        .arg("--model")
+        .arg(&straight)
+        .arg("--init-image")
+        .arg(fixture.join("init.png"))
+        .arg("--mask")
+        .arg(fixture.join("mask.png"))
+        .arg("--output")
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(png.is_file());
+    let out = run(&dir.join("cached"), "1", &["--cache-latents"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--cache-latents") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn cached_latents_and_text_embeddings_train_like_encoded_ones_and_a_damaged_entry_is_recomputed() {
     let dir = scratch("cache");

@@ -32,6 +32,7 @@ mod ema;
 mod error;
 mod grad_scaler;
 mod gradients;
+mod inpainting;
 mod latent_cache;
 mod lora;
 mod lr;

@@ -26,6 +26,11 @@ pub struct DenoisingBatch<B: Backend> {
     /// Input perturbation (Ning et al. 2023): extra noise, already scaled, added to ε where
     /// the latents are noised but not to the target.
     pub perturbation: Option<Tensor<B, 4>>,
+    /// Channels the U-Net reads after the noisy latents, not noised: an inpainting U-Net's
+    /// mask (1 where the image is to be filled in, at latent resolution) and masked-image
+    /// latents, `[b, 1 + latent channels, h, w]`, as diffusers' inpainting pipeline and its
+    /// training scripts (`torch.cat([noisy_latents, mask, masked_latents], dim=1)`).
+    pub conditioning: Option<Tensor<B, 4>>,
 }
 
 /// What the U-Net learns and how the loss is weighted.
@@ -53,6 +58,7 @@ impl DenoisingObjective {
             noise,
             timesteps,
             perturbation,
+            conditioning,
         } = batch;
         let b = latents.dims()[0];
         if timesteps.len() != b {
@@ -69,6 +75,10 @@ impl DenoisingObjective {
         let noisy = self
             .schedule
             .add_noise(latents.clone(), input_noise, &timesteps)?;
+        let noisy = match conditioning {
+            Some(c) => Tensor::cat(vec![noisy, c], 1),
+            None => noisy,
+        };
         let goal = target(&self.schedule, self.prediction, latents, noise, &timesteps)?;
         let t: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
         // The U-Net computes in its weights' dtype (a bf16 copy under mixed precision); the

@@ -548,13 +548,30 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
         Some(dir) => UNet2DConditionConfig::from_file(dir.join("unet/config.json"))?,
         None => model.unet_config().clone(),
     };
-    if unet_config.in_channels != model.vae_config().latent_channels {
+    // An inpainting U-Net reads the mask and the masked image's latents after the noisy
+    // latents (2c + 1 channels).
+    let latent_channels = model.vae_config().latent_channels;
+    let inpainting = unet_config.in_channels == 2 * latent_channels + 1;
+    if unet_config.in_channels != latent_channels && !inpainting {
         return Err(TrainError::Config(format!(
-            "the U-Net takes {} channels but the VAE makes {}-channel latents (inpainting \
-             models are not trained here yet)",
+            "the U-Net takes {} channels but the VAE makes {latent_channels}-channel latents \
+             (a U-Net takes {latent_channels}, an inpainting one {})",
             unet_config.in_channels,
-            model.vae_config().latent_channels
+            2 * latent_channels + 1
         )));
+    }
+    if inpainting && config.cache_latents {
+        return Err(TrainError::Config(
+            "--cache-latents with an inpainting U-Net: its masked images are drawn anew every \
+             step and encoded with them"
+                .into(),
+        ));
+    }
+    if inpainting && !config.validation_prompts.is_empty() {
+        return Err(TrainError::Config(
+            "--validation-prompt renders text-to-image, which an inpainting U-Net does not do"
+                .into(),
+        ));
     }
     let output = &config.output;
     if root {
@@ -892,6 +909,7 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
             let (mut means, mut stds) = (Vec::new(), Vec::new());
             let mut cache_shape = None;
             let mut texts = Vec::with_capacity(n);
+            let mut masks = Vec::new();
             for &(sample, index) in &members {
                 let example = &dataset.examples()[index];
                 let mut rng = sample_rng(config.seed, sample);
@@ -933,6 +951,9 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                     },
                 }
                 texts.push(captions.caption(&example.captions, &mut rng));
+                if inpainting {
+                    masks.extend(crate::inpainting::random_mask(w, h, &mut rng));
+                }
             }
             let ids = texts
                 .iter()
@@ -957,6 +978,7 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
             let rows = |t: Tensor<B, 4>, n: usize| {
                 if draw_world == 1 { t } else { peer.rows(t, n) }
             };
+            let mut masked_pixels = None;
             let latents = match &cache {
                 Some(_) => {
                     let [c, h, w] = cache_shape.ok_or_else(|| {
@@ -969,13 +991,35 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                     encoder.scale_latents(mean + std * draw)
                 }
                 None => {
+                    let masked = inpainting
+                        .then(|| crate::inpainting::masked_images(&images, &masks, n, w, h));
                     let images =
                         Tensor::<B, 4>::from_data(TensorData::new(images, [n, 3, h, w]), device);
                     let posterior = encoder.encode(images)?;
                     let dims = whole(posterior.mean.dims());
                     let draw = rows(host_noise::<B, 4>(dims, &mut rng, device), n);
+                    masked_pixels = masked;
                     encoder.scale_latents(posterior.sample(draw))
                 }
+            };
+            // An inpainting U-Net's extra channels: the mask at the latents' size and the
+            // masked images' latents (a posterior sample, as the latents).
+            let conditioning = match masked_pixels.take() {
+                Some(masked) => {
+                    let [_, _, lh, lw] = latents.dims();
+                    let factor = h / lh;
+                    let mask = crate::inpainting::latent_masks(&masks, n, w, h, factor);
+                    let mask =
+                        Tensor::<B, 4>::from_data(TensorData::new(mask, [n, 1, lh, lw]), device);
+                    let masked =
+                        Tensor::<B, 4>::from_data(TensorData::new(masked, [n, 3, h, w]), device);
+                    let posterior = encoder.encode(masked)?;
+                    let dims = whole(posterior.mean.dims());
+                    let draw = rows(host_noise::<B, 4>(dims, &mut rng, device), n);
+                    let masked = encoder.scale_latents(posterior.sample(draw));
+                    Some(Tensor::from_inner(Tensor::cat(vec![mask, masked], 1)))
+                }
+                None => None,
             };
             let mut noise = host_noise::<B, 4>(whole(latents.dims()), &mut rng, device);
             if config.noise_offset > 0.0 {
@@ -994,6 +1038,7 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                 noise: Tensor::from_inner(noise),
                 timesteps,
                 perturbation: perturbation.map(Tensor::from_inner),
+                conditioning,
             };
             let precision = config.mixed_precision;
             let loss = match &unet {
