@@ -328,12 +328,9 @@ VAE_CONFIG = dict(
 VAE_SPEC = dict(objective="vae", reconstruction="l1", kl_weight=1e-3, lr=1e-3, steps=4, batch=2, max_grad_norm=50.0, weight_decay=1e-2)
 
 
-def write_vae_training_case(root: pathlib.Path, randomise_norms) -> None:
-    """The first-stage objective of the latent diffusion code (`LPIPSWithDiscriminator` with
-    the perceptual and adversarial terms off and logvar 0): sum |x - x̂| per image + w · KL,
-    averaged over the batch."""
-    name = "vae_objective"
-    spec = VAE_SPEC
+def tiny_vae_case(root: pathlib.Path, name: str, randomise_norms):
+    """A fresh case folder, its generator (seeded by the name) and the tiny VAE with random
+    norms, saved in f16 under `vae/` and returned in f32 for training."""
     case = root / "training" / name
     if case.exists():
         shutil.rmtree(case)
@@ -344,7 +341,16 @@ def write_vae_training_case(root: pathlib.Path, randomise_norms) -> None:
     randomise_norms(vae, generator)
     vae = vae.half()
     vae.save_pretrained(case / "vae", safe_serialization=True)
-    vae = vae.float().train()
+    return case, generator, vae.float().train()
+
+
+def write_vae_training_case(root: pathlib.Path, randomise_norms) -> None:
+    """The first-stage objective of the latent diffusion code (`LPIPSWithDiscriminator` with
+    the perceptual and adversarial terms off and logvar 0): sum |x - x̂| per image + w · KL,
+    averaged over the batch."""
+    name = "vae_objective"
+    spec = VAE_SPEC
+    case, generator, vae = tiny_vae_case(root, name, randomise_norms)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=spec["lr"], betas=(0.9, 0.999), weight_decay=spec["weight_decay"], eps=1e-8)
     inputs, losses, recs, kls, norms = {}, [], [], [], []
     b = spec["batch"]
@@ -431,17 +437,7 @@ def write_vae_gan_training_case(root: pathlib.Path, randomise_norms) -> None:
     name = "vae_discriminator"
     spec = VAE_GAN_SPEC
     ds = spec["discriminator"]
-    case = root / "training" / name
-    if case.exists():
-        shutil.rmtree(case)
-    seed = zlib.crc32(name.encode()) % 100_000
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
-    randomise_norms(vae, generator)
-    vae = vae.half()
-    vae.save_pretrained(case / "vae", safe_serialization=True)
-    vae = vae.float().train()
+    case, generator, vae = tiny_vae_case(root, name, randomise_norms)
     disc = patch_discriminator(ds["channels"], ds["layers"]).half().float().train()
     (case / "discriminator").mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in disc.state_dict().items() if not k.endswith("num_batches_tracked")}, case / "discriminator" / "diffusion_pytorch_model.safetensors")

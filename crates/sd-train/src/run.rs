@@ -749,8 +749,7 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
         let dir = output.join("latent_cache");
         // Several peers: each encodes its share first; once all have, each reads the whole
         // cache (and encodes what is missing, where nodes do not share the folder).
-        if peer.world() > 1 {
-            let share = Some((peer.rank(), peer.world()));
+        let mut build = |share| {
             crate::LatentCache::build(
                 &dataset,
                 &transform,
@@ -760,19 +759,13 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                 device,
                 share,
                 &mut progress,
-            )?;
+            )
+        };
+        if peer.world() > 1 {
+            build(Some((peer.rank(), peer.world())))?;
             peer.mean(&[0.0], device)?;
         }
-        Some(crate::LatentCache::build(
-            &dataset,
-            &transform,
-            &size_of,
-            vae,
-            &dir,
-            device,
-            None,
-            &mut progress,
-        )?)
+        Some(build(None)?)
     } else {
         None
     };

@@ -57,12 +57,7 @@ impl VaeObjective {
         images: Tensor<B, 4>,
         noise: Tensor<B, 4>,
     ) -> Result<VaeLosses<B>> {
-        if !(self.kl_weight.is_finite() && self.kl_weight >= 0.0) {
-            return Err(TrainError::Config(format!(
-                "the KL weight must be ≥ 0, got {}",
-                self.kl_weight
-            )));
-        }
+        self.check()?;
         let b = images.dims()[0];
         let posterior = encoder.encode(images.clone())?;
         let reconstructed = decoder.forward(posterior.sample(noise));
@@ -105,6 +100,17 @@ fn norm<B: Backend, const D: usize>(t: Tensor<B, D>) -> f64 {
 }
 
 impl VaeObjective {
+    /// Refuses a KL weight outside its meaning.
+    fn check(&self) -> Result<()> {
+        if !(self.kl_weight.is_finite() && self.kl_weight >= 0.0) {
+            return Err(TrainError::Config(format!(
+                "the KL weight must be ≥ 0, got {}",
+                self.kl_weight
+            )));
+        }
+        Ok(())
+    }
+
     /// The reconstruction penalty, summed over pixels and averaged over the batch.
     fn penalty<B: Backend>(
         &self,
@@ -140,12 +146,7 @@ impl VaeObjective {
         images: Tensor<B, 4>,
         noise: Tensor<B, 4>,
     ) -> Result<AdversarialLosses<B>> {
-        if !(self.kl_weight.is_finite() && self.kl_weight >= 0.0) {
-            return Err(TrainError::Config(format!(
-                "the KL weight must be ≥ 0, got {}",
-                self.kl_weight
-            )));
-        }
+        self.check()?;
         use burn::tensor::ElementConversion;
         let b = images.dims()[0];
         let posterior = encoder.encode(images.clone())?;
