@@ -118,6 +118,7 @@ fn main() -> Result<(), String> {
             timesteps: vec![TIMESTEP],
             perturbation: None,
             conditioning: None,
+            text_time: None,
         };
         let loss = objective
             .loss(&precision.compute_copy(&model), batch)

@@ -28,7 +28,7 @@ use sd_train::{
     DiscriminatorConfig, MixedPrecision, PatchDiscriminator, Reconstruction, VaeObjective,
     discriminator_hinge_loss,
 };
-use sd_unet::UNet2DConditionModel;
+use sd_unet::{TextTimeConditioning, UNet2DConditionModel};
 
 type Inner = Flex;
 type B = Autodiff<Inner>;
@@ -326,6 +326,17 @@ fn run_case(dir: &Path, precision: MixedPrecision) {
                     1,
                 )
             });
+            // An SDXL case's pooled embedding and size/crop ids.
+            let text_time = case
+                .manifest
+                .get("text_time")
+                .map(|_| TextTimeConditioning {
+                    text_embeds: tensor(&inputs, &format!("text_embeds_{k}"), &device),
+                    time_ids: values(&inputs, &format!("time_ids_{k}"))
+                        .chunks(6)
+                        .map(|c| [c[0], c[1], c[2], c[3], c[4], c[5]])
+                        .collect(),
+                });
             let batch = DenoisingBatch {
                 latents: tensor(&inputs, &format!("latents_{k}"), &device),
                 context,
@@ -333,6 +344,7 @@ fn run_case(dir: &Path, precision: MixedPrecision) {
                 timesteps,
                 perturbation,
                 conditioning,
+                text_time,
             };
             let loss = objective
                 .loss(&precision.compute_copy(&unet), batch)
@@ -789,6 +801,7 @@ fn run_lora_case(dir: &Path) {
                     .collect(),
                 perturbation: None,
                 conditioning: None,
+                text_time: None,
             };
             let model = unet.targets.apply(&unet.network, unet.model.clone());
             let loss = objective.loss(&model, batch).unwrap();

@@ -123,6 +123,21 @@ CASES = {
     # `torch.cat([noisy_latents, mask, masked_latents], dim=1)`, the mask at latent resolution
     # (1 where the image is to be filled in) and the masked image's latents; the target is the
     # noise of the 4 latent channels alone.
+    # An SDXL-style U-Net (`addition_embed_type: "text_time"`), as train_text_to_image_sdxl.py
+    # calls it: `added_cond_kwargs={"text_embeds": pooled, "time_ids": add_time_ids}`.
+    "sdxl_text_time": dict(
+        text_time=True,
+        prediction_type="epsilon",
+        lr=1e-4,
+        lr_scheduler="constant",
+        warmup=0,
+        steps=4,
+        batch=2,
+        accumulation=1,
+        max_grad_norm=1.0,
+        weight_decay=1e-2,
+        ema=dict(decay=0.999),
+    ),
     "inpainting_epsilon": dict(
         inpainting=True,
         prediction_type="epsilon",
@@ -139,6 +154,10 @@ CASES = {
 }
 
 TOKENS = 5
+
+# The SDXL case's pooled text width and its time-id embedding width.
+POOLED = 8
+TIME_EMBED = 4
 
 # A tiny CLIP text tower for the case that trains it with the U-Net (its hidden size is the
 # U-Net's cross-attention width); token ids are random, so no tokenizer is needed.
@@ -193,7 +212,14 @@ def micro_batch_loss(spec: dict, unet, text, scheduler, generator, inputs: dict,
         target = noise
     else:
         target = scheduler.get_velocity(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, context, return_dict=False)[0]
+    added = None
+    if spec.get("text_time"):
+        text_embeds = torch.randn(b, POOLED, generator=generator)
+        # original size, crop top-left, target size: whole pixels, as the script makes them
+        time_ids = torch.randint(0, 96, (b, 6), generator=generator).to(torch.float32)
+        inputs.update({f"text_embeds_{k}": text_embeds, f"time_ids_{k}": time_ids})
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+    pred = unet(noisy, timesteps, context, added_cond_kwargs=added, return_dict=False)[0]
     if spec.get("snr_gamma") is None:
         loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
     else:
@@ -216,7 +242,10 @@ def write_training_case(root: pathlib.Path, name: str, spec: dict, randomise_nor
     seed = zlib.crc32(name.encode()) % 100_000
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**{**UNET_CONFIG, "in_channels": 9 if spec.get("inpainting") else 4})
+    config = {**UNET_CONFIG, "in_channels": 9 if spec.get("inpainting") else 4}
+    if spec.get("text_time"):
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED, projection_class_embeddings_input_dim=POOLED + 6 * TIME_EMBED)
+    unet = UNet2DConditionModel(**config)
     randomise_norms(unet, generator)
     unet = unet.half()
     unet.save_pretrained(case / "unet", safe_serialization=True)

@@ -22,4 +22,7 @@ pub use buckets::{BucketBatches, BucketConfig};
 pub use dataset::{Dataset, Example, IMAGE_EXTENSIONS};
 pub use error::{DataError, Result};
 pub use order::{Order, sample_rng};
-pub use transform::{CaptionOptions, Transform, load_bucketed_image, load_example_image};
+pub use transform::{
+    CaptionOptions, CropInfo, Transform, load_bucketed_image, load_bucketed_image_cropped,
+    load_example_image, load_example_image_cropped,
+};

@@ -91,6 +91,26 @@ pub fn load_example_image(
     transform: &Transform,
     rng: &mut impl Rng,
 ) -> Result<Vec<f32>> {
+    Ok(load_example_image_cropped(path, transform, rng)?.0)
+}
+
+/// Where a training image came from, as SDXL's size and crop conditioning reads it
+/// (`original_size`, `crops_coords_top_left` of diffusers' `train_text_to_image_sdxl.py`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CropInfo {
+    /// The file's `(width, height)` before resizing.
+    pub original: (u32, u32),
+    /// The crop's top-left corner `(x, y)` in the resized image, as seen after the flip (the
+    /// reference flips before it crops).
+    pub top_left: (u32, u32),
+}
+
+/// [`load_example_image`] with where its crop was taken.
+pub fn load_example_image_cropped(
+    path: &Path,
+    transform: &Transform,
+    rng: &mut impl Rng,
+) -> Result<(Vec<f32>, CropInfo)> {
     let image = sd_core::image_io::decode_image(path)?.to_rgb8();
     let (w, h) = image.dimensions();
     let s = transform.resolution;
@@ -119,19 +139,31 @@ pub fn load_bucketed_image(
     transform: &Transform,
     rng: &mut impl Rng,
 ) -> Result<Vec<f32>> {
+    Ok(load_bucketed_image_cropped(path, bucket, resized, transform, rng)?.0)
+}
+
+/// [`load_bucketed_image`] with where its crop was taken.
+pub fn load_bucketed_image_cropped(
+    path: &Path,
+    bucket: (u32, u32),
+    resized: (u32, u32),
+    transform: &Transform,
+    rng: &mut impl Rng,
+) -> Result<(Vec<f32>, CropInfo)> {
     let image = sd_core::image_io::decode_image(path)?.to_rgb8();
     Ok(crop(image, resized, bucket, transform, rng))
 }
 
 /// Resizes `image` to `resized` (bilinear, antialiased), crops `target` (centre or random,
-/// as the transform says) and flips at random; to `[-1, 1]`, CHW.
+/// as the transform says) and flips at random; to `[-1, 1]`, CHW, with where the crop was.
 fn crop(
     image: image::RgbImage,
     (nw, nh): (u32, u32),
     (tw, th): (u32, u32),
     transform: &Transform,
     rng: &mut impl Rng,
-) -> Vec<f32> {
+) -> (Vec<f32>, CropInfo) {
+    let original = image.dimensions();
     let (nw, nh) = (nw.max(tw), nh.max(th));
     let resized = if (nw, nh) == image.dimensions() {
         image
@@ -155,5 +187,68 @@ fn crop(
             }
         }
     }
-    out
+    // Flipping the crop equals cropping the flipped image at the mirrored left edge.
+    let left = if flip { nw - tw - x0 } else { x0 };
+    (
+        out,
+        CropInfo {
+            original,
+            top_left: (left, y0),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever crop and flip were drawn, the pixels are the flipped image's at the reported
+    /// corner (what SDXL's crop ids describe).
+    #[test]
+    fn the_reported_crop_is_where_the_pixels_come_from_in_the_flipped_image() {
+        let (w, h) = (48u32, 32u32);
+        let image =
+            image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8 * 5, y as u8 * 7, 9]));
+        let path = std::env::temp_dir().join(format!("sd-data-crop-{}.png", std::process::id()));
+        image.save(&path).unwrap();
+        let transform = Transform {
+            resolution: 32,
+            center_crop: false,
+            random_flip: true,
+        };
+        let (mut flipped, mut lefts) = (0, std::collections::BTreeSet::new());
+        for seed in 0..40 {
+            let mut rng = crate::sample_rng(seed, 0);
+            let (pixels, info) = load_example_image_cropped(&path, &transform, &mut rng).unwrap();
+            assert_eq!(info.original, (w, h));
+            let (left, top) = info.top_left;
+            lefts.insert(left);
+            let s = 32usize;
+            let mut was_flipped = true;
+            for y in 0..s {
+                for x in 0..s {
+                    // Pixel x of the flipped image is pixel w - 1 - x of the original.
+                    let p = image.get_pixel(w - 1 - (left + x as u32), top + y as u32);
+                    let got = pixels[y * s + x];
+                    if (got - (f32::from(p[0]) / 127.5 - 1.0)).abs() > 1e-6 {
+                        was_flipped = false;
+                    }
+                }
+            }
+            if was_flipped {
+                flipped += 1;
+            } else {
+                // Not flipped: the original at the corner.
+                for y in 0..s {
+                    for x in 0..s {
+                        let p = image.get_pixel(left + x as u32, top + y as u32);
+                        assert!((pixels[y * s + x] - (f32::from(p[0]) / 127.5 - 1.0)).abs() < 1e-6);
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+        assert!(flipped > 5 && flipped < 35, "{flipped} of 40 flipped");
+        assert!(lefts.len() > 3, "{lefts:?}");
+    }
 }

@@ -6,7 +6,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use sd_diffusion::training::{min_snr_weights, target};
 use sd_diffusion::{NoiseSchedule, PredictionType};
-use sd_unet::UNet2DConditionModel;
+use sd_unet::{TextTimeConditioning, UNet2DConditionModel};
 
 use crate::error::{Result, TrainError};
 use crate::precision::to_dtype;
@@ -31,6 +31,9 @@ pub struct DenoisingBatch<B: Backend> {
     /// latents, `[b, 1 + latent channels, h, w]`, as diffusers' inpainting pipeline and its
     /// training scripts (`torch.cat([noisy_latents, mask, masked_latents], dim=1)`).
     pub conditioning: Option<Tensor<B, 4>>,
+    /// SDXL's added conditioning (`added_cond_kwargs`): the second text encoder's pooled
+    /// embedding and each image's size and crop ids.
+    pub text_time: Option<TextTimeConditioning<B>>,
 }
 
 /// What the U-Net learns and how the loss is weighted.
@@ -59,6 +62,7 @@ impl DenoisingObjective {
             timesteps,
             perturbation,
             conditioning,
+            text_time,
         } = batch;
         let b = latents.dims()[0];
         if timesteps.len() != b {
@@ -84,11 +88,15 @@ impl DenoisingObjective {
         // The U-Net computes in its weights' dtype (a bf16 copy under mixed precision); the
         // loss is taken in the latents' (f32), as diffusers' `model_pred.float()`.
         let compute = unet.conv_in.weight.dtype();
+        let text_time = text_time.map(|tt| TextTimeConditioning {
+            text_embeds: to_dtype(tt.text_embeds, compute),
+            time_ids: tt.time_ids,
+        });
         let prediction = unet.forward(
             to_dtype(noisy, compute),
             &t,
             to_dtype(context, compute),
-            None,
+            text_time.as_ref(),
         )?;
         let prediction = to_dtype(prediction, latents_dtype);
         let squared = (prediction - goal).powi_scalar(2);

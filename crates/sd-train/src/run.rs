@@ -17,14 +17,18 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
 use rand::rngs::StdRng;
 use sd::Model;
-use sd::conditioner::{ClipTextConfig, ClipTextModel, ClipTokenizer, padding_of};
+use sd::conditioner::{
+    ClipConditioner, ClipTextConfig, ClipTextModel, ClipTokenizer, Conditioner, PromptSyntax,
+    padding_of,
+};
 use sd_core::weights::{LoadOptions, SafetensorsFile, diffusers_weights_path};
 use sd_data::{
-    CaptionOptions, Dataset, Order, Transform, load_bucketed_image, load_example_image, sample_rng,
+    CaptionOptions, Dataset, Order, Transform, load_bucketed_image_cropped,
+    load_example_image_cropped, sample_rng,
 };
 use sd_diffusion::training::{host_noise, offset_noise, sample_timesteps};
 use sd_diffusion::{NoiseSchedule, PredictionType};
-use sd_unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use sd_unet::{TextTimeConditioning, UNet2DConditionConfig, UNet2DConditionModel};
 
 use crate::checkpoint::{
     TrainingState, copy_components, list_checkpoints, read_state, remove_partials, write_checkpoint,
@@ -531,10 +535,22 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
         (None, None) => String::new(),
     };
     let model = Model::open(&spec)?;
-    if model.family() == sd::ModelFamily::Sdxl {
-        return Err(TrainError::Config(
-            "training SDXL models is not supported yet (SD 1.x and 2.x are)".into(),
-        ));
+    // SDXL: the U-Net (or its LoRA) on both frozen text encoders, with its pooled and
+    // size/crop conditioning, as diffusers' `train_text_to_image_sdxl.py`.
+    let sdxl = model.family() == sd::ModelFamily::Sdxl;
+    if sdxl {
+        let refused = [
+            (config.train_text_encoder, "--train-text-encoder"),
+            (config.cache_text_embeddings, "--cache-text-embeddings"),
+            (config.cache_latents, "--cache-latents"),
+            (config.lora.is_some(), "--lora-rank"),
+        ];
+        if let Some((_, flag)) = refused.iter().find(|(on, _)| *on) {
+            return Err(TrainError::Config(format!(
+                "{flag} is not supported with SDXL models yet (their U-Net trains on both \
+                 frozen text encoders)"
+            )));
+        }
     }
     let base = model.path().to_path_buf();
     if !base.join("model_index.json").is_file() {
@@ -672,6 +688,13 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
         (MixedPrecision::F16, Some(state)) => Some(GradScaler::restore(config.grad_scaler, state)?),
         (MixedPrecision::F16, None) => Some(GradScaler::new(config.grad_scaler)?),
         _ => None,
+    };
+    // SDXL's two frozen encoders, as the inference pipeline wires them (the penultimate layers
+    // concatenated, the second one's projected pooled output), on captions as they are.
+    let sdxl_text: Option<ClipConditioner<B>> = if sdxl {
+        Some(model.load_conditioner::<B>(PromptSyntax::Plain, 0, device)?)
+    } else {
+        None
     };
     let tokenizer_dir = base.join("tokenizer");
     let tokenizer = ClipTokenizer::from_folder(&tokenizer_dir, padding_of(&tokenizer_dir))?;
@@ -903,6 +926,7 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
             let mut cache_shape = None;
             let mut texts = Vec::with_capacity(n);
             let mut masks = Vec::new();
+            let mut crops = Vec::with_capacity(n);
             for &(sample, index) in &members {
                 let example = &dataset.examples()[index];
                 let mut rng = sample_rng(config.seed, sample);
@@ -927,21 +951,25 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                         means.extend_from_slice(&entry.mean);
                         stds.extend_from_slice(&entry.std);
                     }
-                    None => match &buckets {
-                        Some((assigned, _)) => {
-                            let (bucket, resized) = assigned[index];
-                            images.extend(load_bucketed_image(
-                                &example.image,
-                                bucket,
-                                resized,
-                                &transform,
-                                &mut rng,
-                            )?)
-                        }
-                        None => {
-                            images.extend(load_example_image(&example.image, &transform, &mut rng)?)
-                        }
-                    },
+                    None => {
+                        let (pixels, crop) = match &buckets {
+                            Some((assigned, _)) => {
+                                let (bucket, resized) = assigned[index];
+                                load_bucketed_image_cropped(
+                                    &example.image,
+                                    bucket,
+                                    resized,
+                                    &transform,
+                                    &mut rng,
+                                )?
+                            }
+                            None => {
+                                load_example_image_cropped(&example.image, &transform, &mut rng)?
+                            }
+                        };
+                        images.extend(pixels);
+                        crops.push(crop);
+                    }
                 }
                 texts.push(captions.caption(&example.captions, &mut rng));
                 if inpainting {
@@ -952,11 +980,39 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                 .iter()
                 .map(|t| tokenizer.encode_padded(t))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            let context = match (&mut text_cache, &text) {
-                (Some(cache), TextEncoder::Frozen(model)) => {
-                    Tensor::from_inner(cache.context(model, &ids, device)?)
+            let (context, text_time) = match (&sdxl_text, &mut text_cache, &text) {
+                (Some(conditioner), ..) => {
+                    let prompts: Vec<&str> = texts.iter().map(String::as_str).collect();
+                    let c = conditioner.encode(&prompts)?;
+                    let pooled = c.pooled.ok_or_else(|| {
+                        TrainError::Config("the SDXL text encoders gave no pooled embedding".into())
+                    })?;
+                    // (original height, width, crop top, left, target height, width).
+                    let time_ids = crops
+                        .iter()
+                        .map(|c| {
+                            let f = f64::from;
+                            [
+                                f(c.original.1),
+                                f(c.original.0),
+                                f(c.top_left.1),
+                                f(c.top_left.0),
+                                f(height),
+                                f(width),
+                            ]
+                        })
+                        .collect();
+                    let text_time = TextTimeConditioning {
+                        text_embeds: Tensor::from_inner(pooled),
+                        time_ids,
+                    };
+                    (Tensor::from_inner(c.context), Some(text_time))
                 }
-                _ => text.context(&ids, config.mixed_precision)?,
+                (None, Some(cache), TextEncoder::Frozen(model)) => (
+                    Tensor::from_inner(cache.context(model, &ids, device)?),
+                    None,
+                ),
+                _ => (text.context(&ids, config.mixed_precision)?, None),
             };
             // The draws of this micro-batch, in a fixed order: posterior, noise, offset,
             // perturbation, timesteps; each for the whole global batch, of which this peer
@@ -1032,6 +1088,7 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                 timesteps,
                 perturbation: perturbation.map(Tensor::from_inner),
                 conditioning,
+                text_time,
             };
             let precision = config.mixed_precision;
             let loss = match &unet {
