@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use sd_data::{Dataset, Transform, load_bucketed_image, load_example_image};
+use sd_data::{
+    CropInfo, Dataset, Transform, load_bucketed_image_cropped, load_example_image_cropped,
+};
 use sd_encoder::VaeEncoder;
 use sha2::Digest;
 
@@ -27,6 +29,8 @@ pub struct CachedPosterior {
     pub mean: Vec<f32>,
     /// The posterior's standard deviation.
     pub std: Vec<f32>,
+    /// Where the encoded pixels came from (SDXL's size and crop conditioning).
+    pub crop: CropInfo,
 }
 
 /// The posteriors of a dataset's images, by image path.
@@ -94,7 +98,29 @@ fn read_entry(path: &Path, shape: [usize; 3]) -> Option<CachedPosterior> {
         )
     };
     let (mean, std) = (read("mean")?, read("std")?);
-    (mean.iter().chain(&std).all(|v| v.is_finite())).then_some(CachedPosterior { shape, mean, std })
+    // `[original width, height, crop left, top]`; an entry written before it was kept is
+    // encoded again.
+    let crop = {
+        let view = file.tensor("crop").ok()?;
+        if view.dtype() != safetensors::Dtype::U32 || view.shape() != [4] {
+            return None;
+        }
+        let v: Vec<u32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        CropInfo {
+            original: (v[0], v[1]),
+            top_left: (v[2], v[3]),
+        }
+    };
+    (mean.iter().chain(&std).all(|v| v.is_finite())).then_some(CachedPosterior {
+        shape,
+        mean,
+        std,
+        crop,
+    })
 }
 
 fn write_entry(path: &Path, entry: &CachedPosterior) -> Result<()> {
@@ -111,6 +137,13 @@ fn write_entry(path: &Path, entry: &CachedPosterior) -> Result<()> {
     for (name, view) in views {
         tensors.push((name, view.map_err(|e| io(path, e))?));
     }
+    let c = entry.crop;
+    let crop: Vec<u8> = [c.original.0, c.original.1, c.top_left.0, c.top_left.1]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::U32, vec![4], &crop);
+    tensors.push(("crop", view.map_err(|e| io(path, e))?));
     let bytes = safetensors::serialize(tensors, None).map_err(|e| io(path, e))?;
     sd_core::files::write_atomic(path, |out| {
         use std::io::Write;
@@ -180,11 +213,13 @@ impl LatentCache {
                 None => {
                     // Centre crop, no flip: the transform draws nothing from the generator.
                     let mut rng = sd_data::sample_rng(0, 0);
-                    let pixels = match size {
-                        CacheSize::Square => load_example_image(image, transform, &mut rng)?,
-                        CacheSize::Bucket { bucket, resized } => {
-                            load_bucketed_image(image, bucket, resized, transform, &mut rng)?
+                    let (pixels, crop) = match size {
+                        CacheSize::Square => {
+                            load_example_image_cropped(image, transform, &mut rng)?
                         }
+                        CacheSize::Bucket { bucket, resized } => load_bucketed_image_cropped(
+                            image, bucket, resized, transform, &mut rng,
+                        )?,
                     };
                     let x =
                         Tensor::<B, 4>::from_data(TensorData::new(pixels, [1, 3, h, w]), device);
@@ -199,6 +234,7 @@ impl LatentCache {
                         shape,
                         mean: flat(posterior.mean)?,
                         std: flat(posterior.std)?,
+                        crop,
                     };
                     write_entry(&path, &entry)?;
                     entry

@@ -542,7 +542,6 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
         let refused = [
             (config.train_text_encoder, "--train-text-encoder"),
             (config.cache_text_embeddings, "--cache-text-embeddings"),
-            (config.cache_latents, "--cache-latents"),
             (config.lora.is_some(), "--lora-rank"),
         ];
         if let Some((_, flag)) = refused.iter().find(|(on, _)| *on) {
@@ -950,6 +949,7 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                         cache_shape = Some(entry.shape);
                         means.extend_from_slice(&entry.mean);
                         stds.extend_from_slice(&entry.std);
+                        crops.push(entry.crop);
                     }
                     None => {
                         let (pixels, crop) = match &buckets {
