@@ -777,6 +777,62 @@ fn an_sdxl_unet_trains_resumes_and_generates() {
             "step {s1}: {a} vs {b}"
         );
     }
+    // A LoRA of the U-Net alone, in kohya's and diffusers' formats: each loads in `sd generate
+    // --lora` on the base model and changes its image.
+    let render = |name: &str, lora: Option<&Path>| {
+        let out = dir.join(name);
+        let mut c = Command::new(SD);
+        c.args([
+            "generate",
+            "a red circle",
+            "--steps",
+            "2",
+            "--width",
+            "32",
+            "--height",
+            "32",
+        ])
+        .args(["--seed", "1", "-q", "--model"])
+        .arg(&model)
+        .arg("-o")
+        .arg(&out);
+        if let Some(lora) = lora {
+            c.arg("--lora").arg(lora);
+        }
+        let run = c.output().unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        image::open(&out).unwrap().to_rgb8().into_raw()
+    };
+    let base = render("base.png", None);
+    for format in ["kohya", "diffusers"] {
+        let output = dir.join(format!("lora-{format}"));
+        ok(&centre(
+            &output,
+            &[
+                "--lora-rank",
+                "4",
+                "--learning-rate",
+                "5e-2",
+                "--lora-format",
+                format,
+            ],
+        ));
+        let path = output.join(match format {
+            "kohya" => "lora.safetensors",
+            _ => "pytorch_lora_weights.safetensors",
+        });
+        let file = sd_lora::LoraFile::open(&path).unwrap();
+        assert_eq!(
+            file.components(),
+            vec![sd_lora::Component::Unet],
+            "{format}"
+        );
+        assert!(render(&format!("{format}.png"), Some(&path)) != base);
+    }
     for flag in ["--train-text-encoder", "--cache-text-embeddings"] {
         let out = run(&dir.join("refused"), "1", &[flag]);
         let err = String::from_utf8_lossy(&out.stderr);

@@ -542,7 +542,10 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
         let refused = [
             (config.train_text_encoder, "--train-text-encoder"),
             (config.cache_text_embeddings, "--cache-text-embeddings"),
-            (config.lora.is_some(), "--lora-rank"),
+            (
+                config.lora.is_some() && config.train_text_encoder,
+                "--lora-rank with --train-text-encoder",
+            ),
         ];
         if let Some((_, flag)) = refused.iter().find(|(on, _)| *on) {
             return Err(TrainError::Config(format!(
