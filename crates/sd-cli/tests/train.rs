@@ -833,17 +833,42 @@ fn an_sdxl_unet_trains_resumes_and_generates() {
         );
         assert!(render(&format!("{format}.png"), Some(&path)) != base);
     }
-    for flag in ["--train-text-encoder", "--cache-text-embeddings"] {
-        let out = run(&dir.join("refused"), "1", &[flag]);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success()
-                && err.contains(flag)
-                && err.contains("SDXL")
-                && err.trim().lines().count() == 1,
-            "{flag}: {err}"
-        );
+    // Cached text embeddings (both encoders' context and the pooled one, by caption) give the
+    // same run; a damaged entry is computed again.
+    let text_cached = dir.join("text-cached");
+    ok(&centre(&text_cached, &["--cache-text-embeddings"]));
+    let entries: Vec<PathBuf> = std::fs::read_dir(text_cached.join("text_cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(!entries.is_empty());
+    std::fs::write(&entries[0], b"damaged").unwrap();
+    let again = dir.join("text-cached-again");
+    common::copy_dir(&text_cached.join("text_cache"), &again.join("text_cache"));
+    ok(&centre(&again, &["--cache-text-embeddings"]));
+    for run in [&text_cached, &again] {
+        let (a, b) = (sd_train_log(&plain), sd_train_log(run));
+        for ((s1, a), (s2, b)) in a.iter().zip(&b) {
+            let (a, b): (f64, f64) = (a.parse().unwrap(), b.parse().unwrap());
+            assert!(
+                s1 == s2 && (a - b).abs() <= 1e-5 * a.abs(),
+                "step {s1}: {a} vs {b}"
+            );
+        }
     }
+    let rewritten = again
+        .join("text_cache")
+        .join(entries[0].file_name().unwrap());
+    assert!(std::fs::read(rewritten).unwrap() != b"damaged");
+    let out = run(&dir.join("refused"), "1", &["--train-text-encoder"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("--train-text-encoder")
+            && err.contains("SDXL")
+            && err.trim().lines().count() == 1,
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -541,7 +541,6 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
     if sdxl {
         let refused = [
             (config.train_text_encoder, "--train-text-encoder"),
-            (config.cache_text_embeddings, "--cache-text-embeddings"),
             (
                 config.lora.is_some() && config.train_text_encoder,
                 "--lora-rank with --train-text-encoder",
@@ -794,7 +793,19 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
     } else {
         None
     };
-    let mut text_cache = match (&text, config.cache_text_embeddings) {
+    // SDXL's cached conditioning: both encoders' outputs by caption.
+    let mut sdxl_cache = match (&sdxl_text, config.cache_text_embeddings) {
+        (Some(_), true) => Some(crate::text_cache::ConditioningCache::new(
+            &output.join("text_cache"),
+            &format!(
+                "{}-{}",
+                folder_weights_hash(&base.join("text_encoder"))?,
+                folder_weights_hash(&base.join("text_encoder_2"))?
+            ),
+        )?),
+        _ => None,
+    };
+    let mut text_cache = match (&text, config.cache_text_embeddings && !sdxl) {
         (TextEncoder::Frozen(_), true) => Some(crate::text_cache::TextCache::new(
             &output.join("text_cache"),
             &folder_weights_hash(&base.join("text_encoder"))?,
@@ -985,11 +996,19 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             let (context, text_time) = match (&sdxl_text, &mut text_cache, &text) {
                 (Some(conditioner), ..) => {
-                    let prompts: Vec<&str> = texts.iter().map(String::as_str).collect();
-                    let c = conditioner.encode(&prompts)?;
-                    let pooled = c.pooled.ok_or_else(|| {
-                        TrainError::Config("the SDXL text encoders gave no pooled embedding".into())
-                    })?;
+                    let (context, pooled) = match &mut sdxl_cache {
+                        Some(cache) => cache.conditioning(conditioner, &texts, device)?,
+                        None => {
+                            let prompts: Vec<&str> = texts.iter().map(String::as_str).collect();
+                            let c = conditioner.encode(&prompts)?;
+                            let pooled = c.pooled.ok_or_else(|| {
+                                TrainError::Config(
+                                    "the SDXL text encoders gave no pooled embedding".into(),
+                                )
+                            })?;
+                            (c.context, pooled)
+                        }
+                    };
                     // (original height, width, crop top, left, target height, width).
                     let time_ids = crops
                         .iter()
@@ -1009,7 +1028,7 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                         text_embeds: Tensor::from_inner(pooled),
                         time_ids,
                     };
-                    (Tensor::from_inner(c.context), Some(text_time))
+                    (Tensor::from_inner(context), Some(text_time))
                 }
                 (None, Some(cache), TextEncoder::Frozen(model)) => (
                     Tensor::from_inner(cache.context(model, &ids, device)?),
