@@ -568,6 +568,38 @@ fn the_discriminator_joins_at_its_start_and_resumes_exactly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `sd train unet` on another fixture model: 2 images a step at 32², a checkpoint every 2
+/// steps, EMA, random flips, then `extra`.
+fn train_model(model: &Path, data: &Path, output: &Path, steps: &str, extra: &[&str]) -> Output {
+    Command::new(SD)
+        .args(["train", "unet", "--data"])
+        .arg(data)
+        .arg("--output")
+        .arg(output)
+        .arg("--model")
+        .arg(model)
+        .args([
+            "--max-steps",
+            steps,
+            "--batch-size",
+            "2",
+            "--resolution",
+            "32",
+        ])
+        .args([
+            "--checkpoint-every",
+            "2",
+            "--learning-rate",
+            "1e-3",
+            "--ema-decay",
+            "0.99",
+        ])
+        .args(["--random-flip", "-q"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 /// An inpainting model (9-channel U-Net) trains on random masks over its images, resumes
 /// exactly, and the folder it writes inpaints with `sd generate --init-image --mask`; its
 /// latents cannot be cached (the masked images change every step).
@@ -579,33 +611,7 @@ fn an_inpainting_unet_trains_on_random_masks_resumes_and_inpaints() {
         .join("../../tests/fixtures/pipeline/tiny_sd1_inpaint");
     let model = fixture.join("model");
     let run = |output: &Path, steps: &str, extra: &[&str]| {
-        Command::new(SD)
-            .args(["train", "unet", "--data"])
-            .arg(&data)
-            .arg("--output")
-            .arg(output)
-            .arg("--model")
-            .arg(&model)
-            .args([
-                "--max-steps",
-                steps,
-                "--batch-size",
-                "2",
-                "--resolution",
-                "32",
-            ])
-            .args([
-                "--checkpoint-every",
-                "2",
-                "--learning-rate",
-                "1e-3",
-                "--ema-decay",
-                "0.99",
-            ])
-            .args(["--random-flip", "-q"])
-            .args(extra)
-            .output()
-            .unwrap()
+        train_model(&model, &data, output, steps, extra)
     };
     let straight = dir.join("straight");
     ok(&run(&straight, "4", &[]));
@@ -666,39 +672,8 @@ fn an_sdxl_unet_trains_resumes_and_generates() {
     let model =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pipeline/tiny_sdxl/model");
     let run = |output: &Path, steps: &str, extra: &[&str]| {
-        Command::new(SD)
-            .args(["train", "unet", "--data"])
-            .arg(&data)
-            .arg("--output")
-            .arg(output)
-            .arg("--model")
-            .arg(&model)
-            .args([
-                "--max-steps",
-                steps,
-                "--batch-size",
-                "2",
-                "--resolution",
-                "32",
-            ])
-            .args([
-                "--checkpoint-every",
-                "2",
-                "--learning-rate",
-                "1e-3",
-                "--ema-decay",
-                "0.99",
-            ])
-            .args([
-                "--random-flip",
-                "--random-crop",
-                "--caption-dropout",
-                "0.3",
-                "-q",
-            ])
-            .args(extra)
-            .output()
-            .unwrap()
+        let crops = ["--random-crop", "--caption-dropout", "0.3"];
+        train_model(&model, &data, output, steps, &[&crops[..], extra].concat())
     };
     let straight = dir.join("straight");
     ok(&run(&straight, "4", &[]));
