@@ -600,6 +600,21 @@ fn train_model(model: &Path, data: &Path, output: &Path, steps: &str, extra: &[&
         .unwrap()
 }
 
+/// Runs 4 steps straight and 2 + 2 with a resume; their last checkpoints must match bit for
+/// bit. Returns the straight run's folder.
+fn straight_and_resumed(dir: &Path, run: &dyn Fn(&Path, &str, &[&str]) -> Output) -> PathBuf {
+    let straight = dir.join("straight");
+    ok(&run(&straight, "4", &[]));
+    let resumed = dir.join("resumed");
+    ok(&run(&resumed, "2", &[]));
+    ok(&run(&resumed, "4", &["--resume", "latest"]));
+    same_state(
+        &straight.join("checkpoint-4"),
+        &resumed.join("checkpoint-4"),
+    );
+    straight
+}
+
 /// An inpainting model (9-channel U-Net) trains on random masks over its images, resumes
 /// exactly, and the folder it writes inpaints with `sd generate --init-image --mask`; its
 /// latents cannot be cached (the masked images change every step).
@@ -613,15 +628,7 @@ fn an_inpainting_unet_trains_on_random_masks_resumes_and_inpaints() {
     let run = |output: &Path, steps: &str, extra: &[&str]| {
         train_model(&model, &data, output, steps, extra)
     };
-    let straight = dir.join("straight");
-    ok(&run(&straight, "4", &[]));
-    let resumed = dir.join("resumed");
-    ok(&run(&resumed, "2", &[]));
-    ok(&run(&resumed, "4", &["--resume", "latest"]));
-    same_state(
-        &straight.join("checkpoint-4"),
-        &resumed.join("checkpoint-4"),
-    );
+    let straight = straight_and_resumed(&dir, &run);
     let read = |p: &Path| sd::core::weights::SafetensorsFile::open(p).unwrap();
     let f32 = burn::tensor::DType::F32;
     let key = "conv_in.weight";
@@ -675,15 +682,7 @@ fn an_sdxl_unet_trains_resumes_and_generates() {
         let crops = ["--random-crop", "--caption-dropout", "0.3"];
         train_model(&model, &data, output, steps, &[&crops[..], extra].concat())
     };
-    let straight = dir.join("straight");
-    ok(&run(&straight, "4", &[]));
-    let resumed = dir.join("resumed");
-    ok(&run(&resumed, "2", &[]));
-    ok(&run(&resumed, "4", &["--resume", "latest"]));
-    same_state(
-        &straight.join("checkpoint-4"),
-        &resumed.join("checkpoint-4"),
-    );
+    let straight = straight_and_resumed(&dir, &run);
     // The added-conditioning layers trained too.
     let read = |p: &Path| sd::core::weights::SafetensorsFile::open(p).unwrap();
     let f32 = burn::tensor::DType::F32;

@@ -990,10 +990,13 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                     masks.extend(crate::inpainting::random_mask(w, h, &mut rng));
                 }
             }
-            let ids = texts
-                .iter()
-                .map(|t| tokenizer.encode_padded(t))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
+            // The first encoder's token ids (SDXL's conditioner tokenizes for itself).
+            let ids = || {
+                texts
+                    .iter()
+                    .map(|t| tokenizer.encode_padded(t))
+                    .collect::<std::result::Result<Vec<_>, _>>()
+            };
             let (context, text_time) = match (&sdxl_text, &mut text_cache, &text) {
                 (Some(conditioner), ..) => {
                     let (context, pooled) = match &mut sdxl_cache {
@@ -1031,10 +1034,10 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                     (Tensor::from_inner(context), Some(text_time))
                 }
                 (None, Some(cache), TextEncoder::Frozen(model)) => (
-                    Tensor::from_inner(cache.context(model, &ids, device)?),
+                    Tensor::from_inner(cache.context(model, &ids()?, device)?),
                     None,
                 ),
-                _ => (text.context(&ids, config.mixed_precision)?, None),
+                _ => (text.context(&ids()?, config.mixed_precision)?, None),
             };
             // The draws of this micro-batch, in a fixed order: posterior, noise, offset,
             // perturbation, timesteps; each for the whole global batch, of which this peer

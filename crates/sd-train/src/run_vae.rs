@@ -497,7 +497,6 @@ fn run_vae<B: Backend, C: CheckpointStrategy>(
                 seen,
                 d.factor,
                 accumulation,
-                device,
             )?;
             peer.mean_gradients(&mut [&mut grads])?;
             let loss = peer.mean(&[loss], device)?[0];
@@ -596,7 +595,6 @@ fn discriminator_step<B: Backend, C: CheckpointStrategy>(
     seen: Vec<(Tensor<B, 4>, Tensor<B, 4>)>,
     factor: f64,
     accumulation: u64,
-    device: &B::Device,
 ) -> Result<(f64, Gradients<B>)> {
     let mut grads = Gradients::<B>::new();
     let mut sum = 0.0;
@@ -611,6 +609,5 @@ fn discriminator_step<B: Backend, C: CheckpointStrategy>(
         let mut backward = loss.div_scalar(accumulation as f64).backward();
         grads.accumulate(disc, &mut backward);
     }
-    let _ = device;
     Ok((sum / accumulation as f64, grads))
 }
