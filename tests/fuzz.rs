@@ -491,10 +491,13 @@ fn fuzz(name: &str, execs: u64, seed: u64, progress: bool) -> Report {
             last_print = Instant::now();
             let s = start.elapsed().as_secs_f64();
             eprintln!(
-                "fuzz: {name}: {} of {execs} executions, {:.0}/s, {} failure(s)",
+                "fuzz: {name}: {} of {execs} executions, {:.0}/s, {} failure(s), {} MB resident, \
+                 largest kept input {} KB",
                 exec + 1,
                 (exec + 1) as f64 / s,
-                failures.len()
+                failures.len(),
+                resident_mb().map_or("?".into(), |mb| mb.to_string()),
+                pool.iter().map(Vec::len).max().unwrap_or(0) >> 10
             );
         }
     }
@@ -506,6 +509,15 @@ fn fuzz(name: &str, execs: u64, seed: u64, progress: bool) -> Report {
         depths,
         failures,
     }
+}
+
+/// The process's resident memory in MB (Linux's `/proc/self/status`), for the progress lines:
+/// a run whose memory grows shows it there long before the kernel kills it.
+fn resident_mb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let kb: u64 = kb.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb >> 10)
 }
 
 /// A number from the input's hash that picks an execution's options (which loaders, dtypes,
@@ -806,18 +818,56 @@ impl J {
         s.into_bytes()
     }
 
-    /// Paths (child indices) of every node, the root included.
-    fn paths(&self, prefix: &mut Vec<usize>, out: &mut Vec<Vec<usize>>) {
-        out.push(prefix.clone());
-        let children: Vec<&J> = match self {
-            J::Arr(items) => items.iter().collect(),
-            J::Obj(fields) => fields.iter().map(|(_, v)| v).collect(),
-            _ => Vec::new(),
+    /// Visits every node in pre-order with its path (child indices), the root first.
+    fn walk(&self, path: &mut Vec<usize>, visit: &mut impl FnMut(&[usize])) {
+        visit(path);
+        let children: Box<dyn Iterator<Item = &J>> = match self {
+            J::Arr(items) => Box::new(items.iter()),
+            J::Obj(fields) => Box::new(fields.iter().map(|(_, v)| v)),
+            _ => Box::new(std::iter::empty()),
         };
-        for (i, c) in children.into_iter().enumerate() {
-            prefix.push(i);
-            c.paths(prefix, out);
-            prefix.pop();
+        for (i, c) in children.enumerate() {
+            path.push(i);
+            c.walk(path, visit);
+            path.pop();
+        }
+    }
+
+    /// The path of a node drawn uniformly, by reservoir sampling over one walk: memory in the
+    /// tree's depth. (Collecting every node's path took memory in nodes × depth: a long list
+    /// nested a few hundred deep asked for gigabytes.)
+    fn random_path(&self, rng: &mut Rng) -> Vec<usize> {
+        let mut chosen = Vec::new();
+        let mut seen = 0;
+        self.walk(&mut Vec::new(), &mut |path| {
+            seen += 1;
+            if rng.below(seen) == 0 {
+                chosen = path.to_vec();
+            }
+        });
+        chosen
+    }
+
+    /// The length of the compact JSON text.
+    fn len(&self) -> usize {
+        match self {
+            J::Null => 4,
+            J::Bool(b) => {
+                if *b {
+                    4
+                } else {
+                    5
+                }
+            }
+            J::Num(n) => n.len(),
+            J::Str(s) => s.len() + 2,
+            J::Arr(items) => 2 + items.iter().map(|v| v.len() + 1).sum::<usize>(),
+            J::Obj(fields) => {
+                2 + fields
+                    .iter()
+                    .map(|(k, v)| k.len() + 4 + v.len())
+                    .sum::<usize>()
+            }
         }
     }
 
@@ -962,11 +1012,19 @@ fn random_value(rng: &mut Rng, dict: &[String], original: &J) -> J {
     }
 }
 
+/// The most JSON text one edit may add by repeating a value. Unbounded, 20,000 copies of a
+/// list that was itself a long list took `unet_config`'s long run (seed 7) past 24 GB, where the
+/// kernel killed it at execution 198,915.
+const MAX_JSON_GROWTH: usize = 64 << 10;
+
+/// JSON mutants are cut to this length. Config files are a few KB; a quarter of a MB still shows
+/// a parse that is not linear, and mutants of megabytes had slowed the config targets' long runs
+/// from thousands of executions a second to hundreds.
+const MAX_JSON_INPUT: usize = 256 << 10;
+
 /// One structure-aware edit of a JSON tree.
 fn mutate_json_tree(rng: &mut Rng, tree: &mut J, dict: &[String]) {
-    let mut paths = Vec::new();
-    tree.paths(&mut Vec::new(), &mut paths);
-    let path = rng.pick(&paths).clone();
+    let path = tree.random_path(rng);
     let node = tree.at(&path);
     match node {
         J::Obj(fields) if !fields.is_empty() && rng.one_in(2) => {
@@ -1006,14 +1064,14 @@ fn mutate_json_tree(rng: &mut Rng, tree: &mut J, dict: &[String]) {
                 // A very long list, with an odd last entry: the parse and its error must stay
                 // linear.
                 let v = items.first().cloned().unwrap_or(J::Num("1".into()));
-                let n = rng.size(20_000);
+                let n = rng.size(20_000).min(MAX_JSON_GROWTH / (v.len() + 1));
                 items.extend(std::iter::repeat_n(v, n));
                 items.push(random_value(rng, dict, &J::Null));
             }
             2 => items.clear(),
             3 if !items.is_empty() => {
                 let v = items[rng.below(items.len())].clone();
-                for _ in 0..rng.size(64) {
+                for _ in 0..rng.size(64).min(MAX_JSON_GROWTH / (v.len() + 1)) {
                     items.push(v.clone());
                 }
             }
@@ -1078,9 +1136,13 @@ fn mutate_json(rng: &mut Rng, data: &[u8], other: &[u8]) -> Vec<u8> {
         for _ in 0..edits {
             mutate_json_tree(rng, &mut tree, &dict);
         }
-        return tree.to_bytes(rng.one_in(2));
+        let mut out = tree.to_bytes(rng.one_in(2));
+        out.truncate(MAX_JSON_INPUT);
+        return out;
     }
-    mutate_bytes(rng, data, other, 0..0)
+    let mut out = mutate_bytes(rng, data, other, 0..0);
+    out.truncate(MAX_JSON_INPUT);
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2841,6 +2903,34 @@ fn mutators_are_deterministic() {
     let png = &image_corpus()[0];
     let chunks = png_chunks(png).expect("init.png's chunks");
     assert_eq!(png_from_chunks(&chunks, true), *png);
+}
+
+/// One JSON edit at most doubles a tree (a value copied once) and adds at most
+/// [`MAX_JSON_GROWTH`] by repeating a value: the tree stays small even when the values repeated
+/// are long (20,000 copies of one of these would be 400 MB), and mutants are cut to
+/// [`MAX_JSON_INPUT`].
+#[test]
+fn json_mutants_stay_bounded() {
+    let long = format!("[\"{}\"]", "x".repeat(20_000));
+    let input = format!("{{\"a\":[{long},{long}],\"b\":[{long}]}}").into_bytes();
+    let tree = J::parse(&input).expect("valid JSON");
+    let dict = vec!["a".to_string()];
+    for seed in 0..5_000 {
+        let mut mutant = tree.clone();
+        mutate_json_tree(&mut Rng::new(seed), &mut mutant, &dict);
+        assert!(
+            mutant.len() <= 2 * tree.len() + MAX_JSON_GROWTH + 1024,
+            "seed {seed}: one edit grew a {} KB tree to {} KB",
+            tree.len() >> 10,
+            mutant.len() >> 10
+        );
+        let out = mutate_json(&mut Rng::new(seed), &input, &input);
+        assert!(
+            out.len() <= MAX_JSON_INPUT,
+            "seed {seed}: {} bytes",
+            out.len()
+        );
+    }
 }
 
 /// Runs one file through one target and says what happened (`cargo xtask fuzz --target NAME
