@@ -144,9 +144,12 @@ fn write_text<B: Backend>(
 }
 
 /// The text encoder: frozen on the inner backend, trained with its own optimiser state, or
-/// frozen with a LoRA trained beside it.
+/// frozen with a LoRA trained beside it; or SDXL's two frozen encoders.
 enum TextEncoder<B: Backend, C: CheckpointStrategy> {
     Frozen(ClipTextModel<B>),
+    /// SDXL's two frozen encoders, as the inference pipeline wires them (the penultimate layers
+    /// concatenated, the second one's projected pooled output), on captions as they are.
+    Conditioner(ClipConditioner<B>),
     Trained {
         model: ClipTextModel<Autodiff<B, C>>,
         adamw: AdamW<B>,
@@ -178,6 +181,11 @@ impl<B: Backend, C: CheckpointStrategy> TextEncoder<B, C> {
     ) -> Result<Tensor<Autodiff<B, C>, 3>> {
         Ok(match self {
             Self::Frozen(model) => Tensor::from_inner(model.forward(ids)?.last_hidden_state),
+            Self::Conditioner(_) => {
+                return Err(TrainError::Config(
+                    "SDXL's encoders take captions, not token ids".into(),
+                ));
+            }
             Self::Trained { model, .. } => {
                 precision
                     .compute_copy(model)
@@ -681,6 +689,9 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
             },
             adamw: AdamW::new(config.adam)?,
         },
+        (false, _) if sdxl => {
+            TextEncoder::Conditioner(model.load_conditioner::<B>(PromptSyntax::Plain, 0, device)?)
+        }
         (false, _) => TextEncoder::Frozen(model.load_text_encoder::<B>(0, device)?),
     };
     // f16 needs its loss scaled (bf16 and f32 do not): a resumed run goes on with the scale
@@ -689,13 +700,6 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
         (MixedPrecision::F16, Some(state)) => Some(GradScaler::restore(config.grad_scaler, state)?),
         (MixedPrecision::F16, None) => Some(GradScaler::new(config.grad_scaler)?),
         _ => None,
-    };
-    // SDXL's two frozen encoders, as the inference pipeline wires them (the penultimate layers
-    // concatenated, the second one's projected pooled output), on captions as they are.
-    let sdxl_text: Option<ClipConditioner<B>> = if sdxl {
-        Some(model.load_conditioner::<B>(PromptSyntax::Plain, 0, device)?)
-    } else {
-        None
     };
     let tokenizer_dir = base.join("tokenizer");
     let tokenizer = ClipTokenizer::from_folder(&tokenizer_dir, padding_of(&tokenizer_dir))?;
@@ -794,8 +798,8 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
         None
     };
     // SDXL's cached conditioning: both encoders' outputs by caption.
-    let mut sdxl_cache = match (&sdxl_text, config.cache_text_embeddings) {
-        (Some(_), true) => Some(crate::text_cache::ConditioningCache::new(
+    let mut sdxl_cache = match (&text, config.cache_text_embeddings) {
+        (TextEncoder::Conditioner(_), true) => Some(crate::text_cache::ConditioningCache::new(
             &output.join("text_cache"),
             &format!(
                 "{}-{}",
@@ -997,8 +1001,8 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                     .map(|t| tokenizer.encode_padded(t))
                     .collect::<std::result::Result<Vec<_>, _>>()
             };
-            let (context, text_time) = match (&sdxl_text, &mut text_cache, &text) {
-                (Some(conditioner), ..) => {
+            let (context, text_time) = match (&text, &mut text_cache) {
+                (TextEncoder::Conditioner(conditioner), _) => {
                     let (context, pooled) = match &mut sdxl_cache {
                         Some(cache) => cache.conditioning(conditioner, &texts, device)?,
                         None => {
@@ -1033,7 +1037,7 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                     };
                     (Tensor::from_inner(context), Some(text_time))
                 }
-                (None, Some(cache), TextEncoder::Frozen(model)) => (
+                (TextEncoder::Frozen(model), Some(cache)) => (
                     Tensor::from_inner(cache.context(model, &ids()?, device)?),
                     None,
                 ),
@@ -1150,7 +1154,7 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                 TextEncoder::Lora { trainee, .. } => {
                     text_grads.accumulate(&trainee.network, &mut backward)
                 }
-                TextEncoder::Frozen(_) => {}
+                TextEncoder::Frozen(_) | TextEncoder::Conditioner(_) => {}
             }
         }
         // Data parallelism: every peer steps with the mean of the peers' gradients.
