@@ -9,6 +9,7 @@
 //! - [`noise_schedule`]: the betas and `ᾱ_t` of the forward process, shared by its training
 //!   side (`sd-diffusion`) and the samplers (`sd-schedulers`); [`noise`]: the seeded noise both
 //!   draw.
+//! - [`optim`]: the optimiser's passes over every parameter (AdamW's update, norms, scaling).
 //! - [`vae_config`]: the `AutoencoderKL` configuration both VAE halves are built from.
 //! - [`vae_keys`]: the VAE's original single-file key names mapped to diffusers'.
 //!
@@ -27,6 +28,7 @@ pub mod image_io;
 pub mod layers;
 pub mod noise;
 pub mod noise_schedule;
+pub mod optim;
 pub mod vae_config;
 pub mod vae_keys;
 pub mod weights;

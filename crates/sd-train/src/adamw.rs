@@ -6,6 +6,8 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::{Deserialize, Serialize};
 
+use sd_core::optim::{AdamWScalars, adamw_update};
+
 use crate::error::{Result, TrainError};
 use crate::gradients::Gradients;
 use crate::params::{flat_params, with_flat_params};
@@ -156,19 +158,17 @@ impl<B: Backend> AdamW<B> {
                 let n = grad.shape().num_elements();
                 let c = self.config;
                 let theta = tensor.inner().reshape([n]);
-                let theta = theta.mul_scalar(1.0 - self.lr * c.weight_decay);
-                let (m, v) = match self.moments[index].take() {
-                    Some((m, v)) => (m, v),
-                    None => (grad.zeros_like(), grad.zeros_like()),
+                let scalars = AdamWScalars {
+                    lr: self.lr,
+                    weight_decay: c.weight_decay,
+                    beta1: c.beta1,
+                    beta2: c.beta2,
+                    epsilon: c.epsilon,
+                    step_size: self.step_size,
+                    bias2_sqrt: self.bias2_sqrt,
                 };
-                let m = m.clone() + (grad.clone() - m).mul_scalar(1.0 - c.beta1);
-                let v = v.mul_scalar(c.beta2) + grad.clone().mul(grad).mul_scalar(1.0 - c.beta2);
-                let denom = v
-                    .clone()
-                    .sqrt()
-                    .div_scalar(self.bias2_sqrt)
-                    .add_scalar(c.epsilon);
-                let theta = theta - m.clone().div(denom).mul_scalar(self.step_size);
+                let (theta, (m, v)) =
+                    adamw_update(theta, grad, self.moments[index].take(), &scalars);
                 self.moments[index] = Some((m, v));
                 let mut tensor = Tensor::<AB, D>::from_inner(theta.reshape(dims));
                 if require_grad {

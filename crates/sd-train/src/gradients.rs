@@ -90,10 +90,7 @@ impl<B: Backend> Gradients<B> {
             .slots
             .iter()
             .flatten()
-            .map(|g| {
-                let sq: f64 = g.clone().powi_scalar(2).sum().into_scalar().elem();
-                sq
-            })
+            .map(sd_core::optim::squared_norm)
             .collect();
         norms.iter().sum::<f64>().sqrt()
     }
@@ -144,8 +141,11 @@ impl<B: Backend> Gradients<B> {
 
     /// Multiplies every gradient by `factor`.
     pub fn scale(&mut self, factor: f64) {
-        for slot in self.slots.iter_mut().flatten() {
-            *slot = slot.clone().mul_scalar(factor);
+        for slot in self.slots.iter_mut() {
+            // Taken out, so that an unshared buffer is scaled in place.
+            if let Some(grad) = slot.take() {
+                *slot = Some(sd_core::optim::scale(grad, factor));
+            }
         }
     }
 }

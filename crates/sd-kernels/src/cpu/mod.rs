@@ -598,6 +598,75 @@ pub fn try_group_norm<B: Backend>(
     Some(route.output_f32(out, [batch, channels, h, w]))
 }
 
+/// A flat parameter and its two AdamW moments.
+pub type AdamWState<B> = (Tensor<B, 1>, Option<(Tensor<B, 1>, Tensor<B, 1>)>);
+
+/// One AdamW step ([`vector::adamw`]) on a flat parameter, its gradient and its moments (`None`
+/// before the first step: zeros), when `B` is Flex and every tensor is f32 of one length: the
+/// updated parameter, first and second moments, each in place when its buffer is not shared.
+/// The parameter and moments come back untouched otherwise.
+pub fn try_adamw<B: Backend>(
+    theta: Tensor<B, 1>,
+    grad: &Tensor<B, 1>,
+    moments: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+    step: vector::AdamWStep,
+) -> Result<[Tensor<B, 1>; 3], AdamWState<B>> {
+    let Some(route) = FlexRoute::<B>::check() else {
+        return Err((theta, moments));
+    };
+    let n = theta.dims()[0];
+    let fits = |t: &Tensor<B, 1>| t.dtype() == DType::F32 && t.dims()[0] == n;
+    if !(fits(&theta) && fits(grad) && moments.as_ref().is_none_or(|(m, v)| fits(m) && fits(v))) {
+        return Err((theta, moments));
+    }
+    let Some(g) = route.input(grad) else {
+        return Err((theta, moments));
+    };
+    let Some(g) = g.as_slice::<f32>() else {
+        return Err((theta, moments));
+    };
+    let mut t = match route.owned(theta) {
+        Ok(t) => t,
+        Err(theta) => return Err((theta, moments)),
+    };
+    let (mut m, mut v) = match moments {
+        None => {
+            let zeros = || FlexTensor::from_data(TensorData::new(vec![0f32; n], [n]));
+            (zeros(), zeros())
+        }
+        Some((m, v)) => match (route.owned(m), route.owned(v)) {
+            (Ok(m), Ok(v)) => (m, v),
+            (m, v) => {
+                let back =
+                    |r: Result<FlexTensor, Tensor<B, 1>>| r.map_or_else(|t| t, |f| route.output(f));
+                return Err((route.output(t), Some((back(m), back(v)))));
+            }
+        },
+    };
+    vector::adamw(t.storage_mut(), g, m.storage_mut(), v.storage_mut(), step);
+    Ok([route.output(t), route.output(m), route.output(v)])
+}
+
+/// `Σ x²` in f64 ([`vector::sum_of_squares`]), when `B` is Flex and `x` is f32.
+pub fn try_sum_of_squares<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<f64> {
+    let route = FlexRoute::<B>::check()?;
+    let flex = route.input(x)?;
+    Some(vector::sum_of_squares(flex.as_slice()?))
+}
+
+/// `x·a` in place ([`vector::scale`]) when `B` is Flex and `x` is f32; `x` back otherwise.
+pub fn try_scale<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    a: f32,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    let Some(route) = FlexRoute::<B>::check() else {
+        return Err(x);
+    };
+    let mut flex = route.owned(x)?;
+    vector::scale(flex.storage_mut(), a);
+    Ok(route.output(flex))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -214,6 +214,90 @@ dispatched! {
     }
 }
 
+/// The constants of one AdamW step (Loshchilov & Hutter 2019, Algorithm 2; the bias
+/// corrections arranged as PyTorch's `AdamW`), as f32 like the tensor ops it replaces.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// `1 − lr·λ`: the decoupled weight decay.
+    pub decay: f32,
+    /// `1 − β₁`.
+    pub one_minus_beta1: f32,
+    /// `β₂`.
+    pub beta2: f32,
+    /// `1 − β₂`.
+    pub one_minus_beta2: f32,
+    /// `√(1 − β₂ᵗ)`.
+    pub bias2_sqrt: f32,
+    /// `ε`.
+    pub epsilon: f32,
+    /// `lr / (1 − β₁ᵗ)`.
+    pub step_size: f32,
+}
+
+dispatched! {
+    /// One AdamW step in place, element by element, in the order (and so the rounding) of the
+    /// tensor ops it replaces: `θ ← θ(1 − lrλ)`, `m ← m + (g − m)(1 − β₁)`,
+    /// `v ← vβ₂ + g²(1 − β₂)`, `θ ← θ − m / (√v / √(1 − β₂ᵗ) + ε) · lr / (1 − β₁ᵗ)`.
+    pub fn adamw_in_place(theta: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: AdamWStep) {
+        for (((t, &g), m), v) in theta.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let mt = *m + (g - *m) * s.one_minus_beta1;
+            let vt = *v * s.beta2 + g * g * s.one_minus_beta2;
+            let denom = vt.sqrt() / s.bias2_sqrt + s.epsilon;
+            *t = *t * s.decay - mt / denom * s.step_size;
+            *m = mt;
+            *v = vt;
+        }
+    }
+}
+
+dispatched! {
+    /// `Σ x²`, each square and the sum in f64.
+    pub fn sum_of_squares_f64(x: &[f32]) -> f64 {
+        let mut lanes = [0f64; LANES / 2];
+        let blocks = x.chunks_exact(LANES / 2);
+        let rest = blocks.remainder();
+        for block in blocks {
+            for (s, &v) in lanes.iter_mut().zip(block) {
+                *s += f64::from(v) * f64::from(v);
+            }
+        }
+        lanes.iter().sum::<f64>() + rest.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>()
+    }
+}
+
+dispatched! {
+    /// `x ← x·a`, in place.
+    pub fn scale_in_place(x: &mut [f32], a: f32) {
+        for v in x.iter_mut() {
+            *v *= a;
+        }
+    }
+}
+
+/// Elements handed to one task by the parallel passes over parameters.
+const PARAMETER_CHUNK: usize = 1 << 15;
+
+/// [`adamw_in_place`] over a whole parameter, in parallel. The slices have one length.
+pub fn adamw(theta: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], step: AdamWStep) {
+    theta
+        .par_chunks_mut(PARAMETER_CHUNK)
+        .zip(grad.par_chunks(PARAMETER_CHUNK))
+        .zip(m.par_chunks_mut(PARAMETER_CHUNK))
+        .zip(v.par_chunks_mut(PARAMETER_CHUNK))
+        .for_each(|(((t, g), m), v)| adamw_in_place(t, g, m, v, step));
+}
+
+/// [`sum_of_squares_f64`], in parallel.
+pub fn sum_of_squares(x: &[f32]) -> f64 {
+    x.par_chunks(PARAMETER_CHUNK).map(sum_of_squares_f64).sum()
+}
+
+/// [`scale_in_place`], in parallel.
+pub fn scale(x: &mut [f32], a: f32) {
+    x.par_chunks_mut(PARAMETER_CHUNK)
+        .for_each(|chunk| scale_in_place(chunk, a));
+}
+
 /// Rows handed to one task by the parallel element-wise kernels: about 2¹⁶ elements.
 fn rows_per_task(row_len: usize) -> usize {
     ((1 << 16) / row_len.max(1)).max(1)
@@ -239,6 +323,39 @@ pub fn swish(x: &mut [f32], beta: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adamw_matches_its_formula_and_the_parallel_passes_their_serial_ones() {
+        let n = 3 * PARAMETER_CHUNK + 77;
+        let value = |i: usize, k: f32| ((i as f32 * 0.618 + k).sin()) * 0.1;
+        let grad: Vec<f32> = (0..n).map(|i| value(i, 1.0)).collect();
+        let mut theta: Vec<f32> = (0..n).map(|i| value(i, 2.0)).collect();
+        let mut m: Vec<f32> = (0..n).map(|i| value(i, 3.0) * 0.01).collect();
+        let mut v: Vec<f32> = (0..n).map(|i| value(i, 4.0).abs() * 0.001).collect();
+        let s = AdamWStep {
+            decay: 1.0 - 1e-3 * 1e-2,
+            one_minus_beta1: 0.1,
+            beta2: 0.999,
+            one_minus_beta2: 1e-3,
+            bias2_sqrt: (1.0f32 - 0.999f32.powi(3)).sqrt(),
+            epsilon: 1e-8,
+            step_size: 1e-3 / (1.0 - 0.9f32.powi(3)),
+        };
+        let (theta0, m0, v0) = (theta.clone(), m.clone(), v.clone());
+        adamw(&mut theta, &grad, &mut m, &mut v, s);
+        for i in [0, 1, PARAMETER_CHUNK, 2 * PARAMETER_CHUNK + 5, n - 1] {
+            let g = grad[i];
+            let mt = m0[i] + (g - m0[i]) * s.one_minus_beta1;
+            let vt = v0[i] * s.beta2 + g * g * s.one_minus_beta2;
+            let t = theta0[i] * s.decay - mt / (vt.sqrt() / s.bias2_sqrt + s.epsilon) * s.step_size;
+            assert_eq!((theta[i], m[i], v[i]), (t, mt, vt), "element {i}");
+        }
+        let serial: f64 = grad.iter().map(|&g| f64::from(g) * f64::from(g)).sum();
+        assert!((sum_of_squares(&grad) - serial).abs() <= 1e-12 * serial);
+        let mut scaled = grad.clone();
+        scale(&mut scaled, 0.5);
+        assert!(scaled.iter().zip(&grad).all(|(a, b)| *a == b * 0.5));
+    }
 
     #[test]
     fn exp_matches_the_standard_library() {
