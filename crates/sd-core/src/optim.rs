@@ -79,6 +79,18 @@ fn adamw_by_ops<B: Backend>(
     (theta, (m, v))
 }
 
+/// `x` on one axis, in its logical order (a gradient as the optimiser keeps it). Backward
+/// passes hand back many weight gradients as permuted views; on Flex they are gathered in
+/// parallel.
+pub fn flatten<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 1> {
+    #[cfg(feature = "flex")]
+    if let Some(flat) = sd_kernels::cpu::try_flatten_strided(&x) {
+        return flat;
+    }
+    let n = x.shape().num_elements();
+    x.reshape([n])
+}
+
 /// `Σ x²` (summed in f64 on Flex, in the tensor's dtype elsewhere).
 pub fn squared_norm<B: Backend, const D: usize>(x: &Tensor<B, D>) -> f64 {
     #[cfg(feature = "flex")]
@@ -135,6 +147,21 @@ mod tests {
         assert_eq!(theta.into_data(), theta_before);
         let squares: f64 = grad.clone().powi_scalar(2).sum().into_scalar().elem();
         assert!((squared_norm(&grad) - squares).abs() < 1e-5 * squares);
+        // A permuted view flattens in its logical order: element [c, a, b] is a·12 + b·4 + c.
+        let values: Vec<f32> = (0..24).map(|i| i as f32).collect();
+        let permuted = Tensor::<Flex, 1>::from_floats(values.as_slice(), &device)
+            .reshape([2, 3, 4])
+            .permute([2, 0, 1]);
+        let mut expected = Vec::new();
+        for c in 0..4 {
+            for a in 0..2 {
+                for b in 0..3 {
+                    expected.push((a * 12 + b * 4 + c) as f32);
+                }
+            }
+        }
+        let flat = flatten(permuted).into_data().to_vec::<f32>().unwrap();
+        assert_eq!(flat, expected);
         let scaled = scale(grad.clone(), 0.5);
         assert_eq!(scaled.into_data(), (grad * 0.5).into_data());
     }

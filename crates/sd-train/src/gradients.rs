@@ -44,8 +44,7 @@ impl<B: Backend> Gradients<B> {
                     self.slots.resize(self.index + 1, None);
                 }
                 if let Some(grad) = param.val().grad_remove(self.grads) {
-                    let n = grad.shape().num_elements();
-                    let grad = grad.reshape([n]);
+                    let grad = sd_core::optim::flatten(grad);
                     let slot = &mut self.slots[self.index];
                     *slot = Some(match slot.take() {
                         Some(sum) => sum + grad,

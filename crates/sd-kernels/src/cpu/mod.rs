@@ -647,6 +647,38 @@ pub fn try_adamw<B: Backend>(
     Ok([route.output(t), route.output(m), route.output(v)])
 }
 
+/// `x` on one axis in its logical order, when `B` is Flex, `x` is f32 and its buffer is a
+/// strided view (positive strides): one parallel gather ([`vector::gather_strided`]) instead of
+/// Flex's copy. `None` otherwise; a contiguous tensor reshapes without a copy.
+pub fn try_flatten_strided<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<Tensor<B, 1>> {
+    let route = FlexRoute::<B>::check()?;
+    if x.dtype() != DType::F32 {
+        return None;
+    }
+    let flex = route.0.to(x.clone().into_primitive().tensor());
+    let layout = flex.layout();
+    if layout.contiguous_offsets().is_some() {
+        return None;
+    }
+    let strides: Vec<usize> = layout
+        .strides()
+        .iter()
+        .map(|&s| usize::try_from(s).ok())
+        .collect::<Option<_>>()?;
+    let shape = x.dims();
+    if strides.len() != shape.len() {
+        return None;
+    }
+    let out = vector::gather_strided(
+        flex.storage::<f32>(),
+        layout.start_offset(),
+        &shape,
+        &strides,
+    );
+    let n = out.len();
+    Some(route.output_f32(out, [n]))
+}
+
 /// `Σ x²` in f64 ([`vector::sum_of_squares`]), when `B` is Flex and `x` is f32.
 pub fn try_sum_of_squares<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<f64> {
     let route = FlexRoute::<B>::check()?;

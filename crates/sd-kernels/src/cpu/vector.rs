@@ -298,6 +298,104 @@ pub fn scale(x: &mut [f32], a: f32) {
         .for_each(|chunk| scale_in_place(chunk, a));
 }
 
+/// A view's sizes and strides with size-1 axes dropped and each axis merged into the one
+/// before it where the two walk memory as one (`stride[i] = stride[i+1] · size[i+1]`).
+fn collapse(shape: &[usize], strides: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let (mut sizes, mut steps): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
+    for (&size, &stride) in shape.iter().zip(strides) {
+        if size == 1 {
+            continue;
+        }
+        match (sizes.last_mut(), steps.last_mut()) {
+            (Some(last), Some(step)) if *step == stride * size => {
+                *last *= size;
+                *step = stride;
+            }
+            _ => {
+                sizes.push(size);
+                steps.push(stride);
+            }
+        }
+    }
+    (sizes, steps)
+}
+
+/// The memory offset of row `row` (row-major over `shape`) of a view with these strides.
+fn offset_of(mut row: usize, shape: &[usize], strides: &[usize]) -> usize {
+    let mut offset = 0;
+    for (&size, &stride) in shape.iter().zip(strides).rev() {
+        offset += (row % size) * stride;
+        row /= size;
+    }
+    offset
+}
+
+/// The elements of a strided view (`offset`, `shape`, `strides` into `src`) in logical order,
+/// in parallel: contiguous runs copied row by row, otherwise the last two axes as matrices
+/// copied in 32 × 32 tiles (so that a transpose reads and writes whole cache lines). Flex's
+/// own copy walks a view of three or more axes that do not merge one element at a time, on
+/// one core; the weight gradients of convolutions come back in such views.
+pub fn gather_strided(src: &[f32], offset: usize, shape: &[usize], strides: &[usize]) -> Vec<f32> {
+    let (shape, strides) = collapse(shape, strides);
+    let n: usize = shape.iter().product();
+    let mut out = vec![0f32; n];
+    if n == 0 {
+        return out;
+    }
+    let Some((&cols, &col_stride)) = shape.last().zip(strides.last()) else {
+        // Every axis of size 1: one element.
+        if let Some(o) = out.first_mut() {
+            *o = src[offset];
+        }
+        return out;
+    };
+    let k = shape.len();
+    if col_stride == 1 {
+        let rows_per_task = rows_per_task(cols);
+        let (outer, outer_strides) = (&shape[..k - 1], &strides[..k - 1]);
+        out.par_chunks_mut(rows_per_task * cols)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                for (i, row) in chunk.chunks_mut(cols).enumerate() {
+                    let start = offset + offset_of(task * rows_per_task + i, outer, outer_strides);
+                    row.copy_from_slice(&src[start..start + cols]);
+                }
+            });
+        return out;
+    }
+    const TILE: usize = 32;
+    let (rows, row_stride) = if k >= 2 {
+        (shape[k - 2], strides[k - 2])
+    } else {
+        (1, 0)
+    };
+    let (batch, batch_strides) = (
+        &shape[..k.saturating_sub(2)],
+        &strides[..k.saturating_sub(2)],
+    );
+    out.par_chunks_mut(rows * cols)
+        .enumerate()
+        .for_each(|(b, matrix)| {
+            let base = offset + offset_of(b, batch, batch_strides);
+            matrix
+                .par_chunks_mut(TILE * cols)
+                .enumerate()
+                .for_each(|(t, band)| {
+                    let first = t * TILE;
+                    let band_rows = band.len() / cols;
+                    for c0 in (0..cols).step_by(TILE) {
+                        for c in c0..(c0 + TILE).min(cols) {
+                            let column = base + c * col_stride;
+                            for r in 0..band_rows {
+                                band[r * cols + c] = src[column + (first + r) * row_stride];
+                            }
+                        }
+                    }
+                });
+        });
+    out
+}
+
 /// Rows handed to one task by the parallel element-wise kernels: about 2¹⁶ elements.
 fn rows_per_task(row_len: usize) -> usize {
     ((1 << 16) / row_len.max(1)).max(1)
@@ -323,6 +421,41 @@ pub fn swish(x: &mut [f32], beta: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every kind of view: permuted, transposed, sliced, broadcast-free 1-D strides, axes
+    /// of size 1, merged axes, an offset.
+    #[test]
+    fn strided_views_gather_in_logical_order() {
+        let src: Vec<f32> = (0..200_000).map(|i| i as f32).collect();
+        // (offset, shape, strides)
+        let views: [(usize, Vec<usize>, Vec<usize>); 7] = [
+            // A [in, out, kh, kw] buffer read as [out, in, kh, kw]: conv weight gradients.
+            (0, vec![40, 30, 3, 3], vec![9, 40 * 9, 3, 1]),
+            // A 2-D transpose, larger than a tile, with ragged edges.
+            (0, vec![70, 45], vec![1, 70]),
+            // A 3-D permutation with no unit stride.
+            (5, vec![6, 7, 8], vec![1, 6 * 8, 6]),
+            // Size-1 axes and a strided row.
+            (3, vec![1, 50, 1], vec![999, 2, 7]),
+            // Axes that merge into one contiguous run, under an outer stride.
+            (11, vec![4, 5, 6], vec![100, 6, 1]),
+            // One element.
+            (17, vec![1, 1], vec![5, 3]),
+            // Empty.
+            (0, vec![0, 4], vec![4, 1]),
+        ];
+        for (offset, shape, strides) in views {
+            let n: usize = shape.iter().product();
+            let expected: Vec<f32> = (0..n)
+                .map(|i| src[offset + offset_of(i, &shape, &strides)])
+                .collect();
+            assert_eq!(
+                gather_strided(&src, offset, &shape, &strides),
+                expected,
+                "{shape:?} {strides:?}"
+            );
+        }
+    }
 
     #[test]
     fn adamw_matches_its_formula_and_the_parallel_passes_their_serial_ones() {
