@@ -83,12 +83,8 @@ fn adamw_by_ops<B: Backend>(
 /// passes hand back many weight gradients as permuted views; on Flex they are gathered in
 /// parallel.
 pub fn flatten<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 1> {
-    #[cfg(feature = "flex")]
-    if let Some(flat) = sd_kernels::cpu::try_flatten_strided(&x) {
-        return flat;
-    }
     let n = x.shape().num_elements();
-    x.reshape([n])
+    crate::layers::contiguous(x).reshape([n])
 }
 
 /// `Σ x²` (summed in f64 on Flex, in the tensor's dtype elsewhere).

@@ -295,13 +295,34 @@ pub(crate) fn conv_by_taps_padded<B: Backend>(
         ..
     } = *geometry;
     let phases = geometry.phases(padded);
+    // On Flex, the taps' `[out, in]` matrices as one `[kh·kw, out, in]` tensor laid out once
+    // in parallel (`contiguous`): a slice of the `[out, in, kh, kw]` weight per tap was a
+    // strided copy per tap, on one core. Elsewhere (autodiff graphs among them) that
+    // permutation would itself be the slow copy: each tap is sliced as before.
+    #[cfg(feature = "flex")]
+    let flex = sd_kernels::cpu::is_flex::<B>();
+    #[cfg(not(feature = "flex"))]
+    let flex = false;
+    let taps = flex.then(|| {
+        super::contiguous(weight.clone().permute([2, 3, 0, 1])).reshape([
+            kh * kw,
+            out_channels,
+            channels,
+        ])
+    });
     let out = (0..kh)
         .flat_map(|i| (0..kw).map(move |j| (i, j)))
         .map(|(i, j)| {
-            let tap_weight = weight
-                .clone()
-                .slice([0..out_channels, 0..channels, i..i + 1, j..j + 1])
-                .reshape([1, out_channels, channels]);
+            let tap_weight = match &taps {
+                Some(taps) => {
+                    let t = i * kw + j;
+                    taps.clone().slice([t..t + 1, 0..out_channels, 0..channels])
+                }
+                None => weight
+                    .clone()
+                    .slice([0..out_channels, 0..channels, i..i + 1, j..j + 1])
+                    .reshape([1, out_channels, channels]),
+            };
             tap_weight.matmul(geometry.tap(&phases, i, j))
         })
         .reduce(|sum, product| sum + product)

@@ -34,6 +34,18 @@ pub fn to_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Te
     if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
 
+/// `x` with its elements laid out in order: on Flex a strided view (a permutation, a slice) is
+/// gathered in one parallel tiled pass (`sd_kernels::cpu::vector::gather_strided`) where Flex
+/// would copy it on one core, element by element for three or more axes; a contiguous tensor,
+/// and every other backend's, is returned as it is.
+pub fn contiguous<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    if let Some(flat) = sd_kernels::cpu::try_flatten_strided(&x) {
+        return flat.reshape(x.dims());
+    }
+    x
+}
+
 /// SiLU, `x · σ(x)` (Elfwing et al. 2018): in place on Flex; elsewhere written as
 /// `x / (1 + e^(−x))`, four cheap element-wise passes instead of Burn's `silu`, whose
 /// per-element sigmoid is the slower path on CPU backends.
