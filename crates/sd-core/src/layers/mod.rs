@@ -10,6 +10,8 @@ mod mid_block;
 mod norm;
 mod resnet;
 mod sampling;
+#[cfg(all(feature = "autodiff", feature = "flex"))]
+mod silu_autodiff;
 
 pub use attention::{
     AttentionBlock2d, AttentionBlock2dConfig, MAX_SCORES, causal_attention, chunked_attention,
@@ -52,6 +54,11 @@ pub fn contiguous<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "flex")]
     let x = match sd_kernels::cpu::try_swish(x, 1.0) {
+        Ok(out) => return out,
+        Err(x) => x,
+    };
+    #[cfg(all(feature = "autodiff", feature = "flex"))]
+    let x = match silu_autodiff::try_silu_autodiff(x) {
         Ok(out) => return out,
         Err(x) => x,
     };

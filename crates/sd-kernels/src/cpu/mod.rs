@@ -679,6 +679,21 @@ pub fn try_flatten_strided<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Opti
     Some(route.output_f32(out, [n]))
 }
 
+/// SiLU's input gradient ([`vector::silu_backward`]) from its input and output gradient,
+/// when `B` is Flex, both are f32 and of one shape; `None` otherwise.
+pub fn try_silu_backward<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    grad: &Tensor<B, D>,
+) -> Option<Tensor<B, D>> {
+    let route = FlexRoute::<B>::check()?;
+    if x.dims() != grad.dims() {
+        return None;
+    }
+    let (xf, gf) = (route.input(x)?, route.input(grad)?);
+    let out = vector::silu_backward(xf.as_slice()?, gf.as_slice()?);
+    Some(route.output_f32(out, x.dims()))
+}
+
 /// `Σ x²` in f64 ([`vector::sum_of_squares`]), when `B` is Flex and `x` is f32.
 pub fn try_sum_of_squares<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<f64> {
     let route = FlexRoute::<B>::check()?;

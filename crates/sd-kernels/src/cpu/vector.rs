@@ -170,6 +170,25 @@ dispatched! {
 }
 
 dispatched! {
+    /// SiLU's gradient: `∂L/∂x = ∂L/∂y · σ(x)(1 + x(1 − σ(x)))` for `y = x·σ(x)`.
+    pub fn silu_backward_into(x: &[f32], grad: &[f32], out: &mut [f32]) {
+        for ((o, &x), &g) in out.iter_mut().zip(x).zip(grad) {
+            let s = 1.0 / (1.0 + exp(-x));
+            *o = g * s * (1.0 + x * (1.0 - s));
+        }
+    }
+}
+
+/// [`silu_backward_into`] over whole tensors of one length, in parallel.
+pub fn silu_backward(x: &[f32], grad: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(1 << 16)
+        .zip(x.par_chunks(1 << 16).zip(grad.par_chunks(1 << 16)))
+        .for_each(|(o, (x, g))| silu_backward_into(x, g, o));
+    out
+}
+
+dispatched! {
     /// The mean and (biased) variance of a group, in two passes, summed in f32 lanes and
     /// combined in f64.
     pub fn group_statistics(x: &[f32]) -> (f64, f64) {
@@ -421,6 +440,23 @@ pub fn swish(x: &mut [f32], beta: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn silu_backward_is_the_derivative() {
+        let x: Vec<f32> = (-2000..2000).map(|i| i as f32 * 5e-3).collect();
+        let g: Vec<f32> = x.iter().map(|v| (v * 3.0).cos()).collect();
+        let out = silu_backward(&x, &g);
+        let silu = |v: f64| v / (1.0 + (-v).exp());
+        for ((&x, &g), &o) in x.iter().zip(&g).zip(&out) {
+            let h = 1e-4;
+            let slope = (silu(f64::from(x) + h) - silu(f64::from(x) - h)) / (2.0 * h);
+            let want = f64::from(g) * slope;
+            assert!(
+                (f64::from(o) - want).abs() < 2e-6,
+                "x {x}: {o} against {want}"
+            );
+        }
+    }
 
     /// Every kind of view: permuted, transposed, sliced, broadcast-free 1-D strides, axes
     /// of size 1, merged axes, an offset.
