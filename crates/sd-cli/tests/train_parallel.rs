@@ -89,25 +89,44 @@ fn weights(path: &Path) -> Vec<(String, Vec<f32>)> {
     all
 }
 
-/// The weights, EMA weights and Adam moments of two runs' last checkpoints agree within
-/// `1e-5 · (1 + |x|)`, and the logged losses within 1e-5 relative.
+/// How far two runs' weights may end apart: half an Adam step at these tests' learning rate
+/// (1e-4). Adam divides each first moment by the root of the second, so an element whose
+/// gradient is at the level of rounding moves by a sizeable part of the learning rate either
+/// way: two runs that sum the same gradients in another order (one batch of 4 against four
+/// peers' mean) end up to about a tenth of a step apart in a few such weights, while their
+/// moments, linear in the gradients, agree within 1e-8.
+const WEIGHTS: f32 = 5e-5;
+
+/// How far two runs' values may end apart otherwise (`· (1 + |x|)`): Adam's moments, and the
+/// autoencoder test's weights.
+const TIGHT: f32 = 1e-5;
+
+/// The weights and EMA weights ([`WEIGHTS`]) and Adam moments ([`TIGHT`]) of two runs' last
+/// checkpoints agree, and the logged losses within 1e-5 relative.
 fn same_training(a: &Path, b: &Path) {
-    for file in [
-        "unet/diffusion_pytorch_model.safetensors",
-        "unet_ema/diffusion_pytorch_model.safetensors",
-        "optimizer/exp_avg/diffusion_pytorch_model.safetensors",
-        "optimizer/exp_avg_sq/diffusion_pytorch_model.safetensors",
+    for (file, tolerance) in [
+        ("unet/diffusion_pytorch_model.safetensors", WEIGHTS),
+        ("unet_ema/diffusion_pytorch_model.safetensors", WEIGHTS),
+        (
+            "optimizer/exp_avg/diffusion_pytorch_model.safetensors",
+            TIGHT,
+        ),
+        (
+            "optimizer/exp_avg_sq/diffusion_pytorch_model.safetensors",
+            TIGHT,
+        ),
     ] {
         close_files(
             &a.join("checkpoint-3").join(file),
             &b.join("checkpoint-3").join(file),
+            tolerance,
         );
     }
     close_losses(a, b);
 }
 
-/// Two weight files agree within `1e-5 · (1 + |x|)`, tensor by tensor.
-fn close_files(a: &Path, b: &Path) {
+/// Two weight files agree within `tolerance · (1 + |x|)`, tensor by tensor.
+fn close_files(a: &Path, b: &Path, tolerance: f32) {
     let (x, y) = (weights(a), weights(b));
     assert_eq!(x.len(), y.len());
     let mut worst = (0.0f32, String::new());
@@ -120,7 +139,7 @@ fn close_files(a: &Path, b: &Path) {
         }
     }
     let file = a.display();
-    assert!(worst.0 <= 1e-5, "{file}: {} at {}", worst.0, worst.1);
+    assert!(worst.0 <= tolerance, "{file}: {} at {}", worst.0, worst.1);
     eprintln!("{file}: worst {:e} at {}", worst.0, worst.1);
 }
 
@@ -444,6 +463,7 @@ fn two_peers_train_the_autoencoder_as_one_process() {
         close_files(
             &threads.join("checkpoint-3").join(file),
             &single.join("checkpoint-3").join(file),
+            TIGHT,
         );
     }
     close_losses(&threads, &single);
