@@ -96,6 +96,22 @@ pub fn squared_norm<B: Backend, const D: usize>(x: &Tensor<B, D>) -> f64 {
     x.clone().powi_scalar(2).sum().into_scalar().elem()
 }
 
+/// An exponential moving average's step: `avg − (avg − now)·(1 − decay)`, one parallel pass
+/// on Flex (in place where `avg`'s buffer is not shared), the same f32 arithmetic as the
+/// tensor ops elsewhere.
+pub fn ema_toward<B: Backend, const D: usize>(
+    avg: Tensor<B, D>,
+    now: Tensor<B, D>,
+    one_minus_decay: f64,
+) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    let avg = match sd_kernels::cpu::try_ema(avg, &now, one_minus_decay as f32) {
+        Ok(averaged) => return averaged,
+        Err(avg) => avg,
+    };
+    avg.clone() - (avg - now).mul_scalar(one_minus_decay)
+}
+
 /// `x · factor`, in place where the buffer is not shared.
 pub fn scale<B: Backend, const D: usize>(x: Tensor<B, D>, factor: f64) -> Tensor<B, D> {
     #[cfg(feature = "flex")]
@@ -140,7 +156,7 @@ mod tests {
             assert_eq!(bits(fused.1.1), bits(ops.1.1), "v");
         }
         // A parameter whose buffer is shared is copied, not changed under its other owner.
-        assert_eq!(theta.into_data(), theta_before);
+        assert_eq!(theta.clone().into_data(), theta_before);
         let squares: f64 = grad.clone().powi_scalar(2).sum().into_scalar().elem();
         assert!((squared_norm(&grad) - squares).abs() < 1e-5 * squares);
         // A permuted view flattens in its logical order: element [c, a, b] is a·12 + b·4 + c.
@@ -158,6 +174,10 @@ mod tests {
         }
         let flat = flatten(permuted).into_data().to_vec::<f32>().unwrap();
         assert_eq!(flat, expected);
+        // The moving average's fused step gives the tensor ops' bits.
+        let averaged = ema_toward(theta.clone(), grad.clone(), 1e-3);
+        let by_ops = theta.clone() - (theta.clone() - grad.clone()).mul_scalar(1e-3);
+        assert_eq!(averaged.into_data(), by_ops.into_data());
         let scaled = scale(grad.clone(), 0.5);
         assert_eq!(scaled.into_data(), (grad * 0.5).into_data());
     }

@@ -128,7 +128,7 @@ impl<M> Ema<M> {
         let averaged: Vec<_> = flat_params(&self.model)
             .into_iter()
             .zip(flat_params(current))
-            .map(|(avg, now)| avg.clone() - (avg - now).mul_scalar(one_minus))
+            .map(|(avg, now)| sd_core::optim::ema_toward(avg, now, one_minus))
             .collect();
         self.model = with_flat_params(self.model.clone(), averaged)?;
         Ok(decay)

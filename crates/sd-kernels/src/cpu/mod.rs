@@ -701,6 +701,30 @@ pub fn try_sum_of_squares<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Optio
     Some(vector::sum_of_squares(flex.as_slice()?))
 }
 
+/// `avg − (avg − now)·w` ([`vector::ema`]), in place in `avg`'s buffer when it is not shared,
+/// when `B` is Flex and both are f32 of one shape; `avg` back otherwise.
+pub fn try_ema<B: Backend, const D: usize>(
+    avg: Tensor<B, D>,
+    now: &Tensor<B, D>,
+    w: f32,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    let Some(route) = FlexRoute::<B>::check() else {
+        return Err(avg);
+    };
+    if avg.dims() != now.dims() {
+        return Err(avg);
+    }
+    let Some(nf) = route.input(now) else {
+        return Err(avg);
+    };
+    let Some(n) = nf.as_slice::<f32>() else {
+        return Err(avg);
+    };
+    let mut a = route.owned(avg)?;
+    vector::ema(a.storage_mut(), n, w);
+    Ok(route.output(a))
+}
+
 /// `x·a` in place ([`vector::scale`]) when `B` is Flex and `x` is f32; `x` back otherwise.
 pub fn try_scale<B: Backend, const D: usize>(
     x: Tensor<B, D>,

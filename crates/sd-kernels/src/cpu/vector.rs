@@ -285,6 +285,23 @@ dispatched! {
 }
 
 dispatched! {
+    /// An exponential moving average's step towards `now`, in place:
+    /// `avg ← avg − (avg − now)·w` (`w = 1 − decay`).
+    pub fn ema_in_place(avg: &mut [f32], now: &[f32], w: f32) {
+        for (a, &n) in avg.iter_mut().zip(now) {
+            *a -= (*a - n) * w;
+        }
+    }
+}
+
+/// [`ema_in_place`] over a whole parameter, in parallel. The slices have one length.
+pub fn ema(avg: &mut [f32], now: &[f32], w: f32) {
+    avg.par_chunks_mut(PARAMETER_CHUNK)
+        .zip(now.par_chunks(PARAMETER_CHUNK))
+        .for_each(|(a, n)| ema_in_place(a, n, w));
+}
+
+dispatched! {
     /// `x ← x·a`, in place.
     pub fn scale_in_place(x: &mut [f32], a: f32) {
         for v in x.iter_mut() {
