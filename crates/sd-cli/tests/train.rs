@@ -329,32 +329,16 @@ fn the_autoencoder_trains_resumes_and_loads_as_vae() {
     let data = data(&dir);
     let model = common::tiny_model();
     let run = |output: &Path, steps: &str, extra: &[&str]| {
-        let mut cmd = Command::new(SD);
-        cmd.args(["train", "vae", "--data"])
-            .arg(&data)
-            .arg("--output")
-            .arg(output)
-            .arg("--model")
-            .arg(&model)
-            .args([
-                "--max-steps",
-                steps,
-                "--batch-size",
-                "2",
-                "--resolution",
-                "32",
-            ])
-            .args([
-                "--checkpoint-every",
-                "2",
-                "--learning-rate",
-                "1e-3",
-                "--kl-weight",
-                "1e-4",
-            ])
-            .args(["--random-flip", "-q"])
-            .args(extra);
-        cmd.output().unwrap()
+        let options = ["--resolution", "32", "--checkpoint-every", "2"];
+        let vae = ["--kl-weight", "1e-4", "--random-flip"];
+        sd_train(
+            "vae",
+            &model,
+            &data,
+            output,
+            steps,
+            &[&options[..], &vae, extra].concat(),
+        )
     };
     // Buckets are not read by the VAE loop: refused, not ignored, and nothing is written.
     let bucketed = dir.join("bucketed");
@@ -479,21 +463,12 @@ fn the_discriminator_joins_at_its_start_and_resumes_exactly() {
         "[discriminator]\nstart = 2\nchannels = 8\nlayers = 2\n",
     )
     .unwrap();
+    let toml = toml.to_str().unwrap();
     let run = |output: &Path, steps: &str, extra: &[&str]| {
-        let mut cmd = Command::new(SD);
-        cmd.args(["train", "vae", "--data"])
-            .arg(&data)
-            .arg("--output")
-            .arg(output)
-            .arg("--model")
-            .arg(&model)
-            .arg("--config")
-            .arg(&toml)
-            .args(["--max-steps", steps, "--batch-size", "2"])
-            .args(["--checkpoint-every", "1", "--learning-rate", "1e-3"])
-            .args(["--discriminator-weight", "0.8", "--random-flip", "-q"])
-            .args(extra);
-        cmd.output().unwrap()
+        let options = ["--config", toml, "--checkpoint-every", "1"];
+        let adversarial = ["--discriminator-weight", "0.8", "--random-flip"];
+        let options = [&options[..], &adversarial, extra].concat();
+        sd_train("vae", &model, &data, output, steps, &options)
     };
     let straight = dir.join("straight");
     ok(&run(&straight, "4", &["--resolution", "32"]));
@@ -568,36 +543,43 @@ fn the_discriminator_joins_at_its_start_and_resumes_exactly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `sd train unet` on another fixture model: 2 images a step at 32², a checkpoint every 2
-/// steps, EMA, random flips, then `extra`.
-fn train_model(model: &Path, data: &Path, output: &Path, steps: &str, extra: &[&str]) -> Output {
+/// `sd train KIND` (`unet` or `vae`) of `model` on `data` into `output` for `steps` steps, 2
+/// images a step at learning rate 1e-3, quiet, then `options`.
+fn sd_train(
+    kind: &str,
+    model: &Path,
+    data: &Path,
+    output: &Path,
+    steps: &str,
+    options: &[&str],
+) -> Output {
     Command::new(SD)
-        .args(["train", "unet", "--data"])
+        .args(["train", kind, "--data"])
         .arg(data)
         .arg("--output")
         .arg(output)
         .arg("--model")
         .arg(model)
-        .args([
-            "--max-steps",
-            steps,
-            "--batch-size",
-            "2",
-            "--resolution",
-            "32",
-        ])
-        .args([
-            "--checkpoint-every",
-            "2",
-            "--learning-rate",
-            "1e-3",
-            "--ema-decay",
-            "0.99",
-        ])
-        .args(["--random-flip", "-q"])
-        .args(extra)
+        .args(["--max-steps", steps, "--batch-size", "2"])
+        .args(["--learning-rate", "1e-3", "-q"])
+        .args(options)
         .output()
         .unwrap()
+}
+
+/// `sd train unet` on another fixture model: 2 images a step at 32², a checkpoint every 2
+/// steps, EMA, random flips, then `extra`.
+fn train_model(model: &Path, data: &Path, output: &Path, steps: &str, extra: &[&str]) -> Output {
+    let options = ["--resolution", "32", "--checkpoint-every", "2"];
+    let unet = ["--ema-decay", "0.99", "--random-flip"];
+    sd_train(
+        "unet",
+        model,
+        data,
+        output,
+        steps,
+        &[&options[..], &unet, extra].concat(),
+    )
 }
 
 /// Runs 4 steps straight and 2 + 2 with a resume; their last checkpoints must match bit for
@@ -852,24 +834,15 @@ fn cached_latents_and_text_embeddings_train_like_encoded_ones_and_a_damaged_entr
     let data = data(&dir);
     let model = common::tiny_model();
     let run = |output: &Path, steps: &str, extra: &[&str]| {
-        let mut cmd = Command::new(SD);
-        cmd.args(["train", "unet", "--data"])
-            .arg(&data)
-            .arg("--output")
-            .arg(output)
-            .arg("--model")
-            .arg(&model)
-            .args([
-                "--max-steps",
-                steps,
-                "--batch-size",
-                "2",
-                "--resolution",
-                "32",
-            ])
-            .args(["--checkpoint-every", "2", "--learning-rate", "1e-3", "-q"])
-            .args(extra);
-        cmd.output().unwrap()
+        let options = ["--resolution", "32", "--checkpoint-every", "2"];
+        sd_train(
+            "unet",
+            &model,
+            &data,
+            output,
+            steps,
+            &[&options[..], extra].concat(),
+        )
     };
     let plain = dir.join("plain");
     ok(&run(&plain, "4", &[]));

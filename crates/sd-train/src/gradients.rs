@@ -85,13 +85,12 @@ impl<B: Backend> Gradients<B> {
     /// The 2-norm over every gradient value (the norm of the per-tensor norms, as torch
     /// computes it).
     pub fn global_norm(&self) -> f64 {
-        let norms: Vec<f64> = self
-            .slots
+        self.slots
             .iter()
             .flatten()
             .map(sd_core::optim::squared_norm)
-            .collect();
-        norms.iter().sum::<f64>().sqrt()
+            .sum::<f64>()
+            .sqrt()
     }
 
     /// Scales every gradient so that the global norm is at most `max_norm`, as
