@@ -59,6 +59,12 @@ pub fn multi_head_attention<B: Backend>(
     if let Some(out) = sd_kernels::cpu::try_attention(&q, &k, &v, heads, causal) {
         return out;
     }
+    #[cfg(all(feature = "autodiff", feature = "flex"))]
+    let (q, k, v) = match super::attention_autodiff::try_attention_autodiff(q, k, v, heads, causal)
+    {
+        Ok(out) => return out,
+        Err(qkv) => qkv,
+    };
     let [b, lq, _] = q.dims();
     let split = |t: Tensor<B, 3>| {
         let [_, len, width] = t.dims();

@@ -64,6 +64,22 @@ pub fn try_conv2d_autodiff<B: Backend>(
     Err(x)
 }
 
+/// Whether the op runs on `sd_kernels`' `conv_taps` (`Autodiff<Flex>`, f32), which beats
+/// Burn's convolution at every size; in tensor ops it does only from `conv_train`'s smallest
+/// output up.
+pub fn runs_kernels<B: Backend>(x: &Tensor<B, 4>) -> bool {
+    #[cfg(feature = "flex")]
+    {
+        TypeId::of::<B>() == TypeId::of::<Autodiff<burn::backend::Flex>>()
+            && x.dtype() == burn::tensor::DType::F32
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = x;
+        false
+    }
+}
+
 /// The op for `B = Autodiff<I>`; `x` back for any other `B`.
 fn on_inner<B: Backend, I: Backend>(
     conv: &Conv2d<B>,
@@ -124,18 +140,8 @@ fn conv2d_op<I: Backend>(
             let [node_x, node_weight, node_bias] = ops.parents;
             let grad = tensor::<I, 4>(grads.consume::<I>(&ops.node));
             let (padded, weight, geometry) = ops.state;
-            if let Some(node) = node_bias {
-                let [batch, out_channels, h, w] = grad.dims();
-                let sum = grad
-                    .clone()
-                    .reshape([batch, out_channels, h * w])
-                    .sum_dim(2)
-                    .sum_dim(0)
-                    .reshape([out_channels]);
-                grads.register::<I>(node.id, sum.into_primitive().tensor());
-            }
             input_and_weight_grads::<I>(
-                [node_x.map(|n| n.id), node_weight.map(|n| n.id)],
+                [node_x, node_weight, node_bias].map(|n| n.map(|n| n.id)),
                 (tensor(padded), weight),
                 grad,
                 &geometry,
@@ -158,7 +164,7 @@ fn conv2d_op<I: Backend>(
             let grad = tensor::<I, 4>(grads.consume::<I>(&ops.node));
             let (padded, weight, geometry) = ops.state;
             input_and_weight_grads::<I>(
-                [node_x.map(|n| n.id), node_weight.map(|n| n.id)],
+                [node_x.map(|n| n.id), node_weight.map(|n| n.id), None],
                 (tensor(padded), weight),
                 grad,
                 &geometry,
@@ -171,6 +177,18 @@ fn conv2d_op<I: Backend>(
     // The forward, and the padded input it multiplies, kept for the weight gradient (about
     // the input's size: Burn's conv keeps the input itself).
     let forward = |x: FloatTensor<I>, weight: FloatTensor<I>, bias: Option<FloatTensor<I>>| {
+        #[cfg(feature = "flex")]
+        if let Some((padded, out)) = sd_kernels::cpu::try_conv_taps_forward(
+            &tensor::<I, 4>(x.clone()),
+            &tensor(weight.clone()),
+            bias.clone().map(tensor).as_ref(),
+            tap_conv(&geometry),
+        ) {
+            return (
+                padded.into_primitive().tensor(),
+                out.into_primitive().tensor(),
+            );
+        }
         let padded = geometry.padded(tensor::<I, 4>(x));
         let out = conv_by_taps_padded(&padded, tensor(weight), bias.map(tensor), &geometry);
         (
@@ -209,15 +227,63 @@ fn conv2d_op<I: Backend>(
     }
 }
 
-/// Registers the input's and the weight's gradients, for those of the two that need one.
+/// The sizes [`sd_kernels::cpu::conv_taps`] works with: a stride-1 `geometry`'s (its padded
+/// planes are the same `phase_h × phase_w`).
+#[cfg(feature = "flex")]
+fn tap_conv(g: &Geometry) -> sd_kernels::cpu::TapConv {
+    sd_kernels::cpu::TapConv {
+        batch: g.batch,
+        channels: g.channels,
+        out_channels: g.out_channels,
+        height: g.height,
+        width: g.width,
+        kernel: g.kernel,
+        padding: g.padding,
+    }
+}
+
+/// Registers the input's, the weight's and the bias's gradients, for those that need one.
 fn input_and_weight_grads<I: Backend>(
-    [node_x, node_weight]: [Option<NodeId>; 2],
+    [node_x, node_weight, node_bias]: [Option<NodeId>; 3],
     (padded, weight): (Tensor<I, 2>, NodeId),
     grad: Tensor<I, 4>,
     geometry: &Geometry,
     grads: &mut Gradients,
     checkpointer: &mut Checkpointer,
 ) {
+    let weight =
+        node_x.map(|_| tensor::<I, 4>(checkpointer.retrieve_node_output::<FloatTensor<I>>(weight)));
+    // On Flex: the kernels' backward, each product accumulated into its gradient.
+    #[cfg(feature = "flex")]
+    if let Some(out) = sd_kernels::cpu::try_conv_taps_backward(
+        &padded,
+        weight.as_ref(),
+        &grad,
+        tap_conv(geometry),
+        [node_x, node_weight, node_bias].map(|n| n.is_some()),
+    ) {
+        let pairs = [
+            (node_x, out.x.map(|t| t.into_primitive().tensor())),
+            (node_weight, out.weight.map(|t| t.into_primitive().tensor())),
+            (node_bias, out.bias.map(|t| t.into_primitive().tensor())),
+        ];
+        for (node, grad) in pairs {
+            if let (Some(node), Some(grad)) = (node, grad) {
+                grads.register::<I>(node, grad);
+            }
+        }
+        return;
+    }
+    if let Some(node) = node_bias {
+        let [batch, out_channels, h, w] = grad.dims();
+        let sum = grad
+            .clone()
+            .reshape([batch, out_channels, h * w])
+            .sum_dim(2)
+            .sum_dim(0)
+            .reshape([out_channels]);
+        grads.register::<I>(node, sum.into_primitive().tensor());
+    }
     // Both gradients read `grad` as a matrix of output rows; reshaped once, so that a strided
     // `grad` (a slice of a sum's gradient, say) is copied once.
     let dims = grad.dims();
@@ -227,8 +293,7 @@ fn input_and_weight_grads<I: Backend>(
         grads.register::<I>(node, grad_weight.into_primitive().tensor());
     }
     let grad = grad.reshape(dims);
-    if let Some(node) = node_x {
-        let weight = tensor::<I, 4>(checkpointer.retrieve_node_output::<FloatTensor<I>>(weight));
+    if let (Some(node), Some(weight)) = (node_x, weight) {
         let input = InputGrad::new(geometry).expect("checked before the op was built");
         let grad_x = input.compute(grad, weight);
         grads.register::<I>(node, grad_x.into_primitive().tensor());

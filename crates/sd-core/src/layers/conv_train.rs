@@ -238,10 +238,12 @@ pub(crate) fn zero_pad_columns<B: Backend>(
     Tensor::cat(parts, 1)
 }
 
-/// The fewest output pixels per image and channel for which the training paths (this
-/// module's and `conv_autodiff`'s) beat Burn's `conv2d` on `Autodiff<Flex>`: measured about
-/// even at 8², twice as slow at 4² (the per-tap matmuls get tiny, and the wide output wastes
-/// a third of them), 1.3 to 2 times faster from 16² up.
+/// The fewest output pixels per image and channel for which the training paths in tensor ops
+/// (this module's, and `conv_autodiff`'s on NdArray or in half precision) beat Burn's `conv2d`
+/// on `Autodiff<Flex>`: measured about even at 8², twice as slow at 4² (the per-tap matmuls
+/// get tiny, and the wide output wastes a third of them), 1.3 to 2 times faster from 16² up.
+/// `conv_autodiff` on Flex in f32 runs `sd_kernels`' `conv_taps` at every size instead: the
+/// shapes model's training step (8² and 4² maps) went from 1.9 to 1.5 s with it.
 const MIN_OUTPUT_PIXELS: usize = 16 * 16;
 
 /// Whether `conv2d_forward` should train `conv` on `x` through these paths: a layout fits it

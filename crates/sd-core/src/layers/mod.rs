@@ -3,9 +3,15 @@
 
 pub mod adapters;
 mod attention;
+#[cfg(all(feature = "autodiff", feature = "flex"))]
+mod attention_autodiff;
 #[cfg(all(feature = "autodiff", any(feature = "flex", feature = "ndarray")))]
 mod conv_autodiff;
 mod conv_train;
+#[cfg(all(feature = "autodiff", feature = "flex"))]
+mod geglu_autodiff;
+#[cfg(all(feature = "autodiff", feature = "flex"))]
+mod group_norm_autodiff;
 mod mid_block;
 mod norm;
 mod resnet;
@@ -72,6 +78,11 @@ pub fn geglu<B: Backend>(projected: Tensor<B, 3>) -> Tensor<B, 3> {
     if let Some(out) = sd_kernels::cpu::try_geglu(&projected) {
         return out;
     }
+    #[cfg(all(feature = "autodiff", feature = "flex"))]
+    let projected = match geglu_autodiff::try_geglu_autodiff(projected) {
+        Ok(out) => return out,
+        Err(projected) => projected,
+    };
     let [b, n, two_inner] = projected.dims();
     let inner = two_inner / 2;
     let hidden = projected.clone().slice([0..b, 0..n, 0..inner]);
@@ -247,15 +258,24 @@ fn conv2d_base<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     if let Some(wide) = widened_conv(conv, x.dtype()) {
         return conv2d_base(&wide, x);
     }
-    let x = if B::ad_enabled(&x.device()) && conv_train::takes(conv, &x) {
+    let x = if B::ad_enabled(&x.device()) {
+        let large = conv_train::takes(conv, &x);
         #[cfg(all(feature = "autodiff", any(feature = "flex", feature = "ndarray")))]
-        let x = match conv_autodiff::try_conv2d_autodiff(conv, x) {
-            Ok(out) => return out,
-            Err(x) => x,
+        let x = if large || conv_autodiff::runs_kernels(&x) {
+            match conv_autodiff::try_conv2d_autodiff(conv, x) {
+                Ok(out) => return out,
+                Err(x) => x,
+            }
+        } else {
+            x
         };
-        match conv_train::conv2d_by_matmul(conv, x) {
-            Ok(out) => return out,
-            Err(x) => x,
+        if large {
+            match conv_train::conv2d_by_matmul(conv, x) {
+                Ok(out) => return out,
+                Err(x) => x,
+            }
+        } else {
+            x
         }
     } else {
         x

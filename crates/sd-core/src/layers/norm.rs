@@ -28,6 +28,16 @@ pub fn group_norm_2d<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor
     if let Some(out) = sd_kernels::cpu::try_group_norm(norm, &x, false) {
         return out;
     }
+    #[cfg(all(feature = "autodiff", feature = "flex"))]
+    let x = match super::group_norm_autodiff::try_group_norm_autodiff(norm, x) {
+        Ok(out) => return out,
+        Err(x) => x,
+    };
+    group_norm_by_ops(norm, x)
+}
+
+/// [`group_norm_2d`] in tensor ops (any backend, tracked or not).
+pub(crate) fn group_norm_by_ops<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     // f16 tops out at 65504: a group's sum of squares passes that easily. The statistics of an
     // f16 input are taken in f32 (as PyTorch's autocast runs `group_norm`) and the result
     // cast back.

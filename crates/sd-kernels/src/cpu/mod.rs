@@ -18,7 +18,9 @@
 #[macro_use]
 pub mod vector;
 pub mod attention;
+pub mod attention_train;
 pub mod conv;
+pub mod conv_taps;
 pub mod linear;
 pub mod norm;
 pub mod pool;
@@ -35,6 +37,7 @@ use crate::route::SameType;
 
 pub use attention::AttentionShape;
 pub use conv::Conv2dShape;
+pub use conv_taps::TapConv;
 
 /// `dst = scale · lhs · rhs`, or `dst += scale · lhs · rhs` when `accumulate`, for an
 /// `m × k` `lhs` and a `k × n` `rhs`; each matrix is a pointer and its `[row, column]` strides in
@@ -233,6 +236,115 @@ pub fn try_geglu<B: Backend>(projected: &Tensor<B, 3>) -> Option<Tensor<B, 3>> {
     Some(route.output_f32(out, [b, n, two_inner / 2]))
 }
 
+/// A stride-1 convolution's forward for training ([`conv_taps`]): the zero-padded input
+/// (`[batch · in, plane]`, what the weight gradient reads) and the output, when `B` is Flex and
+/// every tensor is f32 of `g`'s sizes; `None` otherwise.
+pub fn try_conv_taps_forward<B: Backend>(
+    x: &Tensor<B, 4>,
+    weight: &Tensor<B, 4>,
+    bias: Option<&Tensor<B, 1>>,
+    g: TapConv,
+) -> Option<(Tensor<B, 2>, Tensor<B, 4>)> {
+    let route = FlexRoute::<B>::check()?;
+    let [out_h, out_w] = g.output_size()?;
+    let [phase_h, phase_w] = g.phase()?;
+    let [kh, kw] = g.kernel;
+    if x.dims() != [g.batch, g.channels, g.height, g.width]
+        || weight.dims() != [g.out_channels, g.channels, kh, kw]
+        || bias.is_some_and(|b| b.dims() != [g.out_channels])
+    {
+        return None;
+    }
+    let (xf, wf) = (route.input(x)?, route.input(weight)?);
+    let bf = match bias {
+        Some(b) => Some(route.input(b)?),
+        None => None,
+    };
+    let bias = match &bf {
+        Some(b) => Some(b.as_slice::<f32>()?),
+        None => None,
+    };
+    let padded = conv_taps::pad(xf.as_slice()?, &g)?;
+    let taps = conv_taps::tap_matrices(wf.as_slice()?, &g, false);
+    let out = conv_taps::forward(&padded, &taps, bias, &g)?;
+    Some((
+        route.output_f32(padded, [g.batch * g.channels, phase_h * phase_w]),
+        route.output_f32(out, [g.batch, g.out_channels, out_h, out_w]),
+    ))
+}
+
+/// The gradients a stride-1 convolution's backward asks for.
+pub struct TapGrads<B: Backend> {
+    /// `∂L/∂x`, `[batch, in, height, width]`.
+    pub x: Option<Tensor<B, 4>>,
+    /// `∂L/∂W`, `[out, in, kh, kw]`.
+    pub weight: Option<Tensor<B, 4>>,
+    /// `∂L/∂b`, `[out]`.
+    pub bias: Option<Tensor<B, 1>>,
+}
+
+/// The input, weight and bias gradients (those `wanted`, in that order) of a stride-1
+/// convolution from [`try_conv_taps_forward`]'s padded input, the weight (needed for the input
+/// gradient) and the output gradient, when `B` is Flex and every tensor is f32 of `g`'s sizes;
+/// `None` otherwise, or when the input gradient's padding would be negative.
+pub fn try_conv_taps_backward<B: Backend>(
+    padded: &Tensor<B, 2>,
+    weight: Option<&Tensor<B, 4>>,
+    grad: &Tensor<B, 4>,
+    g: TapConv,
+    [want_x, want_weight, want_bias]: [bool; 3],
+) -> Option<TapGrads<B>> {
+    let route = FlexRoute::<B>::check()?;
+    let [out_h, out_w] = g.output_size()?;
+    let [phase_h, phase_w] = g.phase()?;
+    let [kh, kw] = g.kernel;
+    if grad.dims() != [g.batch, g.out_channels, out_h, out_w]
+        || padded.dims() != [g.batch * g.channels, phase_h * phase_w]
+    {
+        return None;
+    }
+    let gf = route.input(grad)?;
+    let grad = gf.as_slice::<f32>()?;
+    let x = if want_x {
+        let weight = weight.filter(|w| w.dims() == [g.out_channels, g.channels, kh, kw])?;
+        let wf = route.input(weight)?;
+        let out = conv_taps::input_grad(grad, wf.as_slice()?, &g)?;
+        Some(route.output_f32(out, [g.batch, g.channels, g.height, g.width]))
+    } else {
+        None
+    };
+    let weight = if want_weight {
+        let pf = route.input(padded)?;
+        let out = conv_taps::weight_grad(pf.as_slice()?, grad, &g)?;
+        Some(route.output_f32(out, [g.out_channels, g.channels, kh, kw]))
+    } else {
+        None
+    };
+    let bias = if want_bias {
+        let out = conv_taps::bias_grad(grad, g.batch, g.out_channels)?;
+        Some(route.output_f32(out, [g.out_channels]))
+    } else {
+        None
+    };
+    Some(TapGrads { x, weight, bias })
+}
+
+/// GEGLU's input gradient ([`vector::geglu_backward`]) from its input (`[b, n, 2·inner]`) and
+/// output gradient (`[b, n, inner]`), when `B` is Flex and both are f32; `None` otherwise.
+pub fn try_geglu_backward<B: Backend>(
+    projected: &Tensor<B, 3>,
+    grad: &Tensor<B, 3>,
+) -> Option<Tensor<B, 3>> {
+    let route = FlexRoute::<B>::check()?;
+    let [b, n, two_inner] = projected.dims();
+    if two_inner % 2 != 0 || grad.dims() != [b, n, two_inner / 2] {
+        return None;
+    }
+    let (pf, gf) = (route.input(projected)?, route.input(grad)?);
+    let out = vector::geglu_backward(pf.as_slice()?, gf.as_slice()?, two_inner / 2);
+    Some(route.output_f32(out, [b, n, two_inner]))
+}
+
 /// Swish, `x · σ(βx)` (SiLU for β = 1), in place when `B` is Flex and `x` is f32; `x` back
 /// otherwise.
 pub fn try_swish<B: Backend, const D: usize>(
@@ -280,6 +392,91 @@ pub fn try_attention<B: Backend>(
         causal,
     )?;
     Some(route.output_f32(out, [batch, len_q, v_width]))
+}
+
+/// The attention shape of token-major `q`, `k`, `v` split into `heads`; `None` when the sizes
+/// do not fit together.
+fn attention_shape(
+    q: [usize; 3],
+    k: [usize; 3],
+    v: [usize; 3],
+    heads: usize,
+    causal: bool,
+) -> Option<AttentionShape> {
+    let ([batch, len_q, qk_width], [kb, len_k, kw], [vb, vl, v_width]) = (q, k, v);
+    let fits = heads > 0
+        && qk_width % heads == 0
+        && v_width % heads == 0
+        && kb == batch
+        && vb == batch
+        && kw == qk_width
+        && vl == len_k
+        && !(causal && len_k < len_q);
+    fits.then_some(AttentionShape {
+        batch,
+        heads,
+        len_q,
+        len_k,
+        head_dim: qk_width / heads,
+        value_dim: v_width / heads,
+    })
+}
+
+/// [`attention_train::forward`]: the output (`[batch, len_q, heads · d_v]`) and the softmax
+/// probabilities (`[batch, heads, len_q, len_k]`) for the backward, when `B` is Flex, the
+/// tensors are f32 and the probabilities fit [`attention_train::MAX_PROBABILITIES`].
+pub fn try_attention_train_forward<B: Backend>(
+    q: &Tensor<B, 3>,
+    k: &Tensor<B, 3>,
+    v: &Tensor<B, 3>,
+    heads: usize,
+    causal: bool,
+) -> Option<(Tensor<B, 3>, Tensor<B, 4>)> {
+    let route = FlexRoute::<B>::check()?;
+    let shape = attention_shape(q.dims(), k.dims(), v.dims(), heads, causal)?;
+    let (qf, kf, vf) = (route.input(q)?, route.input(k)?, route.input(v)?);
+    let (out, probs) = attention_train::forward(
+        qf.as_slice()?,
+        kf.as_slice()?,
+        vf.as_slice()?,
+        shape,
+        causal,
+    )?;
+    Some((
+        route.output_f32(out, [shape.batch, shape.len_q, v.dims()[2]]),
+        route.output_f32(probs, [shape.batch, heads, shape.len_q, shape.len_k]),
+    ))
+}
+
+/// [`attention_train::backward`]: `(∂q, ∂k, ∂v)` from the inputs, the probabilities of
+/// [`try_attention_train_forward`] and the output gradient, when `B` is Flex and the tensors
+/// are f32 of matching sizes.
+pub fn try_attention_train_backward<B: Backend>(
+    [q, k, v]: [&Tensor<B, 3>; 3],
+    probs: &Tensor<B, 4>,
+    grad: &Tensor<B, 3>,
+    heads: usize,
+) -> Option<[Tensor<B, 3>; 3]> {
+    let route = FlexRoute::<B>::check()?;
+    let shape = attention_shape(q.dims(), k.dims(), v.dims(), heads, false)?;
+    if grad.dims() != [shape.batch, shape.len_q, v.dims()[2]] {
+        return None;
+    }
+    let (qf, kf, vf) = (route.input(q)?, route.input(k)?, route.input(v)?);
+    let (pf, gf) = (route.input(probs)?, route.input(grad)?);
+    let (dq, dk, dv) = attention_train::backward(
+        qf.as_slice()?,
+        kf.as_slice()?,
+        vf.as_slice()?,
+        pf.as_slice()?,
+        gf.as_slice()?,
+        shape,
+    )?;
+    Some([
+        route.output_f32(dq, q.dims()),
+        route.output_f32(dk, k.dims()),
+        route.output_f32(dv, v.dims()),
+    ])
 }
 
 /// [`conv::conv2d`] for a Burn `Conv2d` without dilation and with one group, when `B` is
@@ -596,6 +793,88 @@ pub fn try_group_norm<B: Backend>(
     };
     let out = norm::group_norm(xf.as_slice()?, shape, norm.epsilon as f32, affine, silu)?;
     Some(route.output_f32(out, [batch, channels, h, w]))
+}
+
+/// [`norm::group_norm_train`] for a GroupNorm's input, `gamma` and `beta` (f32 tensors on
+/// Flex): the output and the per-group `[mean, 1/σ]` as a `[batch · groups, 2]` tensor;
+/// `None` otherwise.
+pub fn try_group_norm_train<B: Backend>(
+    x: &Tensor<B, 4>,
+    affine: Option<(&Tensor<B, 1>, &Tensor<B, 1>)>,
+    groups: usize,
+    eps: f32,
+) -> Option<(Tensor<B, 4>, Tensor<B, 2>)> {
+    let route = FlexRoute::<B>::check()?;
+    let [batch, channels, h, w] = x.dims();
+    let xf = route.input(x)?;
+    let params = match affine {
+        Some((g, b)) => Some((route.input(g)?, route.input(b)?)),
+        None => None,
+    };
+    let affine = match &params {
+        Some((g, b)) => Some((g.as_slice::<f32>()?, b.as_slice::<f32>()?)),
+        None => None,
+    };
+    let shape = norm::GroupNormShape {
+        batch,
+        channels,
+        spatial: h * w,
+        groups,
+    };
+    let (out, stats) = norm::group_norm_train(xf.as_slice()?, shape, eps, affine)?;
+    let stats: Vec<f32> = stats.into_iter().flatten().collect();
+    Some((
+        route.output_f32(out, [batch, channels, h, w]),
+        route.output_f32(stats, [batch * groups, 2]),
+    ))
+}
+
+/// [`norm::group_norm_backward`]: `∂L/∂x` and, with `gamma`, `(∂L/∂γ, ∂L/∂β)`, when `B` is Flex
+/// and the tensors are f32 of matching sizes.
+#[allow(clippy::type_complexity)]
+pub fn try_group_norm_backward<B: Backend>(
+    x: &Tensor<B, 4>,
+    stats: &Tensor<B, 2>,
+    gamma: Option<&Tensor<B, 1>>,
+    grad: &Tensor<B, 4>,
+    groups: usize,
+) -> Option<(Tensor<B, 4>, Option<(Tensor<B, 1>, Tensor<B, 1>)>)> {
+    let route = FlexRoute::<B>::check()?;
+    let [batch, channels, h, w] = x.dims();
+    if grad.dims() != x.dims() || stats.dims() != [batch * groups, 2] {
+        return None;
+    }
+    let (xf, sf, gf) = (route.input(x)?, route.input(stats)?, route.input(grad)?);
+    let gammaf = match gamma {
+        Some(g) => Some(route.input(g)?),
+        None => None,
+    };
+    let gamma = match &gammaf {
+        Some(g) => Some(g.as_slice::<f32>()?),
+        None => None,
+    };
+    let stats: Vec<[f32; 2]> = sf
+        .as_slice::<f32>()?
+        .chunks_exact(2)
+        .map(|p| [p[0], p[1]])
+        .collect();
+    let shape = norm::GroupNormShape {
+        batch,
+        channels,
+        spatial: h * w,
+        groups,
+    };
+    let (dx, params) =
+        norm::group_norm_backward(xf.as_slice()?, &stats, gamma, gf.as_slice()?, shape)?;
+    Some((
+        route.output_f32(dx, [batch, channels, h, w]),
+        params.map(|(dg, db)| {
+            (
+                route.output_f32(dg, [channels]),
+                route.output_f32(db, [channels]),
+            )
+        }),
+    ))
 }
 
 /// A flat parameter and its two AdamW moments.

@@ -160,6 +160,35 @@ dispatched! {
 }
 
 dispatched! {
+    /// GEGLU's input gradient on rows of `2 · inner`: for `out = h ⊙ GELU(g)`,
+    /// `∂L/∂h = ∂L/∂out · GELU(g)` and `∂L/∂g = ∂L/∂out · h · GELU′(g)` with
+    /// `GELU′(g) = Φ(g) + g φ(g)`, written as the row's two halves.
+    pub fn geglu_backward_rows(input: &[f32], grad: &[f32], out: &mut [f32], inner: usize) {
+        const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+        for ((row, g_out), dst) in input
+            .chunks_exact(2 * inner)
+            .zip(grad.chunks_exact(inner))
+            .zip(out.chunks_exact_mut(2 * inner))
+        {
+            let (hidden, gate) = row.split_at(inner);
+            let (d_hidden, d_gate) = dst.split_at_mut(inner);
+            for ((((dh, dg), &h), &g), &d) in d_hidden
+                .iter_mut()
+                .zip(d_gate.iter_mut())
+                .zip(hidden)
+                .zip(gate)
+                .zip(g_out)
+            {
+                let cdf = 0.5 * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2));
+                let pdf = FRAC_1_SQRT_2PI * exp(-0.5 * g * g);
+                *dh = d * g * cdf;
+                *dg = d * h * (cdf + g * pdf);
+            }
+        }
+    }
+}
+
+dispatched! {
     /// Swish, `x · σ(βx)` (Ramachandran et al. 2017), in place: SiLU for β = 1, CLIP's quick
     /// GELU for β = 1.702.
     pub fn swish_in_place(x: &mut [f32], beta: f32) {
@@ -448,6 +477,18 @@ pub fn geglu(input: &[f32], inner: usize) -> Vec<f32> {
     out
 }
 
+/// [`geglu_backward_rows`] over all rows (`input`: `rows × 2·inner`, `grad`: `rows × inner`),
+/// in parallel.
+pub fn geglu_backward(input: &[f32], grad: &[f32], inner: usize) -> Vec<f32> {
+    let mut out = vec![0f32; input.len()];
+    let per = rows_per_task(2 * inner);
+    out.par_chunks_mut(per * 2 * inner)
+        .zip(input.par_chunks(per * 2 * inner))
+        .zip(grad.par_chunks(per * inner))
+        .for_each(|((dst, src), g)| geglu_backward_rows(src, g, dst, inner));
+    out
+}
+
 /// [`swish_in_place`], in parallel.
 pub fn swish(x: &mut [f32], beta: f32) {
     x.par_chunks_mut(1 << 16)
@@ -457,6 +498,43 @@ pub fn swish(x: &mut [f32], beta: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn geglu_backward_is_the_derivative() {
+        let inner = 37;
+        let rows = 5;
+        let input: Vec<f32> = (0..rows * 2 * inner)
+            .map(|i| ((i * 7919) % 1000) as f32 * 8e-3 - 4.0)
+            .collect();
+        let grad: Vec<f32> = (0..rows * inner).map(|i| (i as f32 * 0.3).cos()).collect();
+        let out = geglu_backward(&input, &grad, inner);
+        let gelu =
+            |v: f64| 0.5 * v * (1.0 + erf(v as f32 * std::f32::consts::FRAC_1_SQRT_2) as f64);
+        for r in 0..rows {
+            for j in 0..inner {
+                let (h, g) = (
+                    input[r * 2 * inner + j] as f64,
+                    input[r * 2 * inner + inner + j] as f64,
+                );
+                let d = grad[r * inner + j] as f64;
+                let eps = 1e-3;
+                let slope = (gelu(g + eps) - gelu(g - eps)) / (2.0 * eps);
+                let (want_h, want_g) = (d * gelu(g), d * h * slope);
+                let (got_h, got_g) = (
+                    out[r * 2 * inner + j] as f64,
+                    out[r * 2 * inner + inner + j] as f64,
+                );
+                assert!(
+                    (got_h - want_h).abs() < 1e-5 * (1.0 + want_h.abs()),
+                    "row {r} h {j}: {got_h} against {want_h}"
+                );
+                assert!(
+                    (got_g - want_g).abs() < 2e-4 * (1.0 + want_g.abs()),
+                    "row {r} g {j}: {got_g} against {want_g}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn silu_backward_is_the_derivative() {
