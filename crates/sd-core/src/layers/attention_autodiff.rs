@@ -199,16 +199,7 @@ mod tests {
                 .iter()
                 .zip(fused.into_iter().zip(ops))
             {
-                let (a, b) = (
-                    a.into_data().to_vec::<f32>().unwrap(),
-                    b.into_data().to_vec::<f32>().unwrap(),
-                );
-                for (i, (a, b)) in a.iter().zip(&b).enumerate() {
-                    assert!(
-                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                        "causal {causal}: {what} {i}: {a} against {b}"
-                    );
-                }
+                super::super::assert_close(&format!("causal {causal}: {what}"), a, b, 1e-5);
             }
         }
     }

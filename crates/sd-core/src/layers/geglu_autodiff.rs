@@ -131,17 +131,7 @@ mod tests {
             (y.inner(), grad)
         };
         let ((fused_y, fused), (ops_y, ops)) = (run(true), run(false));
-        for (what, a, b) in [("value", fused_y, ops_y), ("gradient", fused, ops)] {
-            let (a, b) = (
-                a.into_data().to_vec::<f32>().unwrap(),
-                b.into_data().to_vec::<f32>().unwrap(),
-            );
-            for (i, (a, b)) in a.iter().zip(&b).enumerate() {
-                assert!(
-                    (a - b).abs() <= 2e-6 * (1.0 + b.abs()),
-                    "{what} {i}: {a} against {b}"
-                );
-            }
-        }
+        super::super::assert_close("value", fused_y, ops_y, 2e-6);
+        super::super::assert_close("∂x", fused, ops, 2e-6);
     }
 }

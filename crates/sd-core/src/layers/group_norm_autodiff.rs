@@ -173,27 +173,11 @@ mod tests {
             )
         };
         let (fused, ops) = (run(true), run(false));
-        let close = |what: &str, a: Vec<f32>, b: Vec<f32>| {
-            for (i, (a, b)) in a.iter().zip(&b).enumerate() {
-                assert!(
-                    (a - b).abs() <= 2e-5 * (1.0 + b.abs()),
-                    "{what} {i}: {a} against {b}"
-                );
-            }
-        };
         for (what, (a, b)) in ["output", "∂x"].iter().zip(fused.0.into_iter().zip(ops.0)) {
-            close(
-                what,
-                a.into_data().to_vec().unwrap(),
-                b.into_data().to_vec().unwrap(),
-            );
+            super::super::assert_close(what, a, b, 2e-5);
         }
         for (what, (a, b)) in ["∂γ", "∂β"].iter().zip(fused.1.into_iter().zip(ops.1)) {
-            close(
-                what,
-                a.into_data().to_vec().unwrap(),
-                b.into_data().to_vec().unwrap(),
-            );
+            super::super::assert_close(what, a, b, 2e-5);
         }
     }
 }

@@ -323,6 +323,26 @@ pub fn conv2d<B: Backend>(
         .init(device)
 }
 
+/// Asserts that the training ops' values or gradients agree with the Burn-op form's, element by
+/// element, to `tolerance · (1 + |want|)`.
+#[cfg(all(test, feature = "autodiff", feature = "flex"))]
+pub(crate) fn assert_close<const D: usize>(
+    what: &str,
+    got: Tensor<burn::backend::Flex, D>,
+    want: Tensor<burn::backend::Flex, D>,
+    tolerance: f32,
+) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shapes");
+    let got = got.into_data().to_vec::<f32>().unwrap();
+    let want = want.into_data().to_vec::<f32>().unwrap();
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (a - b).abs() <= tolerance * (1.0 + b.abs()),
+            "{what} {i}: {a} against {b}"
+        );
+    }
+}
+
 /// The Flex kernels behind the entry points against Burn's own ops on the same backend, at
 /// sizes that reach each kernel's paths (Winograd, blocks of one image's rows or of whole
 /// images, strided and 1×1 convolutions;

@@ -118,15 +118,6 @@ mod tests {
             (x.clone().inner(), grad)
         };
         let ((_, fused), (_, ops)) = (run(true), run(false));
-        let (fused, ops) = (
-            fused.into_data().to_vec::<f32>().unwrap(),
-            ops.into_data().to_vec::<f32>().unwrap(),
-        );
-        for (i, (a, b)) in fused.iter().zip(&ops).enumerate() {
-            assert!(
-                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                "element {i}: {a} against {b}"
-            );
-        }
+        super::super::assert_close("∂x", fused, ops, 1e-5);
     }
 }
