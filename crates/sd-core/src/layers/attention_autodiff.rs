@@ -23,6 +23,8 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use sd_kernels::route::SameType;
 
+use super::flex_tensor as tensor;
+
 /// `multi_head_attention(q, k, v, heads, causal)` through the op of this module when `B` is
 /// `Autodiff<Flex>`, the tensors are f32 and the kernel takes their sizes; the inputs back
 /// otherwise.
@@ -55,11 +57,6 @@ pub fn try_attention_autodiff<B: Backend>(
         ))),
         None => Err((q, k, v)),
     }
-}
-
-/// A Flex `Tensor` around a primitive.
-fn tensor<const D: usize>(primitive: FloatTensor<Flex>) -> Tensor<Flex, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
 #[derive(Debug)]

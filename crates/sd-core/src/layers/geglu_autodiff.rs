@@ -23,6 +23,8 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use sd_kernels::route::SameType;
 
+use super::flex_tensor as tensor;
+
 /// `h ⊙ GELU(g)` for `[h, g]` the halves of `projected`'s last axis, through the op of this
 /// module when `B` is `Autodiff<Flex>` and `projected` is f32 with an even last axis;
 /// `projected` back otherwise.
@@ -46,11 +48,6 @@ pub fn try_geglu_autodiff<B: Backend>(
     Ok(Tensor::from_primitive(TensorPrimitive::Float(
         route.back(geglu_op(projected)),
     )))
-}
-
-/// A Flex `Tensor` around a primitive.
-fn tensor(primitive: FloatTensor<Flex>) -> Tensor<Flex, 3> {
-    Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
 /// The tensor-op form (any backend): what the kernels compute.

@@ -23,6 +23,8 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use sd_kernels::route::SameType;
 
+use super::flex_tensor as tensor;
+
 /// `norm.forward(x)` through the op of this module when `B` is `Autodiff<Flex>`, `x` is f32
 /// and the norm has its scale and shift; `x` back otherwise.
 pub fn try_group_norm_autodiff<B: Backend>(
@@ -54,11 +56,6 @@ pub fn try_group_norm_autodiff<B: Backend>(
         ))),
         None => Err(x),
     }
-}
-
-/// A Flex `Tensor` around a primitive.
-fn tensor<const D: usize>(primitive: FloatTensor<Flex>) -> Tensor<Flex, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
 #[derive(Debug)]

@@ -323,6 +323,14 @@ pub fn conv2d<B: Backend>(
         .init(device)
 }
 
+/// A Flex `Tensor` around a primitive (the training ops' inner tensors).
+#[cfg(all(feature = "autodiff", feature = "flex"))]
+pub(crate) fn flex_tensor<const D: usize>(
+    primitive: burn::tensor::ops::FloatTensor<burn::backend::Flex>,
+) -> Tensor<burn::backend::Flex, D> {
+    Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(primitive))
+}
+
 /// Asserts that the training ops' values or gradients agree with the Burn-op form's, element by
 /// element, to `tolerance · (1 + |want|)`.
 #[cfg(all(test, feature = "autodiff", feature = "flex"))]

@@ -20,6 +20,8 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use sd_kernels::route::SameType;
 
+use super::flex_tensor as tensor;
+
 /// `x · σ(x)` through the op of this module when `B` is `Autodiff<Flex>` and `x` is f32; `x`
 /// back otherwise.
 pub fn try_silu_autodiff<B: Backend, const D: usize>(
@@ -39,11 +41,6 @@ pub fn try_silu_autodiff<B: Backend, const D: usize>(
     Ok(Tensor::from_primitive(TensorPrimitive::Float(
         route.back(silu_op::<D>(x)),
     )))
-}
-
-/// A Flex `Tensor` around a primitive.
-fn tensor<const D: usize>(primitive: FloatTensor<Flex>) -> Tensor<Flex, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
 #[derive(Debug)]

@@ -18,6 +18,46 @@ pub struct GroupNormShape {
     pub groups: usize,
 }
 
+impl GroupNormShape {
+    /// Whether `elements` values (and a `[channels]` scale and shift, if given) fit the shape.
+    fn fits(&self, elements: usize, affine: Option<(&[f32], &[f32])>) -> bool {
+        self.groups != 0
+            && self.channels.is_multiple_of(self.groups)
+            && self.spatial != 0
+            && elements == self.batch * self.channels * self.spatial
+            && affine.is_none_or(|(g, b)| g.len() == self.channels && b.len() == self.channels)
+    }
+}
+
+/// Normalises group `i` (its values `src`) into `dst`; returns its mean and `1/σ`.
+fn normalize_group(
+    i: usize,
+    (src, dst): (&[f32], &mut [f32]),
+    shape: GroupNormShape,
+    eps: f32,
+    affine: Option<(&[f32], &[f32])>,
+    silu: bool,
+) -> [f32; 2] {
+    let (mean, variance) = group_statistics(src);
+    let scale = 1.0 / (variance + f64::from(eps)).sqrt();
+    let per_channel_group = shape.channels / shape.groups;
+    let first_channel = (i % shape.groups) * per_channel_group;
+    for (c, (dst, src)) in dst
+        .chunks_exact_mut(shape.spatial)
+        .zip(src.chunks_exact(shape.spatial))
+        .enumerate()
+    {
+        let (gamma, beta) = affine.map_or((1.0, 0.0), |(g, b)| {
+            (g[first_channel + c], b[first_channel + c])
+        });
+        // (x − mean)·scale·γ + β as x·a + b.
+        let a = (scale * f64::from(gamma)) as f32;
+        let b = (f64::from(beta) - mean * scale * f64::from(gamma)) as f32;
+        normalize_channel(src, dst, a, b, silu);
+    }
+    [mean as f32, scale as f32]
+}
+
 /// `x`: `[batch, channels, spatial]` row-major; `gamma`/`beta`: `[channels]` (or none for
 /// `affine=False`). Returns the normalised map, passed through SiLU when `silu`. `None` when
 /// the sizes do not fit together.
@@ -28,42 +68,16 @@ pub fn group_norm(
     affine: Option<(&[f32], &[f32])>,
     silu: bool,
 ) -> Option<Vec<f32>> {
-    let GroupNormShape {
-        batch,
-        channels,
-        spatial,
-        groups,
-    } = shape;
-    if groups == 0
-        || channels % groups != 0
-        || spatial == 0
-        || x.len() != batch * channels * spatial
-        || affine.is_some_and(|(g, b)| g.len() != channels || b.len() != channels)
-    {
+    if !shape.fits(x.len(), affine) {
         return None;
     }
-    let per_group = channels / groups * spatial;
+    let per_group = shape.channels / shape.groups * shape.spatial;
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(per_group)
         .zip(x.par_chunks(per_group))
         .enumerate()
         .for_each(|(i, (dst, src))| {
-            let (mean, variance) = group_statistics(src);
-            let scale = 1.0 / (variance + f64::from(eps)).sqrt();
-            let first_channel = (i % groups) * (channels / groups);
-            for (c, (dst, src)) in dst
-                .chunks_exact_mut(spatial)
-                .zip(src.chunks_exact(spatial))
-                .enumerate()
-            {
-                let (gamma, beta) = affine.map_or((1.0, 0.0), |(g, b)| {
-                    (g[first_channel + c], b[first_channel + c])
-                });
-                // (x − mean)·scale·γ + β as x·a + b.
-                let a = (scale * f64::from(gamma)) as f32;
-                let b = (f64::from(beta) - mean * scale * f64::from(gamma)) as f32;
-                normalize_channel(src, dst, a, b, silu);
-            }
+            normalize_group(i, (src, dst), shape, eps, affine, silu);
         });
     Some(out)
 }
@@ -76,18 +90,19 @@ pub fn group_norm_train(
     eps: f32,
     affine: Option<(&[f32], &[f32])>,
 ) -> Option<(Vec<f32>, Vec<[f32; 2]>)> {
-    let out = group_norm(x, shape, eps, affine, false)?;
+    if !shape.fits(x.len(), affine) {
+        return None;
+    }
     let per_group = shape.channels / shape.groups * shape.spatial;
-    let stats = x
-        .par_chunks(per_group)
-        .map(|src| {
-            let (mean, variance) = group_statistics(src);
-            [
-                mean as f32,
-                (1.0 / (variance + f64::from(eps)).sqrt()) as f32,
-            ]
-        })
-        .collect();
+    let mut out = vec![0f32; x.len()];
+    let mut stats = vec![[0f32; 2]; shape.batch * shape.groups];
+    out.par_chunks_mut(per_group)
+        .zip(x.par_chunks(per_group))
+        .zip(stats.par_iter_mut())
+        .enumerate()
+        .for_each(|(i, ((dst, src), stat))| {
+            *stat = normalize_group(i, (src, dst), shape, eps, affine, false);
+        });
     Some((out, stats))
 }
 
@@ -110,13 +125,9 @@ pub fn group_norm_backward(
         spatial,
         groups,
     } = shape;
-    if groups == 0
-        || channels % groups != 0
-        || spatial == 0
-        || x.len() != batch * channels * spatial
+    if !shape.fits(x.len(), gamma.map(|g| (g, g)))
         || grad.len() != x.len()
         || stats.len() != batch * groups
-        || gamma.is_some_and(|g| g.len() != channels)
     {
         return None;
     }
