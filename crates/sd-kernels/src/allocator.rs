@@ -8,7 +8,7 @@
 
 /// Keeps freed memory for reuse: every buffer comes from the heap rather than its own `mmap`
 /// (`M_MMAP_MAX` 0; a threshold can only be raised to 32 MiB, and a training step's weight-sized
-/// gradients are larger: SD 1.5's 1280² 3×3 kernels are 59 MB), and freed heap memory is not
+/// gradients are larger: SD 1.5's 1280² 3×3 kernels are 59 MB), and freed heap memory is never
 /// trimmed back to the kernel. A buffer that was mapped for one use is unmapped when freed
 /// (a TLB shootdown on every core) and faulted back in, page by page, zero-filled, at its next
 /// use: that was over 40 % of an SD 1.5 training step's time in the kernel, and the step took
@@ -21,7 +21,9 @@ pub fn reuse_freed_memory() {
     // SAFETY: `mallopt` only changes allocator parameters; it is safe to call at any time.
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        // -1: never (mallopt(3)); `i32::MAX` let a free that left over 2 GiB at the heap's top
+        // return it (2 GB of an SD 1.5 training step, faulted back in at the next).
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
 }

@@ -112,26 +112,36 @@ pub fn pad(x: &[f32], g: &TapConv) -> Option<Vec<f32>> {
     Some(out)
 }
 
-/// `[kh · kw, out, in]` tap matrices of a weight `[out, in, kh, kw]`; with `flip`, the input
-/// gradient's: tap `t` is `weight[:, :, k−1−t]` transposed, `[kh · kw, in, out]`.
-pub fn tap_matrices(weight: &[f32], g: &TapConv, flip: bool) -> Vec<f32> {
+/// `[kh · kw, out, in]` tap matrices of a weight `[out, in, kh, kw]`.
+pub fn tap_matrices(weight: &[f32], g: &TapConv) -> Vec<f32> {
     let (o, c, taps) = (g.out_channels, g.channels, g.taps());
     let mut out = vec![0f32; taps * o * c];
-    out.par_chunks_mut(o * c).enumerate().for_each(|(t, dst)| {
-        if flip {
-            let source_tap = taps - 1 - t;
-            for (ci, row) in dst.chunks_exact_mut(o).enumerate() {
-                for (oi, v) in row.iter_mut().enumerate() {
-                    *v = weight[(oi * c + ci) * taps + source_tap];
-                }
-            }
-        } else {
-            for (i, v) in dst.iter_mut().enumerate() {
-                *v = weight[i * taps + t];
+    // The weight as `[out · in, taps]`, transposed.
+    transpose_into(weight, o * c, taps, &mut out);
+    out
+}
+
+/// `dst[j · rows + i] = src[i · cols + j]`: the `rows × cols` matrix `src` transposed, by 64 ×
+/// 64 tiles spread over the threads (an element-by-element gather of a large weight was a
+/// tenth of the SD 1.5 U-Net's training step).
+fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const TILE: usize = 64;
+    let len = rows * cols;
+    assert!(src.len() == len && dst.len() == len);
+    let (tiles_i, tiles_j) = (rows.div_ceil(TILE), cols.div_ceil(TILE));
+    let shared = SharedOut(dst.as_mut_ptr());
+    (0..tiles_i * tiles_j).into_par_iter().for_each(|tile| {
+        let (i0, j0) = ((tile / tiles_j) * TILE, (tile % tiles_j) * TILE);
+        let (i1, j1) = ((i0 + TILE).min(rows), (j0 + TILE).min(cols));
+        let dst = shared.get();
+        for j in j0..j1 {
+            for i in i0..i1 {
+                // SAFETY: `j · rows + i < rows · cols`, inside the buffer, which outlives the
+                // loop; each element is written by its tile alone.
+                unsafe { *dst.add(j * rows + i) = src[i * cols + j] };
             }
         }
     });
-    out
 }
 
 /// Whether to spread the images over the threads (each multiply on one core) rather than each
@@ -141,10 +151,23 @@ fn by_image(batch: usize) -> bool {
 }
 
 /// The convolution of the padded input (from [`pad`]) by the tap matrices (from
-/// [`tap_matrices`], not flipped), plus `bias`: `[batch, out, out_h, out_w]`.
+/// [`tap_matrices`]), plus `bias`: `[batch, out, out_h, out_w]`.
 pub fn forward(
     padded: &[f32],
     taps: &[f32],
+    bias: Option<&[f32]>,
+    g: &TapConv,
+) -> Option<Vec<f32>> {
+    let (o, c) = (g.out_channels, g.channels);
+    by_taps(padded, taps, |t| (t * o * c, [c, 1]), bias, g)
+}
+
+/// [`forward`] with tap `t`'s `out × in` matrix at element `offset` of `taps`, its rows and
+/// columns `strides` apart, for `(offset, strides) = tap(t)`.
+fn by_taps(
+    padded: &[f32],
+    taps: &[f32],
+    tap: impl Fn(usize) -> (usize, [usize; 2]) + Sync,
     bias: Option<&[f32]>,
     g: &TapConv,
 ) -> Option<Vec<f32>> {
@@ -152,8 +175,15 @@ pub fn forward(
     let [phase_h, phase_w] = g.phase()?;
     let (c, o, kw) = (g.channels, g.out_channels, g.kernel[1]);
     let (plane, wide) = (phase_h * phase_w, out_h * phase_w);
+    // The last element each tap matrix reads.
+    let last = |t: usize| {
+        let (at, [row, column]) = tap(t);
+        at + (o - 1) * row + (c - 1) * column
+    };
     if padded.len() != g.batch * c * plane
-        || taps.len() != g.taps() * o * c
+        || o == 0
+        || c == 0
+        || (0..g.taps()).any(|t| last(t) >= taps.len())
         || bias.is_some_and(|b| b.len() != o)
     {
         return None;
@@ -166,15 +196,16 @@ pub fn forward(
         let src = &padded[b * c * plane..(b + 1) * c * plane];
         for t in 0..g.taps() {
             let offset = (t / kw) * phase_w + t % kw;
+            let (at, strides) = tap(t);
             // SAFETY: the scratch has room for `o × wide`; the tap matrix is `o × c` inside
-            // `taps`; the slice read is `c` rows `plane` apart of `wide` elements from
-            // `offset`, and `offset + wide ≤ plane` by the phase's size. The first tap writes
-            // every element of the scratch, the others accumulate onto it.
+            // `taps` (checked above); the slice read is `c` rows `plane` apart of `wide`
+            // elements from `offset`, and `offset + wide ≤ plane` by the phase's size. The
+            // first tap writes every element of the scratch, the others accumulate onto it.
             unsafe {
                 multiply(
                     [o, wide, c],
                     (scratch.as_mut_ptr(), [wide, 1]),
-                    (taps[t * o * c..].as_ptr(), [c, 1]),
+                    (taps[at..].as_ptr(), strides),
                     (src[offset..].as_ptr(), [plane, 1]),
                     t > 0,
                     1.0,
@@ -218,8 +249,17 @@ pub fn input_grad(grad: &[f32], weight: &[f32], g: &TapConv) -> Option<Vec<f32>>
         return None;
     }
     let padded = pad(grad, &gi)?;
-    let taps = tap_matrices(weight, g, true);
-    forward(&padded, &taps, None, &gi)
+    // Tap `t` of the input gradient is tap `k − 1 − t` of the forward, transposed: read in
+    // place from the forward's tap matrices (`[out, in]` each) by swapped strides.
+    let (o, c, taps) = (g.out_channels, g.channels, g.taps());
+    let matrices = tap_matrices(weight, g);
+    by_taps(
+        &padded,
+        &matrices,
+        |t| ((taps - 1 - t) * o * c, [1, c]),
+        None,
+        &gi,
+    )
 }
 
 /// `∂L/∂W` (`[out, in, kh, kw]`): `Σ_b ∂L/∂y_wide[b] · tap(i, j)[b]ᵀ` for every tap, from the
@@ -273,18 +313,7 @@ pub fn weight_grad(padded: &[f32], grad: &[f32], g: &TapConv) -> Option<Vec<f32>
     }
     // `[taps, out, in]` → `[out, in, taps]`.
     let mut out = vec![0f32; taps * o * c];
-    let shared = SharedOut(out.as_mut_ptr());
-    by_tap
-        .par_chunks_exact(o * c)
-        .enumerate()
-        .for_each(|(t, src)| {
-            let dst = shared.get();
-            for (i, &v) in src.iter().enumerate() {
-                // SAFETY: element `i · taps + t` is written by tap `t`'s task alone, inside
-                // the `taps · o · c` buffer that outlives the loop.
-                unsafe { *dst.add(i * taps + t) = v };
-            }
-        });
+    transpose_into(&by_tap, taps, o * c, &mut out);
     Some(out)
 }
 
@@ -385,7 +414,7 @@ mod tests {
             let bias = values(o, 3);
             let u = values(batch * o * out_h * out_w, 4);
             let padded = pad(&x, &g).unwrap();
-            let y = forward(&padded, &tap_matrices(&wt, &g, false), Some(&bias), &g).unwrap();
+            let y = forward(&padded, &tap_matrices(&wt, &g), Some(&bias), &g).unwrap();
             let want = direct(&x, &wt, &bias, &g);
             for (i, (a, b)) in y.iter().zip(&want).enumerate() {
                 assert!(
