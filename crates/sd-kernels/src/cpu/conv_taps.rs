@@ -112,13 +112,17 @@ pub fn pad(x: &[f32], g: &TapConv) -> Option<Vec<f32>> {
     Some(out)
 }
 
-/// `[kh · kw, out, in]` tap matrices of a weight `[out, in, kh, kw]`.
-pub fn tap_matrices(weight: &[f32], g: &TapConv) -> Vec<f32> {
+/// `[kh · kw, out, in]` tap matrices of a weight `[out, in, kh, kw]`; `None` when the weight
+/// is not that size.
+pub fn tap_matrices(weight: &[f32], g: &TapConv) -> Option<Vec<f32>> {
     let (o, c, taps) = (g.out_channels, g.channels, g.taps());
+    if weight.len() != taps * o * c {
+        return None;
+    }
     let mut out = vec![0f32; taps * o * c];
     // The weight as `[out · in, taps]`, transposed.
     transpose_into(weight, o * c, taps, &mut out);
-    out
+    Some(out)
 }
 
 /// `dst[j · rows + i] = src[i · cols + j]`: the `rows × cols` matrix `src` transposed, by 64 ×
@@ -252,7 +256,7 @@ pub fn input_grad(grad: &[f32], weight: &[f32], g: &TapConv) -> Option<Vec<f32>>
     // Tap `t` of the input gradient is tap `k − 1 − t` of the forward, transposed: read in
     // place from the forward's tap matrices (`[out, in]` each) by swapped strides.
     let (o, c, taps) = (g.out_channels, g.channels, g.taps());
-    let matrices = tap_matrices(weight, g);
+    let matrices = tap_matrices(weight, g)?;
     by_taps(
         &padded,
         &matrices,
@@ -414,7 +418,7 @@ mod tests {
             let bias = values(o, 3);
             let u = values(batch * o * out_h * out_w, 4);
             let padded = pad(&x, &g).unwrap();
-            let y = forward(&padded, &tap_matrices(&wt, &g), Some(&bias), &g).unwrap();
+            let y = forward(&padded, &tap_matrices(&wt, &g).unwrap(), Some(&bias), &g).unwrap();
             let want = direct(&x, &wt, &bias, &g);
             for (i, (a, b)) in y.iter().zip(&want).enumerate() {
                 assert!(

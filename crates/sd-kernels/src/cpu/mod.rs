@@ -265,7 +265,7 @@ pub fn try_conv_taps_forward<B: Backend>(
         None => None,
     };
     let padded = conv_taps::pad(xf.as_slice()?, &g)?;
-    let taps = conv_taps::tap_matrices(wf.as_slice()?, &g);
+    let taps = conv_taps::tap_matrices(wf.as_slice()?, &g)?;
     let out = conv_taps::forward(&padded, &taps, bias, &g)?;
     Some((
         route.output_f32(padded, [g.batch * g.channels, phase_h * phase_w]),
