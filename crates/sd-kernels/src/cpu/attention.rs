@@ -145,6 +145,7 @@ pub fn attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::pseudo_random;
 
     /// The textbook computation, one score at a time.
     fn reference(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape, causal: bool) -> Vec<f32> {
@@ -186,18 +187,6 @@ mod tests {
             }
         }
         out
-    }
-
-    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-            })
-            .collect()
     }
 
     #[test]
@@ -249,9 +238,13 @@ mod tests {
             ),
         ] {
             let qw = shape.heads * shape.head_dim;
-            let q = pseudo_random(shape.batch * shape.len_q * qw, 1);
-            let k = pseudo_random(shape.batch * shape.len_k * qw, 2);
-            let v = pseudo_random(shape.batch * shape.len_k * shape.heads * shape.value_dim, 3);
+            let q = pseudo_random(shape.batch * shape.len_q * qw, 1, 4.0);
+            let k = pseudo_random(shape.batch * shape.len_k * qw, 2, 4.0);
+            let v = pseudo_random(
+                shape.batch * shape.len_k * shape.heads * shape.value_dim,
+                3,
+                4.0,
+            );
             let fused = attention(&q, &k, &v, shape, causal).expect("consistent sizes");
             let expected = reference(&q, &k, &v, shape, causal);
             let worst = fused

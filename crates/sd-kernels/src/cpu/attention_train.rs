@@ -211,18 +211,7 @@ pub fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
-            })
-            .collect()
-    }
+    use crate::cpu::pseudo_random;
 
     /// `L = Σ o ⊙ u` in f64, the attention computed one score at a time.
     fn loss(q: &[f32], k: &[f32], v: &[f32], u: &[f32], s: AttentionShape, causal: bool) -> f64 {
@@ -302,10 +291,10 @@ mod tests {
             ),
         ] {
             let (qk, vw) = (shape.heads * shape.head_dim, shape.heads * shape.value_dim);
-            let q = values(shape.batch * shape.len_q * qk, 1);
-            let k = values(shape.batch * shape.len_k * qk, 2);
-            let v = values(shape.batch * shape.len_k * vw, 3);
-            let u = values(shape.batch * shape.len_q * vw, 4);
+            let q = pseudo_random(shape.batch * shape.len_q * qk, 1, 3.0);
+            let k = pseudo_random(shape.batch * shape.len_k * qk, 2, 3.0);
+            let v = pseudo_random(shape.batch * shape.len_k * vw, 3, 3.0);
+            let u = pseudo_random(shape.batch * shape.len_q * vw, 4, 3.0);
             let (out, probs) = forward(&q, &k, &v, shape, causal).unwrap();
             let want = super::super::attention::attention(&q, &k, &v, shape, causal).unwrap();
             for (a, b) in out.iter().zip(&want) {

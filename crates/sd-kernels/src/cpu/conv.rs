@@ -467,6 +467,7 @@ fn gather(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::pseudo_random;
 
     /// `batch` images of `channels = [in, out]` at `size = [height, width]`.
     fn shape(
@@ -529,18 +530,6 @@ mod tests {
         out
     }
 
-    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
-
     #[test]
     fn every_method_matches_the_direct_sum() {
         for shape in [
@@ -568,9 +557,10 @@ mod tests {
             let x = pseudo_random(
                 shape.batch * shape.in_channels * shape.height * shape.width,
                 1,
+                1.0,
             );
-            let w = pseudo_random(shape.out_channels * shape.in_channels * kh * kw, 2);
-            let bias = pseudo_random(shape.out_channels, 3);
+            let w = pseudo_random(shape.out_channels * shape.in_channels * kh * kw, 2, 1.0);
+            let bias = pseudo_random(shape.out_channels, 3, 1.0);
             let expected = reference(&x, &w, &bias, shape);
             for method in [
                 ConvMethod::Winograd2x2,
@@ -603,13 +593,14 @@ mod tests {
             let x = pseudo_random(
                 shape.batch * shape.in_channels * shape.height * shape.width,
                 1,
+                1.0,
             );
-            let w = pseudo_random(shape.out_channels * shape.in_channels * kh * kw, 2);
+            let w = pseudo_random(shape.out_channels * shape.in_channels * kh * kw, 2, 1.0);
             let halves: Vec<half::f16> = w.iter().map(|v| half::f16::from_f32(*v)).collect();
             let brains: Vec<half::bf16> = w.iter().map(|v| half::bf16::from_f32(*v)).collect();
             let widened_halves: Vec<f32> = halves.iter().map(|v| v.to_f32()).collect();
             let widened_brains: Vec<f32> = brains.iter().map(|v| v.to_f32()).collect();
-            let bias = pseudo_random(shape.out_channels, 3);
+            let bias = pseudo_random(shape.out_channels, 3, 1.0);
             for method in [
                 ConvMethod::Winograd2x2,
                 ConvMethod::Winograd4x4,
@@ -646,13 +637,14 @@ mod tests {
             let x = pseudo_random(
                 shape.batch * shape.in_channels * shape.height * shape.width,
                 4,
+                1.0,
             );
-            let w = pseudo_random(shape.out_channels * shape.in_channels * kh * kw, 5);
-            let scale: Vec<f32> = pseudo_random(shape.out_channels, 6)
+            let w = pseudo_random(shape.out_channels * shape.in_channels * kh * kw, 5, 1.0);
+            let scale: Vec<f32> = pseudo_random(shape.out_channels, 6, 1.0)
                 .iter()
                 .map(|v| v + 1.0)
                 .collect();
-            let shift = pseudo_random(shape.out_channels, 7);
+            let shift = pseudo_random(shape.out_channels, 7, 1.0);
             let plain = reference(&x, &w, &vec![0.0; shape.out_channels], shape);
             let per_channel = plain.len() / (shape.batch * shape.out_channels);
             let expected: Vec<f32> = plain

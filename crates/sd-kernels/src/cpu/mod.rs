@@ -1017,6 +1017,21 @@ pub fn try_scale<B: Backend, const D: usize>(
     Ok(route.output(flex))
 }
 
+/// Test inputs: `n` values spread evenly over `[−spread/2, spread/2)` by a 64-bit linear
+/// congruential generator (Knuth's MMIX constants), the same for a seed on every machine.
+#[cfg(test)]
+pub(crate) fn pseudo_random(n: usize, seed: u64, spread: f32) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * spread
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
