@@ -54,6 +54,8 @@ const TARGETS: &[&str] = &[
     "prompt",
     "image",
     "lora",
+    "train_config",
+    "dataset",
 ];
 
 /// An execution that takes longer than this is a hang (`SD_FUZZ_HANG_SECS` overrides).
@@ -2669,6 +2671,158 @@ fn image_target() -> Target {
     }
 }
 
+/// The settings `sd train --config` reads (TOML or JSON) and a checkpoint's
+/// `training_state.json` that `--resume` reads, each then validated as a run would be.
+fn train_config_target() -> Target {
+    let scratch = Scratch::new("train_config");
+    let dir = scratch.0.clone();
+    let exec = move |input: &[u8]| {
+        let _keep = &scratch;
+        let v = variant(input);
+        let Ok(text) = std::str::from_utf8(input) else {
+            return 0;
+        };
+        let config = if text.trim_start().starts_with('{') {
+            if text.contains("\"config\"") {
+                std::fs::write(dir.join(sd_train::checkpoint::STATE_FILE), input).unwrap();
+                match ok(sd_train::checkpoint::read_state(&dir)) {
+                    Some(state) => {
+                        let _ = state.optimizer_steps();
+                        state.config
+                    }
+                    None => return 0,
+                }
+            } else {
+                match ok(sd_train::TrainConfig::from_json(text)) {
+                    Some(config) => config,
+                    None => return 0,
+                }
+            }
+        } else {
+            match ok(sd_train::TrainConfig::from_toml(text)) {
+                Some(config) => config,
+                None => return 0,
+            }
+        };
+        if ok(config.validate()).is_none() {
+            return 1;
+        }
+        // What a run derives from valid settings before its first step.
+        let _ = config.to_json();
+        if let Some(lora) = &config.lora {
+            let _ = ok(lora.target_set());
+            let _ = ok(lora.init_kind());
+        }
+        if v.is_multiple_of(2) {
+            let _ = ok(sd_train::LrSchedule::new(
+                config.learning_rate,
+                config.lr_scheduler,
+                config.lr_warmup_steps,
+                config.max_steps,
+            ));
+        }
+        2
+    };
+    let mut corpus = Vec::new();
+    for stage in ["unet", "vae", "vae2"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../crates/sd-shapes/model/training")
+            .join(stage)
+            .join("train_config.json");
+        if let Ok(bytes) = std::fs::read(path) {
+            let state = format!(
+                "{{\"step\": 300, \"ema_steps\": 300, \"config\": {}}}",
+                String::from_utf8_lossy(&bytes)
+            );
+            corpus.push(bytes);
+            corpus.push(state.into_bytes());
+        }
+    }
+    corpus.push(
+        b"model = \"model\"\ndata = \"images\"\noutput = \"out\"\nmax_steps = 100\n\
+          batch_size = 2\nlearning_rate = 1e-4\nlr_scheduler = \"cosine\"\nsnr_gamma = 5.0\n\
+          min_timestep = 200\nmax_timestep = 900\n\n[lora]\nrank = 4\nalpha = 4.0\n"
+            .to_vec(),
+    );
+    Target {
+        name: "train_config",
+        corpus,
+        mutate: |rng, data, other| {
+            if data.first() == Some(&b'{') {
+                mutate_json(rng, data, other)
+            } else {
+                mutate_bytes(rng, data, other, 0..0)
+            }
+        },
+        exec: Box::new(exec),
+    }
+}
+
+/// A training folder as `sd train --data` opens it: `metadata.jsonl` (the input) beside two
+/// images, then every image's header checked as a run does before its first step.
+fn dataset_target() -> Target {
+    let scratch = Scratch::new("dataset");
+    let dir = scratch.0.clone();
+    let png = encode(
+        image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(8, 8, |x, y| {
+            image::Rgb([(x * 30) as u8, (y * 30) as u8, 90])
+        })),
+        image::ImageFormat::Png,
+    );
+    std::fs::write(dir.join("a.png"), &png).unwrap();
+    std::fs::write(dir.join("b.png"), &png[..png.len() / 2]).unwrap();
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("sub/c.png"), &png).unwrap();
+    let exec = move |input: &[u8]| {
+        let _keep = &scratch;
+        let v = variant(input);
+        std::fs::write(dir.join("metadata.jsonl"), input).unwrap();
+        let column = ["text", "caption", "additional_feature"][(v % 3) as usize];
+        let Some(data) = ok(sd_data::Dataset::open(&dir, Some(column))) else {
+            return 0;
+        };
+        let _ = data.len();
+        if ok(data.check_images()).is_none() {
+            let (kept, _) = data.without_bad_images();
+            return if kept.is_empty() { 1 } else { 2 };
+        }
+        3
+    };
+    Target {
+        name: "dataset",
+        corpus: vec![
+            b"{\"file_name\": \"a.png\", \"text\": \"a red circle\"}\n\
+              {\"file_name\": \"sub/c.png\", \"text\": [\"one\", \"two\"]}\n"
+                .to_vec(),
+            b"{\"file_name\": \"a.png\", \"caption\": \"x\", \"additional_feature\": \"y\"}\n\n\
+              {\"file_name\": \"b.png\", \"caption\": \"z\", \"text\": \"w\"}\n"
+                .to_vec(),
+        ],
+        mutate: |rng, data, other| {
+            // Mutate one line as JSON now and then, else the bytes.
+            let lines: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
+            if rng.one_in(2) && !lines.is_empty() {
+                let k = rng.below(lines.len());
+                let mut out = Vec::new();
+                for (i, line) in lines.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b'\n');
+                    }
+                    if i == k {
+                        out.extend(mutate_json(rng, line, other));
+                    } else {
+                        out.extend_from_slice(line);
+                    }
+                }
+                out
+            } else {
+                mutate_bytes(rng, data, other, 0..0)
+            }
+        },
+        exec: Box::new(exec),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 
 fn make_target(name: &str) -> Target {
@@ -2685,6 +2839,8 @@ fn make_target(name: &str) -> Target {
         "prompt" => prompt_target(),
         "image" => image_target(),
         "lora" => lora_target(),
+        "train_config" => train_config_target(),
+        "dataset" => dataset_target(),
         other => panic!("no fuzz target `{other}`; the targets are {TARGETS:?}"),
     }
 }
@@ -2765,6 +2921,16 @@ fn fuzz_image() {
 #[test]
 fn fuzz_lora() {
     short_run("lora", 300);
+}
+
+#[test]
+fn fuzz_train_config() {
+    short_run("train_config", 2000);
+}
+
+#[test]
+fn fuzz_dataset() {
+    short_run("dataset", 1000);
 }
 
 /// Every file kept in `tests/fuzz-corpus/<target>/` runs without a panic, an abort or a hang.

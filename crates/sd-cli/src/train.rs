@@ -77,6 +77,13 @@ pub struct TrainArgs {
     /// Min-SNR-γ loss weighting (5 is the paper's choice).
     #[arg(long, allow_negative_numbers = true)]
     snr_gamma: Option<f64>,
+    /// Train on timesteps from this one on (kohya's `--min_timestep`; default 0).
+    #[arg(long)]
+    min_timestep: Option<usize>,
+    /// Train on timesteps below this one (kohya's `--max_timestep`; default: the scheduler's
+    /// num_train_timesteps).
+    #[arg(long)]
+    max_timestep: Option<usize>,
     #[arg(long, allow_negative_numbers = true)]
     noise_offset: Option<f64>,
     #[arg(long, allow_negative_numbers = true)]
@@ -306,6 +313,12 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
     }
     if args.snr_gamma.is_some() {
         c.snr_gamma = args.snr_gamma;
+    }
+    if let Some(t) = args.min_timestep {
+        c.min_timestep = t;
+    }
+    if args.max_timestep.is_some() {
+        c.max_timestep = args.max_timestep;
     }
     if args.ema_decay.is_some() {
         c.ema_decay = args.ema_decay;

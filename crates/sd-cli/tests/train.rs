@@ -1370,3 +1370,38 @@ fn the_text_encoder_trains_at_its_own_learning_rate() {
     assert!(err.contains("--text-encoder-lr must be in [0, 1)"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_timestep_range_is_kohyas_and_checked() {
+    let dir = scratch("timesteps");
+    let data = data(&dir);
+    let run = |name: &str, extra: &[&str]| -> Vec<(u64, String)> {
+        let output = dir.join(name);
+        ok(&train(&data, &output, 2, extra));
+        sd_train_log(&output)
+    };
+    // The whole range given explicitly draws the default's timesteps: the same losses.
+    let default = run("default", &[]);
+    let explicit = run(
+        "explicit",
+        &["--min-timestep", "0", "--max-timestep", "1000"],
+    );
+    assert_eq!(default, explicit);
+    // Only the last timestep (pure noise under this schedule's terminal SNR) is another loss.
+    let last = run("last", &["--min-timestep", "999"]);
+    assert_ne!(default, last);
+    one_line_error(
+        &train(&data, &dir.join("bad"), 1, &["--max-timestep", "2000"]),
+        &["--max-timestep 2000", "num_train_timesteps"],
+    );
+    one_line_error(
+        &train(
+            &data,
+            &dir.join("bad"),
+            1,
+            &["--min-timestep", "20", "--max-timestep", "10"],
+        ),
+        &["--max-timestep (10) must be more than --min-timestep (20)"],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -57,8 +57,19 @@ pub fn min_snr_weights(
 
 /// `batch` training timesteps drawn uniformly from `0..num_train_timesteps`.
 pub fn sample_timesteps(schedule: &NoiseSchedule, batch: usize, rng: &mut impl Rng) -> Vec<usize> {
-    let n = schedule.num_train_timesteps();
-    (0..batch).map(|_| rng.random_range(0..n)).collect()
+    sample_timesteps_in(0..schedule.num_train_timesteps(), batch, rng)
+}
+
+/// `batch` training timesteps drawn uniformly from `range` (kohya's `--min_timestep` /
+/// `--max_timestep`: `torch.randint(min, max)`), to train only the noise levels a stage needs.
+pub fn sample_timesteps_in(
+    range: std::ops::Range<usize>,
+    batch: usize,
+    rng: &mut impl Rng,
+) -> Vec<usize> {
+    (0..batch)
+        .map(|_| rng.random_range(range.clone()))
+        .collect()
 }
 
 /// Offset noise (Guttenberg 2023): `noise + offset · n` with `n ~ N(0, 1)` per sample and
@@ -71,4 +82,18 @@ pub fn offset_noise<B: Backend>(
     let [b, c, _, _] = noise.dims();
     let shift = host_noise::<B, 4>([b, c, 1, 1], rng, &noise.device());
     noise + shift * offset
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn timesteps_stay_in_their_range() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let drawn = sample_timesteps_in(990..1000, 500, &mut rng);
+        assert!(drawn.iter().all(|t| (990..1000).contains(t)));
+        assert!(drawn.contains(&990) && drawn.contains(&999));
+    }
 }

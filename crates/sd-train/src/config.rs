@@ -68,6 +68,11 @@ pub struct TrainConfig {
     pub prediction_type: Option<String>,
     /// Min-SNR-γ loss weighting (5 is the paper's recommendation); unset for plain MSE.
     pub snr_gamma: Option<f64>,
+    /// The smallest training timestep (kohya's `--min_timestep`), inclusive.
+    pub min_timestep: usize,
+    /// The largest training timestep, exclusive (kohya's `--max_timestep`); `None`: the
+    /// schedule's `num_train_timesteps`.
+    pub max_timestep: Option<usize>,
     /// Offset noise (`--noise_offset`): the scale of a per-channel constant added to ε; 0 turns it
     /// off.
     pub noise_offset: f64,
@@ -234,6 +239,8 @@ impl Default for TrainConfig {
             seed: 0,
             prediction_type: None,
             snr_gamma: None,
+            min_timestep: 0,
+            max_timestep: None,
             noise_offset: 0.0,
             input_perturbation: 0.0,
             caption_dropout: 0.0,
@@ -349,6 +356,14 @@ impl TrainConfig {
             && !(g.is_finite() && g > 0.0)
         {
             return bad(format!("--snr-gamma must be positive, got {g}"));
+        }
+        if let Some(max) = self.max_timestep
+            && max <= self.min_timestep
+        {
+            return bad(format!(
+                "--max-timestep ({max}) must be more than --min-timestep ({})",
+                self.min_timestep
+            ));
         }
         for (name, v) in [
             ("--noise-offset", self.noise_offset),

@@ -7,6 +7,7 @@
 //! repeats the uninterrupted one exactly.
 
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -26,7 +27,7 @@ use sd_data::{
     CaptionOptions, Dataset, Order, Transform, load_bucketed_image_cropped,
     load_example_image_cropped, sample_rng,
 };
-use sd_diffusion::training::{host_noise, offset_noise, sample_timesteps};
+use sd_diffusion::training::{host_noise, offset_noise, sample_timesteps_in};
 use sd_diffusion::{NoiseSchedule, PredictionType};
 use sd_unet::{TextTimeConditioning, UNet2DConditionConfig, UNet2DConditionModel};
 
@@ -91,6 +92,20 @@ pub(crate) fn step_rng(seed: u64, step: u64, micro: u64) -> StdRng {
         seed ^ 0x7e57_5eed,
         step.wrapping_mul(1 << 20).wrapping_add(micro),
     )
+}
+
+/// The training timesteps `--min-timestep..--max-timestep`, checked against the schedule.
+fn timestep_range(config: &TrainConfig, schedule: &NoiseSchedule) -> Result<Range<usize>> {
+    let n = schedule.num_train_timesteps();
+    let max = config.max_timestep.unwrap_or(n);
+    if max > n || config.min_timestep >= max {
+        return Err(TrainError::Config(format!(
+            "--min-timestep {} and --max-timestep {max} must satisfy min < max <= {n} (the \
+             scheduler's num_train_timesteps)",
+            config.min_timestep
+        )));
+    }
+    Ok(config.min_timestep..max)
 }
 
 fn prediction_type(config: &TrainConfig, model: &Model) -> PredictionType {
@@ -711,6 +726,7 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
     // The VAE is frozen, on the inner backend: no autodiff graph, no gradients.
     let encoder = model.load_vae_encoder::<B>(device)?;
     let schedule = NoiseSchedule::new(&model.scheduler_config().noise_schedule())?;
+    let timestep_range = timestep_range(config, &schedule)?;
     let objective = DenoisingObjective {
         schedule: schedule.clone(),
         prediction: prediction_type(config, &model),
@@ -1108,7 +1124,8 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                 rows(draw * config.input_perturbation, n)
             });
             let noise = rows(noise, n);
-            let mut timesteps = sample_timesteps(&schedule, n * draw_world, &mut rng);
+            let mut timesteps =
+                sample_timesteps_in(timestep_range.clone(), n * draw_world, &mut rng);
             timesteps = timesteps.split_off(draw_rank * n)[..n].to_vec();
             let input = DenoisingBatch {
                 latents: Tensor::from_inner(latents),
