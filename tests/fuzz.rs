@@ -2682,27 +2682,19 @@ fn train_config_target() -> Target {
         let Ok(text) = std::str::from_utf8(input) else {
             return 0;
         };
-        let config = if text.trim_start().starts_with('{') {
-            if text.contains("\"config\"") {
-                std::fs::write(dir.join(sd_train::checkpoint::STATE_FILE), input).unwrap();
-                match ok(sd_train::checkpoint::read_state(&dir)) {
-                    Some(state) => {
-                        let _ = state.optimizer_steps();
-                        state.config
-                    }
-                    None => return 0,
-                }
-            } else {
-                match ok(sd_train::TrainConfig::from_json(text)) {
-                    Some(config) => config,
-                    None => return 0,
-                }
-            }
+        let config = if !text.trim_start().starts_with('{') {
+            ok(sd_train::TrainConfig::from_toml(text))
+        } else if text.contains("\"config\"") {
+            std::fs::write(dir.join(sd_train::checkpoint::STATE_FILE), input).unwrap();
+            ok(sd_train::checkpoint::read_state(&dir)).map(|state| {
+                let _ = state.optimizer_steps();
+                state.config
+            })
         } else {
-            match ok(sd_train::TrainConfig::from_toml(text)) {
-                Some(config) => config,
-                None => return 0,
-            }
+            ok(sd_train::TrainConfig::from_json(text))
+        };
+        let Some(config) = config else {
+            return 0;
         };
         if ok(config.validate()).is_none() {
             return 1;
