@@ -100,6 +100,57 @@ fn same_seed_writes_the_same_bytes_and_no_held_out_caption() {
     }
 }
 
+/// `--canonical` writes the same images with every two-object caption said with `above` or
+/// `to the left of`: the same scene, the top or left object named first.
+#[test]
+fn canonical_captions_name_the_same_scenes_top_or_left_first() {
+    let (drawn, canonical) = (scratch("drawn"), scratch("canonical"));
+    shapes(&drawn, 100, 7);
+    let out = canonical.to_str().unwrap();
+    let args = [
+        "dataset",
+        "shapes",
+        "--out",
+        out,
+        "--count",
+        "100",
+        "--seed",
+        "7",
+        "--canonical",
+    ];
+    let (code, _, stderr) = sd(&args);
+    assert_eq!(code, Some(0), "{stderr}");
+    let mut rewritten = 0;
+    for ((name, said), (_, written)) in files(&drawn).iter().zip(&files(&canonical)) {
+        if name.ends_with(".png") {
+            assert!(said == written, "{name}: the images differ");
+            continue;
+        }
+        let (said, written) = (
+            std::str::from_utf8(said).unwrap().trim_end(),
+            std::str::from_utf8(written).unwrap().trim_end(),
+        );
+        // Rewritten by hand here: `b below a` is `a above b`, `b to the right of a` is `a to
+        // the left of b`.
+        let expected = [
+            (" below ", " above "),
+            (" to the right of ", " to the left of "),
+        ]
+        .iter()
+        .find_map(|(relation, opposite)| {
+            let (b, a) = said.split_once(relation)?;
+            Some(format!("{a}{opposite}{b}"))
+        })
+        .unwrap_or_else(|| said.to_string());
+        assert_eq!(written, expected, "{name}");
+        rewritten += usize::from(said != written);
+    }
+    assert!(rewritten > 10, "only {rewritten} of 100 captions rewritten");
+    for dir in [drawn, canonical] {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
 /// Asserts the command fails with one `sd: …` line containing `needle`, and no panic.
 fn refused(args: &[&str], needle: &str) {
     let (code, stdout, stderr) = sd(args);

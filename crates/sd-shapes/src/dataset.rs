@@ -10,6 +10,17 @@ use rand::rngs::StdRng;
 use crate::error::{Result, ShapesError};
 use crate::scene::{HeldOut, random_scene};
 
+/// How [`write_dataset`] captions a two-object scene.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Captions {
+    /// As the scene was drawn: `a red circle below a blue square` (the dataset `sd eval
+    /// shapes` prompts are like).
+    #[default]
+    AsDrawn,
+    /// The same scene with the top or left object named first ([`crate::Prompt::canonical`]).
+    Canonical,
+}
+
 /// Writes `count` training images to the folder `out`: `00000.png` beside `00000.txt` (its
 /// caption on the first line), and so on; names are zero-padded to 5 digits, or more when
 /// `count` needs them, so that they sort in order.
@@ -18,10 +29,14 @@ use crate::scene::{HeldOut, random_scene};
 /// 60% of two), drawn from one generator seeded by `seed`: the same seed writes byte-identical
 /// files.
 ///
+/// `captions` says how two-object scenes are captioned: [`Captions::AsDrawn`] as their scenes
+/// were drawn (`a red circle below a blue square`), [`Captions::Canonical`] with `above` and
+/// `to the left of` only ([`crate::Prompt::canonical`]); the images are the same either way.
+///
 /// `out` is created if missing; an existing folder must be empty, so that two datasets are
 /// never mixed. A count of 0 is refused. On a failure the files written so far are removed
 /// again (and the folder, when this call created it).
-pub fn write_dataset(out: &Path, count: usize, seed: u64) -> Result<()> {
+pub fn write_dataset(out: &Path, count: usize, seed: u64, captions: Captions) -> Result<()> {
     if count == 0 {
         return Err(ShapesError::NoImages {
             path: out.to_owned(),
@@ -29,7 +44,7 @@ pub fn write_dataset(out: &Path, count: usize, seed: u64) -> Result<()> {
     }
     let created = prepare_folder(out)?;
     let mut written = Vec::with_capacity(2 * count);
-    let result = write_files(out, count, seed, &mut written);
+    let result = write_files(out, count, seed, captions, &mut written);
     if result.is_err() {
         // Best effort: a partial dataset would look complete to a training run.
         for path in &written {
@@ -68,7 +83,13 @@ fn prepare_folder(out: &Path) -> Result<bool> {
     }
 }
 
-fn write_files(out: &Path, count: usize, seed: u64, written: &mut Vec<PathBuf>) -> Result<()> {
+fn write_files(
+    out: &Path,
+    count: usize,
+    seed: u64,
+    captions: Captions,
+    written: &mut Vec<PathBuf>,
+) -> Result<()> {
     let width = (count - 1).to_string().len().max(5);
     let mut rng = StdRng::seed_from_u64(seed);
     for index in 0..count {
@@ -86,12 +107,12 @@ fn write_files(out: &Path, count: usize, seed: u64, written: &mut Vec<PathBuf>) 
             })?;
         write(&png_path, &png, written)?;
 
+        let caption = match captions {
+            Captions::AsDrawn => scene.prompt(),
+            Captions::Canonical => scene.prompt().canonical(),
+        };
         let caption_path = out.join(format!("{stem}.txt"));
-        write(
-            &caption_path,
-            format!("{}\n", scene.caption()).as_bytes(),
-            written,
-        )?;
+        write(&caption_path, format!("{caption}\n").as_bytes(), written)?;
     }
     Ok(())
 }
@@ -133,7 +154,7 @@ mod tests {
     #[test]
     fn written_dataset_passes_its_own_checker() {
         let dir = scratch("check");
-        write_dataset(&dir, 500, 11).unwrap();
+        write_dataset(&dir, 500, 11, Captions::AsDrawn).unwrap();
         let files = files(&dir);
         assert_eq!(files.len(), 1000);
         let mut ones = 0;
@@ -163,9 +184,9 @@ mod tests {
     #[test]
     fn same_seed_same_bytes() {
         let (a, b, c) = (scratch("seed-a"), scratch("seed-b"), scratch("seed-c"));
-        write_dataset(&a, 30, 5).unwrap();
-        write_dataset(&b, 30, 5).unwrap();
-        write_dataset(&c, 30, 6).unwrap();
+        write_dataset(&a, 30, 5, Captions::AsDrawn).unwrap();
+        write_dataset(&b, 30, 5, Captions::AsDrawn).unwrap();
+        write_dataset(&c, 30, 6, Captions::AsDrawn).unwrap();
         assert_eq!(files(&a), files(&b));
         assert_ne!(files(&a), files(&c));
         assert_eq!(files(&a)[0].0, "00000.png");
@@ -174,20 +195,54 @@ mod tests {
         }
     }
 
+    /// Canonical captions: the same images, every two-object caption with `above` or `to the
+    /// left of`, and the checker still passes each image with its caption.
+    #[test]
+    fn canonical_captions_describe_the_same_images() {
+        let (drawn, canonical) = (scratch("drawn"), scratch("canonical"));
+        write_dataset(&drawn, 200, 3, Captions::AsDrawn).unwrap();
+        write_dataset(&canonical, 200, 3, Captions::Canonical).unwrap();
+        let (drawn_files, canonical_files) = (files(&drawn), files(&canonical));
+        let mut rewritten = 0;
+        for (a, b) in drawn_files.chunks(2).zip(canonical_files.chunks(2)) {
+            assert_eq!(a[0], b[0], "the images differ");
+            let said = std::str::from_utf8(&a[1].1).unwrap().trim_end();
+            let caption = std::str::from_utf8(&b[1].1).unwrap().trim_end();
+            let prompt: crate::Prompt = caption.parse().unwrap();
+            assert_eq!(said.parse::<crate::Prompt>().unwrap().canonical(), prompt);
+            assert!(!matches!(
+                prompt.relation(),
+                Some(crate::Relation::Below | crate::Relation::RightOf)
+            ));
+            rewritten += usize::from(said != caption);
+            let image = image::load_from_memory(&b[0].1).unwrap().to_rgb8();
+            let verdict = check(&image, caption);
+            assert!(verdict.pass, "{} {caption}: {}", b[0].0, verdict.reason);
+        }
+        // About 60% of scenes have two objects, half of them below or to the right of.
+        assert!(
+            (30..90).contains(&rewritten),
+            "{rewritten} of 200 rewritten"
+        );
+        for dir in [drawn, canonical] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
     #[test]
     fn refuses_what_it_must() {
         let dir = scratch("refuse");
-        let e = write_dataset(&dir, 0, 1).unwrap_err();
+        let e = write_dataset(&dir, 0, 1, Captions::AsDrawn).unwrap_err();
         assert!(matches!(e, ShapesError::NoImages { .. }), "{e}");
         assert!(!dir.exists());
         // An existing empty folder is fine; once written it is not empty any more.
         std::fs::create_dir_all(&dir).unwrap();
-        write_dataset(&dir, 2, 1).unwrap();
-        let e = write_dataset(&dir, 2, 1).unwrap_err();
+        write_dataset(&dir, 2, 1, Captions::AsDrawn).unwrap();
+        let e = write_dataset(&dir, 2, 1, Captions::AsDrawn).unwrap_err();
         assert!(matches!(e, ShapesError::NotEmpty { .. }), "{e}");
         assert!(e.to_string().starts_with(&dir.display().to_string()), "{e}");
         let file = dir.join("00000.txt");
-        let e = write_dataset(&file, 2, 1).unwrap_err();
+        let e = write_dataset(&file, 2, 1, Captions::AsDrawn).unwrap_err();
         assert!(matches!(e, ShapesError::NotAFolder { .. }), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

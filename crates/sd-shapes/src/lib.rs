@@ -31,7 +31,7 @@ mod prompt;
 mod scene;
 
 pub use check::{COLOUR_TOLERANCE, Detection, Failure, Label, Verdict, check, detect, segment};
-pub use dataset::write_dataset;
+pub use dataset::{Captions, write_dataset};
 pub use error::{Result, ShapesError};
 pub use prompt::{
     Colour, EVAL_PROMPT_COUNT, ObjectSpec, Prompt, Relation, Shape, held_out_prompts, seen_prompts,
