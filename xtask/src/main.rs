@@ -22,7 +22,7 @@
 //! - `fixtures [--only KIND]`: regenerate only one kind of fixture (e.g. `pipeline`).
 //! - `train-shapes [--run-dir DIR] [--images N] [--vae-steps N] [--decoder-steps N]
 //!   [--unet-steps N] [--high-noise-steps N] [--canonical-steps N] [--text-encoder-steps N]
-//!   [--as-drawn-steps N] [--vae DIR]`: the shapes
+//!   [--as-drawn-steps N] [--as-drawn-cycles N] [--vae DIR]`: the shapes
 //!   model from scratch (`xtask/src/train_shapes.rs` is the recipe), resumable: run it again to
 //!   continue.
 //! - `fuzz [--execs N] [--seed S] [--target NAME[,NAME]]`: the long fuzzing run of every loader
@@ -88,7 +88,7 @@ fn main() -> ExitCode {
              | bench-train [--config sd15|tiny] [--runs N] \
              | bench-clip [--config vit-l|bigg] [--runs N] | bench-metrics [--runs N] | bench-generate [--size 512] [--steps 4] [--dtype f32|f16] [--tiling] \
              | fuzz [--execs N] [--seed S] [--target NAME] [--replay PATH] \
-             | train-shapes [--run-dir DIR] [--images N] [--vae-steps N] [--decoder-steps N] [--unet-steps N] [--high-noise-steps N] [--canonical-steps N] [--text-encoder-steps N] [--as-drawn-steps N] [--vae DIR]\n\
+             | train-shapes [--run-dir DIR] [--images N] [--vae-steps N] [--decoder-steps N] [--unet-steps N] [--high-noise-steps N] [--canonical-steps N] [--text-encoder-steps N] [--as-drawn-steps N] [--as-drawn-cycles N] [--vae DIR]\n\
              got: {args:?}"
         )),
     };

@@ -30,8 +30,8 @@
 //!    now places objects by a canonical caption's order, and the encoder learns to say `b
 //!    below a` as it says `a above b`;
 //! 9. the U-Net alone (the text encoder frozen, its outputs cached) on the captions as drawn,
-//!    one cosine cycle at a lower rate: the shapes, now that the conditioning says which
-//!    object goes where;
+//!    two cosine cycles at a lower rate, each a run from the one before: the shapes, now that
+//!    the conditioning says which object goes where;
 //! 10. `sd convert --dtype f16` writes the result to `crates/sd-shapes/model/`, where the `sd`
 //!     binary embeds it as the default model, with every stage's configs, logs and loss plots.
 //!
@@ -57,6 +57,7 @@ struct Recipe {
     canonical_steps: u64,
     text_encoder_steps: u64,
     as_drawn_steps: u64,
+    as_drawn_cycles: u64,
 }
 
 fn sd(root: &Path) -> Command {
@@ -97,6 +98,7 @@ pub fn train_shapes(args: &[String]) -> Result<(), String> {
         canonical_steps: number("--canonical-steps", 600)?,
         text_encoder_steps: number("--text-encoder-steps", 800)?,
         as_drawn_steps: number("--as-drawn-steps", 1000)?,
+        as_drawn_cycles: number("--as-drawn-cycles", 2)?,
     };
     let trained_vae = flag(args, "--vae").map(PathBuf::from);
     // A release build: the dev profile leaves the workspace's own crates (the training
@@ -230,13 +232,24 @@ pub fn train_shapes(args: &[String]) -> Result<(), String> {
         .arg("--max-steps")
         .arg(recipe.text_encoder_steps.to_string()))?;
 
-    // Stage 9: the text encoder frozen (no --train-text-encoder), so its outputs are cached.
-    let as_drawn = run_dir.join("unet-as-drawn");
-    run(fine_tune(&root, &text_encoder, &data, &as_drawn)
-        .args(["--cache-text-embeddings", "--learning-rate", "1e-4"])
-        .args(["--lr-scheduler", "cosine", "--caption-dropout", "0.1"])
-        .arg("--max-steps")
-        .arg(recipe.as_drawn_steps.to_string()))?;
+    // Stage 9: the text encoder frozen (no --train-text-encoder), so its outputs are cached;
+    // each cycle a run of its own (`unet-as-drawn`, `unet-as-drawn-2`, ...).
+    let mut as_drawn_stages = Vec::new();
+    let mut previous = text_encoder.clone();
+    for cycle in 1..=recipe.as_drawn_cycles {
+        let name = match cycle {
+            1 => "unet-as-drawn".to_string(),
+            n => format!("unet-as-drawn-{n}"),
+        };
+        let output = run_dir.join(&name);
+        run(fine_tune(&root, &previous, &data, &output)
+            .args(["--cache-text-embeddings", "--learning-rate", "1e-4"])
+            .args(["--lr-scheduler", "cosine", "--caption-dropout", "0.1"])
+            .arg("--max-steps")
+            .arg(recipe.as_drawn_steps.to_string()))?;
+        as_drawn_stages.push((name, output.clone()));
+        previous = output;
+    }
 
     // Stage 10: the built-in model, the trained folder in f16 where `sd-shapes` embeds it, with
     // each stage's resolved config, log and loss plot beside it.
@@ -244,18 +257,18 @@ pub fn train_shapes(args: &[String]) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&built_in);
     run(sd(&root)
         .arg("convert")
-        .arg(&as_drawn)
+        .arg(&previous)
         .arg(&built_in)
         .args(["--dtype", "f16"]))?;
     let mut stages = vec![
-        ("unet", unet.clone()),
-        ("high-noise", high_noise),
-        ("canonical", canonical),
-        ("text-encoder", text_encoder),
-        ("unet-as-drawn", as_drawn),
+        ("unet".to_string(), unet.clone()),
+        ("high-noise".to_string(), high_noise),
+        ("canonical".to_string(), canonical),
+        ("text-encoder".to_string(), text_encoder),
     ];
+    stages.extend(as_drawn_stages);
     if trained_vae.is_none() {
-        stages.extend([("vae", vae), ("vae2", vae2)]);
+        stages.extend([("vae".to_string(), vae), ("vae2".to_string(), vae2)]);
     }
     for (stage, dir) in stages {
         let records = built_in.join("training").join(stage);

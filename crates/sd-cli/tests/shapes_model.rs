@@ -12,11 +12,11 @@ const PROMPTS: &[&str] = &["a red circle above a blue square", "a blue triangle"
 /// Prompt, seed: each passes the checker at the model's defaults (chosen from an
 /// `sd eval shapes --out` report of the committed model among prompts that passed with all
 /// four seeds, so that a CPU with other kernels does not flip them): four held-out
-/// compositions (no training image shows a green triangle, or a red and a blue object
+/// compositions (no training image shows a yellow circle, or a red and a blue object
 /// together) and four seen ones, `below` and `to the right of` among them, whose order the
 /// model once ignored.
 const PAIRS: &[(&str, u64)] = &[
-    ("a green triangle", 0),
+    ("a yellow circle", 0),
     ("a red circle below a blue circle", 1),
     ("a blue circle to the left of a red square", 2),
     ("a blue circle to the right of a red circle", 0),
