@@ -201,6 +201,7 @@ pub fn train_shapes(args: &[String]) -> Result<(), String> {
     // Stages 6-8: word order.
     let high_noise = run_dir.join("high-noise");
     run(fine_tune(&root, &unet, &canonical_data, &high_noise)
+        .arg("--train-text-encoder")
         .args([
             "--learning-rate",
             "2e-4",
