@@ -60,6 +60,26 @@ struct Recipe {
     as_drawn_cycles: u64,
 }
 
+/// The recipe's numbers from the command line, the defaults where a flag is not given.
+fn recipe(args: &[String]) -> Result<Recipe, String> {
+    let number = |name: &str, default: u64| -> Result<u64, String> {
+        flag(args, name).map_or(Ok(default), |v| {
+            v.parse().map_err(|e| format!("{name}: {e}"))
+        })
+    };
+    Ok(Recipe {
+        images: number("--images", 20_000)?,
+        vae_steps: number("--vae-steps", 700)?,
+        decoder_steps: number("--decoder-steps", 1000)?,
+        unet_steps: number("--unet-steps", 3100)?,
+        high_noise_steps: number("--high-noise-steps", 600)?,
+        canonical_steps: number("--canonical-steps", 600)?,
+        text_encoder_steps: number("--text-encoder-steps", 800)?,
+        as_drawn_steps: number("--as-drawn-steps", 1000)?,
+        as_drawn_cycles: number("--as-drawn-cycles", 2)?,
+    })
+}
+
 fn sd(root: &Path) -> Command {
     Command::new(root.join("target/release/sd"))
 }
@@ -84,22 +104,7 @@ pub fn train_shapes(args: &[String]) -> Result<(), String> {
     let run_dir = flag(args, "--run-dir")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target/shapes-run"));
-    let number = |name: &str, default: u64| -> Result<u64, String> {
-        flag(args, name).map_or(Ok(default), |v| {
-            v.parse().map_err(|e| format!("{name}: {e}"))
-        })
-    };
-    let recipe = Recipe {
-        images: number("--images", 20_000)?,
-        vae_steps: number("--vae-steps", 700)?,
-        decoder_steps: number("--decoder-steps", 1000)?,
-        unet_steps: number("--unet-steps", 3100)?,
-        high_noise_steps: number("--high-noise-steps", 600)?,
-        canonical_steps: number("--canonical-steps", 600)?,
-        text_encoder_steps: number("--text-encoder-steps", 800)?,
-        as_drawn_steps: number("--as-drawn-steps", 1000)?,
-        as_drawn_cycles: number("--as-drawn-cycles", 2)?,
-    };
+    let recipe = recipe(args)?;
     let trained_vae = flag(args, "--vae").map(PathBuf::from);
     // A release build: the dev profile leaves the workspace's own crates (the training
     // convolutions, the latent cache) unoptimised, which made a U-Net step 1.3x and the VAE
@@ -198,59 +203,15 @@ pub fn train_shapes(args: &[String]) -> Result<(), String> {
         recipe.unet_steps,
     ))?;
 
-    // Stages 6-8: word order.
-    let high_noise = run_dir.join("high-noise");
-    run(fine_tune(&root, &unet, &canonical_data, &high_noise)
-        .arg("--train-text-encoder")
-        .args([
-            "--learning-rate",
-            "2e-4",
-            "--lr-scheduler",
-            "constant_with_warmup",
-        ])
-        .args(["--caption-dropout", "0.1", "--min-timestep", "900"])
-        .arg("--max-steps")
-        .arg(recipe.high_noise_steps.to_string()))?;
-    let canonical = run_dir.join("canonical");
-    run(fine_tune(&root, &high_noise, &canonical_data, &canonical)
-        .arg("--train-text-encoder")
-        .args(["--learning-rate", "2e-4", "--lr-scheduler", "cosine"])
-        .args(["--caption-dropout", "0.1"])
-        .arg("--max-steps")
-        .arg(recipe.canonical_steps.to_string()))?;
-    let text_encoder = run_dir.join("text-encoder");
-    // The U-Net's rate 0 keeps it as it is (AdamW's decay is scaled by the rate too); no caption
-    // dropout, as the empty caption has no order to learn.
-    run(fine_tune(&root, &canonical, &data, &text_encoder)
-        .arg("--train-text-encoder")
-        .args(["--learning-rate", "0", "--text-encoder-lr", "5e-4"])
-        .args([
-            "--lr-scheduler",
-            "constant_with_warmup",
-            "--caption-dropout",
-            "0",
-        ])
-        .arg("--max-steps")
-        .arg(recipe.text_encoder_steps.to_string()))?;
-
-    // Stage 9: the text encoder frozen (no --train-text-encoder), so its outputs are cached;
-    // each cycle a run of its own (`unet-as-drawn`, `unet-as-drawn-2`, ...).
-    let mut as_drawn_stages = Vec::new();
-    let mut previous = text_encoder.clone();
-    for cycle in 1..=recipe.as_drawn_cycles {
-        let name = match cycle {
-            1 => "unet-as-drawn".to_string(),
-            n => format!("unet-as-drawn-{n}"),
-        };
-        let output = run_dir.join(&name);
-        run(fine_tune(&root, &previous, &data, &output)
-            .args(["--cache-text-embeddings", "--learning-rate", "1e-4"])
-            .args(["--lr-scheduler", "cosine", "--caption-dropout", "0.1"])
-            .arg("--max-steps")
-            .arg(recipe.as_drawn_steps.to_string()))?;
-        as_drawn_stages.push((name, output.clone()));
-        previous = output;
+    // Stages 6-9.
+    let mut stages = vec![("unet".to_string(), unet.clone())];
+    for (name, output, mut cmd) in
+        later_stages(&root, &recipe, &unet, &data, &canonical_data, &run_dir)
+    {
+        run(&mut cmd)?;
+        stages.push((name, output));
     }
+    let last = stages.last().expect("stage 5 is there").1.clone();
 
     // Stage 10: the built-in model, the trained folder in f16 where `sd-shapes` embeds it, with
     // each stage's resolved config, log and loss plot beside it.
@@ -258,16 +219,9 @@ pub fn train_shapes(args: &[String]) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&built_in);
     run(sd(&root)
         .arg("convert")
-        .arg(&previous)
+        .arg(&last)
         .arg(&built_in)
         .args(["--dtype", "f16"]))?;
-    let mut stages = vec![
-        ("unet".to_string(), unet.clone()),
-        ("high-noise".to_string(), high_noise),
-        ("canonical".to_string(), canonical),
-        ("text-encoder".to_string(), text_encoder),
-    ];
-    stages.extend(as_drawn_stages);
     if trained_vae.is_none() {
         stages.extend([("vae".to_string(), vae), ("vae2".to_string(), vae2)]);
     }
@@ -321,6 +275,69 @@ fn train_unet(root: &Path, model: &Path, data: &Path, output: &Path, steps: u64)
     cmd
 }
 
+/// Stages 6-9, each a run from the one before (the first from stage 5's folder `unet`): its
+/// name in `training/`, its output folder and the command.
+fn later_stages(
+    root: &Path,
+    recipe: &Recipe,
+    unet: &Path,
+    data: &Path,
+    canonical_data: &Path,
+    run_dir: &Path,
+) -> Vec<(String, PathBuf, Command)> {
+    let mut stages = Vec::new();
+    let mut previous = unet.to_path_buf();
+    let mut add = |name: String, data: &Path, configure: &dyn Fn(&mut Command)| {
+        let output = run_dir.join(&name);
+        let mut cmd = fine_tune(root, &previous, data, &output);
+        configure(&mut cmd);
+        previous = output.clone();
+        stages.push((name, output, cmd));
+    };
+    // Stage 6: word order, at high noise on canonical captions.
+    add("high-noise".into(), canonical_data, &|cmd| {
+        cmd.arg("--train-text-encoder")
+            .args(["--learning-rate", "2e-4"])
+            .args(["--lr-scheduler", "constant_with_warmup"])
+            .args(["--caption-dropout", "0.1", "--min-timestep", "900"])
+            .arg("--max-steps")
+            .arg(recipe.high_noise_steps.to_string());
+    });
+    // Stage 7: the same at every timestep.
+    add("canonical".into(), canonical_data, &|cmd| {
+        cmd.arg("--train-text-encoder")
+            .args(["--learning-rate", "2e-4", "--lr-scheduler", "cosine"])
+            .args(["--caption-dropout", "0.1"])
+            .arg("--max-steps")
+            .arg(recipe.canonical_steps.to_string());
+    });
+    // Stage 8: the text encoder alone. The U-Net's rate 0 keeps it as it is (AdamW's decay is
+    // scaled by the rate too); no caption dropout, as the empty caption has no order to learn.
+    add("text-encoder".into(), data, &|cmd| {
+        cmd.arg("--train-text-encoder")
+            .args(["--learning-rate", "0", "--text-encoder-lr", "5e-4"])
+            .args(["--lr-scheduler", "constant_with_warmup"])
+            .args(["--caption-dropout", "0"])
+            .arg("--max-steps")
+            .arg(recipe.text_encoder_steps.to_string());
+    });
+    // Stage 9: the U-Net alone, the text encoder frozen (no --train-text-encoder) so its
+    // outputs are cached; each cycle a run of its own.
+    for cycle in 1..=recipe.as_drawn_cycles {
+        let name = match cycle {
+            1 => "unet-as-drawn".to_string(),
+            n => format!("unet-as-drawn-{n}"),
+        };
+        add(name, data, &|cmd| {
+            cmd.args(["--cache-text-embeddings", "--learning-rate", "1e-4"])
+                .args(["--lr-scheduler", "cosine", "--caption-dropout", "0.1"])
+                .arg("--max-steps")
+                .arg(recipe.as_drawn_steps.to_string());
+        });
+    }
+    stages
+}
+
 /// A stage after the first U-Net stage: `sd train unet` from the previous stage's folder, at
 /// the batch and warm-up of the runs that found the recipe (docs/shapes.md); the caller adds
 /// what is trained, the rates, timesteps and step count.
@@ -344,4 +361,88 @@ fn fine_tune(root: &Path, model: &Path, data: &Path, output: &Path) -> Command {
             "latest",
         ]);
     cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stages 6-9 as the recipe runs them say what the committed model's records say was run:
+    /// every setting `train_config.json` keeps, stage by stage, and no stage more or fewer.
+    #[test]
+    fn later_stages_are_the_runs_the_committed_model_records() {
+        let root = root();
+        let run_dir = Path::new("/run");
+        let stages = later_stages(
+            &root,
+            &recipe(&[]).unwrap(),
+            &run_dir.join("unet"),
+            &run_dir.join("data"),
+            &run_dir.join("data-canonical"),
+            run_dir,
+        );
+        let training = root.join("crates/sd-shapes/model/training");
+        let mut recorded: Vec<String> = std::fs::read_dir(&training)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|name| !["unet", "vae", "vae2"].contains(&name.as_str()))
+            .collect();
+        recorded.sort();
+        let mut names: Vec<String> = stages.iter().map(|(name, _, _)| name.clone()).collect();
+        names.sort();
+        assert_eq!(names, recorded);
+        for (name, _, cmd) in &stages {
+            let args: Vec<String> = cmd
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            let value = |flag: &str| {
+                let at = args.iter().position(|a| a == flag)?;
+                Some(args[at + 1].clone())
+            };
+            let number = |flag: &str| value(flag).map(|v| v.parse::<f64>().unwrap());
+            let has = |flag: &str| args.iter().any(|a| a == flag);
+            let text =
+                std::fs::read_to_string(training.join(name).join("train_config.json")).unwrap();
+            let record: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let f = |key: &str| record[key].as_f64();
+            assert_eq!(
+                record["train_text_encoder"],
+                has("--train-text-encoder"),
+                "{name}"
+            );
+            assert_eq!(
+                record["cache_text_embeddings"],
+                has("--cache-text-embeddings"),
+                "{name}"
+            );
+            assert_eq!(record["cache_latents"], has("--cache-latents"), "{name}");
+            assert_eq!(f("learning_rate"), number("--learning-rate"), "{name}");
+            assert_eq!(f("text_encoder_lr"), number("--text-encoder-lr"), "{name}");
+            assert_eq!(
+                record["lr_scheduler"].as_str().map(str::to_string),
+                value("--lr-scheduler"),
+                "{name}"
+            );
+            for (key, flag) in [
+                ("lr_warmup_steps", "--lr-warmup-steps"),
+                ("caption_dropout", "--caption-dropout"),
+                ("max_steps", "--max-steps"),
+                ("seed", "--seed"),
+                ("batch_size", "--batch-size"),
+                ("resolution", "--resolution"),
+            ] {
+                assert_eq!(f(key), number(flag), "{name}: {key}");
+            }
+            assert_eq!(
+                f("min_timestep"),
+                Some(number("--min-timestep").unwrap_or(0.0)),
+                "{name}"
+            );
+            assert!(
+                record["ema_decay"].is_null() && !has("--ema-decay"),
+                "{name}"
+            );
+        }
+    }
 }
