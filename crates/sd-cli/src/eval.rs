@@ -66,6 +66,11 @@ struct ShapesArgs {
     /// Prompts of each kind in the grid.
     #[arg(long, default_value_t = 6)]
     grid_prompts: usize,
+    /// Check the model's VAE instead of the whole model: each prompt drawn as the dataset draws
+    /// it (a random scene per seed), encoded and decoded by the VAE. The adherence a U-Net on
+    /// this VAE can reach at most.
+    #[arg(long, conflicts_with_all = ["steps", "guidance", "guidance_rescale", "scheduler"])]
+    reconstruct: bool,
 }
 
 pub fn run(args: EvalArgs) -> Result<String, String> {
@@ -122,9 +127,14 @@ pub fn run(args: EvalArgs) -> Result<String, String> {
                 num_images: args.seeds,
                 ..GenerateOptions::default()
             };
-            let out = sd::generate::<sd::backend::Flex>(&model, &options, &device, None)
-                .map_err(|e| format!("{prompt:?}: {e}"))?;
-            let rgb = sd::to_images(out.images).map_err(|e| e.to_string())?;
+            let drawn = if args.reconstruct {
+                reconstructions::<sd::backend::Flex>(&model, prompt, p, args.seeds, &device)?
+            } else {
+                sd::generate::<sd::backend::Flex>(&model, &options, &device, None)
+                    .map_err(|e| format!("{prompt:?}: {e}"))?
+                    .images
+            };
+            let rgb = sd::to_images(drawn).map_err(|e| e.to_string())?;
             let mut row = Vec::new();
             for (seed, image) in rgb.iter().enumerate() {
                 let verdict = sd_shapes::check(image, prompt);
@@ -173,6 +183,7 @@ pub fn run(args: EvalArgs) -> Result<String, String> {
         report.insert(kind.into(), images.into());
     }
     let summary = serde_json::json!({
+        "reconstruct": args.reconstruct,
         "steps": steps,
         "guidance": guidance,
         "guidance_rescale": args.guidance_rescale,
@@ -195,4 +206,25 @@ pub fn run(args: EvalArgs) -> Result<String, String> {
         crate::eval_grid::write_grid(&grid, path)?;
     }
     serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())
+}
+
+/// `seeds` dataset drawings of the `index`th prompt (seed `index · 2³² + seed`), through the
+/// model's VAE and back.
+fn reconstructions<B: burn::tensor::backend::Backend>(
+    model: &Model,
+    prompt: &str,
+    index: usize,
+    seeds: usize,
+    device: &B::Device,
+) -> Result<burn::tensor::Tensor<B, 4>, String> {
+    use rand::SeedableRng;
+    let parsed: sd_shapes::Prompt = prompt.parse().map_err(|e| format!("{prompt:?}: {e}"))?;
+    let mut drawings = Vec::with_capacity(seeds);
+    for seed in 0..seeds as u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(((index as u64) << 32) + seed);
+        let scene = sd_shapes::random_scene_for(&mut rng, &parsed).map_err(|e| e.to_string())?;
+        drawings.push(sd::core::image_io::image_to_tensor(&scene.render(), device));
+    }
+    sd::reconstruct(model, burn::tensor::Tensor::cat(drawings, 0), device)
+        .map_err(|e| format!("{prompt:?}: {e}"))
 }

@@ -53,7 +53,7 @@ pub use pipeline::{
     InpaintTask, MAX_GUIDANCE, MAX_IMAGES, MAX_SIDE, MAX_STEPS, MicroConditioning,
     PromptConditioning, PromptOptions, Sampling, StepCallback, StepProgress, Task, decode,
     encode_prompts, generate, generate_with_noise, initial_latents, inpainting_latents,
-    noised_image_latents,
+    noised_image_latents, reconstruct,
 };
 pub use save::check_model_output;
 pub use sd_core::vae_keys::ldm_vae_key;

@@ -1011,6 +1011,20 @@ pub fn inpainting_latents<B: Backend>(
     ))
 }
 
+/// Images in `[-1, 1]` through the VAE and back: encoded to their posterior's mode (no
+/// sampling noise), decoded. The most a diffusion model on this VAE could draw of them.
+pub fn reconstruct<B: Backend>(
+    model: &Model,
+    images: Tensor<B, 4>,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>> {
+    let encoder = model.load_vae_encoder::<B>(device)?;
+    let latents = encoder.encode(images.cast(model.vae_dtype()))?.mode();
+    drop(encoder);
+    let vae = model.load_vae_decoder::<B>(device)?;
+    Ok(vae.decode(latents)?.cast(DType::F32))
+}
+
 /// Latents (as the sampler leaves them) to images in `[-1, 1]`.
 pub fn decode<B: Backend>(
     model: &Model,
