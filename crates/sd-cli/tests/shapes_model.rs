@@ -33,10 +33,27 @@ const PAIRS: &[(&str, u64)] = &[
 /// `clip_sample: false`, as diffusers' does: the model's config says it, or DDIM draws noise.
 const OTHER_SAMPLERS: &[(&str, u64, &str)] = &[("a red square", 0, "DDIMScheduler")];
 
+/// Whether the build embeds the model (a clone without `crates/sd-shapes/model` skips).
+fn built_in() -> bool {
+    let there = sd_shapes::model::is_built_in();
+    if !there {
+        eprintln!("skipped: the shapes model is not in crates/sd-shapes/model");
+    }
+    there
+}
+
+/// `sd ARGS` with its cache in `dir`.
+fn sd(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sd"))
+        .env("SD_CACHE", dir.join("cache"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn the_built_in_model_draws_what_fixed_prompts_say() {
-    if !sd_shapes::model::is_built_in() {
-        eprintln!("skipped: the shapes model is not in crates/sd-shapes/model");
+    if !built_in() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("sd-cli-{}-shapes-model", std::process::id()));
@@ -52,20 +69,11 @@ fn the_built_in_model_draws_what_fixed_prompts_say() {
     );
     for (i, (prompt, seed, must_pass, scheduler)) in cases.enumerate() {
         let image = dir.join(format!("{i}.png"));
-        let out = Command::new(env!("CARGO_BIN_EXE_sd"))
-            .env("SD_CACHE", dir.join("cache"))
-            .args([
-                "generate",
-                prompt,
-                "--quiet",
-                "--seed",
-                &seed.to_string(),
-                "-o",
-            ])
-            .arg(&image)
-            .args(scheduler.map(|s| ["--scheduler", s]).into_iter().flatten())
-            .output()
-            .unwrap();
+        let seed = seed.to_string();
+        let mut args = vec!["generate", prompt, "--quiet", "--seed", &seed, "-o"];
+        args.push(image.to_str().unwrap());
+        args.extend(scheduler.map(|s| ["--scheduler", s]).into_iter().flatten());
+        let out = sd(&dir, &args);
         assert!(
             out.status.success(),
             "{prompt}: {}",
@@ -88,24 +96,20 @@ fn the_built_in_model_draws_what_fixed_prompts_say() {
 /// 159 / 160 held out and 160 / 160 seen with the defaults' 40 prompts and 4 seeds).
 #[test]
 fn the_built_in_vae_keeps_what_the_checker_reads() {
-    if !sd_shapes::model::is_built_in() {
-        eprintln!("skipped: the shapes model is not in crates/sd-shapes/model");
+    if !built_in() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("sd-cli-{}-shapes-vae", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_sd"))
-        .env("SD_CACHE", dir.join("cache"))
-        .args([
-            "eval",
-            "shapes",
-            "--reconstruct",
-            "--prompts",
-            "12",
-            "--seeds",
-            "2",
-        ])
-        .output()
-        .unwrap();
+    let args = [
+        "eval",
+        "shapes",
+        "--reconstruct",
+        "--prompts",
+        "12",
+        "--seeds",
+        "2",
+    ];
+    let out = sd(&dir, &args);
     assert!(
         out.status.success(),
         "{}",
@@ -121,11 +125,7 @@ fn the_built_in_vae_keeps_what_the_checker_reads() {
     }
 
     // Sampling settings mean nothing without sampling.
-    let out = Command::new(env!("CARGO_BIN_EXE_sd"))
-        .env("SD_CACHE", dir.join("cache"))
-        .args(["eval", "shapes", "--reconstruct", "--steps", "10"])
-        .output()
-        .unwrap();
+    let out = sd(&dir, &["eval", "shapes", "--reconstruct", "--steps", "10"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--steps"), "{stderr}");
