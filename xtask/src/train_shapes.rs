@@ -287,40 +287,50 @@ fn later_stages(
 ) -> Vec<(String, PathBuf, Command)> {
     let mut stages = Vec::new();
     let mut previous = unet.to_path_buf();
-    let mut add = |name: String, data: &Path, configure: &dyn Fn(&mut Command)| {
+    let mut add = |name: String, data: &Path, steps: u64, configure: &dyn Fn(&mut Command)| {
         let output = run_dir.join(&name);
         let mut cmd = fine_tune(root, &previous, data, &output);
         configure(&mut cmd);
+        cmd.arg("--max-steps").arg(steps.to_string());
         previous = output.clone();
         stages.push((name, output, cmd));
     };
     // Stage 6: word order, at high noise on canonical captions.
-    add("high-noise".into(), canonical_data, &|cmd| {
-        cmd.arg("--train-text-encoder")
-            .args(["--learning-rate", "2e-4"])
-            .args(["--lr-scheduler", "constant_with_warmup"])
-            .args(["--caption-dropout", "0.1", "--min-timestep", "900"])
-            .arg("--max-steps")
-            .arg(recipe.high_noise_steps.to_string());
-    });
+    add(
+        "high-noise".into(),
+        canonical_data,
+        recipe.high_noise_steps,
+        &|cmd| {
+            cmd.arg("--train-text-encoder")
+                .args(["--learning-rate", "2e-4"])
+                .args(["--lr-scheduler", "constant_with_warmup"])
+                .args(["--caption-dropout", "0.1", "--min-timestep", "900"]);
+        },
+    );
     // Stage 7: the same at every timestep.
-    add("canonical".into(), canonical_data, &|cmd| {
-        cmd.arg("--train-text-encoder")
-            .args(["--learning-rate", "2e-4", "--lr-scheduler", "cosine"])
-            .args(["--caption-dropout", "0.1"])
-            .arg("--max-steps")
-            .arg(recipe.canonical_steps.to_string());
-    });
+    add(
+        "canonical".into(),
+        canonical_data,
+        recipe.canonical_steps,
+        &|cmd| {
+            cmd.arg("--train-text-encoder")
+                .args(["--learning-rate", "2e-4", "--lr-scheduler", "cosine"])
+                .args(["--caption-dropout", "0.1"]);
+        },
+    );
     // Stage 8: the text encoder alone. The U-Net's rate 0 keeps it as it is (AdamW's decay is
     // scaled by the rate too); no caption dropout, as the empty caption has no order to learn.
-    add("text-encoder".into(), data, &|cmd| {
-        cmd.arg("--train-text-encoder")
-            .args(["--learning-rate", "0", "--text-encoder-lr", "5e-4"])
-            .args(["--lr-scheduler", "constant_with_warmup"])
-            .args(["--caption-dropout", "0"])
-            .arg("--max-steps")
-            .arg(recipe.text_encoder_steps.to_string());
-    });
+    add(
+        "text-encoder".into(),
+        data,
+        recipe.text_encoder_steps,
+        &|cmd| {
+            cmd.arg("--train-text-encoder")
+                .args(["--learning-rate", "0", "--text-encoder-lr", "5e-4"])
+                .args(["--lr-scheduler", "constant_with_warmup"])
+                .args(["--caption-dropout", "0"]);
+        },
+    );
     // Stage 9: the U-Net alone, the text encoder frozen (no --train-text-encoder) so its
     // outputs are cached; each cycle a run of its own.
     for cycle in 1..=recipe.as_drawn_cycles {
@@ -328,11 +338,9 @@ fn later_stages(
             1 => "unet-as-drawn".to_string(),
             n => format!("unet-as-drawn-{n}"),
         };
-        add(name, data, &|cmd| {
+        add(name, data, recipe.as_drawn_steps, &|cmd| {
             cmd.args(["--cache-text-embeddings", "--learning-rate", "1e-4"])
-                .args(["--lr-scheduler", "cosine", "--caption-dropout", "0.1"])
-                .arg("--max-steps")
-                .arg(recipe.as_drawn_steps.to_string());
+                .args(["--lr-scheduler", "cosine", "--caption-dropout", "0.1"]);
         });
     }
     stages
@@ -340,7 +348,7 @@ fn later_stages(
 
 /// A stage after the first U-Net stage: `sd train unet` from the previous stage's folder, at
 /// the batch and warm-up of the runs that found the recipe (docs/shapes.md); the caller adds
-/// what is trained, the rates, timesteps and step count.
+/// what is trained, the rates and timesteps; `add` the step count.
 fn fine_tune(root: &Path, model: &Path, data: &Path, output: &Path) -> Command {
     let mut cmd = sd(root);
     cmd.args(["train", "unet", "--model"])
