@@ -102,18 +102,19 @@ fn geglu_op(projected: FloatTensor<Autodiff<Flex>>) -> FloatTensor<Autodiff<Flex
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Distribution;
 
     /// Values and input gradients equal those of the tensor-op form (which Burn differentiates
-    /// itself; its GELU is libm's erf, the kernels' an approximation to 1.5e-7), for a
-    /// projection reached through another op and used twice.
+    /// itself), for a projection reached through another op and used twice. Burn's GELU uses
+    /// libm's erf, the kernel an approximation to 1.5e-7, so a · GELU(g) may differ by
+    /// |a| · |g| · 0.75e-7, which for a and g drawn from N(0, 3²) passes 2e-6 (CI once saw 2.06e-6
+    /// on unseeded inputs against a 2e-6 tolerance). The inputs are seeded (worst here 1.8e-6 of
+    /// 1 + |want|, on AVX-512) and the tolerance is 1e-5: a tanh GELU in place of erf's fails by
+    /// 3.3e-3.
     #[test]
     fn the_op_matches_the_tensor_ops_and_their_gradients() {
         type A = Autodiff<Flex>;
-        let device = Default::default();
-        let x0 =
-            Tensor::<Flex, 3>::random([2, 19, 2 * 24], Distribution::Normal(0.0, 2.0), &device);
-        let weights = Tensor::<A, 3>::random([2, 19, 24], Distribution::Default, &device);
+        let x0 = super::super::seeded_normal::<Flex, 3>([2, 19, 2 * 24], 0.0, 2.0, 7);
+        let weights = super::super::seeded_normal::<A, 3>([2, 19, 24], 0.5, 0.3, 8);
         let run = |fused: bool| {
             let x = Tensor::<A, 3>::from_inner(x0.clone()).require_grad();
             let h = x.clone() * 1.5;
@@ -128,7 +129,7 @@ mod tests {
             (y.inner(), grad)
         };
         let ((fused_y, fused), (ops_y, ops)) = (run(true), run(false));
-        super::super::assert_close("value", fused_y, ops_y, 2e-6);
-        super::super::assert_close("∂x", fused, ops, 2e-6);
+        super::super::assert_close("value", fused_y, ops_y, 1e-5);
+        super::super::assert_close("∂x", fused, ops, 1e-5);
     }
 }

@@ -346,6 +346,29 @@ pub(crate) fn flex_tensor<const D: usize>(
     Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(primitive))
 }
 
+/// A tensor of normal draws from a fixed seed: the training ops' tests compare a fused kernel
+/// with Burn's ops to a tolerance an error bound sets, and a bound holds for the inputs it was
+/// worked out on, so those inputs do not change from run to run (Burn's `random` does).
+#[cfg(all(test, feature = "autodiff", feature = "flex"))]
+pub(crate) fn seeded_normal<B: burn::tensor::backend::Backend, const D: usize>(
+    shape: [usize; D],
+    mean: f32,
+    std: f32,
+    seed: u64,
+) -> Tensor<B, D> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let normal = rand_distr::Normal::new(mean, std).expect("a finite, non-negative deviation");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let values: Vec<f32> = (0..shape.iter().product::<usize>())
+        .map(|_| normal.sample(&mut rng))
+        .collect();
+    Tensor::from_data(
+        burn::tensor::TensorData::new(values, shape),
+        &Default::default(),
+    )
+}
+
 /// Asserts that the training ops' values or gradients agree with the Burn-op form's, element by
 /// element, to `tolerance · (1 + |want|)`.
 #[cfg(all(test, feature = "autodiff", feature = "flex"))]
