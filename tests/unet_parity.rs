@@ -129,7 +129,7 @@ fn unet_matches_diffusers_on_ndarray() {
 #[cfg(feature = "cuda")]
 #[test]
 fn unet_matches_diffusers_on_cuda() {
-    check_all::<sd_core::backend::Cuda>(&Default::default());
+    check_all::<sd_core::backend::Cuda>(&common::cuda_device());
 }
 
 /// The real SD 1.5, 2.1 and XL configurations build with diffusers' parameter counts (diffusers

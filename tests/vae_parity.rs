@@ -118,7 +118,7 @@ fn vae_matches_diffusers_on_ndarray() {
 #[cfg(feature = "cuda")]
 #[test]
 fn vae_matches_diffusers_on_cuda() {
-    check_all::<sd_core::backend::Cuda>(&Default::default());
+    check_all::<sd_core::backend::Cuda>(&common::cuda_device());
 }
 
 /// One small case on WGPU (`SD_WGPU_API=gl cargo test -p sd-tests --features wgpu` on a machine

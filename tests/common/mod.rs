@@ -7,6 +7,18 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use sd_core::weights::SafetensorsFile;
 
+/// The CUDA device, with CubeCL told (once, before the first kernel) to keep what it compiles
+/// in `target/gpu-kernels`, so that a second run of the GPU cases skips minutes of compiling.
+#[cfg(feature = "cuda")]
+pub fn cuda_device() -> burn::backend::cuda::CudaDevice {
+    static KEEP: std::sync::Once = std::sync::Once::new();
+    KEEP.call_once(|| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/gpu-kernels");
+        sd_core::kernel_cache::keep_gpu_kernels(&dir);
+    });
+    Default::default()
+}
+
 /// `tests/fixtures`, wherever the tests run from.
 pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")

@@ -134,6 +134,10 @@ fn main() -> ExitCode {
     process_start();
     // Layers free and allocate buffers of tens of MiB: keep them for reuse (fewer page faults).
     sd_kernels::allocator::reuse_freed_memory();
+    // CUDA builds: kernels compiled on one run are loaded on the next (`~/.cache/sd/kernels`,
+    // under `$SD_CACHE` where set) instead of compiled again for minutes.
+    #[cfg(feature = "cuda")]
+    sd_core::kernel_cache::keep_gpu_kernels(&sd_shapes::model::default_cache().join("kernels"));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // Help and version go to stdout as clap prints them.

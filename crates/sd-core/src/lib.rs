@@ -6,6 +6,7 @@
 //! - [`files`]: inputs that must be regular files, outputs written atomically.
 //! - [`weights`]: strict safetensors loading with diffusers key names.
 //! - [`image_io`]: images to and from tensors in `[-1, 1]`.
+//! - [`kernel_cache`]: where the GPU backends keep the kernels they compile, between runs.
 //! - [`noise_schedule`]: the betas and `ᾱ_t` of the forward process, shared by its training
 //!   side (`sd-diffusion`) and the samplers (`sd-schedulers`); [`noise`]: the seeded noise both
 //!   draw.
@@ -25,6 +26,7 @@ pub mod config_checks;
 pub mod error;
 pub mod files;
 pub mod image_io;
+pub mod kernel_cache;
 pub mod layers;
 pub mod noise;
 pub mod noise_schedule;
