@@ -257,10 +257,8 @@ fn neighbour(p: usize, offset: (isize, isize), w: usize, h: usize) -> Option<usi
 }
 
 fn measure(colour: Colour, pixels: &[usize], w: usize, scale: f32) -> Detection {
-    let xs = pixels.iter().map(|p| p % w);
-    let ys = pixels.iter().map(|p| p / w);
-    let (left, right) = (xs.clone().min().unwrap_or(0), xs.max().unwrap_or(0));
-    let (top, bottom) = (ys.clone().min().unwrap_or(0), ys.max().unwrap_or(0));
+    let (left, right) = min_max(pixels.iter().map(|p| p % w));
+    let (top, bottom) = min_max(pixels.iter().map(|p| p / w));
     let (width, height) = (right - left + 1, bottom - top + 1);
     // The corners are read from the region's opening: a one-pixel fringe (a partial row of
     // stray pixels along a side, as a model draws them) would widen the box they are read
