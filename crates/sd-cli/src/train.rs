@@ -91,6 +91,10 @@ pub struct TrainArgs {
     /// Probability of training on the empty caption.
     #[arg(long, allow_negative_numbers = true)]
     caption_dropout: Option<f64>,
+    /// Probability of replacing a caption's end-of-text token and the padding after it by the
+    /// empty caption's, so that the U-Net reads the words rather than the whole caption.
+    #[arg(long, allow_negative_numbers = true)]
+    summary_dropout: Option<f64>,
     #[arg(long)]
     gradient_accumulation: Option<usize>,
     /// Clip gradients to this global norm (default 1).
@@ -259,7 +263,8 @@ fn resolve(args: &TrainArgs) -> Result<TrainConfig, String> {
         keep,
         noise_offset,
         input_perturbation,
-        caption_dropout
+        caption_dropout,
+        summary_dropout
     );
     set!(
         gradient_accumulation,

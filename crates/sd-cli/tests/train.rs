@@ -241,6 +241,12 @@ fn sd_train_log(output: &Path) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// The losses of a 2-step [`train`] run into `output`.
+fn two_step_losses(output: &Path, data: &Path, extra: &[&str]) -> Vec<(u64, String)> {
+    ok(&train(data, output, 2, extra));
+    sd_train_log(output)
+}
+
 fn one_line_error(out: &Output, needles: &[&str]) {
     assert!(!out.status.success(), "expected a failure");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1375,11 +1381,7 @@ fn the_text_encoder_trains_at_its_own_learning_rate() {
 fn the_timestep_range_is_kohyas_and_checked() {
     let dir = scratch("timesteps");
     let data = data(&dir);
-    let run = |name: &str, extra: &[&str]| -> Vec<(u64, String)> {
-        let output = dir.join(name);
-        ok(&train(&data, &output, 2, extra));
-        sd_train_log(&output)
-    };
+    let run = |name: &str, extra: &[&str]| two_step_losses(&dir.join(name), &data, extra);
     // The whole range given explicitly draws the default's timesteps: the same losses.
     let default = run("default", &[]);
     let explicit = run(
@@ -1402,6 +1404,28 @@ fn the_timestep_range_is_kohyas_and_checked() {
             &["--min-timestep", "20", "--max-timestep", "10"],
         ),
         &["--max-timestep (10) must be more than --min-timestep (20)"],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--summary-dropout` swaps captions' end-of-text and padding outputs for the empty
+/// caption's: at 0 the run is the default's to the bit, at 1 it trains on other conditioning,
+/// through a trained text encoder as through cached embeddings; a bad value is one line.
+#[test]
+fn summary_dropout_changes_only_what_it_drops() {
+    let dir = scratch("summary-dropout");
+    let data = data(&dir);
+    let run = |name: &str, extra: &[&str]| two_step_losses(&dir.join(name), &data, extra);
+    let default = run("default", &[]);
+    assert_eq!(default, run("zero", &["--summary-dropout", "0"]));
+    assert_ne!(default, run("one", &["--summary-dropout", "1"]));
+    let text = ["--train-text-encoder", "--summary-dropout", "1"];
+    assert_ne!(run("text", &text[..1]), run("text-dropped", &text));
+    let cached = ["--cache-text-embeddings", "--summary-dropout", "1"];
+    assert_ne!(run("cached", &cached[..1]), run("cached-dropped", &cached));
+    one_line_error(
+        &train(&data, &dir.join("bad"), 1, &["--summary-dropout", "1.5"]),
+        &["--summary-dropout must be in [0, 1], got 1.5"],
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

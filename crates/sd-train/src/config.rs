@@ -81,6 +81,11 @@ pub struct TrainConfig {
     pub input_perturbation: f64,
     /// Probability of training on the empty caption.
     pub caption_dropout: f64,
+    /// Probability of replacing a caption's end-of-text token and the padding after it by the
+    /// empty caption's (`--summary-dropout`): those positions attend to the whole caption, and
+    /// a U-Net that reads the scene from them alone sees an unseen combination of words as a
+    /// whole it never met; dropping them makes it read the words.
+    pub summary_dropout: f64,
     /// Clip gradients to this global norm.
     pub max_grad_norm: f64,
     /// `no`, `f16` or `bf16` (accelerate's `--mixed_precision`): the trained models' forward
@@ -244,6 +249,7 @@ impl Default for TrainConfig {
             noise_offset: 0.0,
             input_perturbation: 0.0,
             caption_dropout: 0.0,
+            summary_dropout: 0.0,
             max_grad_norm: 1.0,
             mixed_precision: Default::default(),
             grad_scaler: Default::default(),
@@ -314,6 +320,12 @@ impl TrainConfig {
                  --train-text-encoder, which changes them every step"
                     .into(),
             );
+        }
+        if !(0.0..=1.0).contains(&self.summary_dropout) {
+            return bad(format!(
+                "--summary-dropout must be in [0, 1], got {}",
+                self.summary_dropout
+            ));
         }
         if self.max_steps == 0 {
             return bad("--max-steps must be at least 1".into());

@@ -44,6 +44,7 @@ mod plot;
 mod precision;
 mod run;
 mod run_vae;
+mod summary_dropout;
 mod text_cache;
 mod train_log;
 mod vae;

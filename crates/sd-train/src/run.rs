@@ -16,6 +16,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
+use rand::RngExt;
 use rand::rngs::StdRng;
 use sd::Model;
 use sd::conditioner::{
@@ -568,6 +569,7 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                 config.lora.is_some() && config.train_text_encoder,
                 "--lora-rank with --train-text-encoder",
             ),
+            (config.summary_dropout > 0.0, "--summary-dropout"),
         ];
         if let Some((_, flag)) = refused.iter().find(|(on, _)| *on) {
             return Err(TrainError::Config(format!(
@@ -958,6 +960,7 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
             let (mut means, mut stds) = (Vec::new(), Vec::new());
             let mut cache_shape = None;
             let mut texts = Vec::with_capacity(n);
+            let mut summary_drops = Vec::with_capacity(n);
             let mut masks = Vec::new();
             let mut crops = Vec::with_capacity(n);
             for &(sample, index) in &members {
@@ -1006,14 +1009,24 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                     }
                 }
                 texts.push(captions.caption(&example.captions, &mut rng));
+                if config.summary_dropout > 0.0 {
+                    // A stream of its own, so that runs without it draw what they drew before.
+                    let mut rng = sample_rng(config.seed ^ 0x5a3d_d409, sample);
+                    summary_drops.push(rng.random::<f64>() < config.summary_dropout);
+                }
                 if inpainting {
                     masks.extend(crate::inpainting::random_mask(w, h, &mut rng));
                 }
             }
-            // The first encoder's token ids (SDXL's conditioner tokenizes for itself).
+            // The first encoder's token ids (SDXL's conditioner tokenizes for itself); with
+            // summaries to drop, the empty caption's after the batch's.
+            let drop_summaries = summary_drops.contains(&true);
             let ids = || {
+                let empty = drop_summaries.then_some("");
                 texts
                     .iter()
+                    .map(String::as_str)
+                    .chain(empty)
                     .map(|t| tokenizer.encode_padded(t))
                     .collect::<std::result::Result<Vec<_>, _>>()
             };
@@ -1058,6 +1071,17 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                     None,
                 ),
                 _ => (text.context(&ids()?, config.mixed_precision)?, None),
+            };
+            let context = if drop_summaries {
+                let ids = ids()?;
+                crate::summary_dropout::drop_summaries(
+                    context,
+                    &ids,
+                    tokenizer.eos(),
+                    &summary_drops,
+                )
+            } else {
+                context
             };
             // The draws of this micro-batch, in a fixed order: posterior, noise, offset,
             // perturbation, timesteps; each for the whole global batch, of which this peer
