@@ -1018,17 +1018,17 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                     masks.extend(crate::inpainting::random_mask(w, h, &mut rng));
                 }
             }
-            // The first encoder's token ids (SDXL's conditioner tokenizes for itself); with
-            // summaries to drop, the empty caption's after the batch's.
+            // The first encoder's token ids, once (SDXL's conditioner tokenizes for itself);
+            // with summaries to drop, the empty caption's after the batch's.
             let drop_summaries = summary_drops.contains(&true);
-            let ids = || {
-                let empty = drop_summaries.then_some("");
-                texts
+            let ids = match text {
+                TextEncoder::Conditioner(_) => Vec::new(),
+                _ => texts
                     .iter()
                     .map(String::as_str)
-                    .chain(empty)
+                    .chain(drop_summaries.then_some(""))
                     .map(|t| tokenizer.encode_padded(t))
-                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .collect::<std::result::Result<Vec<_>, _>>()?,
             };
             let (context, text_time) = match (&text, &mut text_cache) {
                 (TextEncoder::Conditioner(conditioner), _) => {
@@ -1067,13 +1067,12 @@ fn run_unet<B: Backend, C: CheckpointStrategy>(
                     (Tensor::from_inner(context), Some(text_time))
                 }
                 (TextEncoder::Frozen(model), Some(cache)) => (
-                    Tensor::from_inner(cache.context(model, &ids()?, device)?),
+                    Tensor::from_inner(cache.context(model, &ids, device)?),
                     None,
                 ),
-                _ => (text.context(&ids()?, config.mixed_precision)?, None),
+                _ => (text.context(&ids, config.mixed_precision)?, None),
             };
             let context = if drop_summaries {
-                let ids = ids()?;
                 crate::summary_dropout::drop_summaries(
                     context,
                     &ids,

@@ -11,7 +11,7 @@
 //! colours; see docs/shapes.md.)
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Bool, Tensor, TensorData};
 
 /// `context` holds the `n` captions' encoder outputs followed by the empty caption's (`n + 1`
 /// rows, as `ids`); returns the `n` rows with, where `drop` says so, the positions from the
@@ -26,15 +26,15 @@ pub(crate) fn drop_summaries<B: Backend>(
     let n = rows - 1;
     let empty = context.clone().narrow(0, n, 1).expand([n, tokens, width]);
     let context = context.narrow(0, 0, n);
-    let mut mask = vec![0f32; n * tokens];
+    let mut mask = vec![false; n * tokens];
     for (i, (row, _)) in ids.iter().zip(drop).enumerate().filter(|(_, (_, d))| **d) {
         let start = row.iter().position(|&t| t == eos).unwrap_or(tokens);
-        mask[i * tokens + start.min(tokens)..(i + 1) * tokens].fill(1.0);
+        mask[i * tokens + start..(i + 1) * tokens].fill(true);
     }
-    let mask = Tensor::<B, 3>::from_data(TensorData::new(mask, [n, tokens, 1]), &context.device())
-        .expand([n, tokens, width]);
-    let keep = mask.clone().neg().add_scalar(1.0);
-    context * keep + empty * mask
+    let mask =
+        Tensor::<B, 3, Bool>::from_data(TensorData::new(mask, [n, tokens, 1]), &context.device())
+            .expand([n, tokens, width]);
+    context.mask_where(mask, empty)
 }
 
 #[cfg(test)]
