@@ -34,6 +34,12 @@ enum DatasetKind {
         /// train on these.
         #[arg(long)]
         canonical: bool,
+        /// Write this many more images after the `--count` ones, each holding at least one
+        /// colour outside the palette (teal, pink, brown, black, grey: `a teal triangle above
+        /// a green circle`), so that every shape is seen in more colours; held-out
+        /// combinations are still left out, and the first `--count` images are unchanged.
+        #[arg(long, default_value_t = 0)]
+        extra_colours: usize,
     },
 }
 
@@ -44,6 +50,7 @@ pub fn run(args: DatasetArgs) -> Result<String, String> {
             count,
             seed,
             canonical,
+            extra_colours,
         } => {
             let captions = if canonical {
                 sd_shapes::Captions::Canonical
@@ -51,9 +58,11 @@ pub fn run(args: DatasetArgs) -> Result<String, String> {
                 sd_shapes::Captions::AsDrawn
             };
             // The library's errors name the folder or file they are about.
-            sd_shapes::write_dataset(&out, count, seed, captions).map_err(|e| e.to_string())?;
+            sd_shapes::write_dataset_with_extra_colours(&out, count, extra_colours, seed, captions)
+                .map_err(|e| e.to_string())?;
             Ok(format!(
-                "wrote {count} captioned images to {}",
+                "wrote {} captioned images to {}",
+                count + extra_colours,
                 out.display()
             ))
         }

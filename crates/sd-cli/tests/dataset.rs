@@ -100,6 +100,48 @@ fn same_seed_writes_the_same_bytes_and_no_held_out_caption() {
     }
 }
 
+/// `--extra-colours N` writes N more images after the `--count` ones (which stay as they were),
+/// each naming a colour outside the palette, none held out.
+#[test]
+fn extra_colours_come_after_the_palette_images() {
+    let (plain, mixed) = (scratch("plain"), scratch("mixed"));
+    shapes(&plain, 20, 5);
+    let out = mixed.to_str().unwrap();
+    let args = [
+        "dataset",
+        "shapes",
+        "--out",
+        out,
+        "--count",
+        "20",
+        "--seed",
+        "5",
+        "--extra-colours",
+        "50",
+    ];
+    let (code, stdout, stderr) = sd(&args);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("70"), "{stdout}");
+    let written = files(&mixed);
+    assert_eq!(written.len(), 140);
+    assert!(written[..40] == files(&plain), "the palette images changed");
+    for (name, bytes) in written[40..].iter().filter(|(n, _)| n.ends_with(".txt")) {
+        let caption = std::str::from_utf8(bytes).unwrap().trim_end();
+        let extra = ["teal ", "pink ", "brown ", "black ", "grey "];
+        assert!(
+            extra.iter().any(|c| caption.contains(c)),
+            "{name}: {caption:?} has no extra colour"
+        );
+        let red_and_blue = caption.contains("red ") && caption.contains("blue ");
+        let held_out =
+            red_and_blue || caption.contains("yellow circle") || caption.contains("green triangle");
+        assert!(!held_out, "{name}: {caption:?} is held out");
+    }
+    for dir in [plain, mixed] {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
 /// `--canonical` writes the same images with every two-object caption said with `above` or
 /// `to the left of`: the same scene, the top or left object named first.
 #[test]

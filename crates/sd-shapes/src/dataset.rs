@@ -8,7 +8,11 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use crate::error::{Result, ShapesError};
-use crate::scene::{HeldOut, random_scene};
+use crate::scene::{HeldOut, Scene, random_extra_colour_scene, random_scene};
+
+/// Mixed into the seed of the extra-colour scenes' generator, so that their stream is not the
+/// palette scenes' one.
+const EXTRA_COLOUR_STREAM: u64 = 0x0e78_a5c0_104e_5eed;
 
 /// How [`write_dataset`] captions a two-object scene.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -37,14 +41,29 @@ pub enum Captions {
 /// never mixed. A count of 0 is refused. On a failure the files written so far are removed
 /// again (and the folder, when this call created it).
 pub fn write_dataset(out: &Path, count: usize, seed: u64, captions: Captions) -> Result<()> {
-    if count == 0 {
+    write_dataset_with_extra_colours(out, count, 0, seed, captions)
+}
+
+/// [`write_dataset`], then `extra` more images after the `count` palette ones (numbered on
+/// from `count`), each holding at least one colour outside the palette
+/// ([`crate::random_extra_colour_scene`]: `a teal triangle above a green circle`), held-out
+/// combinations still excluded. Their generator is seeded from `seed` apart from the palette
+/// scenes' one, so the first `count` files are those [`write_dataset`] writes, byte for byte.
+pub fn write_dataset_with_extra_colours(
+    out: &Path,
+    count: usize,
+    extra: usize,
+    seed: u64,
+    captions: Captions,
+) -> Result<()> {
+    if count + extra == 0 {
         return Err(ShapesError::NoImages {
             path: out.to_owned(),
         });
     }
     let created = prepare_folder(out)?;
-    let mut written = Vec::with_capacity(2 * count);
-    let result = write_files(out, count, seed, captions, &mut written);
+    let mut written = Vec::with_capacity(2 * (count + extra));
+    let result = write_files(out, count, extra, seed, captions, &mut written);
     if result.is_err() {
         // Best effort: a partial dataset would look complete to a training run.
         for path in &written {
@@ -86,14 +105,20 @@ fn prepare_folder(out: &Path) -> Result<bool> {
 fn write_files(
     out: &Path,
     count: usize,
+    extra: usize,
     seed: u64,
     captions: Captions,
     written: &mut Vec<PathBuf>,
 ) -> Result<()> {
-    let width = (count - 1).to_string().len().max(5);
+    let width = (count + extra - 1).to_string().len().max(5);
     let mut rng = StdRng::seed_from_u64(seed);
-    for index in 0..count {
-        let scene = random_scene(&mut rng, HeldOut::Exclude);
+    let mut extra_rng = StdRng::seed_from_u64(seed ^ EXTRA_COLOUR_STREAM);
+    for index in 0..count + extra {
+        let scene: Scene = if index < count {
+            random_scene(&mut rng, HeldOut::Exclude)
+        } else {
+            random_extra_colour_scene(&mut extra_rng)
+        };
         let stem = format!("{index:0width$}");
 
         let png_path = out.join(format!("{stem}.png"));
@@ -129,6 +154,7 @@ fn write(path: &Path, bytes: &[u8], written: &mut Vec<PathBuf>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Colour;
     use crate::check::check;
 
     fn scratch(name: &str) -> PathBuf {
@@ -225,6 +251,63 @@ mod tests {
             "{rewritten} of 200 rewritten"
         );
         for dir in [drawn, canonical] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    /// Extra colours: the palette images first, byte for byte those without them; then scenes
+    /// each holding a colour outside the palette, drawn in their exact fills, none held out,
+    /// and each palette object in them still passing the checker's colour test.
+    #[test]
+    fn extra_colour_scenes_follow_the_palette_ones() {
+        let (plain, mixed) = (scratch("plain"), scratch("mixed"));
+        write_dataset(&plain, 40, 9, Captions::AsDrawn).unwrap();
+        write_dataset_with_extra_colours(&mixed, 40, 160, 9, Captions::Canonical).unwrap();
+        let (plain_files, mixed_files) = (files(&plain), files(&mixed));
+        assert_eq!(mixed_files.len(), 400);
+        for (a, b) in plain_files.chunks(2).zip(mixed_files.chunks(2)) {
+            assert_eq!(a[0], b[0], "a palette image differs");
+        }
+        let extra: Vec<Colour> = Colour::EXTRA.to_vec();
+        let mut seen = std::collections::HashSet::new();
+        for pair in mixed_files[80..].chunks(2) {
+            let caption = std::str::from_utf8(&pair[1].1).unwrap().trim_end();
+            // Prompts name only palette colours, so the caption is read here word by word.
+            let named: Vec<Colour> = caption
+                .split(' ')
+                .filter_map(|w| {
+                    Colour::ALL
+                        .into_iter()
+                        .chain(extra.clone())
+                        .find(|c| c.name() == w)
+                })
+                .collect();
+            assert!(named.iter().any(|c| c.is_extra()), "{caption}");
+            assert!(
+                !caption.contains(" below ") && !caption.contains(" right of "),
+                "{caption}"
+            );
+            assert!(!caption.contains("yellow circle") && !caption.contains("green triangle"));
+            assert!(!(named.contains(&Colour::Red) && named.contains(&Colour::Blue)));
+            let image = image::load_from_memory(&pair[0].1).unwrap().to_rgb8();
+            for colour in &named {
+                assert!(image.pixels().any(|p| p.0 == colour.rgb()), "{caption}");
+                seen.insert(*colour);
+            }
+            // The checker reads an extra colour as no palette colour at all.
+            for (pixel, label) in image.pixels().zip(crate::segment(&image)) {
+                let expected = match named.iter().find(|c| c.rgb() == pixel.0) {
+                    Some(c) if c.is_extra() => crate::Label::Other,
+                    Some(&c) => crate::Label::Colour(c),
+                    None => crate::Label::Background,
+                };
+                assert_eq!(label, expected, "{caption}: {:?}", pixel.0);
+            }
+        }
+        for colour in Colour::EXTRA {
+            assert!(seen.contains(&colour), "{colour} never drawn");
+        }
+        for dir in [plain, mixed] {
             std::fs::remove_dir_all(dir).unwrap();
         }
     }

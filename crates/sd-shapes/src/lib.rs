@@ -31,13 +31,13 @@ mod prompt;
 mod scene;
 
 pub use check::{COLOUR_TOLERANCE, Detection, Failure, Label, Verdict, check, detect, segment};
-pub use dataset::{Captions, write_dataset};
+pub use dataset::{Captions, write_dataset, write_dataset_with_extra_colours};
 pub use error::{Result, ShapesError};
 pub use prompt::{
     Colour, EVAL_PROMPT_COUNT, ObjectSpec, Prompt, Relation, Shape, held_out_prompts, seen_prompts,
 };
 pub use scene::{
     BACKGROUND, HeldOut, IMAGE_SIZE, MAX_ACROSS, MIN_ALONG, MIN_GAP, ONE_OBJECT_FRACTION,
-    ONE_OBJECT_SIZES, Object, Scene, TWO_OBJECT_SIZES, is_held_out, random_prompt, random_scene,
-    random_scene_for,
+    ONE_OBJECT_SIZES, Object, Scene, TWO_OBJECT_SIZES, is_held_out, random_extra_colour_scene,
+    random_prompt, random_scene, random_scene_for,
 };

@@ -10,7 +10,9 @@ use rand::seq::SliceRandom;
 
 use crate::error::{Result, ShapesError};
 
-/// The five fill colours, each drawn with one exact RGB value.
+/// The fill colours, each drawn with one exact RGB value: the five of the palette
+/// ([`Colour::ALL`]), which prompts, the checker and evaluations use, and five more
+/// ([`Colour::EXTRA`]) that only `sd dataset shapes --extra-colours` draws.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Colour {
     /// Red: RGB (220, 40, 40).
@@ -23,10 +25,20 @@ pub enum Colour {
     Blue,
     /// Purple: RGB (150, 60, 190).
     Purple,
+    /// Teal, outside the palette: RGB (0, 140, 150).
+    Teal,
+    /// Pink, outside the palette: RGB (250, 150, 200).
+    Pink,
+    /// Brown, outside the palette: RGB (120, 70, 20).
+    Brown,
+    /// Black, outside the palette: RGB (30, 30, 30).
+    Black,
+    /// Grey, outside the palette: RGB (128, 128, 128).
+    Grey,
 }
 
 impl Colour {
-    /// Every colour, in a fixed order (the order prompts are enumerated in).
+    /// The palette, in a fixed order (the order prompts are enumerated in).
     pub const ALL: [Colour; 5] = [
         Colour::Red,
         Colour::Yellow,
@@ -34,6 +46,27 @@ impl Colour {
         Colour::Blue,
         Colour::Purple,
     ];
+
+    /// The colours outside the palette, each more than 90 (Euclidean RGB) from every palette
+    /// colour, the background and each other, so that the checker (tolerance
+    /// [`crate::COLOUR_TOLERANCE`]) reads none of them as a palette colour. Scenes in them
+    /// show each shape in more colours than the palette's, so that a model cannot tie a shape
+    /// to the colours it saw it in (docs/shapes.md, "Extra colours"); no prompt names them.
+    pub const EXTRA: [Colour; 5] = [
+        Colour::Teal,
+        Colour::Pink,
+        Colour::Brown,
+        Colour::Black,
+        Colour::Grey,
+    ];
+
+    /// Whether the colour is outside the palette ([`Colour::EXTRA`]).
+    pub const fn is_extra(self) -> bool {
+        matches!(
+            self,
+            Colour::Teal | Colour::Pink | Colour::Brown | Colour::Black | Colour::Grey
+        )
+    }
 
     /// The exact fill.
     pub const fn rgb(self) -> [u8; 3] {
@@ -43,6 +76,11 @@ impl Colour {
             Colour::Green => [40, 170, 60],
             Colour::Blue => [40, 80, 220],
             Colour::Purple => [150, 60, 190],
+            Colour::Teal => [0, 140, 150],
+            Colour::Pink => [250, 150, 200],
+            Colour::Brown => [120, 70, 20],
+            Colour::Black => [30, 30, 30],
+            Colour::Grey => [128, 128, 128],
         }
     }
 
@@ -54,9 +92,16 @@ impl Colour {
             Colour::Green => "green",
             Colour::Blue => "blue",
             Colour::Purple => "purple",
+            Colour::Teal => "teal",
+            Colour::Pink => "pink",
+            Colour::Brown => "brown",
+            Colour::Black => "black",
+            Colour::Grey => "grey",
         }
     }
 
+    /// The palette colour a word names: prompts name only those, as the checker sees only
+    /// those.
     fn from_word(word: &str) -> Option<Colour> {
         Colour::ALL.into_iter().find(|c| c.name() == word)
     }

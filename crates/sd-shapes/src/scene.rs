@@ -242,26 +242,56 @@ pub fn is_held_out(scene: &Scene) -> bool {
 /// The number of objects is drawn first and only the rest is redrawn when the policy refuses
 /// it, so the one/two mix stays [`ONE_OBJECT_FRACTION`] whatever the policy.
 pub fn random_prompt<R: Rng + ?Sized>(rng: &mut R, held_out: HeldOut) -> Prompt {
+    // Every policy accepts some prompts of either kind (there are two held-out single
+    // objects), so this ends.
+    random_prompt_of(rng, &Colour::ALL, |prompt| held_out.allows(prompt))
+}
+
+/// A random scene with at least one colour outside the palette ([`Colour::EXTRA`]), drawn as
+/// [`random_scene`] draws with the ten colours, held-out combinations excluded (a yellow
+/// circle or a green triangle beside a teal square is still held out).
+pub fn random_extra_colour_scene<R: Rng + ?Sized>(rng: &mut R) -> Scene {
+    let colours: Vec<Colour> = Colour::ALL.into_iter().chain(Colour::EXTRA).collect();
+    let prompt = random_prompt_of(rng, &colours, |prompt| {
+        !prompt.is_held_out() && prompt.objects().iter().any(|o| o.colour.is_extra())
+    });
+    place(rng, &prompt)
+}
+
+/// One or two objects (two with probability 1 − [`ONE_OBJECT_FRACTION`]) in `colours`, the
+/// rest redrawn until `accept` takes it.
+fn random_prompt_of<R: Rng + ?Sized>(
+    rng: &mut R,
+    colours: &[Colour],
+    accept: impl Fn(&Prompt) -> bool,
+) -> Prompt {
     let one = rng.random_bool(ONE_OBJECT_FRACTION);
     loop {
-        let first = random_spec(rng, None);
+        let first = random_spec(rng, colours, None);
         let prompt = if one {
             Prompt::One(first)
         } else {
             let relation = Relation::ALL[rng.random_range(0..Relation::ALL.len())];
-            Prompt::Two(first, relation, random_spec(rng, Some(first.colour)))
+            Prompt::Two(
+                first,
+                relation,
+                random_spec(rng, colours, Some(first.colour)),
+            )
         };
-        // Every policy accepts some prompts of either kind (there are two held-out single
-        // objects), so this ends.
-        if held_out.allows(&prompt) {
+        if accept(&prompt) {
             return prompt;
         }
     }
 }
 
-fn random_spec<R: Rng + ?Sized>(rng: &mut R, other_than: Option<Colour>) -> ObjectSpec {
-    let colours: Vec<Colour> = Colour::ALL
-        .into_iter()
+fn random_spec<R: Rng + ?Sized>(
+    rng: &mut R,
+    colours: &[Colour],
+    other_than: Option<Colour>,
+) -> ObjectSpec {
+    let colours: Vec<Colour> = colours
+        .iter()
+        .copied()
         .filter(|&c| Some(c) != other_than)
         .collect();
     ObjectSpec {
