@@ -39,14 +39,30 @@ fn sd(args: &[&str]) -> (Option<i32>, String, String) {
 
 /// `sd dataset shapes --out DIR --count N --seed S`, asserted to succeed with its one line.
 fn shapes(out: &Path, count: usize, seed: u64) {
+    let stdout = shapes_with(out, count, seed, &[]);
+    assert!(stdout.contains(&count.to_string()), "{stdout}");
+}
+
+/// `sd dataset shapes --out DIR --count N --seed S` and more flags, asserted to succeed with
+/// one line naming the folder; that line.
+fn shapes_with(out: &Path, count: usize, seed: u64, more: &[&str]) -> String {
     let (out, count, seed) = (out.to_str().unwrap(), count.to_string(), seed.to_string());
-    let args = [
+    let mut args = vec![
         "dataset", "shapes", "--out", out, "--count", &count, "--seed", &seed,
     ];
+    args.extend(more);
     let (code, stdout, stderr) = sd(&args);
     assert_eq!(code, Some(0), "{args:?}: {stderr}");
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
-    assert!(stdout.contains(&count) && stdout.contains(out), "{stdout}");
+    assert!(stdout.contains(out), "{stdout}");
+    stdout
+}
+
+/// Whether a caption names a held-out combination: spelled out here rather than asked of the
+/// library, so that the tests do not trust the code they test.
+fn is_held_out(caption: &str) -> bool {
+    let red_and_blue = caption.contains("red ") && caption.contains("blue ");
+    red_and_blue || caption.contains("yellow circle") || caption.contains("green triangle")
 }
 
 /// The folder's files, sorted by name, with their bytes.
@@ -84,12 +100,7 @@ fn same_seed_writes_the_same_bytes_and_no_held_out_caption() {
         let caption = std::str::from_utf8(bytes).unwrap();
         let caption = caption.lines().next().unwrap_or_default();
         assert!(caption.starts_with("a "), "{name}: {caption:?}");
-        // Spelled out here rather than asked of the library, so that the test does not trust
-        // the code it tests.
-        let red_and_blue = caption.contains("red ") && caption.contains("blue ");
-        let held_out =
-            red_and_blue || caption.contains("yellow circle") || caption.contains("green triangle");
-        assert!(!held_out, "{name}: {caption:?} is held out");
+        assert!(!is_held_out(caption), "{name}: {caption:?} is held out");
     }
 
     let c = scratch("c");
@@ -106,21 +117,7 @@ fn same_seed_writes_the_same_bytes_and_no_held_out_caption() {
 fn extra_colours_come_after_the_palette_images() {
     let (plain, mixed) = (scratch("plain"), scratch("mixed"));
     shapes(&plain, 20, 5);
-    let out = mixed.to_str().unwrap();
-    let args = [
-        "dataset",
-        "shapes",
-        "--out",
-        out,
-        "--count",
-        "20",
-        "--seed",
-        "5",
-        "--extra-colours",
-        "50",
-    ];
-    let (code, stdout, stderr) = sd(&args);
-    assert_eq!(code, Some(0), "{stderr}");
+    let stdout = shapes_with(&mixed, 20, 5, &["--extra-colours", "50"]);
     assert!(stdout.contains("70"), "{stdout}");
     let written = files(&mixed);
     assert_eq!(written.len(), 140);
@@ -132,10 +129,7 @@ fn extra_colours_come_after_the_palette_images() {
             extra.iter().any(|c| caption.contains(c)),
             "{name}: {caption:?} has no extra colour"
         );
-        let red_and_blue = caption.contains("red ") && caption.contains("blue ");
-        let held_out =
-            red_and_blue || caption.contains("yellow circle") || caption.contains("green triangle");
-        assert!(!held_out, "{name}: {caption:?} is held out");
+        assert!(!is_held_out(caption), "{name}: {caption:?} is held out");
     }
     for dir in [plain, mixed] {
         std::fs::remove_dir_all(dir).unwrap();
@@ -148,20 +142,7 @@ fn extra_colours_come_after_the_palette_images() {
 fn canonical_captions_name_the_same_scenes_top_or_left_first() {
     let (drawn, canonical) = (scratch("drawn"), scratch("canonical"));
     shapes(&drawn, 100, 7);
-    let out = canonical.to_str().unwrap();
-    let args = [
-        "dataset",
-        "shapes",
-        "--out",
-        out,
-        "--count",
-        "100",
-        "--seed",
-        "7",
-        "--canonical",
-    ];
-    let (code, _, stderr) = sd(&args);
-    assert_eq!(code, Some(0), "{stderr}");
+    shapes_with(&canonical, 100, 7, &["--canonical"]);
     let mut rewritten = 0;
     for ((name, said), (_, written)) in files(&drawn).iter().zip(&files(&canonical)) {
         if name.ends_with(".png") {

@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use crate::error::{Result, ShapesError};
-use crate::scene::{HeldOut, Scene, random_extra_colour_scene, random_scene};
+use crate::scene::{HeldOut, random_extra_colour_scene, random_scene};
 
 /// Mixed into the seed of the extra-colour scenes' generator, so that their stream is not the
 /// palette scenes' one.
@@ -114,7 +114,7 @@ fn write_files(
     let mut rng = StdRng::seed_from_u64(seed);
     let mut extra_rng = StdRng::seed_from_u64(seed ^ EXTRA_COLOUR_STREAM);
     for index in 0..count + extra {
-        let scene: Scene = if index < count {
+        let scene = if index < count {
             random_scene(&mut rng, HeldOut::Exclude)
         } else {
             random_extra_colour_scene(&mut extra_rng)
