@@ -268,7 +268,6 @@ mod tests {
         for (a, b) in plain_files.chunks(2).zip(mixed_files.chunks(2)) {
             assert_eq!(a[0], b[0], "a palette image differs");
         }
-        let extra: Vec<Colour> = Colour::EXTRA.to_vec();
         let mut seen = std::collections::HashSet::new();
         for pair in mixed_files[80..].chunks(2) {
             let caption = std::str::from_utf8(&pair[1].1).unwrap().trim_end();
@@ -278,7 +277,7 @@ mod tests {
                 .filter_map(|w| {
                     Colour::ALL
                         .into_iter()
-                        .chain(extra.clone())
+                        .chain(Colour::EXTRA)
                         .find(|c| c.name() == w)
                 })
                 .collect();

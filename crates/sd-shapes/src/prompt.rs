@@ -51,7 +51,7 @@ impl Colour {
     /// colour, the background and each other, so that the checker (tolerance
     /// [`crate::COLOUR_TOLERANCE`]) reads none of them as a palette colour. Scenes in them
     /// show each shape in more colours than the palette's, so that a model cannot tie a shape
-    /// to the colours it saw it in (docs/shapes.md, "Extra colours"); no prompt names them.
+    /// to the colours it saw it in (docs/shapes.md, "Extra colours in the dataset"); no prompt names them.
     pub const EXTRA: [Colour; 5] = [
         Colour::Teal,
         Colour::Pink,
@@ -61,11 +61,8 @@ impl Colour {
     ];
 
     /// Whether the colour is outside the palette ([`Colour::EXTRA`]).
-    pub const fn is_extra(self) -> bool {
-        matches!(
-            self,
-            Colour::Teal | Colour::Pink | Colour::Brown | Colour::Black | Colour::Grey
-        )
+    pub fn is_extra(self) -> bool {
+        !Colour::ALL.contains(&self)
     }
 
     /// The exact fill.
