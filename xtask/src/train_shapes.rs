@@ -32,14 +32,18 @@
 //! 9. the U-Net alone (the text encoder frozen, its outputs cached) on the captions as drawn,
 //!    two cosine cycles at a lower rate, each a run from the one before: the shapes, now that
 //!    the conditioning says which object goes where;
-//! 10. `sd convert --dtype f16` writes the result to `crates/sd-shapes/model/`, where the `sd`
+//! 10. the same U-Net cycles on the images again with more after them, in colours outside the
+//!     palette (`sd dataset shapes --extra-colours`: teal, pink, brown, black and grey, every
+//!     shape in each, the held-out combinations still left out): a colour word that met only
+//!     some shapes is what makes the model draw a green triangle as a green circle, and the
+//!     extra colours show every shape in more colours (docs/shapes.md, "Extra colours in the
+//!     dataset"). Run after stage 9, not in every stage: the whole recipe on them (2026-12-08,
+//!     M1) learnt green triangles and lost yellow circles;
+//! 11. `sd convert --dtype f16` writes the result to `crates/sd-shapes/model/`, where the `sd`
 //!     binary embeds it as the default model, with every stage's configs, logs and loss plots.
 //!
-//! `--extra-colours N` (default 0) adds N images in colours outside the palette to both data
-//! folders (`sd dataset shapes --extra-colours`: every shape in ten colours, the held-out
-//! combinations still left out); tried at 10,000 on 2026-12-08 (green triangles learnt,
-//! yellow circles lost: docs/shapes.md, "Extra colours in the dataset"), not in the committed
-//! run.
+//! `--extra-colours N` (default 10,000) is how many extra-colour images stage 10 adds, and
+//! `--extra-colour-cycles` (default 5) its cycles.
 //!
 //! `--vae DIR` takes a VAE folder trained by stages 2-3 of an earlier run (its `config.json`
 //! and weights) instead of running them again: the U-Net stage is the one that changes most
@@ -57,6 +61,7 @@ use crate::{flag, root, run};
 struct Recipe {
     images: u64,
     extra_colour_images: u64,
+    extra_colour_cycles: u64,
     vae_steps: u64,
     decoder_steps: u64,
     unet_steps: u64,
@@ -76,7 +81,8 @@ fn recipe(args: &[String]) -> Result<Recipe, String> {
     };
     Ok(Recipe {
         images: number("--images", 20_000)?,
-        extra_colour_images: number("--extra-colours", 0)?,
+        extra_colour_images: number("--extra-colours", 10_000)?,
+        extra_colour_cycles: number("--extra-colour-cycles", 5)?,
         vae_steps: number("--vae-steps", 700)?,
         decoder_steps: number("--decoder-steps", 1000)?,
         unet_steps: number("--unet-steps", 3100)?,
@@ -126,17 +132,23 @@ pub fn train_shapes(args: &[String]) -> Result<(), String> {
     std::fs::create_dir_all(&run_dir).map_err(|e| format!("{}: {e}", run_dir.display()))?;
     let init = root.join("xtask/shapes/init");
 
-    // The images twice: as drawn, and (the same images) with canonical captions.
+    // The images three times: as drawn, (the same images) with canonical captions, and as drawn
+    // with the extra-colour ones after them.
     let data = run_dir.join("data");
     let canonical_data = run_dir.join("data-canonical");
-    for (folder, canonical) in [(&data, false), (&canonical_data, true)] {
+    let extra_data = run_dir.join("data-extra-colours");
+    for (folder, canonical, extra) in [
+        (&data, false, 0),
+        (&canonical_data, true, 0),
+        (&extra_data, false, recipe.extra_colour_images),
+    ] {
         if !folder.join("done").is_file() {
             let _ = std::fs::remove_dir_all(folder);
             let mut cmd = sd(&root);
             cmd.args(["dataset", "shapes", "--seed", "0", "--count"])
                 .arg(recipe.images.to_string())
                 .arg("--extra-colours")
-                .arg(recipe.extra_colour_images.to_string())
+                .arg(extra.to_string())
                 .arg("--out")
                 .arg(folder);
             if canonical {
@@ -213,17 +225,20 @@ pub fn train_shapes(args: &[String]) -> Result<(), String> {
         recipe.unet_steps,
     ))?;
 
-    // Stages 6-9.
+    // Stages 6-10.
     let mut stages = vec![("unet".to_string(), unet.clone())];
-    for (name, output, mut cmd) in
-        later_stages(&root, &recipe, &unet, &data, &canonical_data, &run_dir)
-    {
+    let folders = DataFolders {
+        data: &data,
+        canonical: &canonical_data,
+        extra_colours: &extra_data,
+    };
+    for (name, output, mut cmd) in later_stages(&root, &recipe, &unet, &folders, &run_dir) {
         run(&mut cmd)?;
         stages.push((name, output));
     }
     let last = stages.last().expect("stage 5 is there").1.clone();
 
-    // Stage 10: the built-in model, the trained folder in f16 where `sd-shapes` embeds it, with
+    // Stage 11: the built-in model, the trained folder in f16 where `sd-shapes` embeds it, with
     // each stage's resolved config, log and loss plot beside it.
     let built_in = root.join("crates/sd-shapes/model");
     let _ = std::fs::remove_dir_all(&built_in);
@@ -285,16 +300,30 @@ fn train_unet(root: &Path, model: &Path, data: &Path, output: &Path, steps: u64)
     cmd
 }
 
-/// Stages 6-9, each a run from the one before (the first from stage 5's folder `unet`): its
+/// The data folders the stages after stage 5 train on.
+struct DataFolders<'a> {
+    /// The images with their captions as drawn.
+    data: &'a Path,
+    /// The same images, every two-object caption with `above` or `to the left of`.
+    canonical: &'a Path,
+    /// The images as drawn, then the extra-colour ones.
+    extra_colours: &'a Path,
+}
+
+/// Stages 6-10, each a run from the one before (the first from stage 5's folder `unet`): its
 /// name in `training/`, its output folder and the command.
 fn later_stages(
     root: &Path,
     recipe: &Recipe,
     unet: &Path,
-    data: &Path,
-    canonical_data: &Path,
+    folders: &DataFolders,
     run_dir: &Path,
 ) -> Vec<(String, PathBuf, Command)> {
+    let DataFolders {
+        data,
+        canonical: canonical_data,
+        extra_colours,
+    } = *folders;
     let mut stages = Vec::new();
     let mut previous = unet.to_path_buf();
     let mut add = |name: String, data: &Path, steps: u64, configure: &dyn Fn(&mut Command)| {
@@ -342,16 +371,24 @@ fn later_stages(
         },
     );
     // Stage 9: the U-Net alone, the text encoder frozen (no --train-text-encoder) so its
-    // outputs are cached; each cycle a run of its own.
-    for cycle in 1..=recipe.as_drawn_cycles {
-        let name = match cycle {
-            1 => "unet-as-drawn".to_string(),
-            n => format!("unet-as-drawn-{n}"),
-        };
-        add(name, data, recipe.as_drawn_steps, &|cmd| {
-            cmd.args(["--cache-text-embeddings", "--learning-rate", "1e-4"])
-                .args(["--lr-scheduler", "cosine", "--caption-dropout", "0.1"]);
-        });
+    // outputs are cached; each cycle a run of its own. Stage 10: the same on the extra colours,
+    // the encoder still frozen (it never trained on their words, yet gives each its own
+    // outputs, which is all the U-Net needs to tell them apart).
+    let cycles = [
+        ("unet-as-drawn", data, recipe.as_drawn_cycles),
+        ("extra-colours", extra_colours, recipe.extra_colour_cycles),
+    ];
+    for (stage, folder, count) in cycles {
+        for cycle in 1..=count {
+            let name = match cycle {
+                1 => stage.to_string(),
+                n => format!("{stage}-{n}"),
+            };
+            add(name, folder, recipe.as_drawn_steps, &|cmd| {
+                cmd.args(["--cache-text-embeddings", "--learning-rate", "1e-4"])
+                    .args(["--lr-scheduler", "cosine", "--caption-dropout", "0.1"]);
+            });
+        }
     }
     stages
 }
@@ -385,18 +422,27 @@ fn fine_tune(root: &Path, model: &Path, data: &Path, output: &Path) -> Command {
 mod tests {
     use super::*;
 
-    /// Stages 6-9 as the recipe runs them say what the committed model's records say was run:
+    /// Stages 6-10 as the recipe runs them say what the committed model's records say was run:
     /// every setting `train_config.json` keeps, stage by stage, and no stage more or fewer.
     #[test]
     fn later_stages_are_the_runs_the_committed_model_records() {
         let root = root();
         let run_dir = Path::new("/run");
+        let (data, canonical, extra_colours) = (
+            run_dir.join("data"),
+            run_dir.join("data-canonical"),
+            run_dir.join("data-extra-colours"),
+        );
+        let folders = DataFolders {
+            data: &data,
+            canonical: &canonical,
+            extra_colours: &extra_colours,
+        };
         let stages = later_stages(
             &root,
             &recipe(&[]).unwrap(),
             &run_dir.join("unet"),
-            &run_dir.join("data"),
-            &run_dir.join("data-canonical"),
+            &folders,
             run_dir,
         );
         let training = root.join("crates/sd-shapes/model/training");

@@ -11,21 +11,22 @@ const PROMPTS: &[&str] = &["a red circle above a blue square", "a blue triangle"
 
 /// Prompt, seed: each passes the checker at the model's defaults (chosen from an
 /// `sd eval shapes --out` report of the committed model among prompts that passed with all
-/// four seeds, so that a CPU with other kernels does not flip them): four held-out
-/// compositions (no training image shows a yellow circle, or a red and a blue object
-/// together) and five seen ones, `below` and `to the right of` among them, whose order the
-/// model once ignored, and a square drawn with a ragged rim that the checker read as a circle
-/// when it told squares by their fill (its corners now).
+/// four seeds, so that a CPU with other kernels does not flip them): six held-out
+/// compositions (no training image shows a yellow circle, a green triangle, or a red and a
+/// blue object together) and five seen ones, `below` and `to the right of` among them, whose
+/// order the model once ignored.
 const PAIRS: &[(&str, u64)] = &[
     ("a yellow circle", 0),
     ("a red circle below a blue circle", 1),
     ("a blue circle to the left of a red square", 2),
     ("a blue circle to the right of a red circle", 0),
+    ("a green triangle to the left of a purple square", 1),
+    ("a red square to the left of a green triangle", 3),
     ("a red square", 0),
     ("a purple circle", 1),
     ("a green circle below a red circle", 0),
     ("a purple square to the right of a blue circle", 3),
-    ("a purple square below a yellow triangle", 0),
+    ("a purple triangle below a yellow square", 0),
 ];
 
 /// Prompt, seed, sampler: swapping the sampler (`--scheduler`) keeps the model's schedule
