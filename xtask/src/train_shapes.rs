@@ -319,11 +319,6 @@ fn later_stages(
     folders: &DataFolders,
     run_dir: &Path,
 ) -> Vec<(String, PathBuf, Command)> {
-    let DataFolders {
-        data,
-        canonical: canonical_data,
-        extra_colours,
-    } = *folders;
     let mut stages = Vec::new();
     let mut previous = unet.to_path_buf();
     let mut add = |name: String, data: &Path, steps: u64, configure: &dyn Fn(&mut Command)| {
@@ -337,7 +332,7 @@ fn later_stages(
     // Stage 6: word order, at high noise on canonical captions.
     add(
         "high-noise".into(),
-        canonical_data,
+        folders.canonical,
         recipe.high_noise_steps,
         &|cmd| {
             cmd.arg("--train-text-encoder")
@@ -349,7 +344,7 @@ fn later_stages(
     // Stage 7: the same at every timestep.
     add(
         "canonical".into(),
-        canonical_data,
+        folders.canonical,
         recipe.canonical_steps,
         &|cmd| {
             cmd.arg("--train-text-encoder")
@@ -361,7 +356,7 @@ fn later_stages(
     // scaled by the rate too); no caption dropout, as the empty caption has no order to learn.
     add(
         "text-encoder".into(),
-        data,
+        folders.data,
         recipe.text_encoder_steps,
         &|cmd| {
             cmd.arg("--train-text-encoder")
@@ -375,8 +370,12 @@ fn later_stages(
     // the encoder still frozen (it never trained on their words, yet gives each its own
     // outputs, which is all the U-Net needs to tell them apart).
     let cycles = [
-        ("unet-as-drawn", data, recipe.as_drawn_cycles),
-        ("extra-colours", extra_colours, recipe.extra_colour_cycles),
+        ("unet-as-drawn", folders.data, recipe.as_drawn_cycles),
+        (
+            "extra-colours",
+            folders.extra_colours,
+            recipe.extra_colour_cycles,
+        ),
     ];
     for (stage, folder, count) in cycles {
         for cycle in 1..=count {
